@@ -1,0 +1,262 @@
+//! What agentctl prints: stable JSON objects (`-o json`) or aligned tables.
+//! Data goes to stdout; diagnostics go to stderr.
+
+use std::collections::BTreeMap;
+
+use agentplane::proto::v1::{Agent, Host, LocateAgentResponse};
+use agentplane::state;
+use agentplane::time::ms_from_timestamp;
+use serde::Serialize;
+
+/// Output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Format {
+    /// Aligned columns for people.
+    Table,
+    /// One JSON document with stable field names.
+    Json,
+}
+
+/// RFC 3339 time of a protobuf timestamp.
+fn rfc3339(ts: Option<&prost_types::Timestamp>) -> Option<String> {
+    let ts = ts?;
+    let ms = u64::try_from(ms_from_timestamp(ts)).ok()?;
+    let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(ms);
+    Some(humantime_rfc3339(t))
+}
+
+fn humantime_rfc3339(t: std::time::SystemTime) -> String {
+    // Whole milliseconds in UTC, e.g. 2026-11-23T22:01:44.123Z.
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, day) = civil_from_days(i64::try_from(days).unwrap_or(0));
+    format!(
+        "{y:04}-{m:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        (rem / 60) % 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = u32::try_from(doy - (153 * mp + 2) / 5 + 1).unwrap_or(1);
+    let m = u32::try_from(if mp < 10 { mp + 3 } else { mp - 9 }).unwrap_or(1);
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
+}
+
+/// An agent as `-o json` prints it. Field names are a contract.
+#[derive(Debug, Serialize)]
+pub struct AgentView {
+    id: String,
+    name: String,
+    state: &'static str,
+    host: String,
+    pid: i32,
+    generation: u64,
+    exit_code: Option<i32>,
+    exit_signal: Option<i32>,
+    exit_reason: Option<String>,
+    error: Option<String>,
+    labels: BTreeMap<String, String>,
+    argv: Vec<String>,
+    created_at: Option<String>,
+    started_at: Option<String>,
+    finished_at: Option<String>,
+}
+
+impl From<&Agent> for AgentView {
+    fn from(a: &Agent) -> Self {
+        let spec = a.spec.clone().unwrap_or_default();
+        let exit = a.exit.as_ref();
+        Self {
+            id: a.id.clone(),
+            name: spec.name,
+            state: state::name(a.state()),
+            host: a.host.clone(),
+            pid: a.pid,
+            generation: a.generation,
+            exit_code: exit.and_then(|e| e.code),
+            exit_signal: exit.and_then(|e| e.signal),
+            exit_reason: exit.map(|e| e.reason.clone()).filter(|r| !r.is_empty()),
+            error: exit.map(|e| e.error.clone()).filter(|r| !r.is_empty()),
+            labels: spec.labels.into_iter().collect(),
+            argv: spec.argv,
+            created_at: rfc3339(a.created_at.as_ref()),
+            started_at: rfc3339(a.started_at.as_ref()),
+            finished_at: rfc3339(exit.and_then(|e| e.finished_at.as_ref())),
+        }
+    }
+}
+
+/// A location as `-o json` prints it.
+#[derive(Debug, Serialize)]
+pub struct LocationView {
+    id: String,
+    host: String,
+    address: String,
+    live: bool,
+    state: &'static str,
+    pid: i32,
+    generation: u64,
+}
+
+impl From<&LocateAgentResponse> for LocationView {
+    fn from(l: &LocateAgentResponse) -> Self {
+        Self {
+            id: l.id.clone(),
+            host: l.host.clone(),
+            address: l.address.clone(),
+            live: l.live,
+            state: state::name(l.state()),
+            pid: l.pid,
+            generation: l.generation,
+        }
+    }
+}
+
+/// A host as `-o json` prints it.
+#[derive(Debug, Serialize)]
+pub struct HostView {
+    id: String,
+    address: String,
+    labels: BTreeMap<String, String>,
+    capacity: u32,
+    running: u32,
+    cordoned: bool,
+    version: String,
+    started_at: Option<String>,
+    heartbeat_at: Option<String>,
+}
+
+impl From<&Host> for HostView {
+    fn from(h: &Host) -> Self {
+        Self {
+            id: h.id.clone(),
+            address: h.address.clone(),
+            labels: h.labels.clone().into_iter().collect(),
+            capacity: h.capacity,
+            running: h.running,
+            cordoned: h.cordoned,
+            version: h.version.clone(),
+            started_at: rfc3339(h.started_at.as_ref()),
+            heartbeat_at: rfc3339(h.heartbeat_at.as_ref()),
+        }
+    }
+}
+
+/// Prints `value` as pretty JSON on stdout.
+pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+/// Prints rows under a header with columns padded to the widest cell.
+pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for row in rows {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.chars().count());
+        }
+    }
+    let line = |cells: Vec<String>| {
+        let mut out = String::new();
+        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
+            if i + 1 == cells.len() {
+                out.push_str(cell);
+            } else {
+                out.push_str(&format!("{cell:<w$}  "));
+            }
+        }
+        println!("{}", out.trim_end());
+    };
+    line(header.iter().map(|h| (*h).to_owned()).collect());
+    for row in rows {
+        line(row.clone());
+    }
+}
+
+/// One table row of an agent.
+pub fn agent_row(a: &Agent) -> Vec<String> {
+    let spec = a.spec.clone().unwrap_or_default();
+    let exit = match &a.exit {
+        Some(e) => match (e.code, e.signal) {
+            (Some(c), _) => format!("{} ({c})", e.reason),
+            (_, Some(s)) => format!("{} (sig {s})", e.reason),
+            _ => e.reason.clone(),
+        },
+        None => String::new(),
+    };
+    let mut cmd = spec.argv.join(" ");
+    if cmd.chars().count() > 40 {
+        cmd = cmd.chars().take(39).collect::<String>() + "…";
+    }
+    vec![
+        a.id.clone(),
+        if spec.name.is_empty() {
+            "-".into()
+        } else {
+            spec.name
+        },
+        state::name(a.state()).to_owned(),
+        a.host.clone(),
+        if a.pid == 0 {
+            "-".into()
+        } else {
+            a.pid.to_string()
+        },
+        a.generation.to_string(),
+        if exit.is_empty() { "-".into() } else { exit },
+        cmd,
+    ]
+}
+
+/// The header of [`agent_row`].
+pub const AGENT_HEADER: &[&str] = &[
+    "ID", "NAME", "STATE", "HOST", "PID", "GEN", "EXIT", "COMMAND",
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rfc3339_formats_utc() {
+        let t = std::time::UNIX_EPOCH + std::time::Duration::from_millis(1_795_471_304_123);
+        assert_eq!(humantime_rfc3339(t), "2026-11-23T22:01:44.123Z");
+        assert_eq!(
+            humantime_rfc3339(std::time::UNIX_EPOCH),
+            "1970-01-01T00:00:00.000Z"
+        );
+    }
+
+    #[test]
+    fn json_fields_are_stable() {
+        let a = Agent {
+            id: "x".into(),
+            ..Default::default()
+        };
+        let v = serde_json::to_value(AgentView::from(&a)).unwrap();
+        for f in [
+            "id",
+            "state",
+            "host",
+            "pid",
+            "generation",
+            "exit_code",
+            "labels",
+            "created_at",
+        ] {
+            assert!(v.get(f).is_some(), "missing {f}");
+        }
+    }
+}

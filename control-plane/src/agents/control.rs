@@ -1,0 +1,128 @@
+//! Pause, resume, stop, kill and delete: check the state machine against the
+//! record, then ask the agent's host, which records the change.
+
+use agentplane::proto::v1::{Agent, HostAgentRef, HostStopAgentRequest, SignalAgentRequest};
+use agentplane::state::{self, Op};
+use agentplane::time::{duration_from_proto, duration_to_proto};
+use agentplane::validate::ValidationError;
+use std::time::Duration;
+
+use super::{stop_deadline, AgentApi};
+use crate::error::ApiError;
+use crate::hosts::request;
+
+/// Grace when neither the request nor the spec gives one (the host's default too).
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+impl AgentApi {
+    /// The record, if `op` is legal in its state.
+    async fn checked(&self, id: &str, op: Op) -> Result<Agent, ApiError> {
+        let agent = self.agent(id).await?;
+        state::check(op, agent.state()).map_err(|detail| ApiError::IllegalTransition {
+            id: id.to_owned(),
+            detail,
+        })?;
+        Ok(agent)
+    }
+
+    pub(super) async fn pause_or_resume(&self, id: &str, pause: bool) -> Result<Agent, ApiError> {
+        let agent = self
+            .checked(id, if pause { Op::Pause } else { Op::Resume })
+            .await?;
+        let host = self.host_of(&agent).await?;
+        let msg = HostAgentRef { id: id.to_owned() };
+        self.hosts
+            .call(&host, Duration::ZERO, |mut c, d| async move {
+                if pause {
+                    c.pause_agent(request(msg, d)).await
+                } else {
+                    c.resume_agent(request(msg, d)).await
+                }
+            })
+            .await?;
+        self.agent(id).await
+    }
+
+    pub(super) async fn stop(
+        &self,
+        id: &str,
+        grace: Option<prost_types::Duration>,
+    ) -> Result<Agent, ApiError> {
+        if grace.as_ref().is_some_and(|g| g.seconds < 0 || g.nanos < 0) {
+            return Err(ValidationError::new("grace", "must not be negative").into());
+        }
+        let agent = self.checked(id, Op::Stop).await?;
+        let host = self.host_of(&agent).await?;
+        let grace = grace
+            .or_else(|| agent.spec.as_ref().and_then(|s| s.stop_grace))
+            .as_ref()
+            .map_or(DEFAULT_GRACE, duration_from_proto);
+        let msg = HostStopAgentRequest {
+            id: id.to_owned(),
+            grace: Some(duration_to_proto(grace)),
+        };
+        self.hosts
+            .call(&host, stop_deadline(grace), |mut c, d| async move {
+                c.stop_agent(request(msg, d)).await
+            })
+            .await?;
+        self.agent(id).await
+    }
+
+    pub(super) async fn kill(&self, id: &str, signal: i32) -> Result<Agent, ApiError> {
+        let signal = if signal == 0 { 9 } else { signal };
+        if !(1..=64).contains(&signal) {
+            return Err(ValidationError::new(
+                "signal",
+                format!("{signal} is not a signal number (1-64)"),
+            )
+            .into());
+        }
+        let agent = self.checked(id, Op::Kill).await?;
+        let host = self.host_of(&agent).await?;
+        let msg = SignalAgentRequest {
+            id: id.to_owned(),
+            signal,
+        };
+        self.hosts
+            .call(
+                &host,
+                stop_deadline(Duration::ZERO),
+                |mut c, d| async move { c.signal_agent(request(msg, d)).await },
+            )
+            .await?;
+        self.agent(id).await
+    }
+
+    pub(super) async fn delete(&self, id: &str, force: bool) -> Result<(), ApiError> {
+        let mut agent = self.agent(id).await?;
+        if !state::is_terminal(agent.state()) {
+            if !force {
+                return Err(ApiError::IllegalTransition {
+                    id: id.to_owned(),
+                    detail: format!(
+                        "it is {}: stop it first, or delete with force",
+                        state::name(agent.state())
+                    ),
+                });
+            }
+            agent = self.stop(id, None).await?;
+        }
+        self.registry.delete_agent(id, &agent.host).await?;
+        tracing::info!(agent = %id, "agent deleted");
+        // Best effort: the host keeps a bounded number of ended agents anyway.
+        if let Ok(Some(host)) = self.registry.get_host(&agent.host).await {
+            let msg = HostAgentRef { id: id.to_owned() };
+            if let Err(e) = self
+                .hosts
+                .call(&host, Duration::ZERO, |mut c, d| async move {
+                    c.forget_agent(request(msg, d)).await
+                })
+                .await
+            {
+                tracing::debug!(agent = %id, error = %e, "host did not forget the agent");
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,126 @@
+//! The `agentplane.v1.AgentService` implementation, split by verb: `spawn`,
+//! `control` (pause, resume, stop, kill, delete), `query` (get, locate, list).
+
+mod control;
+mod query;
+mod spawn;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane::proto::v1::agent_service_server::AgentService;
+use agentplane::proto::v1::{
+    Agent, DeleteAgentRequest, DeleteAgentResponse, GetAgentRequest, KillAgentRequest,
+    ListAgentsRequest, ListAgentsResponse, LocateAgentRequest, LocateAgentResponse,
+    PauseAgentRequest, ResumeAgentRequest, SpawnAgentRequest, SpawnAgentResponse, StopAgentRequest,
+};
+use agentplane::registry::{HostRecord, Registry};
+use agentplane::validate;
+use tonic::{Request, Response, Status};
+
+use crate::error::ApiError;
+use crate::hosts::HostClients;
+
+/// Shared state of the API (all of it derived: the control plane is stateless).
+#[derive(Debug, Clone)]
+pub struct AgentApi {
+    registry: Registry,
+    hosts: Arc<HostClients>,
+}
+
+impl AgentApi {
+    /// The API over `registry`, calling hosts through `hosts`.
+    pub fn new(registry: Registry, hosts: Arc<HostClients>) -> Self {
+        Self { registry, hosts }
+    }
+
+    /// The record of `id`, or NOT_FOUND.
+    async fn agent(&self, id: &str) -> Result<Agent, ApiError> {
+        validate::agent_id("id", id)?;
+        self.registry
+            .get_agent(id)
+            .await?
+            .ok_or_else(|| ApiError::AgentNotFound { id: id.to_owned() })
+    }
+
+    /// The live host of `agent`, or UNAVAILABLE when it stopped heartbeating.
+    async fn host_of(&self, agent: &Agent) -> Result<HostRecord, ApiError> {
+        self.registry
+            .get_host(&agent.host)
+            .await?
+            .ok_or_else(|| ApiError::HostGone {
+                id: agent.id.clone(),
+                host: agent.host.clone(),
+            })
+    }
+}
+
+/// Extra deadline for calls that wait on a process (a stop waits its grace).
+fn stop_deadline(grace: Duration) -> Duration {
+    grace + Duration::from_secs(6)
+}
+
+#[tonic::async_trait]
+impl AgentService for AgentApi {
+    async fn spawn_agent(
+        &self,
+        req: Request<SpawnAgentRequest>,
+    ) -> Result<Response<SpawnAgentResponse>, Status> {
+        Ok(Response::new(self.spawn(req.into_inner()).await?))
+    }
+
+    async fn get_agent(&self, req: Request<GetAgentRequest>) -> Result<Response<Agent>, Status> {
+        Ok(Response::new(self.agent(&req.into_inner().id).await?))
+    }
+
+    async fn locate_agent(
+        &self,
+        req: Request<LocateAgentRequest>,
+    ) -> Result<Response<LocateAgentResponse>, Status> {
+        Ok(Response::new(self.locate(&req.into_inner().id).await?))
+    }
+
+    async fn list_agents(
+        &self,
+        req: Request<ListAgentsRequest>,
+    ) -> Result<Response<ListAgentsResponse>, Status> {
+        Ok(Response::new(self.list(req.into_inner()).await?))
+    }
+
+    async fn pause_agent(
+        &self,
+        req: Request<PauseAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
+        Ok(Response::new(
+            self.pause_or_resume(&req.into_inner().id, true).await?,
+        ))
+    }
+
+    async fn resume_agent(
+        &self,
+        req: Request<ResumeAgentRequest>,
+    ) -> Result<Response<Agent>, Status> {
+        Ok(Response::new(
+            self.pause_or_resume(&req.into_inner().id, false).await?,
+        ))
+    }
+
+    async fn stop_agent(&self, req: Request<StopAgentRequest>) -> Result<Response<Agent>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.stop(&r.id, r.grace).await?))
+    }
+
+    async fn kill_agent(&self, req: Request<KillAgentRequest>) -> Result<Response<Agent>, Status> {
+        let r = req.into_inner();
+        Ok(Response::new(self.kill(&r.id, r.signal).await?))
+    }
+
+    async fn delete_agent(
+        &self,
+        req: Request<DeleteAgentRequest>,
+    ) -> Result<Response<DeleteAgentResponse>, Status> {
+        let r = req.into_inner();
+        self.delete(&r.id, r.force).await?;
+        Ok(Response::new(DeleteAgentResponse {}))
+    }
+}

@@ -1,0 +1,125 @@
+//! GetAgent's helpers, LocateAgent and ListAgents (SCAN-paged, filtered).
+
+use agentplane::labels::Selector;
+use agentplane::proto::v1::{
+    Agent, AgentState, ListAgentsRequest, ListAgentsResponse, LocateAgentResponse,
+};
+use agentplane::validate::{self, ValidationError};
+
+use super::AgentApi;
+use crate::error::ApiError;
+
+/// Page size when the request gives none.
+const DEFAULT_PAGE: u32 = 100;
+/// Largest page size honoured.
+const MAX_PAGE: u32 = 1000;
+
+/// Encodes a SCAN cursor as a page token.
+fn token(cursor: u64) -> String {
+    if cursor == 0 {
+        String::new()
+    } else {
+        format!("c{cursor}")
+    }
+}
+
+/// Decodes a page token into a SCAN cursor.
+fn cursor(token: &str) -> Result<u64, ValidationError> {
+    if token.is_empty() {
+        return Ok(0);
+    }
+    token
+        .strip_prefix('c')
+        .and_then(|c| c.parse().ok())
+        .filter(|c| *c != 0)
+        .ok_or_else(|| {
+            ValidationError::new(
+                "page_token",
+                "is not a token this server issued: pass next_page_token back unchanged",
+            )
+        })
+}
+
+impl AgentApi {
+    pub(super) async fn locate(&self, id: &str) -> Result<LocateAgentResponse, ApiError> {
+        let agent = self.agent(id).await?;
+        let (host, loc) = tokio::try_join!(
+            self.registry.get_host(&agent.host),
+            self.registry.location(id)
+        )?;
+        Ok(LocateAgentResponse {
+            id: agent.id.clone(),
+            address: host.map(|h| h.address).unwrap_or_default(),
+            live: loc.as_deref() == Some(agent.host.as_str()),
+            state: agent.state,
+            pid: agent.pid,
+            generation: agent.generation,
+            host: agent.host,
+        })
+    }
+
+    pub(super) async fn list(
+        &self,
+        req: ListAgentsRequest,
+    ) -> Result<ListAgentsResponse, ApiError> {
+        let page_size = match req.page_size {
+            0 => DEFAULT_PAGE,
+            n => n.min(MAX_PAGE),
+        } as usize;
+        let mut cur = cursor(&req.page_token)?;
+        if !req.host.is_empty() {
+            validate::host_id("host", &req.host)?;
+        }
+        let selector = Selector::parse("label_selector", &req.label_selector)?;
+        let state = req.state();
+        let keep = |a: &Agent| {
+            (state == AgentState::Unspecified || a.state() == state)
+                && (selector.is_empty()
+                    || selector.matches(
+                        &a.spec
+                            .as_ref()
+                            .map(|s| s.labels.clone())
+                            .unwrap_or_default(),
+                    ))
+        };
+        let mut agents = Vec::new();
+        loop {
+            let (next, ids) = if req.host.is_empty() {
+                self.registry.scan_agent_ids(cur, page_size).await?
+            } else {
+                self.registry
+                    .scan_host_agent_ids(&req.host, cur, page_size)
+                    .await?
+            };
+            agents.extend(
+                self.registry
+                    .get_agents(&ids)
+                    .await?
+                    .into_iter()
+                    .filter(|a| keep(a)),
+            );
+            cur = next;
+            if cur == 0 || agents.len() >= page_size {
+                break;
+            }
+        }
+        agents.sort_by(|a, b| a.id.cmp(&b.id));
+        Ok(ListAgentsResponse {
+            agents,
+            next_page_token: token(cur),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_round_trip_and_garbage_is_invalid() {
+        assert_eq!(cursor(&token(0)).unwrap(), 0);
+        assert_eq!(cursor(&token(42)).unwrap(), 42);
+        assert_eq!(cursor("zzz").unwrap_err().field, "page_token");
+        assert!(cursor("c0").is_err());
+    }
+}

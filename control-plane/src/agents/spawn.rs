@@ -1,0 +1,218 @@
+//! SpawnAgent: validate, honour the idempotency key, place, record, start.
+
+use std::time::Duration;
+
+use agentplane::ids::new_agent_id;
+use agentplane::proto::v1::{
+    Agent, AgentSpec, AgentState, ExitStatus, SpawnAgentRequest, SpawnAgentResponse,
+    StartAgentRequest,
+};
+use agentplane::registry::{AgentUpdate, Expect, HostRecord, UpdateOutcome};
+use agentplane::time::{now_ms, timestamp_from_ms};
+use agentplane::validate::{self, ValidationError};
+
+use super::AgentApi;
+use crate::error::ApiError;
+use crate::hosts::request;
+use crate::placement;
+
+/// How long a repeated request waits for the first one's agent to appear.
+const EXISTING_WAIT: Duration = Duration::from_secs(10);
+/// How many hosts a spawn tries before giving up.
+const MAX_ATTEMPTS: usize = 3;
+
+impl AgentApi {
+    pub(super) async fn spawn(
+        &self,
+        req: SpawnAgentRequest,
+    ) -> Result<SpawnAgentResponse, ApiError> {
+        let spec = req
+            .spec
+            .ok_or_else(|| ValidationError::new("spec", "is required"))?;
+        validate::spec(&spec)?;
+        let id = new_agent_id();
+        if req.request_id.is_empty() {
+            return Ok(SpawnAgentResponse {
+                agent: Some(self.place_and_start(id, spec).await?),
+                existing: false,
+            });
+        }
+        validate::request_id("request_id", &req.request_id)?;
+        if let Some(existing) = self.registry.claim_request(&req.request_id, &id).await? {
+            return Ok(SpawnAgentResponse {
+                agent: Some(self.existing(&req.request_id, &existing).await?),
+                existing: true,
+            });
+        }
+        match self.place_and_start(id.clone(), spec).await {
+            Ok(agent) => Ok(SpawnAgentResponse {
+                agent: Some(agent),
+                existing: false,
+            }),
+            Err(e) => {
+                // If no record was written the key must not keep pointing at
+                // nothing; if one was, it holds the failure and stays.
+                if matches!(self.registry.get_agent(&id).await, Ok(None)) {
+                    let _ = self.registry.release_request(&req.request_id, &id).await;
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The agent an earlier request with the same id created, once it left PENDING.
+    async fn existing(&self, request_id: &str, id: &str) -> Result<Agent, ApiError> {
+        let deadline = tokio::time::Instant::now() + EXISTING_WAIT;
+        loop {
+            let found = self.registry.get_agent(id).await?;
+            let now = tokio::time::Instant::now();
+            match found {
+                Some(a) if a.state() != AgentState::Pending || now >= deadline => return Ok(a),
+                None if now >= deadline => {
+                    self.registry.release_request(request_id, id).await?;
+                    return Err(ApiError::AbandonedRequest {
+                        request_id: request_id.to_owned(),
+                    });
+                }
+                _ => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// Picks hosts, writes the PENDING record, asks the host to start it; on a
+    /// full or unreachable host, moves the record to the next candidate.
+    async fn place_and_start(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
+        let hosts = self.registry.list_hosts().await?;
+        let rr = self.registry.next_round_robin().await?;
+        let candidates = placement::candidates(spec.placement.as_ref(), hosts, rr)?;
+        let first = &candidates[0];
+        let agent = Agent {
+            id: id.clone(),
+            spec: Some(spec.clone()),
+            state: AgentState::Pending as i32,
+            host: first.id.clone(),
+            generation: 1,
+            created_at: Some(timestamp_from_ms(now_ms())),
+            ..Default::default()
+        };
+        self.registry.create_agent(&agent).await?;
+        tracing::info!(agent = %id, host = %first.id, "agent placed");
+
+        let mut last_err = None;
+        let mut current = first.id.clone();
+        for host in candidates.iter().take(MAX_ATTEMPTS) {
+            if host.id != current {
+                if !self.move_pending(&id, &current, &host.id).await? {
+                    // The first host did start it after all (its answer was lost):
+                    // the record is the truth.
+                    return self.agent(&id).await;
+                }
+                current = host.id.clone();
+            }
+            match self.start_on(host, &agent).await {
+                Ok(()) => return self.agent(&id).await,
+                Err(e @ (ApiError::HostUnreachable { .. } | ApiError::HostRefused { .. }))
+                    if retryable(&e) =>
+                {
+                    tracing::warn!(agent = %id, host = %host.id, error = %e, "host could not start the agent; trying the next");
+                    last_err = Some(e);
+                }
+                Err(e) => {
+                    last_err = Some(e);
+                    break;
+                }
+            }
+        }
+        let err = last_err.unwrap_or_else(|| ApiError::NoCapacity {
+            detail: "the agent's record changed during placement".into(),
+        });
+        self.fail_pending(&id, &err).await;
+        Err(err)
+    }
+
+    async fn start_on(&self, host: &HostRecord, agent: &Agent) -> Result<(), ApiError> {
+        let msg = StartAgentRequest {
+            id: agent.id.clone(),
+            generation: agent.generation,
+            spec: agent.spec.clone(),
+        };
+        self.hosts
+            .call(host, Duration::ZERO, |mut c, d| async move {
+                c.start_agent(request(msg, d)).await
+            })
+            .await
+            .map(drop)
+    }
+
+    /// Re-points a PENDING record at another host; false if it is no longer PENDING there.
+    async fn move_pending(&self, id: &str, from: &str, to: &str) -> Result<bool, ApiError> {
+        let outcome = self
+            .registry
+            .update_agent(
+                id,
+                &Expect {
+                    generation: Some(1),
+                    host: Some(from.to_owned()),
+                    states: vec![AgentState::Pending],
+                },
+                &AgentUpdate {
+                    host: Some(to.to_owned()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if outcome != UpdateOutcome::Applied {
+            return Ok(false);
+        }
+        self.registry.move_host_membership(id, from, to).await?;
+        Ok(true)
+    }
+
+    /// Undoes a placement that failed everywhere: the caller gets the error and
+    /// no record is left behind. The record is first moved from PENDING to
+    /// FAILED (compare-and-set), so a host that answered late and started it
+    /// anyway finds it fenced and kills its copy; then it is deleted.
+    async fn fail_pending(&self, id: &str, err: &ApiError) {
+        let update = AgentUpdate {
+            state: Some(AgentState::Failed),
+            exit: Some(ExitStatus {
+                reason: "HOST_ERROR".into(),
+                error: err.to_string(),
+                finished_at: Some(timestamp_from_ms(now_ms())),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let expect = Expect {
+            states: vec![AgentState::Pending],
+            ..Default::default()
+        };
+        let host = match self.registry.get_agent(id).await {
+            Ok(Some(a)) => a.host,
+            _ => String::new(),
+        };
+        match self.registry.update_agent(id, &expect, &update).await {
+            Ok(UpdateOutcome::Applied) => {
+                if let Err(e) = self.registry.delete_agent(id, &host).await {
+                    tracing::warn!(agent = %id, error = %e, "cannot delete the failed placement; it stays FAILED");
+                }
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(agent = %id, error = %e, "cannot record the failed placement"),
+        }
+    }
+}
+
+/// Whether another host may succeed where this one failed.
+fn retryable(e: &ApiError) -> bool {
+    match e {
+        ApiError::HostUnreachable { .. } => true,
+        ApiError::HostRefused { status, .. } => {
+            matches!(
+                status.code(),
+                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
+            )
+        }
+        _ => false,
+    }
+}

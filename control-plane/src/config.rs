@@ -1,0 +1,77 @@
+//! Control-plane configuration: flags with `AGENTPLANE_*` environment
+//! fallbacks, parsed and validated before anything starts.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agentplane::config::parse_duration;
+use clap::Parser;
+
+/// The stateless agentplane control plane.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "control-plane", version = agentplane::VERSION)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "AGENTPLANE_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+
+    /// Redis URL of the registry.
+    #[arg(
+        long,
+        env = "AGENTPLANE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "AGENTPLANE_REDIS_PREFIX", default_value = agentplane::registry::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+
+    /// Deadline of a call to a host agent (stops add the agent's grace to it).
+    #[arg(long, env = "AGENTPLANE_HOST_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub host_call_timeout: Duration,
+
+    /// How long shutdown waits for in-flight requests.
+    #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log one JSON object per line instead of text.
+    #[arg(long, env = "AGENTPLANE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    /// Checks what clap's types cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            return Err("--redis-prefix: must be non-empty without spaces".into());
+        }
+        if !(self.redis_url.starts_with("redis://")
+            || self.redis_url.starts_with("rediss://")
+            || self.redis_url.starts_with("unix://"))
+        {
+            return Err(format!(
+                "--redis-url: `{}` must start with redis://",
+                agentplane::registry::redact_url(&self.redis_url)
+            ));
+        }
+        if self.host_call_timeout < Duration::from_millis(100) {
+            return Err("--host-call-timeout: must be at least 100ms".into());
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_validate_and_bad_values_name_the_flag() {
+        let c = Config::try_parse_from(["control-plane"]).unwrap();
+        assert!(c.validate().is_ok());
+        let c = Config::try_parse_from(["control-plane", "--redis-url", "http://x"]).unwrap();
+        assert!(c.validate().unwrap_err().contains("--redis-url"));
+        assert!(Config::try_parse_from(["control-plane", "--host-call-timeout", "5"]).is_err());
+    }
+}

@@ -1,0 +1,125 @@
+//! Control-plane errors and their one mapping to gRPC status codes.
+
+use agentplane::registry::RegistryError;
+use agentplane::validate::ValidationError;
+use tonic::{Code, Status};
+
+/// Why an API call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ApiError {
+    /// A request field is wrong.
+    #[error(transparent)]
+    Validate(#[from] ValidationError),
+    /// No agent with this id.
+    #[error("agent {id} not found")]
+    AgentNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// No live host with this id.
+    #[error("host {id} not found: it is not heartbeating")]
+    HostNotFound {
+        /// The id asked for.
+        id: String,
+    },
+    /// The agent's state forbids the operation.
+    #[error("agent {id}: {detail}")]
+    IllegalTransition {
+        /// The agent.
+        id: String,
+        /// Why.
+        detail: String,
+    },
+    /// No live host can take the agent.
+    #[error("no host can take the agent: {detail}")]
+    NoCapacity {
+        /// Which hosts were considered and why none fit.
+        detail: String,
+    },
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The agent's host could not be reached in time.
+    #[error("host {host} ({address}) unreachable: {detail}")]
+    HostUnreachable {
+        /// The host id.
+        host: String,
+        /// Its address.
+        address: String,
+        /// The transport error or timeout.
+        detail: String,
+    },
+    /// The agent's host is not heartbeating, so nothing can be done there.
+    #[error("host {host} of agent {id} is not heartbeating; the agent cannot be reached")]
+    HostGone {
+        /// The agent.
+        id: String,
+        /// Its host.
+        host: String,
+    },
+    /// The host answered with an error; its code is kept.
+    #[error("host {host}: {}", status.message())]
+    HostRefused {
+        /// The host id.
+        host: String,
+        /// Its answer.
+        status: Status,
+    },
+    /// A request id names an agent whose creation never completed.
+    #[error("an earlier spawn with request_id {request_id} did not complete; retry the request")]
+    AbandonedRequest {
+        /// The request id.
+        request_id: String,
+    },
+}
+
+impl From<ApiError> for Status {
+    fn from(e: ApiError) -> Self {
+        let msg = e.to_string();
+        match e {
+            ApiError::Validate(v) => v.into(),
+            ApiError::AgentNotFound { .. } | ApiError::HostNotFound { .. } => {
+                Status::not_found(msg)
+            }
+            ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
+            ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
+            ApiError::Registry(r) => r.into(),
+            ApiError::HostUnreachable { .. }
+            | ApiError::HostGone { .. }
+            | ApiError::AbandonedRequest { .. } => Status::unavailable(msg),
+            ApiError::HostRefused { status, .. } => {
+                // A host's own "not found" means the agent left it: to the caller
+                // that is a state problem, not a missing agent.
+                let code = match status.code() {
+                    Code::NotFound => Code::FailedPrecondition,
+                    Code::Unknown | Code::Internal | Code::Unimplemented => Code::Unavailable,
+                    c => c,
+                };
+                Status::new(code, msg)
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes() {
+        let s: Status = ApiError::AgentNotFound { id: "x".into() }.into();
+        assert_eq!(s.code(), Code::NotFound);
+        let s: Status = ApiError::HostRefused {
+            host: "h1".into(),
+            status: Status::not_found("agent x is not on this host"),
+        }
+        .into();
+        assert_eq!(s.code(), Code::FailedPrecondition);
+        assert_eq!(s.message(), "host h1: agent x is not on this host");
+        let s: Status = ApiError::NoCapacity {
+            detail: "none".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::ResourceExhausted);
+    }
+}

@@ -1,0 +1,145 @@
+//! Host-agent configuration: flags with `AGENTPLANE_*` environment fallbacks,
+//! parsed and validated before anything starts.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use agentplane::config::{parse_duration, parse_key_value};
+use agentplane::validate;
+use clap::Parser;
+
+/// Runs agents as supervised subprocesses on this machine.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "host-agent", version = agentplane::VERSION)]
+pub struct Config {
+    /// Address the gRPC server listens on.
+    #[arg(long, env = "AGENTPLANE_LISTEN", default_value = "127.0.0.1:7701")]
+    pub listen: SocketAddr,
+
+    /// Redis URL of the registry.
+    #[arg(
+        long,
+        env = "AGENTPLANE_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    pub redis_url: String,
+
+    /// Prefix of every Redis key.
+    #[arg(long, env = "AGENTPLANE_REDIS_PREFIX", default_value = agentplane::registry::DEFAULT_PREFIX)]
+    pub redis_prefix: String,
+
+    /// This host's id, unique in the cluster (letters, digits, `.`, `_`, `-`).
+    #[arg(long, env = "AGENTPLANE_HOST_ID")]
+    pub host_id: String,
+
+    /// Address the control plane dials to reach this host agent (host:port).
+    /// Default: the listen address (which then must not be 0.0.0.0).
+    #[arg(long, env = "AGENTPLANE_ADVERTISE_ADDR")]
+    pub advertise_addr: Option<String>,
+
+    /// A label of this host, KEY=VALUE; repeat for more.
+    #[arg(long = "label", env = "AGENTPLANE_LABELS", value_delimiter = ',', value_parser = parse_key_value)]
+    pub labels: Vec<(String, String)>,
+
+    /// The most agents this host runs at once.
+    #[arg(long, env = "AGENTPLANE_MAX_AGENTS", default_value_t = 100)]
+    pub max_agents: u32,
+
+    /// TTL of the host's and its agents' liveness keys; refreshed every TTL/3.
+    #[arg(long, env = "AGENTPLANE_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_duration)]
+    pub heartbeat_ttl: Duration,
+
+    /// How long shutdown waits for agents to stop and tasks to finish.
+    #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub shutdown_timeout: Duration,
+
+    /// Log one JSON object per line instead of text.
+    #[arg(long, env = "AGENTPLANE_LOG_JSON")]
+    pub log_json: bool,
+}
+
+impl Config {
+    /// Checks what clap's types cannot; the message names the flag.
+    pub fn validate(&self) -> Result<(), String> {
+        validate::host_id("--host-id", &self.host_id).map_err(|e| e.to_string())?;
+        for (k, v) in &self.labels {
+            validate::label_key("--label", k).map_err(|e| e.to_string())?;
+            validate::label_value("--label", v).map_err(|e| e.to_string())?;
+        }
+        if self.max_agents == 0 {
+            return Err("--max-agents: must be at least 1".into());
+        }
+        if self.heartbeat_ttl < Duration::from_millis(300) {
+            return Err("--heartbeat-ttl: must be at least 300ms".into());
+        }
+        if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
+            return Err("--redis-prefix: must be non-empty without spaces".into());
+        }
+        redis_url_ok(&self.redis_url)?;
+        if let Some(a) = &self.advertise_addr {
+            if !a.contains(':') {
+                return Err(format!("--advertise-addr: `{a}` is not host:port"));
+            }
+        } else if self.listen.ip().is_unspecified() {
+            return Err("--advertise-addr: required when --listen is a wildcard address".into());
+        }
+        Ok(())
+    }
+
+    /// The labels as a map.
+    pub fn label_map(&self) -> HashMap<String, String> {
+        self.labels.iter().cloned().collect()
+    }
+}
+
+/// Checks the scheme of a Redis URL.
+fn redis_url_ok(url: &str) -> Result<(), String> {
+    if url.starts_with("redis://") || url.starts_with("rediss://") || url.starts_with("unix://") {
+        Ok(())
+    } else {
+        Err(format!(
+            "--redis-url: `{}` must start with redis://",
+            agentplane::registry::redact_url(url)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Config {
+        Config::try_parse_from(std::iter::once("host-agent").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_validate() {
+        let c = parse(&["--host-id", "h1"]);
+        assert_eq!(c.heartbeat_ttl, Duration::from_secs(10));
+        assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn bad_values_name_the_flag() {
+        assert!(parse(&["--host-id", "h 1"])
+            .validate()
+            .unwrap_err()
+            .contains("--host-id"));
+        assert!(parse(&["--host-id", "h", "--max-agents", "0"])
+            .validate()
+            .unwrap_err()
+            .contains("--max-agents"));
+        assert!(parse(&["--host-id", "h", "--listen", "0.0.0.0:1"])
+            .validate()
+            .unwrap_err()
+            .contains("--advertise-addr"));
+        assert!(
+            Config::try_parse_from(["host-agent", "--host-id", "h", "--label", "novalue"]).is_err()
+        );
+        assert!(
+            Config::try_parse_from(["host-agent", "--host-id", "h", "--heartbeat-ttl", "10"])
+                .is_err()
+        );
+    }
+}

@@ -1,0 +1,39 @@
+//! `host-agent` binary: parses and validates the configuration (exit 64 when it
+//! is bad), binds the listener, and runs until SIGINT/SIGTERM.
+
+use agentplane_host_agent::{run, Config};
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let config = match Config::try_parse() {
+        Ok(c) => c,
+        Err(e) if e.use_stderr() => {
+            let _ = e.print();
+            std::process::exit(agentplane::EXIT_USAGE);
+        }
+        Err(e) => {
+            let _ = e.print();
+            std::process::exit(0);
+        }
+    };
+    if let Err(msg) = config.validate() {
+        eprintln!("host-agent: invalid configuration: {msg}");
+        std::process::exit(agentplane::EXIT_USAGE);
+    }
+    agentplane::telemetry::init(config.log_json);
+    let listener = match tokio::net::TcpListener::bind(config.listen).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("host-agent: cannot listen on {}: {e}", config.listen);
+            std::process::exit(agentplane::EXIT_USAGE);
+        }
+    };
+    // One line on stdout with the bound address (useful with `--listen …:0`);
+    // every other diagnostic goes to stderr.
+    if let Ok(addr) = listener.local_addr() {
+        println!("listening on {addr}");
+    }
+    run(listener, config, agentplane::shutdown::shutdown_signal()).await?;
+    Ok(())
+}

@@ -1,0 +1,94 @@
+//! The `agentplane.v1.HostAgent` gRPC service: a thin adapter over the supervisor.
+
+use std::sync::Arc;
+
+use agentplane::proto::v1::host_agent_server::HostAgent;
+use agentplane::proto::v1::{
+    HostAgentRef, HostForgetAgentResponse, HostListAgentsRequest, HostListAgentsResponse,
+    HostStopAgentRequest, LocalAgent, SignalAgentRequest, StartAgentRequest,
+};
+use agentplane::time::duration_from_proto;
+use agentplane::validate::ValidationError;
+use tonic::{Request, Response, Status};
+
+use crate::supervisor::Supervisor;
+
+/// The service.
+#[derive(Debug, Clone)]
+pub struct HostAgentService {
+    supervisor: Arc<Supervisor>,
+}
+
+impl HostAgentService {
+    /// Serves `supervisor`.
+    pub fn new(supervisor: Arc<Supervisor>) -> Self {
+        Self { supervisor }
+    }
+}
+
+type Answer = Result<Response<LocalAgent>, Status>;
+
+#[tonic::async_trait]
+impl HostAgent for HostAgentService {
+    async fn start_agent(&self, req: Request<StartAgentRequest>) -> Answer {
+        let r = req.into_inner();
+        let spec = r
+            .spec
+            .ok_or_else(|| ValidationError::new("spec", "is required"))?;
+        Ok(Response::new(
+            self.supervisor.start(r.id, r.generation, spec).await?,
+        ))
+    }
+
+    async fn stop_agent(&self, req: Request<HostStopAgentRequest>) -> Answer {
+        let r = req.into_inner();
+        let grace = r.grace.as_ref().map(duration_from_proto);
+        Ok(Response::new(self.supervisor.stop(&r.id, grace).await?))
+    }
+
+    async fn pause_agent(&self, req: Request<HostAgentRef>) -> Answer {
+        Ok(Response::new(
+            self.supervisor
+                .pause_or_resume(&req.into_inner().id, true)
+                .await?,
+        ))
+    }
+
+    async fn resume_agent(&self, req: Request<HostAgentRef>) -> Answer {
+        Ok(Response::new(
+            self.supervisor
+                .pause_or_resume(&req.into_inner().id, false)
+                .await?,
+        ))
+    }
+
+    async fn signal_agent(&self, req: Request<SignalAgentRequest>) -> Answer {
+        let r = req.into_inner();
+        Ok(Response::new(
+            self.supervisor.signal(&r.id, r.signal).await?,
+        ))
+    }
+
+    async fn inspect_agent(&self, req: Request<HostAgentRef>) -> Answer {
+        Ok(Response::new(
+            self.supervisor.inspect(&req.into_inner().id)?,
+        ))
+    }
+
+    async fn list_agents(
+        &self,
+        _req: Request<HostListAgentsRequest>,
+    ) -> Result<Response<HostListAgentsResponse>, Status> {
+        Ok(Response::new(HostListAgentsResponse {
+            agents: self.supervisor.list(),
+        }))
+    }
+
+    async fn forget_agent(
+        &self,
+        req: Request<HostAgentRef>,
+    ) -> Result<Response<HostForgetAgentResponse>, Status> {
+        self.supervisor.forget(&req.into_inner().id)?;
+        Ok(Response::new(HostForgetAgentResponse {}))
+    }
+}

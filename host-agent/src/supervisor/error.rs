@@ -1,0 +1,100 @@
+//! Supervisor errors and their one mapping to gRPC status codes.
+
+use std::time::Duration;
+
+use agentplane::registry::RegistryError;
+use agentplane::validate::ValidationError;
+
+/// Why a supervisor operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    /// The start request is malformed.
+    #[error(transparent)]
+    Validate(#[from] ValidationError),
+    /// The host runs `--max-agents` agents already.
+    #[error("full: host {host} already runs {max} agents (its --max-agents)")]
+    AtCapacity {
+        /// This host.
+        host: String,
+        /// Its limit.
+        max: u32,
+    },
+    /// An agent with this id, but another generation, is here already.
+    #[error("agent {id} already runs here with generation {generation}")]
+    AlreadyExists {
+        /// The agent id.
+        id: String,
+        /// Its generation here.
+        generation: u64,
+    },
+    /// No such agent on this host.
+    #[error("agent {id} is not on this host")]
+    NotFound {
+        /// The agent id.
+        id: String,
+    },
+    /// The agent's state forbids the operation.
+    #[error("agent {id}: {detail}")]
+    IllegalTransition {
+        /// The agent id.
+        id: String,
+        /// Why.
+        detail: String,
+    },
+    /// The registry record names another host or generation (or is gone).
+    #[error("agent {id} is fenced: {detail}")]
+    Fenced {
+        /// The agent id.
+        id: String,
+        /// What the record says.
+        detail: String,
+    },
+    /// Writing the record failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// The agent did not end within the escalation's bound.
+    #[error("{operation} of agent {id} (pid {pid}) timed out after {timeout:?}")]
+    Timeout {
+        /// What was waited for.
+        operation: &'static str,
+        /// The agent id.
+        id: String,
+        /// Its pid.
+        pid: i32,
+        /// The bound that passed.
+        timeout: Duration,
+    },
+    /// The kernel refused a signal for another reason than "no such process".
+    #[error("signal {signal} to process group {pgid} failed: {errno}")]
+    Signal {
+        /// The process group.
+        pgid: i32,
+        /// The signal number.
+        signal: i32,
+        /// The error.
+        errno: nix::errno::Errno,
+    },
+    /// The host agent is shutting down.
+    #[error("host agent is shutting down")]
+    ShuttingDown,
+}
+
+impl From<SupervisorError> for tonic::Status {
+    fn from(e: SupervisorError) -> Self {
+        use tonic::Status;
+        let msg = e.to_string();
+        match e {
+            SupervisorError::Validate(v) => v.into(),
+            SupervisorError::AtCapacity { .. } => Status::resource_exhausted(msg),
+            SupervisorError::AlreadyExists { .. } => Status::already_exists(msg),
+            SupervisorError::NotFound { .. } => Status::not_found(msg),
+            SupervisorError::IllegalTransition { .. } | SupervisorError::Fenced { .. } => {
+                Status::failed_precondition(msg)
+            }
+            SupervisorError::Registry(r) => r.into(),
+            SupervisorError::Timeout { .. } => Status::deadline_exceeded(msg),
+            SupervisorError::Signal { .. } => Status::internal(msg),
+            SupervisorError::ShuttingDown => Status::unavailable(msg),
+        }
+    }
+}

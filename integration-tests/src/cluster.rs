@@ -1,0 +1,352 @@
+//! [`TestCluster`]: Redis, control planes and host agents as real processes.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+use agentplane::proto::v1::agent_service_client::AgentServiceClient;
+use agentplane::proto::v1::host_service_client::HostServiceClient;
+use agentplane::proto::v1::{Agent, AgentSpec, ListHostsRequest, SpawnAgentRequest};
+use tonic::transport::Channel;
+
+use crate::process::Proc;
+use crate::redis_server::RedisServer;
+
+/// How long a server may take to print its address.
+const START_LIMIT: Duration = Duration::from_secs(20);
+
+/// Directory of the workspace's built binaries (`target/debug`), found from the
+/// test executable's own path (`target/debug/deps/…`), or `AGENTPLANE_BIN_DIR`.
+pub fn bin_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("AGENTPLANE_BIN_DIR") {
+        return PathBuf::from(d);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    let mut dir = exe.parent().expect("exe dir").to_owned();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    dir
+}
+
+/// Path of a workspace binary, or a panic saying how to build it.
+pub fn bin(name: &str) -> PathBuf {
+    let p = bin_dir().join(name);
+    assert!(
+        p.is_file(),
+        "{} is missing: build the binaries first with `cargo build --workspace --bins` \
+         (scripts/test does), or set AGENTPLANE_BIN_DIR",
+        p.display()
+    );
+    p
+}
+
+/// A started server: its process and the address it printed.
+#[derive(Debug)]
+pub struct Server {
+    /// The process.
+    pub proc: Proc,
+    /// `127.0.0.1:PORT`.
+    pub addr: String,
+    /// The host id (host agents only).
+    pub host_id: String,
+}
+
+/// Builds a [`TestCluster`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    hosts: usize,
+    control_planes: usize,
+    max_agents: u32,
+    heartbeat_ttl: Duration,
+    host_labels: Vec<(usize, String)>,
+}
+
+impl Builder {
+    /// Number of host agents (`h1`, `h2`, …); default 1.
+    pub fn hosts(mut self, n: usize) -> Self {
+        self.hosts = n;
+        self
+    }
+
+    /// Number of control-plane replicas; default 1.
+    pub fn control_planes(mut self, n: usize) -> Self {
+        self.control_planes = n;
+        self
+    }
+
+    /// `--max-agents` of every host.
+    pub fn max_agents(mut self, n: u32) -> Self {
+        self.max_agents = n;
+        self
+    }
+
+    /// `--heartbeat-ttl` of every host; default 3s.
+    pub fn heartbeat_ttl(mut self, ttl: Duration) -> Self {
+        self.heartbeat_ttl = ttl;
+        self
+    }
+
+    /// Adds `--label k=v` to host number `index` (0-based).
+    pub fn host_label(mut self, index: usize, label: &str) -> Self {
+        self.host_labels.push((index, label.to_owned()));
+        self
+    }
+
+    /// Starts Redis, the control planes and the hosts; returns once every host
+    /// is registered.
+    pub async fn start(self) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("agentplane-test-")
+            .tempdir()
+            .expect("tempdir");
+        let redis = RedisServer::start(dir.path()).await;
+        let mut cluster = TestCluster {
+            redis,
+            control_planes: Vec::new(),
+            hosts: Vec::new(),
+            config: self.clone(),
+            dir,
+        };
+        for i in 0..self.control_planes {
+            let s = cluster.spawn_control_plane(i);
+            cluster.control_planes.push(s);
+        }
+        for i in 0..self.hosts {
+            let s = cluster.spawn_host(i);
+            cluster.hosts.push(s);
+        }
+        cluster.wait_for_hosts(self.hosts).await;
+        cluster
+    }
+}
+
+/// A running cluster. Dropping it kills every process it started.
+#[derive(Debug)]
+pub struct TestCluster {
+    /// The Redis server.
+    pub redis: RedisServer,
+    /// Control-plane replicas.
+    pub control_planes: Vec<Server>,
+    /// Host agents, `hosts[i]` has id `h{i+1}`.
+    pub hosts: Vec<Server>,
+    config: Builder,
+    dir: tempfile::TempDir,
+}
+
+impl TestCluster {
+    /// A builder with one host and one control plane.
+    pub fn builder() -> Builder {
+        Builder {
+            hosts: 1,
+            control_planes: 1,
+            max_agents: 1000,
+            heartbeat_ttl: Duration::from_secs(3),
+            host_labels: Vec::new(),
+        }
+    }
+
+    fn start_server(&self, name: &str, log_name: &str, args: &[String]) -> (Proc, String) {
+        let mut cmd = Command::new(bin(name));
+        cmd.args(args)
+            .env("AGENTPLANE_LOG", "info,agentplane=debug")
+            .stdout(Stdio::piped())
+            .stdin(Stdio::null());
+        let log = self.dir.path().join(log_name);
+        let mut proc = Proc::spawn(cmd, &log).unwrap_or_else(|e| panic!("start {name}: {e}"));
+        let stdout = proc.child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut line = String::new();
+            let _ = BufReader::new(stdout).read_line(&mut line);
+            let _ = tx.send(line);
+        });
+        let line = rx.recv_timeout(START_LIMIT).unwrap_or_default();
+        let addr = line
+            .trim()
+            .strip_prefix("listening on ")
+            .unwrap_or_else(|| {
+                panic!(
+                    "{name} did not print its address; log:\n{}",
+                    proc.log_tail(30)
+                )
+            })
+            .to_owned();
+        (proc, addr)
+    }
+
+    fn spawn_control_plane(&self, i: usize) -> Server {
+        let args = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--redis-url".into(),
+            self.redis.url(),
+            "--host-call-timeout".into(),
+            "5s".into(),
+            "--shutdown-timeout".into(),
+            "5s".into(),
+        ];
+        let (proc, addr) =
+            self.start_server("control-plane", &format!("control-plane-{i}.log"), &args);
+        Server {
+            proc,
+            addr,
+            host_id: String::new(),
+        }
+    }
+
+    fn spawn_host(&self, i: usize) -> Server {
+        let host_id = format!("h{}", i + 1);
+        let mut args = vec![
+            "--listen".into(),
+            "127.0.0.1:0".into(),
+            "--redis-url".into(),
+            self.redis.url(),
+            "--host-id".into(),
+            host_id.clone(),
+            "--max-agents".into(),
+            self.config.max_agents.to_string(),
+            "--heartbeat-ttl".into(),
+            format!("{}ms", self.config.heartbeat_ttl.as_millis()),
+            "--shutdown-timeout".into(),
+            "10s".into(),
+        ];
+        for (idx, label) in &self.config.host_labels {
+            if *idx == i {
+                args.push("--label".into());
+                args.push(label.clone());
+            }
+        }
+        let (proc, addr) = self.start_server("host-agent", &format!("host-{host_id}.log"), &args);
+        Server {
+            proc,
+            addr,
+            host_id,
+        }
+    }
+
+    /// Waits until `n` hosts are listed by the control plane.
+    pub async fn wait_for_hosts(&self, n: usize) {
+        let mut hosts = self.host_client().await;
+        crate::eventually(
+            Duration::from_secs(15),
+            &format!("{n} hosts registered"),
+            || {
+                let mut h = hosts.clone();
+                async move {
+                    let list = h
+                        .list_hosts(ListHostsRequest {})
+                        .await
+                        .ok()?
+                        .into_inner()
+                        .hosts;
+                    (list.len() == n).then_some(())
+                }
+            },
+        )
+        .await;
+        drop(hosts.list_hosts(ListHostsRequest {}).await);
+    }
+
+    /// `http://ADDR` of control plane `i`.
+    pub fn endpoint(&self, i: usize) -> String {
+        format!("http://{}", self.control_planes[i].addr)
+    }
+
+    async fn channel(&self) -> Channel {
+        tonic::transport::Endpoint::from_shared(self.endpoint(0))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy()
+    }
+
+    /// An AgentService client of control plane 0.
+    pub async fn client(&self) -> AgentServiceClient<Channel> {
+        AgentServiceClient::new(self.channel().await)
+    }
+
+    /// A HostService client of control plane 0.
+    pub async fn host_client(&self) -> HostServiceClient<Channel> {
+        HostServiceClient::new(self.channel().await)
+    }
+
+    /// Spawns `argv` through the control plane and returns the agent.
+    pub async fn spawn(&self, argv: &[&str]) -> Agent {
+        self.spawn_spec(AgentSpec {
+            argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+            ..Default::default()
+        })
+        .await
+    }
+
+    /// Spawns `spec` and returns the agent; panics on an error status.
+    pub async fn spawn_spec(&self, spec: AgentSpec) -> Agent {
+        self.client()
+            .await
+            .spawn_agent(SpawnAgentRequest {
+                spec: Some(spec),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("spawn failed: {s:?}"))
+            .into_inner()
+            .agent
+            .expect("agent in response")
+    }
+
+    /// Runs `agentctl` against control plane 0 with `args`.
+    pub fn agentctl(&self, args: &[&str]) -> Output {
+        Command::new(bin("agentctl"))
+            .args(args)
+            .env("AGENTPLANE_ENDPOINT", self.endpoint(0))
+            .env_remove("AGENTPLANE_OUTPUT")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run agentctl")
+    }
+
+    /// Asserts what every test must leave true (no `KEYS` ever reached Redis),
+    /// then tears the cluster down. Call it at the end of every test.
+    pub async fn finish(self) {
+        let stats = self.redis.commandstats().await;
+        assert!(
+            !stats.contains("cmdstat_keys:"),
+            "Redis saw KEYS calls (use SCAN):\n{stats}"
+        );
+        drop(self);
+    }
+
+    /// The log tail of every server, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for s in self.control_planes.iter().chain(&self.hosts) {
+            out.push_str(&format!(
+                "--- {} ---\n{}\n",
+                s.proc.log.display(),
+                s.proc.log_tail(40)
+            ));
+        }
+        out
+    }
+}
+
+impl Drop for TestCluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("test failed; server logs:\n{}", self.logs());
+        }
+        // Host agents first and gracefully, so they stop their agents; each
+        // process is then SIGKILLed by its own drop if it is still there.
+        for h in &self.hosts {
+            h.proc.signal(nix::sys::signal::Signal::SIGTERM);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(15);
+        for h in &mut self.hosts {
+            while h.proc.is_running() && std::time::Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+}

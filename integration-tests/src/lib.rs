@@ -1,0 +1,33 @@
+//! Test harness of agentplane: [`TestCluster`] starts a real `redis-server` on
+//! a free port and the real `control-plane` and `host-agent` binaries on port
+//! 0, and tears every process down when dropped, even when a test fails.
+
+mod cluster;
+mod process;
+pub mod procfs;
+mod redis_server;
+
+use std::future::Future;
+use std::time::Duration;
+
+pub use cluster::{bin, Builder, TestCluster};
+pub use redis_server::RedisServer;
+
+/// Polls `f` until it returns `Some`, at most `limit`; panics with `what` then.
+pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let deadline = tokio::time::Instant::now() + limit;
+    loop {
+        if let Some(v) = f().await {
+            return v;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out after {limit:?} waiting for: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

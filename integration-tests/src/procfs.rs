@@ -1,0 +1,56 @@
+//! What the OS sees: processes by process group, read from `/proc`.
+
+/// One process: pid, state letter (R, S, T, Z, …), parent pid, process group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcInfo {
+    /// Process id.
+    pub pid: i32,
+    /// State letter.
+    pub state: char,
+    /// Parent pid.
+    pub ppid: i32,
+    /// Process group id.
+    pub pgrp: i32,
+}
+
+/// Reads `/proc/PID/stat`; `None` if the process is gone.
+pub fn stat(pid: i32) -> Option<ProcInfo> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let rest = text.rsplit_once(')')?.1;
+    let mut f = rest.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    let pgrp = f.next()?.parse().ok()?;
+    Some(ProcInfo {
+        pid,
+        state,
+        ppid,
+        pgrp,
+    })
+}
+
+/// Every process in process group `pgid`, zombies included.
+pub fn group(pgid: i32) -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat)
+        .filter(|p| p.pgrp == pgid)
+        .collect()
+}
+
+/// The processes of the group that are alive: not zombies (a zombie has
+/// exited and only waits to be reaped).
+pub fn alive_in_group(pgid: i32) -> Vec<ProcInfo> {
+    group(pgid)
+        .into_iter()
+        .filter(|p| p.state != 'Z' && p.state != 'X')
+        .collect()
+}
+
+/// True when `pid` exists and is not a zombie.
+pub fn is_alive(pid: i32) -> bool {
+    stat(pid).is_some_and(|p| p.state != 'Z' && p.state != 'X')
+}

@@ -1,0 +1,101 @@
+//! A real `redis-server` on a free loopback port, with no persistence.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use crate::process::Proc;
+
+/// A running redis-server.
+#[derive(Debug)]
+pub struct RedisServer {
+    proc: Option<Proc>,
+    port: u16,
+    dir: PathBuf,
+}
+
+/// The redis-server binary, or a panic that says how to get one.
+fn binary() -> PathBuf {
+    let found = std::env::var_os("PATH").and_then(|paths| {
+        std::env::split_paths(&paths)
+            .map(|p| p.join("redis-server"))
+            .find(|p| p.is_file())
+    });
+    found.unwrap_or_else(|| {
+        panic!(
+            "redis-server is not on PATH. The integration tests need a real Redis: \
+             install it with `apt-get install -y redis-server` (Debian/Ubuntu), \
+             or run `scripts/test`, which installs it when missing."
+        )
+    })
+}
+
+/// A free TCP port on 127.0.0.1 (bound, read, released).
+pub fn free_port() -> u16 {
+    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
+    l.local_addr().expect("local addr").port()
+}
+
+impl RedisServer {
+    /// Starts one in `dir` and waits until it answers PING.
+    pub async fn start(dir: &Path) -> Self {
+        let mut s = Self {
+            proc: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+        };
+        s.restart().await;
+        s
+    }
+
+    /// `redis://127.0.0.1:PORT`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// A client connection for assertions.
+    pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        redis::Client::open(self.url())
+            .expect("redis url")
+            .get_multiplexed_async_connection()
+            .await
+            .expect("connect to test redis")
+    }
+
+    /// Kills it (SIGKILL): all data is lost, as with a crash without persistence.
+    pub fn stop(&mut self) {
+        self.proc = None;
+    }
+
+    /// Starts it again on the same port, empty.
+    pub async fn restart(&mut self) {
+        self.proc = None;
+        let mut cmd = Command::new(binary());
+        cmd.args(["--port", &self.port.to_string()])
+            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null());
+        let log = self.dir.join(format!("redis-{}.log", self.port));
+        self.proc = Some(Proc::spawn(cmd, &log).expect("start redis-server"));
+        let url = self.url();
+        crate::eventually(Duration::from_secs(10), "redis-server answers PING", || {
+            let url = url.clone();
+            async move {
+                let client = redis::Client::open(url).ok()?;
+                let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+            }
+        })
+        .await;
+    }
+
+    /// `INFO commandstats`, raw.
+    pub async fn commandstats(&self) -> String {
+        redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut self.conn().await)
+            .await
+            .expect("INFO commandstats")
+    }
+}

@@ -1,0 +1,457 @@
+//! The agent lifecycle as users and the OS see it: pause/resume/stop on whole
+//! process groups, exits and failed starts recorded, and the error codes.
+
+use std::time::Duration;
+
+use agentplane::proto::v1::{
+    AgentSpec, AgentState, GetAgentRequest, KillAgentRequest, ListAgentsRequest, PauseAgentRequest,
+    Placement, ResumeAgentRequest, SpawnAgentRequest, StopAgentRequest,
+};
+use agentplane_integration_tests::{eventually, procfs, TestCluster};
+use tonic::Code;
+
+const GROUP_CMD: &str = "sleep 1000 & sleep 1000; wait";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_stop_act_on_the_whole_process_group() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let agent = cluster.spawn(&["sh", "-c", GROUP_CMD]).await;
+    assert_eq!(agent.state(), AgentState::Running);
+    let pgid = agent.pid;
+    // sh and its two sleeps.
+    eventually(
+        Duration::from_secs(5),
+        "3 processes in the group",
+        || async { (procfs::alive_in_group(pgid).len() == 3).then_some(()) },
+    )
+    .await;
+    assert_eq!(
+        procfs::stat(pgid).unwrap().pgrp,
+        pgid,
+        "the agent leads its own group"
+    );
+
+    let paused = c
+        .pause_agent(PauseAgentRequest {
+            id: agent.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state(), AgentState::Paused);
+    eventually(
+        Duration::from_secs(5),
+        "every process stopped (T)",
+        || async {
+            let g = procfs::alive_in_group(pgid);
+            (g.len() == 3 && g.iter().all(|p| p.state == 'T')).then_some(())
+        },
+    )
+    .await;
+
+    let resumed = c
+        .resume_agent(ResumeAgentRequest {
+            id: agent.id.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resumed.state(), AgentState::Running);
+    eventually(
+        Duration::from_secs(5),
+        "every process running again",
+        || async {
+            let g = procfs::alive_in_group(pgid);
+            (g.len() == 3 && g.iter().all(|p| p.state != 'T')).then_some(())
+        },
+    )
+    .await;
+
+    let stopped = c
+        .stop_agent(StopAgentRequest {
+            id: agent.id.clone(),
+            grace: Some(prost_duration(Duration::from_secs(2))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(stopped.state(), AgentState::Exited);
+    let exit = stopped.exit.expect("exit recorded");
+    assert_eq!(exit.reason, "STOPPED");
+    assert_eq!(exit.signal, Some(15), "sh died of the SIGTERM");
+    assert!(exit.finished_at.is_some());
+    assert_eq!(stopped.pid, 0);
+    eventually(
+        Duration::from_secs(5),
+        "no process of the group alive",
+        || async { procfs::alive_in_group(pgid).is_empty().then_some(()) },
+    )
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_paused_agent_that_ignores_sigterm_escalates_to_sigkill() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let agent = cluster
+        .spawn(&["sh", "-c", "trap '' TERM; sleep 1000 & wait; wait"])
+        .await;
+    c.pause_agent(PauseAgentRequest {
+        id: agent.id.clone(),
+    })
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let stopped = c
+        .stop_agent(StopAgentRequest {
+            id: agent.id.clone(),
+            grace: Some(prost_duration(Duration::from_millis(500))),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "waited the grace"
+    );
+    assert_eq!(stopped.state(), AgentState::Exited);
+    assert_eq!(
+        stopped.exit.unwrap().signal,
+        Some(9),
+        "SIGKILL after the grace"
+    );
+    eventually(Duration::from_secs(5), "group gone", || async {
+        procfs::alive_in_group(agent.pid).is_empty().then_some(())
+    })
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn exit_codes_and_failed_starts_are_recorded() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+
+    let a = cluster.spawn(&["sh", "-c", "exit 3"]).await;
+    let ended = eventually(Duration::from_secs(5), "exit 3 recorded", || {
+        let mut c = c.clone();
+        let id = a.id.clone();
+        async move {
+            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+            (a.state() == AgentState::Exited).then_some(a)
+        }
+    })
+    .await;
+    let exit = ended.exit.unwrap();
+    assert_eq!(exit.code, Some(3));
+    assert_eq!(exit.signal, None);
+    assert_eq!(exit.reason, "COMPLETED");
+
+    let missing = cluster
+        .spawn(&["/nonexistent/agentplane-no-such-binary", "x"])
+        .await;
+    assert_eq!(missing.state(), AgentState::Failed);
+    let exit = missing.exit.unwrap();
+    assert_eq!(exit.reason, "SPAWN_FAILED");
+    assert!(
+        exit.error.contains("No such file or directory"),
+        "OS error in record: {}",
+        exit.error
+    );
+    assert!(
+        exit.error.contains("agentplane-no-such-binary"),
+        "names the program: {}",
+        exit.error
+    );
+
+    let bad_cwd = cluster
+        .spawn_spec(AgentSpec {
+            argv: vec!["true".into()],
+            cwd: "/nonexistent-dir-agentplane".into(),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(bad_cwd.state(), AgentState::Failed);
+    assert!(bad_cwd.exit.unwrap().error.contains("working directory"));
+
+    // Nothing crashed: the same host still runs agents.
+    let ok = cluster.spawn(&["sleep", "1000"]).await;
+    assert_eq!(ok.state(), AgentState::Running);
+    let killed = c
+        .kill_agent(KillAgentRequest {
+            id: ok.id.clone(),
+            signal: 9,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(killed.state(), AgentState::Exited);
+    assert_eq!(killed.exit.unwrap().reason, "KILLED");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn error_codes_name_the_problem() {
+    let cluster = TestCluster::builder().hosts(1).start().await;
+    let mut c = cluster.client().await;
+
+    // Illegal transitions on an ended agent.
+    let a = cluster.spawn(&["true"]).await;
+    eventually(Duration::from_secs(5), "`true` exited", || {
+        let mut c = c.clone();
+        let id = a.id.clone();
+        async move {
+            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+            (a.state() == AgentState::Exited).then_some(())
+        }
+    })
+    .await;
+    let e = c
+        .pause_agent(PauseAgentRequest { id: a.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains("EXITED"), "{}", e.message());
+    let e = c
+        .stop_agent(StopAgentRequest {
+            id: a.id.clone(),
+            grace: None,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    let e = c
+        .resume_agent(ResumeAgentRequest { id: a.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // Resume of a running agent, pause twice.
+    let r = cluster.spawn(&["sleep", "1000"]).await;
+    let e = c
+        .resume_agent(ResumeAgentRequest { id: r.id.clone() })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    // Unknown ids.
+    let e = c
+        .get_agent(GetAgentRequest {
+            id: "01aaaaaaaaaaaaaaaaaaaaaaaa".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let e = c
+        .pause_agent(PauseAgentRequest {
+            id: "01aaaaaaaaaaaaaaaaaaaaaaaa".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+
+    // Bad input names the field.
+    let cases: Vec<(AgentSpec, &str)> = vec![
+        (AgentSpec::default(), "spec.argv"),
+        (
+            AgentSpec {
+                name: "Not_A_Name".into(),
+                argv: vec!["true".into()],
+                ..Default::default()
+            },
+            "spec.name",
+        ),
+        (
+            AgentSpec {
+                argv: vec!["true".into()],
+                placement: Some(Placement {
+                    host: "no-such-host".into(),
+                    label_selector: String::new(),
+                }),
+                ..Default::default()
+            },
+            "spec.placement.host",
+        ),
+        (
+            AgentSpec {
+                argv: vec!["true".into()],
+                placement: Some(Placement {
+                    host: String::new(),
+                    label_selector: "gpu".into(),
+                }),
+                ..Default::default()
+            },
+            "spec.placement.label_selector",
+        ),
+        (
+            AgentSpec {
+                argv: vec!["true".into()],
+                labels: [("k".to_owned(), "v w".to_owned())].into(),
+                ..Default::default()
+            },
+            "spec.labels",
+        ),
+    ];
+    for (spec, field) in cases {
+        let e = c
+            .spawn_agent(SpawnAgentRequest {
+                spec: Some(spec),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), Code::InvalidArgument, "{field}: {e:?}");
+        assert!(
+            e.message().starts_with(&format!("{field}:")),
+            "message names {field}: {}",
+            e.message()
+        );
+    }
+    let e = c
+        .list_agents(ListAgentsRequest {
+            label_selector: "team".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message().starts_with("label_selector:"),
+        "{}",
+        e.message()
+    );
+    let e = c
+        .list_agents(ListAgentsRequest {
+            page_token: "garbage".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    let e = c
+        .kill_agent(KillAgentRequest {
+            id: r.id.clone(),
+            signal: 19,
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument, "SIGSTOP is refused: {e:?}");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_room_is_resource_exhausted_and_list_filters() {
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .max_agents(2)
+        .host_label(1, "zone=b")
+        .start()
+        .await;
+    let mut c = cluster.client().await;
+    let in_b = cluster
+        .spawn_spec(AgentSpec {
+            argv: vec!["sleep".into(), "1000".into()],
+            labels: [("team".to_owned(), "x".to_owned())].into(),
+            placement: Some(Placement {
+                host: String::new(),
+                label_selector: "zone=b".into(),
+            }),
+            ..Default::default()
+        })
+        .await;
+    assert_eq!(in_b.host, "h2");
+    for _ in 0..3 {
+        cluster.spawn(&["sleep", "1000"]).await;
+    }
+    // 4 of 4 slots taken (the hosts enforce their own --max-agents).
+    let e = c
+        .spawn_agent(SpawnAgentRequest {
+            spec: Some(AgentSpec {
+                argv: vec!["sleep".into(), "1".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted, "{e:?}");
+
+    // The failed spawn left no record behind.
+    let all = c
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(all.agents.len(), 4, "{:?}", all.agents);
+    let on_h2 = c
+        .list_agents(ListAgentsRequest {
+            host: "h2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(on_h2.agents.iter().all(|a| a.host == "h2"));
+    let team = c
+        .list_agents(ListAgentsRequest {
+            label_selector: "team=x".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(team.agents.len(), 1);
+    assert_eq!(team.agents[0].id, in_b.id);
+    let running = c
+        .list_agents(ListAgentsRequest {
+            state: AgentState::Running as i32,
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(running.agents.len(), 4);
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn listing_pages_with_scan_tokens_sees_every_agent_once() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    let mut c = cluster.client().await;
+    let mut ids = Vec::new();
+    for _ in 0..25 {
+        ids.push(cluster.spawn(&["sleep", "1000"]).await.id);
+    }
+    let mut seen = Vec::new();
+    let mut token = String::new();
+    let mut pages = 0;
+    loop {
+        let page = c
+            .list_agents(ListAgentsRequest {
+                page_size: 4,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        pages += 1;
+        seen.extend(page.agents.into_iter().map(|a| a.id));
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+        assert!(pages < 100, "paging terminates");
+    }
+    assert!(pages > 1, "25 agents at page_size 4 take several pages");
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids);
+    cluster.finish().await;
+}
+
+fn prost_duration(d: Duration) -> prost_types::Duration {
+    agentplane::time::duration_to_proto(d)
+}

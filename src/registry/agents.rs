@@ -1,0 +1,280 @@
+//! Agent records (`ap:agent:*`), their location keys (`ap:loc:*`), the per-host
+//! sets (`ap:host-agents:*`) and idempotency keys (`ap:idem:*`).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use redis::AsyncCommands;
+
+use super::codec::{self, field};
+use super::scripts::{DELETE_IF_EQUAL, UPDATE_AGENT};
+use super::{Registry, Result};
+use crate::proto::v1::{Agent, AgentState, ExitStatus};
+use crate::state;
+
+/// What an update expects of the record before it writes.
+#[derive(Debug, Clone, Default)]
+pub struct Expect {
+    /// The record's generation must be this.
+    pub generation: Option<u64>,
+    /// The record must name this host.
+    pub host: Option<String>,
+    /// The record's state must be one of these (empty: any).
+    pub states: Vec<AgentState>,
+}
+
+/// Fields an update writes; `None` leaves a field alone.
+#[derive(Debug, Clone, Default)]
+pub struct AgentUpdate {
+    /// New state.
+    pub state: Option<AgentState>,
+    /// New pid.
+    pub pid: Option<i32>,
+    /// Process start time, ms since the epoch.
+    pub started_at_ms: Option<i64>,
+    /// How it ended.
+    pub exit: Option<ExitStatus>,
+    /// New host (moving a PENDING agent whose first host refused it).
+    pub host: Option<String>,
+}
+
+/// What an update found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum UpdateOutcome {
+    /// Written.
+    Applied,
+    /// No such agent.
+    Missing,
+    /// An expectation failed; nothing written. The record as it is.
+    Conflict {
+        /// Its state.
+        state: Option<AgentState>,
+        /// Its generation.
+        generation: u64,
+        /// Its host.
+        host: String,
+    },
+}
+
+impl Registry {
+    /// Writes a new agent record and adds it to its host's set, atomically.
+    pub async fn create_agent(&self, agent: &Agent) -> Result<()> {
+        let k = self.keys();
+        let fields = codec::encode_agent(agent);
+        redis::pipe()
+            .atomic()
+            .hset_multiple(k.agent(&agent.id), &fields)
+            .ignore()
+            .sadd(k.host_agents(&agent.host), &agent.id)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(self.err("create agent record"))
+    }
+
+    /// The agent record, if it exists.
+    pub async fn get_agent(&self, id: &str) -> Result<Option<Agent>> {
+        let key = self.keys().agent(id);
+        let h: HashMap<String, Vec<u8>> = self
+            .conn()
+            .hgetall(&key)
+            .await
+            .map_err(self.err("read agent record"))?;
+        codec::decode_agent(&key, &h)
+    }
+
+    /// The records of `ids` in one round trip; ids without a record are skipped.
+    pub async fn get_agents(&self, ids: &[String]) -> Result<Vec<Agent>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.keys().agent(id));
+        }
+        let hashes: Vec<HashMap<String, Vec<u8>>> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("read agent records"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        for (id, h) in ids.iter().zip(hashes) {
+            if let Some(a) = codec::decode_agent(&self.keys().agent(id), &h)? {
+                out.push(a);
+            }
+        }
+        Ok(out)
+    }
+
+    /// One `SCAN` batch of agent ids from `cursor`.
+    pub async fn scan_agent_ids(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
+        let (next, keys) = self
+            .scan("scan agents", cursor, &self.keys().agent_pattern(), count)
+            .await?;
+        let ids = keys
+            .iter()
+            .filter_map(|k| self.keys().agent_id_of(k).map(str::to_owned))
+            .collect();
+        Ok((next, ids))
+    }
+
+    /// One `SSCAN` batch of the ids placed on `host`, from `cursor`.
+    pub async fn scan_host_agent_ids(
+        &self,
+        host: &str,
+        cursor: u64,
+        count: usize,
+    ) -> Result<(u64, Vec<String>)> {
+        redis::cmd("SSCAN")
+            .arg(self.keys().host_agents(host))
+            .arg(cursor)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("scan host agents"))
+    }
+
+    /// Atomically checks `expect` and writes `update` (a Lua compare-and-set).
+    pub async fn update_agent(
+        &self,
+        id: &str,
+        expect: &Expect,
+        update: &AgentUpdate,
+    ) -> Result<UpdateOutcome> {
+        let mut inv = UPDATE_AGENT.prepare_invoke();
+        inv.key(self.keys().agent(id))
+            .arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
+            .arg(expect.host.clone().unwrap_or_default())
+            .arg(
+                expect
+                    .states
+                    .iter()
+                    .map(|s| state::name(*s))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            )
+            .arg(0);
+        if let Some(s) = update.state {
+            inv.arg(field::STATE).arg(codec::state_bytes(s));
+        }
+        if let Some(pid) = update.pid {
+            inv.arg(field::PID).arg(pid);
+        }
+        if let Some(ms) = update.started_at_ms {
+            inv.arg(field::STARTED_AT).arg(ms);
+        }
+        if let Some(exit) = &update.exit {
+            inv.arg(field::EXIT)
+                .arg(prost::Message::encode_to_vec(exit));
+        }
+        if let Some(host) = &update.host {
+            inv.arg(field::HOST).arg(host);
+        }
+        let (code, st, generation, host): (i64, String, String, String) = inv
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(self.err("update agent record"))?;
+        Ok(match code {
+            1 => UpdateOutcome::Applied,
+            0 => UpdateOutcome::Missing,
+            _ => UpdateOutcome::Conflict {
+                state: state::parse(&st),
+                generation: generation.parse().unwrap_or(0),
+                host,
+            },
+        })
+    }
+
+    /// Moves `id` from `from`'s set of agents to `to`'s (after a re-placement).
+    pub async fn move_host_membership(&self, id: &str, from: &str, to: &str) -> Result<()> {
+        let k = self.keys();
+        self.conn()
+            .smove::<_, _, _, ()>(k.host_agents(from), k.host_agents(to), id)
+            .await
+            .map_err(self.err("move agent between hosts"))
+    }
+
+    /// Removes the record, its location and its membership of `host`'s set.
+    pub async fn delete_agent(&self, id: &str, host: &str) -> Result<()> {
+        let k = self.keys();
+        redis::pipe()
+            .atomic()
+            .del(k.agent(id))
+            .ignore()
+            .del(k.loc(id))
+            .ignore()
+            .srem(k.host_agents(host), id)
+            .ignore()
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(self.err("delete agent record"))
+    }
+
+    /// Claims `request_id` for `agent_id`. `None`: claimed, go ahead and create;
+    /// `Some(id)`: an earlier request already created (or is creating) `id`.
+    pub async fn claim_request(&self, request_id: &str, agent_id: &str) -> Result<Option<String>> {
+        let key = self.keys().idem(request_id);
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(agent_id)
+            .arg("NX")
+            .arg("PX")
+            .arg(u64::try_from(super::IDEMPOTENCY_TTL.as_millis()).unwrap_or(u64::MAX))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("claim request id"))?;
+        if ok.is_some() {
+            return Ok(None);
+        }
+        let existing: Option<String> = self
+            .conn()
+            .get(&key)
+            .await
+            .map_err(self.err("read request id"))?;
+        match existing {
+            Some(id) => Ok(Some(id)),
+            // Expired between SET and GET: claim again.
+            None => Box::pin(self.claim_request(request_id, agent_id)).await,
+        }
+    }
+
+    /// Releases `request_id` if it still names `agent_id` (its creation failed).
+    pub async fn release_request(&self, request_id: &str, agent_id: &str) -> Result<()> {
+        DELETE_IF_EQUAL
+            .key(self.keys().idem(request_id))
+            .arg(agent_id)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(drop)
+            .map_err(self.err("release request id"))
+    }
+
+    /// Sets the agent's location to `host` with a TTL.
+    pub async fn set_location(&self, id: &str, host: &str, ttl: Duration) -> Result<()> {
+        self.conn()
+            .pset_ex::<_, _, ()>(self.keys().loc(id), host, ttl_ms(ttl))
+            .await
+            .map_err(self.err("set agent location"))
+    }
+
+    /// Removes the agent's location.
+    pub async fn clear_location(&self, id: &str) -> Result<()> {
+        self.conn()
+            .del::<_, ()>(self.keys().loc(id))
+            .await
+            .map_err(self.err("clear agent location"))
+    }
+
+    /// The host whose heartbeat keeps the agent's location alive, if any.
+    pub async fn location(&self, id: &str) -> Result<Option<String>> {
+        self.conn()
+            .get(self.keys().loc(id))
+            .await
+            .map_err(self.err("read agent location"))
+    }
+}
+
+/// A TTL in whole milliseconds, at least 1.
+pub(super) fn ttl_ms(ttl: Duration) -> u64 {
+    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}

@@ -1,0 +1,173 @@
+//! Encoding of records as Redis hash fields. Scalars are plain strings so
+//! `redis-cli HGETALL` stays readable; the spec and exit status are protobuf
+//! bytes, the one encoding every language already has for them.
+
+use std::collections::HashMap;
+
+use prost::Message;
+
+use super::RegistryError;
+use crate::proto::v1::{Agent, AgentSpec, AgentState, ExitStatus};
+use crate::state;
+use crate::time::timestamp_from_ms;
+
+/// Field names of the agent hash.
+pub(super) mod field {
+    pub const ID: &str = "id";
+    pub const NAME: &str = "name";
+    pub const SPEC: &str = "spec";
+    pub const STATE: &str = "state";
+    pub const HOST: &str = "host";
+    pub const PID: &str = "pid";
+    pub const GENERATION: &str = "generation";
+    pub const CREATED_AT: &str = "created_at";
+    pub const STARTED_AT: &str = "started_at";
+    pub const EXIT: &str = "exit";
+}
+
+/// Every field of a new agent record.
+pub(super) fn encode_agent(a: &Agent) -> Vec<(&'static str, Vec<u8>)> {
+    let spec = a.spec.clone().unwrap_or_default();
+    let mut out = vec![
+        (field::ID, a.id.clone().into_bytes()),
+        (field::NAME, spec.name.clone().into_bytes()),
+        (field::SPEC, spec.encode_to_vec()),
+        (field::STATE, state_bytes(a.state())),
+        (field::HOST, a.host.clone().into_bytes()),
+        (field::PID, a.pid.to_string().into_bytes()),
+        (field::GENERATION, a.generation.to_string().into_bytes()),
+    ];
+    if let Some(ts) = &a.created_at {
+        out.push((
+            field::CREATED_AT,
+            crate::time::ms_from_timestamp(ts).to_string().into_bytes(),
+        ));
+    }
+    if let Some(ts) = &a.started_at {
+        out.push((
+            field::STARTED_AT,
+            crate::time::ms_from_timestamp(ts).to_string().into_bytes(),
+        ));
+    }
+    if let Some(exit) = &a.exit {
+        out.push((field::EXIT, exit.encode_to_vec()));
+    }
+    out
+}
+
+/// The stored form of a state.
+pub(super) fn state_bytes(s: AgentState) -> Vec<u8> {
+    state::name(s).as_bytes().to_vec()
+}
+
+fn text<'a>(key: &str, h: &'a HashMap<String, Vec<u8>>, f: &str) -> Result<&'a str, RegistryError> {
+    match h.get(f) {
+        None => Ok(""),
+        Some(b) => {
+            std::str::from_utf8(b).map_err(|_| corrupt(key, format!("field `{f}` is not UTF-8")))
+        }
+    }
+}
+
+fn number<T: std::str::FromStr + Default>(
+    key: &str,
+    h: &HashMap<String, Vec<u8>>,
+    f: &str,
+) -> Result<T, RegistryError> {
+    let s = text(key, h, f)?;
+    if s.is_empty() {
+        return Ok(T::default());
+    }
+    s.parse()
+        .map_err(|_| corrupt(key, format!("field `{f}` = `{s}` is not a number")))
+}
+
+fn corrupt(key: &str, detail: String) -> RegistryError {
+    RegistryError::Corrupt {
+        key: key.to_owned(),
+        detail,
+    }
+}
+
+/// Decodes an agent hash; `None` for an empty hash (no such key).
+pub(super) fn decode_agent(
+    key: &str,
+    h: &HashMap<String, Vec<u8>>,
+) -> Result<Option<Agent>, RegistryError> {
+    if h.is_empty() {
+        return Ok(None);
+    }
+    let spec = match h.get(field::SPEC) {
+        Some(b) => AgentSpec::decode(b.as_slice())
+            .map_err(|e| corrupt(key, format!("field `spec`: {e}")))?,
+        None => return Err(corrupt(key, "field `spec` is missing".into())),
+    };
+    let st = text(key, h, field::STATE)?;
+    let state = state::parse(st).ok_or_else(|| corrupt(key, format!("unknown state `{st}`")))?;
+    let exit = match h.get(field::EXIT) {
+        Some(b) if !b.is_empty() => Some(
+            ExitStatus::decode(b.as_slice())
+                .map_err(|e| corrupt(key, format!("field `exit`: {e}")))?,
+        ),
+        _ => None,
+    };
+    let ms = |f: &str| -> Result<Option<prost_types::Timestamp>, RegistryError> {
+        let v: i64 = number(key, h, f)?;
+        Ok((v > 0).then(|| timestamp_from_ms(v)))
+    };
+    Ok(Some(Agent {
+        id: text(key, h, field::ID)?.to_owned(),
+        spec: Some(spec),
+        state: state as i32,
+        host: text(key, h, field::HOST)?.to_owned(),
+        pid: number(key, h, field::PID)?,
+        generation: number(key, h, field::GENERATION)?,
+        exit,
+        created_at: ms(field::CREATED_AT)?,
+        started_at: ms(field::STARTED_AT)?,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn agent_round_trips() {
+        let a = Agent {
+            id: "01abc".into(),
+            spec: Some(AgentSpec {
+                name: "n".into(),
+                argv: vec!["sleep".into(), "1".into()],
+                ..Default::default()
+            }),
+            state: AgentState::Exited as i32,
+            host: "h1".into(),
+            pid: 42,
+            generation: 3,
+            exit: Some(ExitStatus {
+                code: Some(3),
+                reason: "COMPLETED".into(),
+                ..Default::default()
+            }),
+            created_at: Some(timestamp_from_ms(1_700_000_000_000)),
+            started_at: Some(timestamp_from_ms(1_700_000_000_500)),
+        };
+        let h: HashMap<String, Vec<u8>> = encode_agent(&a)
+            .into_iter()
+            .map(|(k, v)| (k.to_owned(), v))
+            .collect();
+        assert_eq!(decode_agent("k", &h).unwrap(), Some(a));
+        assert_eq!(decode_agent("k", &HashMap::new()).unwrap(), None);
+    }
+
+    #[test]
+    fn corrupt_records_are_errors() {
+        let mut h = HashMap::new();
+        h.insert("spec".to_owned(), vec![0xff, 0xff]);
+        assert!(matches!(
+            decode_agent("k", &h),
+            Err(RegistryError::Corrupt { .. })
+        ));
+    }
+}

@@ -1,0 +1,96 @@
+//! Redis key names (a contract: see DESIGN.md). Nothing else builds keys.
+
+/// Key names under one prefix (`ap` by default).
+#[derive(Debug, Clone)]
+pub struct Keys {
+    prefix: String,
+}
+
+impl Keys {
+    /// Keys under `prefix`.
+    pub fn new(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+        }
+    }
+
+    /// The prefix.
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// `ap:host:{id}`: the live host's hash, with the heartbeat TTL.
+    pub fn host(&self, id: &str) -> String {
+        format!("{}:host:{id}", self.prefix)
+    }
+
+    /// The `SCAN` pattern of every host key.
+    pub fn host_pattern(&self) -> String {
+        format!("{}:host:*", self.prefix)
+    }
+
+    /// The host id of a host key, if it is one.
+    pub fn host_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?.strip_prefix(":host:")
+    }
+
+    /// `ap:host-agents:{id}`: the set of agent ids placed on the host.
+    pub fn host_agents(&self, id: &str) -> String {
+        format!("{}:host-agents:{id}", self.prefix)
+    }
+
+    /// `ap:agent:{id}`: the agent record hash.
+    pub fn agent(&self, id: &str) -> String {
+        format!("{}:agent:{id}", self.prefix)
+    }
+
+    /// The `SCAN` pattern of every agent record.
+    pub fn agent_pattern(&self) -> String {
+        format!("{}:agent:*", self.prefix)
+    }
+
+    /// The agent id of an agent key, if it is one.
+    pub fn agent_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?.strip_prefix(":agent:")
+    }
+
+    /// `ap:loc:{id}`: the host id running the agent, with the heartbeat TTL.
+    pub fn loc(&self, id: &str) -> String {
+        format!("{}:loc:{id}", self.prefix)
+    }
+
+    /// `ap:rr`: the round-robin placement counter.
+    pub fn rr(&self) -> String {
+        format!("{}:rr", self.prefix)
+    }
+
+    /// `ap:idem:{request_id}`: the agent a spawn request created.
+    pub fn idem(&self, request_id: &str) -> String {
+        format!("{}:idem:{request_id}", self.prefix)
+    }
+
+    /// `ap:events`: the event stream.
+    pub fn events(&self) -> String {
+        format!("{}:events", self.prefix)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn contract_key_names() {
+        let k = Keys::new("ap");
+        assert_eq!(k.host("h1"), "ap:host:h1");
+        assert_eq!(k.host_agents("h1"), "ap:host-agents:h1");
+        assert_eq!(k.agent("a1"), "ap:agent:a1");
+        assert_eq!(k.loc("a1"), "ap:loc:a1");
+        assert_eq!(k.rr(), "ap:rr");
+        assert_eq!(k.idem("r"), "ap:idem:r");
+        assert_eq!(k.events(), "ap:events");
+        assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
+        assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
+        assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));
+    }
+}

@@ -1,0 +1,193 @@
+//! The Redis registry: the whole schema of DESIGN.md ("Redis schema") in one
+//! module. Hosts register with a TTL heartbeat, agents have a hash record and a
+//! TTL'd location key, discovery uses `SCAN` (never `KEYS`), and every write
+//! that can race is a Lua compare-and-set on the record's generation.
+//!
+//! A Redis failure is always an error ([`RegistryError::Redis`], gRPC
+//! UNAVAILABLE naming the registry), never an empty answer.
+
+mod agents;
+mod codec;
+mod hosts;
+mod keys;
+mod scripts;
+
+use std::time::Duration;
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+
+pub use agents::{AgentUpdate, Expect, UpdateOutcome};
+pub use hosts::HostRecord;
+pub use keys::Keys;
+
+/// Default key prefix (`--redis-prefix`).
+pub const DEFAULT_PREFIX: &str = "ap";
+
+/// How long an idempotency key is kept.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A registry failure.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    /// Redis could not be reached or answered with an error during `step`.
+    #[error("registry unavailable (redis at {url}): {step} failed: {source}")]
+    Redis {
+        /// What the registry was doing (`list hosts`, `heartbeat`, …).
+        step: &'static str,
+        /// The Redis address, without credentials.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+    /// A record in Redis cannot be decoded.
+    #[error("registry record `{key}` is corrupt: {detail}")]
+    Corrupt {
+        /// The Redis key.
+        key: String,
+        /// What is wrong with it.
+        detail: String,
+    },
+    /// The Redis URL given in the configuration is unusable.
+    #[error("invalid redis url `{url}`: {source}")]
+    InvalidUrl {
+        /// The URL, without credentials.
+        url: String,
+        /// The client's error.
+        #[source]
+        source: redis::RedisError,
+    },
+}
+
+impl From<RegistryError> for tonic::Status {
+    fn from(e: RegistryError) -> Self {
+        match e {
+            RegistryError::Redis { .. } => tonic::Status::unavailable(e.to_string()),
+            RegistryError::Corrupt { .. } => tonic::Status::data_loss(e.to_string()),
+            RegistryError::InvalidUrl { .. } => tonic::Status::internal(e.to_string()),
+        }
+    }
+}
+
+/// Result of a registry call.
+pub type Result<T> = std::result::Result<T, RegistryError>;
+
+/// A handle on the registry; cheap to clone, safe to share between tasks.
+///
+/// The connection is lazy and reconnects by itself, so a server starts while
+/// Redis is down and recovers when it comes back without a restart.
+#[derive(Clone)]
+pub struct Registry {
+    conn: ConnectionManager,
+    keys: Keys,
+    url: String,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("url", &self.url)
+            .field("prefix", &self.keys.prefix())
+            .finish()
+    }
+}
+
+/// The URL without `user:password@`, for messages and logs.
+pub fn redact_url(url: &str) -> String {
+    match (url.find("://"), url.rfind('@')) {
+        (Some(s), Some(at)) if at > s => format!("{}***@{}", &url[..s + 3], &url[at + 1..]),
+        _ => url.to_owned(),
+    }
+}
+
+impl Registry {
+    /// A registry on `url` with keys under `prefix`. Does not connect yet: the
+    /// first call does, and every call after a failure tries again.
+    pub fn new(url: &str, prefix: &str) -> Result<Self> {
+        let shown = redact_url(url);
+        let client = redis::Client::open(url).map_err(|source| RegistryError::InvalidUrl {
+            url: shown.clone(),
+            source,
+        })?;
+        // Short timeouts and one quick retry: a caller waits at most a few
+        // seconds for an answer, and a dead Redis is reported, not hidden.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(1)))
+            .set_response_timeout(Some(Duration::from_secs(2)))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
+            RegistryError::InvalidUrl {
+                url: shown.clone(),
+                source,
+            }
+        })?;
+        Ok(Self {
+            conn,
+            keys: Keys::new(prefix),
+            url: shown,
+        })
+    }
+
+    /// The key names in use.
+    pub fn keys(&self) -> &Keys {
+        &self.keys
+    }
+
+    /// A connection handle for one call (clones share one multiplexed socket).
+    fn conn(&self) -> ConnectionManager {
+        self.conn.clone()
+    }
+
+    /// Wraps a Redis error with the step that failed.
+    fn err(&self, step: &'static str) -> impl FnOnce(redis::RedisError) -> RegistryError + '_ {
+        move |source| RegistryError::Redis {
+            step,
+            url: self.url.clone(),
+            source,
+        }
+    }
+
+    /// `PING`: used by health checks.
+    pub async fn ping(&self) -> Result<()> {
+        redis::cmd("PING")
+            .query_async::<()>(&mut self.conn())
+            .await
+            .map_err(self.err("ping"))
+    }
+
+    /// Runs `SCAN` from `cursor` over keys matching `pattern`; returns the next
+    /// cursor (0 when done) and the keys of this batch.
+    async fn scan(
+        &self,
+        step: &'static str,
+        cursor: u64,
+        pattern: &str,
+        count: usize,
+    ) -> Result<(u64, Vec<String>)> {
+        redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(pattern)
+            .arg("COUNT")
+            .arg(count)
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err(step))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_credentials() {
+        assert_eq!(
+            redact_url("redis://user:secret@host:6379/0"),
+            "redis://***@host:6379/0"
+        );
+        assert_eq!(redact_url("redis://host:6379"), "redis://host:6379");
+    }
+}

@@ -1,0 +1,110 @@
+//! The agent state machine: which transitions are legal, and the short state
+//! names stored in the registry (`RUNNING`, not `AGENT_STATE_RUNNING`).
+
+use crate::proto::v1::AgentState;
+
+/// The short name of a state, as stored in Redis and printed by `agentctl`.
+pub fn name(state: AgentState) -> &'static str {
+    state
+        .as_str_name()
+        .strip_prefix("AGENT_STATE_")
+        .unwrap_or("UNSPECIFIED")
+}
+
+/// Parses a short (`running`) or full (`AGENT_STATE_RUNNING`) state name, any case.
+pub fn parse(s: &str) -> Option<AgentState> {
+    let upper = s.trim().to_ascii_uppercase();
+    let full = if upper.starts_with("AGENT_STATE_") {
+        upper
+    } else {
+        format!("AGENT_STATE_{upper}")
+    };
+    AgentState::from_str_name(&full).filter(|s| *s != AgentState::Unspecified)
+}
+
+/// True once the agent can never run again under this generation.
+pub fn is_terminal(state: AgentState) -> bool {
+    matches!(
+        state,
+        AgentState::Exited | AgentState::Failed | AgentState::Lost
+    )
+}
+
+/// A control operation a user can ask for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    /// SIGSTOP the group.
+    Pause,
+    /// SIGCONT the group.
+    Resume,
+    /// SIGTERM, grace, SIGKILL.
+    Stop,
+    /// Send a signal.
+    Kill,
+}
+
+impl Op {
+    /// The verb, for messages.
+    pub fn verb(self) -> &'static str {
+        match self {
+            Op::Pause => "pause",
+            Op::Resume => "resume",
+            Op::Stop => "stop",
+            Op::Kill => "kill",
+        }
+    }
+}
+
+/// Whether `op` is legal in `state`; `Err` holds a message for FAILED_PRECONDITION.
+pub fn check(op: Op, state: AgentState) -> Result<(), String> {
+    use AgentState as S;
+    let ok = match op {
+        Op::Pause => matches!(state, S::Running),
+        Op::Resume => matches!(state, S::Paused),
+        Op::Stop | Op::Kill => matches!(state, S::Running | S::Paused | S::Stopping),
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "cannot {} an agent that is {}",
+            op.verb(),
+            name(state)
+        ))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_round_trip() {
+        for s in [
+            AgentState::Pending,
+            AgentState::Running,
+            AgentState::Paused,
+            AgentState::Stopping,
+            AgentState::Exited,
+            AgentState::Failed,
+            AgentState::Lost,
+        ] {
+            assert_eq!(parse(name(s)), Some(s));
+        }
+        assert_eq!(parse("paused"), Some(AgentState::Paused));
+        assert_eq!(parse("nope"), None);
+        assert_eq!(parse("unspecified"), None);
+    }
+
+    #[test]
+    fn transitions() {
+        assert!(check(Op::Pause, AgentState::Running).is_ok());
+        assert!(check(Op::Pause, AgentState::Paused).is_err());
+        assert!(check(Op::Resume, AgentState::Paused).is_ok());
+        assert!(check(Op::Resume, AgentState::Running).is_err());
+        assert!(check(Op::Stop, AgentState::Paused).is_ok());
+        let msg = check(Op::Stop, AgentState::Exited).unwrap_err();
+        assert_eq!(msg, "cannot stop an agent that is EXITED");
+        assert!(check(Op::Kill, AgentState::Failed).is_err());
+    }
+}

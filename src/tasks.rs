@@ -1,0 +1,91 @@
+//! Background tasks that never vanish: each is tracked (so shutdown can await
+//! it within a bound), named, and logged with its name if it panics.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio_util::task::TaskTracker;
+
+/// A tracker of named background tasks and a count of those that panicked.
+#[derive(Debug, Clone, Default)]
+pub struct Tasks {
+    tracker: TaskTracker,
+    panicked: Arc<AtomicU64>,
+}
+
+impl Tasks {
+    /// An empty set of tasks.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Runs `fut` in the background under `name`. A panic is caught at the task
+    /// boundary, logged with the name and counted; it never takes the process down.
+    pub fn spawn<F>(&self, name: &'static str, fut: F)
+    where
+        F: Future<Output = ()> + Send + 'static,
+    {
+        let inner = tokio::spawn(fut);
+        let panicked = self.panicked.clone();
+        self.tracker.spawn(async move {
+            if let Err(e) = inner.await {
+                if e.is_panic() {
+                    panicked.fetch_add(1, Ordering::Relaxed);
+                    tracing::error!(task = name, error = %e, "background task panicked");
+                } else {
+                    tracing::debug!(task = name, "background task cancelled");
+                }
+            }
+        });
+    }
+
+    /// How many tasks panicked so far.
+    pub fn panicked(&self) -> u64 {
+        self.panicked.load(Ordering::Relaxed)
+    }
+
+    /// How many tasks are still running.
+    pub fn running(&self) -> usize {
+        self.tracker.len()
+    }
+
+    /// Stops accepting the idea of new tasks and waits for the running ones, at
+    /// most `limit`; returns false if some were still running then.
+    pub async fn drain(&self, limit: Duration) -> bool {
+        self.tracker.close();
+        let ok = tokio::time::timeout(limit, self.tracker.wait())
+            .await
+            .is_ok();
+        if !ok {
+            tracing::warn!(
+                still_running = self.tracker.len(),
+                ?limit,
+                "background tasks did not finish within the shutdown bound"
+            );
+        }
+        ok
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_panicking_task_is_counted_and_drained() {
+        let tasks = Tasks::new();
+        tasks.spawn("boom", async { panic!("on purpose") });
+        tasks.spawn("fine", async {});
+        assert!(tasks.drain(Duration::from_secs(5)).await);
+        assert_eq!(tasks.panicked(), 1);
+    }
+
+    #[tokio::test]
+    async fn drain_is_bounded() {
+        let tasks = Tasks::new();
+        tasks.spawn("forever", std::future::pending());
+        assert!(!tasks.drain(Duration::from_millis(50)).await);
+    }
+}

@@ -1,0 +1,253 @@
+//! Input validation shared by the control plane, the host agent and the CLI.
+//! Every error names the request field, so a user knows what to fix.
+
+use crate::proto::v1::AgentSpec;
+
+/// Most arguments in one argv.
+pub const MAX_ARGV: usize = 4096;
+/// Most bytes of argv plus env, whole (Linux's own limit is about 2 MiB).
+pub const MAX_ARGV_ENV_BYTES: usize = 1024 * 1024;
+/// Most labels on one agent.
+pub const MAX_LABELS: usize = 64;
+
+/// One invalid field: maps to INVALID_ARGUMENT with `field: reason`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{field}: {reason}")]
+pub struct ValidationError {
+    /// The request field, dotted (`spec.argv`).
+    pub field: String,
+    /// What is wrong with it.
+    pub reason: String,
+}
+
+impl ValidationError {
+    /// A new error for `field`.
+    pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<ValidationError> for tonic::Status {
+    fn from(e: ValidationError) -> Self {
+        tonic::Status::invalid_argument(e.to_string())
+    }
+}
+
+type Result<T = ()> = std::result::Result<T, ValidationError>;
+
+fn charset(field: &str, s: &str, what: &str, max: usize, ok: impl Fn(char) -> bool) -> Result {
+    if s.is_empty() {
+        return Err(ValidationError::new(
+            field,
+            format!("{what} must not be empty"),
+        ));
+    }
+    if s.len() > max {
+        return Err(ValidationError::new(
+            field,
+            format!("{what} is {} bytes long, at most {max} allowed", s.len()),
+        ));
+    }
+    if let Some(c) = s.chars().find(|c| !ok(*c)) {
+        return Err(ValidationError::new(
+            field,
+            format!("{what} `{s}` contains {c:?}, which is not allowed"),
+        ));
+    }
+    Ok(())
+}
+
+/// An agent id as the server issues them: lowercase letters and digits.
+pub fn agent_id(field: &str, id: &str) -> Result {
+    charset(field, id, "agent id", 64, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })
+}
+
+/// A host id: letters, digits, `.`, `_`, `-`; at most 63 characters.
+pub fn host_id(field: &str, id: &str) -> Result {
+    charset(field, id, "host id", 63, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
+    })
+}
+
+/// An agent name: a DNS label (lowercase letters, digits, `-`, not at the ends).
+pub fn name(field: &str, n: &str) -> Result {
+    charset(field, n, "name", 63, |c| {
+        c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-'
+    })?;
+    if n.starts_with('-') || n.ends_with('-') {
+        return Err(ValidationError::new(
+            field,
+            format!("name `{n}` must start and end with a letter or digit"),
+        ));
+    }
+    Ok(())
+}
+
+/// An idempotency key.
+pub fn request_id(field: &str, r: &str) -> Result {
+    charset(field, r, "request id", 128, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | ':' | '-')
+    })
+}
+
+/// A label key: an optional DNS prefix and `/`, then a name of letters, digits, `-_.`.
+pub fn label_key(field: &str, k: &str) -> Result {
+    charset(field, k, "label key", 253, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '/')
+    })
+}
+
+/// A label value: may be empty; letters, digits, `-_.`; at most 63 characters.
+pub fn label_value(field: &str, v: &str) -> Result {
+    if v.is_empty() {
+        return Ok(());
+    }
+    charset(field, v, "label value", 63, |c| {
+        c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')
+    })
+}
+
+/// A whole agent spec, as the control plane receives it.
+pub fn spec(s: &AgentSpec) -> Result {
+    if !s.name.is_empty() {
+        name("spec.name", &s.name)?;
+    }
+    if s.argv.is_empty() {
+        return Err(ValidationError::new(
+            "spec.argv",
+            "must not be empty: give the program to run",
+        ));
+    }
+    if s.argv[0].is_empty() {
+        return Err(ValidationError::new(
+            "spec.argv",
+            "argv[0] must not be empty",
+        ));
+    }
+    if s.argv.len() > MAX_ARGV {
+        return Err(ValidationError::new(
+            "spec.argv",
+            format!("{} arguments, at most {MAX_ARGV} allowed", s.argv.len()),
+        ));
+    }
+    if s.argv.iter().any(|a| a.contains('\0')) {
+        return Err(ValidationError::new(
+            "spec.argv",
+            "arguments must not contain NUL bytes",
+        ));
+    }
+    let mut bytes: usize = s.argv.iter().map(|a| a.len() + 1).sum();
+    for (k, v) in &s.env {
+        if k.is_empty() || k.contains('=') || k.contains('\0') {
+            return Err(ValidationError::new(
+                "spec.env",
+                format!("`{k}` is not a valid variable name (no `=`, not empty)"),
+            ));
+        }
+        if v.contains('\0') {
+            return Err(ValidationError::new(
+                "spec.env",
+                format!("the value of `{k}` contains a NUL byte"),
+            ));
+        }
+        bytes += k.len() + v.len() + 2;
+    }
+    if bytes > MAX_ARGV_ENV_BYTES {
+        return Err(ValidationError::new(
+            "spec.env",
+            format!("argv and env take {bytes} bytes, at most {MAX_ARGV_ENV_BYTES} allowed"),
+        ));
+    }
+    if !s.cwd.is_empty() && !s.cwd.starts_with('/') {
+        return Err(ValidationError::new(
+            "spec.cwd",
+            format!("`{}` must be an absolute path", s.cwd),
+        ));
+    }
+    if s.labels.len() > MAX_LABELS {
+        return Err(ValidationError::new(
+            "spec.labels",
+            format!("{} labels, at most {MAX_LABELS} allowed", s.labels.len()),
+        ));
+    }
+    for (k, v) in &s.labels {
+        label_key("spec.labels", k)?;
+        label_value("spec.labels", v)?;
+    }
+    if let Some(p) = &s.placement {
+        if !p.host.is_empty() {
+            host_id("spec.placement.host", &p.host)?;
+        }
+        crate::labels::Selector::parse("spec.placement.label_selector", &p.label_selector)?;
+    }
+    if let Some(g) = &s.stop_grace {
+        if g.seconds < 0 || g.nanos < 0 {
+            return Err(ValidationError::new(
+                "spec.stop_grace",
+                "must not be negative",
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ok_spec() -> AgentSpec {
+        AgentSpec {
+            argv: vec!["sleep".into(), "1".into()],
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn accepts_a_plain_spec() {
+        assert_eq!(spec(&ok_spec()), Ok(()));
+    }
+
+    #[test]
+    fn names_the_field() {
+        let mut s = ok_spec();
+        s.argv.clear();
+        assert_eq!(spec(&s).unwrap_err().field, "spec.argv");
+        let mut s = ok_spec();
+        s.name = "Bad_Name".into();
+        assert_eq!(spec(&s).unwrap_err().field, "spec.name");
+        let mut s = ok_spec();
+        s.name = "-x".into();
+        assert_eq!(spec(&s).unwrap_err().field, "spec.name");
+        let mut s = ok_spec();
+        s.env.insert("A=B".into(), "1".into());
+        assert_eq!(spec(&s).unwrap_err().field, "spec.env");
+        let mut s = ok_spec();
+        s.cwd = "relative".into();
+        assert_eq!(spec(&s).unwrap_err().field, "spec.cwd");
+        let mut s = ok_spec();
+        s.labels.insert("k".into(), "bad value".into());
+        assert_eq!(spec(&s).unwrap_err().field, "spec.labels");
+        let mut s = ok_spec();
+        s.placement = Some(crate::proto::v1::Placement {
+            host: "h 1".into(),
+            label_selector: String::new(),
+        });
+        assert_eq!(spec(&s).unwrap_err().field, "spec.placement.host");
+    }
+
+    #[test]
+    fn ids() {
+        assert!(agent_id("id", "01jabc").is_ok());
+        assert!(agent_id("id", "").is_err());
+        assert!(agent_id("id", "../x").is_err());
+        assert!(host_id("h", "node-1.dc_2").is_ok());
+        assert!(host_id("h", "a:b").is_err());
+        assert!(request_id("r", "req-1:abc").is_ok());
+        assert!(request_id("r", "a b").is_err());
+    }
+}
