@@ -9,6 +9,8 @@ pub const MAX_ARGV: usize = 4096;
 pub const MAX_ARGV_ENV_BYTES: usize = 1024 * 1024;
 /// Most labels on one agent.
 pub const MAX_LABELS: usize = 64;
+/// Longest stop grace accepted (a day: beyond it a stop would never be seen to end).
+pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 /// One invalid field: maps to INVALID_ARGUMENT with `field: reason`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -186,12 +188,18 @@ pub fn spec(s: &AgentSpec) -> Result {
         crate::labels::Selector::parse("spec.placement.label_selector", &p.label_selector)?;
     }
     if let Some(g) = &s.stop_grace {
-        if g.seconds < 0 || g.nanos < 0 {
-            return Err(ValidationError::new(
-                "spec.stop_grace",
-                "must not be negative",
-            ));
-        }
+        grace("spec.stop_grace", g)?;
+    }
+    Ok(())
+}
+
+/// A stop grace: not negative, at most [`MAX_GRACE`].
+pub fn grace(field: &str, g: &prost_types::Duration) -> Result {
+    if g.seconds < 0 || g.nanos < 0 {
+        return Err(ValidationError::new(field, "must not be negative"));
+    }
+    if crate::time::duration_from_proto(g) > MAX_GRACE {
+        return Err(ValidationError::new(field, "must be at most 24h"));
     }
     Ok(())
 }
@@ -238,6 +246,12 @@ mod tests {
             label_selector: String::new(),
         });
         assert_eq!(spec(&s).unwrap_err().field, "spec.placement.host");
+        let mut s = ok_spec();
+        s.stop_grace = Some(prost_types::Duration {
+            seconds: 90_000,
+            nanos: 0,
+        });
+        assert_eq!(spec(&s).unwrap_err().field, "spec.stop_grace");
     }
 
     #[test]

@@ -48,8 +48,8 @@ impl AgentApi {
         id: &str,
         grace: Option<prost_types::Duration>,
     ) -> Result<Agent, ApiError> {
-        if grace.as_ref().is_some_and(|g| g.seconds < 0 || g.nanos < 0) {
-            return Err(ValidationError::new("grace", "must not be negative").into());
+        if let Some(g) = &grace {
+            agentplane::validate::grace("grace", g)?;
         }
         let agent = self.checked(id, Op::Stop).await?;
         let host = self.host_of(&agent).await?;
@@ -106,7 +106,16 @@ impl AgentApi {
                     ),
                 });
             }
-            agent = self.stop(id, None).await?;
+            agent = match self.stop(id, None).await {
+                Ok(a) => a,
+                // Its host is gone: nothing can stop it now. The record goes;
+                // fencing of a host that comes back (issue #4) kills the copy.
+                Err(ApiError::HostGone { .. }) => {
+                    tracing::warn!(agent = %id, host = %agent.host, "deleting an agent whose host is not heartbeating");
+                    agent
+                }
+                Err(e) => return Err(e),
+            };
         }
         self.registry.delete_agent(id, &agent.host).await?;
         tracing::info!(agent = %id, "agent deleted");
