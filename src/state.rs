@@ -61,7 +61,9 @@ pub fn check(op: Op, state: AgentState) -> Result<(), String> {
     let ok = match op {
         Op::Pause => matches!(state, S::Running),
         Op::Resume => matches!(state, S::Paused),
-        Op::Stop | Op::Kill => matches!(state, S::Running | S::Paused | S::Stopping),
+        // A PENDING agent may be waiting for its restart: a stop cancels that.
+        Op::Stop => matches!(state, S::Running | S::Paused | S::Stopping | S::Pending),
+        Op::Kill => matches!(state, S::Running | S::Paused | S::Stopping),
     };
     if ok {
         Ok(())

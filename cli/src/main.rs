@@ -32,8 +32,8 @@ struct Cli {
     output: Format,
 
     /// Deadline of each call to the control plane (a stop adds its grace).
-    #[arg(long, global = true, env = "AGENTPLANE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
-    timeout: Duration,
+    #[arg(long, global = true, env = "AGENTPLANE_CALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    call_timeout: Duration,
 
     #[command(subcommand)]
     command: commands::Command,

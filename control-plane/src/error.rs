@@ -65,6 +65,16 @@ pub enum ApiError {
         /// Its answer.
         status: Status,
     },
+    /// Another agent holds the name.
+    #[error(
+        "an agent named `{name}` exists already ({owner}); delete it first or pick another name"
+    )]
+    NameTaken {
+        /// The name.
+        name: String,
+        /// The agent holding it.
+        owner: String,
+    },
     /// A request id names an agent whose creation never completed.
     #[error("an earlier spawn with request_id {request_id} did not complete; retry the request")]
     AbandonedRequest {
@@ -82,6 +92,7 @@ impl From<ApiError> for Status {
                 Status::not_found(msg)
             }
             ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
+            ApiError::NameTaken { .. } => Status::already_exists(msg),
             ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
             ApiError::Registry(r) => r.into(),
             ApiError::HostUnreachable { .. }

@@ -13,7 +13,7 @@ use crate::supervisor::Supervisor;
 pub async fn run(
     registry: Registry,
     supervisor: Arc<Supervisor>,
-    host: HostRecord,
+    mut host: HostRecord,
     ttl: Duration,
     cancel: CancellationToken,
 ) {
@@ -27,7 +27,10 @@ pub async fn run(
         }
         let ids = supervisor.active_ids();
         let started = tokio::time::Instant::now();
-        match registry.heartbeat(&host, &ids, ttl).await {
+        let result = registry.heartbeat(&host, &ids, ttl).await;
+        // Published with the next beat: `hosts ls` and the benchmark read it.
+        host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        match result {
             Ok(()) => {
                 if let Some(since) = failing_since.take() {
                     tracing::info!(down_for = ?since.elapsed(), "registry reachable again; heartbeat restored");

@@ -1,11 +1,22 @@
 //! `host-agent` binary: parses and validates the configuration (exit 64 when it
 //! is bad), binds the listener, and runs until SIGINT/SIGTERM.
 
+use agentplane_host_agent::supervisor::{run_guard, GUARD_ARG};
 use agentplane_host_agent::{run, Config};
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
+    // The guard is this binary re-executed; it must not start a runtime.
+    if std::env::args().nth(1).as_deref() == Some(GUARD_ARG) {
+        run_guard();
+    }
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?
+        .block_on(serve())
+}
+
+async fn serve() -> anyhow::Result<()> {
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -34,6 +45,16 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         println!("listening on {addr}");
     }
-    run(listener, config, agentplane::shutdown::shutdown_signal()).await?;
+    let shutdown = async {
+        agentplane::shutdown::shutdown_signal().await;
+        // A second SIGINT/SIGTERM during the graceful stop forces the exit;
+        // the guard process then SIGKILLs whatever agents are left.
+        tokio::spawn(async {
+            agentplane::shutdown::shutdown_signal().await;
+            eprintln!("host-agent: second signal, exiting now");
+            std::process::exit(130);
+        });
+    };
+    run(listener, config, shutdown).await?;
     Ok(())
 }

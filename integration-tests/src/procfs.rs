@@ -54,3 +54,22 @@ pub fn alive_in_group(pgid: i32) -> Vec<ProcInfo> {
 pub fn is_alive(pid: i32) -> bool {
     stat(pid).is_some_and(|p| p.state != 'Z' && p.state != 'X')
 }
+
+/// Live processes started for agent `id`: every process whose environment
+/// carries the host agent's marker `AGENTPLANE_AGENT_ID=id`, wherever it went
+/// (another session, re-parented to PID 1, …).
+pub fn agent_processes(id: &str) -> Vec<ProcInfo> {
+    let want = format!("AGENTPLANE_AGENT_ID={id}");
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter(|pid| {
+            std::fs::read(format!("/proc/{pid}/environ"))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+        })
+        .filter_map(stat)
+        .filter(|p| p.state != 'Z' && p.state != 'X')
+        .collect()
+}

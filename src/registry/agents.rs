@@ -36,6 +36,14 @@ pub struct AgentUpdate {
     pub exit: Option<ExitStatus>,
     /// New host (moving a PENDING agent whose first host refused it).
     pub host: Option<String>,
+    /// Total restarts.
+    pub restarts: Option<u32>,
+    /// How the previous run ended.
+    pub last_exit: Option<ExitStatus>,
+    /// When the next restart is due, ms since the epoch; `Some(0)` clears it.
+    pub next_restart_at_ms: Option<i64>,
+    /// Removes `exit` (a restarted agent has not ended).
+    pub clear_exit: bool,
 }
 
 /// What an update found.
@@ -152,8 +160,18 @@ impl Registry {
                     .map(|s| state::name(*s))
                     .collect::<Vec<_>>()
                     .join(","),
-            )
-            .arg(0);
+            );
+        let mut deletes: Vec<&str> = Vec::new();
+        if update.clear_exit {
+            deletes.push(field::EXIT);
+        }
+        if update.next_restart_at_ms == Some(0) {
+            deletes.push(field::NEXT_RESTART_AT);
+        }
+        inv.arg(deletes.len());
+        for f in &deletes {
+            inv.arg(*f);
+        }
         if let Some(s) = update.state {
             inv.arg(field::STATE).arg(codec::state_bytes(s));
         }
@@ -169,6 +187,16 @@ impl Registry {
         }
         if let Some(host) = &update.host {
             inv.arg(field::HOST).arg(host);
+        }
+        if let Some(n) = update.restarts {
+            inv.arg(field::RESTARTS).arg(n);
+        }
+        if let Some(exit) = &update.last_exit {
+            inv.arg(field::LAST_EXIT)
+                .arg(prost::Message::encode_to_vec(exit));
+        }
+        if let Some(ms) = update.next_restart_at_ms.filter(|ms| *ms > 0) {
+            inv.arg(field::NEXT_RESTART_AT).arg(ms);
         }
         let (code, st, generation, host): (i64, String, String, String) = inv
             .invoke_async(&mut self.conn())
@@ -247,6 +275,43 @@ impl Registry {
             .await
             .map(drop)
             .map_err(self.err("release request id"))
+    }
+
+    /// Claims `name` for `agent_id`; `Some(owner)` when another agent holds it.
+    pub async fn claim_name(&self, name: &str, agent_id: &str) -> Result<Option<String>> {
+        let key = self.keys().name(name);
+        let ok: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg(agent_id)
+            .arg("NX")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("claim agent name"))?;
+        if ok.is_some() {
+            return Ok(None);
+        }
+        let owner: Option<String> = self
+            .conn()
+            .get(&key)
+            .await
+            .map_err(self.err("read agent name"))?;
+        match owner {
+            Some(o) if o != agent_id => Ok(Some(o)),
+            Some(_) => Ok(None),
+            // Released between SET and GET: claim again.
+            None => Box::pin(self.claim_name(name, agent_id)).await,
+        }
+    }
+
+    /// Releases `name` if `agent_id` holds it.
+    pub async fn release_name(&self, name: &str, agent_id: &str) -> Result<()> {
+        DELETE_IF_EQUAL
+            .key(self.keys().name(name))
+            .arg(agent_id)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(drop)
+            .map_err(self.err("release agent name"))
     }
 
     /// Sets the agent's location to `host` with a TTL.

@@ -23,6 +23,9 @@ pub(super) mod field {
     pub const CREATED_AT: &str = "created_at";
     pub const STARTED_AT: &str = "started_at";
     pub const EXIT: &str = "exit";
+    pub const RESTARTS: &str = "restarts";
+    pub const LAST_EXIT: &str = "last_exit";
+    pub const NEXT_RESTART_AT: &str = "next_restart_at";
 }
 
 /// Every field of a new agent record.
@@ -51,6 +54,18 @@ pub(super) fn encode_agent(a: &Agent) -> Vec<(&'static str, Vec<u8>)> {
     }
     if let Some(exit) = &a.exit {
         out.push((field::EXIT, exit.encode_to_vec()));
+    }
+    if a.restarts > 0 {
+        out.push((field::RESTARTS, a.restarts.to_string().into_bytes()));
+    }
+    if let Some(exit) = &a.last_exit {
+        out.push((field::LAST_EXIT, exit.encode_to_vec()));
+    }
+    if let Some(ts) = &a.next_restart_at {
+        out.push((
+            field::NEXT_RESTART_AT,
+            crate::time::ms_from_timestamp(ts).to_string().into_bytes(),
+        ));
     }
     out
 }
@@ -104,12 +119,13 @@ pub(super) fn decode_agent(
     };
     let st = text(key, h, field::STATE)?;
     let state = state::parse(st).ok_or_else(|| corrupt(key, format!("unknown state `{st}`")))?;
-    let exit = match h.get(field::EXIT) {
-        Some(b) if !b.is_empty() => Some(
-            ExitStatus::decode(b.as_slice())
-                .map_err(|e| corrupt(key, format!("field `exit`: {e}")))?,
-        ),
-        _ => None,
+    let exit_field = |f: &str| -> Result<Option<ExitStatus>, RegistryError> {
+        match h.get(f) {
+            Some(b) if !b.is_empty() => ExitStatus::decode(b.as_slice())
+                .map(Some)
+                .map_err(|e| corrupt(key, format!("field `{f}`: {e}"))),
+            _ => Ok(None),
+        }
     };
     let ms = |f: &str| -> Result<Option<prost_types::Timestamp>, RegistryError> {
         let v: i64 = number(key, h, f)?;
@@ -122,9 +138,12 @@ pub(super) fn decode_agent(
         host: text(key, h, field::HOST)?.to_owned(),
         pid: number(key, h, field::PID)?,
         generation: number(key, h, field::GENERATION)?,
-        exit,
+        exit: exit_field(field::EXIT)?,
         created_at: ms(field::CREATED_AT)?,
         started_at: ms(field::STARTED_AT)?,
+        restarts: number(key, h, field::RESTARTS)?,
+        last_exit: exit_field(field::LAST_EXIT)?,
+        next_restart_at: ms(field::NEXT_RESTART_AT)?,
     }))
 }
 
@@ -152,6 +171,12 @@ mod tests {
             }),
             created_at: Some(timestamp_from_ms(1_700_000_000_000)),
             started_at: Some(timestamp_from_ms(1_700_000_000_500)),
+            restarts: 2,
+            last_exit: Some(ExitStatus {
+                code: Some(1),
+                ..Default::default()
+            }),
+            next_restart_at: Some(timestamp_from_ms(1_700_000_001_000)),
         };
         let h: HashMap<String, Vec<u8>> = encode_agent(&a)
             .into_iter()

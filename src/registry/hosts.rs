@@ -32,6 +32,8 @@ pub struct HostRecord {
     pub heartbeat_at_ms: i64,
     /// No new agents go here.
     pub cordoned: bool,
+    /// Duration of the previous heartbeat round trip, microseconds.
+    pub heartbeat_micros: u64,
 }
 
 impl HostRecord {
@@ -47,6 +49,7 @@ impl HostRecord {
             cordoned: self.cordoned,
             started_at: Some(timestamp_from_ms(self.started_at_ms)),
             heartbeat_at: Some(timestamp_from_ms(self.heartbeat_at_ms)),
+            heartbeat_micros: self.heartbeat_micros,
         }
     }
 
@@ -88,6 +91,7 @@ impl HostRecord {
             started_at_ms: num("started_at")?,
             heartbeat_at_ms: num("heartbeat_at")?,
             cordoned: h.get("cordoned").is_some_and(|v| v == "1"),
+            heartbeat_micros: u64::try_from(num("heartbeat_micros")?).unwrap_or(0),
         }))
     }
 }
@@ -107,7 +111,7 @@ impl Registry {
         let k = self.keys();
         let key = k.host(&host.id);
         let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
-        let fields: [(&str, String); 7] = [
+        let fields: [(&str, String); 8] = [
             ("id", host.id.clone()),
             ("address", host.address.clone()),
             ("labels", labels),
@@ -115,6 +119,7 @@ impl Registry {
             ("running", running.len().to_string()),
             ("version", host.version.clone()),
             ("started_at", host.started_at_ms.to_string()),
+            ("heartbeat_micros", host.heartbeat_micros.to_string()),
         ];
         let ms = ttl_ms(ttl);
         let mut pipe = redis::pipe();

@@ -69,6 +69,12 @@ impl Keys {
         format!("{}:idem:{request_id}", self.prefix)
     }
 
+    /// `ap:name:{name}`: the agent id holding a name (names are unique until
+    /// the agent is deleted).
+    pub fn name(&self, name: &str) -> String {
+        format!("{}:name:{name}", self.prefix)
+    }
+
     /// `ap:events`: the event stream.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)
@@ -89,6 +95,7 @@ mod tests {
         assert_eq!(k.rr(), "ap:rr");
         assert_eq!(k.idem("r"), "ap:idem:r");
         assert_eq!(k.events(), "ap:events");
+        assert_eq!(k.name("web"), "ap:name:web");
         assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
         assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));

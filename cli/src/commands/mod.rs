@@ -19,7 +19,7 @@ use crate::{Cli, HostsCommand};
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Place an agent on a host and start it: `agentctl spawn -- CMD ARGS…`.
-    Spawn(spawn::SpawnArgs),
+    Spawn(Box<spawn::SpawnArgs>),
     /// Show one agent's record.
     Get {
         /// Agent id.
@@ -75,18 +75,20 @@ pub enum Command {
 
 /// Runs the parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut c: Clients = client::connect(&cli.endpoint, cli.timeout)?;
+    let mut c: Clients = client::connect(&cli.endpoint, cli.call_timeout)?;
     let fmt = cli.output;
     match cli.command {
-        Command::Spawn(args) => spawn::run(&mut c, fmt, args).await,
+        Command::Spawn(args) => spawn::run(&mut c, fmt, *args).await,
         Command::Get { id } => agents::get(&mut c, fmt, id).await,
         Command::Locate { id } => agents::locate(&mut c, fmt, id).await,
         Command::Ls(args) => agents::ls(&mut c, fmt, args).await,
         Command::Pause { id } => control::pause(&mut c, fmt, id).await,
         Command::Resume { id } => control::resume(&mut c, fmt, id).await,
-        Command::Stop { id, grace } => control::stop(&mut c, fmt, id, grace, cli.timeout).await,
+        Command::Stop { id, grace } => {
+            control::stop(&mut c, fmt, id, grace, cli.call_timeout).await
+        }
         Command::Kill { id, signal } => control::kill(&mut c, fmt, id, &signal).await,
-        Command::Rm { id, force } => control::rm(&mut c, id, force, cli.timeout).await,
+        Command::Rm { id, force } => control::rm(&mut c, id, force, cli.call_timeout).await,
         Command::Hosts {
             command: HostsCommand::Ls,
         } => hosts::ls(&mut c, fmt).await,

@@ -3,7 +3,10 @@
 use std::time::Duration;
 
 use agentplane::config::parse_duration;
-use agentplane::proto::v1::{AgentSpec, Placement, SpawnAgentRequest};
+use agentplane::proto::v1::restart_policy::Mode;
+use agentplane::proto::v1::{
+    AgentSpec, Placement, ResourceLimits, RestartPolicy, SpawnAgentRequest,
+};
 use agentplane::time::duration_to_proto;
 
 use super::key_value;
@@ -34,12 +37,56 @@ pub struct SpawnArgs {
     /// Default time between SIGTERM and SIGKILL when stopping it.
     #[arg(long, value_parser = parse_duration)]
     grace: Option<Duration>,
+    /// Maximum runtime of one run; then it is stopped with reason TIMEOUT.
+    #[arg(long, value_parser = parse_duration)]
+    timeout: Option<Duration>,
+    /// Restart policy.
+    #[arg(long, value_enum)]
+    restart: Option<Restart>,
+    /// Give up after this many consecutive restarts (default: no limit).
+    #[arg(long)]
+    max_restarts: Option<u32>,
+    /// First restart delay; doubles each time (default 1s).
+    #[arg(long, value_parser = parse_duration)]
+    backoff: Option<Duration>,
+    /// Longest restart delay (default 1m).
+    #[arg(long, value_parser = parse_duration)]
+    max_backoff: Option<Duration>,
+    /// RLIMIT_NOFILE: most open files.
+    #[arg(long)]
+    limit_nofile: Option<u64>,
+    /// RLIMIT_AS: most bytes of virtual memory.
+    #[arg(long)]
+    limit_as: Option<u64>,
+    /// RLIMIT_NPROC: most processes of the user.
+    #[arg(long)]
+    limit_nproc: Option<u64>,
+    /// RLIMIT_CPU: most CPU seconds.
+    #[arg(long)]
+    limit_cpu: Option<u64>,
+    /// Run as this user id.
+    #[arg(long)]
+    uid: Option<u32>,
+    /// Run as this group id.
+    #[arg(long)]
+    gid: Option<u32>,
     /// Idempotency key: retrying with the same key never makes a second agent.
     #[arg(long)]
     request_id: Option<String>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     argv: Vec<String>,
+}
+
+/// `--restart` values.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum Restart {
+    /// Never restart.
+    Never,
+    /// Restart after a non-zero exit or a signal.
+    OnFailure,
+    /// Restart after every exit.
+    Always,
 }
 
 /// Spawns and prints the agent.
@@ -55,6 +102,26 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<(
             label_selector: a.selector.unwrap_or_default(),
         }),
         stop_grace: a.grace.map(duration_to_proto),
+        timeout: a.timeout.map(duration_to_proto),
+        restart: a.restart.map(|r| RestartPolicy {
+            mode: match r {
+                Restart::Never => Mode::Never,
+                Restart::OnFailure => Mode::OnFailure,
+                Restart::Always => Mode::Always,
+            } as i32,
+            max_restarts: a.max_restarts,
+            initial_backoff: a.backoff.map(duration_to_proto),
+            max_backoff: a.max_backoff.map(duration_to_proto),
+            stable_after: None,
+        }),
+        limits: Some(ResourceLimits {
+            address_space_bytes: a.limit_as,
+            open_files: a.limit_nofile,
+            processes: a.limit_nproc,
+            cpu_seconds: a.limit_cpu,
+        }),
+        uid: a.uid,
+        gid: a.gid,
     };
     let resp = c
         .agents

@@ -118,6 +118,14 @@ impl AgentApi {
             };
         }
         self.registry.delete_agent(id, &agent.host).await?;
+        if let Some(name) = agent
+            .spec
+            .as_ref()
+            .map(|s| s.name.as_str())
+            .filter(|n| !n.is_empty())
+        {
+            self.registry.release_name(name, id).await?;
+        }
         tracing::info!(agent = %id, "agent deleted");
         // Best effort: the host keeps a bounded number of ended agents anyway.
         if let Ok(Some(host)) = self.registry.get_host(&agent.host).await {

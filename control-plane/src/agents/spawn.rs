@@ -79,9 +79,30 @@ impl AgentApi {
         }
     }
 
+    /// Claims the spec's name (if any), then places and starts; the name is
+    /// released again if no agent came of it.
+    async fn place_and_start(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
+        let name = spec.name.clone();
+        if !name.is_empty() {
+            if let Some(owner) = self.registry.claim_name(&name, &id).await? {
+                return Err(ApiError::NameTaken { name, owner });
+            }
+        }
+        let result = self.place_and_start_named(id.clone(), spec).await;
+        if result.is_err()
+            && !name.is_empty()
+            && matches!(self.registry.get_agent(&id).await, Ok(None))
+        {
+            if let Err(e) = self.registry.release_name(&name, &id).await {
+                tracing::warn!(agent = %id, %name, error = %e, "cannot release the name of a failed spawn");
+            }
+        }
+        result
+    }
+
     /// Picks hosts, writes the PENDING record, asks the host to start it; on a
     /// full or unreachable host, moves the record to the next candidate.
-    async fn place_and_start(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
+    async fn place_and_start_named(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
         let hosts = self.registry.list_hosts().await?;
         let rr = self.registry.next_round_robin().await?;
         let candidates = placement::candidates(spec.placement.as_ref(), hosts, rr)?;

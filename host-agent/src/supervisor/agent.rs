@@ -1,18 +1,29 @@
 //! One supervised agent: its identity, its observed status, a lock that
-//! serializes control operations, and a watch that fires when it ends.
+//! serializes control operations, a wake-up for its run loop, and a watch that
+//! fires once it has ended for good.
 
 use std::sync::{Mutex, MutexGuard};
 
 use agentplane::proto::v1::{AgentSpec, AgentState, ExitStatus, LocalAgent};
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 
-/// What a user asked for that will explain the exit.
+/// What a user (or the spec's timeout) asked for; it explains the exit and
+/// forbids a restart.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Requested {
     /// A stop (SIGTERM → grace → SIGKILL).
     Stop,
-    /// A kill with this signal.
+    /// The spec's `timeout` passed; stopped like a stop.
+    Timeout,
+    /// A kill with this signal (does not forbid a restart: it is only a signal).
     Kill(i32),
+}
+
+impl Requested {
+    /// True for the requests after which the agent must not run again.
+    pub fn ends_agent(self) -> bool {
+        matches!(self, Requested::Stop | Requested::Timeout)
+    }
 }
 
 /// The mutable part, behind a short-held lock.
@@ -20,12 +31,16 @@ pub enum Requested {
 pub struct Status {
     /// Observed state.
     pub state: AgentState,
-    /// Main pid (= pgid); 0 if it never started.
+    /// Main pid (= pgid) of the current run; 0 between runs.
     pub pid: i32,
-    /// Set once it ended.
+    /// Set once it ended for good.
     pub exit: Option<ExitStatus>,
-    /// What a user asked for, if anything.
+    /// What was asked of the current run, if anything.
     pub requested: Option<Requested>,
+    /// Restarts so far.
+    pub restarts: u32,
+    /// How the previous run ended.
+    pub last_exit: Option<ExitStatus>,
 }
 
 /// One agent on this host.
@@ -40,23 +55,28 @@ pub struct AgentSlot {
     /// Held for the whole of a control operation: pause/resume/stop/kill on one
     /// agent never interleave.
     pub ops: tokio::sync::Mutex<()>,
+    /// Wakes the run loop out of a restart backoff (a stop arrived).
+    pub wake: Notify,
     status: Mutex<Status>,
     ended: watch::Sender<bool>,
 }
 
 impl AgentSlot {
-    /// A slot in `state` with `pid`.
-    pub fn new(id: String, generation: u64, spec: AgentSpec, state: AgentState, pid: i32) -> Self {
+    /// A slot in `state` with no process yet.
+    pub fn new(id: String, generation: u64, spec: AgentSpec) -> Self {
         Self {
             id,
             generation,
             spec,
             ops: tokio::sync::Mutex::new(()),
+            wake: Notify::new(),
             status: Mutex::new(Status {
-                state,
-                pid,
+                state: AgentState::Pending,
+                pid: 0,
                 exit: None,
                 requested: None,
+                restarts: 0,
+                last_exit: None,
             }),
             ended: watch::channel(false).0,
         }
@@ -75,9 +95,21 @@ impl AgentSlot {
         self.status().clone()
     }
 
-    /// True while its process may be alive.
+    /// True until it has ended for good.
     pub fn is_active(&self) -> bool {
         !agentplane::state::is_terminal(self.status().state)
+    }
+
+    /// Moves from `from` to `to` only if the state is still `from`: a control
+    /// operation never overwrites an end the run loop recorded meanwhile.
+    pub fn transition(&self, from: AgentState, to: AgentState) -> bool {
+        let mut s = self.status();
+        if s.state == from {
+            s.state = to;
+            true
+        } else {
+            false
+        }
     }
 
     /// Records the end and wakes every waiter.
@@ -85,6 +117,7 @@ impl AgentSlot {
         {
             let mut s = self.status();
             s.state = state;
+            s.pid = 0;
             s.exit = Some(exit);
         }
         self.ended.send_replace(true);
@@ -108,6 +141,7 @@ impl AgentSlot {
             state: s.state as i32,
             pid: s.pid,
             exit: s.exit,
+            restarts: s.restarts,
         }
     }
 }

@@ -1,16 +1,19 @@
 //! The supervisor: starts agents, serializes control operations per agent,
-//! observes every exit (an event from the child's wait, never polling), and
-//! writes what it sees into the registry with compare-and-set on the record's
-//! generation and host.
+//! runs each agent's run loop (exit observed as an event from the child's wait,
+//! never by polling; restarts with backoff; the spec's timeout), and writes what
+//! it sees into the registry with compare-and-set on generation and host.
 
 mod agent;
 pub mod error;
+pub mod guard;
 mod reaper;
+mod restart;
+mod run;
 pub mod signal;
 mod spawn;
+mod tree;
 
 use std::collections::HashMap;
-use std::os::unix::process::ExitStatusExt;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -18,7 +21,7 @@ use agentplane::proto::v1::{AgentSpec, AgentState, ExitStatus, LocalAgent};
 use agentplane::registry::{AgentUpdate, Expect, Registry, UpdateOutcome};
 use agentplane::state::{self, Op};
 use agentplane::tasks::Tasks;
-use agentplane::time::{now_ms, timestamp_from_ms};
+use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use agentplane::validate::{self, ValidationError};
 use nix::sys::signal::Signal;
 use tokio::process::Child;
@@ -26,8 +29,11 @@ use tokio_util::sync::CancellationToken;
 
 use self::agent::{AgentSlot, Requested};
 use self::error::SupervisorError;
+use self::guard::Guard;
+pub use self::guard::{run_guard, GUARD_ARG};
 pub use self::reaper::Reaper;
 use self::signal::Delivery;
+use self::tree::Scope;
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
@@ -37,8 +43,8 @@ const KILL_WAIT: Duration = Duration::from_secs(5);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Ended agents kept (for inspect and logs) beyond the running ones.
 const RETAINED_ENDED: usize = 1024;
-/// How long an exit record write is retried while Redis is failing.
-const EXIT_WRITE_RETRY: Duration = Duration::from_secs(5);
+/// How long an end is retried into the registry while Redis fails.
+const END_WRITE_RETRY: Duration = Duration::from_secs(5);
 
 /// States in which the record may still be overwritten by this host.
 const LIVE_STATES: [AgentState; 4] = [
@@ -59,10 +65,12 @@ pub struct Supervisor {
     tasks: Tasks,
     cancel: CancellationToken,
     reaper: Arc<Reaper>,
+    guard: Guard,
 }
 
 impl Supervisor {
-    /// A supervisor for `host_id`.
+    /// A supervisor for `host_id`: becomes a child subreaper, starts the orphan
+    /// reaper and the guard process.
     pub fn new(
         host_id: String,
         registry: Registry,
@@ -85,6 +93,7 @@ impl Supervisor {
             tasks,
             cancel,
             reaper,
+            guard: Guard::start(),
         })
     }
 
@@ -101,8 +110,8 @@ impl Supervisor {
             .ok_or_else(|| SupervisorError::NotFound { id: id.to_owned() })
     }
 
-    /// Ids of the agents whose process may be alive (their locations are
-    /// refreshed by the heartbeat).
+    /// Ids of the agents not ended for good (their locations are refreshed by
+    /// the heartbeat).
     pub fn active_ids(&self) -> Vec<String> {
         self.map()
             .values()
@@ -124,18 +133,9 @@ impl Supervisor {
         if generation == 0 {
             return Err(ValidationError::new("generation", "must be at least 1").into());
         }
-        let slot = Arc::new(AgentSlot::new(
-            id.clone(),
-            generation,
-            spec,
-            AgentState::Pending,
-            0,
-        ));
+        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec));
         // Owned before anyone else can see the slot: operations on it wait for the start.
-        let _ops = slot
-            .ops
-            .try_lock()
-            .map_err(|_| SupervisorError::ShuttingDown)?;
+        let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
         {
             let mut map = self.map();
             if self.cancel.is_cancelled() {
@@ -163,147 +163,137 @@ impl Supervisor {
             evict_ended(&mut map, self.max_agents as usize + RETAINED_ENDED);
         }
 
-        let spawned = {
-            // Registered before the reaper can look: it must never reap a main process.
-            let mut watched = self.reaper.watched();
-            spawn::spawn(&id, &slot.spec).map(|child| {
-                let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-                watched.insert(pid);
-                (child, pid)
-            })
-        };
-        let (child, pid) = match spawned {
-            Ok(c) => c,
+        let (child, pid) = match self.spawn_run(&slot, false) {
+            Ok(Some(c)) => c,
+            Ok(None) => unreachable!("no stop can reach a slot whose start holds its lock"),
             Err(e) => return Ok(self.fail_to_start(&slot, &e).await),
         };
-        {
-            let mut s = slot.status();
-            s.pid = pid;
-            s.state = AgentState::Running;
-        }
         tracing::info!(agent = %id, pid, generation, argv = ?slot.spec.argv, "agent started");
-        let outcome = self
-            .registry
-            .update_agent(
-                &id,
-                &self.expect(&slot, &[AgentState::Pending]),
-                &AgentUpdate {
-                    state: Some(AgentState::Running),
-                    pid: Some(pid),
-                    started_at_ms: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await;
-        // The exit watcher starts only after the RUNNING write, so an agent that
+        let outcome = self.record_running(&slot, pid, None).await;
+        // The run loop starts only after the RUNNING write, so an agent that
         // exits at once can never have its exit overwritten by RUNNING.
         let sup = self.clone();
-        let watched = slot.clone();
-        self.tasks.spawn("agent exit watcher", async move {
-            sup.watch_exit(watched, child).await;
+        let looped = slot.clone();
+        self.tasks.spawn("agent run loop", async move {
+            sup.run_loop(looped, child, pid).await;
         });
-        let refused = match outcome {
-            Ok(UpdateOutcome::Applied) => None,
-            Ok(UpdateOutcome::Missing) => Some(SupervisorError::Fenced {
-                id: id.clone(),
-                detail: "its record was deleted before it started".into(),
-            }),
-            Ok(UpdateOutcome::Conflict {
-                state,
-                generation: g,
-                host,
-            }) => Some(SupervisorError::Fenced {
-                id: id.clone(),
-                detail: format!(
-                    "its record says host {host}, generation {g}, state {}",
-                    state.map_or("?", state::name)
-                ),
-            }),
-            Err(e) => Some(SupervisorError::Registry(e)),
-        };
-        if let Some(err) = refused {
+        if let Err(err) = outcome {
             // Nobody could find or control it: it must not run.
             tracing::warn!(agent = %id, error = %err, "killing an agent that could not be recorded");
-            slot.status().requested = Some(Requested::Kill(Signal::SIGKILL as i32));
+            slot.status().requested = Some(Requested::Stop);
             let _ = signal::to_group(pid, Signal::SIGKILL);
             return Err(err);
-        }
-        if let Err(e) = self
-            .registry
-            .set_location(&id, &self.host_id, self.ttl)
-            .await
-        {
-            // The next heartbeat writes it again.
-            tracing::warn!(agent = %id, error = %e, "cannot write location yet");
         }
         Ok(slot.to_proto())
     }
 
-    /// Records a start that failed (missing executable, bad cwd, …) as FAILED.
-    async fn fail_to_start(&self, slot: &AgentSlot, e: &std::io::Error) -> LocalAgent {
-        let error = spawn::describe_spawn_error(&slot.spec, e);
-        tracing::info!(agent = %slot.id, %error, "agent failed to start");
-        let exit = ExitStatus {
-            reason: "SPAWN_FAILED".into(),
-            error,
-            finished_at: Some(timestamp_from_ms(now_ms())),
+    /// Starts a run of the slot's program. Holds the slot's status lock across
+    /// the fork so that a concurrent stop either sees the new pid or is seen
+    /// here first (`Ok(None)`: a stop arrived, nothing was started).
+    fn spawn_run(&self, slot: &AgentSlot, restart: bool) -> std::io::Result<Option<(Child, i32)>> {
+        let (child, pid) = {
+            // Registered before the reaper can look: it must never reap a main process.
+            let mut watched = self.reaper.watched();
+            let mut st = slot.status();
+            if st.requested.is_some_and(Requested::ends_agent) {
+                return Ok(None);
+            }
+            let child = spawn::spawn(&slot.id, &slot.spec)?;
+            let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+            watched.insert(pid);
+            st.pid = pid;
+            st.state = AgentState::Running;
+            st.requested = None;
+            if restart {
+                st.restarts += 1;
+            }
+            (child, pid)
+        };
+        self.guard.add(pid, &slot.id);
+        Ok(Some((child, pid)))
+    }
+
+    /// Writes RUNNING with the new pid (expects PENDING at this generation and
+    /// host) and the location. `restarts`: the new total after a restart.
+    async fn record_running(
+        &self,
+        slot: &AgentSlot,
+        pid: i32,
+        restarts: Option<u32>,
+    ) -> Result<()> {
+        let update = AgentUpdate {
+            state: Some(AgentState::Running),
+            pid: Some(pid),
+            started_at_ms: Some(now_ms()),
+            restarts,
+            next_restart_at_ms: restarts.map(|_| 0),
             ..Default::default()
         };
-        self.write_end(slot, AgentState::Failed, &exit).await;
-        slot.mark_ended(AgentState::Failed, exit);
+        let outcome = self
+            .registry
+            .update_agent(
+                &slot.id,
+                &self.expect(slot, &[AgentState::Pending]),
+                &update,
+            )
+            .await;
+        let refused = match outcome {
+            Ok(UpdateOutcome::Applied) => None,
+            Ok(UpdateOutcome::Missing) => Some("its record was deleted".to_owned()),
+            Ok(UpdateOutcome::Conflict {
+                state,
+                generation,
+                host,
+            }) => Some(format!(
+                "its record says host {host}, generation {generation}, state {}",
+                state.map_or("?", state::name)
+            )),
+            Err(e) => return Err(e.into()),
+        };
+        if let Some(detail) = refused {
+            return Err(SupervisorError::Fenced {
+                id: slot.id.clone(),
+                detail,
+            });
+        }
+        if let Err(e) = self
+            .registry
+            .set_location(&slot.id, &self.host_id, self.ttl)
+            .await
+        {
+            // The next heartbeat writes it again.
+            tracing::warn!(agent = %slot.id, error = %e, "cannot write location yet");
+        }
+        Ok(())
+    }
+
+    /// Records a first start that failed (missing executable, bad cwd, …) as FAILED.
+    async fn fail_to_start(&self, slot: &AgentSlot, e: &std::io::Error) -> LocalAgent {
+        let exit = spawn_failure(&slot.spec, e);
+        tracing::info!(agent = %slot.id, error = %exit.error, "agent failed to start");
+        self.finish(slot, AgentState::Failed, exit).await;
         slot.to_proto()
     }
 
-    /// Waits for the agent's main process, sweeps what is left of its process
-    /// group, records the end, and wakes everyone waiting for it.
-    async fn watch_exit(&self, slot: Arc<AgentSlot>, mut child: Child) {
-        let waited = child.wait().await;
-        let (pid, requested) = {
-            let s = slot.status();
-            (s.pid, s.requested)
-        };
-        self.reaper.watched().remove(&pid);
-        // Whatever the leader left in its group dies with it: a supervised agent
-        // is its whole process group (systemd's KillMode=control-group).
-        let _ = signal::to_group(pid, Signal::SIGKILL);
-        let (state, exit) = match waited {
-            Ok(status) => (AgentState::Exited, exit_status(status, requested)),
-            Err(e) => (
-                AgentState::Failed,
-                ExitStatus {
-                    reason: "HOST_ERROR".into(),
-                    error: format!("waiting for pid {pid} failed: {e}"),
-                    finished_at: Some(timestamp_from_ms(now_ms())),
-                    ..Default::default()
-                },
-            ),
-        };
-        tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent ended");
-        self.write_end(&slot, state, &exit).await;
-        if let Err(e) = self.registry.clear_location(&slot.id).await {
-            tracing::warn!(agent = %slot.id, error = %e, "cannot clear location; it expires with the TTL");
-        }
-        slot.mark_ended(state, exit);
-    }
-
-    /// Writes the end of an agent into its record, retrying for a bounded time
-    /// while Redis fails.
-    async fn write_end(&self, slot: &AgentSlot, state: AgentState, exit: &ExitStatus) {
+    /// Records the end for good: the record (retried for a bounded time while
+    /// Redis fails), the location, then wakes every waiter.
+    async fn finish(&self, slot: &AgentSlot, state: AgentState, exit: ExitStatus) {
         let update = AgentUpdate {
             state: Some(state),
             pid: Some(0),
             exit: Some(exit.clone()),
+            next_restart_at_ms: Some(0),
             ..Default::default()
         };
         let expect = self.expect(slot, &LIVE_STATES);
-        let deadline = tokio::time::Instant::now() + EXIT_WRITE_RETRY;
+        let deadline = tokio::time::Instant::now() + END_WRITE_RETRY;
         let mut delay = Duration::from_millis(100);
         loop {
             match self.registry.update_agent(&slot.id, &expect, &update).await {
-                Ok(UpdateOutcome::Applied) => return,
+                Ok(UpdateOutcome::Applied) => break,
                 Ok(other) => {
                     tracing::debug!(agent = %slot.id, ?other, "end not recorded: the record moved on");
-                    return;
+                    break;
                 }
                 Err(e) if tokio::time::Instant::now() + delay < deadline => {
                     tracing::warn!(agent = %slot.id, error = %e, "cannot record the end yet; retrying");
@@ -312,10 +302,14 @@ impl Supervisor {
                 }
                 Err(e) => {
                     tracing::error!(agent = %slot.id, error = %e, "giving up recording the end of the agent");
-                    return;
+                    break;
                 }
             }
         }
+        if let Err(e) = self.registry.clear_location(&slot.id).await {
+            tracing::warn!(agent = %slot.id, error = %e, "cannot clear location; it expires with the TTL");
+        }
+        slot.mark_ended(state, exit);
     }
 
     fn expect(&self, slot: &AgentSlot, states: &[AgentState]) -> Expect {
@@ -355,7 +349,7 @@ impl Supervisor {
                     detail: format!("its record names host {host}, generation {generation}"),
                 })
             }
-            // Only the state differs: the exit watcher recorded the end first.
+            // Only the state differs: the run loop recorded an end first.
             UpdateOutcome::Conflict { .. } => Ok(()),
         }
     }
@@ -394,71 +388,101 @@ impl Supervisor {
                 "its process has already exited".into(),
             ));
         }
-        slot.status().state = to;
+        if !slot.transition(s.state, to) {
+            // The run loop recorded the end meanwhile; that is the truth.
+            return Err(Self::illegal(
+                &slot,
+                "its process has already exited".into(),
+            ));
+        }
         if let Err(e) = self.write_state(&slot, to, &[s.state]).await {
             // Unrecorded means undone: the record and the process must agree.
             let _ = signal::to_group(s.pid, undo);
-            slot.status().state = s.state;
+            slot.transition(to, s.state);
             return Err(e);
         }
         tracing::info!(agent = %id, state = state::name(to), "agent {}", if pause { "paused" } else { "resumed" });
         Ok(slot.to_proto())
     }
 
-    /// SIGTERM the group (and SIGCONT it if paused, so it can act on the
-    /// SIGTERM), wait `grace`, then SIGKILL and wait [`KILL_WAIT`]. A loop over
-    /// the escalation steps, never recursion; returns once the agent ended.
+    /// Stops the agent (see [`Supervisor::stop_as`]).
     pub async fn stop(&self, id: &str, grace: Option<Duration>) -> Result<LocalAgent> {
+        self.stop_as(id, grace, Requested::Stop).await
+    }
+
+    /// SIGTERM the group and the agent's escaped processes (SIGCONT too if it
+    /// was paused, so it can act on the SIGTERM), wait `grace`, then SIGKILL
+    /// and wait [`KILL_WAIT`]. A loop over the escalation steps, never
+    /// recursion; returns once the agent has ended. Also cancels a pending
+    /// restart.
+    async fn stop_as(
+        &self,
+        id: &str,
+        grace: Option<Duration>,
+        why: Requested,
+    ) -> Result<LocalAgent> {
         let slot = self.get(id)?;
         let _ops = slot.ops.lock().await;
         let s = slot.snapshot();
         state::check(Op::Stop, s.state).map_err(|d| Self::illegal(&slot, d))?;
         let grace = grace
-            .or_else(|| {
-                slot.spec
-                    .stop_grace
-                    .as_ref()
-                    .map(agentplane::time::duration_from_proto)
-            })
+            .or_else(|| slot.spec.stop_grace.as_ref().map(duration_from_proto))
             .unwrap_or(DEFAULT_GRACE);
-        {
+        let pid = {
             let mut st = slot.status();
-            st.requested = Some(Requested::Stop);
-            st.state = AgentState::Stopping;
-        }
-        if let Err(e) = self
-            .write_state(
-                &slot,
-                AgentState::Stopping,
-                &[AgentState::Running, AgentState::Paused],
-            )
-            .await
-        {
-            // The stop goes on: a process that was asked to stop must stop.
-            tracing::warn!(agent = %id, error = %e, "cannot record STOPPING");
-        }
-        let steps = [(Signal::SIGTERM, grace), (Signal::SIGKILL, KILL_WAIT)];
-        for (sig, wait) in steps {
-            signal::to_group(s.pid, sig)?;
-            if sig == Signal::SIGTERM && s.state == AgentState::Paused {
-                signal::to_group(s.pid, Signal::SIGCONT)?;
+            st.requested = Some(why);
+            if matches!(st.state, AgentState::Running | AgentState::Paused) {
+                st.state = AgentState::Stopping;
             }
-            if slot.wait_ended(wait).await {
-                tracing::info!(agent = %id, signal = %sig, "agent stopped");
+            st.pid
+        };
+        slot.wake.notify_one();
+        if matches!(s.state, AgentState::Running | AgentState::Paused) {
+            if let Err(e) = self
+                .write_state(
+                    &slot,
+                    AgentState::Stopping,
+                    &[AgentState::Running, AgentState::Paused],
+                )
+                .await
+            {
+                // The stop goes on: a process that was asked to stop must stop.
+                tracing::warn!(agent = %id, error = %e, "cannot record STOPPING");
+            }
+        }
+        if pid == 0 {
+            // Between runs (restart backoff): the run loop ends it.
+            if slot.wait_ended(KILL_WAIT).await {
                 return Ok(slot.to_proto());
             }
-            tracing::info!(agent = %id, pid = s.pid, signal = %sig, ?wait, "agent still alive after signal; escalating");
+        } else {
+            let steps = [(Signal::SIGTERM, grace), (Signal::SIGKILL, KILL_WAIT)];
+            for (sig, wait) in steps {
+                signal::to_group(pid, sig)?;
+                let escaped = tree::escaped(&slot.id, pid, pid, Scope::Orphans);
+                tree::signal_each(&escaped, sig);
+                if sig == Signal::SIGTERM && s.state == AgentState::Paused {
+                    signal::to_group(pid, Signal::SIGCONT)?;
+                    tree::signal_each(&escaped, Signal::SIGCONT);
+                }
+                if slot.wait_ended(wait).await {
+                    tracing::info!(agent = %id, signal = %sig, reason = ?why, "agent stopped");
+                    return Ok(slot.to_proto());
+                }
+                tracing::info!(agent = %id, pid, signal = %sig, ?wait, "agent still alive after signal; escalating");
+            }
         }
         Err(SupervisorError::Timeout {
             operation: "stop",
             id: id.to_owned(),
-            pid: s.pid,
+            pid,
             timeout: grace + KILL_WAIT,
         })
     }
 
     /// Sends `signal` to the agent's process group. SIGKILL waits (bounded) for
-    /// the end so the answer shows it.
+    /// the end so the answer shows it. A kill is only a signal: the restart
+    /// policy still applies to the exit it causes.
     pub async fn signal(&self, id: &str, signal: i32) -> Result<LocalAgent> {
         let sig = Signal::try_from(signal).map_err(|_| {
             ValidationError::new("signal", format!("{signal} is not a signal number"))
@@ -482,13 +506,9 @@ impl Supervisor {
             ));
         }
         tracing::info!(agent = %id, signal = %sig, "signal sent");
-        if sig == Signal::SIGKILL && !slot.wait_ended(KILL_WAIT).await {
-            return Err(SupervisorError::Timeout {
-                operation: "kill",
-                id: id.to_owned(),
-                pid: s.pid,
-                timeout: KILL_WAIT,
-            });
+        // With a restart policy the agent does not end, so there is nothing to wait for.
+        if sig == Signal::SIGKILL && slot.spec.restart.is_none() {
+            let _ = slot.wait_ended(KILL_WAIT).await;
         }
         Ok(slot.to_proto())
     }
@@ -531,22 +551,18 @@ impl Supervisor {
         for id in ids {
             let sup = self.clone();
             set.spawn(async move {
-                let grace = sup.get(&id).ok().and_then(|s| {
-                    s.spec
-                        .stop_grace
-                        .as_ref()
-                        .map(agentplane::time::duration_from_proto)
-                });
+                let grace = sup
+                    .get(&id)
+                    .ok()
+                    .and_then(|s| s.spec.stop_grace.as_ref().map(duration_from_proto));
                 let grace = grace.unwrap_or(DEFAULT_GRACE).min(limit);
                 if let Err(e) = sup.stop(&id, Some(grace)).await {
                     tracing::debug!(agent = %id, error = %e, "stop at shutdown");
                 }
             });
         }
-        let _ = tokio::time::timeout(limit + KILL_WAIT, async {
-            while set.join_next().await.is_some() {}
-        })
-        .await;
+        let all = async { while set.join_next().await.is_some() {} };
+        let _ = tokio::time::timeout(limit + KILL_WAIT, all).await;
     }
 }
 
@@ -573,42 +589,12 @@ fn evict_ended(map: &mut HashMap<String, Arc<AgentSlot>>, cap: usize) {
     }
 }
 
-/// The exit status of an ended process, with the reason a user reads.
-fn exit_status(status: std::process::ExitStatus, requested: Option<Requested>) -> ExitStatus {
-    let signal = status.signal();
-    let reason = match (requested, signal) {
-        (Some(Requested::Stop), _) => "STOPPED",
-        (Some(Requested::Kill(k)), Some(s)) if k == s => "KILLED",
-        (_, Some(_)) => "SIGNALED",
-        (_, None) => "COMPLETED",
-    };
+/// The exit of a start that failed.
+fn spawn_failure(spec: &AgentSpec, e: &std::io::Error) -> ExitStatus {
     ExitStatus {
-        code: status.code(),
-        signal,
-        reason: reason.into(),
-        error: String::new(),
+        reason: "SPAWN_FAILED".into(),
+        error: spawn::describe_spawn_error(spec, e),
         finished_at: Some(timestamp_from_ms(now_ms())),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn exit_reasons() {
-        let code3 = std::process::ExitStatus::from_raw(3 << 8);
-        let e = exit_status(code3, None);
-        assert_eq!(
-            (e.code, e.signal, e.reason.as_str()),
-            (Some(3), None, "COMPLETED")
-        );
-        let killed = std::process::ExitStatus::from_raw(9);
-        assert_eq!(
-            exit_status(killed, Some(Requested::Kill(9))).reason,
-            "KILLED"
-        );
-        assert_eq!(exit_status(killed, None).reason, "SIGNALED");
-        assert_eq!(exit_status(killed, Some(Requested::Stop)).reason, "STOPPED");
+        ..Default::default()
     }
 }

@@ -1,17 +1,22 @@
 //! Building and starting an agent's process: argv exec'd directly (no shell),
-//! a minimal inherited environment plus the spec's, its own session and process
-//! group so that signals reach every process it starts.
+//! a minimal inherited environment plus the spec's, its own session and
+//! process group, a parent-death signal, rlimits and an optional uid/gid.
 
 use std::process::Stdio;
 
-use agentplane::proto::v1::AgentSpec;
+use agentplane::proto::v1::{AgentSpec, ResourceLimits};
+use nix::sys::resource::{setrlimit, Resource};
+use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
+
+use super::tree::MARKER;
 
 /// Variables passed through from the host agent's own environment.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
 
-/// Starts the spec's program. The child is the leader of a new session and
-/// process group (`setsid`), so its pid is also its process group id.
+/// Starts the spec's program. The child leads a new session and process group
+/// (`setsid`), so its pid is its process group id, and it gets SIGKILL if the
+/// host agent dies (the guard process covers the rest of its group).
 pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
@@ -21,9 +26,10 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
                 .iter()
                 .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
         )
-        .env("AGENTPLANE_AGENT_ID", id)
         .envs(&spec.env)
-        // Output capture arrives with logs (P4); until then nothing blocks on a
+        // Set last: the spec cannot remove the marker that finds escaped processes.
+        .env(MARKER, id)
+        // Output capture arrives with logs (#5); until then nothing blocks on a
         // full pipe because nothing is piped.
         .stdin(Stdio::null())
         .stdout(Stdio::null())
@@ -33,19 +39,51 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
     if !spec.cwd.is_empty() {
         cmd.current_dir(&spec.cwd);
     }
-    new_session(&mut cmd);
+    if let Some(gid) = spec.gid {
+        cmd.gid(gid);
+    }
+    if let Some(uid) = spec.uid {
+        cmd.uid(uid);
+    }
+    let limits = rlimits(spec.limits.as_ref());
+    before_exec(&mut cmd, limits);
     cmd.spawn()
 }
 
+/// The (resource, soft, hard) triples of a spec.
+fn rlimits(l: Option<&ResourceLimits>) -> Vec<(Resource, u64, u64)> {
+    let Some(l) = l else { return Vec::new() };
+    let mut out = Vec::new();
+    if let Some(v) = l.address_space_bytes {
+        out.push((Resource::RLIMIT_AS, v, v));
+    }
+    if let Some(v) = l.open_files {
+        out.push((Resource::RLIMIT_NOFILE, v, v));
+    }
+    if let Some(v) = l.processes {
+        out.push((Resource::RLIMIT_NPROC, v, v));
+    }
+    if let Some(v) = l.cpu_seconds {
+        // SIGXCPU at the soft limit, SIGKILL a little later at the hard one.
+        out.push((Resource::RLIMIT_CPU, v, v.saturating_add(5)));
+    }
+    out
+}
+
 #[allow(unsafe_code)]
-fn new_session(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec; it only calls
-    // setsid(2), which is async-signal-safe, allocates nothing and takes no lock.
+fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>) {
+    // SAFETY: the closure runs in the forked child before exec. It only makes
+    // raw system calls (setsid, prctl, setrlimit), which are async-signal-safe;
+    // it allocates nothing (the limits were built before the fork) and takes no
+    // lock.
     unsafe {
-        cmd.pre_exec(|| {
-            nix::unistd::setsid()
-                .map(drop)
-                .map_err(std::io::Error::from)
+        cmd.pre_exec(move || {
+            nix::unistd::setsid().map_err(std::io::Error::from)?;
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            for (resource, soft, hard) in &limits {
+                setrlimit(*resource, *soft, *hard).map_err(std::io::Error::from)?;
+            }
+            Ok(())
         });
     }
 }

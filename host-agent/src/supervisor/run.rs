@@ -1,0 +1,245 @@
+//! The run loop of one agent: wait for its process (bounded by the spec's
+//! timeout), sweep what it left behind, then restart it with backoff or record
+//! its end. One task per agent; exits arrive as events from the child's wait.
+
+use std::os::unix::process::ExitStatusExt;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentState, ExitStatus};
+use agentplane::registry::AgentUpdate;
+use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
+use nix::sys::signal::Signal;
+use tokio::process::Child;
+
+use super::agent::{AgentSlot, Requested};
+use super::restart::{self, Decision};
+use super::tree::{self, Scope};
+use super::{signal, spawn_failure, Supervisor, LIVE_STATES};
+
+impl Supervisor {
+    /// Supervises `slot` from its first run (`child`, `pid`) to its end.
+    pub(super) async fn run_loop(
+        self: Arc<Self>,
+        slot: Arc<AgentSlot>,
+        mut child: Child,
+        mut pid: i32,
+    ) {
+        let mut consecutive = 0;
+        loop {
+            let started = Instant::now();
+            let waited = self.wait_run(&slot, &mut child).await;
+            self.sweep(&slot, pid);
+            let requested = slot.status().requested;
+            let exit = match waited {
+                Ok(status) => exit_status(status, requested),
+                Err(e) => {
+                    let exit = ExitStatus {
+                        reason: "HOST_ERROR".into(),
+                        error: format!("waiting for pid {pid} failed: {e}"),
+                        finished_at: Some(timestamp_from_ms(now_ms())),
+                        ..Default::default()
+                    };
+                    return self.finish(&slot, AgentState::Failed, exit).await;
+                }
+            };
+            tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
+            let decision = restart::decide(
+                slot.spec.restart.as_ref(),
+                &exit,
+                requested,
+                consecutive,
+                started.elapsed(),
+                restart::jitter(),
+            );
+            let delay = match decision {
+                Decision::Done => return self.finish(&slot, AgentState::Exited, exit).await,
+                Decision::Exhausted => {
+                    let error = format!(
+                        "ended again after {consecutive} consecutive restarts (max_restarts); last run: {}",
+                        describe(&exit)
+                    );
+                    let exit = ExitStatus {
+                        reason: "RESTARTS_EXHAUSTED".into(),
+                        error,
+                        ..exit
+                    };
+                    return self.finish(&slot, AgentState::Failed, exit).await;
+                }
+                Decision::Restart {
+                    delay,
+                    consecutive: c,
+                } => {
+                    consecutive = c;
+                    delay
+                }
+            };
+            if !self.backoff(&slot, &exit, delay).await {
+                let stopped = ExitStatus {
+                    reason: "STOPPED".into(),
+                    ..exit
+                };
+                return self.finish(&slot, AgentState::Exited, stopped).await;
+            }
+            match self.spawn_run(&slot, true) {
+                Ok(Some((c, p))) => {
+                    child = c;
+                    pid = p;
+                    let restarts = slot.status().restarts;
+                    tracing::info!(agent = %slot.id, pid, restarts, "agent restarted");
+                    if let Err(e) = self.record_running(&slot, pid, Some(restarts)).await {
+                        // Fenced or unrecordable: this run must not go on.
+                        tracing::warn!(agent = %slot.id, error = %e, "killing a restart that could not be recorded");
+                        slot.status().requested = Some(Requested::Stop);
+                        let _ = signal::to_group(pid, Signal::SIGKILL);
+                    }
+                }
+                Ok(None) => {
+                    let stopped = ExitStatus {
+                        reason: "STOPPED".into(),
+                        ..exit
+                    };
+                    return self.finish(&slot, AgentState::Exited, stopped).await;
+                }
+                Err(e) => {
+                    return self
+                        .finish(&slot, AgentState::Failed, spawn_failure(&slot.spec, &e))
+                        .await
+                }
+            }
+        }
+    }
+
+    /// Waits for the run's process. When the spec's timeout passes first, a
+    /// stop (reason TIMEOUT) starts as its own task — it waits for this loop to
+    /// record the end — and the wait goes on.
+    async fn wait_run(
+        self: &Arc<Self>,
+        slot: &AgentSlot,
+        child: &mut Child,
+    ) -> std::io::Result<std::process::ExitStatus> {
+        let Some(limit) = slot.spec.timeout.as_ref().map(duration_from_proto) else {
+            return child.wait().await;
+        };
+        tokio::select! {
+            r = child.wait() => r,
+            () = tokio::time::sleep(limit) => {
+                tracing::info!(agent = %slot.id, ?limit, "agent ran past its timeout; stopping it");
+                let sup = self.clone();
+                let id = slot.id.clone();
+                self.tasks.spawn("agent timeout stop", async move {
+                    if let Err(e) = sup.stop_as(&id, None, Requested::Timeout).await {
+                        tracing::warn!(agent = %id, error = %e, "timeout stop failed");
+                    }
+                });
+                child.wait().await
+            }
+        }
+    }
+
+    /// After the main process ended: whatever is left of its group, and any
+    /// escaped process carrying its marker, dies with it (systemd's
+    /// KillMode=control-group).
+    fn sweep(&self, slot: &AgentSlot, pid: i32) {
+        self.reaper.watched().remove(&pid);
+        let _ = signal::to_group(pid, Signal::SIGKILL);
+        tree::signal_each(
+            &tree::escaped(&slot.id, 0, pid, Scope::Orphans),
+            Signal::SIGKILL,
+        );
+        self.guard.remove(pid, &slot.id);
+    }
+
+    /// Records PENDING with `next_restart_at`, then waits `delay` unless a stop
+    /// (or shutdown) comes first; false means: do not restart.
+    async fn backoff(&self, slot: &AgentSlot, exit: &ExitStatus, delay: Duration) -> bool {
+        {
+            let mut st = slot.status();
+            if st.requested.is_some_and(Requested::ends_agent) {
+                return false;
+            }
+            st.state = AgentState::Pending;
+            st.pid = 0;
+            st.last_exit = Some(exit.clone());
+        }
+        let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
+        let update = AgentUpdate {
+            state: Some(AgentState::Pending),
+            pid: Some(0),
+            last_exit: Some(exit.clone()),
+            next_restart_at_ms: Some(due),
+            ..Default::default()
+        };
+        if let Err(e) = self
+            .registry
+            .update_agent(&slot.id, &self.expect(slot, &LIVE_STATES), &update)
+            .await
+        {
+            tracing::warn!(agent = %slot.id, error = %e, "cannot record the pending restart");
+        }
+        tracing::info!(agent = %slot.id, ?delay, "restarting after backoff");
+        tokio::select! {
+            () = tokio::time::sleep(delay) => {}
+            () = slot.wake.notified() => {}
+            () = self.cancel.cancelled() => return false,
+        }
+        !slot.status().requested.is_some_and(Requested::ends_agent)
+    }
+}
+
+/// A short description of an exit, for messages.
+fn describe(e: &ExitStatus) -> String {
+    match (e.code, e.signal) {
+        (Some(c), _) => format!("exit code {c}"),
+        (_, Some(s)) => format!("signal {s}"),
+        _ => e.reason.clone(),
+    }
+}
+
+/// The exit status of an ended process, with the reason a user reads.
+pub(super) fn exit_status(
+    status: std::process::ExitStatus,
+    requested: Option<Requested>,
+) -> ExitStatus {
+    let signal = status.signal();
+    let reason = match (requested, signal) {
+        (Some(Requested::Stop), _) => "STOPPED",
+        (Some(Requested::Timeout), _) => "TIMEOUT",
+        (Some(Requested::Kill(k)), Some(s)) if k == s => "KILLED",
+        (_, Some(_)) => "SIGNALED",
+        (_, None) => "COMPLETED",
+    };
+    ExitStatus {
+        code: status.code(),
+        signal,
+        reason: reason.into(),
+        error: String::new(),
+        finished_at: Some(timestamp_from_ms(now_ms())),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_reasons() {
+        let code3 = std::process::ExitStatus::from_raw(3 << 8);
+        let e = exit_status(code3, None);
+        assert_eq!(
+            (e.code, e.signal, e.reason.as_str()),
+            (Some(3), None, "COMPLETED")
+        );
+        let killed = std::process::ExitStatus::from_raw(9);
+        assert_eq!(
+            exit_status(killed, Some(Requested::Kill(9))).reason,
+            "KILLED"
+        );
+        assert_eq!(exit_status(killed, None).reason, "SIGNALED");
+        assert_eq!(exit_status(killed, Some(Requested::Stop)).reason, "STOPPED");
+        assert_eq!(
+            exit_status(killed, Some(Requested::Timeout)).reason,
+            "TIMEOUT"
+        );
+    }
+}

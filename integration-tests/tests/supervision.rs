@@ -1,0 +1,479 @@
+//! Host-agent supervision under races, timeouts, escapes, crashes and restarts.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::restart_policy::Mode;
+use agentplane::proto::v1::{
+    Agent, AgentSpec, AgentState, GetAgentRequest, KillAgentRequest, ListAgentsRequest,
+    PauseAgentRequest, ResourceLimits, RestartPolicy, ResumeAgentRequest, SpawnAgentRequest,
+    StopAgentRequest,
+};
+use agentplane::time::duration_to_proto;
+use agentplane_integration_tests::{eventually, procfs, TestCluster};
+use nix::sys::signal::Signal;
+use tonic::Code;
+
+fn spec(argv: &[&str]) -> AgentSpec {
+    AgentSpec {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn wait_state(cluster: &TestCluster, id: &str, want: AgentState, limit: Duration) -> Agent {
+    let c = cluster.client().await;
+    eventually(limit, &format!("agent {id} reaches {want:?}"), || {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move {
+            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+            (a.state() == want).then_some(a)
+        }
+    })
+    .await
+}
+
+/// Every record's state agrees with /proc: RUNNING has live, unstopped
+/// processes; PAUSED has every process stopped (T); an ended agent has none.
+fn consistent(a: &Agent) -> Result<(), String> {
+    let procs = procfs::agent_processes(&a.id);
+    let ok = match a.state() {
+        AgentState::Running => !procs.is_empty() && procs.iter().all(|p| p.state != 'T'),
+        AgentState::Paused => !procs.is_empty() && procs.iter().all(|p| p.state == 'T'),
+        AgentState::Exited | AgentState::Failed => procs.is_empty(),
+        _ => false,
+    };
+    if ok {
+        Ok(())
+    } else {
+        Err(format!(
+            "{} is {:?} but /proc shows {procs:?}",
+            a.id,
+            a.state()
+        ))
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_random_concurrent_operations_leave_records_matching_proc() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    let mut ids = Vec::new();
+    for _ in 0..20 {
+        // Ignores TERM and USR1 (and so do its children): most kills are
+        // survivable signals, stops escalate to SIGKILL after their grace.
+        // A SIGKILL ends a run, and on-failure starts the next one: the
+        // operations race restarts too, and the agents outlive the storm.
+        let mut s = spec(&[
+            "sh",
+            "-c",
+            "trap '' TERM USR1; sleep 1000 & sleep 1000; wait",
+        ]);
+        s.stop_grace = Some(duration_to_proto(Duration::from_millis(300)));
+        s.restart = Some(RestartPolicy {
+            mode: Mode::OnFailure as i32,
+            max_restarts: None,
+            initial_backoff: Some(duration_to_proto(Duration::from_millis(20))),
+            max_backoff: Some(duration_to_proto(Duration::from_millis(100))),
+            stable_after: None,
+        });
+        ids.push(cluster.spawn_spec(s).await.id);
+    }
+    let client = cluster.client().await;
+    let storm = Instant::now();
+    let mut workers = Vec::new();
+    for w in 0..10u64 {
+        let mut c = client.clone();
+        let ids = ids.clone();
+        workers.push(tokio::spawn(async move {
+            // A small deterministic generator per worker: reproducible runs.
+            let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
+            let mut codes: HashMap<Code, usize> = HashMap::new();
+            for _ in 0..100 {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                let id = ids[(x % 20) as usize].clone();
+                let grace = Some(duration_to_proto(Duration::from_millis(300)));
+                let r = match (x >> 8) % 80 {
+                    0..=35 => c.pause_agent(PauseAgentRequest { id }).await.map(drop),
+                    36..=71 => c.resume_agent(ResumeAgentRequest { id }).await.map(drop),
+                    72 => c.stop_agent(StopAgentRequest { id, grace }).await.map(drop),
+                    73..=75 => c
+                        .kill_agent(KillAgentRequest { id, signal: 9 })
+                        .await
+                        .map(drop),
+                    76..=77 => c
+                        .kill_agent(KillAgentRequest { id, signal: 10 })
+                        .await
+                        .map(drop),
+                    _ => c
+                        .kill_agent(KillAgentRequest { id, signal: 15 })
+                        .await
+                        .map(drop),
+                };
+                let code = r.err().map_or(Code::Ok, |s| {
+                    assert!(
+                        matches!(s.code(), Code::FailedPrecondition | Code::NotFound),
+                        "unexpected answer {s:?}"
+                    );
+                    s.code()
+                });
+                *codes.entry(code).or_default() += 1;
+            }
+            codes
+        }));
+    }
+    let mut totals: HashMap<Code, usize> = HashMap::new();
+    for w in workers {
+        for (code, n) in w.await.expect("worker did not panic") {
+            *totals.entry(code).or_default() += n;
+        }
+    }
+    assert_eq!(totals.values().sum::<usize>(), 1000);
+    assert!(
+        totals.get(&Code::Ok).copied().unwrap_or(0) > 100,
+        "many calls succeeded: {totals:?}"
+    );
+    eprintln!("answers: {totals:?} in {:?}", storm.elapsed());
+
+    let mut c = client.clone();
+    eventually(
+        Duration::from_secs(20),
+        "every record matches /proc",
+        || {
+            let mut c = c.clone();
+            async move {
+                let agents = c
+                    .list_agents(ListAgentsRequest::default())
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                let errors: Vec<String> =
+                    agents.iter().filter_map(|a| consistent(a).err()).collect();
+                (agents.len() == 20 && errors.is_empty()).then_some(())
+            }
+        },
+    )
+    .await;
+    let agents = c
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents;
+    for a in &agents {
+        consistent(a).unwrap();
+    }
+    for s in cluster.control_planes.iter().chain(&cluster.hosts) {
+        let log = std::fs::read_to_string(&s.proc.log).unwrap();
+        assert!(
+            !log.contains("panicked"),
+            "no panic in {}:\n{log}",
+            s.proc.log.display()
+        );
+    }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignores_sigterm() {
+    let cluster = TestCluster::builder().start().await;
+    let mut s = spec(&["sleep", "100"]);
+    s.timeout = Some(duration_to_proto(Duration::from_secs(2)));
+    s.stop_grace = Some(duration_to_proto(Duration::from_secs(1)));
+    let t = Instant::now();
+    let a = cluster.spawn_spec(s).await;
+    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(10)).await;
+    let took = t.elapsed();
+    let exit = ended.exit.unwrap();
+    assert_eq!(exit.reason, "TIMEOUT");
+    assert_eq!(exit.signal, Some(15), "sleep died of the SIGTERM");
+    assert!(
+        took >= Duration::from_secs(2),
+        "not before the timeout: {took:?}"
+    );
+    assert!(
+        took < Duration::from_secs(2) + Duration::from_secs(1) + Duration::from_millis(800),
+        "within timeout + grace: {took:?}"
+    );
+
+    let mut s = spec(&["sh", "-c", "trap '' TERM; sleep 100 & wait; wait"]);
+    s.timeout = Some(duration_to_proto(Duration::from_secs(1)));
+    s.stop_grace = Some(duration_to_proto(Duration::from_secs(1)));
+    let t = Instant::now();
+    let a = cluster.spawn_spec(s).await;
+    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(10)).await;
+    let took = t.elapsed();
+    let exit = ended.exit.unwrap();
+    assert_eq!(exit.reason, "TIMEOUT");
+    assert_eq!(exit.signal, Some(9), "SIGKILLed after the grace");
+    assert!(
+        took >= Duration::from_secs(2),
+        "waited timeout + grace: {took:?}"
+    );
+    assert!(took < Duration::from_millis(2800), "{took:?}");
+    assert!(procfs::agent_processes(&a.id).is_empty());
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_kills_setsid_grandchildren_that_left_the_group() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let a = cluster
+        .spawn(&["sh", "-c", "setsid sleep 1000 & sleep 1000"])
+        .await;
+    let escaped = eventually(
+        Duration::from_secs(5),
+        "the setsid sleep runs in its own group",
+        || async {
+            let procs = procfs::agent_processes(&a.id);
+            (procs.len() == 3 && procs.iter().any(|p| p.pgrp != a.pid)).then_some(procs)
+        },
+    )
+    .await;
+    assert!(
+        escaped.iter().any(|p| p.pgrp == p.pid && p.pid != a.pid),
+        "{escaped:?}"
+    );
+    c.stop_agent(StopAgentRequest {
+        id: a.id.clone(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+    eventually(
+        Duration::from_secs(5),
+        "no sleep of the agent alive",
+        || async { procfs::agent_processes(&a.id).is_empty().then_some(()) },
+    )
+    .await;
+
+    // Also when the main process exits by itself and leaves a daemon behind.
+    let d = cluster
+        .spawn(&["sh", "-c", "setsid sh -c 'sleep 1000' & sleep 0.3; exit 0"])
+        .await;
+    wait_state(&cluster, &d.id, AgentState::Exited, Duration::from_secs(5)).await;
+    eventually(
+        Duration::from_secs(5),
+        "the daemon died with its agent",
+        || async { procfs::agent_processes(&d.id).is_empty().then_some(()) },
+    )
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_of_the_host_agent_leaves_no_agent_process_alive() {
+    let mut cluster = TestCluster::builder().start().await;
+    let mut ids = Vec::new();
+    for cmd in [
+        "sleep 1000 & sleep 1000; wait",
+        "setsid sleep 1000 & wait",
+        "trap '' TERM HUP; sleep 1000",
+    ] {
+        ids.push(cluster.spawn(&["sh", "-c", cmd]).await.id);
+    }
+    eventually(Duration::from_secs(5), "agents running", || async {
+        ids.iter()
+            .all(|id| !procfs::agent_processes(id).is_empty())
+            .then_some(())
+    })
+    .await;
+    cluster.hosts[0].proc.signal(Signal::SIGKILL);
+    eventually(
+        Duration::from_secs(5),
+        "every agent process gone",
+        || async {
+            let left: Vec<_> = ids
+                .iter()
+                .flat_map(|id| procfs::agent_processes(id))
+                .collect();
+            left.is_empty().then_some(())
+        },
+    )
+    .await;
+    assert!(!cluster.hosts[0].proc.is_running());
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn on_failure_runs_exactly_four_times_with_growing_gaps_then_fails() {
+    let cluster = TestCluster::builder().start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs");
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        &format!("date +%s%N >> {}; exit 1", log.display()),
+    ]);
+    s.restart = Some(RestartPolicy {
+        mode: Mode::OnFailure as i32,
+        max_restarts: Some(3),
+        initial_backoff: Some(duration_to_proto(Duration::from_millis(300))),
+        max_backoff: Some(duration_to_proto(Duration::from_secs(10))),
+        stable_after: None,
+    });
+    let a = cluster.spawn_spec(s).await;
+    let ended = wait_state(&cluster, &a.id, AgentState::Failed, Duration::from_secs(15)).await;
+    let runs: Vec<u128> = std::fs::read_to_string(&log)
+        .unwrap()
+        .lines()
+        .map(|l| l.trim().parse().unwrap())
+        .collect();
+    assert_eq!(runs.len(), 4, "1 run + 3 restarts: {runs:?}");
+    let gaps: Vec<u128> = runs.windows(2).map(|w| (w[1] - w[0]) / 1_000_000).collect();
+    eprintln!("gaps between runs (ms): {gaps:?}");
+    assert!(gaps.windows(2).all(|g| g[1] > g[0]), "gaps grow: {gaps:?}");
+    assert!(gaps[0] >= 240, "first gap ~300ms ±20%: {gaps:?}");
+    assert_eq!(ended.restarts, 3);
+    let exit = ended.exit.unwrap();
+    assert_eq!(exit.reason, "RESTARTS_EXHAUSTED");
+    assert_eq!(exit.code, Some(1));
+    assert_eq!(ended.last_exit.unwrap().code, Some(1));
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        4,
+        "no fifth run"
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn always_restarts_after_exit_zero_shows_the_pending_restart_and_stop_cancels_it() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("runs");
+    let mut s = spec(&[
+        "sh",
+        "-c",
+        &format!("echo run >> {}; exit 0", log.display()),
+    ]);
+    s.restart = Some(RestartPolicy {
+        mode: Mode::Always as i32,
+        max_restarts: None,
+        initial_backoff: Some(duration_to_proto(Duration::from_millis(100))),
+        max_backoff: Some(duration_to_proto(Duration::from_secs(30))),
+        stable_after: None,
+    });
+    let a = cluster.spawn_spec(s).await;
+    let log2 = log.clone();
+    eventually(
+        Duration::from_secs(10),
+        "at least 4 runs after exit 0",
+        || {
+            let n = std::fs::read_to_string(&log2)
+                .map(|t| t.lines().count())
+                .unwrap_or(0);
+            async move { (n >= 4).then_some(()) }
+        },
+    )
+    .await;
+    // The backoff has grown to seconds now: the record shows the wait.
+    let pending = wait_state(
+        &cluster,
+        &a.id,
+        AgentState::Pending,
+        Duration::from_secs(10),
+    )
+    .await;
+    assert!(pending.restarts >= 3, "{pending:?}");
+    assert!(pending.next_restart_at.is_some(), "next_restart_at shown");
+    assert_eq!(pending.last_exit.as_ref().unwrap().code, Some(0));
+    assert_eq!(pending.pid, 0);
+    let t = Instant::now();
+    let stopped = c
+        .stop_agent(StopAgentRequest {
+            id: a.id.clone(),
+            grace: None,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        t.elapsed() < Duration::from_secs(2),
+        "a stop cancels the backoff at once"
+    );
+    assert_eq!(stopped.state(), AgentState::Exited);
+    assert_eq!(stopped.exit.unwrap().reason, "STOPPED");
+    assert!(stopped.next_restart_at.is_none());
+    let runs = std::fs::read_to_string(&log).unwrap().lines().count();
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(
+        std::fs::read_to_string(&log).unwrap().lines().count(),
+        runs,
+        "no run after the stop"
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_unique_and_limits_and_identity_reach_the_process() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let mut named = spec(&["sleep", "1000"]);
+    named.name = "web".into();
+    let first = cluster.spawn_spec(named.clone()).await;
+    let e = c
+        .spawn_agent(SpawnAgentRequest {
+            spec: Some(named.clone()),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(e.message().contains(&first.id), "{}", e.message());
+    // Deleting frees the name.
+    c.stop_agent(StopAgentRequest {
+        id: first.id.clone(),
+        grace: None,
+    })
+    .await
+    .unwrap();
+    c.delete_agent(agentplane::proto::v1::DeleteAgentRequest {
+        id: first.id.clone(),
+        force: false,
+    })
+    .await
+    .unwrap();
+    cluster.spawn_spec(named).await;
+
+    let mut limited = spec(&["sh", "-c", "exit $(ulimit -n)"]);
+    limited.limits = Some(ResourceLimits {
+        open_files: Some(37),
+        ..Default::default()
+    });
+    let a = cluster.spawn_spec(limited).await;
+    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(5)).await;
+    assert_eq!(ended.exit.unwrap().code, Some(37), "RLIMIT_NOFILE applied");
+
+    let mut cpu = spec(&["sh", "-c", "exit $(ulimit -t)"]);
+    cpu.limits = Some(ResourceLimits {
+        cpu_seconds: Some(17),
+        ..Default::default()
+    });
+    let a = cluster.spawn_spec(cpu).await;
+    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(5)).await;
+    assert_eq!(ended.exit.unwrap().code, Some(17), "RLIMIT_CPU applied");
+
+    let mut nobody = spec(&[
+        "sh",
+        "-c",
+        "[ \"$(id -u)\" = 65534 ] && [ \"$(id -g)\" = 65534 ]",
+    ]);
+    nobody.uid = Some(65534);
+    nobody.gid = Some(65534);
+    let a = cluster.spawn_spec(nobody).await;
+    if nix::unistd::Uid::effective().is_root() {
+        let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(5)).await;
+        assert_eq!(ended.exit.unwrap().code, Some(0), "ran as uid/gid 65534");
+    } else {
+        let failed = wait_state(&cluster, &a.id, AgentState::Failed, Duration::from_secs(5)).await;
+        assert!(failed.exit.unwrap().error.contains("ermission"));
+    }
+    cluster.finish().await;
+}
