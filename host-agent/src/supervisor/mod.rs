@@ -459,7 +459,8 @@ impl Supervisor {
             let steps = [(Signal::SIGTERM, grace), (Signal::SIGKILL, KILL_WAIT)];
             for (sig, wait) in steps {
                 signal::to_group(pid, sig)?;
-                let escaped = tree::escaped(&slot.id, pid, pid, Scope::Orphans);
+                let mains = self.reaper.watched().clone();
+                let escaped = tree::escaped(&slot.id, pid, pid, Scope::Orphans(&mains));
                 tree::signal_each(&escaped, sig);
                 if sig == Signal::SIGTERM && s.state == AgentState::Paused {
                     signal::to_group(pid, Signal::SIGCONT)?;

@@ -141,12 +141,14 @@ impl Supervisor {
     /// escaped process carrying its marker, dies with it (systemd's
     /// KillMode=control-group).
     fn sweep(&self, slot: &AgentSlot, pid: i32) {
-        self.reaper.watched().remove(&pid);
+        let mains = {
+            let mut watched = self.reaper.watched();
+            watched.remove(&pid);
+            watched.clone()
+        };
         let _ = signal::to_group(pid, Signal::SIGKILL);
-        tree::signal_each(
-            &tree::escaped(&slot.id, 0, pid, Scope::Orphans),
-            Signal::SIGKILL,
-        );
+        let escaped = tree::escaped(&slot.id, 0, pid, Scope::Orphans(&mains));
+        tree::signal_each(&escaped, Signal::SIGKILL);
         self.guard.remove(pid, &slot.id);
     }
 

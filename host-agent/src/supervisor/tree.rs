@@ -3,8 +3,13 @@
 //! (`AGENTPLANE_AGENT_ID`), which survives re-parenting and `setsid`. Without a
 //! writable cgroup v2 this is how escaped grandchildren are found; a process
 //! that clears its whole environment after escaping its ancestry is not.
+//!
+//! Cost matters at a thousand agents: the walk reads only the agent's own
+//! subtree (`/proc/PID/task/*/children`) and the few orphans re-parented to
+//! the host agent, never every process on the machine (except in the guard,
+//! once, after the host agent died).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -12,25 +17,39 @@ use nix::unistd::Pid;
 /// The environment variable every agent process starts with.
 pub const MARKER: &str = "AGENTPLANE_AGENT_ID";
 
-/// (pid, ppid, pgrp) of every process.
-fn table() -> Vec<(i32, i32, i32)> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
+/// Where to look for marked processes besides the agent's own subtree.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// Our children that are not agent main processes (the given set): orphans
+    /// re-parented to us, since we are a child subreaper.
+    Orphans(&'a HashSet<i32>),
+    /// Every process on the machine (the guard, after the host agent died).
+    All,
+}
+
+/// Direct children of `pid` (all its threads').
+fn children_of(pid: i32) -> Vec<i32> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
         return Vec::new();
     };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-            let mut f = stat.rsplit_once(')')?.1.split_whitespace();
-            let state = f.next()?;
-            if state == "Z" || state == "X" {
-                return None;
-            }
-            let ppid = f.next()?.parse().ok()?;
-            let pgrp = f.next()?.parse().ok()?;
-            Some((pid, ppid, pgrp))
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+        .flat_map(|c| {
+            c.split_whitespace()
+                .filter_map(|p| p.parse::<i32>().ok())
+                .collect::<Vec<_>>()
         })
         .collect()
+}
+
+/// (state, pgrp) of a process; `None` if gone.
+fn state_and_group(pid: i32) -> Option<(char, i32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let mut f = stat.rsplit_once(')')?.1.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let pgrp = f.nth(1)?.parse().ok()?;
+    Some((state, pgrp))
 }
 
 fn has_marker(pid: i32, id: &str) -> bool {
@@ -41,51 +60,47 @@ fn has_marker(pid: i32, id: &str) -> bool {
     env.split(|b| *b == 0).any(|kv| kv == want.as_bytes())
 }
 
-/// Where to look for marked processes.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Scope {
-    /// Only orphans re-parented to this process (we are a child subreaper, so
-    /// an escapee whose ancestry broke lands here): cheap.
-    Orphans,
-    /// Every process on the machine (the guard, after the host agent died).
-    All,
+fn all_pids() -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .collect()
+        })
+        .unwrap_or_default()
 }
 
 /// Live processes of agent `id` outside its process group `pgid` (which a
-/// group signal reaches anyway): descendants of `root` by ancestry, and the
-/// processes in `scope` with the agent's marker, with their descendants.
-pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope) -> Vec<i32> {
-    let procs = table();
-    let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
-    for (pid, ppid, _) in &procs {
-        children.entry(*ppid).or_default().push(*pid);
-    }
+/// group signal reaches anyway): the subtree of `root`, and the processes of
+/// `scope` that carry the agent's marker, with their subtrees.
+pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
     let me = i32::try_from(std::process::id()).unwrap_or(0);
-    let mut found: HashSet<i32> = HashSet::new();
     let mut stack: Vec<i32> = Vec::new();
     if root > 1 {
         stack.push(root);
     }
+    let candidates = match scope {
+        Scope::Orphans(mains) => children_of(me)
+            .into_iter()
+            .filter(|p| !mains.contains(p))
+            .collect(),
+        Scope::All => all_pids(),
+    };
     stack.extend(
-        procs
-            .iter()
-            .filter(|(pid, ppid, _)| {
-                *pid != me
-                    && *pid != root
-                    && (scope == Scope::All || *ppid == me)
-                    && has_marker(*pid, id)
-            })
-            .map(|(pid, _, _)| *pid),
+        candidates
+            .into_iter()
+            .filter(|p| *p != me && *p != root && has_marker(*p, id)),
     );
+    let mut found: HashSet<i32> = HashSet::new();
     while let Some(p) = stack.pop() {
         if found.insert(p) {
-            stack.extend(children.get(&p).into_iter().flatten());
+            stack.extend(children_of(p));
         }
     }
-    let pgrp: HashMap<i32, i32> = procs.iter().map(|(pid, _, g)| (*pid, *g)).collect();
     found
         .into_iter()
-        .filter(|p| *p != me && *p > 1 && pgrp.get(p) != Some(&pgid))
+        .filter(|p| *p != me && *p > 1)
+        .filter(|p| state_and_group(*p).is_some_and(|(state, group)| state != 'Z' && group != pgid))
         .collect()
 }
 
@@ -119,6 +134,12 @@ mod tests {
         };
         assert!(found.contains(&root), "{found:?}");
         assert_eq!(found.len(), 2, "sh and its setsid sleep: {found:?}");
+        let by_ancestry = escaped(&id, root, -1, Scope::Orphans(&HashSet::new()));
+        assert_eq!(
+            by_ancestry.len(),
+            2,
+            "the subtree walk finds both: {by_ancestry:?}"
+        );
         signal_each(&found, Signal::SIGKILL);
         let _ = child.wait();
     }

@@ -1,0 +1,206 @@
+//! bench-host: how one host agent holds up under many agents.
+//!
+//! Starts a real Redis, one control plane and one host agent (the binaries next
+//! to this one: build with `cargo build --release --workspace --bins`), spawns
+//! N `sleep` agents through the control plane with concurrency C, and prints:
+//! spawn latency p50/p99, spawns/s, this machine's raw spawn+wait rate measured
+//! in the same run and the ratio of the two, the heartbeat duration at N agents,
+//! and the host agent's RSS per agent. Exits 1 if the heartbeat at N takes 20 ms
+//! or more, or the RSS grows by 64 KiB or more per agent.
+
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, ListHostsRequest, SpawnAgentRequest};
+use agentplane_integration_tests::TestCluster;
+use clap::Parser;
+
+/// Benchmark one host agent.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Agents to spawn.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// Spawns in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+/// Live processes on this machine that carry an agent marker.
+fn live_agent_processes() -> usize {
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten()
+                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+                .filter(|pid| {
+                    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
+                        env.split(|b| *b == 0)
+                            .any(|kv| kv.starts_with(b"AGENTPLANE_AGENT_ID="))
+                    })
+                })
+                .filter(|pid| agentplane_integration_tests::procfs::is_alive(*pid))
+                .count()
+        })
+        .unwrap_or(0)
+}
+
+/// The baseline: fork/exec + wait of `true`, sequentially, `n` times.
+fn raw_spawn_wait_rate(n: usize) -> f64 {
+    let t = Instant::now();
+    for _ in 0..n {
+        let status = std::process::Command::new("true")
+            .status()
+            .expect("run true");
+        assert!(status.success());
+    }
+    n as f64 / t.elapsed().as_secs_f64()
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let n = args.agents;
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .max_agents(u32::try_from(n + 16)?)
+        .heartbeat_ttl(Duration::from_secs(3))
+        .start()
+        .await;
+    let host_pid = cluster.hosts[0].proc.pid();
+    // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_kib(host_pid);
+
+    let client = cluster.client().await;
+    let started = Instant::now();
+    let mut latencies = Vec::with_capacity(n);
+    let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency));
+    let mut set = tokio::task::JoinSet::new();
+    for _ in 0..n {
+        let permit = sem.clone().acquire_owned().await?;
+        let mut c = client.clone();
+        set.spawn(async move {
+            let t = Instant::now();
+            let r = c
+                .spawn_agent(SpawnAgentRequest {
+                    spec: Some(AgentSpec {
+                        argv: vec!["sleep".into(), "100000".into()],
+                        ..Default::default()
+                    }),
+                    request_id: String::new(),
+                })
+                .await;
+            drop(permit);
+            (t.elapsed(), r.map(|_| ()))
+        });
+    }
+    while let Some(done) = set.join_next().await {
+        let (latency, result) = done?;
+        result.map_err(|s| anyhow::anyhow!("spawn failed: {s}"))?;
+        latencies.push(latency);
+    }
+    let total = started.elapsed();
+    latencies.sort();
+    let spawn_rate = n as f64 / total.as_secs_f64();
+
+    // Two heartbeats after the last spawn, so the published duration covers N agents.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let host = cluster
+        .host_client()
+        .await
+        .list_hosts(ListHostsRequest {})
+        .await?
+        .into_inner()
+        .hosts
+        .remove(0);
+    let rss_after = rss_kib(host_pid);
+    let per_agent_kib = (rss_after.saturating_sub(rss_before)) as f64 / n as f64;
+    let raw = raw_spawn_wait_rate(n.min(500));
+    let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
+
+    println!(
+        "agents                      {n} (concurrency {})",
+        args.concurrency
+    );
+    println!("running at the last beat    {}", host.running);
+    println!(
+        "spawn latency p50           {:.2} ms",
+        percentile(&latencies, 0.50).as_secs_f64() * 1e3
+    );
+    println!(
+        "spawn latency p99           {:.2} ms",
+        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+    );
+    println!("spawns/s via control plane  {spawn_rate:.0}");
+    println!("raw spawn+wait/s (baseline) {raw:.0}");
+    println!("ratio control plane / raw   {:.3}", spawn_rate / raw);
+    println!(
+        "heartbeat at {:<5} agents   {heartbeat_ms:.2} ms",
+        host.running
+    );
+    println!("host-agent RSS              {rss_before} KiB -> {rss_after} KiB");
+    println!("RSS per agent               {per_agent_kib:.1} KiB");
+
+    let mut ok = true;
+    if host.running as usize != n {
+        println!(
+            "FAIL: the host reported {} running agents, not {n}",
+            host.running
+        );
+        ok = false;
+    }
+    if heartbeat_ms >= 20.0 {
+        println!("FAIL: heartbeat at {n} agents took {heartbeat_ms:.2} ms (limit 20 ms)");
+        ok = false;
+    }
+    if per_agent_kib >= 64.0 {
+        println!("FAIL: RSS grew {per_agent_kib:.1} KiB per agent (limit 64 KiB)");
+        ok = false;
+    }
+
+    // Graceful shutdown at N agents: SIGTERM, every agent stopped, host gone.
+    let mut cluster = cluster;
+    let t = Instant::now();
+    cluster.hosts[0]
+        .proc
+        .signal(nix::sys::signal::Signal::SIGTERM);
+    while cluster.hosts[0].proc.is_running() && t.elapsed() < Duration::from_secs(60) {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let shutdown = t.elapsed();
+    let left = live_agent_processes();
+    println!(
+        "graceful shutdown, {n} agents {:.2} s ({left} agent processes left)",
+        shutdown.as_secs_f64()
+    );
+    if left > 0 || shutdown > Duration::from_secs(30) {
+        println!("FAIL: graceful shutdown left {left} agents or took over 30 s");
+        ok = false;
+    }
+    println!(
+        "{}",
+        if ok {
+            "bench-host: within limits"
+        } else {
+            "bench-host: LIMITS EXCEEDED"
+        }
+    );
+    drop(cluster);
+    if !ok {
+        std::process::exit(1);
+    }
+    Ok(())
+}
