@@ -33,6 +33,32 @@ pub fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Clients> {
     })
 }
 
+/// Like [`connect`] for long-lived streams: no overall deadline, only the
+/// connect timeout (a watch may run for days).
+pub fn connect_streaming(endpoint: &str, _timeout: Duration) -> anyhow::Result<Clients> {
+    let url = if endpoint.contains("://") {
+        endpoint.to_owned()
+    } else {
+        format!("http://{endpoint}")
+    };
+    let channel = Endpoint::from_shared(url)
+        .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?
+        .connect_timeout(Duration::from_secs(3))
+        .http2_keep_alive_interval(Duration::from_secs(10))
+        .keep_alive_timeout(Duration::from_secs(5))
+        .connect_lazy();
+    Ok(Clients {
+        agents: AgentServiceClient::new(channel.clone()),
+        hosts: HostServiceClient::new(channel),
+    })
+}
+
+/// True when the error is a gRPC UNAVAILABLE: another endpoint may answer.
+pub fn is_unavailable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<tonic::Status>()
+        .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+}
+
 /// A gRPC failure as one line: the code's name, then the server's message.
 pub fn describe(endpoint: &str, s: &tonic::Status) -> String {
     let code = format!("{:?}", s.code());

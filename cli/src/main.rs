@@ -40,10 +40,31 @@ struct Cli {
 }
 
 /// Host subcommands.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum HostsCommand {
     /// List live hosts.
     Ls,
+    /// Place no new agents on a host.
+    Cordon {
+        /// Host id.
+        id: String,
+    },
+    /// Place agents on a host again.
+    Uncordon {
+        /// Host id.
+        id: String,
+    },
+    /// Cordon a host and move its agents away; prints progress until it is empty.
+    Drain {
+        /// Host id.
+        id: String,
+        /// Also stop agents that cannot move (restart never, or pinned).
+        #[arg(long)]
+        force: bool,
+        /// Give up after this long.
+        #[arg(long, default_value = "10m", value_parser = parse_duration)]
+        timeout: Duration,
+    },
 }
 
 #[tokio::main(flavor = "current_thread")]

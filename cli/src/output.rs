@@ -154,6 +154,75 @@ impl From<&Host> for HostView {
     }
 }
 
+/// An event as `watch -o json` prints it (one object per line).
+#[derive(Debug, Serialize)]
+pub struct EventView {
+    token: String,
+    #[serde(rename = "type")]
+    kind: &'static str,
+    agent_id: String,
+    state: &'static str,
+    previous: &'static str,
+    host: String,
+    generation: u64,
+    at: Option<String>,
+}
+
+impl From<&agentplane::proto::v1::Event> for EventView {
+    fn from(e: &agentplane::proto::v1::Event) -> Self {
+        Self {
+            token: e.token.clone(),
+            kind: agentplane::registry::type_name(e.r#type()),
+            agent_id: e.agent_id.clone(),
+            state: state::name(e.state()),
+            previous: state::name(e.previous()),
+            host: e.host.clone(),
+            generation: e.generation,
+            at: rfc3339(e.at.as_ref()),
+        }
+    }
+}
+
+/// One line of `watch` in table format.
+pub fn event_line(e: &agentplane::proto::v1::Event) -> String {
+    let at = rfc3339(e.at.as_ref()).unwrap_or_default();
+    let kind = agentplane::registry::type_name(e.r#type());
+    if e.agent_id.is_empty() {
+        format!("{at}  {kind:<13} host {}", e.host)
+    } else {
+        format!(
+            "{at}  {kind:<13} {}  {} -> {}  host {} gen {}",
+            e.agent_id,
+            state::name(e.previous()),
+            state::name(e.state()),
+            e.host,
+            e.generation
+        )
+    }
+}
+
+/// A drain progress message as `hosts drain -o json` prints it.
+#[derive(Debug, Serialize)]
+pub struct DrainView {
+    remaining: u32,
+    moved: u32,
+    stopped: u32,
+    message: String,
+    done: bool,
+}
+
+impl From<&agentplane::proto::v1::DrainProgress> for DrainView {
+    fn from(p: &agentplane::proto::v1::DrainProgress) -> Self {
+        Self {
+            remaining: p.remaining,
+            moved: p.moved,
+            stopped: p.stopped,
+            message: p.message.clone(),
+            done: p.done,
+        }
+    }
+}
+
 /// Prints `value` as pretty JSON on stdout.
 pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);

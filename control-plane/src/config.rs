@@ -31,6 +31,10 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_HOST_CALL_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub host_call_timeout: Duration,
 
+    /// How often the reconciler looks for lost hosts and reschedules their agents.
+    #[arg(long, env = "AGENTPLANE_RECONCILE_INTERVAL", default_value = "1s", value_parser = parse_duration)]
+    pub reconcile_interval: Duration,
+
     /// How long shutdown waits for in-flight requests.
     #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -54,6 +58,9 @@ impl Config {
                 "--redis-url: `{}` must start with redis://",
                 agentplane::registry::redact_url(&self.redis_url)
             ));
+        }
+        if self.reconcile_interval < Duration::from_millis(50) {
+            return Err("--reconcile-interval: must be at least 50ms".into());
         }
         if self.host_call_timeout < Duration::from_millis(100) {
             return Err("--host-call-timeout: must be at least 100ms".into());

@@ -1,23 +1,122 @@
-//! The `agentplane.v1.HostService` implementation: live hosts from Redis.
+//! The `agentplane.v1.HostService` implementation: live hosts from Redis,
+//! cordon, and drain (which moves restartable agents to other hosts).
+
+use std::sync::Arc;
+use std::time::Duration;
 
 use agentplane::proto::v1::host_service_server::HostService;
-use agentplane::proto::v1::{GetHostRequest, Host, ListHostsRequest, ListHostsResponse};
+use agentplane::proto::v1::{
+    AgentState, CordonHostRequest, DrainHostRequest, DrainProgress, GetHostRequest, Host,
+    ListHostsRequest, ListHostsResponse,
+};
 use agentplane::registry::Registry;
+use agentplane::state;
+use agentplane::tasks::Tasks;
+use agentplane::time::duration_from_proto;
 use agentplane::validate;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
+use crate::agents::AgentApi;
 use crate::error::ApiError;
+use crate::hosts::HostClients;
+use crate::relocate::{relocate, restartable};
+
+/// Default bound of a drain.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
+/// Pause between drain rounds.
+const DRAIN_ROUND: Duration = Duration::from_millis(300);
 
 /// The service.
 #[derive(Debug, Clone)]
 pub struct HostApi {
     registry: Registry,
+    hosts: Arc<HostClients>,
+    agents: AgentApi,
+    tasks: Tasks,
 }
 
 impl HostApi {
-    /// Hosts from `registry`.
-    pub fn new(registry: Registry) -> Self {
-        Self { registry }
+    /// Hosts from `registry`; drains stop agents through `agents` and move them
+    /// through `hosts`.
+    pub fn new(
+        registry: Registry,
+        hosts: Arc<HostClients>,
+        agents: AgentApi,
+        tasks: Tasks,
+    ) -> Self {
+        Self {
+            registry,
+            hosts,
+            agents,
+            tasks,
+        }
+    }
+
+    async fn host(&self, id: &str) -> Result<Host, ApiError> {
+        let host = self.registry.get_host(id).await?;
+        Ok(host
+            .ok_or_else(|| ApiError::HostNotFound { id: id.to_owned() })?
+            .to_proto())
+    }
+
+    /// One drain round: what is still on the host, after acting on each.
+    async fn drain_round(
+        &self,
+        host: &str,
+        force: bool,
+        p: &mut DrainProgress,
+    ) -> Result<(), ApiError> {
+        let mut remaining = Vec::new();
+        let mut cursor = 0;
+        loop {
+            let (next, ids) = self.registry.scan_host_agent_ids(host, cursor, 200).await?;
+            remaining.extend(
+                self.registry
+                    .get_agents(&ids)
+                    .await?
+                    .into_iter()
+                    .filter(|a| a.host == host && !state::is_terminal(a.state())),
+            );
+            if next == 0 {
+                break;
+            }
+            cursor = next;
+        }
+        p.remaining = u32::try_from(remaining.len()).unwrap_or(u32::MAX);
+        let mut waiting = 0;
+        for agent in remaining {
+            let live = matches!(agent.state(), AgentState::Running | AgentState::Paused);
+            if restartable(&agent) && live {
+                let stopped = self.agents.stop(&agent.id, None).await?;
+                if stopped.state() != AgentState::Exited {
+                    continue;
+                }
+                match relocate(&self.registry, &self.hosts, &stopped, AgentState::Exited).await? {
+                    Some(to) => {
+                        p.moved += 1;
+                        p.message = format!("moved {} to {to}", agent.id);
+                    }
+                    None => p.message = format!("{} moved by someone else", agent.id),
+                }
+            } else if force && live {
+                self.agents.stop(&agent.id, None).await?;
+                p.stopped += 1;
+                p.message = format!(
+                    "stopped {} (it cannot move: restart never or pinned)",
+                    agent.id
+                );
+            } else {
+                waiting += 1;
+            }
+        }
+        if waiting > 0 {
+            p.message = format!(
+                "waiting for {waiting} agents that cannot move (restart never or pinned) to end; `--force` stops them"
+            );
+        }
+        Ok(())
     }
 }
 
@@ -36,9 +135,78 @@ impl HostService for HostApi {
     async fn get_host(&self, req: Request<GetHostRequest>) -> Result<Response<Host>, Status> {
         let id = req.into_inner().id;
         validate::host_id("id", &id).map_err(ApiError::from)?;
-        let host = self.registry.get_host(&id).await.map_err(ApiError::from)?;
-        Ok(Response::new(
-            host.ok_or(ApiError::HostNotFound { id })?.to_proto(),
-        ))
+        Ok(Response::new(self.host(&id).await?))
+    }
+
+    async fn cordon_host(&self, req: Request<CordonHostRequest>) -> Result<Response<Host>, Status> {
+        let r = req.into_inner();
+        validate::host_id("id", &r.id).map_err(ApiError::from)?;
+        if !self
+            .registry
+            .set_cordoned(&r.id, r.cordoned)
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Err(ApiError::HostNotFound { id: r.id }.into());
+        }
+        tracing::info!(host = %r.id, cordoned = r.cordoned, "host cordon changed");
+        Ok(Response::new(self.host(&r.id).await?))
+    }
+
+    type DrainHostStream = ReceiverStream<Result<DrainProgress, Status>>;
+
+    async fn drain_host(
+        &self,
+        req: Request<DrainHostRequest>,
+    ) -> Result<Response<Self::DrainHostStream>, Status> {
+        let r = req.into_inner();
+        validate::host_id("id", &r.id).map_err(ApiError::from)?;
+        if !self
+            .registry
+            .set_cordoned(&r.id, true)
+            .await
+            .map_err(ApiError::from)?
+        {
+            return Err(ApiError::HostNotFound { id: r.id }.into());
+        }
+        let limit = r
+            .timeout
+            .as_ref()
+            .map_or(DRAIN_TIMEOUT, duration_from_proto);
+        let (tx, rx) = mpsc::channel(16);
+        let api = self.clone();
+        self.tasks.spawn("drain", async move {
+            let deadline = tokio::time::Instant::now() + limit;
+            let mut p = DrainProgress {
+                message: format!("cordoned {}; draining", r.id),
+                ..Default::default()
+            };
+            loop {
+                if let Err(e) = api.drain_round(&r.id, r.force, &mut p).await {
+                    let _ = tx.send(Err(e.into())).await;
+                    return;
+                }
+                if p.remaining == 0 {
+                    p.done = true;
+                    p.message = format!("{} is empty", r.id);
+                    let _ = tx.send(Ok(p)).await;
+                    return;
+                }
+                if tx.send(Ok(p.clone())).await.is_err() {
+                    return;
+                }
+                if tokio::time::Instant::now() >= deadline {
+                    let _ = tx
+                        .send(Err(Status::deadline_exceeded(format!(
+                            "drain of {} gave up after {limit:?} with {} agents left",
+                            r.id, p.remaining
+                        ))))
+                        .await;
+                    return;
+                }
+                tokio::time::sleep(DRAIN_ROUND).await;
+            }
+        });
+        Ok(Response::new(ReceiverStream::new(rx)))
     }
 }

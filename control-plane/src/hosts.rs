@@ -1,5 +1,6 @@
 //! Calls to host agents: one lazily-connected channel per address (a bounded
-//! cache), a deadline on every call, and errors that name the host.
+//! cache), a deadline on every call, one retry for idempotent calls, a
+//! per-host circuit breaker, and errors that name the host.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -8,6 +9,7 @@ use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
 use agentplane::registry::HostRecord;
+use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
@@ -15,12 +17,31 @@ use crate::error::ApiError;
 
 /// Most cached channels; past it the cache is emptied and refilled on demand.
 const MAX_CHANNELS: usize = 1024;
+/// Consecutive transport failures that open a host's circuit.
+const OPEN_AFTER: u32 = 3;
+/// How long an open circuit fails fast before one probe is let through.
+const OPEN_FOR: Duration = Duration::from_secs(2);
+/// Pause before the one retry of an idempotent call.
+const RETRY_AFTER: Duration = Duration::from_millis(100);
+
+/// Per-address breaker state.
+#[derive(Debug, Default, Clone, Copy)]
+struct Breaker {
+    failures: u32,
+    open_until: Option<Instant>,
+    probing: bool,
+}
 
 /// Clients of host agents.
 #[derive(Debug)]
 pub struct HostClients {
     channels: Mutex<HashMap<String, Channel>>,
+    breakers: Mutex<HashMap<String, Breaker>>,
     timeout: Duration,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl HostClients {
@@ -28,15 +49,13 @@ impl HostClients {
     pub fn new(timeout: Duration) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
+            breakers: Mutex::new(HashMap::new()),
             timeout,
         }
     }
 
     fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
-        let mut map = self
-            .channels
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut map = lock(&self.channels);
         if let Some(c) = map.get(&host.address) {
             return Ok(c.clone());
         }
@@ -58,25 +77,94 @@ impl HostClients {
         Ok(channel)
     }
 
-    /// Calls `f` on `host` with the default deadline plus `extra`.
+    /// Whether a call may go out now: closed, or open and due for its one probe.
+    fn admit(&self, address: &str) -> bool {
+        let mut map = lock(&self.breakers);
+        let b = map.entry(address.to_owned()).or_default();
+        match b.open_until {
+            None => true,
+            Some(until) if Instant::now() >= until && !b.probing => {
+                b.probing = true;
+                true
+            }
+            Some(_) => false,
+        }
+    }
+
+    fn record(&self, address: &str, transport_ok: bool) {
+        let mut map = lock(&self.breakers);
+        let b = map.entry(address.to_owned()).or_default();
+        if transport_ok {
+            *b = Breaker::default();
+            return;
+        }
+        b.failures += 1;
+        b.probing = false;
+        if b.failures >= OPEN_AFTER {
+            if b.open_until.is_none() {
+                tracing::warn!(%address, failures = b.failures, "host circuit opened");
+            }
+            b.open_until = Some(Instant::now() + OPEN_FOR);
+        }
+        if map.len() > MAX_CHANNELS {
+            map.retain(|_, b| b.failures > 0);
+        }
+    }
+
+    /// Calls `f` on `host` with the default deadline plus `extra`. An
+    /// `idempotent` call is retried once after a transport failure.
     pub async fn call<T, F, Fut>(
         &self,
         host: &HostRecord,
         extra: Duration,
+        idempotent: bool,
         f: F,
     ) -> Result<T, ApiError>
     where
-        F: FnOnce(HostAgentClient<Channel>, Duration) -> Fut,
+        F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
-        let client = HostAgentClient::new(self.channel(host)?);
-        let deadline = self.timeout + extra;
+        let attempts = if idempotent { 2 } else { 1 };
+        let mut last = None;
+        for attempt in 0..attempts {
+            if attempt > 0 {
+                tokio::time::sleep(RETRY_AFTER).await;
+            }
+            match self.call_once(host, extra, &f).await {
+                Err(e @ ApiError::HostUnreachable { .. }) => last = Some(e),
+                other => return other,
+            }
+        }
+        Err(last.unwrap_or_else(|| ApiError::HostUnreachable {
+            host: host.id.clone(),
+            address: host.address.clone(),
+            detail: "no attempt made".into(),
+        }))
+    }
+
+    async fn call_once<T, F, Fut>(
+        &self,
+        host: &HostRecord,
+        extra: Duration,
+        f: &F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
         let unreachable = |detail: String| ApiError::HostUnreachable {
             host: host.id.clone(),
             address: host.address.clone(),
             detail,
         };
-        match tokio::time::timeout(deadline, f(client, deadline)).await {
+        if !self.admit(&host.address) {
+            return Err(unreachable(format!(
+                "circuit open after {OPEN_AFTER} failed calls; retrying within {OPEN_FOR:?}"
+            )));
+        }
+        let client = HostAgentClient::new(self.channel(host)?);
+        let deadline = self.timeout + extra;
+        let result = match tokio::time::timeout(deadline, f(client, deadline)).await {
             Err(_) => Err(unreachable(format!("no answer within {deadline:?}"))),
             Ok(Ok(r)) => Ok(r.into_inner()),
             // Transport failures (refused, reset, shutting down) come back as
@@ -93,7 +181,12 @@ impl HostClients {
                 host: host.id.clone(),
                 status: s,
             }),
-        }
+        };
+        self.record(
+            &host.address,
+            !matches!(result, Err(ApiError::HostUnreachable { .. })),
+        );
+        result
     }
 }
 
@@ -102,4 +195,26 @@ pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(deadline);
     r
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_circuit_opens_after_repeated_failures_and_lets_one_probe_through() {
+        let c = HostClients::new(Duration::from_secs(1));
+        for _ in 0..OPEN_AFTER {
+            assert!(c.admit("h:1"));
+            c.record("h:1", false);
+        }
+        assert!(!c.admit("h:1"), "open: fail fast");
+        tokio::time::pause();
+        tokio::time::advance(OPEN_FOR + Duration::from_millis(1)).await;
+        assert!(c.admit("h:1"), "half-open: one probe");
+        assert!(!c.admit("h:1"), "only one probe at a time");
+        c.record("h:1", true);
+        assert!(c.admit("h:1"), "closed again after a success");
+        assert!(c.admit("other:1"), "breakers are per host");
+    }
 }

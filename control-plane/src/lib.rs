@@ -10,6 +10,8 @@ mod error;
 mod host_service;
 mod hosts;
 mod placement;
+mod reconciler;
+mod relocate;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -99,6 +101,17 @@ pub async fn run(
             }
         }
     });
+    let agent_api = AgentApi::new(
+        registry.clone(),
+        hosts.clone(),
+        tasks.clone(),
+        cancel.clone(),
+    );
+    tasks.spawn(
+        "reconciler",
+        reconciler::Reconciler::new(registry.clone(), hosts.clone(), config.reconcile_interval)
+            .run(cancel.clone()),
+    );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(agentplane::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -106,11 +119,13 @@ pub async fn run(
     let server = tonic::transport::Server::builder()
         .add_service(health_service)
         .add_service(reflection)
-        .add_service(AgentServiceServer::new(AgentApi::new(
+        .add_service(AgentServiceServer::new(agent_api.clone()))
+        .add_service(HostServiceServer::new(HostApi::new(
             registry.clone(),
-            hosts,
+            hosts.clone(),
+            agent_api,
+            tasks.clone(),
         )))
-        .add_service(HostServiceServer::new(HostApi::new(registry)))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),
             cancel.clone().cancelled_owned(),

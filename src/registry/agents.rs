@@ -34,8 +34,11 @@ pub struct AgentUpdate {
     pub started_at_ms: Option<i64>,
     /// How it ended.
     pub exit: Option<ExitStatus>,
-    /// New host (moving a PENDING agent whose first host refused it).
+    /// New host (moving a PENDING agent whose first host refused it, or
+    /// rescheduling a LOST one).
     pub host: Option<String>,
+    /// New generation (rescheduling).
+    pub generation: Option<u64>,
     /// Total restarts.
     pub restarts: Option<u32>,
     /// How the previous run ended.
@@ -65,19 +68,69 @@ pub enum UpdateOutcome {
 }
 
 impl Registry {
-    /// Writes a new agent record and adds it to its host's set, atomically.
+    /// Writes a new agent record, adds it to its host's set and appends the
+    /// AGENT_CREATED event, atomically.
     pub async fn create_agent(&self, agent: &Agent) -> Result<()> {
         let k = self.keys();
         let fields = codec::encode_agent(agent);
-        redis::pipe()
-            .atomic()
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .hset_multiple(k.agent(&agent.id), &fields)
+            .ignore()
+            .sadd(k.host_agents(&agent.host), &agent.id)
+            .ignore();
+        self.push_agent_event(&mut pipe, "AGENT_CREATED", agent);
+        pipe.query_async::<()>(&mut self.conn())
+            .await
+            .map_err(self.err("create agent record"))
+    }
+
+    /// Rewrites a whole record from a host agent's memory, after Redis lost its
+    /// data (see the epoch): record, host set, location and name.
+    pub async fn rewrite_agent(&self, agent: &Agent, ttl: Duration) -> Result<()> {
+        let k = self.keys();
+        let fields = codec::encode_agent(agent);
+        let mut pipe = redis::pipe();
+        pipe.atomic()
             .hset_multiple(k.agent(&agent.id), &fields)
             .ignore()
             .sadd(k.host_agents(&agent.host), &agent.id)
             .ignore()
-            .query_async::<()>(&mut self.conn())
+            .pset_ex(k.loc(&agent.id), &agent.host, ttl_ms(ttl))
+            .ignore();
+        let name = agent.spec.as_ref().map_or("", |s| s.name.as_str());
+        if !name.is_empty() {
+            pipe.cmd("SET")
+                .arg(k.name(name))
+                .arg(&agent.id)
+                .arg("NX")
+                .ignore();
+        }
+        pipe.query_async::<()>(&mut self.conn())
             .await
-            .map_err(self.err("create agent record"))
+            .map_err(self.err("rewrite agent record"))
+    }
+
+    fn push_agent_event(&self, pipe: &mut redis::Pipeline, ty: &str, agent: &Agent) {
+        pipe.cmd("XADD")
+            .arg(self.keys().events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(super::EVENTS_MAXLEN)
+            .arg("*")
+            .arg("type")
+            .arg(ty)
+            .arg("agent")
+            .arg(&agent.id)
+            .arg("state")
+            .arg(state::name(agent.state()))
+            .arg("host")
+            .arg(&agent.host)
+            .arg("generation")
+            .arg(agent.generation)
+            .arg("at")
+            .arg(crate::time::now_ms())
+            .ignore();
     }
 
     /// The agent record, if it exists.
@@ -151,6 +204,7 @@ impl Registry {
     ) -> Result<UpdateOutcome> {
         let mut inv = UPDATE_AGENT.prepare_invoke();
         inv.key(self.keys().agent(id))
+            .key(self.keys().events())
             .arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(expect.host.clone().unwrap_or_default())
             .arg(
@@ -160,7 +214,9 @@ impl Registry {
                     .map(|s| state::name(*s))
                     .collect::<Vec<_>>()
                     .join(","),
-            );
+            )
+            .arg(crate::time::now_ms())
+            .arg(super::EVENTS_MAXLEN);
         let mut deletes: Vec<&str> = Vec::new();
         if update.clear_exit {
             deletes.push(field::EXIT);
@@ -187,6 +243,9 @@ impl Registry {
         }
         if let Some(host) = &update.host {
             inv.arg(field::HOST).arg(host);
+        }
+        if let Some(g) = update.generation {
+            inv.arg(field::GENERATION).arg(g);
         }
         if let Some(n) = update.restarts {
             inv.arg(field::RESTARTS).arg(n);
@@ -222,18 +281,20 @@ impl Registry {
             .map_err(self.err("move agent between hosts"))
     }
 
-    /// Removes the record, its location and its membership of `host`'s set.
-    pub async fn delete_agent(&self, id: &str, host: &str) -> Result<()> {
+    /// Removes the record, its location and its membership of its host's set,
+    /// and appends AGENT_DELETED, atomically.
+    pub async fn delete_agent(&self, agent: &Agent) -> Result<()> {
         let k = self.keys();
-        redis::pipe()
-            .atomic()
-            .del(k.agent(id))
+        let mut pipe = redis::pipe();
+        pipe.atomic()
+            .del(k.agent(&agent.id))
             .ignore()
-            .del(k.loc(id))
+            .del(k.loc(&agent.id))
             .ignore()
-            .srem(k.host_agents(host), id)
-            .ignore()
-            .query_async::<()>(&mut self.conn())
+            .srem(k.host_agents(&agent.host), &agent.id)
+            .ignore();
+        self.push_agent_event(&mut pipe, "AGENT_DELETED", agent);
+        pipe.query_async::<()>(&mut self.conn())
             .await
             .map_err(self.err("delete agent record"))
     }
@@ -322,11 +383,15 @@ impl Registry {
             .map_err(self.err("set agent location"))
     }
 
-    /// Removes the agent's location.
-    pub async fn clear_location(&self, id: &str) -> Result<()> {
-        self.conn()
-            .del::<_, ()>(self.keys().loc(id))
+    /// Removes the agent's location if it still names `host` (after a
+    /// reschedule it names the new host, which must keep it).
+    pub async fn clear_location(&self, id: &str, host: &str) -> Result<()> {
+        DELETE_IF_EQUAL
+            .key(self.keys().loc(id))
+            .arg(host)
+            .invoke_async::<i64>(&mut self.conn())
             .await
+            .map(drop)
             .map_err(self.err("clear agent location"))
     }
 

@@ -34,6 +34,32 @@ pub struct HostRecord {
     pub cordoned: bool,
     /// Duration of the previous heartbeat round trip, microseconds.
     pub heartbeat_micros: u64,
+    /// The host's heartbeat TTL, milliseconds.
+    pub ttl_ms: u64,
+}
+
+/// The head of an agent record, read back by a heartbeat for fencing.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RecordHead {
+    /// The record's generation.
+    pub generation: u64,
+    /// The host it names.
+    pub host: String,
+    /// Its state.
+    pub state: Option<crate::proto::v1::AgentState>,
+}
+
+/// What a heartbeat read back in the same round trip.
+#[derive(Debug, Clone, Default)]
+pub struct HeartbeatReport {
+    /// The dataset's epoch (`ap:epoch`); `None` when Redis has none.
+    pub epoch: Option<String>,
+    /// Whether the host key existed before this beat.
+    pub existed: bool,
+    /// Whether an operator cordoned the host.
+    pub cordoned: bool,
+    /// The head of each agent's record, in the order given; `None`: no record.
+    pub records: Vec<Option<RecordHead>>,
 }
 
 impl HostRecord {
@@ -50,6 +76,9 @@ impl HostRecord {
             started_at: Some(timestamp_from_ms(self.started_at_ms)),
             heartbeat_at: Some(timestamp_from_ms(self.heartbeat_at_ms)),
             heartbeat_micros: self.heartbeat_micros,
+            heartbeat_ttl: Some(crate::time::duration_to_proto(Duration::from_millis(
+                self.ttl_ms,
+            ))),
         }
     }
 
@@ -92,26 +121,30 @@ impl HostRecord {
             heartbeat_at_ms: num("heartbeat_at")?,
             cordoned: h.get("cordoned").is_some_and(|v| v == "1"),
             heartbeat_micros: u64::try_from(num("heartbeat_micros")?).unwrap_or(0),
+            ttl_ms: u64::try_from(num("ttl_ms")?).unwrap_or(0),
         }))
     }
 }
 
 impl Registry {
     /// One heartbeat, in ONE pipelined round trip whatever the number of agents:
-    /// writes the host hash, (re)sets its TTL, and (re)writes the location key of
-    /// every agent in `running` with the same TTL. Rewriting (rather than only
-    /// extending) the locations means a Redis that lost its data is repaired by
-    /// the next heartbeat. `cordoned` is not written: it belongs to the operator.
+    /// writes the host hash and (re)sets its TTL, (re)writes the location key of
+    /// every agent in `running` with the same TTL, and reads back what fencing
+    /// needs: the dataset epoch, whether the host key existed, the cordon flag,
+    /// and the head (generation, host, state) of every agent's record.
+    /// Rewriting (rather than only extending) the locations repairs a Redis that
+    /// lost its data; `cordoned` is never written here: it is the operator's.
     pub async fn heartbeat(
         &self,
         host: &HostRecord,
         running: &[String],
         ttl: Duration,
-    ) -> Result<()> {
+    ) -> Result<HeartbeatReport> {
         let k = self.keys();
         let key = k.host(&host.id);
         let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
-        let fields: [(&str, String); 8] = [
+        let ms = ttl_ms(ttl);
+        let fields: [(&str, String); 10] = [
             ("id", host.id.clone()),
             ("address", host.address.clone()),
             ("labels", labels),
@@ -120,28 +153,152 @@ impl Registry {
             ("version", host.version.clone()),
             ("started_at", host.started_at_ms.to_string()),
             ("heartbeat_micros", host.heartbeat_micros.to_string()),
+            ("ttl_ms", ms.to_string()),
+            ("heartbeat_at", crate::time::now_ms().to_string()),
         ];
-        let ms = ttl_ms(ttl);
         let mut pipe = redis::pipe();
-        pipe.hset_multiple(&key, &fields)
-            .ignore()
-            .hset(&key, "heartbeat_at", crate::time::now_ms())
+        pipe.get(k.epoch())
+            .exists(&key)
+            .hset_multiple(&key, &fields)
             .ignore()
             .pexpire(&key, i64::try_from(ms).unwrap_or(i64::MAX))
-            .ignore();
+            .ignore()
+            .sadd(k.hosts_known(), &host.id)
+            .ignore()
+            .hget(&key, "cordoned");
         for id in running {
             pipe.pset_ex(k.loc(id), &host.id, ms).ignore();
+            pipe.cmd("HMGET")
+                .arg(k.agent(id))
+                .arg("generation")
+                .arg("host")
+                .arg("state");
         }
-        pipe.query_async::<()>(&mut self.conn())
+        let values: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn())
             .await
-            .map_err(self.err("heartbeat"))
+            .map_err(self.err("heartbeat"))?;
+        let corrupt = |detail: &str| RegistryError::Corrupt {
+            key: key.clone(),
+            detail: format!("heartbeat reply: {detail}"),
+        };
+        let mut it = values.into_iter();
+        let mut next = || it.next().ok_or_else(|| corrupt("too short"));
+        let epoch: Option<String> =
+            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
+        let existed: bool =
+            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
+        let cordoned: Option<String> =
+            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
+        let mut records = Vec::with_capacity(running.len());
+        for _ in running {
+            let head: Vec<Option<String>> =
+                redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
+            records.push(match head.as_slice() {
+                [Some(g), Some(h), s] => Some(RecordHead {
+                    generation: g.parse().unwrap_or(0),
+                    host: h.clone(),
+                    state: s.as_deref().and_then(crate::state::parse),
+                }),
+                _ => None,
+            });
+        }
+        Ok(HeartbeatReport {
+            epoch,
+            existed,
+            cordoned: cordoned.as_deref() == Some("1"),
+            records,
+        })
+    }
+
+    /// The dataset epoch, created if missing (`SET NX`, so every writer agrees).
+    pub async fn ensure_epoch(&self) -> Result<String> {
+        let fresh = crate::ids::new_agent_id();
+        let _: Option<String> = redis::cmd("SET")
+            .arg(self.keys().epoch())
+            .arg(&fresh)
+            .arg("NX")
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("create epoch"))?;
+        let epoch: Option<String> = self
+            .conn()
+            .get(self.keys().epoch())
+            .await
+            .map_err(self.err("read epoch"))?;
+        Ok(epoch.unwrap_or(fresh))
+    }
+
+    /// Cordons or uncordons a live host; false when it is not live.
+    pub async fn set_cordoned(&self, id: &str, cordoned: bool) -> Result<bool> {
+        super::scripts::SET_CORDON
+            .key(self.keys().host(id))
+            .arg(if cordoned { "1" } else { "0" })
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|n| n == 1)
+            .map_err(self.err("cordon host"))
+    }
+
+    /// Declares `id` lost if its key is gone, once: true for the one caller
+    /// that appended HOST_LOST.
+    pub async fn mark_host_lost(&self, id: &str) -> Result<bool> {
+        let k = self.keys();
+        super::scripts::MARK_HOST_LOST
+            .key(k.host(id))
+            .key(k.hosts_known())
+            .key(k.events())
+            .arg(id)
+            .arg(crate::time::now_ms())
+            .arg(super::EVENTS_MAXLEN)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|n| n == 1)
+            .map_err(self.err("mark host lost"))
+    }
+
+    /// One `SCAN` batch of the hosts that have an agent set.
+    pub async fn scan_host_sets(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
+        let (next, keys) = self
+            .scan(
+                "scan host agent sets",
+                cursor,
+                &self.keys().host_agents_pattern(),
+                count,
+            )
+            .await?;
+        let ids = keys
+            .iter()
+            .filter_map(|k| self.keys().host_agents_id_of(k).map(str::to_owned))
+            .collect();
+        Ok((next, ids))
     }
 
     /// Deletes the host key at once (graceful host-agent shutdown), so the
-    /// control plane stops placing there without waiting for the TTL.
+    /// control plane stops placing there without waiting for the TTL, and
+    /// appends HOST_DOWN (not HOST_LOST: it left on purpose).
     pub async fn remove_host(&self, id: &str) -> Result<()> {
-        self.conn()
-            .del::<_, ()>(self.keys().host(id))
+        let k = self.keys();
+        redis::pipe()
+            .atomic()
+            .del(k.host(id))
+            .ignore()
+            .srem(k.hosts_known(), id)
+            .ignore()
+            .cmd("XADD")
+            .arg(k.events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(super::EVENTS_MAXLEN)
+            .arg("*")
+            .arg("type")
+            .arg("HOST_DOWN")
+            .arg("host")
+            .arg(id)
+            .arg("at")
+            .arg(crate::time::now_ms())
+            .ignore()
+            .query_async::<()>(&mut self.conn())
             .await
             .map_err(self.err("remove host"))
     }

@@ -75,6 +75,29 @@ impl Keys {
         format!("{}:name:{name}", self.prefix)
     }
 
+    /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
+    /// since (so HOST_LOST is emitted once per disappearance).
+    pub fn hosts_known(&self) -> String {
+        format!("{}:hosts-known", self.prefix)
+    }
+
+    /// The `SCAN` pattern of every per-host agent set.
+    pub fn host_agents_pattern(&self) -> String {
+        format!("{}:host-agents:*", self.prefix)
+    }
+
+    /// The host id of a per-host agent set key.
+    pub fn host_agents_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix(":host-agents:")
+    }
+
+    /// `ap:epoch`: a random id created once per Redis dataset. When it changes
+    /// (or vanishes), Redis lost its data and host agents rewrite their records.
+    pub fn epoch(&self) -> String {
+        format!("{}:epoch", self.prefix)
+    }
+
     /// `ap:events`: the event stream.
     pub fn events(&self) -> String {
         format!("{}:events", self.prefix)

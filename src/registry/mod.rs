@@ -8,6 +8,7 @@
 
 mod agents;
 mod codec;
+mod events;
 mod hosts;
 mod keys;
 mod scripts;
@@ -17,7 +18,8 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use agents::{AgentUpdate, Expect, UpdateOutcome};
-pub use hosts::HostRecord;
+pub use events::{type_name, EventReader, EVENTS_MAXLEN};
+pub use hosts::{HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
 
 /// Default key prefix (`--redis-prefix`).
@@ -78,6 +80,7 @@ pub type Result<T> = std::result::Result<T, RegistryError>;
 /// Redis is down and recovers when it comes back without a restart.
 #[derive(Clone)]
 pub struct Registry {
+    client: redis::Client,
     conn: ConnectionManager,
     keys: Keys,
     url: String,
@@ -117,13 +120,15 @@ impl Registry {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn = ConnectionManager::new_lazy_with_config(client, config).map_err(|source| {
-            RegistryError::InvalidUrl {
-                url: shown.clone(),
-                source,
-            }
-        })?;
+        let conn =
+            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|source| {
+                RegistryError::InvalidUrl {
+                    url: shown.clone(),
+                    source,
+                }
+            })?;
         Ok(Self {
+            client,
             conn,
             keys: Keys::new(prefix),
             url: shown,

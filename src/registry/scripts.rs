@@ -2,12 +2,14 @@
 
 use std::sync::LazyLock;
 
-/// Compare-and-set on an agent record.
+/// Compare-and-set on an agent record, and the event of a state change in the
+/// same atomic step (so every change is in `ap:events` exactly once).
 ///
-/// KEYS[1] the agent hash. ARGV[1] expected generation (`""`: any), ARGV[2]
-/// expected host (`""`: any), ARGV[3] comma-separated allowed current states
-/// (`""`: any), ARGV[4] the number N of fields to delete, ARGV[5..5+N] their
-/// names, then field/value pairs to set.
+/// KEYS[1] the agent hash, KEYS[2] the event stream. ARGV[1] expected
+/// generation (`""`: any), ARGV[2] expected host (`""`: any), ARGV[3]
+/// comma-separated allowed current states (`""`: any), ARGV[4] the time (ms),
+/// ARGV[5] the stream's approximate length bound, ARGV[6] the number N of
+/// fields to delete, ARGV[7..7+N] their names, then field/value pairs to set.
 ///
 /// Returns `{code, state, generation, host}` as they were before: code 1 applied,
 /// 0 no such record, -1 an expectation failed (nothing written).
@@ -26,11 +28,44 @@ if ARGV[3] ~= '' then
   end
   if not ok then return {-1, state, gen, host} end
 end
-local ndel = tonumber(ARGV[4])
-for i = 5, 4 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
-local first = 5 + ndel
+local ndel = tonumber(ARGV[6])
+for i = 7, 6 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local first = 7 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
+local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
+if after[2] ~= state or after[4] ~= gen then
+  redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
+    'type', 'AGENT_STATE', 'agent', after[1] or '', 'state', after[2] or '',
+    'previous', state, 'host', after[3] or '', 'generation', after[4] or '', 'at', ARGV[4])
+end
 return {1, state, gen, host}
+",
+    )
+});
+
+/// Emits HOST_LOST once per disappearance: KEYS[1] the host key, KEYS[2] the
+/// set of hosts known alive, KEYS[3] the stream; ARGV[1] host id, ARGV[2] time,
+/// ARGV[3] stream bound. Returns 1 if this call declared the loss.
+pub(super) static MARK_HOST_LOST: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
+if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
+  'type', 'HOST_LOST', 'host', ARGV[1], 'at', ARGV[2])
+return 1
+",
+    )
+});
+
+/// Sets `cordoned` on a live host only: KEYS[1] the host key, ARGV[1] 1 or 0.
+/// Returns 0 when the host is not live.
+pub(super) static SET_CORDON: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], 'cordoned', ARGV[1])
+return 1
 ",
     )
 });

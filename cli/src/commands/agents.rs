@@ -6,7 +6,7 @@ use crate::client::Clients;
 use crate::output::{self, Format};
 
 /// Arguments of `ls`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct LsArgs {
     /// Only agents on this host.
     #[arg(long)]

@@ -1,18 +1,66 @@
-//! `agentctl hosts ls`.
+//! `agentctl hosts ls|cordon|uncordon|drain`.
 
-use agentplane::proto::v1::ListHostsRequest;
+use agentplane::proto::v1::{CordonHostRequest, DrainHostRequest, Host, ListHostsRequest};
+use agentplane::time::duration_to_proto;
 
 use crate::client::Clients;
 use crate::output::{self, Format};
+use crate::HostsCommand;
+
+/// Runs a hosts subcommand.
+pub async fn run(c: &mut Clients, fmt: Format, command: HostsCommand) -> anyhow::Result<()> {
+    match command {
+        HostsCommand::Ls => ls(c, fmt).await,
+        HostsCommand::Cordon { id } => cordon(c, fmt, id, true).await,
+        HostsCommand::Uncordon { id } => cordon(c, fmt, id, false).await,
+        HostsCommand::Drain { id, force, timeout } => {
+            let mut req = tonic::Request::new(DrainHostRequest {
+                id,
+                force,
+                timeout: Some(duration_to_proto(timeout)),
+            });
+            req.set_timeout(timeout + std::time::Duration::from_secs(30));
+            let mut stream = c.hosts.drain_host(req).await?.into_inner();
+            while let Some(p) = stream.message().await? {
+                match fmt {
+                    Format::Json => {
+                        println!("{}", serde_json::to_string(&output::DrainView::from(&p))?)
+                    }
+                    Format::Table => println!(
+                        "remaining {:>4}  moved {:>4}  stopped {:>4}  {}",
+                        p.remaining, p.moved, p.stopped, p.message
+                    ),
+                }
+                if p.done {
+                    return Ok(());
+                }
+            }
+            anyhow::bail!("the drain stream ended before the host was empty")
+        }
+    }
+}
+
+async fn cordon(c: &mut Clients, fmt: Format, id: String, cordoned: bool) -> anyhow::Result<()> {
+    let h = c
+        .hosts
+        .cordon_host(CordonHostRequest { id, cordoned })
+        .await?
+        .into_inner();
+    print_hosts(fmt, &[h])
+}
 
 /// Prints every live host.
-pub async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
+async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
     let hosts = c
         .hosts
         .list_hosts(ListHostsRequest {})
         .await?
         .into_inner()
         .hosts;
+    print_hosts(fmt, &hosts)
+}
+
+fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
     match fmt {
         Format::Json => {
             let views: Vec<output::HostView> = hosts.iter().map(output::HostView::from).collect();
@@ -39,12 +87,15 @@ pub async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
                         } else {
                             labels.join(",")
                         },
+                        format!("{:.1}ms", h.heartbeat_micros as f64 / 1000.0),
                         h.version.clone(),
                     ]
                 })
                 .collect();
             output::table(
-                &["HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "VERSION"],
+                &[
+                    "HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "BEAT", "VERSION",
+                ],
                 &rows,
             );
             Ok(())

@@ -5,6 +5,7 @@ mod agents;
 mod control;
 mod hosts;
 mod spawn;
+mod watch;
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -16,7 +17,7 @@ use crate::client::{self, Clients};
 use crate::{Cli, HostsCommand};
 
 /// Every command.
-#[derive(Debug, Subcommand)]
+#[derive(Debug, Clone, Subcommand)]
 pub enum Command {
     /// Place an agent on a host and start it: `agentctl spawn -- CMD ARGS…`.
     Spawn(Box<spawn::SpawnArgs>),
@@ -71,29 +72,73 @@ pub enum Command {
         #[command(subcommand)]
         command: HostsCommand,
     },
+    /// Print agent and host events as they happen; reconnects (to the next
+    /// endpoint) with the last token, so no event is missed or repeated.
+    Watch(watch::WatchArgs),
 }
 
-/// Runs the parsed command line.
+/// Runs the parsed command line against the first endpoint that answers:
+/// an UNAVAILABLE answer moves on to the next one (`--endpoint a,b`). Spawns
+/// carry a request id (generated when not given), so a retry on another
+/// replica never makes a second agent.
 pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let mut c: Clients = client::connect(&cli.endpoint, cli.call_timeout)?;
+    let endpoints: Vec<String> = cli
+        .endpoint
+        .split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect();
+    anyhow::ensure!(
+        !endpoints.is_empty(),
+        "--endpoint: give at least one address"
+    );
     let fmt = cli.output;
-    match cli.command {
-        Command::Spawn(args) => spawn::run(&mut c, fmt, *args).await,
-        Command::Get { id } => agents::get(&mut c, fmt, id).await,
-        Command::Locate { id } => agents::locate(&mut c, fmt, id).await,
-        Command::Ls(args) => agents::ls(&mut c, fmt, args).await,
-        Command::Pause { id } => control::pause(&mut c, fmt, id).await,
-        Command::Resume { id } => control::resume(&mut c, fmt, id).await,
-        Command::Stop { id, grace } => {
-            control::stop(&mut c, fmt, id, grace, cli.call_timeout).await
+    let mut command = cli.command;
+    if let Command::Spawn(args) = &mut command {
+        args.ensure_request_id();
+    }
+    if let Command::Watch(args) = command {
+        watch::run(&endpoints, fmt, args, cli.call_timeout).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut last = None;
+    for (i, endpoint) in endpoints.iter().enumerate() {
+        let mut c = client::connect(endpoint, cli.call_timeout)?;
+        match dispatch(&mut c, fmt, command.clone(), cli.call_timeout).await {
+            Ok(()) => return Ok(ExitCode::SUCCESS),
+            Err(e) if i + 1 < endpoints.len() && client::is_unavailable(&e) => {
+                eprintln!(
+                    "agentctl: {endpoint} is unavailable; trying {}",
+                    endpoints[i + 1]
+                );
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
         }
-        Command::Kill { id, signal } => control::kill(&mut c, fmt, id, &signal).await,
-        Command::Rm { id, force } => control::rm(&mut c, id, force, cli.call_timeout).await,
-        Command::Hosts {
-            command: HostsCommand::Ls,
-        } => hosts::ls(&mut c, fmt).await,
-    }?;
-    Ok(ExitCode::SUCCESS)
+    }
+    Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint answered")))
+}
+
+async fn dispatch(
+    c: &mut Clients,
+    fmt: crate::output::Format,
+    command: Command,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    match command {
+        Command::Spawn(args) => spawn::run(c, fmt, *args).await,
+        Command::Get { id } => agents::get(c, fmt, id).await,
+        Command::Locate { id } => agents::locate(c, fmt, id).await,
+        Command::Ls(args) => agents::ls(c, fmt, args).await,
+        Command::Pause { id } => control::pause(c, fmt, id).await,
+        Command::Resume { id } => control::resume(c, fmt, id).await,
+        Command::Stop { id, grace } => control::stop(c, fmt, id, grace, timeout).await,
+        Command::Kill { id, signal } => control::kill(c, fmt, id, &signal).await,
+        Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
+        Command::Hosts { command } => hosts::run(c, fmt, command).await,
+        Command::Watch(_) => unreachable!("handled before dispatch"),
+    }
 }
 
 /// Parses `KEY=VALUE` for clap.

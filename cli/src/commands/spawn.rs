@@ -14,7 +14,7 @@ use crate::client::Clients;
 use crate::output::{self, Format};
 
 /// Arguments of `spawn`.
-#[derive(Debug, clap::Args)]
+#[derive(Debug, Clone, clap::Args)]
 pub struct SpawnArgs {
     /// A name for the agent (lowercase letters, digits, '-').
     #[arg(long)]
@@ -76,6 +76,15 @@ pub struct SpawnArgs {
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     argv: Vec<String>,
+}
+
+impl SpawnArgs {
+    /// Makes sure the spawn carries a request id, so retries are idempotent.
+    pub fn ensure_request_id(&mut self) {
+        if self.request_id.is_none() {
+            self.request_id = Some(format!("agentctl-{}", agentplane::ids::new_agent_id()));
+        }
+    }
 }
 
 /// `--restart` values.

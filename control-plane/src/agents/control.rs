@@ -32,18 +32,21 @@ impl AgentApi {
         let host = self.host_of(&agent).await?;
         let msg = HostAgentRef { id: id.to_owned() };
         self.hosts
-            .call(&host, Duration::ZERO, |mut c, d| async move {
-                if pause {
-                    c.pause_agent(request(msg, d)).await
-                } else {
-                    c.resume_agent(request(msg, d)).await
+            .call(&host, Duration::ZERO, false, |mut c, d| {
+                let msg = msg.clone();
+                async move {
+                    if pause {
+                        c.pause_agent(request(msg, d)).await
+                    } else {
+                        c.resume_agent(request(msg, d)).await
+                    }
                 }
             })
             .await?;
         self.agent(id).await
     }
 
-    pub(super) async fn stop(
+    pub(crate) async fn stop(
         &self,
         id: &str,
         grace: Option<prost_types::Duration>,
@@ -62,8 +65,9 @@ impl AgentApi {
             grace: Some(duration_to_proto(grace)),
         };
         self.hosts
-            .call(&host, stop_deadline(grace), |mut c, d| async move {
-                c.stop_agent(request(msg, d)).await
+            .call(&host, stop_deadline(grace), false, |mut c, d| {
+                let msg = msg.clone();
+                async move { c.stop_agent(request(msg, d)).await }
             })
             .await?;
         self.agent(id).await
@@ -85,11 +89,10 @@ impl AgentApi {
             signal,
         };
         self.hosts
-            .call(
-                &host,
-                stop_deadline(Duration::ZERO),
-                |mut c, d| async move { c.signal_agent(request(msg, d)).await },
-            )
+            .call(&host, stop_deadline(Duration::ZERO), false, |mut c, d| {
+                let msg = msg.clone();
+                async move { c.signal_agent(request(msg, d)).await }
+            })
             .await?;
         self.agent(id).await
     }
@@ -117,7 +120,7 @@ impl AgentApi {
                 Err(e) => return Err(e),
             };
         }
-        self.registry.delete_agent(id, &agent.host).await?;
+        self.registry.delete_agent(&agent).await?;
         if let Some(name) = agent
             .spec
             .as_ref()
@@ -132,8 +135,9 @@ impl AgentApi {
             let msg = HostAgentRef { id: id.to_owned() };
             if let Err(e) = self
                 .hosts
-                .call(&host, Duration::ZERO, |mut c, d| async move {
-                    c.forget_agent(request(msg, d)).await
+                .call(&host, Duration::ZERO, true, |mut c, d| {
+                    let msg = msg.clone();
+                    async move { c.forget_agent(request(msg, d)).await }
                 })
                 .await
             {

@@ -4,7 +4,9 @@
 mod control;
 mod query;
 mod spawn;
+mod watch;
 
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -13,9 +15,12 @@ use agentplane::proto::v1::{
     Agent, DeleteAgentRequest, DeleteAgentResponse, GetAgentRequest, KillAgentRequest,
     ListAgentsRequest, ListAgentsResponse, LocateAgentRequest, LocateAgentResponse,
     PauseAgentRequest, ResumeAgentRequest, SpawnAgentRequest, SpawnAgentResponse, StopAgentRequest,
+    WatchAgentsRequest,
 };
 use agentplane::registry::{HostRecord, Registry};
+use agentplane::tasks::Tasks;
 use agentplane::validate;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::error::ApiError;
@@ -26,12 +31,27 @@ use crate::hosts::HostClients;
 pub struct AgentApi {
     registry: Registry,
     hosts: Arc<HostClients>,
+    tasks: Tasks,
+    cancel: CancellationToken,
+    watchers: Arc<AtomicUsize>,
 }
 
 impl AgentApi {
-    /// The API over `registry`, calling hosts through `hosts`.
-    pub fn new(registry: Registry, hosts: Arc<HostClients>) -> Self {
-        Self { registry, hosts }
+    /// The API over `registry`, calling hosts through `hosts`; watch streams
+    /// run as `tasks` and end on `cancel`.
+    pub fn new(
+        registry: Registry,
+        hosts: Arc<HostClients>,
+        tasks: Tasks,
+        cancel: CancellationToken,
+    ) -> Self {
+        Self {
+            registry,
+            hosts,
+            tasks,
+            cancel,
+            watchers: Arc::new(AtomicUsize::new(0)),
+        }
     }
 
     /// The record of `id`, or NOT_FOUND.
@@ -122,5 +142,14 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         self.delete(&r.id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
+    }
+
+    type WatchAgentsStream = watch::WatchStream;
+
+    async fn watch_agents(
+        &self,
+        req: Request<WatchAgentsRequest>,
+    ) -> Result<Response<Self::WatchAgentsStream>, Status> {
+        Ok(Response::new(self.watch(req.into_inner()).await?))
     }
 }

@@ -158,8 +158,9 @@ impl AgentApi {
             spec: agent.spec.clone(),
         };
         self.hosts
-            .call(host, Duration::ZERO, |mut c, d| async move {
-                c.start_agent(request(msg, d)).await
+            .call(host, Duration::ZERO, true, |mut c, d| {
+                let msg = msg.clone();
+                async move { c.start_agent(request(msg, d)).await }
             })
             .await
             .map(drop)
@@ -208,13 +209,13 @@ impl AgentApi {
             states: vec![AgentState::Pending],
             ..Default::default()
         };
-        let host = match self.registry.get_agent(id).await {
-            Ok(Some(a)) => a.host,
-            _ => String::new(),
+        let record = match self.registry.get_agent(id).await {
+            Ok(Some(a)) => a,
+            _ => return,
         };
         match self.registry.update_agent(id, &expect, &update).await {
             Ok(UpdateOutcome::Applied) => {
-                if let Err(e) = self.registry.delete_agent(id, &host).await {
+                if let Err(e) = self.registry.delete_agent(&record).await {
                     tracing::warn!(agent = %id, error = %e, "cannot delete the failed placement; it stays FAILED");
                 }
             }

@@ -52,6 +52,8 @@ pub struct AgentSlot {
     pub generation: u64,
     /// Its spec.
     pub spec: AgentSpec,
+    /// When this host took it, ms since the epoch.
+    pub created_at_ms: i64,
     /// Held for the whole of a control operation: pause/resume/stop/kill on one
     /// agent never interleave.
     pub ops: tokio::sync::Mutex<()>,
@@ -68,6 +70,7 @@ impl AgentSlot {
             id,
             generation,
             spec,
+            created_at_ms: agentplane::time::now_ms(),
             ops: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
             status: Mutex::new(Status {

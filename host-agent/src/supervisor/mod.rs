@@ -306,7 +306,7 @@ impl Supervisor {
                 }
             }
         }
-        if let Err(e) = self.registry.clear_location(&slot.id).await {
+        if let Err(e) = self.registry.clear_location(&slot.id, &self.host_id).await {
             tracing::warn!(agent = %slot.id, error = %e, "cannot clear location; it expires with the TTL");
         }
         slot.mark_ended(state, exit);
@@ -538,6 +538,75 @@ impl Supervisor {
                 Ok(())
             }
         }
+    }
+
+    /// Fencing: kills the local copy of an agent whose record no longer names
+    /// this host and generation (rescheduled elsewhere, or deleted). Nothing is
+    /// written: the record belongs to someone else now.
+    pub fn fence(&self, id: &str, why: &str) {
+        let Ok(slot) = self.get(id) else { return };
+        let pid = {
+            let mut st = slot.status();
+            st.requested = Some(Requested::Stop);
+            st.pid
+        };
+        slot.wake.notify_one();
+        tracing::warn!(agent = %id, pid, reason = why, "fencing: killing a stale copy");
+        let _ = signal::to_group(pid, Signal::SIGKILL);
+        let mains = self.reaper.watched().clone();
+        tree::signal_each(
+            &tree::escaped(id, pid, pid, Scope::Orphans(&mains)),
+            Signal::SIGKILL,
+        );
+    }
+
+    /// The agent was declared LOST while it kept running here (a partition
+    /// that healed before anyone rescheduled it): say the truth again.
+    pub async fn restore_lost(&self, id: &str) {
+        let Ok(slot) = self.get(id) else { return };
+        let s = slot.snapshot();
+        let update = AgentUpdate {
+            state: Some(s.state),
+            pid: Some(s.pid),
+            ..Default::default()
+        };
+        match self
+            .registry
+            .update_agent(id, &self.expect(&slot, &[AgentState::Lost]), &update)
+            .await
+        {
+            Ok(UpdateOutcome::Applied) => {
+                tracing::info!(agent = %id, state = state::name(s.state), "agent was marked LOST but runs here; restored");
+            }
+            Ok(other) => tracing::debug!(agent = %id, ?other, "LOST record moved on"),
+            Err(e) => tracing::warn!(agent = %id, error = %e, "cannot restore a LOST record"),
+        }
+    }
+
+    /// The record of a local agent as this host knows it, to write back after
+    /// Redis lost its data.
+    pub fn record_of(&self, id: &str) -> Option<agentplane::proto::v1::Agent> {
+        let slot = self.get(id).ok()?;
+        let s = slot.snapshot();
+        Some(agentplane::proto::v1::Agent {
+            id: slot.id.clone(),
+            spec: Some(slot.spec.clone()),
+            state: s.state as i32,
+            host: self.host_id.clone(),
+            pid: s.pid,
+            generation: slot.generation,
+            exit: s.exit,
+            created_at: Some(timestamp_from_ms(slot.created_at_ms)),
+            started_at: Some(timestamp_from_ms(slot.created_at_ms)),
+            restarts: s.restarts,
+            last_exit: s.last_exit,
+            next_restart_at: None,
+        })
+    }
+
+    /// The generation this host runs `id` at.
+    pub fn generation_of(&self, id: &str) -> Option<u64> {
+        self.get(id).ok().map(|s| s.generation)
     }
 
     /// Stops every agent (each with its own grace, capped at `limit`), in

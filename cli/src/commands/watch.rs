@@ -1,0 +1,101 @@
+//! `agentctl watch`: events as they happen. On any stream failure it
+//! reconnects, to the next endpoint, with the token of the last event it
+//! printed (or of the stream's opening bookmark), so nothing is missed or
+//! printed twice while the events are retained.
+
+use std::time::Duration;
+
+use agentplane::proto::v1::{EventType, WatchAgentsRequest};
+
+use crate::client;
+use crate::output::{self, Format};
+
+/// Arguments of `watch`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct WatchArgs {
+    /// Start after this event token ("0": from the oldest retained event).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only this agent's events (host events are still shown).
+    #[arg(long)]
+    agent: Option<String>,
+    /// Exit after this many events (default: never).
+    #[arg(long)]
+    count: Option<u64>,
+}
+
+/// Consecutive failed connection attempts after which watch gives up.
+const GIVE_UP_AFTER: u32 = 30;
+
+/// Watches until interrupted (or `--count` events).
+pub async fn run(
+    endpoints: &[String],
+    fmt: Format,
+    a: WatchArgs,
+    timeout: Duration,
+) -> anyhow::Result<()> {
+    let mut token = a.since.clone().unwrap_or_default();
+    let mut printed = 0u64;
+    let mut failures = 0u32;
+    let mut i = 0usize;
+    loop {
+        let endpoint = &endpoints[i % endpoints.len()];
+        let mut c = client::connect_streaming(endpoint, timeout)?;
+        let opened = c
+            .agents
+            .watch_agents(WatchAgentsRequest {
+                resume_token: token.clone(),
+                agent_id: a.agent.clone().unwrap_or_default(),
+            })
+            .await;
+        match opened {
+            Ok(stream) => {
+                let mut stream = stream.into_inner();
+                loop {
+                    match stream.message().await {
+                        Ok(Some(ev)) => {
+                            failures = 0;
+                            token.clone_from(&ev.token);
+                            if ev.r#type() == EventType::Bookmark {
+                                continue;
+                            }
+                            match fmt {
+                                Format::Json => println!(
+                                    "{}",
+                                    serde_json::to_string(&output::EventView::from(&ev))?
+                                ),
+                                Format::Table => println!("{}", output::event_line(&ev)),
+                            }
+                            printed += 1;
+                            if a.count.is_some_and(|n| printed >= n) {
+                                return Ok(());
+                            }
+                        }
+                        Ok(None) => {
+                            eprintln!("agentctl: watch stream from {endpoint} ended; reconnecting");
+                            break;
+                        }
+                        Err(s) => {
+                            eprintln!(
+                                "agentctl: watch stream from {endpoint}: {}; reconnecting",
+                                client::describe(endpoint, &s)
+                            );
+                            break;
+                        }
+                    }
+                }
+            }
+            Err(s) if s.code() != tonic::Code::Unavailable => return Err(s.into()),
+            Err(s) => eprintln!("agentctl: {}", client::describe(endpoint, &s)),
+        }
+        failures += 1;
+        anyhow::ensure!(
+            failures < GIVE_UP_AFTER,
+            "no endpoint served the watch {GIVE_UP_AFTER} times in a row"
+        );
+        i += 1;
+        // The first retry goes straight to the next endpoint; later ones back off.
+        let pause = Duration::from_millis(100 * u64::from(failures.min(20)));
+        tokio::time::sleep(pause).await;
+    }
+}

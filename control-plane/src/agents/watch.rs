@@ -1,0 +1,137 @@
+//! WatchAgents: the event stream, read from Redis on a connection of its own,
+//! resumable from any replica with the last token.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use agentplane::proto::v1::{Event, EventType, WatchAgentsRequest};
+use agentplane::validate::{self, ValidationError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::AgentApi;
+use crate::error::ApiError;
+
+/// Most watch streams one replica serves at once.
+pub const MAX_WATCHERS: usize = 1024;
+/// Events buffered per watcher before the reader waits for the client.
+const BUFFER: usize = 256;
+
+/// The stream type of WatchAgents.
+pub type WatchStream = ReceiverStream<Result<Event, Status>>;
+
+/// Checks a resume token: a Redis stream id (`ms-seq`), or `0`.
+fn token(t: &str) -> Result<(), ValidationError> {
+    let ok = t == "0"
+        || t.split_once('-')
+            .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok());
+    if ok {
+        Ok(())
+    } else {
+        Err(ValidationError::new(
+            "resume_token",
+            format!("`{t}` is not an event token (like 1700000000000-0)"),
+        ))
+    }
+}
+
+/// Decrements the watcher count when the stream's task ends.
+struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl AgentApi {
+    pub(super) async fn watch(&self, req: WatchAgentsRequest) -> Result<WatchStream, ApiError> {
+        if !req.resume_token.is_empty() {
+            token(&req.resume_token)?;
+        }
+        if !req.agent_id.is_empty() {
+            validate::agent_id("agent_id", &req.agent_id)?;
+        }
+        if self.watchers.fetch_add(1, Ordering::Relaxed) >= MAX_WATCHERS {
+            self.watchers.fetch_sub(1, Ordering::Relaxed);
+            return Err(ApiError::NoCapacity {
+                detail: format!("this replica already serves {MAX_WATCHERS} watch streams"),
+            });
+        }
+        let slot = Slot(self.watchers.clone());
+        let mut reader = self.registry.event_reader().await?;
+        let mut after = if req.resume_token.is_empty() {
+            reader
+                .last_id()
+                .await
+                .map_err(|e| self.registry.event_error(e))?
+        } else {
+            req.resume_token.clone()
+        };
+        let (tx, rx) = mpsc::channel(BUFFER);
+        let bookmark = Event {
+            token: after.clone(),
+            r#type: EventType::Bookmark as i32,
+            ..Default::default()
+        };
+        // Cannot fail: the channel is new and has room.
+        let _ = tx.try_send(Ok(bookmark));
+        let registry = self.registry.clone();
+        let cancel = self.cancel.clone();
+        let filter = req.agent_id;
+        self.tasks.spawn("watch stream", async move {
+            let _slot = slot;
+            loop {
+                let read = tokio::select! {
+                    () = tx.closed() => return,
+                    () = cancel.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable(
+                            "control plane shutting down: reconnect with your last token",
+                        ))).await;
+                        return;
+                    }
+                    r = reader.read(&after, 256, Duration::from_secs(1)) => r,
+                };
+                match read {
+                    Ok(events) => {
+                        for ev in events {
+                            after.clone_from(&ev.token);
+                            let host_event = !matches!(
+                                ev.r#type(),
+                                EventType::AgentCreated
+                                    | EventType::AgentState
+                                    | EventType::AgentDeleted
+                                    | EventType::AgentIdle
+                            );
+                            if (filter.is_empty() || host_event || ev.agent_id == filter)
+                                && tx.send(Ok(ev)).await.is_err()
+                            {
+                                return;
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        let status: Status = ApiError::from(registry.event_error(e)).into();
+                        let _ = tx.send(Err(status)).await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(token("0").is_ok());
+        assert!(token("1700000000000-3").is_ok());
+        assert_eq!(token("abc").unwrap_err().field, "resume_token");
+        assert!(token("1-x").is_err());
+    }
+}
