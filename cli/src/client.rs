@@ -53,10 +53,21 @@ pub fn connect_streaming(endpoint: &str, _timeout: Duration) -> anyhow::Result<C
     })
 }
 
-/// True when the error is a gRPC UNAVAILABLE: another endpoint may answer.
+/// True when another endpoint may answer: UNAVAILABLE, or a transport
+/// failure (a replica that died mid-call resets the connection: UNKNOWN).
 pub fn is_unavailable(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<tonic::Status>()
-        .is_some_and(|s| s.code() == tonic::Code::Unavailable)
+    e.downcast_ref::<tonic::Status>().is_some_and(failover)
+}
+
+/// The status form of [`is_unavailable`].
+pub fn failover(s: &tonic::Status) -> bool {
+    match s.code() {
+        tonic::Code::Unavailable | tonic::Code::Cancelled => true,
+        tonic::Code::Unknown => {
+            s.message().contains("transport") || s.message().contains("connection")
+        }
+        _ => false,
+    }
 }
 
 /// A gRPC failure as one line: the code's name, then the server's message.

@@ -60,6 +60,7 @@ pub struct Builder {
     control_planes: usize,
     max_agents: u32,
     heartbeat_ttl: Duration,
+    reconcile_interval: Duration,
     host_labels: Vec<(usize, String)>,
 }
 
@@ -85,6 +86,12 @@ impl Builder {
     /// `--heartbeat-ttl` of every host; default 3s.
     pub fn heartbeat_ttl(mut self, ttl: Duration) -> Self {
         self.heartbeat_ttl = ttl;
+        self
+    }
+
+    /// `--reconcile-interval` of every control plane; default 200ms.
+    pub fn reconcile_interval(mut self, d: Duration) -> Self {
+        self.reconcile_interval = d;
         self
     }
 
@@ -143,6 +150,7 @@ impl TestCluster {
             control_planes: 1,
             max_agents: 1000,
             heartbeat_ttl: Duration::from_secs(3),
+            reconcile_interval: Duration::from_millis(200),
             host_labels: Vec::new(),
         }
     }
@@ -186,6 +194,8 @@ impl TestCluster {
             "5s".into(),
             "--shutdown-timeout".into(),
             "5s".into(),
+            "--reconcile-interval".into(),
+            format!("{}ms", self.config.reconcile_interval.as_millis()),
         ];
         let (proc, addr) =
             self.start_server("control-plane", &format!("control-plane-{i}.log"), &args);
@@ -224,6 +234,22 @@ impl TestCluster {
             addr,
             host_id,
         }
+    }
+
+    /// Starts one more control-plane replica; returns its index.
+    pub fn add_control_plane(&mut self) -> usize {
+        let i = self.control_planes.len();
+        let s = self.spawn_control_plane(i);
+        self.control_planes.push(s);
+        i
+    }
+
+    /// The host agent with id `id`.
+    pub fn host(&mut self, id: &str) -> &mut Server {
+        self.hosts
+            .iter_mut()
+            .find(|h| h.host_id == id)
+            .unwrap_or_else(|| panic!("no host {id}"))
     }
 
     /// Waits until `n` hosts are listed by the control plane.
@@ -267,6 +293,21 @@ impl TestCluster {
         AgentServiceClient::new(self.channel().await)
     }
 
+    /// An AgentService client of control plane `i`.
+    pub fn client_of(&self, i: usize) -> AgentServiceClient<Channel> {
+        let channel = tonic::transport::Endpoint::from_shared(self.endpoint(i))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30))
+            .connect_lazy();
+        AgentServiceClient::new(channel)
+    }
+
+    /// The heartbeat TTL the hosts run with.
+    pub fn heartbeat_ttl(&self) -> Duration {
+        self.config.heartbeat_ttl
+    }
+
     /// A HostService client of control plane 0.
     pub async fn host_client(&self) -> HostServiceClient<Channel> {
         HostServiceClient::new(self.channel().await)
@@ -294,6 +335,16 @@ impl TestCluster {
             .into_inner()
             .agent
             .expect("agent in response")
+    }
+
+    /// A `Command` for `agentctl` against every control plane (`--endpoint a,b`).
+    pub fn agentctl_all(&self, args: &[&str]) -> Command {
+        let endpoints: Vec<String> = (0..self.control_planes.len())
+            .map(|i| self.endpoint(i))
+            .collect();
+        let mut cmd = Command::new(bin("agentctl"));
+        cmd.arg("--endpoint").arg(endpoints.join(",")).args(args);
+        cmd
     }
 
     /// Runs `agentctl` against control plane 0 with `args`.

@@ -90,6 +90,20 @@ impl RedisServer {
         .await;
     }
 
+    /// SIGSTOP: Redis freezes (its clock, and so its TTLs, run on).
+    pub fn freeze(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`RedisServer::freeze`].
+    pub fn thaw(&self) {
+        if let Some(p) = &self.proc {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
+    }
+
     /// `INFO commandstats`, raw.
     pub async fn commandstats(&self) -> String {
         redis::cmd("INFO")

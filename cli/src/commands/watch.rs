@@ -85,7 +85,7 @@ pub async fn run(
                     }
                 }
             }
-            Err(s) if s.code() != tonic::Code::Unavailable => return Err(s.into()),
+            Err(s) if !client::failover(&s) => return Err(s.into()),
             Err(s) => eprintln!("agentctl: {}", client::describe(endpoint, &s)),
         }
         failures += 1;

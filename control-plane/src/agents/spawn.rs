@@ -16,8 +16,13 @@ use crate::error::ApiError;
 use crate::hosts::request;
 use crate::placement;
 
-/// How long a repeated request waits for the first one's agent to appear.
+/// How long a repeated request waits for the first one's agent to leave PENDING.
 const EXISTING_WAIT: Duration = Duration::from_secs(10);
+/// After this long in PENDING, a repeated request starts the agent itself.
+const DRIVE_AFTER: Duration = Duration::from_secs(1);
+/// A request id whose agent record has not appeared after this long was
+/// abandoned (its replica died between claiming the id and writing the record).
+const ABANDONED_AFTER: Duration = Duration::from_secs(3);
 /// How many hosts a spawn tries before giving up.
 const MAX_ATTEMPTS: usize = 3;
 
@@ -38,11 +43,19 @@ impl AgentApi {
             });
         }
         validate::request_id("request_id", &req.request_id)?;
-        if let Some(existing) = self.registry.claim_request(&req.request_id, &id).await? {
-            return Ok(SpawnAgentResponse {
-                agent: Some(self.existing(&req.request_id, &existing).await?),
-                existing: true,
-            });
+        // A claim whose creator died before writing the record is released by
+        // `existing`; the next round claims it for this request.
+        let mut rounds = 0;
+        while let Some(existing) = self.registry.claim_request(&req.request_id, &id).await? {
+            match self.existing(&req.request_id, &existing).await {
+                Err(ApiError::AbandonedRequest { .. }) if rounds < 2 => rounds += 1,
+                other => {
+                    return Ok(SpawnAgentResponse {
+                        agent: Some(other?),
+                        existing: true,
+                    })
+                }
+            }
         }
         match self.place_and_start(id.clone(), spec).await {
             Ok(agent) => Ok(SpawnAgentResponse {
@@ -60,15 +73,29 @@ impl AgentApi {
         }
     }
 
-    /// The agent an earlier request with the same id created, once it left PENDING.
+    /// The agent an earlier request with the same id created, once it left
+    /// PENDING. If it stays PENDING (the replica that created it may have died
+    /// before asking its host), this replica asks the host itself: StartAgent
+    /// is idempotent by id and generation.
     async fn existing(&self, request_id: &str, id: &str) -> Result<Agent, ApiError> {
-        let deadline = tokio::time::Instant::now() + EXISTING_WAIT;
+        let started = tokio::time::Instant::now();
+        let deadline = started + EXISTING_WAIT;
+        let mut driven = false;
         loop {
             let found = self.registry.get_agent(id).await?;
             let now = tokio::time::Instant::now();
             match found {
                 Some(a) if a.state() != AgentState::Pending || now >= deadline => return Ok(a),
-                None if now >= deadline => {
+                Some(a) if !driven && now - started >= DRIVE_AFTER => {
+                    driven = true;
+                    if let Some(host) = self.registry.get_host(&a.host).await? {
+                        tracing::info!(agent = %id, host = %a.host, "driving a PENDING agent left by an earlier request");
+                        if let Err(e) = self.start_on(&host, &a).await {
+                            tracing::warn!(agent = %id, error = %e, "could not start the pending agent");
+                        }
+                    }
+                }
+                None if now - started >= ABANDONED_AFTER => {
                     self.registry.release_request(request_id, id).await?;
                     return Err(ApiError::AbandonedRequest {
                         request_id: request_id.to_owned(),

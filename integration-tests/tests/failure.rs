@@ -1,0 +1,359 @@
+//! Failure detection, rescheduling, fencing and Redis outages, as users, Redis
+//! and /proc see them.
+
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::restart_policy::Mode;
+use agentplane::proto::v1::{
+    Agent, AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, LocateAgentRequest,
+    RestartPolicy,
+};
+use agentplane_integration_tests::{eventually, procfs, TestCluster};
+use nix::sys::signal::Signal;
+use redis::AsyncCommands;
+use tonic::Code;
+
+fn spec(argv: &[&str], restart: Option<Mode>) -> AgentSpec {
+    AgentSpec {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        restart: restart.map(|m| RestartPolicy {
+            mode: m as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
+    let mut c = cluster.client().await;
+    c.list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .agents
+}
+
+/// Event types of the stream, as (type, agent, state) for assertions.
+async fn events(cluster: &TestCluster) -> Vec<(String, String, String)> {
+    let mut conn = cluster.redis.conn().await;
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all("ap:events").await.unwrap();
+    reply
+        .ids
+        .iter()
+        .map(|e| {
+            let get = |k: &str| e.get::<String>(k).unwrap_or_default();
+            (get("type"), get("agent"), get("state"))
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_host_is_detected_and_its_restartable_agents_run_elsewhere() {
+    let ttl = Duration::from_millis(1500);
+    let mut cluster = TestCluster::builder()
+        .hosts(3)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    let mut on_h1 = Vec::new();
+    for i in 0..6 {
+        let mode = if i % 2 == 0 {
+            Mode::Always
+        } else {
+            Mode::Never
+        };
+        let a = cluster
+            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
+            .await;
+        if a.host == "h1" {
+            on_h1.push((a.id, mode));
+        }
+    }
+    assert_eq!(on_h1.len(), 2, "round robin put 2 of 6 on h1");
+
+    let killed_at = Instant::now();
+    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    let mut c = cluster.client().await;
+    let mut lost_after = HashMap::new();
+    let mut running_after = HashMap::new();
+    let deadline = Instant::now() + ttl * 4;
+    while lost_after.len() < 2 || running_after.is_empty() {
+        assert!(
+            Instant::now() < deadline,
+            "h1's agents not LOST/rescheduled in time: {lost_after:?} {running_after:?}"
+        );
+        for (id, mode) in &on_h1 {
+            let Ok(a) = c.get_agent(GetAgentRequest { id: id.clone() }).await else {
+                continue;
+            };
+            let a = a.into_inner();
+            if a.generation > 1 || a.state() == AgentState::Lost {
+                lost_after
+                    .entry(id.clone())
+                    .or_insert_with(|| killed_at.elapsed());
+            }
+            if *mode == Mode::Always && a.state() == AgentState::Running && a.host != "h1" {
+                running_after
+                    .entry(id.clone())
+                    .or_insert_with(|| killed_at.elapsed());
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let detection = lost_after.values().max().copied().unwrap();
+    let rescheduled = running_after.values().max().copied().unwrap();
+    eprintln!(
+        "SIGKILL of h1 (ttl {ttl:?}, beat {:?}): LOST after {detection:?}, rescheduled and running after {rescheduled:?}",
+        ttl / 3
+    );
+    // The key expires at most TTL after the last beat; the reconciler passes every 200ms.
+    assert!(
+        detection <= ttl + ttl / 3 + Duration::from_millis(400),
+        "detected in {detection:?}"
+    );
+    assert!(
+        rescheduled <= detection + Duration::from_secs(1),
+        "rescheduled in {rescheduled:?}"
+    );
+
+    for (id, mode) in &on_h1 {
+        let a = c
+            .get_agent(GetAgentRequest { id: id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        match mode {
+            Mode::Always => {
+                assert_eq!(a.state(), AgentState::Running);
+                assert_eq!(a.generation, 2);
+                let procs = procfs::agent_processes(id);
+                assert_eq!(procs.len(), 1, "exactly one live process: {procs:?}");
+                assert_eq!(procs[0].pid, a.pid);
+                let loc = c
+                    .locate_agent(LocateAgentRequest { id: id.clone() })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                assert!(loc.live && loc.host == a.host);
+            }
+            _ => {
+                assert_eq!(a.state(), AgentState::Lost, "restart never stays LOST");
+                assert!(procfs::agent_processes(id).is_empty());
+            }
+        }
+    }
+    let ev = events(&cluster).await;
+    assert_eq!(
+        ev.iter().filter(|e| e.0 == "HOST_LOST").count(),
+        1,
+        "one HOST_LOST event"
+    );
+    for (id, _) in &on_h1 {
+        let lost = ev.iter().filter(|e| &e.1 == id && e.2 == "LOST").count();
+        assert_eq!(lost, 1, "one LOST event for {id} (work done once)");
+    }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn flushall_with_fifty_agents_running_loses_nothing_within_two_heartbeats() {
+    let ttl = Duration::from_millis(1500);
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    let mut agents = Vec::new();
+    for i in 0..50 {
+        let mut s = spec(&["sleep", "1000"], None);
+        s.name = format!("worker-{i}");
+        agents.push(cluster.spawn_spec(s).await);
+    }
+    let mut conn = cluster.redis.conn().await;
+    redis::cmd("FLUSHALL")
+        .query_async::<()>(&mut conn)
+        .await
+        .unwrap();
+    let flushed = Instant::now();
+    let mut c = cluster.client().await;
+    eventually(ttl, "all 50 locatable again", || {
+        let mut c = c.clone();
+        let agents = agents.clone();
+        async move {
+            for a in &agents {
+                let loc = c
+                    .locate_agent(LocateAgentRequest { id: a.id.clone() })
+                    .await
+                    .ok()?
+                    .into_inner();
+                if !(loc.live && loc.host == a.host) {
+                    return None;
+                }
+            }
+            Some(())
+        }
+    })
+    .await;
+    let took = flushed.elapsed();
+    eprintln!(
+        "all 50 agents locatable {took:?} after FLUSHALL (heartbeat every {:?})",
+        ttl / 3
+    );
+    assert!(
+        took <= 2 * (ttl / 3) + Duration::from_millis(300),
+        "within two heartbeats: {took:?}"
+    );
+    for a in &agents {
+        let now = c
+            .get_agent(GetAgentRequest { id: a.id.clone() })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(now.spec, a.spec, "spec written back");
+        assert_eq!(now.pid, a.pid, "not restarted");
+        assert_eq!(now.state(), AgentState::Running);
+        assert_eq!(now.generation, a.generation);
+        assert_eq!(procfs::agent_processes(&a.id).len(), 1);
+    }
+    // Names came back too: a duplicate is refused again.
+    let e = c
+        .spawn_agent(agentplane::proto::v1::SpawnAgentRequest {
+            spec: Some(AgentSpec {
+                name: "worker-7".into(),
+                ..spec(&["true"], None)
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    cluster.finish().await;
+}
+
+/// Asserts that an outage by itself changed nothing: same processes, same
+/// pids, no LOST, no restart, no new generation.
+async fn assert_untouched(cluster: &TestCluster, before: &[Agent]) {
+    let after = all_agents(cluster).await;
+    assert_eq!(after.len(), before.len());
+    for b in before {
+        let a = after
+            .iter()
+            .find(|a| a.id == b.id)
+            .expect("agent still listed");
+        assert_eq!(a.state(), AgentState::Running, "{}", a.id);
+        assert_eq!(a.pid, b.pid, "not restarted");
+        assert_eq!(a.generation, b.generation, "not rescheduled");
+        assert_eq!(a.host, b.host);
+        assert!(procfs::is_alive(b.pid), "still running");
+    }
+    let lost = events(cluster)
+        .await
+        .into_iter()
+        .filter(|e| e.2 == "LOST" || e.0 == "HOST_LOST")
+        .count();
+    assert_eq!(lost, 0, "nothing declared LOST by the outage");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing() {
+    let ttl = Duration::from_millis(1500);
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    for i in 0..6 {
+        let mode = if i % 2 == 0 {
+            Mode::Always
+        } else {
+            Mode::Never
+        };
+        cluster
+            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
+            .await;
+    }
+    let before = all_agents(&cluster).await;
+    let mut c = cluster.client().await;
+
+    cluster.redis.freeze();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let t = Instant::now();
+    let e = c
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("registry"), "{}", e.message());
+    assert!(
+        t.elapsed() < Duration::from_secs(6),
+        "answered in {:?}",
+        t.elapsed()
+    );
+    tokio::time::sleep(Duration::from_secs(28)).await;
+    cluster.redis.thaw();
+
+    // Every host key expired during the freeze. Give the reconcilers far more
+    // than a TTL to (wrongly) act, and the hosts time to re-register.
+    eventually(Duration::from_secs(10), "API answers again", || {
+        let mut c = c.clone();
+        async move {
+            c.list_agents(ListAgentsRequest::default())
+                .await
+                .ok()
+                .map(drop)
+        }
+    })
+    .await;
+    tokio::time::sleep(ttl * 3).await;
+    cluster.wait_for_hosts(2).await;
+    assert_untouched(&cluster, &before).await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
+    let ttl = Duration::from_millis(1500);
+    let mut cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    for i in 0..6 {
+        let mode = if i % 2 == 0 {
+            Mode::Always
+        } else {
+            Mode::Never
+        };
+        cluster
+            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
+            .await;
+    }
+    let before = all_agents(&cluster).await;
+    let mut c = cluster.client().await;
+    cluster.redis.stop();
+    let e = c
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable);
+    tokio::time::sleep(ttl * 2).await;
+    cluster.redis.restart().await;
+    eventually(Duration::from_secs(5), "every agent written back", || {
+        let mut c = c.clone();
+        async move {
+            let n = c
+                .list_agents(ListAgentsRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .agents
+                .len();
+            (n == 6).then_some(())
+        }
+    })
+    .await;
+    tokio::time::sleep(ttl * 3).await;
+    assert_untouched(&cluster, &before).await;
+    cluster.finish().await;
+}

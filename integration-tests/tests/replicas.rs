@@ -1,0 +1,194 @@
+//! Several control-plane replicas: spawns retried on another replica make one
+//! agent each; a watch client follows a SIGKILLed replica to the other one
+//! and sees every event once, in order.
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, SpawnAgentRequest};
+use agentplane_integration_tests::{procfs, TestCluster};
+use nix::sys::signal::Signal;
+use redis::AsyncCommands;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_spawns_survive_a_replica_sigkill_with_exactly_one_agent_each() {
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .control_planes(2)
+        .max_agents(500)
+        .start()
+        .await;
+    let clients = [cluster.client_of(0), cluster.client_of(1)];
+    let t0 = Instant::now();
+    // 200 spawns, 8 in flight at a time, each retried with its request id on
+    // the other replica when the first fails at the transport level (like
+    // `agentctl --endpoint a,b`); replica 0 is SIGKILLed in the middle.
+    let failed_over = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let next = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let clients = clients.clone();
+        let next = next.clone();
+        let failed_over = failed_over.clone();
+        workers.spawn(async move {
+            loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 200 {
+                    return;
+                }
+                let req = SpawnAgentRequest {
+                    spec: Some(AgentSpec {
+                        argv: vec!["sleep".into(), "1000".into()],
+                        ..Default::default()
+                    }),
+                    request_id: format!("bulk-{i}"),
+                };
+                let mut done = false;
+                for (n, c) in clients.iter().enumerate() {
+                    match c.clone().spawn_agent(req.clone()).await {
+                        Ok(_) => {
+                            done = true;
+                            break;
+                        }
+                        Err(s) if n == 0 && transport(&s) => {
+                            failed_over.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
+                        Err(s) => panic!("spawn {i} failed: {s:?}"),
+                    }
+                }
+                assert!(done, "spawn {i} answered");
+            }
+        });
+    }
+    while next.load(std::sync::atomic::Ordering::SeqCst) < 80 {
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    cluster.control_planes[0].proc.signal(Signal::SIGKILL);
+    while let Some(r) = workers.join_next().await {
+        r.expect("worker did not panic");
+    }
+    let failed_over = failed_over.load(std::sync::atomic::Ordering::SeqCst);
+    eprintln!(
+        "{failed_over} spawns failed over to replica 1 ({:?})",
+        t0.elapsed()
+    );
+    assert!(failed_over > 0, "the kill made some spawns fail over");
+    let mut c = clients[1].clone();
+    let mut all = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .list_agents(ListAgentsRequest {
+                page_token: token,
+                page_size: 500,
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        all.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            break;
+        }
+        token = page.next_page_token;
+    }
+    assert_eq!(all.len(), 200, "exactly 200 agents");
+    eprintln!("listed ({:?})", t0.elapsed());
+    for a in &all {
+        assert_eq!(
+            procfs::agent_processes(&a.id).len(),
+            1,
+            "one process for {}",
+            a.id
+        );
+    }
+    cluster.finish().await;
+}
+
+/// Whether a call failed at the transport level (the replica died).
+fn transport(s: &tonic::Status) -> bool {
+    matches!(
+        s.code(),
+        tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::Cancelled
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_follows_a_killed_replica_to_the_other_and_sees_every_event_once_in_order() {
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .control_planes(2)
+        .start()
+        .await;
+    let mut watch = cluster
+        .agentctl_all(&["-o", "json", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, rx) = mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&line) {
+                if tx.send(v).is_err() {
+                    return;
+                }
+            }
+        }
+    });
+    // The watch is connected once a first event reaches it.
+    let first = cluster.spawn(&["true"]).await;
+    let seen_first = rx
+        .recv_timeout(Duration::from_secs(10))
+        .expect("watch receives events");
+    assert_eq!(seen_first["agent_id"], first.id.as_str());
+    for _ in 0..5 {
+        cluster.spawn(&["sleep", "1000"]).await;
+    }
+    cluster.control_planes[0].proc.signal(Signal::SIGKILL);
+    // Events while the watcher moves over, and after.
+    let mut c = cluster.client_of(1);
+    for _ in 0..5 {
+        c.spawn_agent(SpawnAgentRequest {
+            spec: Some(AgentSpec {
+                argv: vec!["true".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap();
+    }
+    // Every event in Redis from the first one the watcher saw.
+    let mut conn = cluster.redis.conn().await;
+    let start = seen_first["token"].as_str().unwrap().to_owned();
+    let mut seen = vec![seen_first];
+    let deadline = Instant::now() + Duration::from_secs(15);
+    let expected: Vec<String> = loop {
+        let reply: redis::streams::StreamRangeReply =
+            conn.xrange("ap:events", &start, "+").await.unwrap();
+        let ids: Vec<String> = reply.ids.iter().map(|e| e.id.clone()).collect();
+        while let Ok(v) = rx.recv_timeout(Duration::from_millis(50)) {
+            seen.push(v);
+        }
+        if seen.len() >= ids.len() || Instant::now() > deadline {
+            break ids;
+        }
+    };
+    let got: Vec<String> = seen
+        .iter()
+        .map(|v| v["token"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(got, expected, "every event exactly once, in order");
+    assert!(
+        expected.len() >= 20,
+        "the test produced events: {}",
+        expected.len()
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+    cluster.finish().await;
+}
