@@ -29,7 +29,7 @@ async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
     let mut c = cluster.client().await;
     c.list_agents(ListAgentsRequest::default())
         .await
-        .unwrap()
+        .expect("list agents")
         .into_inner()
         .agents
 }
@@ -37,7 +37,7 @@ async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
 /// Event types of the stream, as (type, agent, state) for assertions.
 async fn events(cluster: &TestCluster) -> Vec<(String, String, String)> {
     let mut conn = cluster.redis.conn().await;
-    let reply: redis::streams::StreamRangeReply = conn.xrange_all("ap:events").await.unwrap();
+    let reply: redis::streams::StreamRangeReply = conn.xrange_all("ap:events").await.expect("read the event stream");
     reply
         .ids
         .iter()
