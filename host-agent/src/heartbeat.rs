@@ -33,14 +33,31 @@ pub async fn run(
     let mut tick = tokio::time::interval(ttl / 3);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut mem = Memory::default();
+    // Bounded by half the beat interval: a dial or beat lost to a partition
+    // fails before the next tick, so a healed link is seen at that tick.
+    let limit = (ttl / 6).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    let mut conn = None;
+    let mut last_attempt = tokio::time::Instant::now();
     loop {
+        // While the registry is unreachable, retry twice per interval: a healed
+        // partition is then noticed (and stale copies fenced) sooner.
+        let retry_at = last_attempt + limit;
+        let wait = async {
+            if mem.failing_since.is_some() {
+                tokio::time::sleep_until(retry_at).await;
+                tick.reset();
+            } else {
+                tick.tick().await;
+            }
+        };
         tokio::select! {
             () = cancel.cancelled() => return,
-            _ = tick.tick() => {}
+            () = wait => {}
         }
         let ids = supervisor.active_ids();
         let started = tokio::time::Instant::now();
-        let result = registry.heartbeat(&host, &ids, ttl).await;
+        last_attempt = started;
+        let result = beat(&registry, &mut conn, &host, &ids, ttl, limit).await;
         // Published with the next beat: `hosts ls` and the benchmark read it.
         host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
@@ -64,6 +81,25 @@ pub async fn run(
     }
 }
 
+/// One heartbeat on the loop's own connection (dialled when missing, dropped
+/// after any failure, so the next beat dials afresh).
+async fn beat(
+    registry: &Registry,
+    conn: &mut Option<agentplane::registry::Connection>,
+    host: &HostRecord,
+    ids: &[String],
+    ttl: Duration,
+    limit: Duration,
+) -> Result<HeartbeatReport, agentplane::registry::RegistryError> {
+    let mut c = match conn.take() {
+        Some(c) => c,
+        None => registry.dedicated_connection(limit).await?,
+    };
+    let report = registry.heartbeat(&mut c, host, ids, ttl).await?;
+    *conn = Some(c);
+    Ok(report)
+}
+
 async fn reconcile(
     registry: &Registry,
     supervisor: &Supervisor,
@@ -75,6 +111,28 @@ async fn reconcile(
 ) -> Result<(), agentplane::registry::RegistryError> {
     // A missing or different epoch means Redis lost (or never had) its data.
     let reset = report.epoch.is_none() || (mem.epoch.is_some() && mem.epoch != report.epoch);
+    // Fencing first, and without a Redis call: a stale copy dies now, not
+    // after whatever the writes below wait for.
+    let mut rewrite = Vec::new();
+    let mut restore = Vec::new();
+    for (id, head) in ids.iter().zip(report.records) {
+        let Some(local_gen) = supervisor.generation_of(id) else {
+            continue;
+        };
+        match head {
+            None if reset => rewrite.push(id),
+            None => supervisor.fence(id, "its record was deleted"),
+            Some(h) if h.host != host.id || h.generation != local_gen => supervisor.fence(
+                id,
+                &format!(
+                    "its record names host {} generation {} (this copy: {} generation {local_gen})",
+                    h.host, h.generation, host.id
+                ),
+            ),
+            Some(h) if h.state == Some(AgentState::Lost) => restore.push(id),
+            Some(_) => {}
+        }
+    }
     if reset {
         let epoch = registry.ensure_epoch().await?;
         if mem.epoch.is_some() {
@@ -83,6 +141,14 @@ async fn reconcile(
         mem.epoch = Some(epoch);
     } else {
         mem.epoch = report.epoch.clone();
+    }
+    for id in rewrite {
+        if let Some(record) = supervisor.record_of(id) {
+            registry.rewrite_agent(&record, ttl).await?;
+        }
+    }
+    for id in restore {
+        supervisor.restore_lost(id).await;
     }
     if !report.existed {
         registry
@@ -93,28 +159,6 @@ async fn reconcile(
         }
     } else {
         mem.cordoned = report.cordoned;
-    }
-    for (id, head) in ids.iter().zip(report.records) {
-        let Some(local_gen) = supervisor.generation_of(id) else {
-            continue;
-        };
-        match head {
-            None if reset => {
-                if let Some(record) = supervisor.record_of(id) {
-                    registry.rewrite_agent(&record, ttl).await?;
-                }
-            }
-            None => supervisor.fence(id, "its record was deleted"),
-            Some(h) if h.host != host.id || h.generation != local_gen => supervisor.fence(
-                id,
-                &format!(
-                    "its record names host {} generation {} (this copy: {} generation {local_gen})",
-                    h.host, h.generation, host.id
-                ),
-            ),
-            Some(h) if h.state == Some(AgentState::Lost) => supervisor.restore_lost(id).await,
-            Some(_) => {}
-        }
     }
     Ok(())
 }

@@ -62,6 +62,7 @@ pub struct Builder {
     heartbeat_ttl: Duration,
     reconcile_interval: Duration,
     host_labels: Vec<(usize, String)>,
+    netns: bool,
 }
 
 impl Builder {
@@ -95,6 +96,14 @@ impl Builder {
         self
     }
 
+    /// Runs every host agent in its own network namespace with its own address
+    /// (see [`crate::netns::NetLab`]); Redis and the control planes listen on
+    /// the lab's bridge. Needs root.
+    pub fn network_namespaces(mut self) -> Self {
+        self.netns = true;
+        self
+    }
+
     /// Adds `--label k=v` to host number `index` (0-based).
     pub fn host_label(mut self, index: usize, label: &str) -> Self {
         self.host_labels.push((index, label.to_owned()));
@@ -108,8 +117,11 @@ impl Builder {
             .prefix("agentplane-test-")
             .tempdir()
             .expect("tempdir");
-        let redis = RedisServer::start(dir.path()).await;
+        let lab = self.netns.then(|| crate::netns::NetLab::new(self.hosts));
+        let extra: Vec<String> = lab.iter().map(|l| l.gateway()).collect();
+        let redis = RedisServer::start(dir.path(), &extra).await;
         let mut cluster = TestCluster {
+            lab,
             redis,
             control_planes: Vec::new(),
             hosts: Vec::new(),
@@ -140,6 +152,9 @@ pub struct TestCluster {
     pub hosts: Vec<Server>,
     config: Builder,
     dir: tempfile::TempDir,
+    /// The network lab, when hosts run in namespaces (dropped last, after
+    /// every process in it).
+    pub lab: Option<crate::netns::NetLab>,
 }
 
 impl TestCluster {
@@ -152,11 +167,25 @@ impl TestCluster {
             heartbeat_ttl: Duration::from_secs(3),
             reconcile_interval: Duration::from_millis(200),
             host_labels: Vec::new(),
+            netns: false,
         }
     }
 
-    fn start_server(&self, name: &str, log_name: &str, args: &[String]) -> (Proc, String) {
-        let mut cmd = Command::new(bin(name));
+    fn start_server(
+        &self,
+        name: &str,
+        log_name: &str,
+        args: &[String],
+        netns: Option<String>,
+    ) -> (Proc, String) {
+        let mut cmd = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &ns]).arg(bin(name));
+                c
+            }
+            None => Command::new(bin(name)),
+        };
         cmd.args(args)
             .env("AGENTPLANE_LOG", "info,agentplane=debug")
             .stdout(Stdio::piped())
@@ -185,9 +214,13 @@ impl TestCluster {
     }
 
     fn spawn_control_plane(&self, i: usize) -> Server {
+        let listen = match &self.lab {
+            Some(lab) => format!("{}:0", lab.gateway()),
+            None => "127.0.0.1:0".to_owned(),
+        };
         let args = vec![
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen,
             "--redis-url".into(),
             self.redis.url(),
             "--host-call-timeout".into(),
@@ -197,8 +230,12 @@ impl TestCluster {
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
         ];
-        let (proc, addr) =
-            self.start_server("control-plane", &format!("control-plane-{i}.log"), &args);
+        let (proc, addr) = self.start_server(
+            "control-plane",
+            &format!("control-plane-{i}.log"),
+            &args,
+            None,
+        );
         Server {
             proc,
             addr,
@@ -208,11 +245,19 @@ impl TestCluster {
 
     fn spawn_host(&self, i: usize) -> Server {
         let host_id = format!("h{}", i + 1);
+        let (listen, redis, ns) = match &self.lab {
+            Some(lab) => (
+                format!("{}:0", lab.host_ip(i)),
+                self.redis.url_at(&lab.gateway()),
+                Some(lab.namespace(i)),
+            ),
+            None => ("127.0.0.1:0".to_owned(), self.redis.url(), None),
+        };
         let mut args = vec![
             "--listen".into(),
-            "127.0.0.1:0".into(),
+            listen,
             "--redis-url".into(),
-            self.redis.url(),
+            redis,
             "--host-id".into(),
             host_id.clone(),
             "--max-agents".into(),
@@ -228,7 +273,8 @@ impl TestCluster {
                 args.push(label.clone());
             }
         }
-        let (proc, addr) = self.start_server("host-agent", &format!("host-{host_id}.log"), &args);
+        let (proc, addr) =
+            self.start_server("host-agent", &format!("host-{host_id}.log"), &args, ns);
         Server {
             proc,
             addr,

@@ -3,6 +3,7 @@
 //! 0, and tears every process down when dropped, even when a test fails.
 
 mod cluster;
+pub mod netns;
 mod process;
 pub mod procfs;
 mod redis_server;

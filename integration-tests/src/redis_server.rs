@@ -12,6 +12,7 @@ pub struct RedisServer {
     proc: Option<Proc>,
     port: u16,
     dir: PathBuf,
+    bind: Vec<String>,
 }
 
 /// The redis-server binary, or a panic that says how to get one.
@@ -37,12 +38,16 @@ pub fn free_port() -> u16 {
 }
 
 impl RedisServer {
-    /// Starts one in `dir` and waits until it answers PING.
-    pub async fn start(dir: &Path) -> Self {
+    /// Starts one in `dir`, on 127.0.0.1 and the `extra` addresses, and waits
+    /// until it answers PING.
+    pub async fn start(dir: &Path, extra: &[String]) -> Self {
+        let mut bind = vec!["127.0.0.1".to_owned()];
+        bind.extend(extra.iter().cloned());
         let mut s = Self {
             proc: None,
             port: free_port(),
             dir: dir.to_owned(),
+            bind,
         };
         s.restart().await;
         s
@@ -51,6 +56,16 @@ impl RedisServer {
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// The port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// `redis://ADDR:PORT` for another address it listens on.
+    pub fn url_at(&self, addr: &str) -> String {
+        format!("redis://{addr}:{}", self.port)
     }
 
     /// A client connection for assertions.
@@ -72,7 +87,9 @@ impl RedisServer {
         self.proc = None;
         let mut cmd = Command::new(binary());
         cmd.args(["--port", &self.port.to_string()])
-            .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .arg("--bind")
+            .args(&self.bind)
+            .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null());

@@ -6,14 +6,22 @@ use agentplane_integration_tests::{procfs, TestCluster};
 use serde_json::Value;
 
 fn ok_json(out: &std::process::Output) -> Value {
-    assert!(out.status.success(), "agentctl failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "agentctl failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     serde_json::from_slice(&out.stdout).expect("JSON on stdout")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cordon_keeps_agents_away_and_drain_moves_restartable_agents_then_ends_empty() {
     let ttl = Duration::from_millis(900);
-    let cluster = TestCluster::builder().hosts(2).heartbeat_ttl(ttl).start().await;
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
     let cordoned = ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
     assert_eq!(cordoned[0]["cordoned"], true);
     // The cordon survives the host's own heartbeats.
@@ -24,7 +32,16 @@ async fn cordon_keeps_agents_away_and_drain_moves_restartable_agents_then_ends_e
 
     let mut movable = Vec::new();
     for _ in 0..4 {
-        let a = ok_json(&cluster.agentctl(&["-o", "json", "spawn", "--restart", "always", "--", "sleep", "1000"]));
+        let a = ok_json(&cluster.agentctl(&[
+            "-o",
+            "json",
+            "spawn",
+            "--restart",
+            "always",
+            "--",
+            "sleep",
+            "1000",
+        ]));
         assert_eq!(a["host"], "h1", "nothing lands on the cordoned h2");
         movable.push(a["id"].as_str().unwrap().to_owned());
     }
@@ -34,8 +51,15 @@ async fn cordon_keeps_agents_away_and_drain_moves_restartable_agents_then_ends_e
 
     let drain = cluster.agentctl(&["hosts", "drain", "h1", "--force", "--timeout", "60s"]);
     let progress = String::from_utf8_lossy(&drain.stdout).into_owned();
-    assert!(drain.status.success(), "drain failed: {}\n{progress}", String::from_utf8_lossy(&drain.stderr));
-    assert!(progress.lines().count() >= 2, "progress is shown:\n{progress}");
+    assert!(
+        drain.status.success(),
+        "drain failed: {}\n{progress}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    assert!(
+        progress.lines().count() >= 2,
+        "progress is shown:\n{progress}"
+    );
     assert!(progress.trim_end().ends_with("h1 is empty"), "{progress}");
     assert!(progress.contains("moved"), "{progress}");
 
@@ -48,8 +72,12 @@ async fn cordon_keeps_agents_away_and_drain_moves_restartable_agents_then_ends_e
         assert_eq!(procs.len(), 1, "one process of {id}: {procs:?}");
     }
     let f = ok_json(&cluster.agentctl(&["-o", "json", "get", fixed["id"].as_str().unwrap()]));
-    assert_eq!(f["state"], "EXITED", "the unmovable agent was stopped (--force)");
-    let on_h1 = ok_json(&cluster.agentctl(&["-o", "json", "ls", "--host", "h1", "--state", "running"]));
+    assert_eq!(
+        f["state"], "EXITED",
+        "the unmovable agent was stopped (--force)"
+    );
+    let on_h1 =
+        ok_json(&cluster.agentctl(&["-o", "json", "ls", "--host", "h1", "--state", "running"]));
     assert_eq!(on_h1.as_array().unwrap().len(), 0);
     let hosts = ok_json(&cluster.agentctl(&["-o", "json", "hosts", "ls"]));
     assert_eq!(hosts[0]["cordoned"], true, "a drained host stays cordoned");

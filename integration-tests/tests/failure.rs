@@ -37,7 +37,10 @@ async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
 /// Event types of the stream, as (type, agent, state) for assertions.
 async fn events(cluster: &TestCluster) -> Vec<(String, String, String)> {
     let mut conn = cluster.redis.conn().await;
-    let reply: redis::streams::StreamRangeReply = conn.xrange_all("ap:events").await.expect("read the event stream");
+    let reply: redis::streams::StreamRangeReply = conn
+        .xrange_all("ap:events")
+        .await
+        .expect("read the event stream");
     reply
         .ids
         .iter()

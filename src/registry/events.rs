@@ -100,14 +100,7 @@ impl Registry {
     /// Opens a dedicated connection for reading events. Its response timeout
     /// is longer than any `BLOCK` the caller uses.
     pub async fn event_reader(&self) -> Result<EventReader> {
-        let config = redis::AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(Duration::from_secs(1)))
-            .set_response_timeout(Some(Duration::from_secs(5)));
-        let conn = self
-            .client
-            .get_multiplexed_async_connection_with_config(&config)
-            .await
-            .map_err(self.err("open event stream"))?;
+        let conn = self.dedicated_connection(Duration::from_secs(5)).await?;
         Ok(EventReader {
             conn,
             key: self.keys().events(),

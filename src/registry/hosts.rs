@@ -134,8 +134,14 @@ impl Registry {
     /// and the head (generation, host, state) of every agent's record.
     /// Rewriting (rather than only extending) the locations repairs a Redis that
     /// lost its data; `cordoned` is never written here: it is the operator's.
+    ///
+    /// It runs on `conn`, a connection the caller owns (see
+    /// [`Registry::dedicated_connection`]): after a failure the caller drops it
+    /// and the next beat dials afresh, so a healed partition is seen at the next
+    /// beat instead of after TCP's retransmission backoff on a stalled socket.
     pub async fn heartbeat(
         &self,
+        conn: &mut redis::aio::MultiplexedConnection,
         host: &HostRecord,
         running: &[String],
         ttl: Duration,
@@ -175,7 +181,7 @@ impl Registry {
                 .arg("state");
         }
         let values: Vec<redis::Value> = pipe
-            .query_async(&mut self.conn())
+            .query_async(conn)
             .await
             .map_err(self.err("heartbeat"))?;
         let corrupt = |detail: &str| RegistryError::Corrupt {

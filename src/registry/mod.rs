@@ -22,6 +22,9 @@ pub use events::{type_name, EventReader, EVENTS_MAXLEN};
 pub use hosts::{HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
 
+/// A connection of a caller's own (see [`Registry::dedicated_connection`]).
+pub type Connection = redis::aio::MultiplexedConnection;
+
 /// Default key prefix (`--redis-prefix`).
 pub const DEFAULT_PREFIX: &str = "ap";
 
@@ -152,6 +155,21 @@ impl Registry {
             url: self.url.clone(),
             source,
         }
+    }
+
+    /// A new connection of the caller's own, dialled within `timeout`, whose
+    /// commands time out after `timeout` too (heartbeats and stream readers).
+    pub async fn dedicated_connection(
+        &self,
+        timeout: Duration,
+    ) -> Result<redis::aio::MultiplexedConnection> {
+        let config = redis::AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout));
+        self.client
+            .get_multiplexed_async_connection_with_config(&config)
+            .await
+            .map_err(self.err("connect"))
     }
 
     /// `PING`: used by health checks.
