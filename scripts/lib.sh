@@ -1,28 +1,32 @@
 #!/usr/bin/env bash
 # Shared helpers of scripts/dev and scripts/test. Source it; do not run it.
 
-# Installs redis-server when it is not on PATH (Debian/Ubuntu: apt-get).
+# Installs what the tests and the dev stack need when missing (Debian/Ubuntu:
+# apt-get): redis-server, and iproute2 (`ip`) for the network-namespace tests.
 ensure_redis() {
-  if command -v redis-server >/dev/null 2>&1; then
+  local missing=()
+  command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v ip >/dev/null 2>&1 || missing+=(iproute2)
+  if [ ${#missing[@]} -eq 0 ]; then
     return 0
   fi
-  echo "redis-server not found: installing it with apt-get" >&2
+  echo "${missing[*]} not found: installing with apt-get" >&2
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
       sudo="sudo"
     else
-      echo "error: redis-server is missing and this user cannot install packages;" >&2
-      echo "       install it (apt-get install -y redis-server) and run again" >&2
+      echo "error: ${missing[*]} missing and this user cannot install packages;" >&2
+      echo "       install them (apt-get install -y ${missing[*]}) and run again" >&2
       return 1
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: redis-server is missing and apt-get is not available; install Redis >= 6 and run again" >&2
+    echo "error: ${missing[*]} missing and apt-get is not available; install them and run again" >&2
     return 1
   fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
   # The package starts a system-wide server on 6379; the scripts start their own.
   command -v redis-server >/dev/null 2>&1
 }
