@@ -63,6 +63,7 @@ pub struct AgentView {
     host: String,
     pid: i32,
     generation: u64,
+    idle: bool,
     exit_code: Option<i32>,
     exit_signal: Option<i32>,
     exit_reason: Option<String>,
@@ -85,6 +86,7 @@ impl From<&Agent> for AgentView {
             host: a.host.clone(),
             pid: a.pid,
             generation: a.generation,
+            idle: a.idle,
             exit_code: exit.and_then(|e| e.code),
             exit_signal: exit.and_then(|e| e.signal),
             exit_reason: exit.map(|e| e.reason.clone()).filter(|r| !r.is_empty()),
@@ -276,7 +278,11 @@ pub fn agent_row(a: &Agent) -> Vec<String> {
         } else {
             spec.name
         },
-        state::name(a.state()).to_owned(),
+        if a.idle && a.state() == agentplane::proto::v1::AgentState::Running {
+            "IDLE".to_owned()
+        } else {
+            state::name(a.state()).to_owned()
+        },
         a.host.clone(),
         if a.pid == 0 {
             "-".into()

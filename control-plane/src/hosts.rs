@@ -54,7 +54,7 @@ impl HostClients {
         }
     }
 
-    fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
+    pub(crate) fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
         let mut map = lock(&self.channels);
         if let Some(c) = map.get(&host.address) {
             return Ok(c.clone());

@@ -50,6 +50,14 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_ttl: Duration,
 
+    /// Directory for agents' output files (one subdirectory per agent).
+    #[arg(
+        long,
+        env = "AGENTPLANE_DATA_DIR",
+        default_value = "/var/lib/agentplane"
+    )]
+    pub data_dir: std::path::PathBuf,
+
     /// How long shutdown waits for agents to stop and tasks to finish.
     #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
@@ -77,6 +85,12 @@ impl Config {
             return Err("--redis-prefix: must be non-empty without spaces".into());
         }
         redis_url_ok(&self.redis_url)?;
+        if !self.data_dir.is_absolute() {
+            return Err(format!(
+                "--data-dir: `{}` must be an absolute path",
+                self.data_dir.display()
+            ));
+        }
         if let Some(a) = &self.advertise_addr {
             if !a.contains(':') {
                 return Err(format!("--advertise-addr: `{a}` is not host:port"));

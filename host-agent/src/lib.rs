@@ -27,6 +27,15 @@ pub enum HostAgentError {
     /// The registry configuration is unusable.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The data directory cannot be created.
+    #[error("cannot create the data directory {}: {source}", path.display())]
+    DataDir {
+        /// The directory.
+        path: std::path::PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
@@ -47,6 +56,13 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostAgentError> {
     let registry = Registry::new(&config.redis_url, &config.redis_prefix)?;
+    // Output of agents from an earlier run died with them: start clean.
+    let agents_dir = config.data_dir.join("agents");
+    let _ = std::fs::remove_dir_all(&agents_dir);
+    std::fs::create_dir_all(&agents_dir).map_err(|source| HostAgentError::DataDir {
+        path: agents_dir.clone(),
+        source,
+    })?;
     let local = listener
         .local_addr()
         .map_err(HostAgentError::ListenerAddress)?;
@@ -63,6 +79,7 @@ pub async fn run(
         config.max_agents,
         tasks.clone(),
         cancel.clone(),
+        config.data_dir.clone(),
     );
     let host = HostRecord {
         id: config.host_id.clone(),

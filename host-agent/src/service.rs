@@ -5,7 +5,8 @@ use std::sync::Arc;
 use agentplane::proto::v1::host_agent_server::HostAgent;
 use agentplane::proto::v1::{
     HostAgentRef, HostForgetAgentResponse, HostListAgentsRequest, HostListAgentsResponse,
-    HostStopAgentRequest, LocalAgent, SignalAgentRequest, StartAgentRequest,
+    HostStopAgentRequest, LocalAgent, SendInputRequest, SendInputResponse, SignalAgentRequest,
+    StartAgentRequest, StreamLogsRequest,
 };
 use agentplane::time::duration_from_proto;
 use agentplane::validate::ValidationError;
@@ -90,5 +91,26 @@ impl HostAgent for HostAgentService {
     ) -> Result<Response<HostForgetAgentResponse>, Status> {
         self.supervisor.forget(&req.into_inner().id)?;
         Ok(Response::new(HostForgetAgentResponse {}))
+    }
+
+    type ReadLogsStream = tokio_stream::wrappers::ReceiverStream<crate::supervisor::LogItem>;
+
+    async fn read_logs(
+        &self,
+        req: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::ReadLogsStream>, Status> {
+        let rx = self.supervisor.read_logs(req.into_inner())?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
+    async fn write_input(
+        &self,
+        req: Request<SendInputRequest>,
+    ) -> Result<Response<SendInputResponse>, Status> {
+        let r = req.into_inner();
+        self.supervisor.write_input(&r.id, &r.data).await?;
+        Ok(Response::new(SendInputResponse {}))
     }
 }

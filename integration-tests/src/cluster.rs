@@ -266,6 +266,12 @@ impl TestCluster {
             format!("{}ms", self.config.heartbeat_ttl.as_millis()),
             "--shutdown-timeout".into(),
             "10s".into(),
+            "--data-dir".into(),
+            self.dir
+                .path()
+                .join(format!("data-{host_id}"))
+                .display()
+                .to_string(),
         ];
         for (idx, label) in &self.config.host_labels {
             if *idx == i {

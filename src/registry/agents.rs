@@ -47,6 +47,8 @@ pub struct AgentUpdate {
     pub next_restart_at_ms: Option<i64>,
     /// Removes `exit` (a restarted agent has not ended).
     pub clear_exit: bool,
+    /// Sets or clears the idle flag.
+    pub idle: Option<bool>,
 }
 
 /// What an update found.
@@ -253,6 +255,9 @@ impl Registry {
         if let Some(exit) = &update.last_exit {
             inv.arg(field::LAST_EXIT)
                 .arg(prost::Message::encode_to_vec(exit));
+        }
+        if let Some(idle) = update.idle {
+            inv.arg(field::IDLE).arg(if idle { "1" } else { "0" });
         }
         if let Some(ms) = update.next_restart_at_ms.filter(|ms| *ms > 0) {
             inv.arg(field::NEXT_RESTART_AT).arg(ms);

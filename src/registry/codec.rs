@@ -26,6 +26,7 @@ pub(super) mod field {
     pub const RESTARTS: &str = "restarts";
     pub const LAST_EXIT: &str = "last_exit";
     pub const NEXT_RESTART_AT: &str = "next_restart_at";
+    pub const IDLE: &str = "idle";
 }
 
 /// Every field of a new agent record.
@@ -144,6 +145,7 @@ pub(super) fn decode_agent(
         restarts: number(key, h, field::RESTARTS)?,
         last_exit: exit_field(field::LAST_EXIT)?,
         next_restart_at: ms(field::NEXT_RESTART_AT)?,
+        idle: text(key, h, field::IDLE)? == "1",
     }))
 }
 
@@ -177,6 +179,7 @@ mod tests {
                 ..Default::default()
             }),
             next_restart_at: Some(timestamp_from_ms(1_700_000_001_000)),
+            idle: false,
         };
         let h: HashMap<String, Vec<u8>> = encode_agent(&a)
             .into_iter()

@@ -127,6 +127,36 @@ impl Registry {
             .map_err(self.err("append host event"))
     }
 
+    /// Appends an agent event that is not a state change (AGENT_IDLE).
+    pub async fn emit_agent_event(
+        &self,
+        ty: EventType,
+        agent: &str,
+        host: &str,
+        generation: u64,
+    ) -> Result<()> {
+        redis::cmd("XADD")
+            .arg(self.keys().events())
+            .arg("MAXLEN")
+            .arg("~")
+            .arg(EVENTS_MAXLEN)
+            .arg("*")
+            .arg("type")
+            .arg(type_name(ty))
+            .arg("agent")
+            .arg(agent)
+            .arg("host")
+            .arg(host)
+            .arg("generation")
+            .arg(generation)
+            .arg("at")
+            .arg(now_ms())
+            .query_async::<String>(&mut self.conn())
+            .await
+            .map(drop)
+            .map_err(self.err("append agent event"))
+    }
+
     /// Wraps a stream read error with the registry's address.
     pub fn event_error(&self, e: redis::RedisError) -> super::RegistryError {
         (self.err("read events"))(e)

@@ -4,6 +4,7 @@
 mod agents;
 mod control;
 mod hosts;
+mod logs;
 mod spawn;
 mod watch;
 
@@ -72,6 +73,10 @@ pub enum Command {
         #[command(subcommand)]
         command: HostsCommand,
     },
+    /// Print an agent's output (`-f` follows it).
+    Logs(logs::LogsArgs),
+    /// Write text to an agent's standard input.
+    Send(logs::SendArgs),
     /// Print agent and host events as they happen; reconnects (to the next
     /// endpoint) with the last token, so no event is missed or repeated.
     Watch(watch::WatchArgs),
@@ -100,6 +105,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Watch(args) = command {
         watch::run(&endpoints, fmt, args, cli.call_timeout).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Logs(args) = command {
+        logs::run(&endpoints, args, cli.call_timeout).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut last = None;
@@ -137,7 +146,8 @@ async fn dispatch(
         Command::Kill { id, signal } => control::kill(c, fmt, id, &signal).await,
         Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
         Command::Hosts { command } => hosts::run(c, fmt, command).await,
-        Command::Watch(_) => unreachable!("handled before dispatch"),
+        Command::Send(args) => logs::send(c, args).await,
+        Command::Watch(_) | Command::Logs(_) => unreachable!("handled before dispatch"),
     }
 }
 

@@ -70,6 +70,15 @@ pub struct SpawnArgs {
     /// Run as this group id.
     #[arg(long)]
     gid: Option<u32>,
+    /// Bytes of output kept on the host's disk (default 64 MiB).
+    #[arg(long)]
+    log_max_bytes: Option<u64>,
+    /// After this long without output the agent is idle (AGENT_IDLE event).
+    #[arg(long, value_parser = parse_duration)]
+    idle_after: Option<Duration>,
+    /// Stop the agent once idle this long.
+    #[arg(long, value_parser = parse_duration)]
+    idle_timeout: Option<Duration>,
     /// Idempotency key: retrying with the same key never makes a second agent.
     #[arg(long)]
     request_id: Option<String>,
@@ -131,6 +140,9 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<(
         }),
         uid: a.uid,
         gid: a.gid,
+        log_max_bytes: a.log_max_bytes.unwrap_or(0),
+        idle_after: a.idle_after.map(duration_to_proto),
+        idle_timeout: a.idle_timeout.map(duration_to_proto),
     };
     let resp = c
         .agents

@@ -2,6 +2,7 @@
 //! `control` (pause, resume, stop, kill, delete), `query` (get, locate, list).
 
 mod control;
+mod logs;
 mod query;
 mod spawn;
 mod watch;
@@ -14,8 +15,8 @@ use agentplane::proto::v1::agent_service_server::AgentService;
 use agentplane::proto::v1::{
     Agent, DeleteAgentRequest, DeleteAgentResponse, GetAgentRequest, KillAgentRequest,
     ListAgentsRequest, ListAgentsResponse, LocateAgentRequest, LocateAgentResponse,
-    PauseAgentRequest, ResumeAgentRequest, SpawnAgentRequest, SpawnAgentResponse, StopAgentRequest,
-    WatchAgentsRequest,
+    PauseAgentRequest, ResumeAgentRequest, SendInputRequest, SendInputResponse, SpawnAgentRequest,
+    SpawnAgentResponse, StopAgentRequest, StreamLogsRequest, WatchAgentsRequest,
 };
 use agentplane::registry::{HostRecord, Registry};
 use agentplane::tasks::Tasks;
@@ -142,6 +143,23 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         self.delete(&r.id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
+    }
+
+    type StreamLogsStream = logs::LogStream;
+
+    async fn stream_logs(
+        &self,
+        req: Request<StreamLogsRequest>,
+    ) -> Result<Response<Self::StreamLogsStream>, Status> {
+        Ok(Response::new(self.stream_logs(req.into_inner()).await?))
+    }
+
+    async fn send_input(
+        &self,
+        req: Request<SendInputRequest>,
+    ) -> Result<Response<SendInputResponse>, Status> {
+        self.send_input(req.into_inner()).await?;
+        Ok(Response::new(SendInputResponse {}))
     }
 
     type WatchAgentsStream = watch::WatchStream;

@@ -5,7 +5,10 @@
 use std::sync::{Mutex, MutexGuard};
 
 use agentplane::proto::v1::{AgentSpec, AgentState, ExitStatus, LocalAgent};
+use tokio::process::ChildStdin;
 use tokio::sync::{watch, Notify};
+
+use super::output::OutputLog;
 
 /// What a user (or the spec's timeout) asked for; it explains the exit and
 /// forbids a restart.
@@ -15,6 +18,8 @@ pub enum Requested {
     Stop,
     /// The spec's `timeout` passed; stopped like a stop.
     Timeout,
+    /// The agent was idle past its `idle_timeout`; stopped like a stop.
+    Idle,
     /// A kill with this signal (does not forbid a restart: it is only a signal).
     Kill(i32),
 }
@@ -22,7 +27,7 @@ pub enum Requested {
 impl Requested {
     /// True for the requests after which the agent must not run again.
     pub fn ends_agent(self) -> bool {
-        matches!(self, Requested::Stop | Requested::Timeout)
+        matches!(self, Requested::Stop | Requested::Timeout | Requested::Idle)
     }
 }
 
@@ -59,14 +64,23 @@ pub struct AgentSlot {
     pub ops: tokio::sync::Mutex<()>,
     /// Wakes the run loop out of a restart backoff (a stop arrived).
     pub wake: Notify,
+    /// Its output on disk.
+    pub output: OutputLog,
+    /// The current run's standard input (taken out while a write is under way).
+    pub stdin: std::sync::Mutex<Option<ChildStdin>>,
+    /// True while the agent counts as idle.
+    pub idle: std::sync::atomic::AtomicBool,
     status: Mutex<Status>,
     ended: watch::Sender<bool>,
 }
 
 impl AgentSlot {
-    /// A slot in `state` with no process yet.
-    pub fn new(id: String, generation: u64, spec: AgentSpec) -> Self {
+    /// A slot with no process yet, writing its output to `output`.
+    pub fn new(id: String, generation: u64, spec: AgentSpec, output: OutputLog) -> Self {
         Self {
+            output,
+            stdin: std::sync::Mutex::new(None),
+            idle: std::sync::atomic::AtomicBool::new(false),
             id,
             generation,
             spec,
@@ -124,6 +138,11 @@ impl AgentSlot {
             s.exit = Some(exit);
         }
         self.ended.send_replace(true);
+    }
+
+    /// A receiver that changes to true when the agent has ended for good.
+    pub fn ended_receiver(&self) -> watch::Receiver<bool> {
+        self.ended.subscribe()
     }
 
     /// Waits until the agent ended, at most `limit`; true if it did.

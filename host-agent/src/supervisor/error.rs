@@ -74,6 +74,23 @@ pub enum SupervisorError {
         /// The error.
         errno: nix::errno::Errno,
     },
+    /// The agent's output files could not be created or read.
+    #[error("output of agent {id}: {source}")]
+    Output {
+        /// The agent id.
+        id: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Writing to the agent's standard input failed or timed out.
+    #[error("input of agent {id}: {detail}")]
+    Input {
+        /// The agent id.
+        id: String,
+        /// What happened.
+        detail: String,
+    },
     /// The host agent is shutting down.
     #[error("host agent is shutting down")]
     ShuttingDown,
@@ -94,7 +111,10 @@ impl From<SupervisorError> for tonic::Status {
             SupervisorError::Registry(r) => r.into(),
             SupervisorError::Timeout { .. } => Status::deadline_exceeded(msg),
             SupervisorError::Signal { .. } => Status::internal(msg),
-            SupervisorError::ShuttingDown => Status::unavailable(msg),
+            SupervisorError::ShuttingDown | SupervisorError::Output { .. } => {
+                Status::unavailable(msg)
+            }
+            SupervisorError::Input { .. } => Status::failed_precondition(msg),
         }
     }
 }

@@ -6,6 +6,8 @@
 mod agent;
 pub mod error;
 pub mod guard;
+mod io;
+pub mod output;
 mod reaper;
 mod restart;
 mod run;
@@ -31,6 +33,7 @@ use self::agent::{AgentSlot, Requested};
 use self::error::SupervisorError;
 use self::guard::Guard;
 pub use self::guard::{run_guard, GUARD_ARG};
+pub use self::io::LogItem;
 pub use self::reaper::Reaper;
 use self::signal::Delivery;
 use self::tree::Scope;
@@ -66,6 +69,7 @@ pub struct Supervisor {
     cancel: CancellationToken,
     reaper: Arc<Reaper>,
     guard: Guard,
+    data_dir: std::path::PathBuf,
 }
 
 impl Supervisor {
@@ -78,6 +82,7 @@ impl Supervisor {
         max_agents: u32,
         tasks: Tasks,
         cancel: CancellationToken,
+        data_dir: std::path::PathBuf,
     ) -> Arc<Self> {
         Reaper::become_subreaper();
         let reaper = Arc::new(Reaper::default());
@@ -94,6 +99,7 @@ impl Supervisor {
             cancel,
             reaper,
             guard: Guard::start(),
+            data_dir,
         })
     }
 
@@ -133,7 +139,20 @@ impl Supervisor {
         if generation == 0 {
             return Err(ValidationError::new("generation", "must be at least 1").into());
         }
-        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec));
+        let cap = match spec.log_max_bytes {
+            0 => output::DEFAULT_CAP,
+            n => n,
+        };
+        let dir = self
+            .data_dir
+            .join("agents")
+            .join(format!("{id}.{generation}"));
+        let log =
+            output::OutputLog::create(&dir, cap).map_err(|source| SupervisorError::Output {
+                id: id.clone(),
+                source,
+            })?;
+        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
         {
@@ -172,6 +191,7 @@ impl Supervisor {
         let outcome = self.record_running(&slot, pid, None).await;
         // The run loop starts only after the RUNNING write, so an agent that
         // exits at once can never have its exit overwritten by RUNNING.
+        self.watch_idle(&slot);
         let sup = self.clone();
         let looped = slot.clone();
         self.tasks.spawn("agent run loop", async move {
@@ -190,8 +210,12 @@ impl Supervisor {
     /// Starts a run of the slot's program. Holds the slot's status lock across
     /// the fork so that a concurrent stop either sees the new pid or is seen
     /// here first (`Ok(None)`: a stop arrived, nothing was started).
-    fn spawn_run(&self, slot: &AgentSlot, restart: bool) -> std::io::Result<Option<(Child, i32)>> {
-        let (child, pid) = {
+    fn spawn_run(
+        &self,
+        slot: &Arc<AgentSlot>,
+        restart: bool,
+    ) -> std::io::Result<Option<(Child, i32)>> {
+        let (mut child, pid) = {
             // Registered before the reaper can look: it must never reap a main process.
             let mut watched = self.reaper.watched();
             let mut st = slot.status();
@@ -210,6 +234,7 @@ impl Supervisor {
             (child, pid)
         };
         self.guard.add(pid, &slot.id);
+        self.capture(slot, &mut child);
         Ok(Some((child, pid)))
     }
 
@@ -534,7 +559,9 @@ impl Supervisor {
                 detail: "it is still running".into(),
             }),
             Some(_) => {
-                map.remove(id);
+                if let Some(slot) = map.remove(id) {
+                    slot.output.remove();
+                }
                 Ok(())
             }
         }
@@ -601,6 +628,7 @@ impl Supervisor {
             restarts: s.restarts,
             last_exit: s.last_exit,
             next_restart_at: None,
+            idle: slot.idle.load(std::sync::atomic::Ordering::Relaxed),
         })
     }
 
@@ -655,7 +683,9 @@ fn evict_ended(map: &mut HashMap<String, Arc<AgentSlot>>, cap: usize) {
         .collect();
     ended.sort();
     for (_, id) in ended.into_iter().take(map.len() - cap) {
-        map.remove(&id);
+        if let Some(slot) = map.remove(&id) {
+            slot.output.remove();
+        }
     }
 }
 

@@ -207,6 +207,7 @@ pub(super) fn exit_status(
     let reason = match (requested, signal) {
         (Some(Requested::Stop), _) => "STOPPED",
         (Some(Requested::Timeout), _) => "TIMEOUT",
+        (Some(Requested::Idle), _) => "IDLE",
         (Some(Requested::Kill(k)), Some(s)) if k == s => "KILLED",
         (_, Some(_)) => "SIGNALED",
         (_, None) => "COMPLETED",

@@ -29,11 +29,10 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
         .envs(&spec.env)
         // Set last: the spec cannot remove the marker that finds escaped processes.
         .env(MARKER, id)
-        // Output capture arrives with logs (#5); until then nothing blocks on a
-        // full pipe because nothing is piped.
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        // Captured by the supervisor (see output.rs); stdin for SendInput.
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
         // The supervisor decides when the agent dies, not a dropped handle.
         .kill_on_drop(false);
     if !spec.cwd.is_empty() {

@@ -1,0 +1,123 @@
+//! `agentctl logs` and `agentctl send`.
+
+use std::io::Write;
+use std::time::Duration;
+
+use agentplane::proto::v1::{LogStream, SendInputRequest, StreamLogsRequest};
+
+use crate::client;
+
+/// Arguments of `logs`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct LogsArgs {
+    /// Agent id.
+    id: String,
+    /// Keep printing new output until the agent ends (reconnects, to the next
+    /// endpoint, from the last byte printed).
+    #[arg(short, long)]
+    follow: bool,
+    /// Start this many lines before the end.
+    #[arg(long)]
+    tail: Option<u64>,
+    /// Start at this byte offset of the agent's output.
+    #[arg(long, conflicts_with = "tail")]
+    offset: Option<u64>,
+    /// Only standard output.
+    #[arg(long, conflicts_with = "stderr")]
+    stdout: bool,
+    /// Only standard error.
+    #[arg(long)]
+    stderr: bool,
+}
+
+/// Prints the agent's output (raw bytes) on stdout; gaps are reported on stderr.
+pub async fn run(endpoints: &[String], a: LogsArgs, timeout: Duration) -> anyhow::Result<()> {
+    let stream = if a.stdout {
+        LogStream::Stdout
+    } else if a.stderr {
+        LogStream::Stderr
+    } else {
+        LogStream::Unspecified
+    };
+    let mut next: Option<u64> = a.offset;
+    let mut failures = 0u32;
+    let mut i = 0usize;
+    let mut out = std::io::stdout().lock();
+    loop {
+        let endpoint = &endpoints[i % endpoints.len()];
+        let mut c = client::connect_streaming(endpoint, timeout)?;
+        let req = StreamLogsRequest {
+            id: a.id.clone(),
+            offset: next.unwrap_or(0),
+            tail_lines: if next.is_none() { a.tail } else { None },
+            follow: a.follow,
+            stream: stream as i32,
+        };
+        match c.agents.stream_logs(req).await {
+            Ok(s) => {
+                let mut s = s.into_inner();
+                loop {
+                    match s.message().await {
+                        Ok(Some(chunk)) => {
+                            failures = 0;
+                            if chunk.skipped > 0 {
+                                eprintln!(
+                                    "agentctl: [{} bytes of older output are no longer retained]",
+                                    chunk.skipped
+                                );
+                            }
+                            out.write_all(&chunk.data)?;
+                            out.flush()?;
+                            next = Some(chunk.offset + chunk.data.len() as u64);
+                        }
+                        Ok(None) => return Ok(()),
+                        Err(st) if a.follow && client::failover(&st) => {
+                            eprintln!("agentctl: log stream broke ({}); resuming", st.message());
+                            break;
+                        }
+                        Err(st) => return Err(st.into()),
+                    }
+                }
+            }
+            Err(st) if client::failover(&st) && failures + 1 < 10 => {
+                eprintln!("agentctl: {}", client::describe(endpoint, &st));
+            }
+            Err(st) => return Err(st.into()),
+        }
+        failures += 1;
+        anyhow::ensure!(
+            failures < 10,
+            "no endpoint served the log stream 10 times in a row"
+        );
+        i += 1;
+        tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+        // A fresh connection must not re-read what was printed: `next` is set.
+        if next.is_none() {
+            next = Some(0);
+        }
+    }
+}
+
+/// Arguments of `send`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SendArgs {
+    /// Agent id.
+    id: String,
+    /// The text to write to the agent's standard input.
+    text: String,
+    /// Append a newline (Enter).
+    #[arg(long)]
+    enter: bool,
+}
+
+/// Writes text to the agent's stdin.
+pub async fn send(c: &mut client::Clients, a: SendArgs) -> anyhow::Result<()> {
+    let mut data = a.text.into_bytes();
+    if a.enter {
+        data.push(b'\n');
+    }
+    c.agents
+        .send_input(SendInputRequest { id: a.id, data })
+        .await?;
+    Ok(())
+}

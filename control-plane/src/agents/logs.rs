@@ -1,0 +1,97 @@
+//! StreamLogs and SendInput: proxied to the agent's host. The proxy holds at
+//! most a few chunks: a slow client slows its own stream (gRPC flow control
+//! reaches back to the host's reader), never the agent or other clients.
+
+use std::time::Duration;
+
+use agentplane::proto::v1::host_agent_client::HostAgentClient;
+use agentplane::proto::v1::{LogChunk, SendInputRequest, StreamLogsRequest};
+use agentplane::validate::{self, ValidationError};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Status;
+
+use super::AgentApi;
+use crate::error::ApiError;
+use crate::hosts::request;
+
+/// The stream type of StreamLogs.
+pub type LogStream = ReceiverStream<Result<LogChunk, Status>>;
+
+/// How long opening the host's stream may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+
+impl AgentApi {
+    pub(super) async fn stream_logs(&self, req: StreamLogsRequest) -> Result<LogStream, ApiError> {
+        let agent = self.agent(&req.id).await?;
+        let host = self.host_of(&agent).await?;
+        let mut client = HostAgentClient::new(self.hosts.channel(&host)?);
+        let unreachable = |detail: String| ApiError::HostUnreachable {
+            host: host.id.clone(),
+            address: host.address.clone(),
+            detail,
+        };
+        // No grpc-timeout on the call: a follow may last as long as the agent.
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, client.read_logs(req))
+            .await
+            .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
+        let mut upstream = match opened {
+            Ok(r) => r.into_inner(),
+            Err(s) => {
+                return Err(ApiError::HostRefused {
+                    host: host.id.clone(),
+                    status: s,
+                })
+            }
+        };
+        let (tx, rx) = mpsc::channel(4);
+        let cancel = self.cancel.clone();
+        self.tasks.spawn("log proxy", async move {
+            loop {
+                let next = tokio::select! {
+                    () = tx.closed() => return,
+                    () = cancel.cancelled() => {
+                        let _ = tx.send(Err(Status::unavailable("control plane shutting down: reconnect with your offset"))).await;
+                        return;
+                    }
+                    m = upstream.message() => m,
+                };
+                match next {
+                    Ok(Some(chunk)) => {
+                        if tx.send(Ok(chunk)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Ok(None) => return,
+                    Err(s) => {
+                        let _ = tx
+                            .send(Err(Status::unavailable(format!(
+                                "log stream from host {} broke: {}; reconnect with your offset",
+                                host.id,
+                                s.message()
+                            ))))
+                            .await;
+                        return;
+                    }
+                }
+            }
+        });
+        Ok(ReceiverStream::new(rx))
+    }
+
+    pub(super) async fn send_input(&self, req: SendInputRequest) -> Result<(), ApiError> {
+        validate::agent_id("id", &req.id)?;
+        if req.data.is_empty() {
+            return Err(ValidationError::new("data", "must not be empty").into());
+        }
+        let agent = self.agent(&req.id).await?;
+        let host = self.host_of(&agent).await?;
+        self.hosts
+            .call(&host, Duration::from_secs(6), false, |mut c, d| {
+                let msg = req.clone();
+                async move { c.write_input(request(msg, d)).await }
+            })
+            .await?;
+        Ok(())
+    }
+}

@@ -1,0 +1,277 @@
+//! An agent's I/O: capturing its stdout and stderr into its [`OutputLog`],
+//! serving readers (tail, offsets, follow), writing to its stdin, and idle
+//! detection from the time of its last output (event-driven: a timer per
+//! agent re-armed by output, never a poll of every agent).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane::proto::v1::{EventType, LogChunk, LogStream, StreamLogsRequest};
+use agentplane::registry::AgentUpdate;
+use agentplane::time::{duration_from_proto, now_ms};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
+use tokio::process::Child;
+use tokio::sync::mpsc;
+
+use super::agent::{AgentSlot, Requested};
+use super::error::SupervisorError;
+use super::output::OutputLog;
+use super::Supervisor;
+
+/// Bytes per chunk read from a pipe or sent to a reader.
+const CHUNK: usize = 64 * 1024;
+/// Most bytes one SendInput may carry.
+pub const MAX_INPUT: usize = 64 * 1024;
+/// How long a write to stdin may wait for the agent to read.
+const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What a log reader yields.
+pub type LogItem = Result<LogChunk, tonic::Status>;
+
+impl Supervisor {
+    /// Starts reading the new run's stdout and stderr, and keeps its stdin.
+    pub(super) fn capture(&self, slot: &Arc<AgentSlot>, child: &mut Child) {
+        if let Some(out) = child.stdout.take() {
+            self.spawn_capture(slot, out, LogStream::Stdout);
+        }
+        if let Some(err) = child.stderr.take() {
+            self.spawn_capture(slot, err, LogStream::Stderr);
+        }
+        *slot
+            .stdin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = child.stdin.take();
+    }
+
+    fn spawn_capture<R>(&self, slot: &Arc<AgentSlot>, mut pipe: R, stream: LogStream)
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+    {
+        slot.output.writer_opened();
+        let slot = slot.clone();
+        self.tasks.spawn("agent output capture", async move {
+            let mut buf = vec![0u8; CHUNK];
+            let mut failing = false;
+            loop {
+                // While this task writes, the pipe fills and the agent waits:
+                // output is slowed by the pipe, never buffered without bound.
+                match pipe.read(&mut buf).await {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => {
+                        if let Err(e) = slot.output.append(stream, &buf[..n]) {
+                            if !failing {
+                                tracing::error!(agent = %slot.id, error = %e, "cannot write agent output; dropping it");
+                                failing = true;
+                            }
+                        }
+                    }
+                }
+            }
+            slot.output.writer_closed();
+        });
+    }
+
+    /// A reader of `id`'s output as `req` asks; the stream ends when the
+    /// retained output is sent (or, with `follow`, when the agent has ended and
+    /// all its output is sent), or when the receiver is dropped.
+    pub fn read_logs(
+        &self,
+        req: StreamLogsRequest,
+    ) -> Result<mpsc::Receiver<LogItem>, SupervisorError> {
+        let slot = self.get(&req.id)?;
+        let filter = req.stream();
+        let io_err = |source| SupervisorError::Output {
+            id: req.id.clone(),
+            source,
+        };
+        let start = match req.tail_lines {
+            Some(n) => slot.output.tail_offset(n, filter).map_err(io_err)?,
+            None => req.offset,
+        };
+        let (tx, rx) = mpsc::channel(8);
+        let cancel = self.cancel.clone();
+        self.tasks.spawn("log reader", async move {
+            let mut changed = slot.output.subscribe();
+            let mut ended = slot.ended_receiver();
+            let mut next = start;
+            loop {
+                let r = match slot.output.read(next, CHUNK, filter) {
+                    Ok(r) => r,
+                    Err(e) => {
+                        let _ = tx
+                            .send(Err(tonic::Status::unavailable(format!(
+                                "reading output: {e}"
+                            ))))
+                            .await;
+                        return;
+                    }
+                };
+                if r.skipped > 0 {
+                    let gap = LogChunk {
+                        offset: next + r.skipped,
+                        skipped: r.skipped,
+                        ..Default::default()
+                    };
+                    if tx.send(Ok(gap)).await.is_err() {
+                        return;
+                    }
+                }
+                for c in r.chunks {
+                    if tx.send(Ok(c)).await.is_err() {
+                        return;
+                    }
+                }
+                next = r.next;
+                if next < slot.output.end() {
+                    continue;
+                }
+                if !req.follow || (!slot.is_active() && !slot.output.has_writers()) {
+                    return;
+                }
+                tokio::select! {
+                    _ = changed.changed() => {}
+                    _ = ended.changed() => {}
+                    () = tx.closed() => return,
+                    () = cancel.cancelled() => return,
+                    // Belt and braces for a writer that closed between checks.
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    /// Writes `data` to the current run's stdin, waiting at most
+    /// [`INPUT_TIMEOUT`] for the agent to read it.
+    pub async fn write_input(&self, id: &str, data: &[u8]) -> Result<(), SupervisorError> {
+        if data.len() > MAX_INPUT {
+            return Err(agentplane::validate::ValidationError::new(
+                "data",
+                format!("{} bytes, at most {MAX_INPUT} per call", data.len()),
+            )
+            .into());
+        }
+        let slot = self.get(id)?;
+        let _ops = slot.ops.lock().await;
+        let input_err = |detail: String| SupervisorError::Input {
+            id: id.to_owned(),
+            detail,
+        };
+        let taken = slot
+            .stdin
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .take();
+        let Some(mut stdin) = taken else {
+            return Err(input_err(
+                "it has no open standard input (not running, or it closed it)".into(),
+            ));
+        };
+        let written = tokio::time::timeout(INPUT_TIMEOUT, async {
+            stdin.write_all(data).await?;
+            stdin.flush().await
+        })
+        .await;
+        match written {
+            Ok(Ok(())) => {
+                *slot
+                    .stdin
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stdin);
+                Ok(())
+            }
+            Ok(Err(e)) => Err(input_err(format!("write failed: {e}"))),
+            Err(_) => {
+                *slot
+                    .stdin
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stdin);
+                Err(input_err(format!(
+                    "the agent did not read its input within {INPUT_TIMEOUT:?}"
+                )))
+            }
+        }
+    }
+
+    /// Watches `slot` for silence when its spec asks (`idle_after`): marks it
+    /// idle (record flag + AGENT_IDLE event) once, clears the flag when output
+    /// resumes, and stops it after `idle_timeout` of idleness.
+    pub(super) fn watch_idle(self: &Arc<Self>, slot: &Arc<AgentSlot>) {
+        let Some(after) = slot.spec.idle_after.as_ref().map(duration_from_proto) else {
+            return;
+        };
+        let stop_after = slot.spec.idle_timeout.as_ref().map(duration_from_proto);
+        let sup = self.clone();
+        let slot = slot.clone();
+        self.tasks.spawn("idle watcher", async move {
+            let mut changed = slot.output.subscribe();
+            let mut ended = slot.ended_receiver();
+            loop {
+                let since = silence(&slot.output);
+                let idle = slot.idle.load(Ordering::Relaxed);
+                let wait = if idle {
+                    match stop_after {
+                        Some(t) if since >= after + t => {
+                            tracing::info!(agent = %slot.id, idle_for = ?since, "agent idle past its idle_timeout; stopping it");
+                            let _ = sup.stop_as(&slot.id, None, Requested::Idle).await;
+                            return;
+                        }
+                        Some(t) => (after + t) - since,
+                        None => Duration::from_secs(3600),
+                    }
+                } else if since >= after {
+                    sup.set_idle(&slot, true).await;
+                    continue;
+                } else {
+                    after - since
+                };
+                tokio::select! {
+                    () = tokio::time::sleep(wait) => {}
+                    r = changed.changed() => {
+                        if r.is_err() { return; }
+                        if slot.idle.load(Ordering::Relaxed) && silence(&slot.output) < after {
+                            sup.set_idle(&slot, false).await;
+                        }
+                    }
+                    _ = ended.changed() => return,
+                }
+                if !slot.is_active() {
+                    return;
+                }
+            }
+        });
+    }
+
+    async fn set_idle(&self, slot: &AgentSlot, idle: bool) {
+        slot.idle.store(idle, Ordering::Relaxed);
+        let update = AgentUpdate {
+            idle: Some(idle),
+            ..Default::default()
+        };
+        let expect = self.expect(slot, &super::LIVE_STATES);
+        if let Err(e) = self.registry.update_agent(&slot.id, &expect, &update).await {
+            tracing::warn!(agent = %slot.id, error = %e, "cannot record idleness");
+        }
+        if idle {
+            tracing::info!(agent = %slot.id, "agent idle");
+            if let Err(e) = self
+                .registry
+                .emit_agent_event(
+                    EventType::AgentIdle,
+                    &slot.id,
+                    &self.host_id,
+                    slot.generation,
+                )
+                .await
+            {
+                tracing::warn!(agent = %slot.id, error = %e, "cannot append AGENT_IDLE");
+            }
+        }
+    }
+}
+
+/// How long the agent has been silent.
+fn silence(log: &OutputLog) -> Duration {
+    Duration::from_millis(u64::try_from(now_ms() - log.last_output_ms()).unwrap_or(0))
+}

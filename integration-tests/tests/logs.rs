@@ -1,0 +1,291 @@
+//! Agent output: bounded capture, offsets that survive a killed follower,
+//! tails and stream filters, input, and idle detection.
+
+use std::io::{BufRead, BufReader, Read};
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, AgentState, GetAgentRequest, LogStream, StreamLogsRequest};
+use agentplane::time::duration_to_proto;
+use agentplane_integration_tests::{eventually, TestCluster};
+use nix::sys::signal::Signal;
+
+fn spec(argv: &[&str]) -> AgentSpec {
+    AgentSpec {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        ..Default::default()
+    }
+}
+
+async fn wait_ended(cluster: &TestCluster, id: &str) {
+    let c = cluster.client().await;
+    eventually(Duration::from_secs(20), "agent ended", || {
+        let mut c = c.clone();
+        let id = id.to_owned();
+        async move {
+            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+            (a.state() == AgentState::Exited).then_some(())
+        }
+    })
+    .await;
+}
+
+const SEQ: &str = "import sys, time
+for i in range(1, 200001):
+    print(i)
+    if i % 10000 == 0:
+        sys.stdout.flush()
+        time.sleep(0.1)
+";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_follower_resumes_from_its_offset_and_reassembles_seq_exactly() {
+    let cluster = TestCluster::builder().start().await;
+    let a = cluster.spawn(&["python3", "-c", SEQ]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let part = dir.path().join("out");
+    let file = std::fs::File::create(&part).unwrap();
+    let mut follower = cluster
+        .agentctl_all(&["logs", "-f", &a.id])
+        .stdout(file)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let p = part.clone();
+    eventually(
+        Duration::from_secs(20),
+        "the follower received part of the output",
+        || {
+            let n = std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+            async move { (n > 200_000).then_some(()) }
+        },
+    )
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(follower.id()).unwrap()),
+        Signal::SIGKILL,
+    )
+    .unwrap();
+    let _ = follower.wait();
+    let mut got = std::fs::read(&part).unwrap();
+    let offset = got.len().to_string();
+    let rest = cluster.agentctl(&["logs", "-f", "--offset", &offset, &a.id]);
+    assert!(
+        rest.status.success(),
+        "{}",
+        String::from_utf8_lossy(&rest.stderr)
+    );
+    got.extend_from_slice(&rest.stdout);
+    let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
+    assert_eq!(got.len(), expected.len(), "no gap, no duplicate");
+    assert!(got == expected.as_bytes(), "the exact byte sequence");
+    wait_ended(&cluster, &a.id).await;
+    // Logs of an exited agent stay readable until it is deleted.
+    let tail = cluster.agentctl(&["logs", "--tail", "2", &a.id]);
+    assert_eq!(String::from_utf8_lossy(&tail.stdout), "199999\n200000\n");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_are_kept_apart_and_input_reaches_the_agent() {
+    let cluster = TestCluster::builder().start().await;
+    let a = cluster
+        .spawn(&["sh", "-c", "echo out; echo err >&2; echo out2"])
+        .await;
+    wait_ended(&cluster, &a.id).await;
+    let out = cluster.agentctl(&["logs", "--stdout", &a.id]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nout2\n");
+    let err = cluster.agentctl(&["logs", "--stderr", &a.id]);
+    assert_eq!(String::from_utf8_lossy(&err.stdout), "err\n");
+
+    let echo = cluster
+        .spawn(&["python3", "-u", "-c", "while True: print('got', input())"])
+        .await;
+    let sent = cluster.agentctl(&["send", &echo.id, "hello", "--enter"]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let id = echo.id.clone();
+    eventually(Duration::from_secs(10), "the agent answered", || {
+        let out = cluster.agentctl(&["logs", &id]);
+        async move {
+            String::from_utf8_lossy(&out.stdout)
+                .contains("got hello")
+                .then_some(())
+        }
+    })
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_up() {
+    let cluster = TestCluster::builder().start().await;
+    let host_pid = cluster.hosts[0].proc.pid();
+    let rss = |pid: i32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let cap = 2 * 1024 * 1024u64;
+    let mut s = spec(&["yes"]);
+    s.log_max_bytes = cap;
+    let a = cluster.spawn_spec(s).await;
+    // A fast follower through the control plane.
+    let mut c = cluster.client().await;
+    let mut stream = c
+        .stream_logs(StreamLogsRequest {
+            id: a.id.clone(),
+            offset: 0,
+            tail_lines: None,
+            follow: true,
+            stream: LogStream::Unspecified as i32,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let t = Instant::now();
+    let mut received = 0u64;
+    let mut next = 0u64;
+    let mut gaps = 0u64;
+    while t.elapsed() < Duration::from_secs(4) {
+        let chunk = stream.message().await.unwrap().expect("stream open");
+        if chunk.skipped > 0 {
+            gaps += chunk.skipped;
+        } else {
+            assert_eq!(chunk.offset, next, "contiguous, or an explicit gap");
+        }
+        next = chunk.offset + chunk.data.len() as u64;
+        received += chunk.data.len() as u64;
+    }
+    drop(stream);
+    let mbps = received as f64 / t.elapsed().as_secs_f64() / 1e6;
+    // Baseline in the same run: `yes` into a plain pipe.
+    let mut yes = std::process::Command::new("yes")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut pipe = yes.stdout.take().unwrap();
+    let mut buf = vec![0u8; 64 * 1024];
+    let (mut plain, t2) = (0u64, Instant::now());
+    while t2.elapsed() < Duration::from_secs(2) {
+        plain += pipe.read(&mut buf).unwrap() as u64;
+    }
+    let _ = yes.kill();
+    let _ = yes.wait();
+    let plain_mbps = plain as f64 / t2.elapsed().as_secs_f64() / 1e6;
+    eprintln!("yes through the control plane: {mbps:.1} MB/s to one follower ({gaps} bytes skipped); plain pipe: {plain_mbps:.1} MB/s");
+    assert!(
+        received > 1_000_000,
+        "the follower received data: {received}"
+    );
+
+    let data = cluster.hosts[0]
+        .proc
+        .log
+        .parent()
+        .unwrap()
+        .join("data-h1")
+        .join("agents");
+    let on_disk: u64 = walk(&data);
+    assert!(
+        on_disk <= cap + 128 * 1024,
+        "log files within the cap: {on_disk} bytes"
+    );
+    let rss_kib = rss(host_pid);
+    eprintln!(
+        "host-agent RSS with a flooding agent: {rss_kib} KiB, output on disk {on_disk} bytes"
+    );
+    assert!(rss_kib < 64 * 1024, "host-agent RSS {rss_kib} KiB");
+    cluster.finish().await;
+}
+
+fn walk(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| {
+                    let m = e.metadata().expect("metadata");
+                    if m.is_dir() {
+                        walk(&e.path())
+                    } else {
+                        m.len()
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_becomes_idle_once_and_shows_it() {
+    let cluster = TestCluster::builder().start().await;
+    let mut watch = cluster
+        .agentctl_all(&["-o", "json", "watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let lines = BufReader::new(watch.stdout.take().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
+    std::thread::spawn(move || {
+        for l in lines.lines().map_while(Result::ok) {
+            if let Ok(v) = serde_json::from_str(&l) {
+                let _ = tx.send(v);
+            }
+        }
+    });
+    // Let the watch connect (a first event proves it).
+    let probe = cluster.spawn(&["true"]).await;
+    loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("watch connected");
+        if v["agent_id"] == probe.id.as_str() {
+            break;
+        }
+    }
+    let mut s = spec(&["sh", "-c", "echo hi; sleep 100"]);
+    s.idle_after = Some(duration_to_proto(Duration::from_secs(2)));
+    let started = Instant::now();
+    let a = cluster.spawn_spec(s).await;
+    let idle_at = loop {
+        let v = rx
+            .recv_timeout(Duration::from_secs(10))
+            .expect("AGENT_IDLE arrives");
+        if v["type"] == "AGENT_IDLE" && v["agent_id"] == a.id.as_str() {
+            break started.elapsed();
+        }
+    };
+    eprintln!("AGENT_IDLE after {idle_at:?} (idle_after 2s)");
+    assert!(
+        idle_at >= Duration::from_millis(1900) && idle_at < Duration::from_secs(4),
+        "{idle_at:?}"
+    );
+    let got = cluster.agentctl(&["-o", "json", "get", &a.id]);
+    let v: serde_json::Value = serde_json::from_slice(&got.stdout).unwrap();
+    assert_eq!(v["idle"], true);
+    let table = String::from_utf8_lossy(&cluster.agentctl(&["ls"]).stdout).into_owned();
+    assert!(table.contains("IDLE"), "{table}");
+    // Only once.
+    let more: Vec<_> = rx
+        .try_iter()
+        .chain(std::iter::from_fn(|| {
+            rx.recv_timeout(Duration::from_millis(1500)).ok()
+        }))
+        .collect();
+    assert!(
+        !more
+            .iter()
+            .any(|v| v["type"] == "AGENT_IDLE" && v["agent_id"] == a.id.as_str()),
+        "one AGENT_IDLE event"
+    );
+    let _ = watch.kill();
+    let _ = watch.wait();
+    cluster.finish().await;
+}
