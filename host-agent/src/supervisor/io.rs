@@ -51,12 +51,15 @@ impl Supervisor {
         slot.output.writer_opened();
         let slot = slot.clone();
         self.tasks.spawn("agent output capture", async move {
-            let mut buf = vec![0u8; CHUNK];
+            // Capacity only: pages are touched when output arrives, so an
+            // agent that writes nothing costs no resident memory here.
+            let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
             let mut failing = false;
             loop {
+                buf.clear();
                 // While this task writes, the pipe fills and the agent waits:
                 // output is slowed by the pipe, never buffered without bound.
-                match pipe.read(&mut buf).await {
+                match pipe.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         if let Err(e) = slot.output.append(stream, &buf[..n]) {
