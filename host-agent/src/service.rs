@@ -110,7 +110,16 @@ impl HostAgent for HostAgentService {
         req: Request<SendInputRequest>,
     ) -> Result<Response<SendInputResponse>, Status> {
         let r = req.into_inner();
-        self.supervisor.write_input(&r.id, &r.data).await?;
+        if let (Some(rows), Some(cols)) = (r.rows, r.cols) {
+            let (rows, cols) = (
+                u16::try_from(rows).unwrap_or(u16::MAX),
+                u16::try_from(cols).unwrap_or(u16::MAX),
+            );
+            self.supervisor.resize(&r.id, rows, cols)?;
+        }
+        if !r.data.is_empty() {
+            self.supervisor.write_input(&r.id, &r.data).await?;
+        }
         Ok(Response::new(SendInputResponse {}))
     }
 }

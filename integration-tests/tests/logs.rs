@@ -289,3 +289,66 @@ async fn a_silent_agent_becomes_idle_once_and_shows_it() {
     let _ = watch.wait();
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tty_agent_sees_a_terminal_answers_input_and_gets_resized() {
+    let cluster = TestCluster::builder().start().await;
+    let mut s = spec(&["python3", "-c", "import sys\nprint('tty', sys.stdin.isatty(), sys.stdout.isatty(), flush=True)\nwhile True: print('got', input(), flush=True)"]);
+    s.tty = true;
+    let a = cluster.spawn_spec(s).await;
+    let id = a.id.clone();
+    eventually(Duration::from_secs(10), "isatty reported", || {
+        let out = cluster.agentctl(&["logs", &id]);
+        async move {
+            String::from_utf8_lossy(&out.stdout)
+                .contains("tty True True")
+                .then_some(())
+        }
+    })
+    .await;
+    let sent = cluster.agentctl(&["send", &a.id, "hello", "--enter"]);
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    eventually(Duration::from_secs(10), "`got hello`", || {
+        let out = cluster.agentctl(&["logs", &id]);
+        async move {
+            String::from_utf8_lossy(&out.stdout)
+                .contains("got hello")
+                .then_some(())
+        }
+    })
+    .await;
+
+    let mut s = spec(&["sh", "-c", "stty size; read x; stty size; sleep 100"]);
+    s.tty = true;
+    let b = cluster.spawn_spec(s).await;
+    let id = b.id.clone();
+    eventually(Duration::from_secs(10), "initial size 24 80", || {
+        let out = cluster.agentctl(&["logs", &id]);
+        async move {
+            String::from_utf8_lossy(&out.stdout)
+                .contains("24 80")
+                .then_some(())
+        }
+    })
+    .await;
+    let resized = cluster.agentctl(&["send", &b.id, "--resize", "40x120", "--enter"]);
+    assert!(
+        resized.status.success(),
+        "{}",
+        String::from_utf8_lossy(&resized.stderr)
+    );
+    eventually(Duration::from_secs(10), "new size 40 120", || {
+        let out = cluster.agentctl(&["logs", &id]);
+        async move {
+            String::from_utf8_lossy(&out.stdout)
+                .contains("40 120")
+                .then_some(())
+        }
+    })
+    .await;
+    cluster.finish().await;
+}

@@ -103,11 +103,25 @@ pub async fn run(endpoints: &[String], a: LogsArgs, timeout: Duration) -> anyhow
 pub struct SendArgs {
     /// Agent id.
     id: String,
-    /// The text to write to the agent's standard input.
+    /// The text to write to the agent's standard input (or terminal).
+    #[arg(default_value = "")]
     text: String,
     /// Append a newline (Enter).
     #[arg(long)]
     enter: bool,
+    /// Resize the agent's terminal first, ROWSxCOLS (tty agents).
+    #[arg(long, value_parser = parse_size)]
+    resize: Option<(u32, u32)>,
+}
+
+fn parse_size(s: &str) -> Result<(u32, u32), String> {
+    let (r, c) = s
+        .split_once('x')
+        .ok_or_else(|| format!("`{s}` is not ROWSxCOLS"))?;
+    match (r.parse(), c.parse()) {
+        (Ok(r), Ok(c)) if r > 0 && c > 0 => Ok((r, c)),
+        _ => Err(format!("`{s}` is not ROWSxCOLS")),
+    }
 }
 
 /// Writes text to the agent's stdin.
@@ -116,8 +130,17 @@ pub async fn send(c: &mut client::Clients, a: SendArgs) -> anyhow::Result<()> {
     if a.enter {
         data.push(b'\n');
     }
+    anyhow::ensure!(
+        !data.is_empty() || a.resize.is_some(),
+        "give TEXT, --enter or --resize"
+    );
     c.agents
-        .send_input(SendInputRequest { id: a.id, data })
+        .send_input(SendInputRequest {
+            id: a.id,
+            data,
+            rows: a.resize.map(|(r, _)| r),
+            cols: a.resize.map(|(_, c)| c),
+        })
         .await?;
     Ok(())
 }

@@ -70,6 +70,9 @@ pub struct SpawnArgs {
     /// Run as this group id.
     #[arg(long)]
     gid: Option<u32>,
+    /// Run the agent in a pseudo-terminal.
+    #[arg(long, short = 't')]
+    tty: bool,
     /// Bytes of output kept on the host's disk (default 64 MiB).
     #[arg(long)]
     log_max_bytes: Option<u64>,
@@ -143,6 +146,7 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<(
         log_max_bytes: a.log_max_bytes.unwrap_or(0),
         idle_after: a.idle_after.map(duration_to_proto),
         idle_timeout: a.idle_timeout.map(duration_to_proto),
+        tty: a.tty,
     };
     let resp = c
         .agents

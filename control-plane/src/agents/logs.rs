@@ -81,8 +81,12 @@ impl AgentApi {
 
     pub(super) async fn send_input(&self, req: SendInputRequest) -> Result<(), ApiError> {
         validate::agent_id("id", &req.id)?;
-        if req.data.is_empty() {
-            return Err(ValidationError::new("data", "must not be empty").into());
+        if req.data.is_empty() && (req.rows.is_none() || req.cols.is_none()) {
+            return Err(ValidationError::new(
+                "data",
+                "must not be empty (unless rows and cols resize the terminal)",
+            )
+            .into());
         }
         let agent = self.agent(&req.id).await?;
         let host = self.host_of(&agent).await?;

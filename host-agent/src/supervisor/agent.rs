@@ -68,6 +68,9 @@ pub struct AgentSlot {
     pub output: OutputLog,
     /// The current run's standard input (taken out while a write is under way).
     pub stdin: std::sync::Mutex<Option<ChildStdin>>,
+    /// The current run's terminal (tty agents).
+    pub pty:
+        std::sync::Mutex<Option<std::sync::Arc<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>>>,
     /// True while the agent counts as idle.
     pub idle: std::sync::atomic::AtomicBool,
     status: Mutex<Status>,
@@ -80,6 +83,7 @@ impl AgentSlot {
         Self {
             output,
             stdin: std::sync::Mutex::new(None),
+            pty: std::sync::Mutex::new(None),
             idle: std::sync::atomic::AtomicBool::new(false),
             id,
             generation,

@@ -10,6 +10,9 @@ use std::time::Duration;
 use agentplane::proto::v1::{EventType, LogChunk, LogStream, StreamLogsRequest};
 use agentplane::registry::AgentUpdate;
 use agentplane::time::{duration_from_proto, now_ms};
+use std::os::fd::OwnedFd;
+
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::process::Child;
 use tokio::sync::mpsc;
@@ -30,8 +33,27 @@ const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 pub type LogItem = Result<LogChunk, tonic::Status>;
 
 impl Supervisor {
-    /// Starts reading the new run's stdout and stderr, and keeps its stdin.
-    pub(super) fn capture(&self, slot: &Arc<AgentSlot>, child: &mut Child) {
+    /// Starts reading the new run's stdout and stderr (or its terminal), and
+    /// keeps its stdin (or terminal) for input.
+    pub(super) fn capture(
+        &self,
+        slot: &Arc<AgentSlot>,
+        child: &mut Child,
+        pty: Option<OwnedFd>,
+    ) -> std::io::Result<()> {
+        if let Some(master) = pty {
+            // `AsyncFd::new` is deprecated because a borrowed descriptor could be
+            // closed under it; an `OwnedFd` cannot be, so it is sound here and
+            // needs no `unsafe` (`register` would).
+            #[allow(deprecated)]
+            let master = Arc::new(AsyncFd::new(master)?);
+            self.spawn_capture(slot, PtyReader(master.clone()), LogStream::Stdout);
+            *slot
+                .pty
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(master);
+            return Ok(());
+        }
         if let Some(out) = child.stdout.take() {
             self.spawn_capture(slot, out, LogStream::Stdout);
         }
@@ -42,6 +64,7 @@ impl Supervisor {
             .stdin
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = child.stdin.take();
+        Ok(())
     }
 
     fn spawn_capture<R>(&self, slot: &Arc<AgentSlot>, mut pipe: R, stream: LogStream)
@@ -145,6 +168,32 @@ impl Supervisor {
         Ok(rx)
     }
 
+    /// Resizes a tty agent's terminal (the agent gets SIGWINCH).
+    pub fn resize(&self, id: &str, rows: u16, cols: u16) -> Result<(), SupervisorError> {
+        let slot = self.get(id)?;
+        let pty = slot
+            .pty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let Some(pty) = pty else {
+            return Err(SupervisorError::Input {
+                id: id.to_owned(),
+                detail: "it has no terminal (spawn it with tty)".into(),
+            });
+        };
+        let size = rustix::termios::Winsize {
+            ws_row: rows,
+            ws_col: cols,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        rustix::termios::tcsetwinsize(pty.get_ref(), size).map_err(|e| SupervisorError::Input {
+            id: id.to_owned(),
+            detail: format!("resize failed: {e}"),
+        })
+    }
+
     /// Writes `data` to the current run's stdin, waiting at most
     /// [`INPUT_TIMEOUT`] for the agent to read it.
     pub async fn write_input(&self, id: &str, data: &[u8]) -> Result<(), SupervisorError> {
@@ -161,6 +210,20 @@ impl Supervisor {
             id: id.to_owned(),
             detail,
         };
+        let pty = slot
+            .pty
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        if let Some(pty) = pty {
+            return match tokio::time::timeout(INPUT_TIMEOUT, write_pty(&pty, data)).await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(e)) => Err(input_err(format!("write failed: {e}"))),
+                Err(_) => Err(input_err(format!(
+                    "the agent did not read its input within {INPUT_TIMEOUT:?}"
+                ))),
+            };
+        }
         let taken = slot
             .stdin
             .lock()
@@ -272,6 +335,54 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Reads a pseudo-terminal's master end; EIO (the slave side closed: every
+/// process of the agent let go of the terminal) is the end of the output.
+struct PtyReader(Arc<AsyncFd<OwnedFd>>);
+
+impl AsyncRead for PtyReader {
+    fn poll_read(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> std::task::Poll<std::io::Result<()>> {
+        loop {
+            let mut guard = match self.0.poll_read_ready(cx) {
+                std::task::Poll::Ready(g) => g?,
+                std::task::Poll::Pending => return std::task::Poll::Pending,
+            };
+            let unfilled = buf.initialize_unfilled();
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref(), unfilled).map_err(std::io::Error::from)
+            }) {
+                Ok(Ok(n)) => {
+                    buf.advance(n);
+                    return std::task::Poll::Ready(Ok(()));
+                }
+                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
+                    return std::task::Poll::Ready(Ok(()))
+                }
+                Ok(Err(e)) => return std::task::Poll::Ready(Err(e)),
+                Err(_would_block) => continue,
+            }
+        }
+    }
+}
+
+/// Writes all of `data` to a terminal's master end.
+async fn write_pty(pty: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
+    while !data.is_empty() {
+        let mut guard = pty.writable().await?;
+        match guard
+            .try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(std::io::Error::from))
+        {
+            Ok(Ok(n)) => data = &data[n..],
+            Ok(Err(e)) => return Err(e),
+            Err(_would_block) => {}
+        }
+    }
+    Ok(())
 }
 
 /// How long the agent has been silent.

@@ -215,14 +215,15 @@ impl Supervisor {
         slot: &Arc<AgentSlot>,
         restart: bool,
     ) -> std::io::Result<Option<(Child, i32)>> {
-        let (mut child, pid) = {
+        let (mut child, pid, pty) = {
             // Registered before the reaper can look: it must never reap a main process.
             let mut watched = self.reaper.watched();
             let mut st = slot.status();
             if st.requested.is_some_and(Requested::ends_agent) {
                 return Ok(None);
             }
-            let child = spawn::spawn(&slot.id, &slot.spec)?;
+            let spawned = spawn::spawn(&slot.id, &slot.spec)?;
+            let child = spawned.child;
             let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
             watched.insert(pid);
             st.pid = pid;
@@ -231,10 +232,10 @@ impl Supervisor {
             if restart {
                 st.restarts += 1;
             }
-            (child, pid)
+            (child, pid, spawned.pty)
         };
         self.guard.add(pid, &slot.id);
-        self.capture(slot, &mut child);
+        self.capture(slot, &mut child, pty)?;
         Ok(Some((child, pid)))
     }
 

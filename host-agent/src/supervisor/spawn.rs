@@ -2,6 +2,7 @@
 //! a minimal inherited environment plus the spec's, its own session and
 //! process group, a parent-death signal, rlimits and an optional uid/gid.
 
+use std::os::fd::OwnedFd;
 use std::process::Stdio;
 
 use agentplane::proto::v1::{AgentSpec, ResourceLimits};
@@ -14,10 +15,20 @@ use super::tree::MARKER;
 /// Variables passed through from the host agent's own environment.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
 
+/// A started run: the child, and the master side of its terminal (tty agents).
+pub struct Spawned {
+    /// The process.
+    pub child: Child,
+    /// The pseudo-terminal's master end, when the spec asked for a tty.
+    pub pty: Option<OwnedFd>,
+}
+
 /// Starts the spec's program. The child leads a new session and process group
 /// (`setsid`), so its pid is its process group id, and it gets SIGKILL if the
-/// host agent dies (the guard process covers the rest of its group).
-pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
+/// host agent dies (the guard process covers the rest of its group). With
+/// `tty`, its stdio is the slave side of a new pseudo-terminal, which becomes
+/// its controlling terminal.
+pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
     let mut cmd = Command::new(&spec.argv[0]);
     cmd.args(&spec.argv[1..])
         .env_clear()
@@ -29,12 +40,35 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
         .envs(&spec.env)
         // Set last: the spec cannot remove the marker that finds escaped processes.
         .env(MARKER, id)
-        // Captured by the supervisor (see output.rs); stdin for SendInput.
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
         // The supervisor decides when the agent dies, not a dropped handle.
         .kill_on_drop(false);
+    let mut pty = None;
+    if spec.tty {
+        let size = nix::pty::Winsize {
+            ws_row: 24,
+            ws_col: 80,
+            ws_xpixel: 0,
+            ws_ypixel: 0,
+        };
+        let pair = nix::pty::openpty(&size, None).map_err(std::io::Error::from)?;
+        nix::fcntl::fcntl(
+            &pair.master,
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
+        )
+        .map_err(std::io::Error::from)?;
+        cmd.stdin(Stdio::from(pair.slave.try_clone()?))
+            .stdout(Stdio::from(pair.slave.try_clone()?))
+            .stderr(Stdio::from(pair.slave));
+        if !spec.env.contains_key("TERM") {
+            cmd.env("TERM", "xterm-256color");
+        }
+        pty = Some(pair.master);
+    } else {
+        // Captured by the supervisor (see output.rs); stdin for SendInput.
+        cmd.stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+    }
     if !spec.cwd.is_empty() {
         cmd.current_dir(&spec.cwd);
     }
@@ -45,8 +79,9 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Child> {
         cmd.uid(uid);
     }
     let limits = rlimits(spec.limits.as_ref());
-    before_exec(&mut cmd, limits);
-    cmd.spawn()
+    before_exec(&mut cmd, limits, spec.tty);
+    let child = cmd.spawn()?;
+    Ok(Spawned { child, pty })
 }
 
 /// The (resource, soft, hard) triples of a spec.
@@ -70,14 +105,18 @@ fn rlimits(l: Option<&ResourceLimits>) -> Vec<(Resource, u64, u64)> {
 }
 
 #[allow(unsafe_code)]
-fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>) {
-    // SAFETY: the closure runs in the forked child before exec. It only makes
-    // raw system calls (setsid, prctl, setrlimit), which are async-signal-safe;
-    // it allocates nothing (the limits were built before the fork) and takes no
-    // lock.
+fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
+    // SAFETY: the closure runs in the forked child before exec, after std has
+    // set up its stdio. It only makes raw system calls (setsid, ioctl, prctl,
+    // setrlimit), which are async-signal-safe; it allocates nothing (the limits
+    // were built before the fork) and takes no lock.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
+            // Make the terminal on fd 0 this new session's controlling terminal.
+            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             for (resource, soft, hard) in &limits {
                 setrlimit(*resource, *soft, *hard).map_err(std::io::Error::from)?;
