@@ -93,6 +93,18 @@ impl HostAgent for HostAgentService {
         Ok(Response::new(HostForgetAgentResponse {}))
     }
 
+    type AttachStream = tokio_stream::wrappers::ReceiverStream<crate::supervisor::LogItem>;
+
+    async fn attach(
+        &self,
+        req: Request<tonic::Streaming<agentplane::proto::v1::AttachInput>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        let rx = self.supervisor.attach(req.into_inner()).await?;
+        Ok(Response::new(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        )))
+    }
+
     type ReadLogsStream = tokio_stream::wrappers::ReceiverStream<crate::supervisor::LogItem>;
 
     async fn read_logs(

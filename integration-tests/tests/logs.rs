@@ -352,3 +352,114 @@ async fn a_tty_agent_sees_a_terminal_answers_input_and_gets_resized() {
     .await;
     cluster.finish().await;
 }
+
+/// Starts `agentctl run --rm -- argv`, waits for its agent to run, SIGKILLs
+/// the client; returns the agent id and when the kill happened.
+async fn run_rm_then_kill(cluster: &TestCluster, argv: &[&str]) -> (String, Instant) {
+    let mut args = vec!["run", "--rm", "--"];
+    args.extend_from_slice(argv);
+    let mut run = cluster
+        .agentctl_all(&args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("start agentctl run");
+    let c = cluster.client().await;
+    let want: Vec<String> = argv.iter().map(|s| (*s).to_owned()).collect();
+    let agent = eventually(Duration::from_secs(10), "the agent runs", || {
+        let mut c = c.clone();
+        let want = want.clone();
+        async move {
+            let agents = c
+                .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+                .await
+                .ok()?
+                .into_inner()
+                .agents;
+            agents.into_iter().find(|a| {
+                a.state() == AgentState::Running && a.spec.as_ref().is_some_and(|s| s.argv == want)
+            })
+        }
+    })
+    .await;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(run.id()).expect("pid")),
+        Signal::SIGKILL,
+    )
+    .expect("kill agentctl");
+    let _ = run.wait();
+    (agent.id, Instant::now())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_rm_stops_the_agent_when_its_client_is_killed() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+
+    // The command (here it may also finish by itself quickly: the host
+    // writes its output to disk instead of waiting for the client).
+    let (id, killed) = run_rm_then_kill(&cluster, &["sh", "-c", "yes | head -n 100000000"]).await;
+    let i = id.clone();
+    eventually(
+        Duration::from_secs(8),
+        "no process of the agent alive",
+        || {
+            let none = agentplane_integration_tests::procfs::agent_processes(&i).is_empty();
+            async move { none.then_some(()) }
+        },
+    )
+    .await;
+    assert!(
+        killed.elapsed() <= Duration::from_secs(4),
+        "within grace + 2s: {:?}",
+        killed.elapsed()
+    );
+
+    // An agent that would never end by itself: only the lost session ends it.
+    let (id, killed) = run_rm_then_kill(
+        &cluster,
+        &["sh", "-c", "while :; do echo tick; sleep 0.1; done"],
+    )
+    .await;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let still = c
+        .get_agent(GetAgentRequest { id: id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        still.state(),
+        AgentState::Running,
+        "alive during the session grace"
+    );
+    let i = id.clone();
+    eventually(
+        Duration::from_secs(8),
+        "no process of the agent alive",
+        || {
+            let none = agentplane_integration_tests::procfs::agent_processes(&i).is_empty();
+            async move { none.then_some(()) }
+        },
+    )
+    .await;
+    let gone = killed.elapsed();
+    eprintln!(
+        "run --rm: agent processes gone {gone:?} after the client's SIGKILL (session grace 2s)"
+    );
+    assert!(
+        gone >= Duration::from_secs(2) && gone <= Duration::from_secs(4),
+        "after the grace, within grace + 2s: {gone:?}"
+    );
+    let ended = c
+        .get_agent(GetAgentRequest { id })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        ended.exit.unwrap().reason,
+        "STOPPED",
+        "stopped because the session went away"
+    );
+    cluster.finish().await;
+}

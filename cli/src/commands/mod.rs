@@ -2,6 +2,7 @@
 //! `control` (pause, resume, stop, kill, rm), `hosts`.
 
 mod agents;
+mod attach;
 mod control;
 mod hosts;
 mod logs;
@@ -77,6 +78,11 @@ pub enum Command {
     Logs(logs::LogsArgs),
     /// Write text to an agent's standard input.
     Send(logs::SendArgs),
+    /// Attach to an agent: its output, your input; Ctrl-] detaches.
+    Attach(attach::AttachArgs),
+    /// Spawn an agent and attach to it; exits with its exit code. With --rm
+    /// the agent is stopped when the session goes away.
+    Run(Box<attach::RunArgs>),
     /// Print agent and host events as they happen; reconnects (to the next
     /// endpoint) with the last token, so no event is missed or repeated.
     Watch(watch::WatchArgs),
@@ -105,6 +111,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     }
     if let Command::Watch(args) = command {
         watch::run(&endpoints, fmt, args, cli.call_timeout).await?;
+        return Ok(ExitCode::SUCCESS);
+    }
+    if let Command::Run(args) = command {
+        let mut c = client::connect_streaming(&endpoints[0], cli.call_timeout)?;
+        return attach::run(&mut c, *args).await;
+    }
+    if let Command::Attach(args) = command {
+        let mut c = client::connect_streaming(&endpoints[0], cli.call_timeout)?;
+        attach::attach(&mut c, args).await?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Logs(args) = command {
@@ -147,7 +162,9 @@ async fn dispatch(
         Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
         Command::Hosts { command } => hosts::run(c, fmt, command).await,
         Command::Send(args) => logs::send(c, args).await,
-        Command::Watch(_) | Command::Logs(_) => unreachable!("handled before dispatch"),
+        Command::Watch(_) | Command::Logs(_) | Command::Run(_) | Command::Attach(_) => {
+            unreachable!("handled before dispatch")
+        }
     }
 }
 

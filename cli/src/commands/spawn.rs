@@ -85,12 +85,63 @@ pub struct SpawnArgs {
     /// Idempotency key: retrying with the same key never makes a second agent.
     #[arg(long)]
     request_id: Option<String>,
+    /// Set by `run --rm`: the agent is session-bound.
+    #[arg(skip)]
+    pub session_grace: Option<Duration>,
     /// The program and its arguments, after `--`.
     #[arg(last = true, required = true, num_args = 1..)]
     argv: Vec<String>,
 }
 
 impl SpawnArgs {
+    /// Runs the agent in a terminal (`run` from an interactive terminal).
+    pub fn force_tty(&mut self) {
+        self.tty = true;
+    }
+
+    /// The spec and request id these arguments describe.
+    pub fn into_spec(self) -> (AgentSpec, String) {
+        let a = self;
+        let spec = AgentSpec {
+            name: a.name.unwrap_or_default(),
+            argv: a.argv,
+            env: a.env.into_iter().collect(),
+            cwd: a.cwd.unwrap_or_default(),
+            labels: a.labels.into_iter().collect(),
+            placement: Some(Placement {
+                host: a.host.unwrap_or_default(),
+                label_selector: a.selector.unwrap_or_default(),
+            }),
+            stop_grace: a.grace.map(duration_to_proto),
+            timeout: a.timeout.map(duration_to_proto),
+            restart: a.restart.map(|r| RestartPolicy {
+                mode: match r {
+                    Restart::Never => Mode::Never,
+                    Restart::OnFailure => Mode::OnFailure,
+                    Restart::Always => Mode::Always,
+                } as i32,
+                max_restarts: a.max_restarts,
+                initial_backoff: a.backoff.map(duration_to_proto),
+                max_backoff: a.max_backoff.map(duration_to_proto),
+                stable_after: None,
+            }),
+            limits: Some(ResourceLimits {
+                address_space_bytes: a.limit_as,
+                open_files: a.limit_nofile,
+                processes: a.limit_nproc,
+                cpu_seconds: a.limit_cpu,
+            }),
+            uid: a.uid,
+            gid: a.gid,
+            log_max_bytes: a.log_max_bytes.unwrap_or(0),
+            idle_after: a.idle_after.map(duration_to_proto),
+            idle_timeout: a.idle_timeout.map(duration_to_proto),
+            tty: a.tty,
+            session_grace: a.session_grace.map(duration_to_proto),
+        };
+        (spec, a.request_id.unwrap_or_default())
+    }
+
     /// Makes sure the spawn carries a request id, so retries are idempotent.
     pub fn ensure_request_id(&mut self) {
         if self.request_id.is_none() {
@@ -112,47 +163,12 @@ enum Restart {
 
 /// Spawns and prints the agent.
 pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<()> {
-    let spec = AgentSpec {
-        name: a.name.unwrap_or_default(),
-        argv: a.argv,
-        env: a.env.into_iter().collect(),
-        cwd: a.cwd.unwrap_or_default(),
-        labels: a.labels.into_iter().collect(),
-        placement: Some(Placement {
-            host: a.host.unwrap_or_default(),
-            label_selector: a.selector.unwrap_or_default(),
-        }),
-        stop_grace: a.grace.map(duration_to_proto),
-        timeout: a.timeout.map(duration_to_proto),
-        restart: a.restart.map(|r| RestartPolicy {
-            mode: match r {
-                Restart::Never => Mode::Never,
-                Restart::OnFailure => Mode::OnFailure,
-                Restart::Always => Mode::Always,
-            } as i32,
-            max_restarts: a.max_restarts,
-            initial_backoff: a.backoff.map(duration_to_proto),
-            max_backoff: a.max_backoff.map(duration_to_proto),
-            stable_after: None,
-        }),
-        limits: Some(ResourceLimits {
-            address_space_bytes: a.limit_as,
-            open_files: a.limit_nofile,
-            processes: a.limit_nproc,
-            cpu_seconds: a.limit_cpu,
-        }),
-        uid: a.uid,
-        gid: a.gid,
-        log_max_bytes: a.log_max_bytes.unwrap_or(0),
-        idle_after: a.idle_after.map(duration_to_proto),
-        idle_timeout: a.idle_timeout.map(duration_to_proto),
-        tty: a.tty,
-    };
+    let (spec, request_id) = a.into_spec();
     let resp = c
         .agents
         .spawn_agent(SpawnAgentRequest {
             spec: Some(spec),
-            request_id: a.request_id.unwrap_or_default(),
+            request_id,
         })
         .await?
         .into_inner();

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
-use agentplane::proto::v1::{LogChunk, SendInputRequest, StreamLogsRequest};
+use agentplane::proto::v1::{AttachInput, LogChunk, SendInputRequest, StreamLogsRequest};
 use agentplane::validate::{self, ValidationError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -35,7 +35,7 @@ impl AgentApi {
         let opened = tokio::time::timeout(OPEN_TIMEOUT, client.read_logs(req))
             .await
             .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
-        let mut upstream = match opened {
+        let upstream = match opened {
             Ok(r) => r.into_inner(),
             Err(s) => {
                 return Err(ApiError::HostRefused {
@@ -44,9 +44,68 @@ impl AgentApi {
                 })
             }
         };
+        Ok(self.forward(upstream, host.id.clone()))
+    }
+
+    /// Proxies an Attach session to the agent's host. When the client's
+    /// stream ends (or breaks), the host-bound stream is closed too, so the
+    /// host sees the session end.
+    pub(super) async fn attach(
+        &self,
+        mut inbound: tonic::Streaming<AttachInput>,
+    ) -> Result<LogStream, ApiError> {
+        let first = match inbound.message().await {
+            Ok(Some(m)) => m,
+            Ok(None) => {
+                return Err(
+                    ValidationError::new("id", "the first message must name the agent").into(),
+                )
+            }
+            Err(s) => {
+                return Err(ApiError::Validate(ValidationError::new(
+                    "stream",
+                    format!("broke before the first message: {}", s.message()),
+                )))
+            }
+        };
+        validate::agent_id("id", &first.id)?;
+        let agent = self.agent(&first.id).await?;
+        let host = self.host_of(&agent).await?;
+        let mut client = HostAgentClient::new(self.hosts.channel(&host)?);
+        let (up_tx, up_rx) = mpsc::channel(16);
+        let id = first.id.clone();
+        // Cannot fail: new channel with room.
+        let _ = up_tx.try_send(first);
+        self.tasks.spawn("attach input proxy", async move {
+            while let Ok(Some(mut m)) = inbound.message().await {
+                m.id.clone_from(&id);
+                if up_tx.send(m).await.is_err() {
+                    return;
+                }
+            }
+            // Dropping up_tx ends the host's input stream: the session ends.
+        });
+        let opened = tokio::time::timeout(OPEN_TIMEOUT, client.attach(ReceiverStream::new(up_rx)))
+            .await
+            .map_err(|_| ApiError::HostUnreachable {
+                host: host.id.clone(),
+                address: host.address.clone(),
+                detail: format!("no answer within {OPEN_TIMEOUT:?}"),
+            })?;
+        let upstream = opened
+            .map_err(|s| ApiError::HostRefused {
+                host: host.id.clone(),
+                status: s,
+            })?
+            .into_inner();
+        Ok(self.forward(upstream, host.id.clone()))
+    }
+
+    /// Forwards a host's output stream to a client through a small buffer.
+    fn forward(&self, mut upstream: tonic::Streaming<LogChunk>, host: String) -> LogStream {
         let (tx, rx) = mpsc::channel(4);
         let cancel = self.cancel.clone();
-        self.tasks.spawn("log proxy", async move {
+        self.tasks.spawn("output proxy", async move {
             loop {
                 let next = tokio::select! {
                     () = tx.closed() => return,
@@ -66,8 +125,7 @@ impl AgentApi {
                     Err(s) => {
                         let _ = tx
                             .send(Err(Status::unavailable(format!(
-                                "log stream from host {} broke: {}; reconnect with your offset",
-                                host.id,
+                                "stream from host {host} broke: {}; reconnect with your offset",
                                 s.message()
                             ))))
                             .await;
@@ -76,7 +134,7 @@ impl AgentApi {
                 }
             }
         });
-        Ok(ReceiverStream::new(rx))
+        ReceiverStream::new(rx)
     }
 
     pub(super) async fn send_input(&self, req: SendInputRequest) -> Result<(), ApiError> {

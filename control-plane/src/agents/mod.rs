@@ -145,6 +145,15 @@ impl AgentService for AgentApi {
         Ok(Response::new(DeleteAgentResponse {}))
     }
 
+    type AttachStream = logs::LogStream;
+
+    async fn attach(
+        &self,
+        req: Request<tonic::Streaming<agentplane::proto::v1::AttachInput>>,
+    ) -> Result<Response<Self::AttachStream>, Status> {
+        Ok(Response::new(self.attach(req.into_inner()).await?))
+    }
+
     type StreamLogsStream = logs::LogStream;
 
     async fn stream_logs(

@@ -73,6 +73,9 @@ pub struct AgentSlot {
         std::sync::Mutex<Option<std::sync::Arc<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>>>,
     /// True while the agent counts as idle.
     pub idle: std::sync::atomic::AtomicBool,
+    /// Attach sessions holding a session-bound agent; a watch so the session
+    /// watcher wakes on every change.
+    pub sessions: watch::Sender<usize>,
     status: Mutex<Status>,
     ended: watch::Sender<bool>,
 }
@@ -85,6 +88,7 @@ impl AgentSlot {
             stdin: std::sync::Mutex::new(None),
             pty: std::sync::Mutex::new(None),
             idle: std::sync::atomic::AtomicBool::new(false),
+            sessions: watch::channel(0).0,
             id,
             generation,
             spec,

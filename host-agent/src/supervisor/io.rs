@@ -7,7 +7,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane::proto::v1::{EventType, LogChunk, LogStream, StreamLogsRequest};
+use agentplane::proto::v1::{AttachInput, EventType, LogChunk, LogStream, StreamLogsRequest};
 use agentplane::registry::AgentUpdate;
 use agentplane::time::{duration_from_proto, now_ms};
 use std::os::fd::OwnedFd;
@@ -166,6 +166,101 @@ impl Supervisor {
             }
         });
         Ok(rx)
+    }
+
+    /// An Attach session: the first message names the agent; later ones carry
+    /// input and resizes. Output from the requested offset (default: from now)
+    /// comes back until the agent ends or the caller goes away. A session with
+    /// `session` set holds a session-bound agent until its stream ends,
+    /// whatever the reason (a client killed with SIGKILL included).
+    pub async fn attach(
+        self: &Arc<Self>,
+        mut inbound: tonic::Streaming<AttachInput>,
+    ) -> Result<mpsc::Receiver<LogItem>, tonic::Status> {
+        let first = inbound.message().await?.ok_or_else(|| {
+            tonic::Status::invalid_argument("id: the first message must name the agent")
+        })?;
+        let slot = self.get(&first.id)?;
+        if first.session {
+            slot.sessions.send_modify(|n| *n += 1);
+        }
+        // Releases the session when the input side ends, however it ends.
+        struct Held(Option<Arc<AgentSlot>>);
+        impl Drop for Held {
+            fn drop(&mut self) {
+                if let Some(slot) = self.0.take() {
+                    slot.sessions.send_modify(|n| *n = n.saturating_sub(1));
+                }
+            }
+        }
+        let held = Held(first.session.then(|| slot.clone()));
+        self.apply_input(&first).await?;
+        let rx = self.read_logs(StreamLogsRequest {
+            id: first.id.clone(),
+            offset: first.offset.unwrap_or_else(|| slot.output.end()),
+            tail_lines: None,
+            follow: true,
+            stream: LogStream::Unspecified as i32,
+        })?;
+        let sup = self.clone();
+        self.tasks.spawn("attach input", async move {
+            let _held = held;
+            while let Ok(Some(m)) = inbound.message().await {
+                if let Err(e) = sup.apply_input(&m).await {
+                    tracing::debug!(agent = %m.id, error = %e, "attach input not applied");
+                }
+            }
+        });
+        Ok(rx)
+    }
+
+    async fn apply_input(&self, m: &AttachInput) -> Result<(), tonic::Status> {
+        let id = &m.id;
+        if let (Some(rows), Some(cols)) = (m.rows, m.cols) {
+            self.resize(
+                id,
+                u16::try_from(rows).unwrap_or(u16::MAX),
+                u16::try_from(cols).unwrap_or(u16::MAX),
+            )?;
+        }
+        if !m.data.is_empty() {
+            self.write_input(id, &m.data).await?;
+        }
+        Ok(())
+    }
+
+    /// Stops a session-bound agent once no session has held it for its
+    /// `session_grace` (counted from its start too).
+    pub(super) fn watch_sessions(self: &Arc<Self>, slot: &Arc<AgentSlot>) {
+        let Some(grace) = slot.spec.session_grace.as_ref().map(duration_from_proto) else {
+            return;
+        };
+        let sup = self.clone();
+        let slot = slot.clone();
+        self.tasks.spawn("session watcher", async move {
+            let mut sessions = slot.sessions.subscribe();
+            let mut ended = slot.ended_receiver();
+            loop {
+                if *sessions.borrow_and_update() > 0 {
+                    tokio::select! {
+                        r = sessions.changed() => if r.is_err() { return },
+                        _ = ended.changed() => return,
+                    }
+                    continue;
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(grace) => {
+                        if *sessions.borrow() == 0 {
+                            tracing::info!(agent = %slot.id, ?grace, "no session holds this session-bound agent; stopping it");
+                            let _ = sup.stop_as(&slot.id, None, Requested::Stop).await;
+                            return;
+                        }
+                    }
+                    r = sessions.changed() => if r.is_err() { return },
+                    _ = ended.changed() => return,
+                }
+            }
+        });
     }
 
     /// Resizes a tty agent's terminal (the agent gets SIGWINCH).

@@ -192,6 +192,7 @@ impl Supervisor {
         // The run loop starts only after the RUNNING write, so an agent that
         // exits at once can never have its exit overwritten by RUNNING.
         self.watch_idle(&slot);
+        self.watch_sessions(&slot);
         let sup = self.clone();
         let looped = slot.clone();
         self.tasks.spawn("agent run loop", async move {
