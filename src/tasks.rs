@@ -69,6 +69,46 @@ impl Tasks {
     }
 }
 
+/// A count of things open now (streams), decremented when a [`GaugeGuard`]
+/// drops, however the holder ends.
+#[derive(Debug, Clone, Default)]
+pub struct Gauge(Arc<AtomicU64>);
+
+impl Gauge {
+    /// One more; it is one less when the guard drops.
+    pub fn hold(&self) -> GaugeGuard {
+        self.0.fetch_add(1, Ordering::Relaxed);
+        GaugeGuard(self.0.clone())
+    }
+
+    /// How many are held now.
+    pub fn get(&self) -> u64 {
+        self.0.load(Ordering::Relaxed)
+    }
+}
+
+/// Holds one unit of a [`Gauge`].
+#[derive(Debug)]
+pub struct GaugeGuard(Arc<AtomicU64>);
+
+impl Drop for GaugeGuard {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Resident memory of this process, bytes (from `/proc/self/status`).
+pub fn rss_bytes() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse::<u64>().ok())
+        })
+        .map_or(0, |kib| kib * 1024)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -80,6 +120,18 @@ mod tests {
         tasks.spawn("fine", async {});
         assert!(tasks.drain(Duration::from_secs(5)).await);
         assert_eq!(tasks.panicked(), 1);
+    }
+
+    #[test]
+    fn gauges_count_guards() {
+        let g = Gauge::default();
+        let a = g.hold();
+        let b = g.hold();
+        assert_eq!(g.get(), 2);
+        drop(a);
+        drop(b);
+        assert_eq!(g.get(), 0);
+        assert!(rss_bytes() > 0);
     }
 
     #[tokio::test]

@@ -117,6 +117,11 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
     let server = tonic::transport::Server::builder()
+        // Followers that drop streams before they are accepted (a reconnecting
+        // `logs -f`, a proxy whose client left) are normal here: allow many
+        // per connection before HTTP/2's rapid-reset guard closes it.
+        .http2_max_pending_accept_reset_streams(Some(1024))
+        .http2_max_local_error_reset_streams(Some(1024))
         .add_service(health_service)
         .add_service(reflection)
         .add_service(AgentServiceServer::new(agent_api.clone()))

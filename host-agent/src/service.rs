@@ -93,6 +93,13 @@ impl HostAgent for HostAgentService {
         Ok(Response::new(HostForgetAgentResponse {}))
     }
 
+    async fn get_status(
+        &self,
+        _req: Request<agentplane::proto::v1::GetStatusRequest>,
+    ) -> Result<Response<agentplane::proto::v1::ServerStatus>, Status> {
+        Ok(Response::new(self.supervisor.status()))
+    }
+
     type AttachStream = tokio_stream::wrappers::ReceiverStream<crate::supervisor::LogItem>;
 
     async fn attach(

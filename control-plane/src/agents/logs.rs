@@ -32,16 +32,31 @@ impl AgentApi {
             detail,
         };
         // No grpc-timeout on the call: a follow may last as long as the agent.
-        let opened = tokio::time::timeout(OPEN_TIMEOUT, client.read_logs(req))
-            .await
-            .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
-        let upstream = match opened {
-            Ok(r) => r.into_inner(),
-            Err(s) => {
-                return Err(ApiError::HostRefused {
-                    host: host.id.clone(),
-                    status: s,
-                })
+        // Opening is a read, so a transport hiccup (a connection the host just
+        // closed) is retried once on a fresh call.
+        let mut attempt = 0;
+        let upstream = loop {
+            attempt += 1;
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, client.read_logs(req.clone()))
+                .await
+                .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
+            match opened {
+                Ok(r) => break r.into_inner(),
+                Err(s)
+                    if attempt == 1
+                        && matches!(
+                            s.code(),
+                            tonic::Code::Cancelled | tonic::Code::Unavailable
+                        ) =>
+                {
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(s) => {
+                    return Err(ApiError::HostRefused {
+                        host: host.id.clone(),
+                        status: s,
+                    })
+                }
             }
         };
         Ok(self.forward(upstream, host.id.clone()))
@@ -103,9 +118,11 @@ impl AgentApi {
 
     /// Forwards a host's output stream to a client through a small buffer.
     fn forward(&self, mut upstream: tonic::Streaming<LogChunk>, host: String) -> LogStream {
-        let (tx, rx) = mpsc::channel(4);
+        let (tx, rx) = mpsc::channel(2);
         let cancel = self.cancel.clone();
+        let open = self.log_streams.hold();
         self.tasks.spawn("output proxy", async move {
+            let _open = open;
             loop {
                 let next = tokio::select! {
                     () = tx.closed() => return,

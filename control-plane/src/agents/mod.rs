@@ -35,6 +35,7 @@ pub struct AgentApi {
     tasks: Tasks,
     cancel: CancellationToken,
     watchers: Arc<AtomicUsize>,
+    log_streams: agentplane::tasks::Gauge,
 }
 
 impl AgentApi {
@@ -52,6 +53,7 @@ impl AgentApi {
             tasks,
             cancel,
             watchers: Arc::new(AtomicUsize::new(0)),
+            log_streams: agentplane::tasks::Gauge::default(),
         }
     }
 
@@ -143,6 +145,20 @@ impl AgentService for AgentApi {
         let r = req.into_inner();
         self.delete(&r.id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
+    }
+
+    async fn get_status(
+        &self,
+        _req: Request<agentplane::proto::v1::GetStatusRequest>,
+    ) -> Result<Response<agentplane::proto::v1::ServerStatus>, Status> {
+        Ok(Response::new(agentplane::proto::v1::ServerStatus {
+            log_streams: self.log_streams.get(),
+            watch_streams: self.watchers.load(std::sync::atomic::Ordering::Relaxed) as u64,
+            tasks: self.tasks.running() as u64,
+            panicked_tasks: self.tasks.panicked(),
+            rss_bytes: agentplane::tasks::rss_bytes(),
+            agents: 0,
+        }))
     }
 
     type AttachStream = logs::LogStream;

@@ -23,7 +23,10 @@ use super::output::OutputLog;
 use super::Supervisor;
 
 /// Bytes per chunk read from a pipe or sent to a reader.
-const CHUNK: usize = 64 * 1024;
+const CHUNK: usize = 32 * 1024;
+/// Chunks a reader may have queued: with the chunk size, what one slow reader
+/// can hold in this process.
+const READER_QUEUE: usize = 2;
 /// Most bytes one SendInput may carry.
 pub const MAX_INPUT: usize = 64 * 1024;
 /// How long a write to stdin may wait for the agent to read.
@@ -91,6 +94,9 @@ impl Supervisor {
                                 failing = true;
                             }
                         }
+                        // A flooding agent's pipe is always ready: let readers
+                        // and other agents' captures have their turn.
+                        tokio::task::yield_now().await;
                     }
                 }
             }
@@ -115,9 +121,11 @@ impl Supervisor {
             Some(n) => slot.output.tail_offset(n, filter).map_err(io_err)?,
             None => req.offset,
         };
-        let (tx, rx) = mpsc::channel(8);
+        let (tx, rx) = mpsc::channel(READER_QUEUE);
         let cancel = self.cancel.clone();
+        let open = self.log_streams.hold();
         self.tasks.spawn("log reader", async move {
+            let _open = open;
             let mut changed = slot.output.subscribe();
             let mut ended = slot.ended_receiver();
             let mut next = start;

@@ -70,6 +70,8 @@ pub struct Supervisor {
     reaper: Arc<Reaper>,
     guard: Guard,
     data_dir: std::path::PathBuf,
+    /// Output streams open now.
+    log_streams: agentplane::tasks::Gauge,
 }
 
 impl Supervisor {
@@ -100,6 +102,7 @@ impl Supervisor {
             reaper,
             guard: Guard::start(),
             data_dir,
+            log_streams: agentplane::tasks::Gauge::default(),
         })
     }
 
@@ -544,6 +547,18 @@ impl Supervisor {
     /// One agent as this host sees it.
     pub fn inspect(&self, id: &str) -> Result<LocalAgent> {
         Ok(self.get(id)?.to_proto())
+    }
+
+    /// This host agent's counters.
+    pub fn status(&self) -> agentplane::proto::v1::ServerStatus {
+        agentplane::proto::v1::ServerStatus {
+            log_streams: self.log_streams.get(),
+            watch_streams: 0,
+            tasks: self.tasks.running() as u64,
+            panicked_tasks: self.tasks.panicked(),
+            rss_bytes: agentplane::tasks::rss_bytes(),
+            agents: self.map().len() as u64,
+        }
     }
 
     /// Every agent this host knows.

@@ -194,36 +194,19 @@ impl OutputLog {
     /// Up to about `max` bytes from offset `from`, only `filter`'s stream
     /// (UNSPECIFIED: both).
     pub fn read(&self, from: u64, max: usize, filter: LogStream) -> std::io::Result<ReadResult> {
-        // Rotation may rename a file under us: try again on a mismatch.
-        for _ in 0..3 {
-            if let Some(r) = self.try_read(from, max, filter)? {
-                return Ok(r);
-            }
-        }
-        Ok(ReadResult {
-            next: from,
-            ..Default::default()
-        })
-    }
-
-    fn try_read(
-        &self,
-        from: u64,
-        max: usize,
-        filter: LogStream,
-    ) -> std::io::Result<Option<ReadResult>> {
+        // The files are opened under the lock, together with the snapshot of
+        // where they start: a rotation after that renames paths, but these
+        // descriptors keep pointing at the data the snapshot describes.
         let (segments, end) = {
             let st = self.lock();
-            let mut segs = Vec::new();
+            let mut segs = Vec::with_capacity(2);
             if let Some(p) = &st.previous {
-                segs.push(("output.1", p.start, p.index.clone(), st.current.start));
+                if let Ok(f) = File::open(self.dir.join("output.1")) {
+                    segs.push((f, p.start, p.index.clone(), st.current.start));
+                }
             }
-            segs.push((
-                "output.log",
-                st.current.start,
-                st.current.index.clone(),
-                st.end,
-            ));
+            let f = File::open(self.dir.join("output.log"))?;
+            segs.push((f, st.current.start, st.current.index.clone(), st.end));
             (segs, st.end)
         };
         let retained = segments[0].1;
@@ -233,14 +216,10 @@ impl OutputLog {
             chunks: Vec::new(),
         };
         let mut budget = max;
-        for (name, start, index, seg_end) in segments {
+        for (mut f, _start, index, seg_end) in segments {
             if out.next >= seg_end || budget == 0 {
                 continue;
             }
-            let mut f = match File::open(self.dir.join(name)) {
-                Ok(f) => f,
-                Err(_) => return Ok(None),
-            };
             let pos = index
                 .iter()
                 .rev()
@@ -248,7 +227,6 @@ impl OutputLog {
                 .map_or(0, |(_, p)| *p);
             f.seek(SeekFrom::Start(pos))?;
             let mut header = [0u8; HEADER as usize];
-            let mut first = true;
             loop {
                 if out.next >= seg_end || budget == 0 {
                     break;
@@ -261,11 +239,6 @@ impl OutputLog {
                 let len = u64::from(u32::from_be_bytes(
                     header[9..13].try_into().unwrap_or_default(),
                 ));
-                if first && (off < start || (pos == 0 && off != start)) {
-                    // The file was replaced since the snapshot.
-                    return Ok(None);
-                }
-                first = false;
                 if off + len <= out.next || (filter != LogStream::Unspecified && stream != filter) {
                     if off + len > out.next {
                         out.next = off + len;
@@ -292,7 +265,7 @@ impl OutputLog {
             }
         }
         out.next = out.next.min(end);
-        Ok(Some(out))
+        Ok(out)
     }
 
     /// The offset where the last `lines` lines start (bounded by what is retained).
