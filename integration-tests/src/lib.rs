@@ -14,6 +14,21 @@ use std::time::Duration;
 pub use cluster::{bin, Builder, TestCluster};
 pub use redis_server::RedisServer;
 
+/// Bytes of the files under `dir`, recursively (0 if it is missing).
+pub fn dir_bytes(dir: &std::path::Path) -> u64 {
+    std::fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => dir_bytes(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
 /// Polls `f` until it returns `Some`, at most `limit`; panics with `what` then.
 pub async fn eventually<T, F, Fut>(limit: Duration, what: &str, mut f: F) -> T
 where

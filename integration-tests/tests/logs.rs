@@ -192,7 +192,7 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
         .unwrap()
         .join("data-h1")
         .join("agents");
-    let on_disk: u64 = walk(&data);
+    let on_disk: u64 = agentplane_integration_tests::dir_bytes(&data);
     assert!(
         on_disk <= cap + 128 * 1024,
         "log files within the cap: {on_disk} bytes"
@@ -203,23 +203,6 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
     );
     assert!(rss_kib < 64 * 1024, "host-agent RSS {rss_kib} KiB");
     cluster.finish().await;
-}
-
-fn walk(dir: &std::path::Path) -> u64 {
-    std::fs::read_dir(dir)
-        .map(|d| {
-            d.flatten()
-                .map(|e| {
-                    let m = e.metadata().expect("metadata");
-                    if m.is_dir() {
-                        walk(&e.path())
-                    } else {
-                        m.len()
-                    }
-                })
-                .sum()
-        })
-        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -211,12 +211,7 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
         .join("agents");
     let mut largest = 0u64;
     for dir in std::fs::read_dir(&data).unwrap().flatten() {
-        let total: u64 = std::fs::read_dir(dir.path())
-            .unwrap()
-            .flatten()
-            .map(|f| f.metadata().unwrap().len())
-            .sum();
-        largest = largest.max(total);
+        largest = largest.max(agentplane_integration_tests::dir_bytes(&dir.path()));
     }
     eprintln!(
         "{secs}s of 20 yes agents, 60 slow readers ({} KiB/s each on average), one fast follower at {:.3} MB/s; \
@@ -239,7 +234,7 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
         "the fast follower still received data in the last third of the run"
     );
     assert!(
-        fast_bytes >= 256 << 10,
+        fast_bytes >= secs * 8 * 1024,
         "the fast follower kept receiving: {fast_bytes}"
     );
     cluster.finish().await;

@@ -114,25 +114,14 @@ impl Registry {
     }
 
     fn push_agent_event(&self, pipe: &mut redis::Pipeline, ty: &str, agent: &Agent) {
-        pipe.cmd("XADD")
-            .arg(self.keys().events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(super::EVENTS_MAXLEN)
-            .arg("*")
-            .arg("type")
-            .arg(ty)
-            .arg("agent")
-            .arg(&agent.id)
-            .arg("state")
-            .arg(state::name(agent.state()))
-            .arg("host")
-            .arg(&agent.host)
-            .arg("generation")
-            .arg(agent.generation)
-            .arg("at")
-            .arg(crate::time::now_ms())
-            .ignore();
+        pipe.add_command(self.event_cmd(&[
+            ("type", ty.to_owned()),
+            ("agent", agent.id.clone()),
+            ("state", state::name(agent.state()).to_owned()),
+            ("host", agent.host.clone()),
+            ("generation", agent.generation.to_string()),
+        ]))
+        .ignore();
     }
 
     /// The agent record, if it exists.
@@ -304,80 +293,82 @@ impl Registry {
             .map_err(self.err("delete agent record"))
     }
 
+    /// Sets `key` to `value` unless it exists (`SET NX`, with an optional
+    /// TTL). `None`: claimed (or already ours); `Some(owner)`: someone else's.
+    async fn claim(
+        &self,
+        step: &'static str,
+        key: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<Option<String>> {
+        loop {
+            let mut set = redis::cmd("SET");
+            set.arg(key).arg(value).arg("NX");
+            if let Some(ttl) = ttl {
+                set.arg("PX").arg(ttl_ms(ttl));
+            }
+            let ok: Option<String> = set
+                .query_async(&mut self.conn())
+                .await
+                .map_err(self.err(step))?;
+            if ok.is_some() {
+                return Ok(None);
+            }
+            let owner: Option<String> = self.conn().get(key).await.map_err(self.err(step))?;
+            match owner {
+                Some(o) if o != value => return Ok(Some(o)),
+                Some(_) => return Ok(None),
+                // Released or expired between SET and GET: try again.
+                None => {}
+            }
+        }
+    }
+
+    /// Deletes `key` only if it still holds `value` (compare-and-delete).
+    async fn release(&self, step: &'static str, key: &str, value: &str) -> Result<()> {
+        DELETE_IF_EQUAL
+            .key(key)
+            .arg(value)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(drop)
+            .map_err(self.err(step))
+    }
+
     /// Claims `request_id` for `agent_id`. `None`: claimed, go ahead and create;
     /// `Some(id)`: an earlier request already created (or is creating) `id`.
     pub async fn claim_request(&self, request_id: &str, agent_id: &str) -> Result<Option<String>> {
         let key = self.keys().idem(request_id);
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(agent_id)
-            .arg("NX")
-            .arg("PX")
-            .arg(u64::try_from(super::IDEMPOTENCY_TTL.as_millis()).unwrap_or(u64::MAX))
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("claim request id"))?;
-        if ok.is_some() {
-            return Ok(None);
-        }
-        let existing: Option<String> = self
-            .conn()
-            .get(&key)
-            .await
-            .map_err(self.err("read request id"))?;
-        match existing {
-            Some(id) => Ok(Some(id)),
-            // Expired between SET and GET: claim again.
-            None => Box::pin(self.claim_request(request_id, agent_id)).await,
-        }
+        self.claim(
+            "claim request id",
+            &key,
+            agent_id,
+            Some(super::IDEMPOTENCY_TTL),
+        )
+        .await
     }
 
     /// Releases `request_id` if it still names `agent_id` (its creation failed).
     pub async fn release_request(&self, request_id: &str, agent_id: &str) -> Result<()> {
-        DELETE_IF_EQUAL
-            .key(self.keys().idem(request_id))
-            .arg(agent_id)
-            .invoke_async::<i64>(&mut self.conn())
-            .await
-            .map(drop)
-            .map_err(self.err("release request id"))
+        self.release(
+            "release request id",
+            &self.keys().idem(request_id),
+            agent_id,
+        )
+        .await
     }
 
     /// Claims `name` for `agent_id`; `Some(owner)` when another agent holds it.
     pub async fn claim_name(&self, name: &str, agent_id: &str) -> Result<Option<String>> {
-        let key = self.keys().name(name);
-        let ok: Option<String> = redis::cmd("SET")
-            .arg(&key)
-            .arg(agent_id)
-            .arg("NX")
-            .query_async(&mut self.conn())
+        self.claim("claim agent name", &self.keys().name(name), agent_id, None)
             .await
-            .map_err(self.err("claim agent name"))?;
-        if ok.is_some() {
-            return Ok(None);
-        }
-        let owner: Option<String> = self
-            .conn()
-            .get(&key)
-            .await
-            .map_err(self.err("read agent name"))?;
-        match owner {
-            Some(o) if o != agent_id => Ok(Some(o)),
-            Some(_) => Ok(None),
-            // Released between SET and GET: claim again.
-            None => Box::pin(self.claim_name(name, agent_id)).await,
-        }
     }
 
     /// Releases `name` if `agent_id` holds it.
     pub async fn release_name(&self, name: &str, agent_id: &str) -> Result<()> {
-        DELETE_IF_EQUAL
-            .key(self.keys().name(name))
-            .arg(agent_id)
-            .invoke_async::<i64>(&mut self.conn())
+        self.release("release agent name", &self.keys().name(name), agent_id)
             .await
-            .map(drop)
-            .map_err(self.err("release agent name"))
     }
 
     /// Sets the agent's location to `host` with a TTL.
@@ -391,13 +382,8 @@ impl Registry {
     /// Removes the agent's location if it still names `host` (after a
     /// reschedule it names the new host, which must keep it).
     pub async fn clear_location(&self, id: &str, host: &str) -> Result<()> {
-        DELETE_IF_EQUAL
-            .key(self.keys().loc(id))
-            .arg(host)
-            .invoke_async::<i64>(&mut self.conn())
+        self.release("clear agent location", &self.keys().loc(id), host)
             .await
-            .map(drop)
-            .map_err(self.err("clear agent location"))
     }
 
     /// The host whose heartbeat keeps the agent's location alive, if any.

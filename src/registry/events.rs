@@ -107,24 +107,31 @@ impl Registry {
         })
     }
 
-    /// Appends a host event.
-    pub async fn emit_host_event(&self, ty: EventType, host: &str) -> Result<()> {
-        redis::cmd("XADD")
-            .arg(self.keys().events())
+    /// The `XADD` of one event: `fields` after the stream bound and the time.
+    pub(super) fn event_cmd(&self, fields: &[(&str, String)]) -> redis::Cmd {
+        let mut cmd = redis::cmd("XADD");
+        cmd.arg(self.keys().events())
             .arg("MAXLEN")
             .arg("~")
             .arg(EVENTS_MAXLEN)
-            .arg("*")
-            .arg("type")
-            .arg(type_name(ty))
-            .arg("host")
-            .arg(host)
-            .arg("at")
-            .arg(now_ms())
-            .query_async::<String>(&mut self.conn())
-            .await
-            .map(drop)
-            .map_err(self.err("append host event"))
+            .arg("*");
+        for (k, v) in fields {
+            cmd.arg(*k).arg(v);
+        }
+        cmd.arg("at").arg(now_ms());
+        cmd
+    }
+
+    /// Appends a host event.
+    pub async fn emit_host_event(&self, ty: EventType, host: &str) -> Result<()> {
+        self.event_cmd(&[
+            ("type", type_name(ty).to_owned()),
+            ("host", host.to_owned()),
+        ])
+        .query_async::<String>(&mut self.conn())
+        .await
+        .map(drop)
+        .map_err(self.err("append host event"))
     }
 
     /// Appends an agent event that is not a state change (AGENT_IDLE).
@@ -135,26 +142,16 @@ impl Registry {
         host: &str,
         generation: u64,
     ) -> Result<()> {
-        redis::cmd("XADD")
-            .arg(self.keys().events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(EVENTS_MAXLEN)
-            .arg("*")
-            .arg("type")
-            .arg(type_name(ty))
-            .arg("agent")
-            .arg(agent)
-            .arg("host")
-            .arg(host)
-            .arg("generation")
-            .arg(generation)
-            .arg("at")
-            .arg(now_ms())
-            .query_async::<String>(&mut self.conn())
-            .await
-            .map(drop)
-            .map_err(self.err("append agent event"))
+        self.event_cmd(&[
+            ("type", type_name(ty).to_owned()),
+            ("agent", agent.to_owned()),
+            ("host", host.to_owned()),
+            ("generation", generation.to_string()),
+        ])
+        .query_async::<String>(&mut self.conn())
+        .await
+        .map(drop)
+        .map_err(self.err("append agent event"))
     }
 
     /// Wraps a stream read error with the registry's address.

@@ -291,18 +291,9 @@ impl Registry {
             .ignore()
             .srem(k.hosts_known(), id)
             .ignore()
-            .cmd("XADD")
-            .arg(k.events())
-            .arg("MAXLEN")
-            .arg("~")
-            .arg(super::EVENTS_MAXLEN)
-            .arg("*")
-            .arg("type")
-            .arg("HOST_DOWN")
-            .arg("host")
-            .arg(id)
-            .arg("at")
-            .arg(crate::time::now_ms())
+            .add_command(
+                self.event_cmd(&[("type", "HOST_DOWN".to_owned()), ("host", id.to_owned())]),
+            )
             .ignore()
             .query_async::<()>(&mut self.conn())
             .await
