@@ -355,6 +355,54 @@ impl TestCluster {
         AgentServiceClient::new(channel)
     }
 
+    /// The `--data-dir` of host `host_id` (agents' output under `agents/`).
+    pub fn data_dir(&self, host_id: &str) -> PathBuf {
+        self.dir.path().join(format!("data-{host_id}"))
+    }
+
+    /// Waits (at most 10 s) until agent `id`'s retained output contains `needle`,
+    /// read through `agentctl logs`.
+    pub async fn wait_for_output(&self, id: &str, needle: &str) {
+        crate::eventually(
+            Duration::from_secs(10),
+            &format!("`{needle}` in the output of {id}"),
+            || {
+                let out = self.agentctl(&["logs", id]);
+                let found = String::from_utf8_lossy(&out.stdout).contains(needle);
+                async move { found.then_some(()) }
+            },
+        )
+        .await;
+    }
+
+    /// Starts `agentctl -o json watch` against every control plane; returns
+    /// the process and a receiver of the events it prints.
+    pub fn watch_json(
+        &self,
+    ) -> (
+        std::process::Child,
+        std::sync::mpsc::Receiver<serde_json::Value>,
+    ) {
+        let mut child = self
+            .agentctl_all(&["-o", "json", "watch"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start agentctl watch");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Ok(v) = serde_json::from_str(&line) {
+                    if tx.send(v).is_err() {
+                        return;
+                    }
+                }
+            }
+        });
+        (child, rx)
+    }
+
     /// The heartbeat TTL the hosts run with.
     pub fn heartbeat_ttl(&self) -> Duration {
         self.config.heartbeat_ttl

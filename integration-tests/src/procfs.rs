@@ -73,3 +73,13 @@ pub fn agent_processes(id: &str) -> Vec<ProcInfo> {
         .filter(|p| p.state != 'Z' && p.state != 'X')
         .collect()
 }
+
+/// Resident memory of `pid` in KiB (0 if it is gone).
+pub fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}

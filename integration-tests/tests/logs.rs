@@ -1,7 +1,7 @@
 //! Agent output: bounded capture, offsets that survive a killed follower,
 //! tails and stream filters, input, and idle detection.
 
-use std::io::{BufRead, BufReader, Read};
+use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
@@ -107,16 +107,7 @@ async fn streams_are_kept_apart_and_input_reaches_the_agent() {
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    let id = echo.id.clone();
-    eventually(Duration::from_secs(10), "the agent answered", || {
-        let out = cluster.agentctl(&["logs", &id]);
-        async move {
-            String::from_utf8_lossy(&out.stdout)
-                .contains("got hello")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.wait_for_output(&echo.id, "got hello").await;
     cluster.finish().await;
 }
 
@@ -124,14 +115,6 @@ async fn streams_are_kept_apart_and_input_reaches_the_agent() {
 async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_up() {
     let cluster = TestCluster::builder().start().await;
     let host_pid = cluster.hosts[0].proc.pid();
-    let rss = |pid: i32| -> u64 {
-        std::fs::read_to_string(format!("/proc/{pid}/status"))
-            .unwrap_or_default()
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next()?.parse().ok())
-            .unwrap_or(0)
-    };
     let cap = 2 * 1024 * 1024u64;
     let mut s = spec(&["yes"]);
     s.log_max_bytes = cap;
@@ -185,19 +168,13 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
         "the follower received data: {received}"
     );
 
-    let data = cluster.hosts[0]
-        .proc
-        .log
-        .parent()
-        .unwrap()
-        .join("data-h1")
-        .join("agents");
+    let data = cluster.data_dir("h1").join("agents");
     let on_disk: u64 = agentplane_integration_tests::dir_bytes(&data);
     assert!(
         on_disk <= cap + 128 * 1024,
         "log files within the cap: {on_disk} bytes"
     );
-    let rss_kib = rss(host_pid);
+    let rss_kib = agentplane_integration_tests::procfs::rss_kib(host_pid);
     eprintln!(
         "host-agent RSS with a flooding agent: {rss_kib} KiB, output on disk {on_disk} bytes"
     );
@@ -208,21 +185,7 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_becomes_idle_once_and_shows_it() {
     let cluster = TestCluster::builder().start().await;
-    let mut watch = cluster
-        .agentctl_all(&["-o", "json", "watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let lines = BufReader::new(watch.stdout.take().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for l in lines.lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&l) {
-                let _ = tx.send(v);
-            }
-        }
-    });
+    let (mut watch, rx) = cluster.watch_json();
     // Let the watch connect (a first event proves it).
     let probe = cluster.spawn(&["true"]).await;
     loop {
@@ -279,60 +242,26 @@ async fn a_tty_agent_sees_a_terminal_answers_input_and_gets_resized() {
     let mut s = spec(&["python3", "-c", "import sys\nprint('tty', sys.stdin.isatty(), sys.stdout.isatty(), flush=True)\nwhile True: print('got', input(), flush=True)"]);
     s.tty = true;
     let a = cluster.spawn_spec(s).await;
-    let id = a.id.clone();
-    eventually(Duration::from_secs(10), "isatty reported", || {
-        let out = cluster.agentctl(&["logs", &id]);
-        async move {
-            String::from_utf8_lossy(&out.stdout)
-                .contains("tty True True")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.wait_for_output(&a.id, "tty True True").await;
     let sent = cluster.agentctl(&["send", &a.id, "hello", "--enter"]);
     assert!(
         sent.status.success(),
         "{}",
         String::from_utf8_lossy(&sent.stderr)
     );
-    eventually(Duration::from_secs(10), "`got hello`", || {
-        let out = cluster.agentctl(&["logs", &id]);
-        async move {
-            String::from_utf8_lossy(&out.stdout)
-                .contains("got hello")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.wait_for_output(&a.id, "got hello").await;
 
     let mut s = spec(&["sh", "-c", "stty size; read x; stty size; sleep 100"]);
     s.tty = true;
     let b = cluster.spawn_spec(s).await;
-    let id = b.id.clone();
-    eventually(Duration::from_secs(10), "initial size 24 80", || {
-        let out = cluster.agentctl(&["logs", &id]);
-        async move {
-            String::from_utf8_lossy(&out.stdout)
-                .contains("24 80")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.wait_for_output(&b.id, "24 80").await;
     let resized = cluster.agentctl(&["send", &b.id, "--resize", "40x120", "--enter"]);
     assert!(
         resized.status.success(),
         "{}",
         String::from_utf8_lossy(&resized.stderr)
     );
-    eventually(Duration::from_secs(10), "new size 40 120", || {
-        let out = cluster.agentctl(&["logs", &id]);
-        async move {
-            String::from_utf8_lossy(&out.stdout)
-                .contains("40 120")
-                .then_some(())
-        }
-    })
-    .await;
+    cluster.wait_for_output(&b.id, "40 120").await;
     cluster.finish().await;
 }
 

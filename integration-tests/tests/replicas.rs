@@ -2,9 +2,6 @@
 //! agent each; a watch client follows a SIGKILLed replica to the other one
 //! and sees every event once, in order.
 
-use std::io::{BufRead, BufReader};
-use std::process::Stdio;
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, SpawnAgentRequest};
@@ -122,23 +119,7 @@ async fn a_watch_follows_a_killed_replica_to_the_other_and_sees_every_event_once
         .control_planes(2)
         .start()
         .await;
-    let mut watch = cluster
-        .agentctl_all(&["-o", "json", "watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let stdout = watch.stdout.take().unwrap();
-    let (tx, rx) = mpsc::channel::<serde_json::Value>();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Ok(v) = serde_json::from_str(&line) {
-                if tx.send(v).is_err() {
-                    return;
-                }
-            }
-        }
-    });
+    let (mut watch, rx) = cluster.watch_json();
     // The watch is connected once a first event reaches it.
     let first = cluster.spawn(&["true"]).await;
     let seen_first = rx

@@ -202,13 +202,7 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
         }
         t
     };
-    let data = cluster.hosts[0]
-        .proc
-        .log
-        .parent()
-        .unwrap()
-        .join("data-h1")
-        .join("agents");
+    let data = cluster.data_dir("h1").join("agents");
     let mut largest = 0u64;
     for dir in std::fs::read_dir(&data).unwrap().flatten() {
         largest = largest.max(agentplane_integration_tests::dir_bytes(&dir.path()));

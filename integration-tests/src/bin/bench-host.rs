@@ -11,6 +11,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, ListHostsRequest, SpawnAgentRequest};
+use agentplane_integration_tests::procfs::rss_kib;
 use agentplane_integration_tests::TestCluster;
 use clap::Parser;
 
@@ -23,15 +24,6 @@ struct Args {
     /// Spawns in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
-}
-
-fn rss_kib(pid: i32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
