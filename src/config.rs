@@ -1,13 +1,53 @@
 //! Parsers for command-line values shared by every binary: human durations
-//! (`500ms`, `3s`, `10m`) and `key=value` pairs.
+//! (`500ms`, `3s`, `10m`), byte sizes (`256KiB`, `64MiB`), points in time
+//! (`10m` ago or RFC 3339) and `key=value` pairs.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 /// Parses a human duration (`500ms`, `3s`, `10m`, `1h`); a bare number is refused
 /// so that `10` never silently means 10 ns or 10 s.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s.trim())
         .map_err(|e| format!("`{s}` is not a duration like 500ms, 3s, 10m or 1h: {e}"))
+}
+
+/// Parses a byte size: a number of bytes, or one with a binary unit
+/// (`K`/`KiB`, `M`/`MiB`, `G`/`GiB`; 1024-based).
+pub fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (n, unit) = t.split_at(digits);
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("`{s}` is not a size like 4096, 256KiB or 64MiB"))?;
+    let mult: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "K" | "KiB" | "k" => 1 << 10,
+        "M" | "MiB" => 1 << 20,
+        "G" | "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "`{other}` in `{s}` is not a unit: use K/KiB, M/MiB or G/GiB (1024-based)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("`{s}` is too large"))
+}
+
+/// Parses a point in time: a duration ago (`90s`, `10m`, `2h`) or an RFC 3339
+/// time (`2026-11-24T10:00:00Z`).
+pub fn parse_since(s: &str) -> Result<SystemTime, String> {
+    if let Ok(d) = humantime::parse_duration(s.trim()) {
+        return SystemTime::now()
+            .checked_sub(d)
+            .ok_or_else(|| format!("`{s}` reaches before the epoch"));
+    }
+    humantime::parse_rfc3339_weak(s.trim()).map_err(|_| {
+        format!(
+            "`{s}` is neither a duration ago (10m, 2h) nor an RFC 3339 time (2026-11-24T10:00:00Z)"
+        )
+    })
 }
 
 /// Parses `KEY=VALUE`; the value may contain `=`, the key may not be empty.
@@ -28,6 +68,30 @@ mod tests {
         assert_eq!(parse_duration("10m"), Ok(Duration::from_secs(600)));
         assert!(parse_duration("10").is_err());
         assert!(parse_duration("soon").is_err());
+    }
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_bytes("4096"), Ok(4096));
+        assert_eq!(parse_bytes("256KiB"), Ok(256 * 1024));
+        assert_eq!(parse_bytes("64M"), Ok(64 << 20));
+        assert_eq!(parse_bytes("1GiB"), Ok(1 << 30));
+        assert!(parse_bytes("MiB").is_err());
+        assert!(parse_bytes("10MB").is_err());
+        assert!(parse_bytes("99999999999G").is_err());
+    }
+
+    #[test]
+    fn points_in_time() {
+        let ten_min_ago = parse_since("10m").unwrap();
+        let age = SystemTime::now().duration_since(ten_min_ago).unwrap();
+        assert!(age >= Duration::from_secs(600) && age < Duration::from_secs(610));
+        let t = parse_since("2026-11-24T10:00:00Z").unwrap();
+        assert_eq!(
+            t.duration_since(SystemTime::UNIX_EPOCH).unwrap().as_secs(),
+            1_795_514_400
+        );
+        assert!(parse_since("yesterday").is_err());
     }
 
     #[test]

@@ -9,6 +9,15 @@ pub const MAX_ARGV: usize = 4096;
 pub const MAX_ARGV_ENV_BYTES: usize = 1024 * 1024;
 /// Most labels on one agent.
 pub const MAX_LABELS: usize = 64;
+/// Smallest in-memory output ring per agent.
+pub const MIN_LOG_BUFFER: u64 = 64 * 1024;
+/// Largest in-memory output ring per agent.
+pub const MAX_LOG_BUFFER: u64 = 16 * 1024 * 1024;
+/// Largest on-disk output cap per agent.
+pub const MAX_LOG_BYTES: u64 = 1 << 40;
+/// Smallest on-disk output cap per agent (0 means the default).
+pub const MIN_LOG_BYTES: u64 = 256 * 1024;
+
 /// Longest stop grace accepted (a day: beyond it a stop would never be seen to end).
 pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
@@ -190,6 +199,24 @@ pub fn spec(s: &AgentSpec) -> Result {
     if let Some(g) = &s.stop_grace {
         grace("spec.stop_grace", g)?;
     }
+    if s.log_buffer_bytes != 0 && !(MIN_LOG_BUFFER..=MAX_LOG_BUFFER).contains(&s.log_buffer_bytes) {
+        return Err(ValidationError::new(
+            "spec.log_buffer_bytes",
+            format!(
+                "{} bytes; give 0 (the default, 128 KiB) or from 64 KiB to 16 MiB",
+                s.log_buffer_bytes
+            ),
+        ));
+    }
+    if s.log_max_bytes != 0 && !(MIN_LOG_BYTES..=MAX_LOG_BYTES).contains(&s.log_max_bytes) {
+        return Err(ValidationError::new(
+            "spec.log_max_bytes",
+            format!(
+                "{} bytes; give 0 (the default, 64 MiB) or from 256 KiB to 1 TiB",
+                s.log_max_bytes
+            ),
+        ));
+    }
     Ok(())
 }
 
@@ -252,6 +279,13 @@ mod tests {
             nanos: 0,
         });
         assert_eq!(spec(&s).unwrap_err().field, "spec.stop_grace");
+        let mut s = ok_spec();
+        s.log_buffer_bytes = 1024;
+        assert_eq!(spec(&s).unwrap_err().field, "spec.log_buffer_bytes");
+        s.log_buffer_bytes = MIN_LOG_BUFFER;
+        assert_eq!(spec(&s), Ok(()));
+        s.log_max_bytes = 1000;
+        assert_eq!(spec(&s).unwrap_err().field, "spec.log_max_bytes");
     }
 
     #[test]

@@ -21,6 +21,12 @@ const MAX_CHANNELS: usize = 1024;
 const OPEN_AFTER: u32 = 3;
 /// How long an open circuit fails fast before one probe is let through.
 const OPEN_FOR: Duration = Duration::from_secs(2);
+/// HTTP/2 flow-control window per stream on host connections: what one
+/// slow log stream may hold in this process.
+const HOST_STREAM_WINDOW: u32 = 128 * 1024;
+/// HTTP/2 window per host connection: 128 slow streams fill it before a fast
+/// one waits.
+const HOST_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
 /// Pause before the one retry of an idempotent call.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
@@ -66,9 +72,17 @@ impl HostClients {
                 detail: format!("bad address: {e}"),
             }
         })?;
+        // Every log stream of every client to this host shares this one
+        // connection. A stream whose client reads slowly keeps up to its
+        // stream window of data here; the connection window must be large
+        // enough that slow streams cannot use all of it, or a fast follower
+        // would wait on the slowest (head-of-line blocking). Memory held this
+        // way is at most the connection window per host.
         let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)
+            .initial_stream_window_size(HOST_STREAM_WINDOW)
+            .initial_connection_window_size(HOST_CONNECTION_WINDOW)
             .connect_lazy();
         if map.len() >= MAX_CHANNELS {
             map.clear();

@@ -375,8 +375,9 @@ impl TestCluster {
         .await;
     }
 
-    /// Starts `agentctl -o json watch` against every control plane; returns
-    /// the process and a receiver of the events it prints.
+    /// Starts `agentctl -o json watch --since 0` (every retained event, so
+    /// none is missed however late it connects) against every control plane;
+    /// returns the process and a receiver of the events it prints.
     pub fn watch_json(
         &self,
     ) -> (
@@ -384,7 +385,7 @@ impl TestCluster {
         std::sync::mpsc::Receiver<serde_json::Value>,
     ) {
         let mut child = self
-            .agentctl_all(&["-o", "json", "watch"])
+            .agentctl_all(&["-o", "json", "watch", "--since", "0"])
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
             .spawn()

@@ -5,7 +5,7 @@ use std::io::Read;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use agentplane::proto::v1::{AgentSpec, AgentState, GetAgentRequest, LogStream, StreamLogsRequest};
+use agentplane::proto::v1::{AgentSpec, AgentState, GetAgentRequest, StreamLogsRequest};
 use agentplane::time::duration_to_proto;
 use agentplane_integration_tests::{eventually, TestCluster};
 use nix::sys::signal::Signal;
@@ -87,6 +87,34 @@ async fn a_killed_follower_resumes_from_its_offset_and_reassembles_seq_exactly()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn since_starts_at_the_output_written_after_a_time() {
+    let cluster = TestCluster::builder().start().await;
+    let a = cluster
+        .spawn(&["sh", "-c", "echo early; sleep 2; echo late; sleep 100"])
+        .await;
+    cluster.wait_for_output(&a.id, "early").await;
+    // Between the two lines: "early" is out, "late" is 2 s away.
+    let between = humantime::format_rfc3339_millis(std::time::SystemTime::now()).to_string();
+    cluster.wait_for_output(&a.id, "late").await;
+    let logs = |args: &[&str]| {
+        let out = cluster.agentctl(&[&["logs", a.id.as_str()], args].concat());
+        assert!(out.status.success(), "agentctl logs {args:?}: {out:?}");
+        String::from_utf8(out.stdout).unwrap()
+    };
+    assert_eq!(logs(&["--since", &between]), "late\n");
+    assert_eq!(logs(&["--since", "1h"]), "early\nlate\n");
+    assert_eq!(logs(&["--since", "1h", "--tail", "1"]), "late\n");
+    assert_eq!(logs(&["--since", "2099-01-01T00:00:00Z"]), "");
+    let bad = cluster.agentctl(&["logs", &a.id, "--since", "yesterday"]);
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("neither a duration ago"),
+        "{bad:?}"
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_are_kept_apart_and_input_reaches_the_agent() {
     let cluster = TestCluster::builder().start().await;
     let a = cluster
@@ -127,7 +155,7 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
             offset: 0,
             tail_lines: None,
             follow: true,
-            stream: LogStream::Unspecified as i32,
+            ..Default::default()
         })
         .await
         .unwrap()
@@ -185,8 +213,9 @@ async fn a_flooding_agent_stays_within_its_cap_and_memory_while_followers_keep_u
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_becomes_idle_once_and_shows_it() {
     let cluster = TestCluster::builder().start().await;
+    // The watch starts from the oldest event; the probe's marks where this
+    // test's own begin.
     let (mut watch, rx) = cluster.watch_json();
-    // Let the watch connect (a first event proves it).
     let probe = cluster.spawn(&["true"]).await;
     loop {
         let v = rx

@@ -19,8 +19,12 @@ pub struct LogsArgs {
     /// Start this many lines before the end.
     #[arg(long)]
     tail: Option<u64>,
+    /// Start at the output written since this time: a duration ago (10m, 2h)
+    /// or an RFC 3339 time. With --tail: the later of the two.
+    #[arg(long, value_parser = agentplane::config::parse_since)]
+    since: Option<std::time::SystemTime>,
     /// Start at this byte offset of the agent's output.
-    #[arg(long, conflicts_with = "tail")]
+    #[arg(long, conflicts_with_all = ["tail", "since"])]
     offset: Option<u64>,
     /// Only standard output.
     #[arg(long, conflicts_with = "stderr")]
@@ -52,6 +56,10 @@ pub async fn run(endpoints: &[String], a: LogsArgs, timeout: Duration) -> anyhow
             tail_lines: if next.is_none() { a.tail } else { None },
             follow: a.follow,
             stream: stream as i32,
+            since: a
+                .since
+                .filter(|_| next.is_none())
+                .map(prost_types::Timestamp::from),
         };
         match c.agents.stream_logs(req).await {
             Ok(s) => {

@@ -73,9 +73,13 @@ pub struct SpawnArgs {
     /// Run the agent in a pseudo-terminal.
     #[arg(long, short = 't')]
     tty: bool,
-    /// Bytes of output kept on the host's disk (default 64 MiB).
-    #[arg(long)]
+    /// Output kept on the host's disk, e.g. 64MiB (default 64 MiB, at least 256 KiB).
+    #[arg(long, value_parser = agentplane::config::parse_bytes)]
     log_max_bytes: Option<u64>,
+    /// Newest output kept in the host agent's memory for followers, e.g.
+    /// 1MiB (default 128 KiB; 64 KiB to 16 MiB).
+    #[arg(long, value_parser = agentplane::config::parse_bytes)]
+    log_buffer_bytes: Option<u64>,
     /// After this long without output the agent is idle (AGENT_IDLE event).
     #[arg(long, value_parser = parse_duration)]
     idle_after: Option<Duration>,
@@ -134,6 +138,7 @@ impl SpawnArgs {
             uid: a.uid,
             gid: a.gid,
             log_max_bytes: a.log_max_bytes.unwrap_or(0),
+            log_buffer_bytes: a.log_buffer_bytes.unwrap_or(0),
             idle_after: a.idle_after.map(duration_to_proto),
             idle_timeout: a.idle_timeout.map(duration_to_proto),
             tty: a.tty,

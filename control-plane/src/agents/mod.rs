@@ -158,6 +158,7 @@ impl AgentService for AgentApi {
             panicked_tasks: self.tasks.panicked(),
             rss_bytes: agentplane::tasks::rss_bytes(),
             agents: 0,
+            log_buffered_bytes: 0,
         }))
     }
 

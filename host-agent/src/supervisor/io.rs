@@ -80,7 +80,6 @@ impl Supervisor {
             // Capacity only: pages are touched when output arrives, so an
             // agent that writes nothing costs no resident memory here.
             let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-            let mut failing = false;
             loop {
                 buf.clear();
                 // While this task writes, the pipe fills and the agent waits:
@@ -88,12 +87,9 @@ impl Supervisor {
                 match pipe.read_buf(&mut buf).await {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
-                        if let Err(e) = slot.output.append(stream, &buf[..n]) {
-                            if !failing {
-                                tracing::error!(agent = %slot.id, error = %e, "cannot write agent output; dropping it");
-                                failing = true;
-                            }
-                        }
+                        // Waits while the ring is full of output the disk
+                        // has not taken yet: the pipe fills, the agent waits.
+                        slot.output.append(stream, &buf[..n]).await;
                         // A flooding agent's pipe is always ready: let readers
                         // and other agents' captures have their turn.
                         tokio::task::yield_now().await;
@@ -117,9 +113,24 @@ impl Supervisor {
             id: req.id.clone(),
             source,
         };
-        let start = match req.tail_lines {
-            Some(n) => slot.output.tail_offset(n, filter).map_err(io_err)?,
-            None => req.offset,
+        let tail = req
+            .tail_lines
+            .map(|n| slot.output.tail_offset(n, filter))
+            .transpose()
+            .map_err(io_err)?;
+        let since = req
+            .since
+            .as_ref()
+            .map(|t| {
+                slot.output
+                    .since_offset(agentplane::time::ms_from_timestamp(t))
+            })
+            .transpose()
+            .map_err(io_err)?;
+        let start = match (tail, since) {
+            (Some(a), Some(b)) => a.max(b),
+            (Some(a), None) | (None, Some(a)) => a,
+            (None, None) => req.offset,
         };
         let (tx, rx) = mpsc::channel(READER_QUEUE);
         let cancel = self.cancel.clone();
@@ -141,16 +152,6 @@ impl Supervisor {
                         return;
                     }
                 };
-                if r.skipped > 0 {
-                    let gap = LogChunk {
-                        offset: next + r.skipped,
-                        skipped: r.skipped,
-                        ..Default::default()
-                    };
-                    if tx.send(Ok(gap)).await.is_err() {
-                        return;
-                    }
-                }
                 for c in r.chunks {
                     if tx.send(Ok(c)).await.is_err() {
                         return;
@@ -209,6 +210,7 @@ impl Supervisor {
             tail_lines: None,
             follow: true,
             stream: LogStream::Unspecified as i32,
+            since: None,
         })?;
         let sup = self.clone();
         self.tasks.spawn("attach input", async move {

@@ -47,6 +47,9 @@ pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Ended agents kept (for inspect and logs) beyond the running ones.
 const RETAINED_ENDED: usize = 1024;
 /// How long an end is retried into the registry while Redis fails.
+/// Threads writing agents' output to disk: two, so that one throttled by the
+/// kernel's dirty-page limits does not hold every agent's output.
+const LOG_WRITER_THREADS: usize = 2;
 const END_WRITE_RETRY: Duration = Duration::from_secs(5);
 
 /// States in which the record may still be overwritten by this host.
@@ -72,6 +75,8 @@ pub struct Supervisor {
     data_dir: std::path::PathBuf,
     /// Output streams open now.
     log_streams: agentplane::tasks::Gauge,
+    /// The threads that write agents' output to disk.
+    log_writers: output::LogWriters,
 }
 
 impl Supervisor {
@@ -103,6 +108,7 @@ impl Supervisor {
             guard: Guard::start(),
             data_dir,
             log_streams: agentplane::tasks::Gauge::default(),
+            log_writers: output::LogWriters::start(LOG_WRITER_THREADS),
         })
     }
 
@@ -150,8 +156,12 @@ impl Supervisor {
             .data_dir
             .join("agents")
             .join(format!("{id}.{generation}"));
-        let log =
-            output::OutputLog::create(&dir, cap).map_err(|source| SupervisorError::Output {
+        let ring = match spec.log_buffer_bytes {
+            0 => output::DEFAULT_RING,
+            n => n,
+        };
+        let log = output::OutputLog::create(&id, &dir, cap, ring, self.log_writers.clone())
+            .map_err(|source| SupervisorError::Output {
                 id: id.clone(),
                 source,
             })?;
@@ -551,13 +561,21 @@ impl Supervisor {
 
     /// This host agent's counters.
     pub fn status(&self) -> agentplane::proto::v1::ServerStatus {
+        // One lock, read once: the struct literal would keep a first guard
+        // alive while taking a second.
+        let (agents, log_buffered_bytes) = {
+            let map = self.map();
+            let buffered = map.values().map(|s| s.output.buffered_bytes() as u64).sum();
+            (map.len() as u64, buffered)
+        };
         agentplane::proto::v1::ServerStatus {
             log_streams: self.log_streams.get(),
             watch_streams: 0,
             tasks: self.tasks.running() as u64,
             panicked_tasks: self.tasks.panicked(),
             rss_bytes: agentplane::tasks::rss_bytes(),
-            agents: self.map().len() as u64,
+            agents,
+            log_buffered_bytes,
         }
     }
 

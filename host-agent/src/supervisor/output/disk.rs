@@ -1,0 +1,347 @@
+//! One agent's output on disk: a size-capped pair of files (the current one
+//! and one rotated predecessor, each at most half the cap). Only the log
+//! writer thread writes them; readers open them by path under the metadata
+//! lock, so a rotation cannot swap a file under a reader's snapshot.
+//!
+//! File format: records of a 21-byte header (offset u64 BE, time in ms since
+//! the epoch i64 BE, stream u8, length u32 BE) followed by the bytes.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Read as _, Seek, SeekFrom, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Mutex, MutexGuard};
+
+use agentplane::proto::v1::{LogChunk, LogStream};
+
+use super::ring::{push_merged, Record};
+
+const HEADER: usize = 21;
+/// One index entry per this many bytes of file.
+const INDEX_EVERY: u64 = 64 * 1024;
+
+/// A place in a file: a record's offset and time, and where it starts.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    offset: u64,
+    time_ms: i64,
+    pos: u64,
+}
+
+#[derive(Debug, Clone)]
+struct Segment {
+    /// Offset of its first byte.
+    start: u64,
+    /// Bytes written to it (headers included).
+    size: u64,
+    /// Offset after its last byte.
+    end: u64,
+    /// Sparse index, ascending.
+    index: Vec<Mark>,
+}
+
+impl Segment {
+    fn empty(start: u64) -> Self {
+        Self {
+            start,
+            size: 0,
+            end: start,
+            index: Vec::new(),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Meta {
+    current: Segment,
+    previous: Option<Segment>,
+}
+
+/// The files.
+#[derive(Debug)]
+pub struct Disk {
+    dir: PathBuf,
+    half_cap: u64,
+    /// The current file, held by the writer while it writes.
+    pub(super) file: Mutex<File>,
+    meta: Mutex<Meta>,
+}
+
+pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Disk {
+    /// New, empty files in `dir` (created; old files in it are removed),
+    /// holding at most about `cap` bytes.
+    pub fn create(dir: &Path, cap: u64) -> std::io::Result<Self> {
+        std::fs::create_dir_all(dir)?;
+        let _ = std::fs::remove_file(dir.join("output.1"));
+        let file = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(dir.join("output.log"))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            half_cap: cap / 2,
+            file: Mutex::new(file),
+            meta: Mutex::new(Meta {
+                current: Segment::empty(0),
+                previous: None,
+            }),
+        })
+    }
+
+    /// Writes `records` (consecutive, oldest first) after what is there. Only
+    /// one thread calls this for a given log at a time (the writer that holds
+    /// it); readers see the records once this returns. On an error the
+    /// records are lost: readers get a gap where they were.
+    pub fn write(&self, records: &[Record], buf: &mut Vec<u8>) -> std::io::Result<()> {
+        let mut file = lock(&self.file);
+        let mut rest = records;
+        while !rest.is_empty() {
+            match self.write_some(&mut file, rest, buf) {
+                Ok(n) => rest = &rest[n..],
+                Err(e) => {
+                    if let Some(last) = records.last() {
+                        let mut meta = lock(&self.meta);
+                        meta.current.end = meta.current.end.max(last.end());
+                    }
+                    return Err(e);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the first of `records` that fit in the current file (at least
+    /// one), rotating when it is full; returns how many were written. A file
+    /// so exceeds half the cap by at most one record.
+    fn write_some(
+        &self,
+        file: &mut File,
+        records: &[Record],
+        buf: &mut Vec<u8>,
+    ) -> std::io::Result<usize> {
+        let (size, mut last_mark) = {
+            let meta = lock(&self.meta);
+            (meta.current.size, meta.current.index.last().map(|m| m.pos))
+        };
+        let mut marks = Vec::new();
+        let mut n = 0;
+        buf.clear();
+        for r in records {
+            if n > 0 && size + buf.len() as u64 >= self.half_cap {
+                break;
+            }
+            let pos = size + buf.len() as u64;
+            if last_mark.is_none_or(|p| pos - p >= INDEX_EVERY) {
+                marks.push(Mark {
+                    offset: r.offset,
+                    time_ms: r.time_ms,
+                    pos,
+                });
+                last_mark = Some(pos);
+            }
+            buf.extend_from_slice(&r.offset.to_be_bytes());
+            buf.extend_from_slice(&r.time_ms.to_be_bytes());
+            buf.push(r.stream as u8);
+            buf.extend_from_slice(
+                &u32::try_from(r.data.len())
+                    .unwrap_or(u32::MAX)
+                    .to_be_bytes(),
+            );
+            buf.extend_from_slice(&r.data);
+            n += 1;
+        }
+        // The slow part (the kernel may throttle a writer of dirty pages),
+        // done without the metadata lock so readers are never held by it.
+        if let Err(e) = file.write_all(buf) {
+            // Cut a partly written record off so the file stays readable.
+            let _ = file.set_len(size);
+            let _ = file.seek(SeekFrom::Start(size));
+            return Err(e);
+        }
+        let mut meta = lock(&self.meta);
+        meta.current.size += buf.len() as u64;
+        meta.current.index.extend(marks);
+        meta.current.end = records[n - 1].end();
+        if meta.current.size >= self.half_cap {
+            std::fs::rename(self.dir.join("output.log"), self.dir.join("output.1"))?;
+            *file = OpenOptions::new()
+                .create(true)
+                .write(true)
+                .truncate(true)
+                .open(self.dir.join("output.log"))?;
+            let fresh = Segment::empty(meta.current.end);
+            meta.previous = Some(std::mem::replace(&mut meta.current, fresh));
+        }
+        Ok(n)
+    }
+
+    /// The oldest offset retained.
+    pub fn retained_from(&self) -> u64 {
+        let meta = lock(&self.meta);
+        meta.previous
+            .as_ref()
+            .map_or(meta.current.start, |p| p.start)
+    }
+
+    /// The files with the segments they hold, oldest first.
+    fn open(&self) -> std::io::Result<Vec<(File, Segment)>> {
+        let meta = lock(&self.meta);
+        let mut segs = Vec::with_capacity(2);
+        if let Some(p) = &meta.previous {
+            if let Ok(f) = File::open(self.dir.join("output.1")) {
+                segs.push((f, p.clone()));
+            }
+        }
+        let f = File::open(self.dir.join("output.log"))?;
+        segs.push((f, meta.current.clone()));
+        Ok(segs)
+    }
+
+    /// Up to about `max` bytes from `from` and before `until` (a record
+    /// boundary), only `filter`'s stream; a gap (output no longer retained,
+    /// or never written) is a chunk with `skipped` set. Returns the chunks
+    /// and where to read next.
+    pub fn read(
+        &self,
+        from: u64,
+        until: u64,
+        max: usize,
+        filter: LogStream,
+    ) -> std::io::Result<(Vec<LogChunk>, u64)> {
+        let mut next = from;
+        let mut chunks = Vec::new();
+        let mut budget = max;
+        for (file, seg) in self.open()? {
+            let seg_end = seg.end.min(until);
+            if next >= seg_end || budget == 0 {
+                continue;
+            }
+            let mut records = Records::at(file, &seg, next)?;
+            while budget > 0 && next < seg_end {
+                let header = records.next_header()?;
+                let Some((off, time_ms, stream, len)) = header.filter(|h| h.0 < seg_end) else {
+                    // Output the segment counts but does not hold (a failed
+                    // write) is a gap too: the reader must move past it.
+                    chunks.push(gap(next, seg_end - next));
+                    next = seg_end;
+                    break;
+                };
+                if off > next {
+                    chunks.push(gap(next, off - next));
+                    next = off;
+                }
+                if off + len <= next || (filter != LogStream::Unspecified && stream != filter) {
+                    next = next.max(off + len);
+                    records.skip(len)?;
+                    continue;
+                }
+                let skip = next - off;
+                let take = (len - skip).min(budget as u64);
+                let data = records.take(skip, take)?;
+                push_merged(&mut chunks, next, stream, time_ms, &data);
+                next += take;
+                budget -= usize::try_from(take).unwrap_or(budget);
+                if take < len - skip {
+                    break;
+                }
+            }
+        }
+        Ok((chunks, next))
+    }
+
+    /// The offset of the first record written at or after `time_ms`, if the
+    /// disk holds one.
+    pub fn first_at_or_after(&self, time_ms: i64) -> std::io::Result<Option<u64>> {
+        for (file, seg) in self.open()? {
+            // Start from the last index entry older than `time_ms`.
+            let i = seg.index.partition_point(|m| m.time_ms < time_ms);
+            let from = if i == 0 {
+                seg.start
+            } else {
+                seg.index[i - 1].offset
+            };
+            let mut records = Records::at(file, &seg, from)?;
+            while let Some((off, t, _, len)) = records.next_header()? {
+                if t >= time_ms {
+                    return Ok(Some(off));
+                }
+                records.skip(len)?;
+            }
+        }
+        Ok(None)
+    }
+
+    /// Deletes the files.
+    pub fn remove(&self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn gap(offset_before: u64, skipped: u64) -> LogChunk {
+    LogChunk {
+        offset: offset_before + skipped,
+        skipped,
+        ..Default::default()
+    }
+}
+
+/// A cursor over one segment's records.
+struct Records {
+    file: std::io::BufReader<File>,
+    /// Bytes of the segment left to read (the file may have more, written
+    /// after the snapshot).
+    left: u64,
+}
+
+impl Records {
+    /// Positioned at the record the index places at or before `offset`.
+    fn at(file: File, seg: &Segment, offset: u64) -> std::io::Result<Self> {
+        let i = seg.index.partition_point(|m| m.offset <= offset);
+        let pos = if i == 0 { 0 } else { seg.index[i - 1].pos };
+        let mut file = std::io::BufReader::with_capacity(64 * 1024, file);
+        file.seek(SeekFrom::Start(pos))?;
+        Ok(Self {
+            file,
+            left: seg.size - pos,
+        })
+    }
+
+    /// The next record's (offset, time, stream, length), or None at the end.
+    fn next_header(&mut self) -> std::io::Result<Option<(u64, i64, LogStream, u64)>> {
+        if self.left < HEADER as u64 {
+            return Ok(None);
+        }
+        let mut h = [0u8; HEADER];
+        self.file.read_exact(&mut h)?;
+        self.left -= HEADER as u64;
+        let be8 = |b: &[u8]| <[u8; 8]>::try_from(b).unwrap_or_default();
+        let off = u64::from_be_bytes(be8(&h[0..8]));
+        let time_ms = i64::from_be_bytes(be8(&h[8..16]));
+        let stream = LogStream::try_from(i32::from(h[16])).unwrap_or(LogStream::Stdout);
+        let len = u64::from(u32::from_be_bytes(
+            <[u8; 4]>::try_from(&h[17..21]).unwrap_or_default(),
+        ));
+        Ok(Some((off, time_ms, stream, len)))
+    }
+
+    fn skip(&mut self, len: u64) -> std::io::Result<()> {
+        self.file
+            .seek_relative(i64::try_from(len).unwrap_or(i64::MAX))?;
+        self.left = self.left.saturating_sub(len);
+        Ok(())
+    }
+
+    /// `take` bytes after skipping `skip` of the current record; the cursor
+    /// is left at the next record.
+    fn take(&mut self, skip: u64, take: u64) -> std::io::Result<Vec<u8>> {
+        self.skip(skip)?;
+        let mut data = vec![0u8; usize::try_from(take).unwrap_or(0)];
+        self.file.read_exact(&mut data)?;
+        self.left = self.left.saturating_sub(take);
+        Ok(data)
+    }
+}

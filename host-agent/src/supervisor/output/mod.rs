@@ -1,0 +1,475 @@
+//! Agent output: stdout and stderr, read from the agent's pipes in chunks into
+//! a fixed-size in-memory ring ([`ring`]), from which the log writer threads
+//! ([`writer`]) append them to a size-capped pair of files ([`disk`]). Every
+//! byte has an offset in the agent's whole output, across restarts, and the
+//! time it was read; readers ask for an offset (or a time, or the last lines)
+//! and get the newest output from memory, older output from disk, and a
+//! "skipped N bytes" gap for what is no longer retained.
+//!
+//! Memory stays bounded whatever the agent writes: the ring's budget, one
+//! 32 KiB buffer per pipe, and a sparse index per file. A producer that
+//! outruns the disk fills its ring and then waits on its pipe.
+
+mod disk;
+mod ring;
+mod writer;
+
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use agentplane::proto::v1::{LogChunk, LogStream};
+use tokio::sync::watch;
+
+pub use writer::LogWriters;
+
+/// Default cap of an agent's output on disk.
+pub const DEFAULT_CAP: u64 = 64 * 1024 * 1024;
+/// Smallest cap accepted (so two files hold a few chunks).
+pub const MIN_CAP: u64 = 256 * 1024;
+/// Default in-memory ring per agent.
+pub const DEFAULT_RING: u64 = 128 * 1024;
+
+/// What the writer threads and the log handle share.
+#[derive(Debug)]
+pub(crate) struct Shared {
+    ring: Mutex<ring::Ring>,
+    disk: disk::Disk,
+    /// Offset after the last byte in the ring; wakes readers.
+    end_tx: watch::Sender<u64>,
+    /// Offset before which output is on disk; wakes a capture waiting for room.
+    flushed_tx: watch::Sender<u64>,
+    /// True while the log is in the writers' queue or being written.
+    queued: AtomicBool,
+    /// Set once the files are deleted: nothing more is written.
+    removed: AtomicBool,
+    /// A write failed (logged once per log).
+    failing: AtomicBool,
+    writers: LogWriters,
+    id: String,
+}
+
+impl Shared {
+    fn ring(&self) -> MutexGuard<'_, ring::Ring> {
+        self.ring
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Writes up to about `max` bytes of unflushed output; true when more is
+    /// waiting (the log keeps its `queued` flag and goes to the back of the
+    /// queue).
+    pub(crate) fn write_turn(&self, max: usize, buf: &mut Vec<u8>) -> bool {
+        let batch = self.ring().unflushed(max);
+        let Some(last) = batch.last() else {
+            self.queued.store(false, Ordering::SeqCst);
+            // An append between the read above and the flag going down saw
+            // the flag up and did not queue: look again.
+            let ring = self.ring();
+            return ring.end() > ring.flushed() && !self.queued.swap(true, Ordering::SeqCst);
+        };
+        let upto = last.end();
+        if !self.removed.load(Ordering::Relaxed) {
+            if let Err(e) = self.disk.write(&batch, buf) {
+                if !self.failing.swap(true, Ordering::Relaxed) {
+                    tracing::error!(agent = %self.id, error = %e, "cannot write agent output to disk; readers will see a gap");
+                }
+            }
+        }
+        self.ring().set_flushed(upto);
+        self.flushed_tx.send_replace(upto);
+        true
+    }
+
+    fn requeue(self: Arc<Self>) {
+        let writers = self.writers.clone();
+        writers.schedule(self);
+    }
+}
+
+/// One agent's output.
+#[derive(Debug)]
+pub struct OutputLog {
+    shared: Arc<Shared>,
+    pipes: AtomicUsize,
+    last_output_ms: AtomicI64,
+}
+
+/// What a read found.
+#[derive(Debug, Default)]
+pub struct ReadResult {
+    /// The chunks, in order; a chunk with `skipped` set is a gap.
+    pub chunks: Vec<LogChunk>,
+    /// Where to read next.
+    pub next: u64,
+}
+
+impl OutputLog {
+    /// A new, empty log in `dir` (created; old files in it are removed),
+    /// keeping about `cap` bytes on disk and `ring` bytes in memory. The ring
+    /// is at most half the cap, so the disk always holds what the ring has
+    /// let go of.
+    pub fn create(
+        id: &str,
+        dir: &Path,
+        cap: u64,
+        ring: u64,
+        writers: LogWriters,
+    ) -> std::io::Result<Self> {
+        let cap = cap.max(MIN_CAP);
+        let ring = usize::try_from(ring.min(cap / 2)).unwrap_or(usize::MAX);
+        Ok(Self {
+            shared: Arc::new(Shared {
+                ring: Mutex::new(ring::Ring::new(ring)),
+                disk: disk::Disk::create(dir, cap)?,
+                end_tx: watch::channel(0).0,
+                flushed_tx: watch::channel(0).0,
+                queued: AtomicBool::new(false),
+                removed: AtomicBool::new(false),
+                failing: AtomicBool::new(false),
+                writers,
+                id: id.to_owned(),
+            }),
+            pipes: AtomicUsize::new(0),
+            last_output_ms: AtomicI64::new(agentplane::time::now_ms()),
+        })
+    }
+
+    /// Appends what the agent wrote on `stream`; waits while the ring is full
+    /// of output the disk does not have yet.
+    pub async fn append(&self, stream: LogStream, data: &[u8]) {
+        if data.is_empty() {
+            return;
+        }
+        let end = loop {
+            let mut flushed = self.shared.flushed_tx.subscribe();
+            let pushed = {
+                let mut ring = self.shared.ring();
+                ring.push(stream, data, agentplane::time::now_ms())
+                    .then(|| ring.end())
+            };
+            if let Some(end) = pushed {
+                break end;
+            }
+            self.schedule();
+            // Woken by the writer's progress; the sender lives in `shared`,
+            // so this cannot fail while `self` exists.
+            let _ = flushed.changed().await;
+        };
+        self.last_output_ms
+            .store(agentplane::time::now_ms(), Ordering::Relaxed);
+        self.shared.end_tx.send_replace(end);
+        self.schedule();
+    }
+
+    fn schedule(&self) {
+        if !self.shared.queued.swap(true, Ordering::SeqCst) {
+            self.shared.writers.schedule(self.shared.clone());
+        }
+    }
+
+    /// The offset after the last byte.
+    pub fn end(&self) -> u64 {
+        *self.shared.end_tx.borrow()
+    }
+
+    /// The oldest offset still retained.
+    pub fn retained_from(&self) -> u64 {
+        let ring_start = self.shared.ring().start();
+        self.shared.disk.retained_from().min(ring_start)
+    }
+
+    /// Bytes the ring holds now (overhead included).
+    pub fn buffered_bytes(&self) -> usize {
+        self.shared.ring().used()
+    }
+
+    /// Output before this offset is on disk.
+    pub fn flushed(&self) -> u64 {
+        *self.shared.flushed_tx.borrow()
+    }
+
+    /// Wakes on every append and when the last pipe closes.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.end_tx.subscribe()
+    }
+
+    /// When the agent last wrote, ms since the epoch.
+    pub fn last_output_ms(&self) -> i64 {
+        self.last_output_ms.load(Ordering::Relaxed)
+    }
+
+    /// A pipe reader starts.
+    pub fn writer_opened(&self) {
+        self.pipes.fetch_add(1, Ordering::SeqCst);
+    }
+
+    /// A pipe reader reached EOF.
+    pub fn writer_closed(&self) {
+        self.pipes.fetch_sub(1, Ordering::SeqCst);
+        self.shared.end_tx.send_modify(|_| {});
+    }
+
+    /// True while a pipe reader may still append.
+    pub fn has_writers(&self) -> bool {
+        self.pipes.load(Ordering::SeqCst) > 0
+    }
+
+    /// Up to about `max` bytes from offset `from`, only `filter`'s stream
+    /// (UNSPECIFIED: both): from memory when the ring still holds `from`,
+    /// else from disk (which holds everything older than the ring).
+    pub fn read(&self, from: u64, max: usize, filter: LogStream) -> std::io::Result<ReadResult> {
+        let ring_start = {
+            let ring = self.shared.ring();
+            if from >= ring.start() {
+                let (chunks, next) = ring.read(from, max, filter);
+                return Ok(ReadResult { chunks, next });
+            }
+            ring.start()
+        };
+        // Only up to where the ring starts: past it, memory has what the
+        // disk may lack (output whose write failed).
+        let (chunks, next) = self.shared.disk.read(from, ring_start, max, filter)?;
+        Ok(ReadResult { chunks, next })
+    }
+
+    /// The offset where the last `lines` lines start (bounded by what is retained).
+    pub fn tail_offset(&self, lines: u64, filter: LogStream) -> std::io::Result<u64> {
+        let retained = self.retained_from();
+        let end = self.end();
+        if lines == 0 {
+            return Ok(end);
+        }
+        // Walk back in windows; output is bounded by the cap, so this is too.
+        let mut window = 64 * 1024u64;
+        loop {
+            let from = end.saturating_sub(window).max(retained);
+            let mut newlines: Vec<u64> = Vec::new();
+            let mut at = from;
+            while at < end {
+                let r = self.read(at, 1 << 20, filter)?;
+                for c in &r.chunks {
+                    for (i, b) in c.data.iter().enumerate() {
+                        if *b == b'\n' && c.offset + (i as u64) < end {
+                            newlines.push(c.offset + i as u64 + 1);
+                        }
+                    }
+                }
+                if r.next <= at {
+                    break;
+                }
+                at = r.next;
+            }
+            // A trailing newline ends the last line rather than starting one.
+            if newlines.last() == Some(&end) {
+                newlines.pop();
+            }
+            let n = usize::try_from(lines).unwrap_or(usize::MAX);
+            if newlines.len() >= n {
+                return Ok(newlines[newlines.len() - n]);
+            }
+            if from == retained {
+                return Ok(retained);
+            }
+            window *= 4;
+        }
+    }
+
+    /// The offset of the first byte read at or after `time_ms` (the end when
+    /// there is none; the oldest retained byte when all are that recent).
+    pub fn since_offset(&self, time_ms: i64) -> std::io::Result<u64> {
+        let in_memory = {
+            let ring = self.shared.ring();
+            match ring.oldest_time_ms() {
+                Some(t) if t < time_ms => {
+                    return Ok(ring.first_at_or_after(time_ms).unwrap_or(ring.end()));
+                }
+                _ => ring.start(),
+            }
+        };
+        // The ring's records are all recent enough: the answer is on disk, or
+        // the ring's first record.
+        Ok(self
+            .shared
+            .disk
+            .first_at_or_after(time_ms)?
+            .map_or(in_memory, |o| o.min(in_memory)))
+    }
+
+    /// Deletes the files; output still in memory is not written.
+    pub fn remove(&self) {
+        self.shared.removed.store(true, Ordering::Relaxed);
+        self.shared.disk.remove();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    fn text(r: &ReadResult) -> String {
+        r.chunks
+            .iter()
+            .map(|c| String::from_utf8_lossy(&c.data).into_owned())
+            .collect()
+    }
+
+    fn log(dir: &Path, cap: u64, ring: u64) -> OutputLog {
+        OutputLog::create("t", dir, cap, ring, LogWriters::start(1)).unwrap()
+    }
+
+    async fn wait_flushed(log: &OutputLog) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while log.flushed() < log.end() {
+            assert!(tokio::time::Instant::now() < deadline, "never flushed");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+
+    #[tokio::test]
+    async fn reads_from_any_offset_and_filters_streams() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(dir.path(), MIN_CAP, DEFAULT_RING);
+        log.append(LogStream::Stdout, b"hello ").await;
+        log.append(LogStream::Stderr, b"oops\n").await;
+        log.append(LogStream::Stdout, b"world\n").await;
+        assert_eq!(log.end(), 17);
+        let all = log.read(0, 1 << 20, LogStream::Unspecified).unwrap();
+        assert_eq!(text(&all), "hello oops\nworld\n");
+        assert_eq!(all.next, 17);
+        let mid = log.read(3, 1 << 20, LogStream::Unspecified).unwrap();
+        assert_eq!(text(&mid), "lo oops\nworld\n");
+        assert_eq!(mid.chunks[0].offset, 3);
+        let out = log.read(0, 1 << 20, LogStream::Stdout).unwrap();
+        assert_eq!(text(&out), "hello world\n");
+        assert_eq!(out.next, 17);
+        let small = log.read(0, 4, LogStream::Unspecified).unwrap();
+        assert_eq!(text(&small), "hell");
+        assert_eq!(small.next, 4);
+        assert_eq!(log.tail_offset(1, LogStream::Unspecified).unwrap(), 11);
+        assert_eq!(log.tail_offset(5, LogStream::Unspecified).unwrap(), 0);
+        // The same answers from disk once the ring has given the bytes up.
+        wait_flushed(&log).await;
+        let disk = log
+            .shared
+            .disk
+            .read(3, log.end(), 1 << 20, LogStream::Stdout)
+            .unwrap();
+        let r = ReadResult {
+            chunks: disk.0,
+            next: disk.1,
+        };
+        assert_eq!(text(&r), "lo world\n");
+        assert_eq!(r.next, 17);
+    }
+
+    #[tokio::test]
+    async fn a_flood_keeps_disk_under_the_cap_memory_under_the_ring_and_reports_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        // As large as the cap allows: the writer's batches are that large too.
+        let ring = MIN_CAP / 2;
+        let log = log(dir.path(), MIN_CAP, ring);
+        let block = vec![b'y'; 4096];
+        for _ in 0..1000 {
+            log.append(LogStream::Stdout, &block).await;
+            assert!(log.shared.ring().used() <= ring as usize);
+        }
+        wait_flushed(&log).await;
+        let on_disk: u64 = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().metadata().unwrap().len())
+            .sum();
+        assert!(
+            on_disk <= MIN_CAP + 4096 + 2 * 21,
+            "{on_disk} bytes on disk"
+        );
+        let r = log.read(0, 100, LogStream::Unspecified).unwrap();
+        assert!(r.chunks[0].skipped > 0, "old output is reported as skipped");
+        assert_eq!(r.chunks[0].offset, log.retained_from());
+        assert_eq!(r.chunks[1].offset, log.retained_from());
+        // Every retained byte is readable, from disk and then memory, in order.
+        let mut at = log.retained_from();
+        let mut bytes = 0u64;
+        while at < log.end() {
+            let r = log.read(at, 32 * 1024, LogStream::Unspecified).unwrap();
+            for c in &r.chunks {
+                assert_eq!(c.offset, at, "no gap inside retained output");
+                at += c.data.len() as u64;
+                bytes += c.data.len() as u64;
+            }
+            assert_eq!(r.next, at);
+        }
+        assert_eq!(bytes, log.end() - log.retained_from());
+    }
+
+    #[tokio::test]
+    async fn a_failed_write_becomes_a_gap_and_never_stalls_the_agent() {
+        let dir = tempfile::tempdir().unwrap();
+        let log = log(dir.path(), MIN_CAP, 64 * 1024);
+        log.append(LogStream::Stdout, b"kept\n").await;
+        wait_flushed(&log).await;
+        // The disk is full from now on.
+        *disk::lock(&log.shared.disk.file) = std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/full")
+            .unwrap();
+        let block = vec![b'z'; 4096];
+        for _ in 0..64 {
+            // 256 KiB through a 64 KiB ring: returns only if the writer
+            // gives failed output up instead of waiting for the disk.
+            tokio::time::timeout(
+                Duration::from_secs(10),
+                log.append(LogStream::Stdout, &block),
+            )
+            .await
+            .expect("the capture is not stalled by a failing disk");
+        }
+        wait_flushed(&log).await;
+        let r = log.read(0, 1 << 20, LogStream::Unspecified).unwrap();
+        assert_eq!(text(&r), "kept\n");
+        // The bytes the disk lost are a gap up to what memory still has.
+        let ring_start = log.shared.ring().start();
+        assert!(ring_start > 5 && ring_start < log.end());
+        assert_eq!(r.chunks[1].skipped, ring_start - 5);
+        assert_eq!(r.chunks[1].offset, ring_start);
+        assert_eq!(r.next, ring_start);
+        let rest = log.read(r.next, 1 << 20, LogStream::Unspecified).unwrap();
+        assert_eq!(rest.chunks[0].offset, ring_start);
+        assert_eq!(rest.next, log.end(), "then the ring, to the end");
+    }
+
+    #[tokio::test]
+    async fn since_finds_the_first_byte_at_or_after_a_time_in_memory_and_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        // A ring too small to hold the early output: it is found on disk.
+        let log = log(dir.path(), 16 * 1024 * 1024, 64 * 1024);
+        let block = vec![b'x'; 8192];
+        for _ in 0..32 {
+            log.append(LogStream::Stdout, &block).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t1 = agentplane::time::now_ms();
+        let mark = log.end();
+        for _ in 0..32 {
+            log.append(LogStream::Stdout, &block).await;
+        }
+        wait_flushed(&log).await;
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let t2 = agentplane::time::now_ms();
+        let mark2 = log.end();
+        log.append(LogStream::Stdout, b"late\n").await;
+        assert!(
+            log.shared.ring().start() > mark,
+            "the early output left the ring"
+        );
+        assert_eq!(log.since_offset(t1).unwrap(), mark);
+        assert_eq!(log.since_offset(t2).unwrap(), mark2);
+        assert_eq!(log.since_offset(0).unwrap(), 0);
+        assert_eq!(log.since_offset(t2 + 60_000).unwrap(), log.end());
+        let r = log.read(mark2, 100, LogStream::Unspecified).unwrap();
+        let t = agentplane::time::ms_from_timestamp(r.chunks[0].time.as_ref().unwrap());
+        assert!(t >= t2, "chunks carry the time they were read");
+    }
+}
