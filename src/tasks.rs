@@ -81,6 +81,16 @@ impl Gauge {
         GaugeGuard(self.0.clone())
     }
 
+    /// One more unless `max` are held already.
+    pub fn try_hold(&self, max: u64) -> Option<GaugeGuard> {
+        self.0
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| GaugeGuard(self.0.clone()))
+    }
+
     /// How many are held now.
     pub fn get(&self) -> u64 {
         self.0.load(Ordering::Relaxed)
@@ -112,6 +122,17 @@ pub fn rss_bytes() -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_gauge_holds_up_to_its_limit() {
+        let g = Gauge::default();
+        let a = g.try_hold(2).unwrap();
+        let _b = g.try_hold(2).unwrap();
+        assert!(g.try_hold(2).is_none());
+        drop(a);
+        assert!(g.try_hold(2).is_some());
+        assert_eq!(g.get(), 1);
+    }
 
     #[tokio::test]
     async fn a_panicking_task_is_counted_and_drained() {

@@ -18,6 +18,12 @@ pub const MAX_LOG_BYTES: u64 = 1 << 40;
 /// Smallest on-disk output cap per agent (0 means the default).
 pub const MIN_LOG_BYTES: u64 = 256 * 1024;
 
+/// Largest `--max-log-streams` a host agent accepts. The control plane sizes
+/// its HTTP/2 windows to a host from it: every stream a slow client stalls
+/// holds its stream window of the connection's window, and the connection
+/// must never fill with stalled streams (see control-plane/src/hosts.rs).
+pub const MAX_LOG_STREAMS_PER_HOST: u32 = 4000;
+
 /// Longest stop grace accepted (a day: beyond it a stop would never be seen to end).
 pub const MAX_GRACE: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 

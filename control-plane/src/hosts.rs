@@ -21,12 +21,20 @@ const MAX_CHANNELS: usize = 1024;
 const OPEN_AFTER: u32 = 3;
 /// How long an open circuit fails fast before one probe is let through.
 const OPEN_FOR: Duration = Duration::from_secs(2);
-/// HTTP/2 flow-control window per stream on host connections: what one
-/// slow log stream may hold in this process.
+/// HTTP/2 flow-control window per stream on host connections: what one log
+/// stream whose client stalls may hold in this process.
 const HOST_STREAM_WINDOW: u32 = 128 * 1024;
-/// HTTP/2 window per host connection: 128 slow streams fill it before a fast
-/// one waits.
-const HOST_CONNECTION_WINDOW: u32 = 16 * 1024 * 1024;
+/// HTTP/2 window per host connection. It is credit, not memory: what is held
+/// is at most the stalled streams' windows. The receiver re-opens the window
+/// only once half of it was read, so stalled streams must never hold half of
+/// it, or every call to the host would wait (with hyper's 5 MiB default, three
+/// stalled `logs -f` did that). Host agents cap their streams below that.
+const HOST_CONNECTION_WINDOW: u32 = 1 << 30;
+const _: () = assert!(
+    (2 * HOST_STREAM_WINDOW as u64 * agentplane::validate::MAX_LOG_STREAMS_PER_HOST as u64)
+        < (HOST_CONNECTION_WINDOW as u64),
+    "stalled log streams could fill a host connection's window"
+);
 /// Pause before the one retry of an idempotent call.
 const RETRY_AFTER: Duration = Duration::from_millis(100);
 
@@ -73,11 +81,7 @@ impl HostClients {
             }
         })?;
         // Every log stream of every client to this host shares this one
-        // connection. A stream whose client reads slowly keeps up to its
-        // stream window of data here; the connection window must be large
-        // enough that slow streams cannot use all of it, or a fast follower
-        // would wait on the slowest (head-of-line blocking). Memory held this
-        // way is at most the connection window per host.
+        // connection, and every control call too: see HOST_CONNECTION_WINDOW.
         let channel = endpoint
             .connect_timeout(Duration::from_secs(2))
             .tcp_nodelay(true)

@@ -46,6 +46,11 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_MAX_AGENTS", default_value_t = 100)]
     pub max_agents: u32,
 
+    /// The most output streams (log followers and attach sessions) this host
+    /// serves at once; more are refused with RESOURCE_EXHAUSTED. At most 4000.
+    #[arg(long, env = "AGENTPLANE_MAX_LOG_STREAMS", default_value_t = 1024)]
+    pub max_log_streams: u32,
+
     /// TTL of the host's and its agents' liveness keys; refreshed every TTL/3.
     #[arg(long, env = "AGENTPLANE_HEARTBEAT_TTL", default_value = "10s", value_parser = parse_duration)]
     pub heartbeat_ttl: Duration,
@@ -77,6 +82,13 @@ impl Config {
         }
         if self.max_agents == 0 {
             return Err("--max-agents: must be at least 1".into());
+        }
+        if !(1..=validate::MAX_LOG_STREAMS_PER_HOST).contains(&self.max_log_streams) {
+            return Err(format!(
+                "--max-log-streams: {} is not from 1 to {}",
+                self.max_log_streams,
+                validate::MAX_LOG_STREAMS_PER_HOST
+            ));
         }
         if self.heartbeat_ttl < Duration::from_millis(300) {
             return Err("--heartbeat-ttl: must be at least 300ms".into());
@@ -144,6 +156,12 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("--max-agents"));
+        for n in ["0", "4001"] {
+            assert!(parse(&["--host-id", "h", "--max-log-streams", n])
+                .validate()
+                .unwrap_err()
+                .contains("--max-log-streams"));
+        }
         assert!(parse(&["--host-id", "h", "--listen", "0.0.0.0:1"])
             .validate()
             .unwrap_err()

@@ -76,7 +76,10 @@ pub async fn run(
         config.host_id.clone(),
         registry.clone(),
         config.heartbeat_ttl,
-        config.max_agents,
+        supervisor::Limits {
+            max_agents: config.max_agents,
+            max_log_streams: config.max_log_streams,
+        },
         tasks.clone(),
         cancel.clone(),
         config.data_dir.clone(),

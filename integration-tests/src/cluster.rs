@@ -62,6 +62,7 @@ pub struct Builder {
     heartbeat_ttl: Duration,
     reconcile_interval: Duration,
     host_labels: Vec<(usize, String)>,
+    host_args: Vec<String>,
     netns: bool,
 }
 
@@ -101,6 +102,12 @@ impl Builder {
     /// the lab's bridge. Needs root.
     pub fn network_namespaces(mut self) -> Self {
         self.netns = true;
+        self
+    }
+
+    /// Adds a flag (and its value, as a separate item) to every host agent.
+    pub fn host_arg(mut self, arg: &str) -> Self {
+        self.host_args.push(arg.to_owned());
         self
     }
 
@@ -167,6 +174,7 @@ impl TestCluster {
             heartbeat_ttl: Duration::from_secs(3),
             reconcile_interval: Duration::from_millis(200),
             host_labels: Vec::new(),
+            host_args: Vec::new(),
             netns: false,
         }
     }
@@ -279,6 +287,7 @@ impl TestCluster {
                 args.push(label.clone());
             }
         }
+        args.extend(self.config.host_args.iter().cloned());
         let (proc, addr) =
             self.start_server("host-agent", &format!("host-{host_id}.log"), &args, ns);
         Server {

@@ -151,7 +151,8 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
     let cp = cluster.client().await;
     let mut host = host_client(&cluster);
     let deadline = Instant::now() + Duration::from_secs(secs);
-    // 3 slow readers per agent: about 1 KiB/s each (one chunk, then a long pause).
+    // 3 slow readers per agent, 1 KiB/s each: after each chunk a pause of one
+    // second per KiB it held.
     let mut slow = tokio::task::JoinSet::new();
     for id in &ids {
         for _ in 0..3 {
@@ -161,11 +162,16 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
                 let mut s = c.stream_logs(follow(&id)).await.expect("open").into_inner();
                 let mut got = 0u64;
                 while Instant::now() < deadline {
-                    match s.message().await {
-                        Ok(Some(chunk)) => got += chunk.data.len() as u64,
+                    let n = match s.message().await {
+                        Ok(Some(chunk)) => chunk.data.len() as u64,
                         _ => break,
-                    }
-                    tokio::time::sleep(Duration::from_millis(64_000 / 64)).await;
+                    };
+                    got += n;
+                    let pause = Duration::from_millis(n * 1000 / 1024);
+                    tokio::time::sleep(
+                        pause.min(deadline.saturating_duration_since(Instant::now())),
+                    )
+                    .await;
                 }
                 got
             });
@@ -181,7 +187,10 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
     let mut late_bytes = 0u64;
     let late = deadline - Duration::from_secs(secs / 3);
     let mut last_check = Instant::now();
-    let mut cpc = cp.clone();
+    // Status calls on a connection of their own too: on the slow readers'
+    // one they would wait behind the slow streams' unread data (the client's
+    // own HTTP/2 connection window), and stall this loop with them.
+    let mut cpc = cluster.client().await;
     while Instant::now() < deadline {
         let chunk = fast.message().await.unwrap().expect("fast follower open");
         fast_bytes += chunk.data.len() as u64;
@@ -287,5 +296,50 @@ async fn followers_that_stop_reading_do_not_hold_back_others_on_the_same_host() 
     );
     assert!(got == expected, "exactly what seq printed");
     drop(stalled);
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_serves_at_most_its_max_log_streams_and_says_so() {
+    let cluster = TestCluster::builder()
+        .host_arg("--max-log-streams")
+        .host_arg("3")
+        .start()
+        .await;
+    let a = cluster
+        .spawn(&["sh", "-c", "while :; do echo tick; sleep 0.05; done"])
+        .await;
+    let mut c = cluster.client().await;
+    let mut open = Vec::new();
+    for _ in 0..3 {
+        let mut s = c.stream_logs(follow(&a.id)).await.unwrap().into_inner();
+        s.message().await.unwrap().expect("output");
+        open.push(s);
+    }
+    let refused = c.stream_logs(follow(&a.id)).await.unwrap_err();
+    assert_eq!(
+        refused.code(),
+        tonic::Code::ResourceExhausted,
+        "{refused:?}"
+    );
+    assert!(
+        refused.message().contains("--max-log-streams"),
+        "{refused:?}"
+    );
+    // The same answer through agentctl, which names the limit too.
+    let out = cluster.agentctl(&["logs", &a.id]);
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--max-log-streams"),
+        "{out:?}"
+    );
+    // A closed stream frees its place.
+    drop(open.pop());
+    eventually(Duration::from_secs(10), "a place is free again", || {
+        let mut c = c.clone();
+        let id = a.id.clone();
+        async move { c.stream_logs(follow(&id)).await.ok().map(|_| ()) }
+    })
+    .await;
     cluster.finish().await;
 }

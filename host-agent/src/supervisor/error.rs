@@ -19,6 +19,14 @@ pub enum SupervisorError {
         /// Its limit.
         max: u32,
     },
+    /// The host serves `--max-log-streams` output streams already.
+    #[error("host {host} already serves {max} output streams (its --max-log-streams); close some followers or attach sessions")]
+    TooManyStreams {
+        /// This host.
+        host: String,
+        /// Its limit.
+        max: u32,
+    },
     /// An agent with this id, but another generation, is here already.
     #[error("agent {id} already runs here with generation {generation}")]
     AlreadyExists {
@@ -102,7 +110,9 @@ impl From<SupervisorError> for tonic::Status {
         let msg = e.to_string();
         match e {
             SupervisorError::Validate(v) => v.into(),
-            SupervisorError::AtCapacity { .. } => Status::resource_exhausted(msg),
+            SupervisorError::AtCapacity { .. } | SupervisorError::TooManyStreams { .. } => {
+                Status::resource_exhausted(msg)
+            }
             SupervisorError::AlreadyExists { .. } => Status::already_exists(msg),
             SupervisorError::NotFound { .. } => Status::not_found(msg),
             SupervisorError::IllegalTransition { .. } | SupervisorError::Fenced { .. } => {

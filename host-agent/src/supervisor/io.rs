@@ -132,9 +132,15 @@ impl Supervisor {
             (Some(a), None) | (None, Some(a)) => a,
             (None, None) => req.offset,
         };
+        let open = self
+            .log_streams
+            .try_hold(u64::from(self.limits.max_log_streams))
+            .ok_or_else(|| SupervisorError::TooManyStreams {
+                host: self.host_id.clone(),
+                max: self.limits.max_log_streams,
+            })?;
         let (tx, rx) = mpsc::channel(READER_QUEUE);
         let cancel = self.cancel.clone();
-        let open = self.log_streams.hold();
         self.tasks.spawn("log reader", async move {
             let _open = open;
             let mut changed = slot.output.subscribe();

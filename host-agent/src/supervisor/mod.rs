@@ -66,7 +66,7 @@ pub struct Supervisor {
     host_id: String,
     registry: Registry,
     ttl: Duration,
-    max_agents: u32,
+    limits: Limits,
     agents: Mutex<HashMap<String, Arc<AgentSlot>>>,
     tasks: Tasks,
     cancel: CancellationToken,
@@ -79,6 +79,15 @@ pub struct Supervisor {
     log_writers: output::LogWriters,
 }
 
+/// What one host agent takes on at most.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Agents running at once (`--max-agents`).
+    pub max_agents: u32,
+    /// Output streams served at once (`--max-log-streams`).
+    pub max_log_streams: u32,
+}
+
 impl Supervisor {
     /// A supervisor for `host_id`: becomes a child subreaper, starts the orphan
     /// reaper and the guard process.
@@ -86,7 +95,7 @@ impl Supervisor {
         host_id: String,
         registry: Registry,
         ttl: Duration,
-        max_agents: u32,
+        limits: Limits,
         tasks: Tasks,
         cancel: CancellationToken,
         data_dir: std::path::PathBuf,
@@ -100,7 +109,7 @@ impl Supervisor {
             host_id,
             registry,
             ttl,
-            max_agents,
+            limits,
             agents: Mutex::new(HashMap::new()),
             tasks,
             cancel,
@@ -185,14 +194,14 @@ impl Supervisor {
                 }
             }
             let active = map.values().filter(|s| s.is_active()).count();
-            if active >= self.max_agents as usize {
+            if active >= self.limits.max_agents as usize {
                 return Err(SupervisorError::AtCapacity {
                     host: self.host_id.clone(),
-                    max: self.max_agents,
+                    max: self.limits.max_agents,
                 });
             }
             map.insert(id.clone(), slot.clone());
-            evict_ended(&mut map, self.max_agents as usize + RETAINED_ENDED);
+            evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
         }
 
         let (child, pid) = match self.spawn_run(&slot, false) {
