@@ -6,6 +6,7 @@ use std::process::{Command, Output, Stdio};
 use std::time::Duration;
 
 use agentplane::proto::v1::agent_service_client::AgentServiceClient;
+use agentplane::proto::v1::host_agent_client::HostAgentClient;
 use agentplane::proto::v1::host_service_client::HostServiceClient;
 use agentplane::proto::v1::{Agent, AgentSpec, ListHostsRequest, SpawnAgentRequest};
 use tonic::transport::Channel;
@@ -430,6 +431,17 @@ impl TestCluster {
             ..Default::default()
         })
         .await
+    }
+
+    /// A client of host agent number `i` itself (the control plane's view of
+    /// it, not the CLI's), on a connection of its own.
+    pub fn host_agent(&self, i: usize) -> HostAgentClient<Channel> {
+        let channel =
+            tonic::transport::Endpoint::from_shared(format!("http://{}", self.hosts[i].addr))
+                .expect("endpoint")
+                .connect_timeout(Duration::from_secs(2))
+                .connect_lazy();
+        HostAgentClient::new(channel)
     }
 
     /// Spawns `spec` and returns the agent; panics on an error status.

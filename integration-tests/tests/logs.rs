@@ -87,6 +87,38 @@ async fn a_killed_follower_resumes_from_its_offset_and_reassembles_seq_exactly()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_start_of_a_running_generation_keeps_its_output() {
+    let cluster = TestCluster::builder().start().await;
+    // More output than the in-memory ring holds, so the older part is read
+    // back from the files.
+    let mut s = spec(&["sh", "-c", "seq 1 30000; sleep 100"]);
+    s.log_buffer_bytes = 64 * 1024;
+    let a = cluster.spawn_spec(s).await;
+    cluster.wait_for_output(&a.id, "\n30000\n").await;
+    // What a control plane retrying a start sends: same id, same generation.
+    let again = cluster
+        .host_agent(0)
+        .start_agent(agentplane::proto::v1::StartAgentRequest {
+            id: a.id.clone(),
+            generation: a.generation,
+            spec: a.spec.clone(),
+        })
+        .await
+        .expect("a repeated start is answered")
+        .into_inner();
+    assert_eq!(again.pid, a.pid, "the same process");
+    let expected: String = (1..=30000).map(|i| format!("{i}\n")).collect();
+    let out = cluster.agentctl(&["logs", &a.id]);
+    assert!(
+        String::from_utf8_lossy(&out.stdout) == expected,
+        "the output is intact: {} bytes, stderr {}",
+        out.stdout.len(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn since_starts_at_the_output_written_after_a_time() {
     let cluster = TestCluster::builder().start().await;
     let a = cluster

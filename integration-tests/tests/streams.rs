@@ -36,13 +36,6 @@ async fn statuses(
     (a, b)
 }
 
-fn host_client(cluster: &TestCluster) -> HostAgentClient<Channel> {
-    let ch = tonic::transport::Endpoint::from_shared(format!("http://{}", cluster.hosts[0].addr))
-        .expect("endpoint")
-        .connect_lazy();
-    HostAgentClient::new(ch)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_dropped_followers_leave_no_stream_and_no_memory_behind() {
     let cluster = TestCluster::builder().start().await;
@@ -50,7 +43,7 @@ async fn a_thousand_dropped_followers_leave_no_stream_and_no_memory_behind() {
         .spawn(&["sh", "-c", "while :; do echo tick; sleep 0.01; done"])
         .await;
     let mut cp = cluster.client().await;
-    let mut host = host_client(&cluster);
+    let mut host = cluster.host_agent(0);
     // Warm up both servers' allocators with a few streams first.
     for _ in 0..20 {
         let mut s = cp.stream_logs(follow(&a.id)).await.unwrap().into_inner();
@@ -149,7 +142,7 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
         ids.push(a.id);
     }
     let cp = cluster.client().await;
-    let mut host = host_client(&cluster);
+    let mut host = cluster.host_agent(0);
     let deadline = Instant::now() + Duration::from_secs(secs);
     // 3 slow readers per agent, 1 KiB/s each: after each chunk a pause of one
     // second per KiB it held.

@@ -109,29 +109,6 @@ impl Supervisor {
     ) -> Result<mpsc::Receiver<LogItem>, SupervisorError> {
         let slot = self.get(&req.id)?;
         let filter = req.stream();
-        let io_err = |source| SupervisorError::Output {
-            id: req.id.clone(),
-            source,
-        };
-        let tail = req
-            .tail_lines
-            .map(|n| slot.output.tail_offset(n, filter))
-            .transpose()
-            .map_err(io_err)?;
-        let since = req
-            .since
-            .as_ref()
-            .map(|t| {
-                slot.output
-                    .since_offset(agentplane::time::ms_from_timestamp(t))
-            })
-            .transpose()
-            .map_err(io_err)?;
-        let start = match (tail, since) {
-            (Some(a), Some(b)) => a.max(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => req.offset,
-        };
         let open = self
             .log_streams
             .try_hold(u64::from(self.limits.max_log_streams))
@@ -145,16 +122,37 @@ impl Supervisor {
             let _open = open;
             let mut changed = slot.output.subscribe();
             let mut ended = slot.ended_receiver();
-            let mut next = start;
+            let unavailable = |e: &dyn std::fmt::Display| {
+                Err(tonic::Status::unavailable(format!(
+                    "reading the output of agent {}: {e}",
+                    slot.id
+                )))
+            };
+            let mut next = match start_offset(&slot, &req, filter).await {
+                Ok(o) => o,
+                Err(e) => {
+                    let _ = tx.send(unavailable(&e)).await;
+                    return;
+                }
+            };
             loop {
-                let r = match slot.output.read(next, CHUNK, filter) {
+                // Decided before looking at the end: once no pipe is open,
+                // the end cannot move, so nothing written last is missed.
+                let done = !req.follow || (!slot.is_active() && !slot.output.has_writers());
+                let read = match slot.output.read_memory(next, CHUNK, filter) {
+                    Some(r) => Ok(r),
+                    // Older output is on disk: read it off the runtime.
+                    None => {
+                        let s = slot.clone();
+                        tokio::task::spawn_blocking(move || s.output.read(next, CHUNK, filter))
+                            .await
+                            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
+                    }
+                };
+                let r = match read {
                     Ok(r) => r,
                     Err(e) => {
-                        let _ = tx
-                            .send(Err(tonic::Status::unavailable(format!(
-                                "reading output: {e}"
-                            ))))
-                            .await;
+                        let _ = tx.send(unavailable(&e)).await;
                         return;
                     }
                 };
@@ -167,7 +165,7 @@ impl Supervisor {
                 if next < slot.output.end() {
                     continue;
                 }
-                if !req.follow || (!slot.is_active() && !slot.output.has_writers()) {
+                if done {
                     return;
                 }
                 tokio::select! {
@@ -446,6 +444,31 @@ impl Supervisor {
             }
         }
     }
+}
+
+/// Where a reader starts: `tail_lines` and `since` (the later of the two)
+/// are found on the blocking pool, as they may read the whole retained output.
+async fn start_offset(
+    slot: &Arc<AgentSlot>,
+    req: &StreamLogsRequest,
+    filter: LogStream,
+) -> std::io::Result<u64> {
+    if req.tail_lines.is_none() && req.since.is_none() {
+        return Ok(req.offset);
+    }
+    let (s, tail, since) = (slot.clone(), req.tail_lines, req.since);
+    tokio::task::spawn_blocking(move || {
+        let tail = tail.map(|n| s.output.tail_offset(n, filter)).transpose()?;
+        let since = since
+            .map(|t| {
+                s.output
+                    .since_offset(agentplane::time::ms_from_timestamp(&t))
+            })
+            .transpose()?;
+        Ok(tail.into_iter().chain(since).max().unwrap_or(0))
+    })
+    .await
+    .unwrap_or_else(|e| Err(std::io::Error::other(e)))
 }
 
 /// Reads a pseudo-terminal's master end; EIO (the slave side closed: every

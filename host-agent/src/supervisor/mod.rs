@@ -77,6 +77,8 @@ pub struct Supervisor {
     log_streams: agentplane::tasks::Gauge,
     /// The threads that write agents' output to disk.
     log_writers: output::LogWriters,
+    /// Starts so far: names each start's output directory.
+    starts: std::sync::atomic::AtomicU64,
 }
 
 /// What one host agent takes on at most.
@@ -118,6 +120,7 @@ impl Supervisor {
             data_dir,
             log_streams: agentplane::tasks::Gauge::default(),
             log_writers: output::LogWriters::start(LOG_WRITER_THREADS),
+            starts: std::sync::atomic::AtomicU64::new(0),
         })
     }
 
@@ -161,10 +164,16 @@ impl Supervisor {
             0 => output::DEFAULT_CAP,
             n => n,
         };
+        // A directory of this start's own: a repeated start of the same
+        // generation (answered with the agent already here) must not touch
+        // the running agent's files.
+        let start = self
+            .starts
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let dir = self
             .data_dir
             .join("agents")
-            .join(format!("{id}.{generation}"));
+            .join(format!("{id}.{generation}.{start}"));
         let ring = match spec.log_buffer_bytes {
             0 => output::DEFAULT_RING,
             n => n,
@@ -177,31 +186,13 @@ impl Supervisor {
         let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
-        {
-            let mut map = self.map();
-            if self.cancel.is_cancelled() {
-                return Err(SupervisorError::ShuttingDown);
+        match self.admit(&slot) {
+            Ok(None) => {}
+            answered => {
+                // The files this start made are nobody's.
+                slot.output.remove();
+                return answered.map(|here| here.unwrap_or_else(|| slot.to_proto()));
             }
-            if let Some(existing) = map.get(&id) {
-                if existing.generation == generation {
-                    return Ok(existing.to_proto());
-                }
-                if existing.is_active() {
-                    return Err(SupervisorError::AlreadyExists {
-                        id,
-                        generation: existing.generation,
-                    });
-                }
-            }
-            let active = map.values().filter(|s| s.is_active()).count();
-            if active >= self.limits.max_agents as usize {
-                return Err(SupervisorError::AtCapacity {
-                    host: self.host_id.clone(),
-                    max: self.limits.max_agents,
-                });
-            }
-            map.insert(id.clone(), slot.clone());
-            evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
         }
 
         let (child, pid) = match self.spawn_run(&slot, false) {
@@ -228,6 +219,40 @@ impl Supervisor {
             return Err(err);
         }
         Ok(slot.to_proto())
+    }
+
+    /// Puts a new slot in the map (`Ok(None)`), or says why not: the agent
+    /// when this generation is here already (the start is answered with it),
+    /// or the error.
+    fn admit(&self, slot: &Arc<AgentSlot>) -> Result<Option<LocalAgent>> {
+        let mut map = self.map();
+        if self.cancel.is_cancelled() {
+            return Err(SupervisorError::ShuttingDown);
+        }
+        if let Some(existing) = map.get(&slot.id) {
+            if existing.generation == slot.generation {
+                return Ok(Some(existing.to_proto()));
+            }
+            if existing.is_active() {
+                return Err(SupervisorError::AlreadyExists {
+                    id: slot.id.clone(),
+                    generation: existing.generation,
+                });
+            }
+        }
+        let active = map.values().filter(|s| s.is_active()).count();
+        if active >= self.limits.max_agents as usize {
+            return Err(SupervisorError::AtCapacity {
+                host: self.host_id.clone(),
+                max: self.limits.max_agents,
+            });
+        }
+        if let Some(replaced) = map.insert(slot.id.clone(), slot.clone()) {
+            // An ended older generation: its output goes with it.
+            replaced.output.remove();
+        }
+        evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
+        Ok(None)
     }
 
     /// Starts a run of the slot's program. Holds the slot's status lock across

@@ -16,8 +16,12 @@ use agentplane::proto::v1::{LogChunk, LogStream};
 use super::ring::{push_merged, Record};
 
 const HEADER: usize = 21;
-/// One index entry per this many bytes of file.
+/// One index entry per this many bytes of file at least...
 const INDEX_EVERY: u64 = 64 * 1024;
+/// ...and at most this many entries per file, whatever the cap.
+const MAX_INDEX: u64 = 4096;
+/// Most bytes of filtered-out output one read passes over.
+const PASS_LIMIT: u64 = 4 * 1024 * 1024;
 
 /// A place in a file: a record's offset and time, and where it starts.
 #[derive(Debug, Clone, Copy)]
@@ -61,6 +65,8 @@ struct Meta {
 pub struct Disk {
     dir: PathBuf,
     half_cap: u64,
+    /// Bytes of file between index entries.
+    index_every: u64,
     /// The current file, held by the writer while it writes.
     pub(super) file: Mutex<File>,
     meta: Mutex<Meta>,
@@ -84,6 +90,7 @@ impl Disk {
         Ok(Self {
             dir: dir.to_owned(),
             half_cap: cap / 2,
+            index_every: INDEX_EVERY.max(cap / 2 / MAX_INDEX),
             file: Mutex::new(file),
             meta: Mutex::new(Meta {
                 current: Segment::empty(0),
@@ -99,9 +106,18 @@ impl Disk {
     pub fn write(&self, records: &[Record], buf: &mut Vec<u8>) -> std::io::Result<()> {
         let mut file = lock(&self.file);
         let mut rest = records;
+        let mut rotation = Ok(());
         while !rest.is_empty() {
             match self.write_some(&mut file, rest, buf) {
-                Ok(n) => rest = &rest[n..],
+                Ok((n, rotated)) => {
+                    rest = &rest[n..];
+                    // The records are written; a failed rotation only lets
+                    // the file grow past its half of the cap until the next
+                    // one works. Reported once the batch is written.
+                    if rotation.is_ok() {
+                        rotation = rotated;
+                    }
+                }
                 Err(e) => {
                     if let Some(last) = records.last() {
                         let mut meta = lock(&self.meta);
@@ -111,18 +127,19 @@ impl Disk {
                 }
             }
         }
-        Ok(())
+        rotation
     }
 
     /// Writes the first of `records` that fit in the current file (at least
-    /// one), rotating when it is full; returns how many were written. A file
-    /// so exceeds half the cap by at most one record.
+    /// one), then rotates when it is full; returns how many were written and
+    /// how the rotation went. A file so exceeds half the cap by at most one
+    /// record.
     fn write_some(
         &self,
         file: &mut File,
         records: &[Record],
         buf: &mut Vec<u8>,
-    ) -> std::io::Result<usize> {
+    ) -> std::io::Result<(usize, std::io::Result<()>)> {
         let (size, mut last_mark) = {
             let meta = lock(&self.meta);
             (meta.current.size, meta.current.index.last().map(|m| m.pos))
@@ -135,7 +152,7 @@ impl Disk {
                 break;
             }
             let pos = size + buf.len() as u64;
-            if last_mark.is_none_or(|p| pos - p >= INDEX_EVERY) {
+            if last_mark.is_none_or(|p| pos - p >= self.index_every) {
                 marks.push(Mark {
                     offset: r.offset,
                     time_ms: r.time_ms,
@@ -166,17 +183,42 @@ impl Disk {
         meta.current.size += buf.len() as u64;
         meta.current.index.extend(marks);
         meta.current.end = records[n - 1].end();
-        if meta.current.size >= self.half_cap {
-            std::fs::rename(self.dir.join("output.log"), self.dir.join("output.1"))?;
-            *file = OpenOptions::new()
-                .create(true)
-                .write(true)
-                .truncate(true)
-                .open(self.dir.join("output.log"))?;
-            let fresh = Segment::empty(meta.current.end);
-            meta.previous = Some(std::mem::replace(&mut meta.current, fresh));
+        let rotated = if meta.current.size >= self.half_cap {
+            self.rotate(file, &mut meta)
+        } else {
+            Ok(())
+        };
+        Ok((n, rotated))
+    }
+
+    /// The current file becomes the previous one and a new one starts. The
+    /// new file is made first, so a failure leaves the current one in use.
+    fn rotate(&self, file: &mut File, meta: &mut Meta) -> std::io::Result<()> {
+        let (log, old, next) = (
+            self.dir.join("output.log"),
+            self.dir.join("output.1"),
+            self.dir.join("output.next"),
+        );
+        let fresh = OpenOptions::new()
+            .create(true)
+            .write(true)
+            .truncate(true)
+            .open(&next)?;
+        if let Err(e) = std::fs::rename(&log, &old) {
+            let _ = std::fs::remove_file(&next);
+            return Err(e);
         }
-        Ok(n)
+        if let Err(e) = std::fs::rename(&next, &log) {
+            // Put the current file back; the previous one is gone already.
+            let _ = std::fs::rename(&old, &log);
+            let _ = std::fs::remove_file(&next);
+            meta.previous = None;
+            return Err(e);
+        }
+        *file = fresh;
+        let fresh = Segment::empty(meta.current.end);
+        meta.previous = Some(std::mem::replace(&mut meta.current, fresh));
+        Ok(())
     }
 
     /// The oldest offset retained.
@@ -215,7 +257,10 @@ impl Disk {
         let mut next = from;
         let mut chunks = Vec::new();
         let mut budget = max;
-        for (file, seg) in self.open()? {
+        // Bytes of the other stream passed over: bounded too, so that one
+        // filtered read never scans the whole retained output.
+        let mut passed = 0u64;
+        'segments: for (file, seg) in self.open()? {
             let seg_end = seg.end.min(until);
             if next >= seg_end || budget == 0 {
                 continue;
@@ -237,6 +282,10 @@ impl Disk {
                 if off + len <= next || (filter != LogStream::Unspecified && stream != filter) {
                     next = next.max(off + len);
                     records.skip(len)?;
+                    passed += len;
+                    if passed >= PASS_LIMIT {
+                        break 'segments;
+                    }
                     continue;
                 }
                 let skip = next - off;

@@ -158,7 +158,13 @@ impl OutputLog {
         };
         self.last_output_ms
             .store(agentplane::time::now_ms(), Ordering::Relaxed);
-        self.shared.end_tx.send_replace(end);
+        // stdout's and stderr's captures may publish out of order: the end
+        // readers see only moves forward.
+        self.shared.end_tx.send_if_modified(|e| {
+            let later = end > *e;
+            *e = (*e).max(end);
+            later
+        });
         self.schedule();
     }
 
@@ -215,25 +221,39 @@ impl OutputLog {
         self.pipes.load(Ordering::SeqCst) > 0
     }
 
+    /// Like [`OutputLog::read`], but only when the ring still holds `from`:
+    /// never touches the disk, so it may run on the async runtime.
+    pub fn read_memory(&self, from: u64, max: usize, filter: LogStream) -> Option<ReadResult> {
+        let ring = self.shared.ring();
+        (from >= ring.start()).then(|| {
+            let (chunks, next) = ring.read(from, max, filter);
+            ReadResult { chunks, next }
+        })
+    }
+
     /// Up to about `max` bytes from offset `from`, only `filter`'s stream
     /// (UNSPECIFIED: both): from memory when the ring still holds `from`,
-    /// else from disk (which holds everything older than the ring).
+    /// else from disk (which holds everything older than the ring). May
+    /// block on the disk.
     pub fn read(&self, from: u64, max: usize, filter: LogStream) -> std::io::Result<ReadResult> {
-        let ring_start = {
-            let ring = self.shared.ring();
-            if from >= ring.start() {
-                let (chunks, next) = ring.read(from, max, filter);
-                return Ok(ReadResult { chunks, next });
-            }
-            ring.start()
-        };
+        if let Some(r) = self.read_memory(from, max, filter) {
+            return Ok(r);
+        }
+        let ring_start = self.shared.ring().start();
+        if from >= ring_start {
+            // The ring moved on between the two looks: it has `from` now.
+            return Ok(self.read_memory(from, max, filter).unwrap_or_default());
+        }
         // Only up to where the ring starts: past it, memory has what the
         // disk may lack (output whose write failed).
         let (chunks, next) = self.shared.disk.read(from, ring_start, max, filter)?;
         Ok(ReadResult { chunks, next })
     }
 
-    /// The offset where the last `lines` lines start (bounded by what is retained).
+    /// The offset where the last `lines` lines of `filter`'s stream start
+    /// (bounded by what is retained). Memory stays bounded whatever `lines`
+    /// is: newlines are counted, then the one wanted is found. May block on
+    /// the disk.
     pub fn tail_offset(&self, lines: u64, filter: LogStream) -> std::io::Result<u64> {
         let retained = self.retained_from();
         let end = self.end();
@@ -244,35 +264,70 @@ impl OutputLog {
         let mut window = 64 * 1024u64;
         loop {
             let from = end.saturating_sub(window).max(retained);
-            let mut newlines: Vec<u64> = Vec::new();
-            let mut at = from;
-            while at < end {
-                let r = self.read(at, 1 << 20, filter)?;
-                for c in &r.chunks {
-                    for (i, b) in c.data.iter().enumerate() {
-                        if *b == b'\n' && c.offset + (i as u64) < end {
-                            newlines.push(c.offset + i as u64 + 1);
-                        }
+            let mut count = 0u64;
+            let mut last_newline = None;
+            let last_byte = self.scan(from, end, filter, &mut |after| {
+                count += 1;
+                last_newline = Some(after);
+            })?;
+            // A newline that is the stream's last byte ends the last line
+            // rather than starting one.
+            if last_newline.is_some() && last_newline == last_byte {
+                count -= 1;
+            }
+            if count >= lines {
+                let wanted = count - lines;
+                let mut seen = 0u64;
+                let mut found = None;
+                self.scan(from, end, filter, &mut |after| {
+                    if seen == wanted {
+                        found.get_or_insert(after);
                     }
-                }
-                if r.next <= at {
-                    break;
-                }
-                at = r.next;
-            }
-            // A trailing newline ends the last line rather than starting one.
-            if newlines.last() == Some(&end) {
-                newlines.pop();
-            }
-            let n = usize::try_from(lines).unwrap_or(usize::MAX);
-            if newlines.len() >= n {
-                return Ok(newlines[newlines.len() - n]);
+                    seen += 1;
+                })?;
+                return Ok(found.unwrap_or(end));
             }
             if from == retained {
                 return Ok(retained);
             }
             window *= 4;
         }
+    }
+
+    /// Calls `on_newline` with the offset after each newline of `filter`'s
+    /// stream in `[from, end)`; returns the offset after the last byte of
+    /// that stream seen there.
+    fn scan(
+        &self,
+        from: u64,
+        end: u64,
+        filter: LogStream,
+        on_newline: &mut dyn FnMut(u64),
+    ) -> std::io::Result<Option<u64>> {
+        let mut at = from;
+        let mut last = None;
+        while at < end {
+            let r = self.read(at, 1 << 20, filter)?;
+            for c in &r.chunks {
+                let within = usize::try_from(end.saturating_sub(c.offset))
+                    .unwrap_or(usize::MAX)
+                    .min(c.data.len());
+                if within == 0 {
+                    continue;
+                }
+                for (i, b) in c.data[..within].iter().enumerate() {
+                    if *b == b'\n' {
+                        on_newline(c.offset + i as u64 + 1);
+                    }
+                }
+                last = Some(c.offset + within as u64);
+            }
+            if r.next <= at {
+                break;
+            }
+            at = r.next;
+        }
+        Ok(last)
     }
 
     /// The offset of the first byte read at or after `time_ms` (the end when
@@ -341,6 +396,7 @@ mod tests {
         assert_eq!(all.next, 17);
         let mid = log.read(3, 1 << 20, LogStream::Unspecified).unwrap();
         assert_eq!(text(&mid), "lo oops\nworld\n");
+        assert_eq!(log.tail_offset(2, LogStream::Unspecified).unwrap(), 0);
         assert_eq!(mid.chunks[0].offset, 3);
         let out = log.read(0, 1 << 20, LogStream::Stdout).unwrap();
         assert_eq!(text(&out), "hello world\n");
@@ -350,6 +406,27 @@ mod tests {
         assert_eq!(small.next, 4);
         assert_eq!(log.tail_offset(1, LogStream::Unspecified).unwrap(), 11);
         assert_eq!(log.tail_offset(5, LogStream::Unspecified).unwrap(), 0);
+        // The last line of one stream, when the other wrote after it.
+        log.append(LogStream::Stderr, b"late").await;
+        assert_eq!(log.tail_offset(1, LogStream::Stdout).unwrap(), 0);
+        assert_eq!(log.tail_offset(1, LogStream::Unspecified).unwrap(), 17);
+        assert_eq!(
+            log.tail_offset(u64::MAX, LogStream::Unspecified).unwrap(),
+            0
+        );
+        let dir2 = tempfile::tempdir().unwrap();
+        let two = OutputLog::create(
+            "t",
+            dir2.path(),
+            MIN_CAP,
+            DEFAULT_RING,
+            LogWriters::start(1),
+        )
+        .unwrap();
+        two.append(LogStream::Stdout, b"a\nb\n").await;
+        two.append(LogStream::Stderr, b"x").await;
+        assert_eq!(two.tail_offset(1, LogStream::Stdout).unwrap(), 2);
+        assert_eq!(two.tail_offset(1, LogStream::Unspecified).unwrap(), 4);
         // The same answers from disk once the ring has given the bytes up.
         wait_flushed(&log).await;
         let disk = log
@@ -362,7 +439,7 @@ mod tests {
             next: disk.1,
         };
         assert_eq!(text(&r), "lo world\n");
-        assert_eq!(r.next, 17);
+        assert_eq!(r.next, 21, "past the other stream's bytes too");
     }
 
     #[tokio::test]
