@@ -205,25 +205,39 @@ pub fn spec(s: &AgentSpec) -> Result {
     if let Some(g) = &s.stop_grace {
         grace("spec.stop_grace", g)?;
     }
-    if s.log_buffer_bytes != 0 && !(MIN_LOG_BUFFER..=MAX_LOG_BUFFER).contains(&s.log_buffer_bytes) {
-        return Err(ValidationError::new(
-            "spec.log_buffer_bytes",
-            format!(
-                "{} bytes; give 0 (the default, 128 KiB) or from 64 KiB to 16 MiB",
-                s.log_buffer_bytes
-            ),
-        ));
-    }
-    if s.log_max_bytes != 0 && !(MIN_LOG_BYTES..=MAX_LOG_BYTES).contains(&s.log_max_bytes) {
-        return Err(ValidationError::new(
-            "spec.log_max_bytes",
-            format!(
-                "{} bytes; give 0 (the default, 64 MiB) or from 256 KiB to 1 TiB",
-                s.log_max_bytes
-            ),
-        ));
-    }
+    bytes_or_default(
+        "spec.log_buffer_bytes",
+        s.log_buffer_bytes,
+        MIN_LOG_BUFFER..=MAX_LOG_BUFFER,
+        "128 KiB",
+    )?;
+    bytes_or_default(
+        "spec.log_max_bytes",
+        s.log_max_bytes,
+        MIN_LOG_BYTES..=MAX_LOG_BYTES,
+        "64 MiB",
+    )?;
     Ok(())
+}
+
+/// A byte size: 0 (the default) or within `range`.
+fn bytes_or_default(
+    field: &str,
+    n: u64,
+    range: std::ops::RangeInclusive<u64>,
+    default: &str,
+) -> Result {
+    if n == 0 || range.contains(&n) {
+        return Ok(());
+    }
+    Err(ValidationError::new(
+        field,
+        format!(
+            "{n} bytes; give 0 (the default, {default}) or from {} KiB to {} MiB",
+            range.start() >> 10,
+            range.end() >> 20
+        ),
+    ))
 }
 
 /// A stop grace: not negative, at most [`MAX_GRACE`].

@@ -59,7 +59,28 @@ pub fn is_alive(pid: i32) -> bool {
 /// carries the host agent's marker `AGENTPLANE_AGENT_ID=id`, wherever it went
 /// (another session, re-parented to PID 1, …).
 pub fn agent_processes(id: &str) -> Vec<ProcInfo> {
-    let want = format!("AGENTPLANE_AGENT_ID={id}");
+    let want = format!("{MARKER}{id}");
+    marked(|kv| kv == want.as_bytes())
+}
+
+/// Live processes of any agent (carrying the marker at all).
+pub fn all_agent_processes() -> Vec<ProcInfo> {
+    marked(|kv| kv.starts_with(MARKER.as_bytes()))
+}
+
+/// Waits (at most `limit`) until no process of agent `id` is alive.
+pub async fn wait_gone(id: &str, limit: std::time::Duration) {
+    crate::eventually(limit, &format!("no process of agent {id} alive"), || {
+        let none = agent_processes(id).is_empty();
+        async move { none.then_some(()) }
+    })
+    .await;
+}
+
+const MARKER: &str = "AGENTPLANE_AGENT_ID=";
+
+/// Live processes with an environment entry that `matches`.
+fn marked(matches: impl Fn(&[u8]) -> bool) -> Vec<ProcInfo> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
@@ -67,7 +88,7 @@ pub fn agent_processes(id: &str) -> Vec<ProcInfo> {
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/environ"))
-                .is_ok_and(|env| env.split(|b| *b == 0).any(|kv| kv == want.as_bytes()))
+                .is_ok_and(|env| env.split(|b| *b == 0).any(&matches))
         })
         .filter_map(stat)
         .filter(|p| p.state != 'Z' && p.state != 'X')

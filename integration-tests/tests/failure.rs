@@ -236,6 +236,21 @@ async fn flushall_with_fifty_agents_running_loses_nothing_within_two_heartbeats(
 
 /// Asserts that an outage by itself changed nothing: same processes, same
 /// pids, no LOST, no restart, no new generation.
+/// Spawns `n` sleeping agents, every other one with restart `always`, the
+/// rest `never`.
+async fn spawn_always_and_never(cluster: &TestCluster, n: usize) {
+    for i in 0..n {
+        let mode = if i % 2 == 0 {
+            Mode::Always
+        } else {
+            Mode::Never
+        };
+        cluster
+            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
+            .await;
+    }
+}
+
 async fn assert_untouched(cluster: &TestCluster, before: &[Agent]) {
     let after = all_agents(cluster).await;
     assert_eq!(after.len(), before.len());
@@ -266,16 +281,7 @@ async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing()
         .heartbeat_ttl(ttl)
         .start()
         .await;
-    for i in 0..6 {
-        let mode = if i % 2 == 0 {
-            Mode::Always
-        } else {
-            Mode::Never
-        };
-        cluster
-            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
-            .await;
-    }
+    spawn_always_and_never(&cluster, 6).await;
     let before = all_agents(&cluster).await;
     let mut c = cluster.client().await;
 
@@ -322,16 +328,7 @@ async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
         .heartbeat_ttl(ttl)
         .start()
         .await;
-    for i in 0..6 {
-        let mode = if i % 2 == 0 {
-            Mode::Always
-        } else {
-            Mode::Never
-        };
-        cluster
-            .spawn_spec(spec(&["sleep", "1000"], Some(mode)))
-            .await;
-    }
+    spawn_always_and_never(&cluster, 6).await;
     let before = all_agents(&cluster).await;
     let mut c = cluster.client().await;
     cluster.redis.stop();

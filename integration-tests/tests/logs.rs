@@ -373,16 +373,7 @@ async fn run_rm_stops_the_agent_when_its_client_is_killed() {
     // The command (here it may also finish by itself quickly: the host
     // writes its output to disk instead of waiting for the client).
     let (id, killed) = run_rm_then_kill(&cluster, &["sh", "-c", "yes | head -n 100000000"]).await;
-    let i = id.clone();
-    eventually(
-        Duration::from_secs(8),
-        "no process of the agent alive",
-        || {
-            let none = agentplane_integration_tests::procfs::agent_processes(&i).is_empty();
-            async move { none.then_some(()) }
-        },
-    )
-    .await;
+    agentplane_integration_tests::procfs::wait_gone(&id, Duration::from_secs(8)).await;
     assert!(
         killed.elapsed() <= Duration::from_secs(4),
         "within grace + 2s: {:?}",
@@ -406,16 +397,7 @@ async fn run_rm_stops_the_agent_when_its_client_is_killed() {
         AgentState::Running,
         "alive during the session grace"
     );
-    let i = id.clone();
-    eventually(
-        Duration::from_secs(8),
-        "no process of the agent alive",
-        || {
-            let none = agentplane_integration_tests::procfs::agent_processes(&i).is_empty();
-            async move { none.then_some(()) }
-        },
-    )
-    .await;
+    agentplane_integration_tests::procfs::wait_gone(&id, Duration::from_secs(8)).await;
     let gone = killed.elapsed();
     eprintln!(
         "run --rm: agent processes gone {gone:?} after the client's SIGKILL (session grace 2s)"

@@ -177,17 +177,26 @@ async fn a_thousand_random_concurrent_operations_leave_records_matching_proc() {
     cluster.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignores_sigterm() {
-    let cluster = TestCluster::builder().start().await;
-    let mut s = spec(&["sleep", "100"]);
-    s.timeout = Some(duration_to_proto(Duration::from_secs(2)));
+/// Runs `argv` with a timeout of `secs` and a stop grace of 1 s until it
+/// ends: its exit, how long that took from the spawn, its id.
+async fn run_to_timeout(
+    cluster: &TestCluster,
+    argv: &[&str],
+    secs: u64,
+) -> (agentplane::proto::v1::ExitStatus, Duration, String) {
+    let mut s = spec(argv);
+    s.timeout = Some(duration_to_proto(Duration::from_secs(secs)));
     s.stop_grace = Some(duration_to_proto(Duration::from_secs(1)));
     let t = Instant::now();
     let a = cluster.spawn_spec(s).await;
-    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(10)).await;
-    let took = t.elapsed();
-    let exit = ended.exit.unwrap();
+    let ended = wait_state(cluster, &a.id, AgentState::Exited, Duration::from_secs(10)).await;
+    (ended.exit.expect("an exit"), t.elapsed(), a.id)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignores_sigterm() {
+    let cluster = TestCluster::builder().start().await;
+    let (exit, took, _) = run_to_timeout(&cluster, &["sleep", "100"], 2).await;
     assert_eq!(exit.reason, "TIMEOUT");
     assert_eq!(exit.signal, Some(15), "sleep died of the SIGTERM");
     assert!(
@@ -199,14 +208,12 @@ async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignor
         "within timeout + grace: {took:?}"
     );
 
-    let mut s = spec(&["sh", "-c", "trap '' TERM; sleep 100 & wait; wait"]);
-    s.timeout = Some(duration_to_proto(Duration::from_secs(1)));
-    s.stop_grace = Some(duration_to_proto(Duration::from_secs(1)));
-    let t = Instant::now();
-    let a = cluster.spawn_spec(s).await;
-    let ended = wait_state(&cluster, &a.id, AgentState::Exited, Duration::from_secs(10)).await;
-    let took = t.elapsed();
-    let exit = ended.exit.unwrap();
+    let (exit, took, id) = run_to_timeout(
+        &cluster,
+        &["sh", "-c", "trap '' TERM; sleep 100 & wait; wait"],
+        1,
+    )
+    .await;
     assert_eq!(exit.reason, "TIMEOUT");
     assert_eq!(exit.signal, Some(9), "SIGKILLed after the grace");
     assert!(
@@ -214,7 +221,7 @@ async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignor
         "waited timeout + grace: {took:?}"
     );
     assert!(took < Duration::from_millis(2800), "{took:?}");
-    assert!(procfs::agent_processes(&a.id).is_empty());
+    assert!(procfs::agent_processes(&id).is_empty());
     cluster.finish().await;
 }
 
@@ -244,24 +251,14 @@ async fn stop_kills_setsid_grandchildren_that_left_the_group() {
     })
     .await
     .unwrap();
-    eventually(
-        Duration::from_secs(5),
-        "no sleep of the agent alive",
-        || async { procfs::agent_processes(&a.id).is_empty().then_some(()) },
-    )
-    .await;
+    procfs::wait_gone(&a.id, Duration::from_secs(5)).await;
 
     // Also when the main process exits by itself and leaves a daemon behind.
     let d = cluster
         .spawn(&["sh", "-c", "setsid sh -c 'sleep 1000' & sleep 0.3; exit 0"])
         .await;
     wait_state(&cluster, &d.id, AgentState::Exited, Duration::from_secs(5)).await;
-    eventually(
-        Duration::from_secs(5),
-        "the daemon died with its agent",
-        || async { procfs::agent_processes(&d.id).is_empty().then_some(()) },
-    )
-    .await;
+    procfs::wait_gone(&d.id, Duration::from_secs(5)).await;
     cluster.finish().await;
 }
 

@@ -186,13 +186,13 @@ impl Supervisor {
         let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
-        match self.admit(&slot) {
-            Ok(None) => {}
-            answered => {
-                // The files this start made are nobody's.
-                slot.output.remove();
-                return answered.map(|here| here.unwrap_or_else(|| slot.to_proto()));
-            }
+        let admitted = self.admit(&slot);
+        if !matches!(admitted, Ok(None)) {
+            // Answered without this slot: the files it made are nobody's.
+            slot.output.remove();
+        }
+        if let Some(here) = admitted? {
+            return Ok(here);
         }
 
         let (child, pid) = match self.spawn_run(&slot, false) {

@@ -31,24 +31,6 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// Live processes on this machine that carry an agent marker.
-fn live_agent_processes() -> usize {
-    std::fs::read_dir("/proc")
-        .map(|d| {
-            d.flatten()
-                .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-                .filter(|pid| {
-                    std::fs::read(format!("/proc/{pid}/environ")).is_ok_and(|env| {
-                        env.split(|b| *b == 0)
-                            .any(|kv| kv.starts_with(b"AGENTPLANE_AGENT_ID="))
-                    })
-                })
-                .filter(|pid| agentplane_integration_tests::procfs::is_alive(*pid))
-                .count()
-        })
-        .unwrap_or(0)
-}
-
 /// The baseline: fork/exec + wait of `true`, sequentially, `n` times.
 fn raw_spawn_wait_rate(n: usize) -> f64 {
     let t = Instant::now();
@@ -173,7 +155,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let shutdown = t.elapsed();
-    let left = live_agent_processes();
+    let left = agentplane_integration_tests::procfs::all_agent_processes().len();
     println!(
         "graceful shutdown, {n} agents {:.2} s ({left} agent processes left)",
         shutdown.as_secs_f64()

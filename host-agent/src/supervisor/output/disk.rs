@@ -77,11 +77,10 @@ pub(super) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Disk {
-    /// New, empty files in `dir` (created; old files in it are removed),
-    /// holding at most about `cap` bytes.
+    /// New, empty files in `dir` (created; every start has a directory of
+    /// its own), holding at most about `cap` bytes.
     pub fn create(dir: &Path, cap: u64) -> std::io::Result<Self> {
         std::fs::create_dir_all(dir)?;
-        let _ = std::fs::remove_file(dir.join("output.1"));
         let file = OpenOptions::new()
             .create(true)
             .write(true)

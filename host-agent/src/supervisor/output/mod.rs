@@ -105,7 +105,7 @@ pub struct ReadResult {
 }
 
 impl OutputLog {
-    /// A new, empty log in `dir` (created; old files in it are removed),
+    /// A new, empty log in `dir` (created),
     /// keeping about `cap` bytes on disk and `ring` bytes in memory. The ring
     /// is at most half the cap, so the disk always holds what the ring has
     /// let go of.
@@ -141,23 +141,30 @@ impl OutputLog {
         if data.is_empty() {
             return;
         }
+        let now = agentplane::time::now_ms();
+        // Subscribed only once a push failed (and then tried again), so the
+        // common path costs one lock; a flush between the failed push and
+        // the subscription is seen by the retry.
+        let mut flushed: Option<watch::Receiver<u64>> = None;
         let end = loop {
-            let mut flushed = self.shared.flushed_tx.subscribe();
             let pushed = {
                 let mut ring = self.shared.ring();
-                ring.push(stream, data, agentplane::time::now_ms())
-                    .then(|| ring.end())
+                ring.push(stream, data, now).then(|| ring.end())
             };
             if let Some(end) = pushed {
                 break end;
             }
-            self.schedule();
-            // Woken by the writer's progress; the sender lives in `shared`,
-            // so this cannot fail while `self` exists.
-            let _ = flushed.changed().await;
+            match &mut flushed {
+                None => flushed = Some(self.shared.flushed_tx.subscribe()),
+                Some(rx) => {
+                    self.schedule();
+                    // Woken by the writer's progress; the sender lives in
+                    // `shared`, so this cannot fail while `self` exists.
+                    let _ = rx.changed().await;
+                }
+            }
         };
-        self.last_output_ms
-            .store(agentplane::time::now_ms(), Ordering::Relaxed);
+        self.last_output_ms.store(now, Ordering::Relaxed);
         // stdout's and stderr's captures may publish out of order: the end
         // readers see only moves forward.
         self.shared.end_tx.send_if_modified(|e| {
@@ -221,14 +228,21 @@ impl OutputLog {
         self.pipes.load(Ordering::SeqCst) > 0
     }
 
+    /// What the ring has from `from`, or where the ring starts when it no
+    /// longer holds `from`.
+    fn read_ring(&self, from: u64, max: usize, filter: LogStream) -> Result<ReadResult, u64> {
+        let ring = self.shared.ring();
+        if from < ring.start() {
+            return Err(ring.start());
+        }
+        let (chunks, next) = ring.read(from, max, filter);
+        Ok(ReadResult { chunks, next })
+    }
+
     /// Like [`OutputLog::read`], but only when the ring still holds `from`:
     /// never touches the disk, so it may run on the async runtime.
     pub fn read_memory(&self, from: u64, max: usize, filter: LogStream) -> Option<ReadResult> {
-        let ring = self.shared.ring();
-        (from >= ring.start()).then(|| {
-            let (chunks, next) = ring.read(from, max, filter);
-            ReadResult { chunks, next }
-        })
+        self.read_ring(from, max, filter).ok()
     }
 
     /// Up to about `max` bytes from offset `from`, only `filter`'s stream
@@ -236,18 +250,15 @@ impl OutputLog {
     /// else from disk (which holds everything older than the ring). May
     /// block on the disk.
     pub fn read(&self, from: u64, max: usize, filter: LogStream) -> std::io::Result<ReadResult> {
-        if let Some(r) = self.read_memory(from, max, filter) {
-            return Ok(r);
+        match self.read_ring(from, max, filter) {
+            Ok(r) => Ok(r),
+            // Only up to where the ring starts: past it, memory has what the
+            // disk may lack (output whose write failed).
+            Err(ring_start) => {
+                let (chunks, next) = self.shared.disk.read(from, ring_start, max, filter)?;
+                Ok(ReadResult { chunks, next })
+            }
         }
-        let ring_start = self.shared.ring().start();
-        if from >= ring_start {
-            // The ring moved on between the two looks: it has `from` now.
-            return Ok(self.read_memory(from, max, filter).unwrap_or_default());
-        }
-        // Only up to where the ring starts: past it, memory has what the
-        // disk may lack (output whose write failed).
-        let (chunks, next) = self.shared.disk.read(from, ring_start, max, filter)?;
-        Ok(ReadResult { chunks, next })
     }
 
     /// The offset where the last `lines` lines of `filter`'s stream start
