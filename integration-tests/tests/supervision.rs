@@ -22,13 +22,28 @@ fn spec(argv: &[&str]) -> AgentSpec {
 }
 
 async fn wait_state(cluster: &TestCluster, id: &str, want: AgentState, limit: Duration) -> Agent {
+    wait_agent(cluster, id, &format!("reaches {want:?}"), limit, |a| {
+        a.state() == want
+    })
+    .await
+}
+
+/// Polls the agent's record until `pred` holds for it.
+async fn wait_agent(
+    cluster: &TestCluster,
+    id: &str,
+    what: &str,
+    limit: Duration,
+    pred: impl Fn(&Agent) -> bool,
+) -> Agent {
     let c = cluster.client().await;
-    eventually(limit, &format!("agent {id} reaches {want:?}"), || {
+    let pred = &pred;
+    eventually(limit, &format!("agent {id} {what}"), || {
         let mut c = c.clone();
         let id = id.to_owned();
         async move {
             let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
-            (a.state() == want).then_some(a)
+            pred(&a).then_some(a)
         }
     })
     .await
@@ -370,15 +385,17 @@ async fn always_restarts_after_exit_zero_shows_the_pending_restart_and_stop_canc
         },
     )
     .await;
-    // The backoff has grown to seconds now: the record shows the wait.
-    let pending = wait_state(
+    // The backoff has grown to seconds now: the record shows the wait. The
+    // file can count a run before the record does (the run writes, then
+    // exits, then the host updates the record), so wait on the record.
+    let pending = wait_agent(
         &cluster,
         &a.id,
-        AgentState::Pending,
+        "waits to restart after its 4th run",
         Duration::from_secs(10),
+        |a| a.state() == AgentState::Pending && a.restarts >= 3,
     )
     .await;
-    assert!(pending.restarts >= 3, "{pending:?}");
     assert!(pending.next_restart_at.is_some(), "next_restart_at shown");
     assert_eq!(pending.last_exit.as_ref().unwrap().code, Some(0));
     assert_eq!(pending.pid, 0);
