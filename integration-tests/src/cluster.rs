@@ -8,7 +8,9 @@ use std::time::Duration;
 use agentplane::proto::v1::agent_service_client::AgentServiceClient;
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
 use agentplane::proto::v1::host_service_client::HostServiceClient;
-use agentplane::proto::v1::{Agent, AgentSpec, ListHostsRequest, SpawnAgentRequest};
+use agentplane::proto::v1::{
+    Agent, AgentSpec, AgentState, GetAgentRequest, ListHostsRequest, SpawnAgentRequest,
+};
 use tonic::transport::Channel;
 
 use crate::process::Proc;
@@ -457,6 +459,38 @@ impl TestCluster {
             .into_inner()
             .agent
             .expect("agent in response")
+    }
+
+    /// Polls agent `id`'s record through the control plane until `pred`
+    /// holds for it; panics naming `what` after `limit`. Wait on the record
+    /// itself, not on a side effect of the process (a file, a pid leaving
+    /// /proc): those can be seen before the host has written the record.
+    pub async fn wait_agent(
+        &self,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Agent) -> bool,
+    ) -> Agent {
+        let c = self.client().await;
+        let pred = &pred;
+        crate::eventually(limit, &format!("agent {id} {what}"), || {
+            let mut c = c.clone();
+            let id = id.to_owned();
+            async move {
+                let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+                pred(&a).then_some(a)
+            }
+        })
+        .await
+    }
+
+    /// Polls agent `id`'s record until it is in state `want`.
+    pub async fn wait_state(&self, id: &str, want: AgentState, limit: Duration) -> Agent {
+        self.wait_agent(id, &format!("reaches {want:?}"), limit, |a| {
+            a.state() == want
+        })
+        .await
     }
 
     /// A `Command` for `agentctl` against every control plane (`--endpoint a,b`).

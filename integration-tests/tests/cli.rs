@@ -87,7 +87,17 @@ async fn agentctl_drives_the_whole_lifecycle_with_stable_json() {
 
     let paused = json(&cluster.agentctl(&["-o", "json", "pause", &id]));
     assert_eq!(paused["state"], "PAUSED");
-    assert!(procfs::alive_in_group(pid).iter().all(|p| p.state == 'T'));
+    // SIGSTOP is sent when PAUSED is recorded; each process stops when the
+    // kernel next schedules it.
+    eventually(
+        Duration::from_secs(5),
+        "every process stopped (T)",
+        || async {
+            let g = procfs::alive_in_group(pid);
+            (!g.is_empty() && g.iter().all(|p| p.state == 'T')).then_some(())
+        },
+    )
+    .await;
     let again = cluster.agentctl(&["pause", &id]);
     assert!(!again.status.success());
     assert!(

@@ -135,15 +135,9 @@ async fn exit_codes_and_failed_starts_are_recorded() {
     let mut c = cluster.client().await;
 
     let a = cluster.spawn(&["sh", "-c", "exit 3"]).await;
-    let ended = eventually(Duration::from_secs(5), "exit 3 recorded", || {
-        let mut c = c.clone();
-        let id = a.id.clone();
-        async move {
-            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
-            (a.state() == AgentState::Exited).then_some(a)
-        }
-    })
-    .await;
+    let ended = cluster
+        .wait_state(&a.id, AgentState::Exited, Duration::from_secs(5))
+        .await;
     let exit = ended.exit.unwrap();
     assert_eq!(exit.code, Some(3));
     assert_eq!(exit.signal, None);
@@ -199,15 +193,9 @@ async fn error_codes_name_the_problem() {
 
     // Illegal transitions on an ended agent.
     let a = cluster.spawn(&["true"]).await;
-    eventually(Duration::from_secs(5), "`true` exited", || {
-        let mut c = c.clone();
-        let id = a.id.clone();
-        async move {
-            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
-            (a.state() == AgentState::Exited).then_some(())
-        }
-    })
-    .await;
+    cluster
+        .wait_state(&a.id, AgentState::Exited, Duration::from_secs(5))
+        .await;
     let e = c
         .pause_agent(PauseAgentRequest { id: a.id.clone() })
         .await

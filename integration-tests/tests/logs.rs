@@ -17,19 +17,6 @@ fn spec(argv: &[&str]) -> AgentSpec {
     }
 }
 
-async fn wait_ended(cluster: &TestCluster, id: &str) {
-    let c = cluster.client().await;
-    eventually(Duration::from_secs(20), "agent ended", || {
-        let mut c = c.clone();
-        let id = id.to_owned();
-        async move {
-            let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
-            (a.state() == AgentState::Exited).then_some(())
-        }
-    })
-    .await;
-}
-
 const SEQ: &str = "import sys, time
 for i in range(1, 200001):
     print(i)
@@ -79,7 +66,9 @@ async fn a_killed_follower_resumes_from_its_offset_and_reassembles_seq_exactly()
     let expected: String = (1..=200_000).map(|i| format!("{i}\n")).collect();
     assert_eq!(got.len(), expected.len(), "no gap, no duplicate");
     assert!(got == expected.as_bytes(), "the exact byte sequence");
-    wait_ended(&cluster, &a.id).await;
+    cluster
+        .wait_state(&a.id, AgentState::Exited, Duration::from_secs(20))
+        .await;
     // Logs of an exited agent stay readable until it is deleted.
     let tail = cluster.agentctl(&["logs", "--tail", "2", &a.id]);
     assert_eq!(String::from_utf8_lossy(&tail.stdout), "199999\n200000\n");
@@ -152,7 +141,9 @@ async fn streams_are_kept_apart_and_input_reaches_the_agent() {
     let a = cluster
         .spawn(&["sh", "-c", "echo out; echo err >&2; echo out2"])
         .await;
-    wait_ended(&cluster, &a.id).await;
+    cluster
+        .wait_state(&a.id, AgentState::Exited, Duration::from_secs(20))
+        .await;
     let out = cluster.agentctl(&["logs", "--stdout", &a.id]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "out\nout2\n");
     let err = cluster.agentctl(&["logs", "--stderr", &a.id]);
@@ -326,18 +317,20 @@ async fn a_tty_agent_sees_a_terminal_answers_input_and_gets_resized() {
     cluster.finish().await;
 }
 
-/// Starts `agentctl run --rm -- argv`, waits for its agent to run, SIGKILLs
-/// the client; returns the agent id and when the kill happened.
+/// Starts `agentctl run --rm -- argv`, waits for its agent to run and for
+/// the client to print the agent's first output, SIGKILLs the client;
+/// returns the agent id and when the kill happened.
 async fn run_rm_then_kill(cluster: &TestCluster, argv: &[&str]) -> (String, Instant) {
     let mut args = vec!["run", "--rm", "--"];
     args.extend_from_slice(argv);
     let mut run = cluster
         .agentctl_all(&args)
         .stdin(Stdio::piped())
-        .stdout(Stdio::null())
+        .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .expect("start agentctl run");
+    let mut out = run.stdout.take().expect("piped stdout");
     let c = cluster.client().await;
     let want: Vec<String> = argv.iter().map(|s| (*s).to_owned()).collect();
     let agent = eventually(Duration::from_secs(10), "the agent runs", || {
@@ -356,6 +349,21 @@ async fn run_rm_then_kill(cluster: &TestCluster, argv: &[&str]) -> (String, Inst
         }
     })
     .await;
+    // The record says RUNNING before the client's Attach reaches the host;
+    // output on its stdout means the host counts its session (it does so
+    // before it streams anything), so the grace starts at the kill below.
+    let first = tokio::time::timeout(
+        Duration::from_secs(10),
+        tokio::task::spawn_blocking(move || {
+            let mut b = [0u8; 1];
+            std::io::Read::read(&mut out, &mut b).map(|n| (n, out))
+        }),
+    )
+    .await
+    .expect("agentctl run printed the agent's output within 10 s")
+    .expect("reader task");
+    let (n, _out) = first.expect("read agentctl's stdout");
+    assert_eq!(n, 1, "agentctl run printed the agent's output");
     nix::sys::signal::kill(
         nix::unistd::Pid::from_raw(i32::try_from(run.id()).expect("pid")),
         Signal::SIGKILL,
@@ -406,11 +414,10 @@ async fn run_rm_stops_the_agent_when_its_client_is_killed() {
         gone >= Duration::from_secs(2) && gone <= Duration::from_secs(4),
         "after the grace, within grace + 2s: {gone:?}"
     );
-    let ended = c
-        .get_agent(GetAgentRequest { id })
-        .await
-        .unwrap()
-        .into_inner();
+    // The processes leave /proc before the host writes the record.
+    let ended = cluster
+        .wait_state(&id, AgentState::Exited, Duration::from_secs(5))
+        .await;
     assert_eq!(
         ended.exit.unwrap().reason,
         "STOPPED",

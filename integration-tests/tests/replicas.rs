@@ -4,8 +4,10 @@
 
 use std::time::{Duration, Instant};
 
-use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, SpawnAgentRequest};
-use agentplane_integration_tests::{procfs, TestCluster};
+use agentplane::proto::v1::{
+    AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, SpawnAgentRequest,
+};
+use agentplane_integration_tests::{eventually, procfs, TestCluster};
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
@@ -139,29 +141,48 @@ async fn a_watch_follows_a_killed_replica_to_the_other_and_sees_every_event_once
     cluster.control_planes[0].proc.signal(Signal::SIGKILL);
     // Events while the watcher moves over, and after.
     let mut c = cluster.client_of(1);
+    let mut short = Vec::new();
     for _ in 0..5 {
-        c.spawn_agent(SpawnAgentRequest {
-            spec: Some(AgentSpec {
-                argv: vec!["true".into()],
-                ..Default::default()
-            }),
-            request_id: String::new(),
-        })
-        .await
-        .unwrap();
+        let a = c
+            .spawn_agent(SpawnAgentRequest {
+                spec: Some(AgentSpec {
+                    argv: vec!["true".into()],
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agent
+            .expect("agent");
+        short.push(a.id);
     }
-    // Every event in Redis.
+    // Their exits are events too (written with the record): wait for them.
+    for id in short {
+        eventually(Duration::from_secs(10), "`true` exited", || {
+            let mut c = c.clone();
+            let id = id.clone();
+            async move {
+                let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+                (a.state() == AgentState::Exited).then_some(())
+            }
+        })
+        .await;
+    }
+    // Every event in Redis: the watch has them all once it has as many as
+    // the stream held before its last drain and the stream has not grown.
     let mut conn = cluster.redis.conn().await;
-    let start = "-";
     let deadline = Instant::now() + Duration::from_secs(15);
     let expected: Vec<String> = loop {
         let reply: redis::streams::StreamRangeReply =
-            conn.xrange("ap:events", start, "+").await.unwrap();
+            conn.xrange("ap:events", "-", "+").await.unwrap();
         let ids: Vec<String> = reply.ids.iter().map(|e| e.id.clone()).collect();
         while let Ok(v) = rx.recv_timeout(Duration::from_millis(50)) {
             seen.push(v);
         }
-        if seen.len() >= ids.len() || Instant::now() > deadline {
+        let now: usize = conn.xlen("ap:events").await.unwrap();
+        if (seen.len() >= ids.len() && now == ids.len()) || Instant::now() > deadline {
             break ids;
         }
     };

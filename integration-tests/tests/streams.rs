@@ -43,15 +43,20 @@ async fn a_thousand_dropped_followers_leave_no_stream_and_no_memory_behind() {
         .spawn(&["sh", "-c", "while :; do echo tick; sleep 0.01; done"])
         .await;
     let mut cp = cluster.client().await;
-    let mut host = cluster.host_agent(0);
+    let host = cluster.host_agent(0);
     // Warm up both servers' allocators with a few streams first.
     for _ in 0..20 {
         let mut s = cp.stream_logs(follow(&a.id)).await.unwrap().into_inner();
         s.message().await.unwrap();
     }
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let (cp0, host0) = statuses(&mut cp, &mut host).await;
-    assert_eq!((cp0.log_streams, host0.log_streams), (0, 0));
+    let (cp0, host0) = eventually(Duration::from_secs(10), "warm-up streams closed", || {
+        let (mut cp, mut host) = (cp.clone(), host.clone());
+        async move {
+            let (a, b) = statuses(&mut cp, &mut host).await;
+            (a.log_streams == 0 && b.log_streams == 0).then_some((a, b))
+        }
+    })
+    .await;
 
     let mut set = tokio::task::JoinSet::new();
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(100));
