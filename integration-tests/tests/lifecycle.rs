@@ -4,8 +4,8 @@
 use std::time::Duration;
 
 use agentplane::proto::v1::{
-    AgentSpec, AgentState, GetAgentRequest, KillAgentRequest, ListAgentsRequest, PauseAgentRequest,
-    Placement, ResumeAgentRequest, SpawnAgentRequest, StopAgentRequest,
+    AgentSpec, AgentState, GetAgentRequest, HostAgentRef, KillAgentRequest, ListAgentsRequest,
+    PauseAgentRequest, Placement, ResumeAgentRequest, SpawnAgentRequest, StopAgentRequest,
 };
 use agentplane_integration_tests::{eventually, procfs, TestCluster};
 use tonic::Code;
@@ -40,15 +40,9 @@ async fn pause_resume_stop_act_on_the_whole_process_group() {
         .unwrap()
         .into_inner();
     assert_eq!(paused.state(), AgentState::Paused);
-    eventually(
-        Duration::from_secs(5),
-        "every process stopped (T)",
-        || async {
-            let g = procfs::alive_in_group(pgid);
-            (g.len() == 3 && g.iter().all(|p| p.state == 'T')).then_some(())
-        },
-    )
-    .await;
+    // PAUSED comes back once every process has stopped.
+    let g = procfs::alive_in_group(pgid);
+    assert!(g.len() == 3 && g.iter().all(|p| p.state == 'T'), "{g:?}");
 
     let resumed = c
         .resume_agent(ResumeAgentRequest {
@@ -126,6 +120,56 @@ async fn stopping_a_paused_agent_that_ignores_sigterm_escalates_to_sigkill() {
         procfs::alive_in_group(agent.pid).is_empty().then_some(())
     })
     .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pause_answers_only_once_every_process_has_stopped() {
+    let cluster = TestCluster::builder().start().await;
+    // 200 busy processes on 2 cores: most are waiting for a CPU when the
+    // SIGSTOP is sent, and each stops only when it next runs (without the
+    // wait for them, 3 to 73 of them were still running when PAUSED came
+    // back). .config/nextest.toml runs this test alone: it starves others.
+    let agent = cluster
+        .spawn(&[
+            "sh",
+            "-c",
+            "for i in $(seq 200); do (while :; do :; done) & done; wait",
+        ])
+        .await;
+    eventually(Duration::from_secs(5), "201 processes run", || async {
+        (procfs::alive_in_group(agent.pid).len() == 201).then_some(())
+    })
+    .await;
+    // The host agent directly, and /proc read at once: no time for stragglers.
+    let mut host = cluster.host_agent(0);
+    let mut slowest = Duration::ZERO;
+    for round in 0..5 {
+        let t = std::time::Instant::now();
+        let paused = host
+            .pause_agent(HostAgentRef {
+                id: agent.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        slowest = slowest.max(t.elapsed());
+        let procs = procfs::alive_in_group(agent.pid);
+        let running: Vec<_> = procs.iter().filter(|p| p.state != 'T').collect();
+        assert!(
+            running.is_empty(),
+            "round {round}: PAUSED ({}) answered with {} of {} processes not stopped: {running:?}",
+            paused.state,
+            running.len(),
+            procs.len()
+        );
+        host.resume_agent(HostAgentRef {
+            id: agent.id.clone(),
+        })
+        .await
+        .unwrap();
+    }
+    eprintln!("pause of 201 busy processes: slowest answer {slowest:?}");
     cluster.finish().await;
 }
 

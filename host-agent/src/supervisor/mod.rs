@@ -42,6 +42,8 @@ type Result<T> = std::result::Result<T, SupervisorError>;
 
 /// How long to wait for the group to die after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
+/// How long a pause waits for the group to act on its SIGSTOP.
+const PAUSE_WAIT: Duration = Duration::from_secs(1);
 /// Default grace when neither the request nor the spec gives one.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Ended agents kept (for inspect and logs) beyond the running ones.
@@ -461,6 +463,17 @@ impl Supervisor {
                 &slot,
                 "its process has already exited".into(),
             ));
+        }
+        if pause {
+            // PAUSED means stopped: wait (bounded: a process in an
+            // uninterruptible wait stops only when it leaves it) until the
+            // group's processes have acted on the SIGSTOP.
+            let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
+            while tree::not_stopped_in_group(s.pid, s.pid) > 0
+                && tokio::time::Instant::now() < deadline
+            {
+                tokio::time::sleep(Duration::from_millis(2)).await;
+            }
         }
         if !slot.transition(s.state, to) {
             // The run loop recorded the end meanwhile; that is the truth.

@@ -104,6 +104,27 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
         .collect()
 }
 
+/// How many processes of `root`'s subtree in group `pgid` are not yet
+/// stopped (state `T`) or dead: what a group SIGSTOP still waits on, since
+/// each process stops only when the kernel next runs it.
+pub fn not_stopped_in_group(root: i32, pgid: i32) -> usize {
+    let mut stack = vec![root];
+    let mut seen: HashSet<i32> = HashSet::new();
+    let mut running = 0;
+    while let Some(p) = stack.pop() {
+        if !seen.insert(p) {
+            continue;
+        }
+        if let Some((state, group)) = state_and_group(p) {
+            if group == pgid && !matches!(state, 'T' | 't' | 'Z' | 'X') {
+                running += 1;
+            }
+        }
+        stack.extend(children_of(p));
+    }
+    running
+}
+
 /// Sends `sig` to each pid; gone processes are fine.
 pub fn signal_each(pids: &[i32], sig: Signal) {
     for pid in pids {
@@ -141,6 +162,35 @@ mod tests {
             "the subtree walk finds both: {by_ancestry:?}"
         );
         signal_each(&found, Signal::SIGKILL);
+        let _ = child.wait();
+    }
+
+    #[test]
+    fn counts_the_group_members_a_sigstop_has_not_stopped_yet() {
+        use std::os::unix::process::CommandExt;
+        let mut child = std::process::Command::new("sh")
+            .args(["-c", "sleep 30 & sleep 30 & wait"])
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        let root = i32::try_from(child.id()).unwrap();
+        let until = |want: usize| {
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            loop {
+                let n = not_stopped_in_group(root, root);
+                if n == want || std::time::Instant::now() > deadline {
+                    return n;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+        };
+        assert_eq!(until(3), 3, "sh and two sleeps run");
+        assert_eq!(not_stopped_in_group(root, -1), 0, "another group: none");
+        kill(Pid::from_raw(-root), Signal::SIGSTOP).unwrap();
+        assert_eq!(until(0), 0, "all stopped");
+        kill(Pid::from_raw(-root), Signal::SIGCONT).unwrap();
+        assert_eq!(until(3), 3, "running again");
+        kill(Pid::from_raw(-root), Signal::SIGKILL).unwrap();
         let _ = child.wait();
     }
 }
