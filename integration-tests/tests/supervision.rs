@@ -230,6 +230,53 @@ async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignor
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let a = cluster
+        .spawn(&["sh", "-c", "setsid sleep 1000 & sleep 1000"])
+        .await;
+    let procs = eventually(
+        Duration::from_secs(5),
+        "the setsid sleep runs in its own group",
+        || async {
+            let procs = procfs::agent_processes(&a.id);
+            (procs.len() == 3 && procs.iter().any(|p| p.pgrp != a.pid)).then_some(procs)
+        },
+    )
+    .await;
+    let paused = c
+        .pause_agent(PauseAgentRequest { id: a.id.clone() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(paused.state(), AgentState::Paused);
+    // At once: the answer waits for every process to stop.
+    let states: Vec<_> = procs
+        .iter()
+        .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
+        .collect();
+    assert!(
+        states.iter().all(|(_, _, s)| *s == Some('T')),
+        "every process stopped, the escaped one too: {states:?}"
+    );
+    c.resume_agent(ResumeAgentRequest { id: a.id.clone() })
+        .await
+        .unwrap();
+    let states: Vec<_> = procs
+        .iter()
+        .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
+        .collect();
+    assert!(
+        states
+            .iter()
+            .all(|(_, _, s)| s.is_some_and(|s| s != 'T' && s != 'Z')),
+        "every process continued, the escaped one too: {states:?}"
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_kills_setsid_grandchildren_that_left_the_group() {
     let cluster = TestCluster::builder().start().await;
     let mut c = cluster.client().await;

@@ -437,7 +437,9 @@ impl Supervisor {
         }
     }
 
-    /// SIGSTOP (`pause = true`) or SIGCONT the agent's whole process group.
+    /// SIGSTOP (`pause = true`) or SIGCONT the agent's whole process group
+    /// and the processes that left it. A pause answers once they have all
+    /// stopped (or after [`PAUSE_WAIT`]).
     pub async fn pause_or_resume(&self, id: &str, pause: bool) -> Result<LocalAgent> {
         let slot = self.get(id)?;
         let _ops = slot.ops.lock().await;
@@ -464,14 +466,16 @@ impl Supervisor {
                 "its process has already exited".into(),
             ));
         }
+        let mains = self.reaper.watched().clone();
+        let escaped = tree::escaped(&slot.id, s.pid, s.pid, Scope::Orphans(&mains));
+        tree::signal_each(&escaped, sig);
         if pause {
             // PAUSED means stopped: wait (bounded: a process in an
-            // uninterruptible wait stops only when it leaves it) until the
-            // group's processes have acted on the SIGSTOP.
+            // uninterruptible wait stops only when it leaves it) until every
+            // process has acted on the SIGSTOP. With 200 busy processes on 2
+            // cores, dozens were still running when the signal had been sent.
             let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
-            while tree::not_stopped_in_group(s.pid, s.pid) > 0
-                && tokio::time::Instant::now() < deadline
-            {
+            while tree::not_stopped(s.pid, &escaped) > 0 && tokio::time::Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(2)).await;
             }
         }
@@ -485,6 +489,7 @@ impl Supervisor {
         if let Err(e) = self.write_state(&slot, to, &[s.state]).await {
             // Unrecorded means undone: the record and the process must agree.
             let _ = signal::to_group(s.pid, undo);
+            tree::signal_each(&escaped, undo);
             slot.transition(to, s.state);
             return Err(e);
         }

@@ -104,19 +104,20 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
         .collect()
 }
 
-/// How many processes of `root`'s subtree in group `pgid` are not yet
-/// stopped (state `T`) or dead: what a group SIGSTOP still waits on, since
-/// each process stops only when the kernel next runs it.
-pub fn not_stopped_in_group(root: i32, pgid: i32) -> usize {
+/// How many of `root`'s subtree and of `others` are neither stopped (`T`)
+/// nor dead: what a SIGSTOP still waits on, since each process stops only
+/// when the kernel next runs it.
+pub fn not_stopped(root: i32, others: &[i32]) -> usize {
     let mut stack = vec![root];
+    stack.extend_from_slice(others);
     let mut seen: HashSet<i32> = HashSet::new();
     let mut running = 0;
     while let Some(p) = stack.pop() {
-        if !seen.insert(p) {
+        if p <= 1 || !seen.insert(p) {
             continue;
         }
-        if let Some((state, group)) = state_and_group(p) {
-            if group == pgid && !matches!(state, 'T' | 't' | 'Z' | 'X') {
+        if let Some((state, _)) = state_and_group(p) {
+            if !matches!(state, 'T' | 't' | 'Z' | 'X') {
                 running += 1;
             }
         }
@@ -166,31 +167,39 @@ mod tests {
     }
 
     #[test]
-    fn counts_the_group_members_a_sigstop_has_not_stopped_yet() {
-        use std::os::unix::process::CommandExt;
+    fn counts_the_processes_a_sigstop_has_not_stopped_yet() {
         let mut child = std::process::Command::new("sh")
             .args(["-c", "sleep 30 & sleep 30 & wait"])
-            .process_group(0)
             .spawn()
             .unwrap();
         let root = i32::try_from(child.id()).unwrap();
+        let mut other = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let others = [i32::try_from(other.id()).unwrap()];
         let until = |want: usize| {
             let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
             loop {
-                let n = not_stopped_in_group(root, root);
+                let n = not_stopped(root, &others);
                 if n == want || std::time::Instant::now() > deadline {
                     return n;
                 }
                 std::thread::sleep(std::time::Duration::from_millis(5));
             }
         };
-        assert_eq!(until(3), 3, "sh and two sleeps run");
-        assert_eq!(not_stopped_in_group(root, -1), 0, "another group: none");
-        kill(Pid::from_raw(-root), Signal::SIGSTOP).unwrap();
+        assert_eq!(until(4), 4, "sh, two sleeps and the other run");
+        let mut all = escaped("none", root, -1, Scope::Orphans(&HashSet::new()));
+        assert_eq!(all.len(), 3, "{all:?}");
+        all.extend_from_slice(&others);
+        signal_each(&all[..3], Signal::SIGSTOP);
+        assert_eq!(until(1), 1, "only the other runs");
+        signal_each(&others, Signal::SIGSTOP);
         assert_eq!(until(0), 0, "all stopped");
-        kill(Pid::from_raw(-root), Signal::SIGCONT).unwrap();
-        assert_eq!(until(3), 3, "running again");
-        kill(Pid::from_raw(-root), Signal::SIGKILL).unwrap();
+        signal_each(&all, Signal::SIGCONT);
+        assert_eq!(until(4), 4, "running again");
+        signal_each(&all, Signal::SIGKILL);
         let _ = child.wait();
+        let _ = other.wait();
     }
 }
