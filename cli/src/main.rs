@@ -14,6 +14,9 @@ use clap::{Parser, Subcommand};
 
 use crate::output::Format;
 
+/// Where agentctl looks for a control plane unless told otherwise.
+pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7700";
+
 /// Control agents running across many machines.
 #[derive(Debug, Parser)]
 #[command(name = "agentctl", version = agentplane::VERSION)]
@@ -23,7 +26,7 @@ struct Cli {
         long,
         global = true,
         env = "AGENTPLANE_ENDPOINT",
-        default_value = "http://127.0.0.1:7700"
+        default_value = DEFAULT_ENDPOINT
     )]
     endpoint: String,
 
@@ -67,11 +70,41 @@ pub enum HostsCommand {
     },
 }
 
-#[tokio::main(flavor = "current_thread")]
-async fn main() -> ExitCode {
-    let cli = Cli::parse();
+fn main() -> ExitCode {
+    // `agentctl dev` runs a host agent, whose guard is this binary
+    // re-executed; it must not start a runtime.
+    if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::supervisor::GUARD_ARG) {
+        agentplane_host_agent::supervisor::run_guard();
+    }
+    let cli = match Cli::try_parse() {
+        Ok(c) => c,
+        // `dev` runs the servers, so it keeps their contract: bad
+        // configuration exits 64. Other commands keep clap's usage code (2).
+        Err(e) if e.use_stderr() && runs_dev(std::env::args().skip(1)) => {
+            let _ = e.print();
+            return ExitCode::from(u8::try_from(agentplane::EXIT_USAGE).unwrap_or(64));
+        }
+        Err(e) => e.exit(),
+    };
+    // The servers of `dev` want worker threads; a client call does not.
+    let runtime = if matches!(cli.command, commands::Command::Dev(_)) {
+        tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    };
+    let runtime = match runtime {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("agentctl: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let endpoint = cli.endpoint.clone();
-    match commands::run(cli).await {
+    match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {
             match e.downcast_ref::<tonic::Status>() {
@@ -80,5 +113,39 @@ async fn main() -> ExitCode {
             }
             ExitCode::FAILURE
         }
+    }
+}
+
+/// Whether the command line's subcommand is `dev` (the first word that is
+/// neither a flag nor the value of a global flag).
+fn runs_dev(mut args: impl Iterator<Item = String>) -> bool {
+    while let Some(a) = args.next() {
+        match a.as_str() {
+            "--endpoint" | "-o" | "--output" | "--call-timeout" => {
+                args.next();
+            }
+            s if s.starts_with('-') => {}
+            s => return s == "dev",
+        }
+    }
+    false
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runs_dev;
+
+    fn words(s: &str) -> impl Iterator<Item = String> + '_ {
+        s.split_whitespace().map(str::to_owned)
+    }
+
+    #[test]
+    fn finds_the_dev_subcommand_past_global_flags() {
+        assert!(runs_dev(words("dev --listen x")));
+        assert!(runs_dev(words("-o json --endpoint http://a dev")));
+        assert!(runs_dev(words("--endpoint=http://a dev")));
+        assert!(!runs_dev(words("--endpoint dev get x")));
+        assert!(!runs_dev(words("get dev")));
+        assert!(!runs_dev(words("")));
     }
 }

@@ -1,5 +1,6 @@
-//! What agentctl prints: stable JSON objects (`-o json`) or aligned tables.
-//! Data goes to stdout; diagnostics go to stderr.
+//! What agentctl prints: stable JSON objects (`-o json`), the same objects
+//! as YAML (`-o yaml`), or aligned tables. Data goes to stdout; diagnostics
+//! go to stderr.
 
 use std::collections::BTreeMap;
 
@@ -15,6 +16,8 @@ pub enum Format {
     Table,
     /// One JSON document with stable field names.
     Json,
+    /// The JSON document's fields as YAML.
+    Yaml,
 }
 
 /// RFC 3339 time of a protobuf timestamp.
@@ -225,9 +228,22 @@ impl From<&agentplane::proto::v1::DrainProgress> for DrainView {
     }
 }
 
-/// Prints `value` as pretty JSON on stdout.
-pub fn json<T: Serialize>(value: &T) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(value)?);
+/// Prints `value` on stdout as pretty JSON, or as YAML for `-o yaml`.
+pub fn document<T: Serialize>(fmt: Format, value: &T) -> anyhow::Result<()> {
+    match fmt {
+        Format::Yaml => print!("{}", serde_norway::to_string(value)?),
+        Format::Json | Format::Table => println!("{}", serde_json::to_string_pretty(value)?),
+    }
+    Ok(())
+}
+
+/// Prints one item of a stream (watch events, drain progress) as soon as it
+/// comes: a JSON line, or a YAML document that starts with `---`.
+pub fn stream_item<T: Serialize>(fmt: Format, value: &T) -> anyhow::Result<()> {
+    match fmt {
+        Format::Yaml => print!("---\n{}", serde_norway::to_string(value)?),
+        Format::Json | Format::Table => println!("{}", serde_json::to_string(value)?),
+    }
     Ok(())
 }
 

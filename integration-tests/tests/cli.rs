@@ -206,6 +206,8 @@ fn bad_configuration_exits_64_before_starting_anything() {
         ("host-agent", &["--host-id", "h1", "--listen", "0.0.0.0:0"]),
         ("control-plane", &["--redis-url", "http://nope"]),
         ("control-plane", &["--listen", "not-an-address"]),
+        ("agentctl", &["dev", "--redis-url", "http://nope"]),
+        ("agentctl", &["dev", "--listen", "256.0.0.1:1"]),
     ];
     for (name, args) in cases {
         let out = Command::new(bin(name))
@@ -221,4 +223,250 @@ fn bad_configuration_exits_64_before_starting_anything() {
         );
         assert!(!stderr(&out).is_empty(), "{name} {args:?} says why");
     }
+}
+
+/// Parses `-o yaml` output, failing the test with the text when it is not YAML.
+fn yaml(out: &std::process::Output) -> Value {
+    assert!(
+        out.status.success(),
+        "agentctl failed: {}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_norway::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not YAML ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn yaml_output_has_the_json_fields_and_spawn_wait_exits_with_the_agents_code() {
+    let cluster = TestCluster::builder().start().await;
+    // --wait: the final record, and the agent's exit code as agentctl's.
+    let out = cluster.agentctl(&["-o", "yaml", "spawn", "--wait", "--", "sh", "-c", "exit 7"]);
+    assert_eq!(out.status.code(), Some(7), "{}", stderr(&out));
+    let spawned: Value = serde_norway::from_slice(&out.stdout).expect("YAML");
+    assert_eq!(spawned["state"], "EXITED");
+    assert_eq!(spawned["exit_code"], 7);
+    let id = spawned["id"].as_str().unwrap().to_owned();
+    let signaled = cluster.agentctl(&["spawn", "--wait", "--", "sh", "-c", "kill -TERM $$"]);
+    assert_eq!(
+        signaled.status.code(),
+        Some(128 + 15),
+        "{}",
+        stderr(&signaled)
+    );
+    let failed = cluster.agentctl(&["spawn", "--wait", "--", "/nonexistent/program"]);
+    assert_eq!(failed.status.code(), Some(1), "{}", stderr(&failed));
+    assert!(String::from_utf8_lossy(&failed.stdout).contains("FAILED"));
+    let ok = cluster.agentctl(&["spawn", "--wait", "--", "sh", "-c", "sleep 0.5"]);
+    assert_eq!(
+        ok.status.code(),
+        Some(0),
+        "waited for the end: {}",
+        stderr(&ok)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("EXITED"));
+
+    // The same document in both formats (the agent has ended: it is stable).
+    let as_yaml = yaml(&cluster.agentctl(&["-o", "yaml", "get", &id]));
+    let as_json = json(&cluster.agentctl(&["-o", "json", "get", &id]));
+    assert_eq!(as_yaml, as_json);
+    let hosts = yaml(&cluster.agentctl(&["-o", "yaml", "hosts", "ls"]));
+    assert_eq!(hosts[0]["id"], "h1", "{hosts:?}");
+
+    // Streams: one YAML document per event.
+    let watched = cluster.agentctl(&["-o", "yaml", "watch", "--since", "0", "--count", "2"]);
+    let text = String::from_utf8_lossy(&watched.stdout).into_owned();
+    assert!(watched.status.success(), "{}", stderr(&watched));
+    let docs: Vec<Value> = text
+        .split("---\n")
+        .filter(|d| !d.trim().is_empty())
+        .map(|d| serde_norway::from_str(d).expect("each event is a YAML document"))
+        .collect();
+    assert_eq!(docs.len(), 2, "{text}");
+    assert!(docs.iter().all(|d| d["type"].is_string()), "{text}");
+    cluster.finish().await;
+}
+
+#[test]
+fn completion_scripts_complete_subcommands() {
+    let script = Command::new(bin("agentctl"))
+        .args(["completion", "bash"])
+        .output()
+        .unwrap();
+    assert!(script.status.success(), "{}", stderr(&script));
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("agentctl.bash");
+    std::fs::write(&path, &script.stdout).unwrap();
+    // What bash does on TAB after `agentctl sp` and `agentctl hosts d`.
+    let probe = format!(
+        "source {}; \
+         COMP_WORDS=(agentctl sp); COMP_CWORD=1; _agentctl agentctl sp agentctl; echo \"${{COMPREPLY[@]}}\"; \
+         COMP_WORDS=(agentctl hosts d); COMP_CWORD=2; _agentctl agentctl d hosts; echo \"${{COMPREPLY[@]}}\"",
+        path.display()
+    );
+    let out = Command::new("bash").args(["-c", &probe]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(text, "spawn\ndrain\n", "{}", stderr(&out));
+    for (shell, needle) in [
+        ("zsh", "#compdef agentctl"),
+        ("fish", "complete -c agentctl"),
+    ] {
+        let out = Command::new(bin("agentctl"))
+            .args(["completion", shell])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{shell}: {}", stderr(&out));
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(text.contains(needle), "{shell}: {text}");
+    }
+    let bad = Command::new(bin("agentctl"))
+        .args(["completion", "ksh"])
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        stderr(&bad).contains("bash"),
+        "names the shells: {}",
+        stderr(&bad)
+    );
+}
+
+/// A running `agentctl dev` on free ports.
+struct Dev {
+    child: std::process::Child,
+    endpoint: String,
+    data_dir: std::path::PathBuf,
+    redis_pid: i32,
+}
+
+impl Dev {
+    /// Starts it and reads what it prints until it says how to stop it.
+    fn start(log: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let mut child = Command::new(bin("agentctl"))
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--host-listen",
+                "127.0.0.1:0",
+            ])
+            .env("AGENTPLANE_LOG", "info")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("dev log"))
+            .spawn()
+            .expect("start agentctl dev");
+        let out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (mut endpoint, mut data_dir, mut redis_port) = (None, None, None);
+        for line in out.lines() {
+            let line = line.expect("read agentctl dev stdout");
+            if let Some(e) = line.strip_prefix("control plane ") {
+                endpoint = Some(e.to_owned());
+            } else if let Some(d) = line.strip_prefix("data in ") {
+                data_dir = Some(std::path::PathBuf::from(d));
+            } else if let Some(r) = line.strip_prefix("redis redis://127.0.0.1:") {
+                redis_port = r.split_whitespace().next().map(str::to_owned);
+            } else if line.starts_with("Ctrl-C") {
+                break;
+            }
+        }
+        let endpoint = endpoint.unwrap_or_else(|| {
+            panic!(
+                "agentctl dev printed no endpoint: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        let port = redis_port.expect("a private redis");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // The private redis-server is a child of agentctl dev.
+        let redis_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains(&format!("127.0.0.1:{port}")))
+            })
+            .expect("redis-server is a child of agentctl dev");
+        Self {
+            child,
+            endpoint,
+            data_dir: data_dir.expect("data dir"),
+            redis_pid,
+        }
+    }
+
+    fn agentctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("agentctl"))
+            .arg("--endpoint")
+            .arg(&self.endpoint)
+            .args(args)
+            .output()
+            .expect("run agentctl")
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid")),
+            sig,
+        )
+        .expect("signal agentctl dev");
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behind() {
+    use nix::sys::signal::Signal;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("dev.log");
+    let mut dev = Dev::start(&log);
+    let waited = dev.agentctl(&["spawn", "--wait", "--", "sh", "-c", "echo hi; exit 3"]);
+    assert_eq!(waited.status.code(), Some(3), "{}", stderr(&waited));
+    let hosts = json(&dev.agentctl(&["-o", "json", "hosts", "ls"]));
+    assert_eq!(hosts[0]["id"], "dev");
+    let a = json(&dev.agentctl(&["-o", "json", "spawn", "--", "sleep", "1000"]));
+    let id = a["id"].as_str().unwrap().to_owned();
+    assert!(!procfs::agent_processes(&id).is_empty(), "the agent runs");
+    assert!(dev.data_dir.is_dir());
+
+    // SIGTERM: agents stopped, redis-server stopped, the temporary dir gone.
+    dev.signal(Signal::SIGTERM);
+    let child = &mut dev.child;
+    let status = eventually(Duration::from_secs(20), "agentctl dev exits", || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(procfs::agent_processes(&id).is_empty(), "agent stopped");
+    assert!(!procfs::is_alive(dev.redis_pid), "redis-server stopped");
+    assert!(!dev.data_dir.exists(), "temporary data removed");
+
+    // SIGKILL: the kernel and the guard still take everything down.
+    let dev = Dev::start(&log);
+    let a = json(&dev.agentctl(&["-o", "json", "spawn", "--", "sleep", "1000"]));
+    let id = a["id"].as_str().unwrap().to_owned();
+    dev.signal(Signal::SIGKILL);
+    procfs::wait_gone(&id, Duration::from_secs(5)).await;
+    let redis = dev.redis_pid;
+    eventually(Duration::from_secs(5), "redis-server gone", || async move {
+        (!procfs::is_alive(redis)).then_some(())
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dev.data_dir);
 }

@@ -33,7 +33,7 @@ pub async fn get(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<()>
         .await?
         .into_inner();
     match fmt {
-        Format::Json => output::json(&output::AgentView::from(&a)),
+        Format::Json | Format::Yaml => output::document(fmt, &output::AgentView::from(&a)),
         Format::Table => {
             output::table(output::AGENT_HEADER, &[output::agent_row(&a)]);
             if let Some(e) = a.exit.as_ref().filter(|e| !e.error.is_empty()) {
@@ -52,7 +52,7 @@ pub async fn locate(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<
         .await?
         .into_inner();
     match fmt {
-        Format::Json => output::json(&output::LocationView::from(&l)),
+        Format::Json | Format::Yaml => output::document(fmt, &output::LocationView::from(&l)),
         Format::Table => {
             output::table(
                 &["ID", "HOST", "ADDRESS", "LIVE", "STATE", "PID", "GEN"],
@@ -99,10 +99,10 @@ pub async fn ls(c: &mut Clients, fmt: Format, a: LsArgs) -> anyhow::Result<()> {
     }
     agents.sort_by(|x, y| x.id.cmp(&y.id));
     match fmt {
-        Format::Json => {
+        Format::Json | Format::Yaml => {
             let views: Vec<output::AgentView> =
                 agents.iter().map(output::AgentView::from).collect();
-            output::json(&views)
+            output::document(fmt, &views)
         }
         Format::Table => {
             let rows: Vec<Vec<String>> = agents.iter().map(output::agent_row).collect();

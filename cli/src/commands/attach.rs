@@ -117,10 +117,7 @@ pub async fn run(c: &mut Clients, mut a: RunArgs) -> anyhow::Result<ExitCode> {
         .get_agent(GetAgentRequest { id: agent.id })
         .await?
         .into_inner();
-    let code = ended
-        .exit
-        .map_or(0, |e| e.code.unwrap_or_else(|| 128 + e.signal.unwrap_or(0)));
-    Ok(ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1)))
+    Ok(super::spawn::exit_code(&ended))
 }
 
 /// Runs a session until the agent ends (false) or the user detaches (true).

@@ -16,7 +16,7 @@ use crate::output::{self, Format};
 
 fn print(fmt: Format, a: &Agent) -> anyhow::Result<()> {
     match fmt {
-        Format::Json => output::json(&output::AgentView::from(a)),
+        Format::Json | Format::Yaml => output::document(fmt, &output::AgentView::from(a)),
         Format::Table => {
             output::table(output::AGENT_HEADER, &[output::agent_row(a)]);
             Ok(())

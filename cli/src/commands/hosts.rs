@@ -23,8 +23,8 @@ pub async fn run(c: &mut Clients, fmt: Format, command: HostsCommand) -> anyhow:
             let mut stream = c.hosts.drain_host(req).await?.into_inner();
             while let Some(p) = stream.message().await? {
                 match fmt {
-                    Format::Json => {
-                        println!("{}", serde_json::to_string(&output::DrainView::from(&p))?)
+                    Format::Json | Format::Yaml => {
+                        output::stream_item(fmt, &output::DrainView::from(&p))?;
                     }
                     Format::Table => println!(
                         "remaining {:>4}  moved {:>4}  stopped {:>4}  {}",
@@ -62,9 +62,9 @@ async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
 
 fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
     match fmt {
-        Format::Json => {
+        Format::Json | Format::Yaml => {
             let views: Vec<output::HostView> = hosts.iter().map(output::HostView::from).collect();
-            output::json(&views)
+            output::document(fmt, &views)
         }
         Format::Table => {
             let rows: Vec<Vec<String>> = hosts

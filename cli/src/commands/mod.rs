@@ -1,9 +1,11 @@
 //! The subcommands, one file per noun: `spawn`, `agents` (get, locate, ls),
-//! `control` (pause, resume, stop, kill, rm), `hosts`.
+//! `control` (pause, resume, stop, kill, rm), `hosts`, `logs`, `attach`,
+//! `watch`, `dev` (a local stack in one process).
 
 mod agents;
 mod attach;
 mod control;
+mod dev;
 mod hosts;
 mod logs;
 mod spawn;
@@ -86,6 +88,15 @@ pub enum Command {
     /// Print agent and host events as they happen; reconnects (to the next
     /// endpoint) with the last token, so no event is missed or repeated.
     Watch(watch::WatchArgs),
+    /// Run a whole local stack in this process for trying agentplane out: a
+    /// private redis-server, a control plane and one host agent ("dev").
+    Dev(dev::DevArgs),
+    /// Print a shell completion script: `agentctl completion bash >
+    /// /etc/bash_completion.d/agentctl` (or zsh, fish, elvish, powershell).
+    Completion {
+        /// The shell to complete for.
+        shell: clap_complete::Shell,
+    },
 }
 
 /// Runs the parsed command line against the first endpoint that answers:
@@ -104,6 +115,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         !endpoints.is_empty(),
         "--endpoint: give at least one address"
     );
+    if let Command::Dev(args) = cli.command {
+        return dev::run(args).await;
+    }
+    if let Command::Completion { shell } = cli.command {
+        let mut cmd = <Cli as clap::CommandFactory>::command();
+        clap_complete::generate(shell, &mut cmd, "agentctl", &mut std::io::stdout());
+        return Ok(ExitCode::SUCCESS);
+    }
     let fmt = cli.output;
     let mut command = cli.command;
     if let Command::Spawn(args) = &mut command {
@@ -130,7 +149,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     for (i, endpoint) in endpoints.iter().enumerate() {
         let mut c = client::connect(endpoint, cli.call_timeout)?;
         match dispatch(&mut c, fmt, command.clone(), cli.call_timeout).await {
-            Ok(()) => return Ok(ExitCode::SUCCESS),
+            Ok(code) => return Ok(code),
             Err(e) if i + 1 < endpoints.len() && client::is_unavailable(&e) => {
                 eprintln!(
                     "agentctl: {endpoint} is unavailable; trying {}",
@@ -149,9 +168,9 @@ async fn dispatch(
     fmt: crate::output::Format,
     command: Command,
     timeout: Duration,
-) -> anyhow::Result<()> {
-    match command {
-        Command::Spawn(args) => spawn::run(c, fmt, *args).await,
+) -> anyhow::Result<ExitCode> {
+    let done = match command {
+        Command::Spawn(args) => return spawn::run(c, fmt, *args).await,
         Command::Get { id } => agents::get(c, fmt, id).await,
         Command::Locate { id } => agents::locate(c, fmt, id).await,
         Command::Ls(args) => agents::ls(c, fmt, args).await,
@@ -162,10 +181,16 @@ async fn dispatch(
         Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
         Command::Hosts { command } => hosts::run(c, fmt, command).await,
         Command::Send(args) => logs::send(c, args).await,
-        Command::Watch(_) | Command::Logs(_) | Command::Run(_) | Command::Attach(_) => {
+        Command::Watch(_)
+        | Command::Logs(_)
+        | Command::Run(_)
+        | Command::Attach(_)
+        | Command::Completion { .. }
+        | Command::Dev(_) => {
             unreachable!("handled before dispatch")
         }
-    }
+    };
+    done.map(|()| ExitCode::SUCCESS)
 }
 
 /// Parses `KEY=VALUE` for clap.

@@ -1,16 +1,18 @@
-//! `agentctl spawn`.
+//! `agentctl spawn [--wait]`.
 
+use std::process::ExitCode;
 use std::time::Duration;
 
 use agentplane::config::parse_duration;
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
-    AgentSpec, Placement, ResourceLimits, RestartPolicy, SpawnAgentRequest,
+    Agent, AgentSpec, AgentState, GetAgentRequest, Placement, ResourceLimits, RestartPolicy,
+    SpawnAgentRequest,
 };
 use agentplane::time::duration_to_proto;
 
 use super::key_value;
-use crate::client::Clients;
+use crate::client::{self, Clients};
 use crate::output::{self, Format};
 
 /// Arguments of `spawn`.
@@ -89,6 +91,11 @@ pub struct SpawnArgs {
     /// Idempotency key: retrying with the same key never makes a second agent.
     #[arg(long)]
     request_id: Option<String>,
+    /// Wait until the agent has ended, print its final record and exit with
+    /// its exit code (128 + signal when a signal ended it; 1 when it could not
+    /// start or was lost).
+    #[arg(long)]
+    wait: bool,
     /// Set by `run --rm`: the agent is session-bound.
     #[arg(skip)]
     pub session_grace: Option<Duration>,
@@ -166,8 +173,12 @@ enum Restart {
     Always,
 }
 
-/// Spawns and prints the agent.
-pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<()> {
+/// How often `spawn --wait` reads the agent's record.
+const WAIT_POLL: Duration = Duration::from_millis(250);
+
+/// Spawns and prints the agent; with `--wait`, waits for its end first.
+pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<ExitCode> {
+    let wait = a.wait;
     let (spec, request_id) = a.into_spec();
     let resp = c
         .agents
@@ -177,12 +188,74 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<(
         })
         .await?
         .into_inner();
-    let agent = resp.agent.unwrap_or_default();
-    match fmt {
-        Format::Json => output::json(&output::AgentView::from(&agent)),
-        Format::Table => {
-            output::table(output::AGENT_HEADER, &[output::agent_row(&agent)]);
-            Ok(())
-        }
+    let mut agent = resp.agent.unwrap_or_default();
+    if wait {
+        agent = wait_ended(c, &agent.id).await?;
     }
+    match fmt {
+        Format::Json | Format::Yaml => output::document(fmt, &output::AgentView::from(&agent))?,
+        Format::Table => output::table(output::AGENT_HEADER, &[output::agent_row(&agent)]),
+    }
+    Ok(if wait {
+        exit_code(&agent)
+    } else {
+        ExitCode::SUCCESS
+    })
+}
+
+/// Whether the agent is over: EXITED or FAILED, or LOST with no restart
+/// policy that would bring it back on another host.
+fn has_ended(a: &Agent) -> bool {
+    let restarts = a
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart.as_ref())
+        .is_some_and(|r| r.mode() != Mode::Never);
+    match a.state() {
+        AgentState::Exited | AgentState::Failed => true,
+        AgentState::Lost => !restarts,
+        _ => false,
+    }
+}
+
+/// Reads the agent's record until it has ended. An unavailable control plane
+/// is waited out (said once on stderr); other errors end the wait.
+pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
+    let mut said = false;
+    loop {
+        match c
+            .agents
+            .get_agent(GetAgentRequest { id: id.to_owned() })
+            .await
+        {
+            Ok(a) => {
+                let a = a.into_inner();
+                if has_ended(&a) {
+                    return Ok(a);
+                }
+            }
+            Err(s) if client::failover(&s) => {
+                if !said {
+                    eprintln!(
+                        "agentctl: waiting for {id}: the control plane is unavailable ({}); retrying",
+                        s.message()
+                    );
+                    said = true;
+                }
+            }
+            Err(s) => return Err(s.into()),
+        }
+        tokio::time::sleep(WAIT_POLL).await;
+    }
+}
+
+/// The exit code that stands for an ended agent: its own code, 128 + the
+/// signal that ended it, or 1 when it never ran or was lost.
+pub fn exit_code(a: &Agent) -> ExitCode {
+    let code = match (a.state(), a.exit.as_ref()) {
+        (AgentState::Exited, Some(e)) => e.code.unwrap_or_else(|| 128 + e.signal.unwrap_or(0)),
+        (AgentState::Exited, None) => 0,
+        _ => 1,
+    };
+    ExitCode::from(u8::try_from(code & 0xff).unwrap_or(1))
 }

@@ -60,10 +60,9 @@ pub async fn run(
                                 continue;
                             }
                             match fmt {
-                                Format::Json => println!(
-                                    "{}",
-                                    serde_json::to_string(&output::EventView::from(&ev))?
-                                ),
+                                Format::Json | Format::Yaml => {
+                                    output::stream_item(fmt, &output::EventView::from(&ev))?;
+                                }
                                 Format::Table => println!("{}", output::event_line(&ev)),
                             }
                             printed += 1;

@@ -1,0 +1,272 @@
+//! `agentctl dev`: a whole local stack in this one process, for trying
+//! agentplane out — a private `redis-server` (a child process, discarded at
+//! exit), a control plane and one host agent — until SIGINT or SIGTERM.
+
+use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+/// How long the private redis-server may take to accept connections.
+const REDIS_START: Duration = Duration::from_secs(10);
+
+/// Flags of `agentctl dev`.
+#[derive(Debug, Clone, clap::Args)]
+pub struct DevArgs {
+    /// Control-plane address (port 0 picks a free one; the address is printed).
+    #[arg(long, env = "AGENTPLANE_DEV_LISTEN", default_value = "127.0.0.1:7700")]
+    pub listen: SocketAddr,
+    /// Host-agent address (port 0 picks a free one).
+    #[arg(
+        long,
+        env = "AGENTPLANE_DEV_HOST_LISTEN",
+        default_value = "127.0.0.1:7701"
+    )]
+    pub host_listen: SocketAddr,
+    /// Use this Redis instead of starting a private redis-server.
+    #[arg(long, env = "AGENTPLANE_DEV_REDIS_URL")]
+    pub redis_url: Option<String>,
+    /// Directory for agent output and the private Redis's files (default: a
+    /// new temporary directory, removed at exit).
+    #[arg(long, env = "AGENTPLANE_DEV_DATA_DIR")]
+    pub data_dir: Option<PathBuf>,
+}
+
+/// A redis-server child that dies with us (SIGKILL included) and is stopped
+/// when dropped.
+struct PrivateRedis {
+    child: Child,
+    url: String,
+}
+
+impl PrivateRedis {
+    fn start(dir: &Path) -> anyhow::Result<Self> {
+        // A free port: bound and released (a race with another program is
+        // possible and would show as a start failure below).
+        let port = StdListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .context("find a free port for redis-server")?
+            .port();
+        let log = std::fs::File::create(dir.join("redis.log"))
+            .with_context(|| format!("create {}", dir.join("redis.log").display()))?;
+        let mut cmd = Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no"])
+            .arg("--dir")
+            .arg(dir)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log);
+        die_with_parent(&mut cmd);
+        let child = cmd.spawn().map_err(|e| {
+            if e.kind() == std::io::ErrorKind::NotFound {
+                anyhow::anyhow!(
+                    "redis-server is not on PATH: install it (apt-get install redis-server) or pass --redis-url"
+                )
+            } else {
+                anyhow::Error::new(e).context("start redis-server")
+            }
+        })?;
+        let mut redis = Self {
+            child,
+            url: format!("redis://127.0.0.1:{port}"),
+        };
+        let deadline = Instant::now() + REDIS_START;
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if let Ok(Some(status)) = redis.child.try_wait() {
+                anyhow::bail!(
+                    "redis-server exited ({status}) before accepting connections; see {}",
+                    dir.join("redis.log").display()
+                );
+            }
+            anyhow::ensure!(
+                Instant::now() < deadline,
+                "redis-server did not accept connections within {REDIS_START:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(redis)
+    }
+}
+
+impl Drop for PrivateRedis {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Asks the kernel to SIGKILL the child when this thread's process dies, so
+/// a SIGKILLed `agentctl dev` leaves no redis-server behind.
+#[allow(unsafe_code)]
+fn die_with_parent(cmd: &mut Command) {
+    // SAFETY: the closure runs in the forked child before exec; it makes one
+    // raw system call (prctl), which is async-signal-safe, allocates nothing
+    // and takes no lock.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
+        });
+    }
+}
+
+/// Says why the configuration is refused; the exit code of bad config.
+fn refuse(msg: &str) -> ExitCode {
+    eprintln!("agentctl dev: invalid configuration: {msg}");
+    ExitCode::from(u8::try_from(agentplane::EXIT_USAGE).unwrap_or(64))
+}
+
+/// Runs the stack until SIGINT/SIGTERM; agents are stopped on the way out.
+/// Bad configuration (an address in use included) exits 64 before anything
+/// starts.
+pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
+    if let Some(url) = &args.redis_url {
+        if let Err(m) =
+            agentplane_control_plane::Config::try_parse_from(["control-plane", "--redis-url", url])
+                .map_err(|e| e.to_string())
+                .and_then(|c| c.validate())
+        {
+            return Ok(refuse(&m));
+        }
+    }
+    let cp_listener = match TcpListener::bind(args.listen).await {
+        Ok(l) => l,
+        Err(e) => return Ok(refuse(&format!("--listen {}: {e}", args.listen))),
+    };
+    let host_listener = match TcpListener::bind(args.host_listen).await {
+        Ok(l) => l,
+        Err(e) => return Ok(refuse(&format!("--host-listen {}: {e}", args.host_listen))),
+    };
+    let cp_addr = cp_listener.local_addr()?;
+    let host_addr = host_listener.local_addr()?;
+    let temp;
+    let dir = match &args.data_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d).with_context(|| format!("create {}", d.display()))?;
+            d.clone()
+        }
+        None => {
+            temp = tempfile::Builder::new()
+                .prefix("agentplane-dev.")
+                .tempdir()
+                .context("create a temporary directory")?;
+            temp.path().to_owned()
+        }
+    };
+    let redis = match &args.redis_url {
+        Some(_) => None,
+        None => Some(PrivateRedis::start(&dir)?),
+    };
+    let redis_url = match (&args.redis_url, &redis) {
+        (Some(url), _) => url.clone(),
+        (None, Some(r)) => r.url.clone(),
+        (None, None) => unreachable!("a private redis is started without --redis-url"),
+    };
+    let data_dir = dir.join("host");
+    let cp_config = agentplane_control_plane::Config::try_parse_from([
+        "control-plane",
+        "--listen",
+        &cp_addr.to_string(),
+        "--redis-url",
+        &redis_url,
+    ])?;
+    cp_config
+        .validate()
+        .map_err(|m| anyhow::anyhow!("control plane: {m}"))?;
+    let host_config = agentplane_host_agent::Config::try_parse_from([
+        "host-agent",
+        "--listen",
+        &host_addr.to_string(),
+        "--redis-url",
+        &redis_url,
+        "--host-id",
+        "dev",
+        "--data-dir",
+        &data_dir.to_string_lossy(),
+    ])?;
+    host_config
+        .validate()
+        .map_err(|m| anyhow::anyhow!("host agent: {m}"))?;
+
+    agentplane::telemetry::init(false);
+    // One token stops both servers: Ctrl-C, or either of them ending.
+    let stop = CancellationToken::new();
+    let host = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let r = agentplane_host_agent::run(
+                host_listener,
+                host_config,
+                stop.clone().cancelled_owned(),
+            )
+            .await;
+            stop.cancel();
+            r
+        }
+    });
+    let cp = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let r = agentplane_control_plane::run(
+                cp_listener,
+                cp_config,
+                stop.clone().cancelled_owned(),
+            )
+            .await;
+            stop.cancel();
+            r
+        }
+    });
+    let private = if redis.is_some() { " (private)" } else { "" };
+    println!("control plane http://{cp_addr}");
+    println!("host agent dev at {host_addr}");
+    println!("redis {redis_url}{private}");
+    println!("data in {}", dir.display());
+    let endpoint = format!("http://{cp_addr}");
+    if endpoint != crate::DEFAULT_ENDPOINT {
+        println!("export AGENTPLANE_ENDPOINT={endpoint}");
+    }
+    println!("try: agentctl spawn -- sh -c 'while :; do date; sleep 1; done'");
+    println!("     agentctl ls; agentctl logs -f ID; agentctl stop ID");
+    println!("Ctrl-C stops everything, agents included.");
+
+    tokio::select! {
+        () = agentplane::shutdown::shutdown_signal() => {}
+        () = stop.cancelled() => {}
+    }
+    eprintln!("agentctl dev: stopping (agents first)");
+    stop.cancel();
+    // A second SIGINT/SIGTERM forces the exit; the host agent's guard then
+    // SIGKILLs the agents and the kernel the private redis-server.
+    tokio::spawn(async {
+        agentplane::shutdown::shutdown_signal().await;
+        eprintln!("agentctl dev: second signal, exiting now");
+        std::process::exit(130);
+    });
+    let (h, c) = tokio::join!(host, cp);
+    drop(redis);
+    let mut failed = false;
+    if let Ok(Err(e)) = h {
+        eprintln!("agentctl dev: host agent: {e}");
+        failed = true;
+    }
+    if let Ok(Err(e)) = c {
+        eprintln!("agentctl dev: control plane: {e}");
+        failed = true;
+    }
+    Ok(if failed {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    })
+}
