@@ -42,6 +42,11 @@ pub struct Config {
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
+
+    /// Only check the configuration: exit 0 when it is valid, 64 (saying
+    /// why) when not, without binding or connecting to anything.
+    #[arg(long, env = "AGENTPLANE_CHECK_CONFIG")]
+    pub check_config: bool,
 }
 
 impl Config {

@@ -21,6 +21,10 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("control-plane: invalid configuration: {msg}");
         std::process::exit(agentplane::EXIT_USAGE);
     }
+    if config.check_config {
+        println!("control-plane: configuration is valid");
+        return Ok(());
+    }
     agentplane::telemetry::init(config.log_json);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,

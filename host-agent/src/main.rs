@@ -32,6 +32,10 @@ async fn serve() -> anyhow::Result<()> {
         eprintln!("host-agent: invalid configuration: {msg}");
         std::process::exit(agentplane::EXIT_USAGE);
     }
+    if config.check_config {
+        println!("host-agent: configuration is valid");
+        return Ok(());
+    }
     agentplane::telemetry::init(config.log_json);
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,

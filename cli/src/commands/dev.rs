@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
 use std::time::{Duration, Instant};
 
+use agentplane::proto::v1::ListHostsRequest;
 use anyhow::Context;
 use clap::Parser;
 use nix::sys::signal::{kill, Signal};
@@ -17,6 +18,8 @@ use tokio_util::sync::CancellationToken;
 
 /// How long the private redis-server may take to accept connections.
 const REDIS_START: Duration = Duration::from_secs(10);
+/// How long the host agent may take to register with the control plane.
+const READY_LIMIT: Duration = Duration::from_secs(20);
 
 /// Flags of `agentctl dev`.
 #[derive(Debug, Clone, clap::Args)]
@@ -118,6 +121,24 @@ fn die_with_parent(cmd: &mut Command) {
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
         });
     }
+}
+
+/// Asks the control plane until it lists the host agent `dev` (false after
+/// [`READY_LIMIT`], or when the stack is stopping).
+async fn host_registered(endpoint: &str, stop: &CancellationToken) -> bool {
+    let Ok(mut c) = crate::client::connect(endpoint, Duration::from_secs(2)) else {
+        return false;
+    };
+    let deadline = Instant::now() + READY_LIMIT;
+    while Instant::now() < deadline && !stop.is_cancelled() {
+        if let Ok(r) = c.hosts.list_hosts(ListHostsRequest {}).await {
+            if r.into_inner().hosts.iter().any(|h| h.id == "dev") {
+                return true;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
 }
 
 /// Says why the configuration is refused; the exit code of bad config.
@@ -227,12 +248,18 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
             r
         }
     });
+    // Ready means a spawn can be placed: the host agent is registered.
+    let endpoint = format!("http://{cp_addr}");
+    let ready = host_registered(&endpoint, &stop).await;
+    if !ready {
+        eprintln!("agentctl dev: the host agent did not register within {READY_LIMIT:?}");
+        stop.cancel();
+    }
     let private = if redis.is_some() { " (private)" } else { "" };
     println!("control plane http://{cp_addr}");
     println!("host agent dev at {host_addr}");
     println!("redis {redis_url}{private}");
     println!("data in {}", dir.display());
-    let endpoint = format!("http://{cp_addr}");
     if endpoint != crate::DEFAULT_ENDPOINT {
         println!("export AGENTPLANE_ENDPOINT={endpoint}");
     }
@@ -264,7 +291,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         eprintln!("agentctl dev: control plane: {e}");
         failed = true;
     }
-    Ok(if failed {
+    Ok(if failed || !ready {
         ExitCode::FAILURE
     } else {
         ExitCode::SUCCESS
