@@ -1,7 +1,8 @@
 //! The agent state machine: which transitions are legal, and the short state
 //! names stored in the registry (`RUNNING`, not `AGENT_STATE_RUNNING`).
 
-use crate::proto::v1::AgentState;
+use crate::proto::v1::restart_policy::Mode;
+use crate::proto::v1::{Agent, AgentState};
 
 /// The short name of a state, as stored in Redis and printed by `agentctl`.
 pub fn name(state: AgentState) -> &'static str {
@@ -20,6 +21,18 @@ pub fn parse(s: &str) -> Option<AgentState> {
         format!("AGENT_STATE_{upper}")
     };
     AgentState::from_str_name(&full).filter(|s| *s != AgentState::Unspecified)
+}
+
+/// Whether the agent's restart policy lets the system start it again on
+/// another host (after its host was lost, or drained): restart on-failure or
+/// always, and not pinned to a host.
+pub fn restartable_elsewhere(agent: &Agent) -> bool {
+    let Some(spec) = &agent.spec else {
+        return false;
+    };
+    let movable = spec.placement.as_ref().is_none_or(|p| p.host.is_empty());
+    let mode = spec.restart.as_ref().map_or(Mode::Never, |r| r.mode());
+    movable && matches!(mode, Mode::OnFailure | Mode::Always)
 }
 
 /// True once the agent can never run again under this generation.

@@ -84,9 +84,10 @@ pub fn agent_id(field: &str, id: &str) -> Result {
     })
 }
 
-/// A host id: letters, digits, `.`, `_`, `-`; at most 63 characters.
+/// A host id: letters, digits, `.`, `_`, `-`; at most 253 characters (a
+/// Kubernetes node name or a DNS name fits).
 pub fn host_id(field: &str, id: &str) -> Result {
-    charset(field, id, "host id", 63, |c| {
+    charset(field, id, "host id", 253, |c| {
         c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
     })
 }

@@ -7,7 +7,6 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{Agent, AgentState, StartAgentRequest};
 use agentplane::registry::{AgentUpdate, Expect, Registry, UpdateOutcome};
 
@@ -15,15 +14,7 @@ use crate::error::ApiError;
 use crate::hosts::{request, HostClients};
 use crate::placement;
 
-/// Whether the agent's restart policy lets the system start it again elsewhere.
-pub fn restartable(agent: &Agent) -> bool {
-    let Some(spec) = &agent.spec else {
-        return false;
-    };
-    let movable = spec.placement.as_ref().is_none_or(|p| p.host.is_empty());
-    let mode = spec.restart.as_ref().map_or(Mode::Never, |r| r.mode());
-    movable && matches!(mode, Mode::OnFailure | Mode::Always)
-}
+pub use agentplane::state::restartable_elsewhere as restartable;
 
 /// Places `agent` (currently in `from` state on its host) on another live host
 /// with generation + 1 and starts it there. Returns the new host id, or

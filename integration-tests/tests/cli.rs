@@ -356,6 +356,12 @@ impl Dev {
                 "127.0.0.1:0",
             ])
             .env("AGENTPLANE_LOG", "info")
+            // Settings meant for someone else's servers must not leak into
+            // the stack `dev` makes (it would register as "leaked", at an
+            // address nobody can reach).
+            .env("AGENTPLANE_HOST_ID", "leaked")
+            .env("AGENTPLANE_ADVERTISE_ADDR", "192.0.2.1:9")
+            .env("AGENTPLANE_REDIS_PREFIX", "leaked")
             .stdout(std::process::Stdio::piped())
             .stderr(std::fs::File::create(log).expect("dev log"))
             .spawn()

@@ -10,7 +10,6 @@ use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::ListHostsRequest;
 use anyhow::Context;
-use clap::Parser;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tokio::net::TcpListener;
@@ -68,6 +67,9 @@ impl PrivateRedis {
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
+        // Its own process group: a Ctrl-C in the terminal must not stop Redis
+        // before the host agent has recorded its agents' ends.
+        cmd.process_group(0);
         die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
@@ -102,10 +104,14 @@ impl PrivateRedis {
 
 impl Drop for PrivateRedis {
     fn drop(&mut self) {
-        if let Ok(pid) = i32::try_from(self.child.id()) {
-            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        // Only while it is ours and alive: once it has been reaped (the host
+        // agent reaps our dead children too) its pid may be someone else's.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            if let Ok(pid) = i32::try_from(self.child.id()) {
+                let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+            }
+            let _ = self.child.wait();
         }
-        let _ = self.child.wait();
     }
 }
 
@@ -141,6 +147,14 @@ async fn host_registered(endpoint: &str, stop: &CancellationToken) -> bool {
     false
 }
 
+/// Parses a server's configuration from `args` alone: AGENTPLANE_* variables
+/// in the caller's environment are meant for their own servers, not for the
+/// stack `dev` makes.
+fn parse_isolated<C: clap::Parser>(args: &[&str]) -> Result<C, clap::Error> {
+    let cmd = C::command().mut_args(|a| a.env(None::<&'static str>));
+    C::from_arg_matches(&cmd.try_get_matches_from(args)?)
+}
+
 /// Says why the configuration is refused; the exit code of bad config.
 fn refuse(msg: &str) -> ExitCode {
     eprintln!("agentctl dev: invalid configuration: {msg}");
@@ -152,10 +166,13 @@ fn refuse(msg: &str) -> ExitCode {
 /// starts.
 pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.redis_url {
-        if let Err(m) =
-            agentplane_control_plane::Config::try_parse_from(["control-plane", "--redis-url", url])
-                .map_err(|e| e.to_string())
-                .and_then(|c| c.validate())
+        if let Err(m) = parse_isolated::<agentplane_control_plane::Config>(&[
+            "control-plane",
+            "--redis-url",
+            url,
+        ])
+        .map_err(|e| e.to_string())
+        .and_then(|c| c.validate())
         {
             return Ok(refuse(&m));
         }
@@ -194,7 +211,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         (None, None) => unreachable!("a private redis is started without --redis-url"),
     };
     let data_dir = dir.join("host");
-    let cp_config = agentplane_control_plane::Config::try_parse_from([
+    let cp_config = parse_isolated::<agentplane_control_plane::Config>(&[
         "control-plane",
         "--listen",
         &cp_addr.to_string(),
@@ -204,7 +221,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     cp_config
         .validate()
         .map_err(|m| anyhow::anyhow!("control plane: {m}"))?;
-    let host_config = agentplane_host_agent::Config::try_parse_from([
+    let host_config = parse_isolated::<agentplane_host_agent::Config>(&[
         "host-agent",
         "--listen",
         &host_addr.to_string(),
@@ -275,9 +292,13 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     stop.cancel();
     // A second SIGINT/SIGTERM forces the exit; the host agent's guard then
     // SIGKILLs the agents and the kernel the private redis-server.
-    tokio::spawn(async {
+    let scratch = args.data_dir.is_none().then(|| dir.clone());
+    tokio::spawn(async move {
         agentplane::shutdown::shutdown_signal().await;
         eprintln!("agentctl dev: second signal, exiting now");
+        if let Some(d) = scratch {
+            let _ = std::fs::remove_dir_all(d);
+        }
         std::process::exit(130);
     });
     let (h, c) = tokio::join!(host, cp);

@@ -203,25 +203,36 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
     })
 }
 
-/// Whether the agent is over: EXITED or FAILED, or LOST with no restart
-/// policy that would bring it back on another host.
+/// How long an ended agent that may be started elsewhere must stay ended
+/// before `--wait` believes it: a drain records the stop, then relocates.
+const SETTLE: Duration = Duration::from_secs(2);
+
+/// Whether the agent is over: EXITED or FAILED, or LOST when nothing will
+/// start it again elsewhere (the reconciler's rule).
 fn has_ended(a: &Agent) -> bool {
-    let restarts = a
-        .spec
-        .as_ref()
-        .and_then(|s| s.restart.as_ref())
-        .is_some_and(|r| r.mode() != Mode::Never);
     match a.state() {
         AgentState::Exited | AgentState::Failed => true,
-        AgentState::Lost => !restarts,
+        AgentState::Lost => !agentplane::state::restartable_elsewhere(a),
         _ => false,
     }
 }
 
-/// Reads the agent's record until it has ended. An unavailable control plane
-/// is waited out (said once on stderr); other errors end the wait.
+/// Whether an ended agent may still be started on another host: a drain
+/// stops a movable, restartable agent (reason STOPPED), then relocates it.
+fn may_move(a: &Agent) -> bool {
+    a.state() == AgentState::Exited
+        && a.exit.as_ref().is_some_and(|e| e.reason == "STOPPED")
+        && agentplane::state::restartable_elsewhere(a)
+}
+
+/// Reads the agent's record until it has ended. An unavailable or slow
+/// control plane is waited out (said once on stderr); other errors end the
+/// wait. An agent the system may still move (stopped by a drain, which then
+/// starts it on another host) must stay ended under the same generation for
+/// [`SETTLE`].
 pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
     let mut said = false;
+    let mut ended_since: Option<(u64, tokio::time::Instant)> = None;
     loop {
         match c
             .agents
@@ -230,14 +241,26 @@ pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
         {
             Ok(a) => {
                 let a = a.into_inner();
-                if has_ended(&a) {
+                if !has_ended(&a) {
+                    ended_since = None;
+                } else if !may_move(&a) {
                     return Ok(a);
+                } else {
+                    match ended_since {
+                        Some((generation, at))
+                            if generation == a.generation && at.elapsed() >= SETTLE =>
+                        {
+                            return Ok(a);
+                        }
+                        Some((generation, _)) if generation == a.generation => {}
+                        _ => ended_since = Some((a.generation, tokio::time::Instant::now())),
+                    }
                 }
             }
-            Err(s) if client::failover(&s) => {
+            Err(s) if client::failover(&s) || s.code() == tonic::Code::DeadlineExceeded => {
                 if !said {
                     eprintln!(
-                        "agentctl: waiting for {id}: the control plane is unavailable ({}); retrying",
+                        "agentctl: waiting for {id}: the control plane did not answer ({}); retrying",
                         s.message()
                     );
                     said = true;

@@ -466,17 +466,28 @@ impl Supervisor {
                 "its process has already exited".into(),
             ));
         }
-        let mains = self.reaper.watched().clone();
-        let escaped = tree::escaped(&slot.id, s.pid, s.pid, Scope::Orphans(&mains));
-        tree::signal_each(&escaped, sig);
+        // Found afresh each time: pids taken earlier may have been reused.
+        let escaped = || {
+            let mains = self.reaper.watched().clone();
+            tree::escaped(&slot.id, s.pid, s.pid, Scope::Orphans(&mains))
+        };
+        tree::signal_each(&escaped(), sig);
         if pause {
             // PAUSED means stopped: wait (bounded: a process in an
             // uninterruptible wait stops only when it leaves it) until every
             // process has acted on the SIGSTOP. With 200 busy processes on 2
             // cores, dozens were still running when the signal had been sent.
+            // Each round also stops processes that escaped meanwhile.
             let deadline = tokio::time::Instant::now() + PAUSE_WAIT;
-            while tree::not_stopped(s.pid, &escaped) > 0 && tokio::time::Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(2)).await;
+            let mut delay = Duration::from_millis(2);
+            loop {
+                let now = escaped();
+                tree::signal_each(&now, Signal::SIGSTOP);
+                if tree::not_stopped(s.pid, &now) == 0 || tokio::time::Instant::now() >= deadline {
+                    break;
+                }
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(20));
             }
         }
         if !slot.transition(s.state, to) {
@@ -489,7 +500,7 @@ impl Supervisor {
         if let Err(e) = self.write_state(&slot, to, &[s.state]).await {
             // Unrecorded means undone: the record and the process must agree.
             let _ = signal::to_group(s.pid, undo);
-            tree::signal_each(&escaped, undo);
+            tree::signal_each(&escaped(), undo);
             slot.transition(to, s.state);
             return Err(e);
         }
