@@ -5,6 +5,7 @@
 pub mod config;
 pub mod ids;
 pub mod labels;
+pub mod process;
 pub mod registry;
 pub mod shutdown;
 pub mod state;

@@ -21,7 +21,8 @@ use tonic::{Request, Response, Status};
 use crate::agents::AgentApi;
 use crate::error::ApiError;
 use crate::hosts::HostClients;
-use crate::relocate::{relocate, restartable};
+use crate::relocate::relocate;
+use agentplane::state::restartable_elsewhere;
 
 /// Default bound of a drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -88,7 +89,7 @@ impl HostApi {
         let mut waiting = 0;
         for agent in remaining {
             let live = matches!(agent.state(), AgentState::Running | AgentState::Paused);
-            if restartable(&agent) && live {
+            if restartable_elsewhere(&agent) && live {
                 let stopped = self.agents.stop(&agent.id, None).await?;
                 if stopped.state() != AgentState::Exited {
                     continue;

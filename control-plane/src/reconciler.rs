@@ -19,7 +19,8 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::hosts::HostClients;
-use crate::relocate::{relocate, restartable};
+use crate::relocate::relocate;
+use agentplane::state::restartable_elsewhere;
 
 /// Assumed heartbeat TTL before any host has published its own.
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
@@ -141,7 +142,7 @@ impl Reconciler {
                     tracing::warn!(agent = %agent.id, %host, "agent LOST with its host");
                     state = AgentState::Lost;
                 }
-                if state == AgentState::Lost && restartable(&agent) {
+                if state == AgentState::Lost && restartable_elsewhere(&agent) {
                     match relocate(&self.registry, &self.hosts, &agent, AgentState::Lost).await {
                         Ok(Some(to)) => {
                             tracing::info!(agent = %agent.id, %to, "LOST agent rescheduled")

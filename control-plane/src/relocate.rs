@@ -14,8 +14,6 @@ use crate::error::ApiError;
 use crate::hosts::{request, HostClients};
 use crate::placement;
 
-pub use agentplane::state::restartable_elsewhere as restartable;
-
 /// Places `agent` (currently in `from` state on its host) on another live host
 /// with generation + 1 and starts it there. Returns the new host id, or
 /// `Ok(None)` when another replica moved it first.

@@ -21,7 +21,7 @@ impl Proc {
     pub fn spawn(mut cmd: Command, log: &Path) -> std::io::Result<Self> {
         let file = std::fs::File::create(log)?;
         cmd.stderr(file);
-        die_with_parent(&mut cmd);
+        agentplane::process::die_with_parent(&mut cmd);
         Ok(Self {
             child: cmd.spawn()?,
             log: log.to_owned(),
@@ -55,17 +55,5 @@ impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-    }
-}
-
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: runs in the forked child before exec and only calls prctl(2),
-    // which is async-signal-safe and touches no memory of the parent.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
     }
 }

@@ -6,16 +6,32 @@ use std::time::Duration;
 use agentplane_integration_tests::{bin, eventually, procfs, TestCluster};
 use serde_json::Value;
 
-fn json(out: &std::process::Output) -> Value {
+/// Stdout of a successful agentctl run; a failure fails the test with stderr.
+fn ok_stdout(out: &std::process::Output) -> &[u8] {
     assert!(
         out.status.success(),
         "agentctl failed: {}\n{}",
         out.status,
         String::from_utf8_lossy(&out.stderr)
     );
-    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+    &out.stdout
+}
+
+/// Parses `-o json` output.
+fn json(out: &std::process::Output) -> Value {
+    serde_json::from_slice(ok_stdout(out)).unwrap_or_else(|e| {
         panic!(
             "stdout is not JSON ({e}): {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Parses `-o yaml` output.
+fn yaml(out: &std::process::Output) -> Value {
+    serde_norway::from_slice(ok_stdout(out)).unwrap_or_else(|e| {
+        panic!(
+            "stdout is not YAML ({e}): {}",
             String::from_utf8_lossy(&out.stdout)
         )
     })
@@ -223,22 +239,6 @@ fn bad_configuration_exits_64_before_starting_anything() {
         );
         assert!(!stderr(&out).is_empty(), "{name} {args:?} says why");
     }
-}
-
-/// Parses `-o yaml` output, failing the test with the text when it is not YAML.
-fn yaml(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "agentctl failed: {}\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_norway::from_slice(&out.stdout).unwrap_or_else(|e| {
-        panic!(
-            "stdout is not YAML ({e}): {}",
-            String::from_utf8_lossy(&out.stdout)
-        )
-    })
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

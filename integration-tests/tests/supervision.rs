@@ -229,10 +229,9 @@ async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignor
     cluster.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
-    let cluster = TestCluster::builder().start().await;
-    let mut c = cluster.client().await;
+/// Spawns `sh` with a `sleep` and a `setsid sleep` (which leaves the agent's
+/// process group); returns the agent and its 3 processes once all run.
+async fn spawn_with_an_escapee(cluster: &TestCluster) -> (Agent, Vec<procfs::ProcInfo>) {
     let a = cluster
         .spawn(&["sh", "-c", "setsid sleep 1000 & sleep 1000"])
         .await;
@@ -245,33 +244,41 @@ async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
         },
     )
     .await;
+    (a, procs)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
+    let cluster = TestCluster::builder().start().await;
+    let mut c = cluster.client().await;
+    let (a, procs) = spawn_with_an_escapee(&cluster).await;
     let paused = c
         .pause_agent(PauseAgentRequest { id: a.id.clone() })
         .await
         .unwrap()
         .into_inner();
     assert_eq!(paused.state(), AgentState::Paused);
+    let states = || -> Vec<_> {
+        procs
+            .iter()
+            .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
+            .collect()
+    };
     // At once: the answer waits for every process to stop.
-    let states: Vec<_> = procs
-        .iter()
-        .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
-        .collect();
+    let states_now = states();
     assert!(
-        states.iter().all(|(_, _, s)| *s == Some('T')),
-        "every process stopped, the escaped one too: {states:?}"
+        states_now.iter().all(|(_, _, s)| *s == Some('T')),
+        "every process stopped, the escaped one too: {states_now:?}"
     );
     c.resume_agent(ResumeAgentRequest { id: a.id.clone() })
         .await
         .unwrap();
-    let states: Vec<_> = procs
-        .iter()
-        .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
-        .collect();
+    let states_now = states();
     assert!(
-        states
+        states_now
             .iter()
             .all(|(_, _, s)| s.is_some_and(|s| s != 'T' && s != 'Z')),
-        "every process continued, the escaped one too: {states:?}"
+        "every process continued, the escaped one too: {states_now:?}"
     );
     cluster.finish().await;
 }
@@ -280,18 +287,7 @@ async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
 async fn stop_kills_setsid_grandchildren_that_left_the_group() {
     let cluster = TestCluster::builder().start().await;
     let mut c = cluster.client().await;
-    let a = cluster
-        .spawn(&["sh", "-c", "setsid sleep 1000 & sleep 1000"])
-        .await;
-    let escaped = eventually(
-        Duration::from_secs(5),
-        "the setsid sleep runs in its own group",
-        || async {
-            let procs = procfs::agent_processes(&a.id);
-            (procs.len() == 3 && procs.iter().any(|p| p.pgrp != a.pid)).then_some(procs)
-        },
-    )
-    .await;
+    let (a, escaped) = spawn_with_an_escapee(&cluster).await;
     assert!(
         escaped.iter().any(|p| p.pgrp == p.pid && p.pid != a.pid),
         "{escaped:?}"

@@ -70,7 +70,7 @@ impl PrivateRedis {
         // Its own process group: a Ctrl-C in the terminal must not stop Redis
         // before the host agent has recorded its agents' ends.
         cmd.process_group(0);
-        die_with_parent(&mut cmd);
+        agentplane::process::die_with_parent(&mut cmd);
         let child = cmd.spawn().map_err(|e| {
             if e.kind() == std::io::ErrorKind::NotFound {
                 anyhow::anyhow!(
@@ -115,18 +115,18 @@ impl Drop for PrivateRedis {
     }
 }
 
-/// Asks the kernel to SIGKILL the child when this thread's process dies, so
-/// a SIGKILLed `agentctl dev` leaves no redis-server behind.
-#[allow(unsafe_code)]
-fn die_with_parent(cmd: &mut Command) {
-    // SAFETY: the closure runs in the forked child before exec; it makes one
-    // raw system call (prctl), which is async-signal-safe, allocates nothing
-    // and takes no lock.
-    unsafe {
-        cmd.pre_exec(|| {
-            nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)
-        });
-    }
+/// Runs a server on its own task; its end, for whatever reason, stops the
+/// whole stack.
+fn serve<E: Send + 'static>(
+    stop: &CancellationToken,
+    server: impl std::future::Future<Output = Result<(), E>> + Send + 'static,
+) -> tokio::task::JoinHandle<Result<(), E>> {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        let r = server.await;
+        stop.cancel();
+        r
+    })
 }
 
 /// Asks the control plane until it lists the host agent `dev` (false after
@@ -205,11 +205,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         Some(_) => None,
         None => Some(PrivateRedis::start(&dir)?),
     };
-    let redis_url = match (&args.redis_url, &redis) {
-        (Some(url), _) => url.clone(),
-        (None, Some(r)) => r.url.clone(),
-        (None, None) => unreachable!("a private redis is started without --redis-url"),
-    };
+    let redis_url = redis.as_ref().map_or_else(
+        || args.redis_url.clone().unwrap_or_default(),
+        |r| r.url.clone(),
+    );
     let data_dir = dir.join("host");
     let cp_config = parse_isolated::<agentplane_control_plane::Config>(&[
         "control-plane",
@@ -239,32 +238,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     agentplane::telemetry::init(false);
     // One token stops both servers: Ctrl-C, or either of them ending.
     let stop = CancellationToken::new();
-    let host = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let r = agentplane_host_agent::run(
-                host_listener,
-                host_config,
-                stop.clone().cancelled_owned(),
-            )
-            .await;
-            stop.cancel();
-            r
-        }
-    });
-    let cp = tokio::spawn({
-        let stop = stop.clone();
-        async move {
-            let r = agentplane_control_plane::run(
-                cp_listener,
-                cp_config,
-                stop.clone().cancelled_owned(),
-            )
-            .await;
-            stop.cancel();
-            r
-        }
-    });
+    let host = serve(
+        &stop,
+        agentplane_host_agent::run(host_listener, host_config, stop.clone().cancelled_owned()),
+    );
+    let cp = serve(
+        &stop,
+        agentplane_control_plane::run(cp_listener, cp_config, stop.clone().cancelled_owned()),
+    );
     // Ready means a spawn can be placed: the host agent is registered.
     let endpoint = format!("http://{cp_addr}");
     let ready = host_registered(&endpoint, &stop).await;

@@ -203,10 +203,6 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
     })
 }
 
-/// How long an ended agent that may be started elsewhere must stay ended
-/// before `--wait` believes it: a drain records the stop, then relocates.
-const SETTLE: Duration = Duration::from_secs(2);
-
 /// Whether the agent is over: EXITED or FAILED, or LOST when nothing will
 /// start it again elsewhere (the reconciler's rule).
 fn has_ended(a: &Agent) -> bool {
@@ -217,46 +213,19 @@ fn has_ended(a: &Agent) -> bool {
     }
 }
 
-/// Whether an ended agent may still be started on another host: a drain
-/// stops a movable, restartable agent (reason STOPPED), then relocates it.
-fn may_move(a: &Agent) -> bool {
-    a.state() == AgentState::Exited
-        && a.exit.as_ref().is_some_and(|e| e.reason == "STOPPED")
-        && agentplane::state::restartable_elsewhere(a)
-}
-
 /// Reads the agent's record until it has ended. An unavailable or slow
 /// control plane is waited out (said once on stderr); other errors end the
-/// wait. An agent the system may still move (stopped by a drain, which then
-/// starts it on another host) must stay ended under the same generation for
-/// [`SETTLE`].
+/// wait.
 pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
     let mut said = false;
-    let mut ended_since: Option<(u64, tokio::time::Instant)> = None;
     loop {
         match c
             .agents
             .get_agent(GetAgentRequest { id: id.to_owned() })
             .await
         {
-            Ok(a) => {
-                let a = a.into_inner();
-                if !has_ended(&a) {
-                    ended_since = None;
-                } else if !may_move(&a) {
-                    return Ok(a);
-                } else {
-                    match ended_since {
-                        Some((generation, at))
-                            if generation == a.generation && at.elapsed() >= SETTLE =>
-                        {
-                            return Ok(a);
-                        }
-                        Some((generation, _)) if generation == a.generation => {}
-                        _ => ended_since = Some((a.generation, tokio::time::Instant::now())),
-                    }
-                }
-            }
+            Ok(a) if has_ended(a.get_ref()) => return Ok(a.into_inner()),
+            Ok(_) => {}
             Err(s) if client::failover(&s) || s.code() == tonic::Code::DeadlineExceeded => {
                 if !said {
                     eprintln!(
