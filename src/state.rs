@@ -23,16 +23,59 @@ pub fn parse(s: &str) -> Option<AgentState> {
     AgentState::from_str_name(&full).filter(|s| *s != AgentState::Unspecified)
 }
 
-/// Whether the agent's restart policy lets the system start it again on
-/// another host (after its host was lost, or drained): restart on-failure or
-/// always, and not pinned to a host.
+/// Whether the agent's restart policy lets the system start it again after
+/// it was LOST: restart on-failure or always. Where it may run is the
+/// placement's business (a pinned agent goes back to its host only).
+pub fn restartable(agent: &Agent) -> bool {
+    let mode = agent
+        .spec
+        .as_ref()
+        .and_then(|s| s.restart.as_ref())
+        .map_or(Mode::Never, |r| r.mode());
+    matches!(mode, Mode::OnFailure | Mode::Always)
+}
+
+/// Whether the agent may be moved to another host while it runs (a drain):
+/// restartable and not pinned to a host.
 pub fn restartable_elsewhere(agent: &Agent) -> bool {
-    let Some(spec) = &agent.spec else {
-        return false;
-    };
-    let movable = spec.placement.as_ref().is_none_or(|p| p.host.is_empty());
-    let mode = spec.restart.as_ref().map_or(Mode::Never, |r| r.mode());
-    movable && matches!(mode, Mode::OnFailure | Mode::Always)
+    let movable = agent
+        .spec
+        .as_ref()
+        .is_some_and(|s| s.placement.as_ref().is_none_or(|p| p.host.is_empty()));
+    movable && restartable(agent)
+}
+
+/// States in which an agent's record is held by its host: the host may still
+/// write it, and the location key is its lease.
+pub const LIVE: [AgentState; 4] = [
+    AgentState::Pending,
+    AgentState::Running,
+    AgentState::Paused,
+    AgentState::Stopping,
+];
+
+/// States in which a process runs (or is stopped) on the agent's host.
+pub const RUNNING: [AgentState; 3] = [
+    AgentState::Running,
+    AgentState::Paused,
+    AgentState::Stopping,
+];
+
+/// The `exit.reason` words written by the system (see `ExitStatus.reason` in
+/// types.proto, where each is documented).
+pub mod reason {
+    /// LOST: the host stopped heartbeating.
+    pub const HOST_LOST: &str = "HOST_LOST";
+    /// LOST: the host heartbeats but did not renew the agent's lease.
+    pub const LEASE_EXPIRED: &str = "LEASE_EXPIRED";
+    /// LOST: a new start of the host agent does not hold the agent.
+    pub const HOST_RESTARTED: &str = "HOST_RESTARTED";
+    /// LOST: the host answered a call that it does not hold the agent.
+    pub const NOT_ON_HOST: &str = "NOT_ON_HOST";
+    /// FAILED: the host agent could not run it, or no host confirmed its start.
+    pub const HOST_ERROR: &str = "HOST_ERROR";
+    /// EXITED: ended by a stop request.
+    pub const STOPPED: &str = "STOPPED";
 }
 
 /// True once the agent can never run again under this generation.

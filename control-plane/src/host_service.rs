@@ -21,7 +21,7 @@ use tonic::{Request, Response, Status};
 use crate::agents::AgentApi;
 use crate::error::ApiError;
 use crate::hosts::HostClients;
-use crate::relocate::relocate;
+use crate::relocate::{relocate, Relocated};
 use agentplane::state::restartable_elsewhere;
 
 /// Default bound of a drain.
@@ -95,11 +95,20 @@ impl HostApi {
                     continue;
                 }
                 match relocate(&self.registry, &self.hosts, &stopped, AgentState::Exited).await? {
-                    Some(to) => {
+                    Relocated::Started { host: Some(to) } => {
                         p.moved += 1;
                         p.message = format!("moved {} to {to}", agent.id);
                     }
-                    None => p.message = format!("{} moved by someone else", agent.id),
+                    Relocated::Pending { error } => {
+                        p.moved += 1;
+                        p.message = format!(
+                            "moved {}; its start is not confirmed yet ({error}); the sweep retries it",
+                            agent.id
+                        );
+                    }
+                    Relocated::Started { host: None } | Relocated::Raced => {
+                        p.message = format!("{} moved by someone else", agent.id);
+                    }
                 }
             } else if force && live {
                 self.agents.stop(&agent.id, None).await?;

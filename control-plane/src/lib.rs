@@ -12,6 +12,8 @@ mod hosts;
 mod placement;
 mod reconciler;
 mod relocate;
+mod start;
+mod sweep;
 
 use std::future::Future;
 use std::sync::Arc;
@@ -109,8 +111,15 @@ pub async fn run(
     );
     tasks.spawn(
         "reconciler",
-        reconciler::Reconciler::new(registry.clone(), hosts.clone(), config.reconcile_interval)
-            .run(cancel.clone()),
+        reconciler::Reconciler::new(
+            registry.clone(),
+            hosts.clone(),
+            config.reconcile_interval,
+            // A placing replica waits at most two host calls (one retry) for
+            // a start's answer; past that, nobody is going to confirm it.
+            2 * config.host_call_timeout + Duration::from_secs(1),
+        )
+        .run(cancel.clone()),
     );
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(agentplane::proto::FILE_DESCRIPTOR_SET)

@@ -4,7 +4,11 @@
 //! Each pass: the hosts that own an agent set (`SCAN ap:host-agents:*`) but
 //! have no live host key are lost; their running agents become LOST, and
 //! those whose restart policy allows it are relocated to a live host with the
-//! next generation. After the reconciler itself saw the registry fail, it
+//! next generation. A live host whose incarnation changed (its host agent
+//! restarted, and settled the records it no longer holds as LOST before its
+//! first heartbeat) has its LOST restartable agents placed again at once.
+//! Then one slice of the record sweep (see [`crate::sweep`]) checks every
+//! record against its lease, a slice per pass. After the reconciler itself saw the registry fail, it
 //! declares nothing lost for one heartbeat TTL plus two passes: keys that
 //! expired during the outage (a frozen Redis keeps counting TTLs) must not be
 //! mistaken for dead hosts before they had a chance to heartbeat again.
@@ -14,24 +18,16 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::AgentState;
-use agentplane::registry::{AgentUpdate, Expect, Registry, RegistryError, UpdateOutcome};
+use agentplane::registry::{HostRecord, Registry, RegistryError};
+use agentplane::state::{self, reason};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
 use crate::hosts::HostClients;
-use crate::relocate::relocate;
-use agentplane::state::restartable_elsewhere;
+use crate::sweep::{restart_lost, Sweep};
 
 /// Assumed heartbeat TTL before any host has published its own.
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
-
-/// States a lost host's agents are taken out of.
-const ALIVE: [AgentState; 4] = [
-    AgentState::Pending,
-    AgentState::Running,
-    AgentState::Paused,
-    AgentState::Stopping,
-];
 
 /// The reconciler of one replica.
 pub struct Reconciler {
@@ -40,17 +36,28 @@ pub struct Reconciler {
     period: Duration,
     max_ttl: Duration,
     last_error: Option<Instant>,
+    sweep: Sweep,
+    /// The incarnation each live host had at the previous pass.
+    incarnations: HashMap<String, String>,
 }
 
 impl Reconciler {
-    /// A reconciler that runs a pass every `period`.
-    pub fn new(registry: Registry, hosts: Arc<HostClients>, period: Duration) -> Self {
+    /// A reconciler that runs a pass every `period`; the sweep retries a
+    /// start that no host confirmed within `confirm_within`.
+    pub fn new(
+        registry: Registry,
+        hosts: Arc<HostClients>,
+        period: Duration,
+        confirm_within: Duration,
+    ) -> Self {
         Self {
+            sweep: Sweep::new(registry.clone(), hosts.clone(), confirm_within),
             registry,
             hosts,
             period,
             max_ttl: DEFAULT_TTL,
             last_error: None,
+            incarnations: HashMap::new(),
         }
     }
 
@@ -82,76 +89,97 @@ impl Reconciler {
     }
 
     async fn pass(&mut self) -> Result<(), RegistryError> {
-        let live: HashMap<String, u64> = self
+        let live: HashMap<String, HostRecord> = self
             .registry
             .list_hosts()
             .await?
             .into_iter()
-            .map(|h| (h.id, h.ttl_ms))
+            .map(|h| (h.id.clone(), h))
             .collect();
-        if let Some(ms) = live.values().max() {
-            self.max_ttl = self.max_ttl.max(Duration::from_millis(*ms));
+        if let Some(ms) = live.values().map(|h| h.ttl_ms).max() {
+            self.max_ttl = self.max_ttl.max(Duration::from_millis(ms));
         }
+        let may_lose = !self.settling();
         let mut cursor = 0;
         loop {
             let (next, hosts) = self.registry.scan_host_sets(cursor, 200).await?;
             for host in hosts.iter().filter(|h| !live.contains_key(*h)) {
-                if self.settling() {
-                    continue;
+                if may_lose {
+                    self.lost_host(host).await?;
                 }
-                self.lost_host(host).await?;
             }
             if next == 0 {
-                return Ok(());
+                break;
             }
             cursor = next;
         }
+        let restarted: Vec<String> = live
+            .values()
+            .filter(|h| {
+                self.incarnations
+                    .get(&h.id)
+                    .is_some_and(|seen| *seen != h.incarnation)
+            })
+            .map(|h| h.id.clone())
+            .collect();
+        self.incarnations = live
+            .values()
+            .map(|h| (h.id.clone(), h.incarnation.clone()))
+            .collect();
+        for host in restarted {
+            tracing::info!(%host, "host agent restarted: placing its LOST agents again");
+            self.settle_host(&host, false).await?;
+        }
+        let stats = self.sweep.pass(&live, may_lose).await?;
+        if stats.acted > 0 || stats.wrapped {
+            tracing::debug!(
+                read = stats.read,
+                acted = stats.acted,
+                round_done = stats.wrapped,
+                "sweep slice"
+            );
+        }
+        Ok(())
     }
 
+    /// The agents of a host whose key expired.
     async fn lost_host(&self, host: &str) -> Result<(), RegistryError> {
         if self.registry.mark_host_lost(host).await? {
             tracing::warn!(%host, "host lost: its heartbeat key expired");
         }
+        self.settle_host(host, true).await
+    }
+
+    /// Visits the agents of `host`'s set: with `lose`, each live one goes
+    /// LOST (HOST_LOST); every LOST one whose policy allows it is placed again.
+    async fn settle_host(&self, host: &str, lose: bool) -> Result<(), RegistryError> {
         let mut cursor = 0;
         loop {
             let (next, ids) = self.registry.scan_host_agent_ids(host, cursor, 200).await?;
-            for agent in self.registry.get_agents(&ids).await? {
+            for mut agent in self.registry.get_agents(&ids).await? {
                 if agent.host != host {
                     continue;
                 }
-                let mut state = agent.state();
-                if ALIVE.contains(&state) {
-                    let outcome = self
+                if lose && state::LIVE.contains(&agent.state()) {
+                    let lost = self
                         .registry
-                        .update_agent(
+                        .mark_lost(
                             &agent.id,
-                            &Expect {
-                                generation: Some(agent.generation),
-                                host: Some(host.to_owned()),
-                                states: ALIVE.to_vec(),
-                            },
-                            &AgentUpdate {
-                                state: Some(AgentState::Lost),
-                                ..Default::default()
-                            },
+                            agent.generation,
+                            host,
+                            &state::LIVE,
+                            reason::HOST_LOST,
+                            format!("host {host} stopped heartbeating"),
                         )
                         .await?;
-                    if outcome != UpdateOutcome::Applied {
+                    if !lost {
                         continue;
                     }
                     tracing::warn!(agent = %agent.id, %host, "agent LOST with its host");
-                    state = AgentState::Lost;
+                    agent.state = AgentState::Lost as i32;
                 }
-                if state == AgentState::Lost && restartable_elsewhere(&agent) {
-                    match relocate(&self.registry, &self.hosts, &agent, AgentState::Lost).await {
-                        Ok(Some(to)) => {
-                            tracing::info!(agent = %agent.id, %to, "LOST agent rescheduled")
-                        }
-                        Ok(None) => {}
-                        Err(e) => {
-                            tracing::warn!(agent = %agent.id, error = %e, "cannot reschedule yet; retrying next pass")
-                        }
-                    }
+                if agent.state() == AgentState::Lost && state::restartable(&agent) {
+                    restart_lost(&self.registry, &self.hosts, &agent).await;
                 }
             }
             if next == 0 {

@@ -1,35 +1,52 @@
-//! Moving an agent to another host under a new generation: the one mechanism
-//! behind rescheduling a LOST agent and draining a host. The record moves
-//! first (compare-and-set on generation, host and state, so exactly one replica
-//! wins), then the new host is asked to start it; a copy left on the old host
-//! is fenced by the generation when that host comes back.
+//! Moving an agent to a host under a new generation: the one mechanism
+//! behind restarting a LOST agent and draining a host. The record moves
+//! first, in one compare-and-set on generation, host and state that also
+//! moves its host-set membership and appends the event (so exactly one
+//! replica wins); then the new host is asked to start it, and a failed start
+//! moves on to the next candidate. Nothing is put back: when every candidate
+//! fails the record stays PENDING, and the sweep retries it. A copy left on
+//! the old host is fenced by the generation.
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use agentplane::proto::v1::{Agent, AgentState, StartAgentRequest};
+use agentplane::proto::v1::{Agent, AgentState};
 use agentplane::registry::{AgentUpdate, Expect, Registry, UpdateOutcome};
+use agentplane::time::now_ms;
 
 use crate::error::ApiError;
-use crate::hosts::{request, HostClients};
+use crate::hosts::HostClients;
 use crate::placement;
+use crate::start::{start_on_candidates, Placed, StartOutcome};
 
-/// Places `agent` (currently in `from` state on its host) on another live host
-/// with generation + 1 and starts it there. Returns the new host id, or
-/// `Ok(None)` when another replica moved it first.
+/// What a relocation did.
+#[derive(Debug)]
+pub enum Relocated {
+    /// The record names the next generation, and `host` confirmed the start
+    /// (`None`: the record moved on meanwhile, someone else's step now).
+    Started {
+        /// The host that started it.
+        host: Option<String>,
+    },
+    /// The record moved (PENDING at the next generation) but no host
+    /// confirmed the start yet; the sweep retries it.
+    Pending {
+        /// Why the last start failed.
+        error: ApiError,
+    },
+    /// Another replica (or the host) changed the record first.
+    Raced,
+}
+
+/// Places `agent` (currently in `from` state on its host) on a live host
+/// with generation + 1 and starts it there.
 pub async fn relocate(
     registry: &Registry,
     hosts: &Arc<HostClients>,
     agent: &Agent,
     from: AgentState,
-) -> Result<Option<String>, ApiError> {
+) -> Result<Relocated, ApiError> {
     let spec = agent.spec.clone().unwrap_or_default();
-    let live: Vec<_> = registry
-        .list_hosts()
-        .await?
-        .into_iter()
-        .filter(|h| h.id != agent.host)
-        .collect();
+    let live = registry.list_hosts().await?;
     let rr = registry.next_round_robin().await?;
     let candidates = placement::candidates(spec.placement.as_ref(), live, rr)?;
     let target = &candidates[0];
@@ -49,45 +66,25 @@ pub async fn relocate(
                 pid: Some(0),
                 clear_exit: true,
                 next_restart_at_ms: Some(0),
+                pending_since_ms: Some(now_ms()),
+                incarnation: Some(String::new()),
                 ..Default::default()
             },
         )
         .await?;
     if moved != UpdateOutcome::Applied {
-        return Ok(None);
+        return Ok(Relocated::Raced);
     }
-    registry
-        .move_host_membership(&agent.id, &agent.host, &target.id)
-        .await?;
-    let msg = StartAgentRequest {
-        id: agent.id.clone(),
+    let placed = Placed {
+        id: &agent.id,
         generation,
-        spec: Some(spec),
+        spec: &spec,
     };
-    let started = hosts
-        .call(target, Duration::ZERO, true, |mut c, d| {
-            let msg = msg.clone();
-            async move { c.start_agent(request(msg, d)).await }
-        })
-        .await;
-    if let Err(e) = started {
-        // Back to where it came from, so the next pass (or drain round) tries again.
-        let _ = registry
-            .update_agent(
-                &agent.id,
-                &Expect {
-                    generation: Some(generation),
-                    host: Some(target.id.clone()),
-                    states: vec![AgentState::Pending],
-                },
-                &AgentUpdate {
-                    state: Some(from),
-                    ..Default::default()
-                },
-            )
-            .await;
-        return Err(e);
+    match start_on_candidates(registry, hosts, placed, &target.id, &candidates).await? {
+        StartOutcome::Done(host) => {
+            tracing::info!(agent = %agent.id, from = %agent.host, to = ?host, generation, "agent relocated");
+            Ok(Relocated::Started { host })
+        }
+        StartOutcome::Unconfirmed { error, .. } => Ok(Relocated::Pending { error }),
     }
-    tracing::info!(agent = %agent.id, from = %agent.host, to = %target.id, generation, "agent relocated");
-    Ok(Some(target.id.clone()))
 }

@@ -1,4 +1,7 @@
-//! The heartbeat: every TTL/3, one pipelined round trip refreshes the host key
+//! The heartbeat. Before the first beat, the records that name this host but
+//! that this start of the host agent does not hold are settled as LOST (see
+//! `Supervisor::settle_earlier_records`): a fast restart cannot hide a loss.
+//! Then every TTL/3, one pipelined round trip refreshes the host key
 //! and the location key of every agent this host runs, and reads back what
 //! fencing needs. Then, per agent: a record that names another host or a newer
 //! generation (or was deleted) means this copy is stale and is killed; a record
@@ -36,6 +39,9 @@ pub async fn run(
     // Bounded by half the beat interval: a dial or beat lost to a partition
     // fails before the next tick, so a healed link is seen at that tick.
     let limit = (ttl / 6).clamp(Duration::from_millis(50), Duration::from_secs(2));
+    if !settle(&supervisor, limit, &cancel).await {
+        return;
+    }
     let mut conn = None;
     let mut last_attempt = tokio::time::Instant::now();
     loop {
@@ -70,11 +76,42 @@ pub async fn run(
                 {
                     tracing::warn!(error = %e, "post-heartbeat reconciliation failed; retrying next beat");
                 }
+                // Redis answers: what it could not take earlier is written now.
+                supervisor.flush_unrecorded().await;
             }
             Err(e) => {
                 if mem.failing_since.is_none() {
                     tracing::warn!(error = %e, "heartbeat failed; agents keep running, retrying every {:?}", ttl / 3);
                     mem.failing_since = Some(started);
+                }
+            }
+        }
+    }
+}
+
+/// Settles the records an earlier start left, retrying while Redis does not
+/// answer; false when cancelled first.
+async fn settle(supervisor: &Supervisor, retry: Duration, cancel: &CancellationToken) -> bool {
+    let mut warned = false;
+    loop {
+        match supervisor.settle_earlier_records().await {
+            Ok(n) => {
+                if n > 0 {
+                    tracing::warn!(
+                        agents = n,
+                        "records left by an earlier start of this host agent are LOST"
+                    );
+                }
+                return true;
+            }
+            Err(e) => {
+                if !warned {
+                    tracing::warn!(error = %e, "cannot settle earlier records yet; no heartbeat until then");
+                    warned = true;
+                }
+                tokio::select! {
+                    () = cancel.cancelled() => return false,
+                    () = tokio::time::sleep(retry) => {}
                 }
             }
         }

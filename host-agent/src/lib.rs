@@ -72,8 +72,12 @@ pub async fn run(
         .unwrap_or_else(|| local.to_string());
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
+    // A fresh id for this start: records started by an earlier one are
+    // told apart (and settled) by it.
+    let incarnation = agentplane::ids::new_agent_id();
     let supervisor = Supervisor::new(
         config.host_id.clone(),
+        incarnation.clone(),
         registry.clone(),
         config.heartbeat_ttl,
         supervisor::Limits {
@@ -91,6 +95,7 @@ pub async fn run(
         capacity: config.max_agents,
         version: agentplane::VERSION.to_owned(),
         started_at_ms: agentplane::time::now_ms(),
+        incarnation,
         ..Default::default()
     };
     tasks.spawn(

@@ -66,6 +66,7 @@ pub struct Builder {
     reconcile_interval: Duration,
     host_labels: Vec<(usize, String)>,
     host_args: Vec<String>,
+    host_args_at: Vec<(usize, String)>,
     netns: bool,
 }
 
@@ -114,6 +115,12 @@ impl Builder {
         self
     }
 
+    /// Adds a flag (or its value) to host number `index` (0-based) only.
+    pub fn host_arg_at(mut self, index: usize, arg: &str) -> Self {
+        self.host_args_at.push((index, arg.to_owned()));
+        self
+    }
+
     /// Adds `--label k=v` to host number `index` (0-based).
     pub fn host_label(mut self, index: usize, label: &str) -> Self {
         self.host_labels.push((index, label.to_owned()));
@@ -143,7 +150,7 @@ impl Builder {
             cluster.control_planes.push(s);
         }
         for i in 0..self.hosts {
-            let s = cluster.spawn_host(i);
+            let s = cluster.spawn_host(i, &format!("host-h{}.log", i + 1));
             cluster.hosts.push(s);
         }
         cluster.wait_for_hosts(self.hosts).await;
@@ -178,6 +185,7 @@ impl TestCluster {
             reconcile_interval: Duration::from_millis(200),
             host_labels: Vec::new(),
             host_args: Vec::new(),
+            host_args_at: Vec::new(),
             netns: false,
         }
     }
@@ -254,7 +262,7 @@ impl TestCluster {
         }
     }
 
-    fn spawn_host(&self, i: usize) -> Server {
+    fn spawn_host(&self, i: usize, log_name: &str) -> Server {
         let host_id = format!("h{}", i + 1);
         let (listen, redis, ns) = match &self.lab {
             Some(lab) => (
@@ -291,8 +299,12 @@ impl TestCluster {
             }
         }
         args.extend(self.config.host_args.iter().cloned());
-        let (proc, addr) =
-            self.start_server("host-agent", &format!("host-{host_id}.log"), &args, ns);
+        for (idx, arg) in &self.config.host_args_at {
+            if *idx == i {
+                args.push(arg.clone());
+            }
+        }
+        let (proc, addr) = self.start_server("host-agent", log_name, &args, ns);
         Server {
             proc,
             addr,
@@ -306,6 +318,20 @@ impl TestCluster {
         let s = self.spawn_control_plane(i);
         self.control_planes.push(s);
         i
+    }
+
+    /// Starts host agent `id` again with the same flags (after the test
+    /// killed it); its log goes to a new file. Returns once it printed its
+    /// address.
+    pub fn restart_host(&mut self, id: &str) {
+        let i = self
+            .hosts
+            .iter()
+            .position(|h| h.host_id == id)
+            .unwrap_or_else(|| panic!("no host {id}"));
+        let n = self.dir.path().read_dir().map_or(0, Iterator::count);
+        let s = self.spawn_host(i, &format!("host-{id}.{n}.log"));
+        self.hosts[i] = s;
     }
 
     /// The host agent with id `id`.

@@ -84,6 +84,38 @@ impl RedisServer {
 
     /// Starts it again on the same port, empty.
     pub async fn restart(&mut self) {
+        let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
+        self.start_again().await;
+    }
+
+    /// `SHUTDOWN SAVE`: Redis writes its data to disk and exits, as in a
+    /// clean restart; returns once the process is gone.
+    pub async fn shutdown_saving(&mut self) {
+        let _ = redis::cmd("SHUTDOWN")
+            .arg("SAVE")
+            .query_async::<()>(&mut self.conn().await)
+            .await;
+        if let Some(p) = self.proc.as_mut() {
+            let deadline = std::time::Instant::now() + Duration::from_secs(10);
+            while p.is_running() {
+                assert!(
+                    std::time::Instant::now() < deadline,
+                    "redis did not shut down"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+        self.proc = None;
+    }
+
+    /// Starts it again on the same port with the data a
+    /// [`RedisServer::shutdown_saving`] wrote.
+    pub async fn restart_with_data(&mut self) {
+        assert!(self.dir.join("dump.rdb").is_file(), "no saved data to load");
+        self.start_again().await;
+    }
+
+    async fn start_again(&mut self) {
         self.proc = None;
         let mut cmd = Command::new(binary());
         cmd.args(["--port", &self.port.to_string()])

@@ -35,7 +35,9 @@ pub struct AgentUpdate {
     /// How it ended.
     pub exit: Option<ExitStatus>,
     /// New host (moving a PENDING agent whose first host refused it, or
-    /// rescheduling a LOST one).
+    /// rescheduling a LOST one). Needs [`Expect::host`]: the agent's
+    /// membership moves from that host's set to the new one's in the same
+    /// atomic step.
     pub host: Option<String>,
     /// New generation (rescheduling).
     pub generation: Option<u64>,
@@ -49,6 +51,11 @@ pub struct AgentUpdate {
     pub clear_exit: bool,
     /// Sets or clears the idle flag.
     pub idle: Option<bool>,
+    /// The host-agent incarnation that started the current run (`Some("")`
+    /// clears it: a new placement has not started yet).
+    pub incarnation: Option<String>,
+    /// When the agent was placed, ms since the epoch; `Some(0)` clears it.
+    pub pending_since_ms: Option<i64>,
 }
 
 /// What an update found.
@@ -157,6 +164,46 @@ impl Registry {
         Ok(out)
     }
 
+    /// The records of `ids` and whether each one's location key (its lease)
+    /// exists, in one round trip: one record read per agent. Ids without a
+    /// record are skipped.
+    pub async fn get_agents_with_leases(&self, ids: &[String]) -> Result<Vec<(Agent, bool)>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut pipe = redis::pipe();
+        for id in ids {
+            pipe.hgetall(self.keys().agent(id));
+            pipe.exists(self.keys().loc(id));
+        }
+        let values: Vec<redis::Value> = pipe
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("read agent records and leases"))?;
+        let mut out = Vec::with_capacity(ids.len());
+        let mut it = values.into_iter();
+        for id in ids {
+            let key = self.keys().agent(id);
+            let (Some(h), Some(leased)) = (it.next(), it.next()) else {
+                return Err(super::RegistryError::Corrupt {
+                    key,
+                    detail: "short reply to the record and lease read".into(),
+                });
+            };
+            let bad = |detail: String| super::RegistryError::Corrupt {
+                key: key.clone(),
+                detail,
+            };
+            let h: HashMap<String, Vec<u8>> =
+                redis::from_redis_value(h).map_err(|e| bad(e.to_string()))?;
+            let leased: bool = redis::from_redis_value(leased).map_err(|e| bad(e.to_string()))?;
+            if let Some(a) = codec::decode_agent(&key, &h)? {
+                out.push((a, leased));
+            }
+        }
+        Ok(out)
+    }
+
     /// One `SCAN` batch of agent ids from `cursor`.
     pub async fn scan_agent_ids(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
         let (next, keys) = self
@@ -194,9 +241,14 @@ impl Registry {
         update: &AgentUpdate,
     ) -> Result<UpdateOutcome> {
         let mut inv = UPDATE_AGENT.prepare_invoke();
-        inv.key(self.keys().agent(id))
-            .key(self.keys().events())
-            .arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
+        inv.key(self.keys().agent(id)).key(self.keys().events());
+        if let (Some(to), Some(from)) = (&update.host, &expect.host) {
+            if to != from {
+                inv.key(self.keys().host_agents(from))
+                    .key(self.keys().host_agents(to));
+            }
+        }
+        inv.arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(expect.host.clone().unwrap_or_default())
             .arg(
                 expect
@@ -214,6 +266,9 @@ impl Registry {
         }
         if update.next_restart_at_ms == Some(0) {
             deletes.push(field::NEXT_RESTART_AT);
+        }
+        if update.pending_since_ms == Some(0) {
+            deletes.push(field::PENDING_SINCE);
         }
         inv.arg(deletes.len());
         for f in &deletes {
@@ -251,6 +306,12 @@ impl Registry {
         if let Some(ms) = update.next_restart_at_ms.filter(|ms| *ms > 0) {
             inv.arg(field::NEXT_RESTART_AT).arg(ms);
         }
+        if let Some(ms) = update.pending_since_ms.filter(|ms| *ms > 0) {
+            inv.arg(field::PENDING_SINCE).arg(ms);
+        }
+        if let Some(inc) = &update.incarnation {
+            inv.arg(field::INCARNATION).arg(inc);
+        }
         let (code, st, generation, host): (i64, String, String, String) = inv
             .invoke_async(&mut self.conn())
             .await
@@ -266,13 +327,46 @@ impl Registry {
         })
     }
 
-    /// Moves `id` from `from`'s set of agents to `to`'s (after a re-placement).
-    pub async fn move_host_membership(&self, id: &str, from: &str, to: &str) -> Result<()> {
-        let k = self.keys();
-        self.conn()
-            .smove::<_, _, _, ()>(k.host_agents(from), k.host_agents(to), id)
-            .await
-            .map_err(self.err("move agent between hosts"))
+    /// Ends `id`'s current placement as LOST (reason and detail in `exit`),
+    /// if its record is still at `generation` on `host` in one of `states`,
+    /// and drops its lease. True when this call made the change.
+    pub async fn mark_lost(
+        &self,
+        id: &str,
+        generation: u64,
+        host: &str,
+        states: &[AgentState],
+        reason: &str,
+        error: String,
+    ) -> Result<bool> {
+        let outcome = self
+            .update_agent(
+                id,
+                &Expect {
+                    generation: Some(generation),
+                    host: Some(host.to_owned()),
+                    states: states.to_vec(),
+                },
+                &AgentUpdate {
+                    state: Some(AgentState::Lost),
+                    pid: Some(0),
+                    exit: Some(ExitStatus {
+                        reason: reason.to_owned(),
+                        error,
+                        finished_at: Some(crate::time::timestamp_from_ms(crate::time::now_ms())),
+                        ..Default::default()
+                    }),
+                    next_restart_at_ms: Some(0),
+                    pending_since_ms: Some(0),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if outcome != UpdateOutcome::Applied {
+            return Ok(false);
+        }
+        self.clear_location(id, host).await?;
+        Ok(true)
     }
 
     /// Removes the record, its location and its membership of its host's set,

@@ -27,6 +27,8 @@ pub(super) mod field {
     pub const LAST_EXIT: &str = "last_exit";
     pub const NEXT_RESTART_AT: &str = "next_restart_at";
     pub const IDLE: &str = "idle";
+    pub const INCARNATION: &str = "incarnation";
+    pub const PENDING_SINCE: &str = "pending_since";
 }
 
 /// Every field of a new agent record.
@@ -65,6 +67,15 @@ pub(super) fn encode_agent(a: &Agent) -> Vec<(&'static str, Vec<u8>)> {
     if let Some(ts) = &a.next_restart_at {
         out.push((
             field::NEXT_RESTART_AT,
+            crate::time::ms_from_timestamp(ts).to_string().into_bytes(),
+        ));
+    }
+    if !a.incarnation.is_empty() {
+        out.push((field::INCARNATION, a.incarnation.clone().into_bytes()));
+    }
+    if let Some(ts) = &a.pending_since {
+        out.push((
+            field::PENDING_SINCE,
             crate::time::ms_from_timestamp(ts).to_string().into_bytes(),
         ));
     }
@@ -146,6 +157,8 @@ pub(super) fn decode_agent(
         last_exit: exit_field(field::LAST_EXIT)?,
         next_restart_at: ms(field::NEXT_RESTART_AT)?,
         idle: text(key, h, field::IDLE)? == "1",
+        incarnation: text(key, h, field::INCARNATION)?.to_owned(),
+        pending_since: ms(field::PENDING_SINCE)?,
     }))
 }
 
@@ -180,6 +193,8 @@ mod tests {
             }),
             next_restart_at: Some(timestamp_from_ms(1_700_000_001_000)),
             idle: false,
+            incarnation: "01inc".into(),
+            pending_since: Some(timestamp_from_ms(1_700_000_000_100)),
         };
         let h: HashMap<String, Vec<u8>> = encode_agent(&a)
             .into_iter()

@@ -36,6 +36,8 @@ pub struct HostRecord {
     pub heartbeat_micros: u64,
     /// The host's heartbeat TTL, milliseconds.
     pub ttl_ms: u64,
+    /// This start of the host agent (a fresh id each start).
+    pub incarnation: String,
 }
 
 /// The head of an agent record, read back by a heartbeat for fencing.
@@ -79,6 +81,7 @@ impl HostRecord {
             heartbeat_ttl: Some(crate::time::duration_to_proto(Duration::from_millis(
                 self.ttl_ms,
             ))),
+            incarnation: self.incarnation.clone(),
         }
     }
 
@@ -122,6 +125,7 @@ impl HostRecord {
             cordoned: h.get("cordoned").is_some_and(|v| v == "1"),
             heartbeat_micros: u64::try_from(num("heartbeat_micros")?).unwrap_or(0),
             ttl_ms: u64::try_from(num("ttl_ms")?).unwrap_or(0),
+            incarnation: h.get("incarnation").cloned().unwrap_or_default(),
         }))
     }
 }
@@ -150,7 +154,7 @@ impl Registry {
         let key = k.host(&host.id);
         let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
         let ms = ttl_ms(ttl);
-        let fields: [(&str, String); 10] = [
+        let fields: [(&str, String); 11] = [
             ("id", host.id.clone()),
             ("address", host.address.clone()),
             ("labels", labels),
@@ -160,6 +164,7 @@ impl Registry {
             ("started_at", host.started_at_ms.to_string()),
             ("heartbeat_micros", host.heartbeat_micros.to_string()),
             ("ttl_ms", ms.to_string()),
+            ("incarnation", host.incarnation.clone()),
             ("heartbeat_at", crate::time::now_ms().to_string()),
         ];
         let mut pipe = redis::pipe();

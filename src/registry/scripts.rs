@@ -5,7 +5,9 @@ use std::sync::LazyLock;
 /// Compare-and-set on an agent record, and the event of a state change in the
 /// same atomic step (so every change is in `ap:events` exactly once).
 ///
-/// KEYS[1] the agent hash, KEYS[2] the event stream. ARGV[1] expected
+/// KEYS[1] the agent hash, KEYS[2] the event stream, and when the update
+/// moves the agent to another host, KEYS[3] the old host's agent set and
+/// KEYS[4] the new one's (membership moves in the same step). ARGV[1] expected
 /// generation (`""`: any), ARGV[2] expected host (`""`: any), ARGV[3]
 /// comma-separated allowed current states (`""`: any), ARGV[4] the time (ms),
 /// ARGV[5] the stream's approximate length bound, ARGV[6] the number N of
@@ -33,6 +35,10 @@ for i = 7, 6 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
 local first = 7 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
+if #KEYS >= 4 then
+  redis.call('SREM', KEYS[3], after[1])
+  redis.call('SADD', KEYS[4], after[1])
+end
 if after[2] ~= state or after[4] ~= gen then
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
     'type', 'AGENT_STATE', 'agent', after[1] or '', 'state', after[2] or '',

@@ -208,7 +208,7 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
 fn has_ended(a: &Agent) -> bool {
     match a.state() {
         AgentState::Exited | AgentState::Failed => true,
-        AgentState::Lost => !agentplane::state::restartable_elsewhere(a),
+        AgentState::Lost => !agentplane::state::restartable(a),
         _ => false,
     }
 }

@@ -1,9 +1,12 @@
 //! Pause, resume, stop, kill and delete: check the state machine against the
 //! record, then ask the agent's host, which records the change.
 
-use agentplane::proto::v1::{Agent, HostAgentRef, HostStopAgentRequest, SignalAgentRequest};
-use agentplane::state::{self, Op};
-use agentplane::time::{duration_from_proto, duration_to_proto};
+use agentplane::proto::v1::{
+    Agent, AgentState, ExitStatus, HostAgentRef, HostStopAgentRequest, SignalAgentRequest,
+};
+use agentplane::registry::{AgentUpdate, Expect, UpdateOutcome};
+use agentplane::state::{self, reason, Op};
+use agentplane::time::{duration_from_proto, duration_to_proto, now_ms, timestamp_from_ms};
 use agentplane::validate::ValidationError;
 use std::time::Duration;
 
@@ -31,7 +34,8 @@ impl AgentApi {
             .await?;
         let host = self.host_of(&agent).await?;
         let msg = HostAgentRef { id: id.to_owned() };
-        self.hosts
+        let called = self
+            .hosts
             .call(&host, Duration::ZERO, false, |mut c, d| {
                 let msg = msg.clone();
                 async move {
@@ -42,7 +46,8 @@ impl AgentApi {
                     }
                 }
             })
-            .await?;
+            .await;
+        self.answered(&agent, called).await?;
         self.agent(id).await
     }
 
@@ -64,13 +69,20 @@ impl AgentApi {
             id: id.to_owned(),
             grace: Some(duration_to_proto(grace)),
         };
-        self.hosts
+        let stopped = self
+            .hosts
             .call(&host, stop_deadline(grace), false, |mut c, d| {
                 let msg = msg.clone();
                 async move { c.stop_agent(request(msg, d)).await }
             })
-            .await?;
-        self.agent(id).await
+            .await;
+        match stopped {
+            Err(e) if not_held(&e) => self.stopped_elsewhere(&agent, &e).await,
+            other => {
+                other?;
+                self.agent(id).await
+            }
+        }
     }
 
     pub(super) async fn kill(&self, id: &str, signal: i32) -> Result<Agent, ApiError> {
@@ -88,13 +100,87 @@ impl AgentApi {
             id: id.to_owned(),
             signal,
         };
-        self.hosts
+        let called = self
+            .hosts
             .call(&host, stop_deadline(Duration::ZERO), false, |mut c, d| {
                 let msg = msg.clone();
                 async move { c.signal_agent(request(msg, d)).await }
             })
-            .await?;
+            .await;
+        self.answered(&agent, called).await?;
         self.agent(id).await
+    }
+
+    /// A host's answer to a control call. When the host says it does not
+    /// hold the agent, it is believed: a running record goes LOST
+    /// (NOT_ON_HOST, so its restart policy applies) and the caller is told.
+    async fn answered<T>(
+        &self,
+        agent: &Agent,
+        called: Result<T, ApiError>,
+    ) -> Result<(), ApiError> {
+        match called {
+            Ok(_) => Ok(()),
+            Err(e) if not_held(&e) => {
+                let detail = format!("its host {} does not hold it: {e}", agent.host);
+                if self
+                    .registry
+                    .mark_lost(
+                        &agent.id,
+                        agent.generation,
+                        &agent.host,
+                        &state::RUNNING,
+                        reason::NOT_ON_HOST,
+                        detail.clone(),
+                    )
+                    .await?
+                {
+                    tracing::warn!(agent = %agent.id, host = %agent.host, "agent LOST: its host does not hold it");
+                }
+                Err(ApiError::IllegalTransition {
+                    id: agent.id.clone(),
+                    detail: format!("it is LOST: {detail}"),
+                })
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A stop of an agent its host does not hold: nothing runs, so the stop
+    /// is done; the record ends EXITED (STOPPED) saying so, and a late start
+    /// of this generation is fenced by the changed state.
+    async fn stopped_elsewhere(&self, agent: &Agent, e: &ApiError) -> Result<Agent, ApiError> {
+        let update = AgentUpdate {
+            state: Some(AgentState::Exited),
+            pid: Some(0),
+            exit: Some(ExitStatus {
+                reason: reason::STOPPED.into(),
+                error: format!(
+                    "stopped while its host {} did not hold it (nothing was running there): {e}",
+                    agent.host
+                ),
+                finished_at: Some(timestamp_from_ms(now_ms())),
+                ..Default::default()
+            }),
+            next_restart_at_ms: Some(0),
+            pending_since_ms: Some(0),
+            ..Default::default()
+        };
+        let expect = Expect {
+            generation: Some(agent.generation),
+            host: Some(agent.host.clone()),
+            states: state::LIVE.to_vec(),
+        };
+        if self
+            .registry
+            .update_agent(&agent.id, &expect, &update)
+            .await?
+            == UpdateOutcome::Applied
+        {
+            self.registry.clear_location(&agent.id, &agent.host).await?;
+            tracing::warn!(agent = %agent.id, host = %agent.host, "stopped an agent its host does not hold");
+        }
+        self.agent(&agent.id).await
     }
 
     pub(super) async fn delete(&self, id: &str, force: bool) -> Result<(), ApiError> {
@@ -146,4 +232,9 @@ impl AgentApi {
         }
         Ok(())
     }
+}
+
+/// Whether a host answered that it does not hold the agent.
+fn not_held(e: &ApiError) -> bool {
+    matches!(e, ApiError::HostRefused { status, .. } if status.code() == tonic::Code::NotFound)
 }

@@ -5,7 +5,6 @@ use std::time::Duration;
 use agentplane::ids::new_agent_id;
 use agentplane::proto::v1::{
     Agent, AgentSpec, AgentState, ExitStatus, SpawnAgentRequest, SpawnAgentResponse,
-    StartAgentRequest,
 };
 use agentplane::registry::{AgentUpdate, Expect, HostRecord, UpdateOutcome};
 use agentplane::time::{now_ms, timestamp_from_ms};
@@ -13,8 +12,8 @@ use agentplane::validate::{self, ValidationError};
 
 use super::AgentApi;
 use crate::error::ApiError;
-use crate::hosts::request;
 use crate::placement;
+use crate::start::{start_on, start_on_candidates, Placed, StartOutcome};
 
 /// How long a repeated request waits for the first one's agent to leave PENDING.
 const EXISTING_WAIT: Duration = Duration::from_secs(10);
@@ -23,8 +22,6 @@ const DRIVE_AFTER: Duration = Duration::from_secs(1);
 /// A request id whose agent record has not appeared after this long was
 /// abandoned (its replica died between claiming the id and writing the record).
 const ABANDONED_AFTER: Duration = Duration::from_secs(3);
-/// How many hosts a spawn tries before giving up.
-const MAX_ATTEMPTS: usize = 3;
 
 impl AgentApi {
     pub(super) async fn spawn(
@@ -134,87 +131,47 @@ impl AgentApi {
         let rr = self.registry.next_round_robin().await?;
         let candidates = placement::candidates(spec.placement.as_ref(), hosts, rr)?;
         let first = &candidates[0];
+        let now = now_ms();
         let agent = Agent {
             id: id.clone(),
             spec: Some(spec.clone()),
             state: AgentState::Pending as i32,
             host: first.id.clone(),
             generation: 1,
-            created_at: Some(timestamp_from_ms(now_ms())),
+            created_at: Some(timestamp_from_ms(now)),
+            pending_since: Some(timestamp_from_ms(now)),
             ..Default::default()
         };
         self.registry.create_agent(&agent).await?;
         tracing::info!(agent = %id, host = %first.id, "agent placed");
-
-        let mut last_err = None;
-        let mut current = first.id.clone();
-        for host in candidates.iter().take(MAX_ATTEMPTS) {
-            if host.id != current {
-                if !self.move_pending(&id, &current, &host.id).await? {
-                    // The first host did start it after all (its answer was lost):
-                    // the record is the truth.
-                    return self.agent(&id).await;
-                }
-                current = host.id.clone();
-            }
-            match self.start_on(host, &agent).await {
-                Ok(()) => return self.agent(&id).await,
-                Err(e @ (ApiError::HostUnreachable { .. } | ApiError::HostRefused { .. }))
-                    if retryable(&e) =>
-                {
-                    tracing::warn!(agent = %id, host = %host.id, error = %e, "host could not start the agent; trying the next");
-                    last_err = Some(e);
-                }
-                Err(e) => {
-                    last_err = Some(e);
-                    break;
-                }
+        let placed = Placed {
+            id: &id,
+            generation: 1,
+            spec: &spec,
+        };
+        match start_on_candidates(&self.registry, &self.hosts, placed, &first.id, &candidates)
+            .await?
+        {
+            StartOutcome::Done(_) => self.agent(&id).await,
+            StartOutcome::Unconfirmed { error, .. } => {
+                self.fail_pending(&id, &error).await;
+                Err(error)
             }
         }
-        let err = last_err.unwrap_or_else(|| ApiError::NoCapacity {
-            detail: "the agent's record changed during placement".into(),
-        });
-        self.fail_pending(&id, &err).await;
-        Err(err)
     }
 
     async fn start_on(&self, host: &HostRecord, agent: &Agent) -> Result<(), ApiError> {
-        let msg = StartAgentRequest {
-            id: agent.id.clone(),
-            generation: agent.generation,
-            spec: agent.spec.clone(),
-        };
-        self.hosts
-            .call(host, Duration::ZERO, true, |mut c, d| {
-                let msg = msg.clone();
-                async move { c.start_agent(request(msg, d)).await }
-            })
-            .await
-            .map(drop)
-    }
-
-    /// Re-points a PENDING record at another host; false if it is no longer PENDING there.
-    async fn move_pending(&self, id: &str, from: &str, to: &str) -> Result<bool, ApiError> {
-        let outcome = self
-            .registry
-            .update_agent(
-                id,
-                &Expect {
-                    generation: Some(1),
-                    host: Some(from.to_owned()),
-                    states: vec![AgentState::Pending],
-                },
-                &AgentUpdate {
-                    host: Some(to.to_owned()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if outcome != UpdateOutcome::Applied {
-            return Ok(false);
-        }
-        self.registry.move_host_membership(id, from, to).await?;
-        Ok(true)
+        let spec = agent.spec.clone().unwrap_or_default();
+        start_on(
+            &self.hosts,
+            host,
+            Placed {
+                id: &agent.id,
+                generation: agent.generation,
+                spec: &spec,
+            },
+        )
+        .await
     }
 
     /// Undoes a placement that failed everywhere: the caller gets the error and
@@ -249,19 +206,5 @@ impl AgentApi {
             Ok(_) => {}
             Err(e) => tracing::warn!(agent = %id, error = %e, "cannot record the failed placement"),
         }
-    }
-}
-
-/// Whether another host may succeed where this one failed.
-fn retryable(e: &ApiError) -> bool {
-    match e {
-        ApiError::HostUnreachable { .. } => true,
-        ApiError::HostRefused { status, .. } => {
-            matches!(
-                status.code(),
-                tonic::Code::ResourceExhausted | tonic::Code::Unavailable
-            )
-        }
-        _ => false,
     }
 }

@@ -46,6 +46,8 @@ pub struct Status {
     pub restarts: u32,
     /// How the previous run ended.
     pub last_exit: Option<ExitStatus>,
+    /// When the current (or last) run started, ms since the epoch; 0 before.
+    pub started_at_ms: i64,
 }
 
 /// One agent on this host.
@@ -64,6 +66,9 @@ pub struct AgentSlot {
     pub ops: tokio::sync::Mutex<()>,
     /// Wakes the run loop out of a restart backoff (a stop arrived).
     pub wake: Notify,
+    /// Held across each registry write of this agent, so a write retried
+    /// after an outage never lands after a newer one.
+    pub writes: tokio::sync::Mutex<()>,
     /// Its output on disk.
     pub output: OutputLog,
     /// The current run's standard input (taken out while a write is under way).
@@ -95,6 +100,7 @@ impl AgentSlot {
             created_at_ms: agentplane::time::now_ms(),
             ops: tokio::sync::Mutex::new(()),
             wake: Notify::new(),
+            writes: tokio::sync::Mutex::new(()),
             status: Mutex::new(Status {
                 state: AgentState::Pending,
                 pid: 0,
@@ -102,6 +108,7 @@ impl AgentSlot {
                 requested: None,
                 restarts: 0,
                 last_exit: None,
+                started_at_ms: 0,
             }),
             ended: watch::channel(false).0,
         }

@@ -424,7 +424,7 @@ impl Supervisor {
             idle: Some(idle),
             ..Default::default()
         };
-        let expect = self.expect(slot, &super::LIVE_STATES);
+        let expect = self.expect(slot, &agentplane::state::LIVE);
         if let Err(e) = self.registry.update_agent(&slot.id, &expect, &update).await {
             tracing::warn!(agent = %slot.id, error = %e, "cannot record idleness");
         }

@@ -9,6 +9,7 @@ pub mod guard;
 mod io;
 pub mod output;
 mod reaper;
+mod record;
 mod restart;
 mod run;
 pub mod signal;
@@ -20,7 +21,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane::proto::v1::{AgentSpec, AgentState, ExitStatus, LocalAgent};
-use agentplane::registry::{AgentUpdate, Expect, Registry, UpdateOutcome};
+use agentplane::registry::Registry;
 use agentplane::state::{self, Op};
 use agentplane::tasks::Tasks;
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
@@ -48,24 +49,18 @@ const PAUSE_WAIT: Duration = Duration::from_secs(1);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Ended agents kept (for inspect and logs) beyond the running ones.
 const RETAINED_ENDED: usize = 1024;
-/// How long an end is retried into the registry while Redis fails.
 /// Threads writing agents' output to disk: two, so that one throttled by the
 /// kernel's dirty-page limits does not hold every agent's output.
 const LOG_WRITER_THREADS: usize = 2;
-const END_WRITE_RETRY: Duration = Duration::from_secs(5);
-
-/// States in which the record may still be overwritten by this host.
-const LIVE_STATES: [AgentState; 4] = [
-    AgentState::Pending,
-    AgentState::Running,
-    AgentState::Paused,
-    AgentState::Stopping,
-];
 
 /// Runs and controls the agents of one host.
 #[derive(Debug)]
 pub struct Supervisor {
     host_id: String,
+    /// This start of the host agent (written into the records it starts).
+    incarnation: String,
+    /// Slots whose last record write Redis did not take (see record.rs).
+    unrecorded: Mutex<HashMap<String, Arc<AgentSlot>>>,
     registry: Registry,
     ttl: Duration,
     limits: Limits,
@@ -95,8 +90,10 @@ pub struct Limits {
 impl Supervisor {
     /// A supervisor for `host_id`: becomes a child subreaper, starts the orphan
     /// reaper and the guard process.
+    #[allow(clippy::too_many_arguments)]
     pub fn new(
         host_id: String,
+        incarnation: String,
         registry: Registry,
         ttl: Duration,
         limits: Limits,
@@ -111,6 +108,8 @@ impl Supervisor {
         tasks.spawn("orphan reaper", async move { r.run(c).await });
         Arc::new(Self {
             host_id,
+            incarnation,
+            unrecorded: Mutex::new(HashMap::new()),
             registry,
             ttl,
             limits,
@@ -199,7 +198,15 @@ impl Supervisor {
 
         let (child, pid) = match self.spawn_run(&slot, false) {
             Ok(Some(c)) => c,
-            Ok(None) => unreachable!("no stop can reach a slot whose start holds its lock"),
+            Ok(None) => {
+                // A heartbeat fenced the slot between admission and the fork
+                // (its record names another host or generation): nothing ran.
+                slot.mark_ended(AgentState::Exited, record::fenced_before_start());
+                return Err(SupervisorError::Fenced {
+                    id,
+                    detail: "its record moved on before the start".into(),
+                });
+            }
             Err(e) => return Ok(self.fail_to_start(&slot, &e).await),
         };
         tracing::info!(agent = %id, pid, generation, argv = ?slot.spec.argv, "agent started");
@@ -277,6 +284,7 @@ impl Supervisor {
             let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
             watched.insert(pid);
             st.pid = pid;
+            st.started_at_ms = now_ms();
             st.state = AgentState::Running;
             st.requested = None;
             if restart {
@@ -287,147 +295,6 @@ impl Supervisor {
         self.guard.add(pid, &slot.id);
         self.capture(slot, &mut child, pty)?;
         Ok(Some((child, pid)))
-    }
-
-    /// Writes RUNNING with the new pid (expects PENDING at this generation and
-    /// host) and the location. `restarts`: the new total after a restart.
-    async fn record_running(
-        &self,
-        slot: &AgentSlot,
-        pid: i32,
-        restarts: Option<u32>,
-    ) -> Result<()> {
-        let update = AgentUpdate {
-            state: Some(AgentState::Running),
-            pid: Some(pid),
-            started_at_ms: Some(now_ms()),
-            restarts,
-            next_restart_at_ms: restarts.map(|_| 0),
-            ..Default::default()
-        };
-        let outcome = self
-            .registry
-            .update_agent(
-                &slot.id,
-                &self.expect(slot, &[AgentState::Pending]),
-                &update,
-            )
-            .await;
-        let refused = match outcome {
-            Ok(UpdateOutcome::Applied) => None,
-            Ok(UpdateOutcome::Missing) => Some("its record was deleted".to_owned()),
-            Ok(UpdateOutcome::Conflict {
-                state,
-                generation,
-                host,
-            }) => Some(format!(
-                "its record says host {host}, generation {generation}, state {}",
-                state.map_or("?", state::name)
-            )),
-            Err(e) => return Err(e.into()),
-        };
-        if let Some(detail) = refused {
-            return Err(SupervisorError::Fenced {
-                id: slot.id.clone(),
-                detail,
-            });
-        }
-        if let Err(e) = self
-            .registry
-            .set_location(&slot.id, &self.host_id, self.ttl)
-            .await
-        {
-            // The next heartbeat writes it again.
-            tracing::warn!(agent = %slot.id, error = %e, "cannot write location yet");
-        }
-        Ok(())
-    }
-
-    /// Records a first start that failed (missing executable, bad cwd, …) as FAILED.
-    async fn fail_to_start(&self, slot: &AgentSlot, e: &std::io::Error) -> LocalAgent {
-        let exit = spawn_failure(&slot.spec, e);
-        tracing::info!(agent = %slot.id, error = %exit.error, "agent failed to start");
-        self.finish(slot, AgentState::Failed, exit).await;
-        slot.to_proto()
-    }
-
-    /// Records the end for good: the record (retried for a bounded time while
-    /// Redis fails), the location, then wakes every waiter.
-    async fn finish(&self, slot: &AgentSlot, state: AgentState, exit: ExitStatus) {
-        let update = AgentUpdate {
-            state: Some(state),
-            pid: Some(0),
-            exit: Some(exit.clone()),
-            next_restart_at_ms: Some(0),
-            ..Default::default()
-        };
-        let expect = self.expect(slot, &LIVE_STATES);
-        let deadline = tokio::time::Instant::now() + END_WRITE_RETRY;
-        let mut delay = Duration::from_millis(100);
-        loop {
-            match self.registry.update_agent(&slot.id, &expect, &update).await {
-                Ok(UpdateOutcome::Applied) => break,
-                Ok(other) => {
-                    tracing::debug!(agent = %slot.id, ?other, "end not recorded: the record moved on");
-                    break;
-                }
-                Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                    tracing::warn!(agent = %slot.id, error = %e, "cannot record the end yet; retrying");
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_secs(1));
-                }
-                Err(e) => {
-                    tracing::error!(agent = %slot.id, error = %e, "giving up recording the end of the agent");
-                    break;
-                }
-            }
-        }
-        if let Err(e) = self.registry.clear_location(&slot.id, &self.host_id).await {
-            tracing::warn!(agent = %slot.id, error = %e, "cannot clear location; it expires with the TTL");
-        }
-        slot.mark_ended(state, exit);
-    }
-
-    fn expect(&self, slot: &AgentSlot, states: &[AgentState]) -> Expect {
-        Expect {
-            generation: Some(slot.generation),
-            host: Some(self.host_id.clone()),
-            states: states.to_vec(),
-        }
-    }
-
-    /// Writes a state change made by a control operation.
-    async fn write_state(
-        &self,
-        slot: &AgentSlot,
-        to: AgentState,
-        from: &[AgentState],
-    ) -> Result<()> {
-        let update = AgentUpdate {
-            state: Some(to),
-            ..Default::default()
-        };
-        match self
-            .registry
-            .update_agent(&slot.id, &self.expect(slot, from), &update)
-            .await?
-        {
-            UpdateOutcome::Applied => Ok(()),
-            UpdateOutcome::Missing => Err(SupervisorError::Fenced {
-                id: slot.id.clone(),
-                detail: "its record was deleted".into(),
-            }),
-            UpdateOutcome::Conflict {
-                generation, host, ..
-            } if generation != slot.generation || host != self.host_id => {
-                Err(SupervisorError::Fenced {
-                    id: slot.id.clone(),
-                    detail: format!("its record names host {host}, generation {generation}"),
-                })
-            }
-            // Only the state differs: the run loop recorded an end first.
-            UpdateOutcome::Conflict { .. } => Ok(()),
-        }
     }
 
     fn illegal(slot: &AgentSlot, detail: String) -> SupervisorError {
@@ -683,51 +550,6 @@ impl Supervisor {
             &tree::escaped(id, pid, pid, Scope::Orphans(&mains)),
             Signal::SIGKILL,
         );
-    }
-
-    /// The agent was declared LOST while it kept running here (a partition
-    /// that healed before anyone rescheduled it): say the truth again.
-    pub async fn restore_lost(&self, id: &str) {
-        let Ok(slot) = self.get(id) else { return };
-        let s = slot.snapshot();
-        let update = AgentUpdate {
-            state: Some(s.state),
-            pid: Some(s.pid),
-            ..Default::default()
-        };
-        match self
-            .registry
-            .update_agent(id, &self.expect(&slot, &[AgentState::Lost]), &update)
-            .await
-        {
-            Ok(UpdateOutcome::Applied) => {
-                tracing::info!(agent = %id, state = state::name(s.state), "agent was marked LOST but runs here; restored");
-            }
-            Ok(other) => tracing::debug!(agent = %id, ?other, "LOST record moved on"),
-            Err(e) => tracing::warn!(agent = %id, error = %e, "cannot restore a LOST record"),
-        }
-    }
-
-    /// The record of a local agent as this host knows it, to write back after
-    /// Redis lost its data.
-    pub fn record_of(&self, id: &str) -> Option<agentplane::proto::v1::Agent> {
-        let slot = self.get(id).ok()?;
-        let s = slot.snapshot();
-        Some(agentplane::proto::v1::Agent {
-            id: slot.id.clone(),
-            spec: Some(slot.spec.clone()),
-            state: s.state as i32,
-            host: self.host_id.clone(),
-            pid: s.pid,
-            generation: slot.generation,
-            exit: s.exit,
-            created_at: Some(timestamp_from_ms(slot.created_at_ms)),
-            started_at: Some(timestamp_from_ms(slot.created_at_ms)),
-            restarts: s.restarts,
-            last_exit: s.last_exit,
-            next_restart_at: None,
-            idle: slot.idle.load(std::sync::atomic::Ordering::Relaxed),
-        })
     }
 
     /// The generation this host runs `id` at.

@@ -7,7 +7,6 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentState, ExitStatus};
-use agentplane::registry::AgentUpdate;
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use nix::sys::signal::Signal;
 use tokio::process::Child;
@@ -15,7 +14,7 @@ use tokio::process::Child;
 use super::agent::{AgentSlot, Requested};
 use super::restart::{self, Decision};
 use super::tree::{self, Scope};
-use super::{signal, spawn_failure, Supervisor, LIVE_STATES};
+use super::{signal, spawn_failure, Supervisor};
 
 impl Supervisor {
     /// Supervises `slot` from its first run (`child`, `pid`) to its end.
@@ -87,9 +86,8 @@ impl Supervisor {
                     pid = p;
                     let restarts = slot.status().restarts;
                     tracing::info!(agent = %slot.id, pid, restarts, "agent restarted");
-                    if let Err(e) = self.record_running(&slot, pid, Some(restarts)).await {
-                        // Fenced or unrecordable: this run must not go on.
-                        tracing::warn!(agent = %slot.id, error = %e, "killing a restart that could not be recorded");
+                    if !self.record_restart(&slot, pid).await {
+                        // Fenced: this run must not go on.
                         slot.status().requested = Some(Requested::Stop);
                         let _ = signal::to_group(pid, Signal::SIGKILL);
                     }
@@ -154,7 +152,7 @@ impl Supervisor {
 
     /// Records PENDING with `next_restart_at`, then waits `delay` unless a stop
     /// (or shutdown) comes first; false means: do not restart.
-    async fn backoff(&self, slot: &AgentSlot, exit: &ExitStatus, delay: Duration) -> bool {
+    async fn backoff(&self, slot: &Arc<AgentSlot>, exit: &ExitStatus, delay: Duration) -> bool {
         {
             let mut st = slot.status();
             if st.requested.is_some_and(Requested::ends_agent) {
@@ -165,20 +163,7 @@ impl Supervisor {
             st.last_exit = Some(exit.clone());
         }
         let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        let update = AgentUpdate {
-            state: Some(AgentState::Pending),
-            pid: Some(0),
-            last_exit: Some(exit.clone()),
-            next_restart_at_ms: Some(due),
-            ..Default::default()
-        };
-        if let Err(e) = self
-            .registry
-            .update_agent(&slot.id, &self.expect(slot, &LIVE_STATES), &update)
-            .await
-        {
-            tracing::warn!(agent = %slot.id, error = %e, "cannot record the pending restart");
-        }
+        self.record_backoff(slot, exit, due).await;
         tracing::info!(agent = %slot.id, ?delay, "restarting after backoff");
         tokio::select! {
             () = tokio::time::sleep(delay) => {}

@@ -1,0 +1,473 @@
+//! The record sweep: every agent record, a slice per reconciler pass, is
+//! checked against the leases that back it, so a record never stays wrong
+//! whatever fault made it so.
+//!
+//! * A running record (RUNNING, PAUSED, STOPPING) whose host is alive but
+//!   whose location key (the lease the host renews with each heartbeat) has
+//!   been missing for longer than that host's TTL goes LOST (LEASE_EXPIRED).
+//!   "Missing for longer than the TTL" is two sightings a TTL apart, so a
+//!   record whose lease is being rewritten (a fresh start, a Redis that came
+//!   back empty) is left alone.
+//! * A live record whose host is not heartbeating goes LOST (HOST_LOST), even
+//!   if the host's agent set does not list it.
+//! * A LOST record whose restart policy allows it is placed again.
+//! * A PENDING record that nobody holds (no lease) and whose start was not
+//!   confirmed within a bound is started again: on its host (StartAgent is
+//!   idempotent by generation), then the next candidates; a refusal that no
+//!   retry can mend ends it FAILED with the host's answer.
+//!
+//! Cost: one pipelined round trip per slice, reading each record once (its
+//! hash and whether its lease exists), plus one read of each suspect whose
+//! TTL has passed. Writes happen only for records that are wrong.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane::proto::v1::{Agent, AgentState, ExitStatus};
+use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, RegistryError};
+use agentplane::state::{self, reason};
+use agentplane::time::{ms_from_timestamp, now_ms, timestamp_from_ms};
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::hosts::HostClients;
+use crate::placement;
+use crate::relocate::{relocate, Relocated};
+use crate::start::{start_on_candidates, Placed, StartOutcome};
+
+/// Records read per pass (one `SCAN` slice).
+pub const SLICE: usize = 1000;
+
+/// What one record needs, judged from the record, its lease and its host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing to do.
+    Fine,
+    /// Running on a live host, but its lease is missing: a suspect.
+    LeaseMissing,
+    /// Live, but its host is not heartbeating.
+    HostDown,
+    /// LOST, and its restart policy says to run it again.
+    Restart,
+    /// PENDING, unheld, and its start was not confirmed within the bound.
+    StalePending,
+}
+
+/// Judges one record. `host` is its live host record, if the host is live;
+/// `confirm_within` bounds how long a placed start may take.
+pub fn judge(
+    agent: &Agent,
+    leased: bool,
+    host: Option<&HostRecord>,
+    now_ms: i64,
+    confirm_within: Duration,
+) -> Verdict {
+    let st = agent.state();
+    if st == AgentState::Lost {
+        return if state::restartable(agent) {
+            Verdict::Restart
+        } else {
+            Verdict::Fine
+        };
+    }
+    if !state::LIVE.contains(&st) {
+        return Verdict::Fine;
+    }
+    if host.is_none() {
+        return Verdict::HostDown;
+    }
+    if leased {
+        return Verdict::Fine;
+    }
+    if st != AgentState::Pending {
+        return Verdict::LeaseMissing;
+    }
+    let since = agent
+        .pending_since
+        .as_ref()
+        .or(agent.created_at.as_ref())
+        .map_or(0, ms_from_timestamp);
+    let bound = i64::try_from(confirm_within.as_millis()).unwrap_or(i64::MAX);
+    if now_ms.saturating_sub(since) > bound {
+        Verdict::StalePending
+    } else {
+        Verdict::Fine
+    }
+}
+
+/// A record first seen without its lease.
+#[derive(Debug, Clone)]
+struct Suspect {
+    generation: u64,
+    seen: Instant,
+}
+
+/// The sweep of one replica: where its scan is, and its suspects.
+#[derive(Debug)]
+pub struct Sweep {
+    registry: Registry,
+    hosts: Arc<HostClients>,
+    confirm_within: Duration,
+    cursor: u64,
+    suspects: HashMap<String, Suspect>,
+}
+
+/// What one pass did (for logs and the benchmark).
+#[derive(Debug, Default, Clone, Copy)]
+pub struct PassStats {
+    /// Records read.
+    pub read: usize,
+    /// Records changed (LOST, restarted, retried, failed).
+    pub acted: usize,
+    /// True when this pass finished a whole round over the records.
+    pub wrapped: bool,
+}
+
+impl Sweep {
+    /// A sweep whose unconfirmed starts are retried after `confirm_within`.
+    pub fn new(registry: Registry, hosts: Arc<HostClients>, confirm_within: Duration) -> Self {
+        Self {
+            registry,
+            hosts,
+            confirm_within,
+            cursor: 0,
+            suspects: HashMap::new(),
+        }
+    }
+
+    /// One slice of the records, plus the suspects that are due. `live` maps
+    /// live host ids to their records; with `may_lose` false (just after a
+    /// registry outage) nothing is declared LOST.
+    pub async fn pass(
+        &mut self,
+        live: &HashMap<String, HostRecord>,
+        may_lose: bool,
+    ) -> Result<PassStats, RegistryError> {
+        let (next, mut ids) = self.registry.scan_agent_ids(self.cursor, SLICE).await?;
+        let in_slice: HashSet<String> = ids.iter().cloned().collect();
+        let ttl = self.ttl_floor(live);
+        ids.extend(
+            self.suspects
+                .iter()
+                .filter(|(id, s)| s.seen.elapsed() >= ttl && !in_slice.contains(*id))
+                .map(|(id, _)| id.clone()),
+        );
+        let records = self.registry.get_agents_with_leases(&ids).await?;
+        let stats = PassStats {
+            read: records.len(),
+            wrapped: next == 0,
+            ..Default::default()
+        };
+        // Suspects whose record is gone need no more watching.
+        let found: HashSet<&str> = records.iter().map(|(a, _)| a.id.as_str()).collect();
+        for id in &ids {
+            if !found.contains(id.as_str()) {
+                self.suspects.remove(id);
+            }
+        }
+        let mut stats = stats;
+        for (agent, leased) in &records {
+            let host = live.get(&agent.host);
+            let verdict = judge(agent, *leased, host, now_ms(), self.confirm_within);
+            if verdict != Verdict::LeaseMissing {
+                self.suspects.remove(&agent.id);
+            }
+            let acted = match verdict {
+                Verdict::Fine => false,
+                Verdict::LeaseMissing => match host {
+                    Some(h) if may_lose => self.lease_missing(agent, h).await?,
+                    _ => false,
+                },
+                Verdict::HostDown if may_lose => {
+                    self.lose(
+                        agent,
+                        &state::LIVE,
+                        reason::HOST_LOST,
+                        "its host stopped heartbeating",
+                    )
+                    .await?
+                }
+                Verdict::HostDown => false,
+                Verdict::Restart => self.restart(agent).await,
+                Verdict::StalePending => self.retry_start(agent, live).await?,
+            };
+            stats.acted += usize::from(acted);
+        }
+        self.cursor = next;
+        Ok(stats)
+    }
+
+    /// The smallest TTL of the live hosts: how old a suspect must be before
+    /// it is read again outside its slice.
+    fn ttl_floor(&self, live: &HashMap<String, HostRecord>) -> Duration {
+        live.values()
+            .map(|h| Duration::from_millis(h.ttl_ms))
+            .min()
+            .unwrap_or(Duration::from_secs(1))
+    }
+
+    /// A running record without its lease: LOST once the lease has been
+    /// missing for the host's whole TTL (two sightings that far apart).
+    async fn lease_missing(
+        &mut self,
+        agent: &Agent,
+        host: &HostRecord,
+    ) -> Result<bool, RegistryError> {
+        let ttl = Duration::from_millis(host.ttl_ms.max(1));
+        match self.suspects.get(&agent.id) {
+            Some(s) if s.generation == agent.generation => {
+                if s.seen.elapsed() < ttl {
+                    return Ok(false);
+                }
+            }
+            _ => {
+                self.suspects.insert(
+                    agent.id.clone(),
+                    Suspect {
+                        generation: agent.generation,
+                        seen: Instant::now(),
+                    },
+                );
+                return Ok(false);
+            }
+        }
+        self.suspects.remove(&agent.id);
+        let detail = format!(
+            "host {} heartbeats but did not renew the agent's lease for {ttl:?}",
+            host.id
+        );
+        let lost = self
+            .lose(agent, &state::RUNNING, reason::LEASE_EXPIRED, &detail)
+            .await?;
+        if lost {
+            // Placed again right away, not at the next slice that reaches it.
+            let mut lost_agent = agent.clone();
+            lost_agent.state = AgentState::Lost as i32;
+            if state::restartable(&lost_agent) {
+                self.restart(&lost_agent).await;
+            }
+        }
+        Ok(lost)
+    }
+
+    async fn lose(
+        &self,
+        agent: &Agent,
+        states: &[AgentState],
+        why: &str,
+        detail: &str,
+    ) -> Result<bool, RegistryError> {
+        let lost = self
+            .registry
+            .mark_lost(
+                &agent.id,
+                agent.generation,
+                &agent.host,
+                states,
+                why,
+                detail.to_owned(),
+            )
+            .await?;
+        if lost {
+            tracing::warn!(agent = %agent.id, host = %agent.host, reason = why, "agent LOST: {detail}");
+        }
+        Ok(lost)
+    }
+
+    /// Places a LOST agent again; failures are logged and retried next time.
+    async fn restart(&self, agent: &Agent) -> bool {
+        restart_lost(&self.registry, &self.hosts, agent).await
+    }
+
+    /// Starts an unconfirmed PENDING record again: its own host first (if
+    /// live), then the other candidates.
+    async fn retry_start(
+        &self,
+        agent: &Agent,
+        live: &HashMap<String, HostRecord>,
+    ) -> Result<bool, RegistryError> {
+        let spec = agent.spec.clone().unwrap_or_default();
+        // Claimed by moving pending_since: other replicas (and this one's next
+        // slices) wait another bound before trying again.
+        let claimed = self
+            .registry
+            .update_agent(
+                &agent.id,
+                &pending_at(agent),
+                &AgentUpdate {
+                    pending_since_ms: Some(now_ms()),
+                    ..Default::default()
+                },
+            )
+            .await?;
+        if claimed != agentplane::registry::UpdateOutcome::Applied {
+            return Ok(false);
+        }
+        let mut candidates: Vec<HostRecord> = live.get(&agent.host).cloned().into_iter().collect();
+        let rr = self.registry.next_round_robin().await?;
+        let hosts: Vec<HostRecord> = live.values().cloned().collect();
+        if let Ok(more) = placement::candidates(spec.placement.as_ref(), sorted(hosts), rr) {
+            candidates.extend(more.into_iter().filter(|h| h.id != agent.host));
+        }
+        tracing::info!(agent = %agent.id, host = %agent.host, generation = agent.generation, "retrying a start that no host confirmed");
+        let placed = Placed {
+            id: &agent.id,
+            generation: agent.generation,
+            spec: &spec,
+        };
+        let outcome = start_on_candidates(
+            &self.registry,
+            &self.hosts,
+            placed,
+            &agent.host,
+            &candidates,
+        )
+        .await;
+        match outcome {
+            Ok(StartOutcome::Done(_)) => Ok(true),
+            Ok(StartOutcome::Unconfirmed {
+                error,
+                retryable: true,
+            }) => {
+                tracing::warn!(agent = %agent.id, error = %error, "start still unconfirmed; retrying later");
+                Ok(true)
+            }
+            Ok(StartOutcome::Unconfirmed {
+                error,
+                retryable: false,
+            }) => {
+                self.fail(agent, &error).await?;
+                Ok(true)
+            }
+            Err(ApiError::Registry(e)) => Err(e),
+            Err(e) => {
+                tracing::warn!(agent = %agent.id, error = %e, "start retry failed; retrying later");
+                Ok(true)
+            }
+        }
+    }
+
+    /// Ends an unconfirmed start FAILED with the refusal that no retry mends.
+    async fn fail(&self, agent: &Agent, error: &ApiError) -> Result<(), RegistryError> {
+        let current = self.registry.get_agent(&agent.id).await?;
+        let Some(current) = current.filter(|a| a.state() == AgentState::Pending) else {
+            return Ok(());
+        };
+        let update = AgentUpdate {
+            state: Some(AgentState::Failed),
+            exit: Some(ExitStatus {
+                reason: reason::HOST_ERROR.into(),
+                error: format!("no host started it: {error}"),
+                finished_at: Some(timestamp_from_ms(now_ms())),
+                ..Default::default()
+            }),
+            pending_since_ms: Some(0),
+            ..Default::default()
+        };
+        self.registry
+            .update_agent(&agent.id, &pending_at(&current), &update)
+            .await?;
+        tracing::warn!(agent = %agent.id, error = %error, "agent FAILED: no host started it");
+        Ok(())
+    }
+}
+
+/// Places a LOST restartable agent again. Failures are logged: the record
+/// stays LOST (or PENDING) and the next pass tries again.
+pub async fn restart_lost(registry: &Registry, hosts: &Arc<HostClients>, agent: &Agent) -> bool {
+    match relocate(registry, hosts, agent, AgentState::Lost).await {
+        Ok(Relocated::Started { host }) => {
+            tracing::info!(agent = %agent.id, to = ?host, "LOST agent placed again");
+            true
+        }
+        Ok(Relocated::Pending { error }) => {
+            tracing::warn!(agent = %agent.id, error = %error, "LOST agent placed again; its start is not confirmed yet");
+            true
+        }
+        Ok(Relocated::Raced) => false,
+        Err(e) => {
+            tracing::warn!(agent = %agent.id, error = %e, "cannot place a LOST agent yet; retrying next pass");
+            false
+        }
+    }
+}
+
+/// The expectation of a PENDING record as read.
+fn pending_at(agent: &Agent) -> Expect {
+    Expect {
+        generation: Some(agent.generation),
+        host: Some(agent.host.clone()),
+        states: vec![AgentState::Pending],
+    }
+}
+
+fn sorted(mut hosts: Vec<HostRecord>) -> Vec<HostRecord> {
+    hosts.sort_by(|a, b| a.id.cmp(&b.id));
+    hosts
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use agentplane::proto::v1::restart_policy::Mode;
+    use agentplane::proto::v1::{AgentSpec, RestartPolicy};
+
+    fn agent(state: AgentState, mode: Mode, pending_since_ms: Option<i64>) -> Agent {
+        Agent {
+            id: "a".into(),
+            host: "h1".into(),
+            generation: 1,
+            state: state as i32,
+            spec: Some(AgentSpec {
+                argv: vec!["true".into()],
+                restart: Some(RestartPolicy {
+                    mode: mode as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            pending_since: pending_since_ms.map(timestamp_from_ms),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn verdicts() {
+        let h = HostRecord {
+            id: "h1".into(),
+            ttl_ms: 3000,
+            ..Default::default()
+        };
+        let bound = Duration::from_secs(10);
+        let now = 1_000_000;
+        let run = agent(AgentState::Running, Mode::Never, None);
+        assert_eq!(judge(&run, true, Some(&h), now, bound), Verdict::Fine);
+        assert_eq!(
+            judge(&run, false, Some(&h), now, bound),
+            Verdict::LeaseMissing
+        );
+        assert_eq!(judge(&run, true, None, now, bound), Verdict::HostDown);
+        let paused = agent(AgentState::Paused, Mode::Never, None);
+        assert_eq!(
+            judge(&paused, false, Some(&h), now, bound),
+            Verdict::LeaseMissing
+        );
+        let lost = agent(AgentState::Lost, Mode::Always, None);
+        assert_eq!(judge(&lost, false, None, now, bound), Verdict::Restart);
+        let lost_never = agent(AgentState::Lost, Mode::Never, None);
+        assert_eq!(judge(&lost_never, false, None, now, bound), Verdict::Fine);
+        let ended = agent(AgentState::Exited, Mode::Always, None);
+        assert_eq!(judge(&ended, false, Some(&h), now, bound), Verdict::Fine);
+        let fresh = agent(AgentState::Pending, Mode::Never, Some(now - 5_000));
+        assert_eq!(judge(&fresh, false, Some(&h), now, bound), Verdict::Fine);
+        let stale = agent(AgentState::Pending, Mode::Never, Some(now - 11_000));
+        assert_eq!(
+            judge(&stale, false, Some(&h), now, bound),
+            Verdict::StalePending
+        );
+        // A PENDING record its host holds (a restart backoff) is fine however old.
+        assert_eq!(judge(&stale, true, Some(&h), now, bound), Verdict::Fine);
+        assert_eq!(judge(&stale, false, None, now, bound), Verdict::HostDown);
+    }
+}
