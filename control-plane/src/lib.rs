@@ -8,12 +8,12 @@ mod agents;
 pub mod config;
 mod error;
 mod host_service;
-mod hosts;
+pub mod hosts;
 mod placement;
 mod reconciler;
 mod relocate;
 mod start;
-mod sweep;
+pub mod sweep;
 
 use std::future::Future;
 use std::sync::Arc;

@@ -130,7 +130,7 @@ impl Reconciler {
             tracing::info!(%host, "host agent restarted: placing its LOST agents again");
             self.settle_host(&host, false).await?;
         }
-        let stats = self.sweep.pass(&live, may_lose).await?;
+        let stats = self.sweep.pass(&live, may_lose, self.period / 4).await?;
         if stats.acted > 0 || stats.wrapped {
             tracing::debug!(
                 read = stats.read,

@@ -18,7 +18,10 @@
 //!
 //! Cost: one pipelined round trip per slice, reading each record once (its
 //! hash and whether its lease exists), plus one read of each suspect whose
-//! TTL has passed. Writes happen only for records that are wrong.
+//! TTL has passed. Writes happen only for records that are wrong. A pass
+//! reads slices until its time budget (a quarter of the reconcile interval)
+//! is spent, so a round over 100k records takes a bounded number of passes
+//! (`bench-sweep` measures it) and a pass never delays the next one.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -136,10 +139,34 @@ impl Sweep {
         }
     }
 
-    /// One slice of the records, plus the suspects that are due. `live` maps
-    /// live host ids to their records; with `may_lose` false (just after a
-    /// registry outage) nothing is declared LOST.
+    /// Slices of the records (at least one, more while `budget` lasts and
+    /// the round is not done), each with the suspects that are due. `live`
+    /// maps live host ids to their records; with `may_lose` false (just after
+    /// a registry outage) nothing is declared LOST.
     pub async fn pass(
+        &mut self,
+        live: &HashMap<String, HostRecord>,
+        may_lose: bool,
+        budget: Duration,
+    ) -> Result<PassStats, RegistryError> {
+        let started = Instant::now();
+        let mut total = PassStats::default();
+        loop {
+            let s = self.slice(live, may_lose).await?;
+            total.read += s.read;
+            total.acted += s.acted;
+            if s.wrapped {
+                total.wrapped = true;
+                return Ok(total);
+            }
+            if started.elapsed() >= budget {
+                return Ok(total);
+            }
+        }
+    }
+
+    /// One slice of the records, plus the suspects that are due.
+    async fn slice(
         &mut self,
         live: &HashMap<String, HostRecord>,
         may_lose: bool,
@@ -154,7 +181,7 @@ impl Sweep {
                 .map(|(id, _)| id.clone()),
         );
         let records = self.registry.get_agents_with_leases(&ids).await?;
-        let stats = PassStats {
+        let mut stats = PassStats {
             read: records.len(),
             wrapped: next == 0,
             ..Default::default()
@@ -166,7 +193,6 @@ impl Sweep {
                 self.suspects.remove(id);
             }
         }
-        let mut stats = stats;
         for (agent, leased) in &records {
             let host = live.get(&agent.host);
             let verdict = judge(agent, *leased, host, now_ms(), self.confirm_within);
