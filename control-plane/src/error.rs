@@ -75,9 +75,9 @@ pub enum ApiError {
         /// The agent holding it.
         owner: String,
     },
-    /// A request id names an agent whose creation never completed.
-    #[error("an earlier spawn with request_id {request_id} did not complete; retry the request")]
-    AbandonedRequest {
+    /// A request id names an agent another call is still creating.
+    #[error("an earlier spawn with request_id {request_id} is still creating its agent; retry the request")]
+    RequestInProgress {
         /// The request id.
         request_id: String,
     },
@@ -97,7 +97,7 @@ impl From<ApiError> for Status {
             ApiError::Registry(r) => r.into(),
             ApiError::HostUnreachable { .. }
             | ApiError::HostGone { .. }
-            | ApiError::AbandonedRequest { .. } => Status::unavailable(msg),
+            | ApiError::RequestInProgress { .. } => Status::unavailable(msg),
             ApiError::HostRefused { status, .. } => {
                 // A host's own "not found" means the agent left it: to the caller
                 // that is a state problem, not a missing agent.

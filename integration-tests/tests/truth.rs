@@ -392,3 +392,77 @@ async fn ends_and_restarts_during_a_redis_outage_are_recorded_when_it_returns() 
     runs_once(&r);
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_of_dead_callers_are_free_and_claims_of_slow_ones_are_not_taken() {
+    let cluster = TestCluster::builder().start().await;
+    let mut conn = cluster.redis.conn().await;
+    let dead = agentplane::ids::new_agent_id();
+    let slow = agentplane::ids::new_agent_id();
+    // A name claimed by a replica that died before writing the record.
+    let _: () = conn.set("ap:name:solo", &dead).await.expect("SET");
+    // A name and a request id claimed by a call that is alive but slow.
+    let _: () = conn.set("ap:name:busy", &slow).await.expect("SET");
+    let _: () = conn.set("ap:idem:req-slow", &slow).await.expect("SET");
+    let _: () = conn
+        .pset_ex(format!("ap:claim:{slow}"), 1, 2000)
+        .await
+        .expect("PSETEX");
+
+    let mut named = spec(&["sleep", "1000"], None);
+    named.name = "solo".into();
+    let a = cluster.spawn_spec(named).await;
+    let owner: String = conn.get("ap:name:solo").await.expect("GET");
+    assert_eq!(owner, a.id, "the abandoned name was taken over");
+
+    named = spec(&["sleep", "1000"], None);
+    named.name = "busy".into();
+    let taken = cluster
+        .client()
+        .await
+        .spawn_agent(agentplane::proto::v1::SpawnAgentRequest {
+            spec: Some(named),
+            request_id: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(taken.code(), Code::AlreadyExists, "{taken:?}");
+
+    // A spawn with the slow call's request id waits while that call's lease
+    // is renewed (here for 5 s, longer than any fixed "abandoned" guess) ...
+    let mut client = cluster.client().await;
+    let retry = tokio::spawn(async move {
+        client
+            .spawn_agent(agentplane::proto::v1::SpawnAgentRequest {
+                spec: Some(spec(&["sleep", "1000"], None)),
+                request_id: "req-slow".into(),
+            })
+            .await
+    });
+    let renewing = Instant::now();
+    while renewing.elapsed() < Duration::from_secs(5) {
+        let _: () = conn
+            .pset_ex(format!("ap:claim:{slow}"), 1, 1000)
+            .await
+            .expect("PSETEX");
+        let holder: String = conn.get("ap:idem:req-slow").await.expect("GET");
+        assert_eq!(
+            holder,
+            slow,
+            "a live claim was taken over after {:?}",
+            renewing.elapsed()
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    // ... and takes it over once the slow call is gone (its lease lapses).
+    let created = retry
+        .await
+        .expect("join")
+        .expect("spawn after the lease lapsed")
+        .into_inner();
+    let agent = created.agent.expect("agent");
+    assert!(!created.existing);
+    let holder: String = conn.get("ap:idem:req-slow").await.expect("GET");
+    assert_eq!(holder, agent.id);
+    cluster.finish().await;
+}

@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::codec::{self, field};
-use super::scripts::{DELETE_IF_EQUAL, UPDATE_AGENT};
+use super::scripts::{DELETE_IF_EQUAL, TAKE_OVER_CLAIM, UPDATE_AGENT};
 use super::{Registry, Result};
 use crate::proto::v1::{Agent, AgentState, ExitStatus};
 use crate::state;
@@ -388,7 +388,9 @@ impl Registry {
     }
 
     /// Sets `key` to `value` unless it exists (`SET NX`, with an optional
-    /// TTL). `None`: claimed (or already ours); `Some(owner)`: someone else's.
+    /// TTL). `None`: claimed (or already ours); `Some(owner)`: someone
+    /// else's. A claim whose owner has neither a record nor a live claim
+    /// lease (its spawn call died before creating it) is taken over.
     async fn claim(
         &self,
         step: &'static str,
@@ -411,12 +413,37 @@ impl Registry {
             }
             let owner: Option<String> = self.conn().get(key).await.map_err(self.err(step))?;
             match owner {
-                Some(o) if o != value => return Ok(Some(o)),
+                Some(o) if o != value => {
+                    let taken: i64 = TAKE_OVER_CLAIM
+                        .key(key)
+                        .key(self.keys().agent(&o))
+                        .key(self.keys().claim_lease(&o))
+                        .arg(&o)
+                        .arg(value)
+                        .arg(ttl.map_or(0, ttl_ms))
+                        .invoke_async(&mut self.conn())
+                        .await
+                        .map_err(self.err(step))?;
+                    if taken == 1 {
+                        tracing::info!(%key, abandoned_by = %o, "took over an abandoned claim");
+                        return Ok(None);
+                    }
+                    return Ok(Some(o));
+                }
                 Some(_) => return Ok(None),
                 // Released or expired between SET and GET: try again.
                 None => {}
             }
         }
+    }
+
+    /// Holds (or renews) the claim lease of the spawn call creating
+    /// `agent_id`, for `ttl`.
+    pub async fn hold_claims(&self, agent_id: &str, ttl: Duration) -> Result<()> {
+        self.conn()
+            .pset_ex::<_, _, ()>(self.keys().claim_lease(agent_id), 1, ttl_ms(ttl))
+            .await
+            .map_err(self.err("renew claim lease"))
     }
 
     /// Deletes `key` only if it still holds `value` (compare-and-delete).

@@ -75,6 +75,13 @@ impl Keys {
         format!("{}:name:{name}", self.prefix)
     }
 
+    /// `ap:claim:{agent_id}`: the lease of a spawn call that is creating
+    /// agent `agent_id`, renewed while the call runs. A request-id or name
+    /// claim whose agent has neither a record nor this lease is abandoned.
+    pub fn claim_lease(&self, agent_id: &str) -> String {
+        format!("{}:claim:{agent_id}", self.prefix)
+    }
+
     /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
     /// since (so HOST_LOST is emitted once per disappearance).
     pub fn hosts_known(&self) -> String {
@@ -119,6 +126,7 @@ mod tests {
         assert_eq!(k.idem("r"), "ap:idem:r");
         assert_eq!(k.events(), "ap:events");
         assert_eq!(k.name("web"), "ap:name:web");
+        assert_eq!(k.claim_lease("a1"), "ap:claim:a1");
         assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
         assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));

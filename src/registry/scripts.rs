@@ -86,3 +86,24 @@ return 0
 ",
     )
 });
+
+/// Takes over a claim whose owner is gone: KEYS[1] the claim (a request id
+/// or a name), KEYS[2] the owner's agent record, KEYS[3] the owner's claim
+/// lease; ARGV[1] the owner read, ARGV[2] the new owner, ARGV[3] the claim's
+/// TTL in ms (`0`: none). Sets the claim to the new owner only if it still
+/// names the old one, whose record does not exist and whose lease expired.
+/// Returns 1 when taken over.
+pub(super) static TAKE_OVER_CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
+if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+",
+    )
+});

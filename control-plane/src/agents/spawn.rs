@@ -9,6 +9,7 @@ use agentplane::proto::v1::{
 use agentplane::registry::{AgentUpdate, Expect, HostRecord, UpdateOutcome};
 use agentplane::time::{now_ms, timestamp_from_ms};
 use agentplane::validate::{self, ValidationError};
+use tokio_util::sync::DropGuard;
 
 use super::AgentApi;
 use crate::error::ApiError;
@@ -19,9 +20,9 @@ use crate::start::{start_on, start_on_candidates, Placed, StartOutcome};
 const EXISTING_WAIT: Duration = Duration::from_secs(10);
 /// After this long in PENDING, a repeated request starts the agent itself.
 const DRIVE_AFTER: Duration = Duration::from_secs(1);
-/// A request id whose agent record has not appeared after this long was
-/// abandoned (its replica died between claiming the id and writing the record).
-const ABANDONED_AFTER: Duration = Duration::from_secs(3);
+/// How long a spawn call's claim lease lives unless renewed: a request id or
+/// name claimed by a call that died is free again this long after.
+const CLAIM_LEASE: Duration = Duration::from_secs(5);
 
 impl AgentApi {
     pub(super) async fn spawn(
@@ -33,6 +34,14 @@ impl AgentApi {
             .ok_or_else(|| ValidationError::new("spec", "is required"))?;
         validate::spec(&spec)?;
         let id = new_agent_id();
+        // Held while this call may still create the agent: a claim of ours
+        // (request id, name) is never taken over while it lives, however slow
+        // we are; once we die it lapses and the claim is free.
+        let claims = !req.request_id.is_empty() || !spec.name.is_empty();
+        let _lease = match claims {
+            true => Some(self.hold_claims(&id).await?),
+            false => None,
+        };
         if req.request_id.is_empty() {
             return Ok(SpawnAgentResponse {
                 agent: Some(self.place_and_start(id, spec).await?),
@@ -40,19 +49,21 @@ impl AgentApi {
             });
         }
         validate::request_id("request_id", &req.request_id)?;
-        // A claim whose creator died before writing the record is released by
-        // `existing`; the next round claims it for this request.
-        let mut rounds = 0;
+        let deadline = tokio::time::Instant::now() + EXISTING_WAIT;
         while let Some(existing) = self.registry.claim_request(&req.request_id, &id).await? {
-            match self.existing(&req.request_id, &existing).await {
-                Err(ApiError::AbandonedRequest { .. }) if rounds < 2 => rounds += 1,
-                other => {
-                    return Ok(SpawnAgentResponse {
-                        agent: Some(other?),
-                        existing: true,
-                    })
-                }
+            if let Some(agent) = self.existing(&existing, deadline).await? {
+                return Ok(SpawnAgentResponse {
+                    agent: Some(agent),
+                    existing: true,
+                });
             }
+            // Its creator is alive and has not written the record yet.
+            if tokio::time::Instant::now() >= deadline {
+                return Err(ApiError::RequestInProgress {
+                    request_id: req.request_id,
+                });
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
         match self.place_and_start(id.clone(), spec).await {
             Ok(agent) => Ok(SpawnAgentResponse {
@@ -70,36 +81,57 @@ impl AgentApi {
         }
     }
 
+    /// Writes this call's claim lease, and renews it from a task until the
+    /// returned guard is dropped (the call ended, or its client went away).
+    async fn hold_claims(&self, id: &str) -> Result<DropGuard, ApiError> {
+        self.registry.hold_claims(id, CLAIM_LEASE).await?;
+        let token = self.cancel.child_token();
+        let (registry, id, stop) = (self.registry.clone(), id.to_owned(), token.clone());
+        self.tasks.spawn("claim lease", async move {
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => return,
+                    () = tokio::time::sleep(CLAIM_LEASE / 3) => {}
+                }
+                if let Err(e) = registry.hold_claims(&id, CLAIM_LEASE).await {
+                    tracing::warn!(agent = %id, error = %e, "cannot renew a spawn's claim lease");
+                }
+            }
+        });
+        Ok(token.drop_guard())
+    }
+
     /// The agent an earlier request with the same id created, once it left
-    /// PENDING. If it stays PENDING (the replica that created it may have died
-    /// before asking its host), this replica asks the host itself: StartAgent
-    /// is idempotent by id and generation.
-    async fn existing(&self, request_id: &str, id: &str) -> Result<Agent, ApiError> {
+    /// PENDING (or at `deadline`); `None` while its record does not exist
+    /// yet (its creator is still at work: a dead one's claim is taken over).
+    /// If it stays PENDING (the replica that created it may have died before
+    /// asking its host), this replica asks the host itself: StartAgent is
+    /// idempotent by id and generation.
+    async fn existing(
+        &self,
+        id: &str,
+        deadline: tokio::time::Instant,
+    ) -> Result<Option<Agent>, ApiError> {
         let started = tokio::time::Instant::now();
-        let deadline = started + EXISTING_WAIT;
         let mut driven = false;
         loop {
-            let found = self.registry.get_agent(id).await?;
+            let Some(a) = self.registry.get_agent(id).await? else {
+                return Ok(None);
+            };
             let now = tokio::time::Instant::now();
-            match found {
-                Some(a) if a.state() != AgentState::Pending || now >= deadline => return Ok(a),
-                Some(a) if !driven && now - started >= DRIVE_AFTER => {
-                    driven = true;
-                    if let Some(host) = self.registry.get_host(&a.host).await? {
-                        tracing::info!(agent = %id, host = %a.host, "driving a PENDING agent left by an earlier request");
-                        if let Err(e) = self.start_on(&host, &a).await {
-                            tracing::warn!(agent = %id, error = %e, "could not start the pending agent");
-                        }
+            if a.state() != AgentState::Pending || now >= deadline {
+                return Ok(Some(a));
+            }
+            if !driven && now - started >= DRIVE_AFTER {
+                driven = true;
+                if let Some(host) = self.registry.get_host(&a.host).await? {
+                    tracing::info!(agent = %id, host = %a.host, "driving a PENDING agent left by an earlier request");
+                    if let Err(e) = self.start_on(&host, &a).await {
+                        tracing::warn!(agent = %id, error = %e, "could not start the pending agent");
                     }
                 }
-                None if now - started >= ABANDONED_AFTER => {
-                    self.registry.release_request(request_id, id).await?;
-                    return Err(ApiError::AbandonedRequest {
-                        request_id: request_id.to_owned(),
-                    });
-                }
-                _ => tokio::time::sleep(Duration::from_millis(20)).await,
             }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
 
