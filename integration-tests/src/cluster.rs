@@ -233,6 +233,18 @@ impl TestCluster {
     }
 
     fn spawn_control_plane(&self, i: usize) -> Server {
+        self.spawn_control_plane_logged(&format!("control-plane-{i}.log"))
+    }
+
+    /// Starts control plane `i` again on a new port (after the test killed
+    /// it); its log goes to a new file.
+    pub fn restart_control_plane(&mut self, i: usize) {
+        let n = self.dir.path().read_dir().map_or(0, Iterator::count);
+        let s = self.spawn_control_plane_logged(&format!("control-plane-{i}.{n}.log"));
+        self.control_planes[i] = s;
+    }
+
+    fn spawn_control_plane_logged(&self, log_name: &str) -> Server {
         let listen = match &self.lab {
             Some(lab) => format!("{}:0", lab.gateway()),
             None => "127.0.0.1:0".to_owned(),
@@ -249,12 +261,7 @@ impl TestCluster {
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
         ];
-        let (proc, addr) = self.start_server(
-            "control-plane",
-            &format!("control-plane-{i}.log"),
-            &args,
-            None,
-        );
+        let (proc, addr) = self.start_server("control-plane", log_name, &args, None);
         Server {
             proc,
             addr,

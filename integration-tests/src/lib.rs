@@ -7,6 +7,7 @@ pub mod netns;
 mod process;
 pub mod procfs;
 mod redis_server;
+pub mod soak;
 
 use std::future::Future;
 use std::time::Duration;

@@ -104,3 +104,34 @@ pub fn rss_kib(pid: i32) -> u64 {
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }
+
+/// Every live process carrying an agent marker, with the agent id it carries.
+pub fn agent_processes_by_id() -> Vec<(String, ProcInfo)> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+            let id = env
+                .split(|b| *b == 0)
+                .find_map(|kv| kv.strip_prefix(MARKER.as_bytes()))
+                .map(|v| String::from_utf8_lossy(v).into_owned())?;
+            let info = stat(pid).filter(|p| p.state != 'Z' && p.state != 'X')?;
+            Some((id, info))
+        })
+        .collect()
+}
+
+/// Zombie children of `parent` (exited, not reaped).
+pub fn zombie_children(parent: i32) -> Vec<ProcInfo> {
+    let Ok(dir) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    dir.flatten()
+        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(stat)
+        .filter(|p| p.ppid == parent && p.state == 'Z')
+        .collect()
+}
