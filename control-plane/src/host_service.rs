@@ -6,11 +6,10 @@ use std::time::Duration;
 
 use agentplane::proto::v1::host_service_server::HostService;
 use agentplane::proto::v1::{
-    AgentState, CordonHostRequest, DrainHostRequest, DrainProgress, GetHostRequest, Host,
-    ListHostsRequest, ListHostsResponse,
+    CordonHostRequest, DrainHostRequest, DrainProgress, GetHostRequest, Host, ListHostsRequest,
+    ListHostsResponse,
 };
 use agentplane::registry::Registry;
-use agentplane::state;
 use agentplane::tasks::Tasks;
 use agentplane::time::duration_from_proto;
 use agentplane::validate;
@@ -19,10 +18,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentApi;
+use crate::drain::Drainer;
 use crate::error::ApiError;
 use crate::hosts::HostClients;
-use crate::relocate::{relocate, Relocated};
-use agentplane::state::restartable_elsewhere;
 
 /// Default bound of a drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
@@ -60,73 +58,6 @@ impl HostApi {
         Ok(host
             .ok_or_else(|| ApiError::HostNotFound { id: id.to_owned() })?
             .to_proto())
-    }
-
-    /// One drain round: what is still on the host, after acting on each.
-    async fn drain_round(
-        &self,
-        host: &str,
-        force: bool,
-        p: &mut DrainProgress,
-    ) -> Result<(), ApiError> {
-        let mut remaining = Vec::new();
-        let mut cursor = 0;
-        loop {
-            let (next, ids) = self.registry.scan_host_agent_ids(host, cursor, 200).await?;
-            remaining.extend(
-                self.registry
-                    .get_agents(&ids)
-                    .await?
-                    .into_iter()
-                    .filter(|a| a.host == host && !state::is_terminal(a.state())),
-            );
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        p.remaining = u32::try_from(remaining.len()).unwrap_or(u32::MAX);
-        let mut waiting = 0;
-        for agent in remaining {
-            let live = matches!(agent.state(), AgentState::Running | AgentState::Paused);
-            if restartable_elsewhere(&agent) && live {
-                let stopped = self.agents.stop(&agent.id, None).await?;
-                if stopped.state() != AgentState::Exited {
-                    continue;
-                }
-                match relocate(&self.registry, &self.hosts, &stopped, AgentState::Exited).await? {
-                    Relocated::Started { host: Some(to) } => {
-                        p.moved += 1;
-                        p.message = format!("moved {} to {to}", agent.id);
-                    }
-                    Relocated::Pending { error } => {
-                        p.moved += 1;
-                        p.message = format!(
-                            "moved {}; its start is not confirmed yet ({error}); the sweep retries it",
-                            agent.id
-                        );
-                    }
-                    Relocated::Started { host: None } | Relocated::Raced => {
-                        p.message = format!("{} moved by someone else", agent.id);
-                    }
-                }
-            } else if force && live {
-                self.agents.stop(&agent.id, None).await?;
-                p.stopped += 1;
-                p.message = format!(
-                    "stopped {} (it cannot move: restart never or pinned)",
-                    agent.id
-                );
-            } else {
-                waiting += 1;
-            }
-        }
-        if waiting > 0 {
-            p.message = format!(
-                "waiting for {waiting} agents that cannot move (restart never or pinned) to end; `--force` stops them"
-            );
-        }
-        Ok(())
     }
 }
 
@@ -184,7 +115,11 @@ impl HostService for HostApi {
             .as_ref()
             .map_or(DRAIN_TIMEOUT, duration_from_proto);
         let (tx, rx) = mpsc::channel(16);
-        let api = self.clone();
+        let drainer = Drainer::new(
+            self.registry.clone(),
+            self.hosts.clone(),
+            self.agents.clone(),
+        );
         self.tasks.spawn("drain", async move {
             let deadline = tokio::time::Instant::now() + limit;
             let mut p = DrainProgress {
@@ -192,7 +127,7 @@ impl HostService for HostApi {
                 ..Default::default()
             };
             loop {
-                if let Err(e) = api.drain_round(&r.id, r.force, &mut p).await {
+                if let Err(e) = drainer.round(&r.id, r.force, &mut p).await {
                     let _ = tx.send(Err(e.into())).await;
                     return;
                 }

@@ -6,6 +6,7 @@
 
 mod agents;
 pub mod config;
+mod drain;
 mod error;
 mod host_service;
 pub mod hosts;

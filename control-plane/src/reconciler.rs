@@ -131,7 +131,7 @@ impl Reconciler {
             self.settle_host(&host, false).await?;
         }
         let stats = self.sweep.pass(&live, may_lose, self.period / 4).await?;
-        if stats.acted > 0 || stats.wrapped {
+        if stats.acted > 0 {
             tracing::debug!(
                 read = stats.read,
                 acted = stats.acted,

@@ -558,6 +558,19 @@ impl TestCluster {
         drop(self);
     }
 
+    /// Copies every server's whole log into `to` (created), to read after a
+    /// failure once the cluster's own directory is gone.
+    pub fn keep_logs(&self, to: &std::path::Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(to)?;
+        for e in std::fs::read_dir(self.dir.path())?.flatten() {
+            let name = e.file_name();
+            if name.to_string_lossy().ends_with(".log") {
+                std::fs::copy(e.path(), to.join(&name))?;
+            }
+        }
+        Ok(())
+    }
+
     /// The log tail of every server, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();

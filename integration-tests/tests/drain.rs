@@ -118,7 +118,7 @@ async fn spawn_wait_follows_a_drained_agent_to_its_new_host_and_ends_with_it() {
     .await;
     let id = running["id"].as_str().expect("id").to_owned();
     ok_json(&cluster.agentctl(&["-o", "json", "hosts", "uncordon", "h2"]));
-    // The drain stops it on h1 (EXITED, STOPPED), then starts it on h2.
+    // The drain reassigns it to h2, stops the copy on h1, starts it on h2.
     let drain = cluster.agentctl(&["hosts", "drain", "h1", "--timeout", "60s"]);
     assert!(
         drain.status.success(),
@@ -130,9 +130,7 @@ async fn spawn_wait_follows_a_drained_agent_to_its_new_host_and_ends_with_it() {
         (moved["host"].as_str(), moved["generation"].as_u64()),
         (Some("h2"), Some(2))
     );
-    // The wait goes on with the moved agent. (A drain records EXITED for the
-    // milliseconds between the stop and the relocation; a poll landing there
-    // would end the wait: see the note on issue #5.)
+    // The wait goes on with the moved agent: the record never said it ended.
     let mut waiting = waiting;
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(
@@ -156,6 +154,131 @@ async fn spawn_wait_follows_a_drained_agent_to_its_new_host_and_ends_with_it() {
     assert_eq!(
         (last["host"].as_str(), last["generation"].as_u64()),
         (Some("h2"), Some(2))
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_never_reports_an_end_for_a_moved_agent() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
+    let mut moved = Vec::new();
+    for _ in 0..4 {
+        let a = ok_json(&cluster.agentctl(&[
+            "-o",
+            "json",
+            "spawn",
+            "--restart",
+            "on-failure",
+            "--grace",
+            "2s",
+            "--",
+            "sleep",
+            "1000",
+        ]));
+        moved.push(a["id"].as_str().expect("id").to_owned());
+    }
+    // One agent ends by itself during the drain: it counts as done.
+    let quick = ok_json(&cluster.agentctl(&[
+        "-o",
+        "json",
+        "spawn",
+        "--restart",
+        "on-failure",
+        "--",
+        "sh",
+        "-c",
+        "sleep 0.3",
+    ]));
+    ok_json(&cluster.agentctl(&["-o", "json", "hosts", "uncordon", "h2"]));
+    let (mut watch, events) = cluster.watch_json();
+    let drain = cluster.agentctl(&["hosts", "drain", "h1", "--timeout", "60s"]);
+    assert!(
+        drain.status.success(),
+        "{}",
+        String::from_utf8_lossy(&drain.stderr)
+    );
+    for id in &moved {
+        let a = ok_json(&cluster.agentctl(&["-o", "json", "get", id]));
+        assert_eq!(
+            (a["host"].as_str(), a["state"].as_str()),
+            (Some("h2"), Some("RUNNING"))
+        );
+        assert_eq!(procfs::agent_processes(id).len(), 1, "{id} runs once");
+    }
+    // Every event up to the last move, as watchers saw them.
+    let mut seen = Vec::new();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while moved.iter().any(|id| {
+        !seen.iter().any(|e: &Value| {
+            e["agent_id"] == id.as_str() && e["state"] == "RUNNING" && e["generation"] == 2
+        })
+    }) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "events of the moves: {seen:#?}"
+        );
+        if let Ok(e) = events.recv_timeout(Duration::from_millis(200)) {
+            seen.push(e);
+        }
+    }
+    let _ = watch.kill();
+    for id in &moved {
+        let mine: Vec<&Value> = seen
+            .iter()
+            .filter(|e| e["agent_id"] == id.as_str())
+            .collect();
+        assert!(
+            mine.iter()
+                .any(|e| e["type"] == "AGENT_MOVING" && e["host"] == "h2"),
+            "{id}: {mine:#?}"
+        );
+        assert!(
+            !mine
+                .iter()
+                .any(|e| matches!(e["state"].as_str(), Some("EXITED" | "FAILED" | "LOST"))),
+            "{id} was reported ended: {mine:#?}"
+        );
+    }
+    let q = ok_json(&cluster.agentctl(&["-o", "json", "get", quick["id"].as_str().expect("id")]));
+    assert_eq!(q["state"], "EXITED", "{q}");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_no_room_elsewhere_leaves_its_agents_running() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
+    let a = ok_json(&cluster.agentctl(&[
+        "-o",
+        "json",
+        "spawn",
+        "--restart",
+        "always",
+        "--",
+        "sleep",
+        "1000",
+    ]));
+    let id = a["id"].as_str().expect("id").to_owned();
+    let drain = cluster.agentctl(&["hosts", "drain", "h1", "--timeout", "2s"]);
+    let progress = String::from_utf8_lossy(&drain.stdout).into_owned();
+    assert!(
+        !drain.status.success(),
+        "nowhere to go: the drain cannot finish"
+    );
+    assert!(
+        progress.contains("until another host has room"),
+        "{progress}"
+    );
+    let now = ok_json(&cluster.agentctl(&["-o", "json", "get", &id]));
+    assert_eq!(
+        (
+            now["state"].as_str(),
+            now["host"].as_str(),
+            now["pid"].as_i64()
+        ),
+        (Some("RUNNING"), Some("h1"), a["pid"].as_i64()),
+        "the agent was left alone"
     );
     cluster.finish().await;
 }

@@ -56,6 +56,8 @@ pub struct AgentUpdate {
     pub incarnation: Option<String>,
     /// When the agent was placed, ms since the epoch; `Some(0)` clears it.
     pub pending_since_ms: Option<i64>,
+    /// The event a state change appends (default AGENT_STATE).
+    pub event: Option<crate::proto::v1::EventType>,
 }
 
 /// What an update found.
@@ -259,7 +261,8 @@ impl Registry {
                     .join(","),
             )
             .arg(crate::time::now_ms())
-            .arg(super::EVENTS_MAXLEN);
+            .arg(super::EVENTS_MAXLEN)
+            .arg(update.event.map_or("", super::type_name));
         let mut deletes: Vec<&str> = Vec::new();
         if update.clear_exit {
             deletes.push(field::EXIT);

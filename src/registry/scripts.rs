@@ -10,8 +10,9 @@ use std::sync::LazyLock;
 /// KEYS[4] the new one's (membership moves in the same step). ARGV[1] expected
 /// generation (`""`: any), ARGV[2] expected host (`""`: any), ARGV[3]
 /// comma-separated allowed current states (`""`: any), ARGV[4] the time (ms),
-/// ARGV[5] the stream's approximate length bound, ARGV[6] the number N of
-/// fields to delete, ARGV[7..7+N] their names, then field/value pairs to set.
+/// ARGV[5] the stream's approximate length bound, ARGV[6] the event type
+/// of a state change (`""`: AGENT_STATE), ARGV[7] the number N of fields to
+/// delete, ARGV[8..8+N] their names, then field/value pairs to set.
 ///
 /// Returns `{code, state, generation, host}` as they were before: code 1 applied,
 /// 0 no such record, -1 an expectation failed (nothing written).
@@ -30,9 +31,9 @@ if ARGV[3] ~= '' then
   end
   if not ok then return {-1, state, gen, host} end
 end
-local ndel = tonumber(ARGV[6])
-for i = 7, 6 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
-local first = 7 + ndel
+local ndel = tonumber(ARGV[7])
+for i = 8, 7 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local first = 8 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
 if #KEYS >= 4 then
@@ -40,8 +41,10 @@ if #KEYS >= 4 then
   redis.call('SADD', KEYS[4], after[1])
 end
 if after[2] ~= state or after[4] ~= gen then
+  local ty = ARGV[6]
+  if ty == '' then ty = 'AGENT_STATE' end
   redis.call('XADD', KEYS[2], 'MAXLEN', '~', ARGV[5], '*',
-    'type', 'AGENT_STATE', 'agent', after[1] or '', 'state', after[2] or '',
+    'type', ty, 'agent', after[1] or '', 'state', after[2] or '',
     'previous', state, 'host', after[3] or '', 'generation', after[4] or '', 'at', ARGV[4])
 end
 return {1, state, gen, host}

@@ -103,6 +103,7 @@ impl AgentApi {
                                     | EventType::AgentState
                                     | EventType::AgentDeleted
                                     | EventType::AgentIdle
+                                    | EventType::AgentMoving
                             );
                             if (filter.is_empty() || host_event || ev.agent_id == filter)
                                 && tx.send(Ok(ev)).await.is_err()

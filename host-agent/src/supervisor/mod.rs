@@ -539,6 +539,11 @@ impl Supervisor {
         let Ok(slot) = self.get(id) else { return };
         let pid = {
             let mut st = slot.status();
+            if st.state == AgentState::Stopping && st.requested == Some(Requested::Stop) {
+                // A stop is under way (a drain moved the agent and stops this
+                // copy with its grace): its escalation ends it, bounded.
+                return;
+            }
             st.requested = Some(Requested::Stop);
             st.pid
         };
