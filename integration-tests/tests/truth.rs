@@ -466,3 +466,53 @@ async fn claims_of_dead_callers_are_free_and_claims_of_slow_ones_are_not_taken()
     assert_eq!(holder, agent.id);
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_fenced_between_admission_and_fork_is_refused_without_a_panic() {
+    // Every start on this host pauses 800 ms between admission and fork (a
+    // debug-build failpoint), far longer than a heartbeat (200 ms).
+    std::env::set_var("AGENTPLANE_FAILPOINT_PAUSE_BEFORE_SPAWN", "800");
+    let mut cluster = TestCluster::builder()
+        .heartbeat_ttl(Duration::from_millis(600))
+        .start()
+        .await;
+    let s = spec(&["sleep", "1000"], None);
+    let id = plant(&cluster, "RUNNING", "h1", &s, None).await;
+    // The record is at generation 2: a start of generation 1 is stale, and
+    // the heartbeat fences it while it waits at the failpoint.
+    let mut conn = cluster.redis.conn().await;
+    let _: () = conn
+        .hset(format!("ap:agent:{id}"), "generation", 2)
+        .await
+        .expect("HSET");
+    let answer = cluster
+        .host_agent(0)
+        .start_agent(agentplane::proto::v1::StartAgentRequest {
+            id: id.clone(),
+            generation: 1,
+            spec: Some(s),
+        })
+        .await
+        .expect_err("a fenced start is refused");
+    assert_eq!(answer.code(), Code::FailedPrecondition, "{answer:?}");
+    assert!(answer.message().contains("fenced"), "{answer:?}");
+    assert!(procfs::agent_processes(&id).is_empty());
+    assert!(
+        cluster.host("h1").proc.is_running(),
+        "the host agent survived"
+    );
+    let status = cluster
+        .host_agent(0)
+        .get_status(agentplane::proto::v1::GetStatusRequest {})
+        .await
+        .expect("status")
+        .into_inner();
+    assert_eq!(status.panicked_tasks, 0);
+    let log = std::fs::read_to_string(&cluster.hosts[0].proc.log).unwrap_or_default();
+    assert!(
+        log.contains("fencing: killing a stale copy"),
+        "the heartbeat fenced it"
+    );
+    assert!(!log.contains("panicked"), "{log}");
+    cluster.finish().await;
+}

@@ -195,6 +195,11 @@ impl Supervisor {
         if let Some(here) = admitted? {
             return Ok(here);
         }
+        if let Some(pause) = pause_before_spawn() {
+            // Test builds only: widens the window in which a heartbeat can
+            // fence the admitted slot before its fork (see the test).
+            tokio::time::sleep(pause).await;
+        }
 
         let (child, pid) = match self.spawn_run(&slot, false) {
             Ok(Some(c)) => c,
@@ -612,6 +617,22 @@ fn evict_ended(map: &mut HashMap<String, Arc<AgentSlot>>, cap: usize) {
             slot.output.remove();
         }
     }
+}
+
+/// A debug-build failpoint: `AGENTPLANE_FAILPOINT_PAUSE_BEFORE_SPAWN=MS`
+/// pauses every start between admission and fork. Release builds ignore it.
+fn pause_before_spawn() -> Option<Duration> {
+    static PAUSE: std::sync::OnceLock<Option<Duration>> = std::sync::OnceLock::new();
+    *PAUSE.get_or_init(|| {
+        if !cfg!(debug_assertions) {
+            return None;
+        }
+        std::env::var("AGENTPLANE_FAILPOINT_PAUSE_BEFORE_SPAWN")
+            .ok()?
+            .parse()
+            .ok()
+            .map(Duration::from_millis)
+    })
 }
 
 /// The exit of a start that failed.
