@@ -76,6 +76,8 @@ pub mod reason {
     pub const HOST_ERROR: &str = "HOST_ERROR";
     /// EXITED: ended by a stop request.
     pub const STOPPED: &str = "STOPPED";
+    /// EXITED: stopped by its host after `stop_after_disconnect` without a lease.
+    pub const DISCONNECTED: &str = "DISCONNECTED";
 }
 
 /// True once the agent can never run again under this generation.

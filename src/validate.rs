@@ -206,6 +206,9 @@ pub fn spec(s: &AgentSpec) -> Result {
     if let Some(g) = &s.stop_grace {
         grace("spec.stop_grace", g)?;
     }
+    if let Some(d) = &s.stop_after_disconnect {
+        grace("spec.stop_after_disconnect", d)?;
+    }
     bytes_or_default(
         "spec.log_buffer_bytes",
         s.log_buffer_bytes,

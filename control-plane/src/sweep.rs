@@ -402,6 +402,12 @@ impl Sweep {
 /// Places a LOST restartable agent again. Failures are logged: the record
 /// stays LOST (or PENDING) and the next pass tries again.
 pub async fn restart_lost(registry: &Registry, hosts: &Arc<HostClients>, agent: &Agent) -> bool {
+    if let Some(at) = not_before(agent) {
+        if now_ms() < at {
+            // At most one copy: its host may still be stopping it.
+            return false;
+        }
+    }
     match relocate(registry, hosts, agent, AgentState::Lost).await {
         Ok(Relocated::Started { host }) => {
             tracing::info!(agent = %agent.id, to = ?host, "LOST agent placed again");
@@ -418,6 +424,34 @@ pub async fn restart_lost(registry: &Registry, hosts: &Arc<HostClients>, agent: 
         }
     }
 }
+
+/// For an agent with `stop_after_disconnect` whose host went silent (its
+/// copy may still run there until the host stops it): the earliest time, ms
+/// since the epoch, a replacement may start: when it was declared LOST (never
+/// before its lease expired) + stop_after_disconnect + stop_grace.
+pub fn not_before(agent: &Agent) -> Option<i64> {
+    let spec = agent.spec.as_ref()?;
+    let limit = spec.stop_after_disconnect.as_ref()?;
+    // No exit yet: this pass declared it LOST just now.
+    let lost_at = match agent.exit.as_ref() {
+        None => now_ms(),
+        Some(e) if matches!(e.reason.as_str(), reason::HOST_LOST | reason::LEASE_EXPIRED) => e
+            .finished_at
+            .as_ref()
+            .map_or_else(now_ms, ms_from_timestamp),
+        // Its host said it does not hold it: nothing can still run there.
+        Some(_) => return None,
+    };
+    let grace = spec
+        .stop_grace
+        .as_ref()
+        .map_or(DEFAULT_GRACE, agentplane::time::duration_from_proto);
+    let wait = agentplane::time::duration_from_proto(limit) + grace;
+    Some(lost_at.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// The host's stop grace when the spec gives none.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 
 /// The expectation of a PENDING record as read.
 fn pending_at(agent: &Agent) -> Expect {
@@ -456,6 +490,24 @@ mod tests {
             pending_since: pending_since_ms.map(timestamp_from_ms),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_replacement_waits_for_the_disconnect_limit_and_grace() {
+        let mut a = agent(AgentState::Lost, Mode::Always, None);
+        assert_eq!(not_before(&a), None, "no limit: availability first");
+        let spec = a.spec.as_mut().expect("spec");
+        spec.stop_after_disconnect =
+            Some(agentplane::time::duration_to_proto(Duration::from_secs(5)));
+        spec.stop_grace = Some(agentplane::time::duration_to_proto(Duration::from_secs(2)));
+        a.exit = Some(ExitStatus {
+            reason: reason::LEASE_EXPIRED.into(),
+            finished_at: Some(timestamp_from_ms(1_000_000)),
+            ..Default::default()
+        });
+        assert_eq!(not_before(&a), Some(1_007_000));
+        a.exit.as_mut().expect("exit").reason = reason::HOST_RESTARTED.into();
+        assert_eq!(not_before(&a), None, "its host said nothing runs there");
     }
 
     #[test]

@@ -44,6 +44,8 @@ pub async fn run(
     }
     let mut conn = None;
     let mut last_attempt = tokio::time::Instant::now();
+    // When the leases were last renewed (a beat succeeded).
+    let mut renewed = tokio::time::Instant::now();
     loop {
         // While the registry is unreachable, retry twice per interval: a healed
         // partition is then noticed (and stale copies fenced) sooner.
@@ -68,6 +70,7 @@ pub async fn run(
         host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         match result {
             Ok(report) => {
+                renewed = started;
                 if let Some(since) = mem.failing_since.take() {
                     tracing::info!(down_for = ?since.elapsed(), "registry reachable again; heartbeat restored");
                 }
@@ -80,6 +83,7 @@ pub async fn run(
                 supervisor.flush_unrecorded().await;
             }
             Err(e) => {
+                supervisor.stop_disconnected(renewed.elapsed());
                 if mem.failing_since.is_none() {
                     tracing::warn!(error = %e, "heartbeat failed; agents keep running, retrying every {:?}", ttl / 3);
                     mem.failing_since = Some(started);

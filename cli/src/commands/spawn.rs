@@ -88,6 +88,12 @@ pub struct SpawnArgs {
     /// Stop the agent once idle this long.
     #[arg(long, value_parser = parse_duration)]
     idle_timeout: Option<Duration>,
+    /// At most one copy: the host stops the agent once it could not renew its
+    /// lease this long (a partition), and no replacement starts before the
+    /// lease expired + this + the grace. Default: availability (a partitioned
+    /// restartable agent may run twice until the partition heals).
+    #[arg(long, value_parser = parse_duration)]
+    stop_after_disconnect: Option<Duration>,
     /// Idempotency key: retrying with the same key never makes a second agent.
     #[arg(long)]
     request_id: Option<String>,
@@ -150,6 +156,7 @@ impl SpawnArgs {
             idle_timeout: a.idle_timeout.map(duration_to_proto),
             tty: a.tty,
             session_grace: a.session_grace.map(duration_to_proto),
+            stop_after_disconnect: a.stop_after_disconnect.map(duration_to_proto),
         };
         (spec, a.request_id.unwrap_or_default())
     }

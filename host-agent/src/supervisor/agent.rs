@@ -22,12 +22,17 @@ pub enum Requested {
     Idle,
     /// A kill with this signal (does not forbid a restart: it is only a signal).
     Kill(i32),
+    /// The lease could not be renewed for `spec.stop_after_disconnect`.
+    Disconnected,
 }
 
 impl Requested {
     /// True for the requests after which the agent must not run again.
     pub fn ends_agent(self) -> bool {
-        matches!(self, Requested::Stop | Requested::Timeout | Requested::Idle)
+        matches!(
+            self,
+            Requested::Stop | Requested::Timeout | Requested::Idle | Requested::Disconnected
+        )
     }
 }
 

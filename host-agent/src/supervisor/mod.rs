@@ -4,6 +4,7 @@
 //! it sees into the registry with compare-and-set on generation and host.
 
 mod agent;
+mod disconnect;
 pub mod error;
 pub mod guard;
 mod io;
@@ -412,7 +413,11 @@ impl Supervisor {
             st.pid
         };
         slot.wake.notify_one();
-        if matches!(s.state, AgentState::Running | AgentState::Paused) {
+        // A disconnect stop runs because Redis is unreachable: writing
+        // STOPPING first would only delay the signals by a write timeout.
+        if matches!(s.state, AgentState::Running | AgentState::Paused)
+            && why != Requested::Disconnected
+        {
             if let Err(e) = self
                 .write_state(
                     &slot,

@@ -193,6 +193,7 @@ pub(super) fn exit_status(
         (Some(Requested::Stop), _) => "STOPPED",
         (Some(Requested::Timeout), _) => "TIMEOUT",
         (Some(Requested::Idle), _) => "IDLE",
+        (Some(Requested::Disconnected), _) => "DISCONNECTED",
         (Some(Requested::Kill(k)), Some(s)) if k == s => "KILLED",
         (_, Some(_)) => "SIGNALED",
         (_, None) => "COMPLETED",
