@@ -16,16 +16,20 @@
 //! (f) no two records came from one spawn request id;
 //! (g) no zombie children under a host agent.
 //!
-//! Not yet: (e) exits with codes (the agents here never exit by themselves),
-//! partitions and drains as faults (see the issue notes).
+//! Faults: SIGKILL of a host agent (restarted after 0-2 TTL), SIGKILL of a
+//! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty, a
+//! host's link cut for 0-3 TTL (hosts run in network namespaces: root), a
+//! drain of a host (then uncordoned).
+//! Not yet: (e) exits with codes (the agents here never exit by themselves).
 
 use std::collections::{BTreeMap, HashMap};
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
-    Agent, AgentSpec, AgentState, DeleteAgentRequest, ListAgentsRequest, PauseAgentRequest,
-    RestartPolicy, ResumeAgentRequest, SpawnAgentRequest, StopAgentRequest,
+    Agent, AgentSpec, AgentState, CordonHostRequest, DeleteAgentRequest, DrainHostRequest,
+    ListAgentsRequest, PauseAgentRequest, RestartPolicy, ResumeAgentRequest, SpawnAgentRequest,
+    StopAgentRequest,
 };
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
@@ -76,6 +80,8 @@ enum Fault {
     KillControlPlane { index: usize },
     FreezeRedis { for_: Duration },
     RestartRedisEmpty,
+    Partition { host: usize, for_: Duration },
+    Drain { host: usize },
 }
 
 impl Fault {
@@ -85,6 +91,8 @@ impl Fault {
             Fault::KillControlPlane { .. } => "sigkill control plane",
             Fault::FreezeRedis { .. } => "sigstop redis",
             Fault::RestartRedisEmpty => "restart redis empty",
+            Fault::Partition { .. } => "partition a host",
+            Fault::Drain { .. } => "drain a host",
         }
     }
 }
@@ -96,6 +104,7 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
         .hosts(3)
         .control_planes(2)
         .heartbeat_ttl(cfg.ttl)
+        .network_namespaces()
         .start()
         .await;
     let mut report = SoakReport::default();
@@ -148,18 +157,25 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
 
 fn pick_fault(rng: &mut StdRng, ttl: Duration) -> Fault {
     let up_to = |rng: &mut StdRng, max: Duration| max.mul_f64(rng.random_range(0.0..1.0));
-    match rng.random_range(0..10) {
-        0..=3 => Fault::KillHost {
+    match rng.random_range(0..12) {
+        0..=2 => Fault::KillHost {
             host: rng.random_range(0..3),
             down: up_to(rng, 2 * ttl),
         },
-        4..=5 => Fault::KillControlPlane {
+        3..=4 => Fault::KillControlPlane {
             index: rng.random_range(0..2),
         },
-        6..=8 => Fault::FreezeRedis {
+        5..=6 => Fault::FreezeRedis {
             for_: up_to(rng, 2 * ttl),
         },
-        _ => Fault::RestartRedisEmpty,
+        7 => Fault::RestartRedisEmpty,
+        8..=9 => Fault::Partition {
+            host: rng.random_range(0..3),
+            for_: up_to(rng, 3 * ttl),
+        },
+        _ => Fault::Drain {
+            host: rng.random_range(0..3),
+        },
     }
 }
 
@@ -183,6 +199,40 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
         Fault::RestartRedisEmpty => {
             cluster.redis.stop();
             cluster.redis.restart().await;
+        }
+        Fault::Partition { host, for_ } => {
+            let lab = cluster
+                .lab
+                .as_ref()
+                .expect("the soak runs hosts in namespaces");
+            lab.cut(host);
+            tokio::time::sleep(for_).await;
+            lab.restore(host);
+        }
+        Fault::Drain { host } => {
+            let id = format!("h{}", host + 1);
+            let mut hs = cluster.host_client().await;
+            // Agents that cannot move keep it from finishing: a bounded try.
+            if let Ok(stream) = hs
+                .drain_host(DrainHostRequest {
+                    id: id.clone(),
+                    force: false,
+                    timeout: Some(prost_types::Duration {
+                        seconds: 3,
+                        nanos: 0,
+                    }),
+                })
+                .await
+            {
+                let mut stream = stream.into_inner();
+                while let Ok(Some(_)) = stream.message().await {}
+            }
+            let _ = hs
+                .cordon_host(CordonHostRequest {
+                    id,
+                    cordoned: false,
+                })
+                .await;
         }
     }
 }
