@@ -15,6 +15,21 @@ use std::time::Duration;
 pub use cluster::{bin, Builder, TestCluster};
 pub use redis_server::RedisServer;
 
+/// A spec running `argv` with an optional restart mode (defaults elsewhere).
+pub fn spec(
+    argv: &[&str],
+    restart: Option<agentplane::proto::v1::restart_policy::Mode>,
+) -> agentplane::proto::v1::AgentSpec {
+    agentplane::proto::v1::AgentSpec {
+        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
+        restart: restart.map(|m| agentplane::proto::v1::RestartPolicy {
+            mode: m as i32,
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
 /// Bytes of the files under `dir`, recursively (0 if it is missing).
 pub fn dir_bytes(dir: &std::path::Path) -> u64 {
     std::fs::read_dir(dir)

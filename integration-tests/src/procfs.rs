@@ -29,14 +29,21 @@ pub fn stat(pid: i32) -> Option<ProcInfo> {
     })
 }
 
-/// Every process in process group `pgid`, zombies included.
-pub fn group(pgid: i32) -> Vec<ProcInfo> {
+/// Every process on the machine, zombies included.
+pub fn all_processes() -> Vec<ProcInfo> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
         return Vec::new();
     };
     dir.flatten()
         .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
         .filter_map(stat)
+        .collect()
+}
+
+/// Every process in process group `pgid`, zombies included.
+pub fn group(pgid: i32) -> Vec<ProcInfo> {
+    all_processes()
+        .into_iter()
         .filter(|p| p.pgrp == pgid)
         .collect()
 }
@@ -126,12 +133,8 @@ pub fn agent_processes_by_id() -> Vec<(String, ProcInfo)> {
 
 /// Zombie children of `parent` (exited, not reaped).
 pub fn zombie_children(parent: i32) -> Vec<ProcInfo> {
-    let Ok(dir) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    dir.flatten()
-        .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(stat)
+    all_processes()
+        .into_iter()
         .filter(|p| p.ppid == parent && p.state == 'Z')
         .collect()
 }

@@ -139,10 +139,18 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         if !report.violations.is_empty() {
-            eprintln!(
-                "soak: violations in round {round}; server logs:\n{}",
-                cluster.logs()
-            );
+            let kept =
+                std::env::temp_dir().join(format!("agentplane-soak-{}-round-{round}", cfg.seed));
+            match cluster.keep_logs(&kept) {
+                Ok(()) => eprintln!(
+                    "soak: violations in round {round}; every server log kept in {}",
+                    kept.display()
+                ),
+                Err(e) => eprintln!(
+                    "soak: violations in round {round}; cannot keep the logs ({e}):\n{}",
+                    cluster.logs()
+                ),
+            }
             break;
         }
     }

@@ -7,23 +7,11 @@ use std::time::{Duration, Instant};
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
     Agent, AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, LocateAgentRequest,
-    RestartPolicy,
 };
-use agentplane_integration_tests::{eventually, procfs, TestCluster};
+use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 use tonic::Code;
-
-fn spec(argv: &[&str], restart: Option<Mode>) -> AgentSpec {
-    AgentSpec {
-        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
-        restart: restart.map(|m| RestartPolicy {
-            mode: m as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
     let mut c = cluster.client().await;

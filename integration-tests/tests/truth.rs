@@ -5,23 +5,12 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
-use agentplane::proto::v1::{Agent, AgentSpec, AgentState, GetAgentRequest, RestartPolicy};
-use agentplane_integration_tests::{eventually, procfs, TestCluster};
+use agentplane::proto::v1::{Agent, AgentSpec, AgentState, GetAgentRequest};
+use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 use prost::Message;
 use redis::AsyncCommands;
 use tonic::Code;
-
-fn spec(argv: &[&str], restart: Option<Mode>) -> AgentSpec {
-    AgentSpec {
-        argv: argv.iter().map(|s| (*s).to_owned()).collect(),
-        restart: restart.map(|m| RestartPolicy {
-            mode: m as i32,
-            ..Default::default()
-        }),
-        ..Default::default()
-    }
-}
 
 /// Writes an agent record straight into Redis, as a crashed writer could
 /// have left it: `state` on `host` at generation 1, in the host's set, with
