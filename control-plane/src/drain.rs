@@ -8,15 +8,21 @@
 //! none confirms, the sweep retries). Agents that cannot move are waited for,
 //! or stopped with `force`. Already-ended agents count as done, and one
 //! agent's failure never aborts the drain: it is retried next round.
+//!
+//! A drain is marked on the host record (`draining`, with `force` and its
+//! deadline) and led under a lease (`ap:drain:{host}`) that its replica
+//! renews; it goes on when its client leaves, and when its replica dies the
+//! reconciler of another replica finds the mark without a lease and finishes it.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::{Agent, AgentState, DrainProgress, EventType, HostStopAgentRequest};
-use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, UpdateOutcome};
+use agentplane::registry::{AgentUpdate, Draining, Expect, HostRecord, Registry, UpdateOutcome};
 use agentplane::state;
 use agentplane::time::{duration_from_proto, duration_to_proto, now_ms};
-use tokio::sync::Semaphore;
+use tokio::sync::{mpsc, Semaphore};
+use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentApi;
 use crate::error::ApiError;
@@ -28,6 +34,25 @@ use crate::start::{start_on_candidates, Placed, StartOutcome};
 const PARALLEL: usize = 8;
 /// Grace of a moved copy's stop when its spec gives none.
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
+
+/// How long a drain's lease lives unless its replica renews it.
+pub const DRAIN_LEASE: Duration = Duration::from_secs(5);
+/// Pause between drain rounds.
+const DRAIN_ROUND: Duration = Duration::from_millis(300);
+
+/// What a running drain tells whoever listens.
+#[derive(Debug)]
+pub enum DrainEvent {
+    /// After each round (the last one has `done`).
+    Progress(DrainProgress),
+    /// A registry failure ended the drain.
+    Failed(ApiError),
+    /// The deadline passed with agents left.
+    GaveUp {
+        /// Agents still on the host.
+        remaining: u32,
+    },
+}
 
 /// What happened to one agent in a round.
 #[derive(Debug)]
@@ -62,13 +87,78 @@ impl Drainer {
         }
     }
 
-    /// One round over what is still on `host`; updates `p`.
-    pub async fn round(
+    /// Drains `host` until it is empty or `mark.until_ms` passes, renewing
+    /// the drain lease as `leader` (when `lead`), reporting to `tx` while it
+    /// listens; clears the mark at the end. Returns when done, given up,
+    /// failed or cancelled.
+    pub async fn run(
         &self,
         host: &str,
-        force: bool,
-        p: &mut DrainProgress,
-    ) -> Result<(), ApiError> {
+        mark: Draining,
+        leader: &str,
+        tx: Option<mpsc::Sender<DrainEvent>>,
+        cancel: CancellationToken,
+    ) {
+        let renewing = cancel.child_token();
+        let _stop_renewing = renewing.clone().drop_guard();
+        {
+            let (registry, host, leader) =
+                (self.registry.clone(), host.to_owned(), leader.to_owned());
+            tokio::spawn(async move {
+                loop {
+                    tokio::select! {
+                        () = renewing.cancelled() => return,
+                        () = tokio::time::sleep(DRAIN_LEASE / 3) => {}
+                    }
+                    if let Err(e) = registry.lead_drain(&host, &leader, DRAIN_LEASE).await {
+                        tracing::warn!(%host, error = %e, "cannot renew the drain lease");
+                    }
+                }
+            });
+        }
+        let mut tx = tx;
+        let mut p = DrainProgress {
+            message: format!("cordoned {host}; draining"),
+            ..Default::default()
+        };
+        let end = loop {
+            if let Err(e) = self.round(host, mark.force, &mut p).await {
+                break DrainEvent::Failed(e);
+            }
+            if p.remaining == 0 {
+                p.done = true;
+                p.message = format!("{host} is empty");
+                break DrainEvent::Progress(p.clone());
+            }
+            if let Some(t) = &tx {
+                if t.send(DrainEvent::Progress(p.clone())).await.is_err() {
+                    // The client left; the drain goes on (the mark says so).
+                    tx = None;
+                }
+            }
+            if now_ms() >= mark.until_ms {
+                break DrainEvent::GaveUp {
+                    remaining: p.remaining,
+                };
+            }
+            tokio::select! {
+                () = cancel.cancelled() => return,
+                () = tokio::time::sleep(DRAIN_ROUND) => {}
+            }
+        };
+        if !matches!(end, DrainEvent::Failed(_)) {
+            if let Err(e) = self.registry.set_draining(host, None).await {
+                tracing::warn!(%host, error = %e, "cannot clear the draining mark");
+            }
+        }
+        tracing::info!(%host, outcome = ?end, "drain ended");
+        if let Some(t) = tx {
+            let _ = t.send(end).await;
+        }
+    }
+
+    /// One round over what is still on `host`; updates `p`.
+    async fn round(&self, host: &str, force: bool, p: &mut DrainProgress) -> Result<(), ApiError> {
         let mut remaining = Vec::new();
         let mut cursor = 0;
         loop {

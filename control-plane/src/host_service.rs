@@ -9,23 +9,23 @@ use agentplane::proto::v1::{
     CordonHostRequest, DrainHostRequest, DrainProgress, GetHostRequest, Host, ListHostsRequest,
     ListHostsResponse,
 };
-use agentplane::registry::Registry;
+use agentplane::registry::{Draining, Registry};
 use agentplane::tasks::Tasks;
 use agentplane::time::duration_from_proto;
+use agentplane::time::now_ms;
 use agentplane::validate;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::agents::AgentApi;
-use crate::drain::Drainer;
+use crate::drain::{DrainEvent, Drainer, DRAIN_LEASE};
 use crate::error::ApiError;
 use crate::hosts::HostClients;
 
 /// Default bound of a drain.
 const DRAIN_TIMEOUT: Duration = Duration::from_secs(600);
-/// Pause between drain rounds.
-const DRAIN_ROUND: Duration = Duration::from_millis(300);
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -34,6 +34,7 @@ pub struct HostApi {
     hosts: Arc<HostClients>,
     agents: AgentApi,
     tasks: Tasks,
+    cancel: CancellationToken,
 }
 
 impl HostApi {
@@ -44,12 +45,14 @@ impl HostApi {
         hosts: Arc<HostClients>,
         agents: AgentApi,
         tasks: Tasks,
+        cancel: CancellationToken,
     ) -> Self {
         Self {
             registry,
             hosts,
             agents,
             tasks,
+            cancel,
         }
     }
 
@@ -114,42 +117,49 @@ impl HostService for HostApi {
             .timeout
             .as_ref()
             .map_or(DRAIN_TIMEOUT, duration_from_proto);
+        let mark = Draining {
+            force: r.force,
+            until_ms: now_ms().saturating_add(i64::try_from(limit.as_millis()).unwrap_or(i64::MAX)),
+        };
+        self.registry
+            .set_draining(&r.id, Some(mark))
+            .await
+            .map_err(ApiError::from)?;
+        let leader = agentplane::ids::new_agent_id();
+        // Led here unless another replica leads it already (then both run
+        // rounds: every step is a compare-and-set).
+        let _ = self
+            .registry
+            .lead_drain(&r.id, &leader, DRAIN_LEASE)
+            .await
+            .map_err(ApiError::from)?;
+        let (events, mut from_drain) = mpsc::channel(16);
         let (tx, rx) = mpsc::channel(16);
         let drainer = Drainer::new(
             self.registry.clone(),
             self.hosts.clone(),
             self.agents.clone(),
         );
+        let (host, cancel) = (r.id.clone(), self.cancel.clone());
         self.tasks.spawn("drain", async move {
-            let deadline = tokio::time::Instant::now() + limit;
-            let mut p = DrainProgress {
-                message: format!("cordoned {}; draining", r.id),
-                ..Default::default()
-            };
-            loop {
-                if let Err(e) = drainer.round(&r.id, r.force, &mut p).await {
-                    let _ = tx.send(Err(e.into())).await;
+            drainer
+                .run(&host, mark, &leader, Some(events), cancel)
+                .await;
+        });
+        // The service edge: drain events become stream items.
+        self.tasks.spawn("drain stream", async move {
+            while let Some(ev) = from_drain.recv().await {
+                let item = match ev {
+                    DrainEvent::Progress(p) => Ok(p),
+                    DrainEvent::Failed(e) => Err(e.into()),
+                    DrainEvent::GaveUp { remaining } => Err(Status::deadline_exceeded(format!(
+                        "drain of {} gave up after {limit:?} with {remaining} agents left",
+                        r.id
+                    ))),
+                };
+                if tx.send(item).await.is_err() {
                     return;
                 }
-                if p.remaining == 0 {
-                    p.done = true;
-                    p.message = format!("{} is empty", r.id);
-                    let _ = tx.send(Ok(p)).await;
-                    return;
-                }
-                if tx.send(Ok(p.clone())).await.is_err() {
-                    return;
-                }
-                if tokio::time::Instant::now() >= deadline {
-                    let _ = tx
-                        .send(Err(Status::deadline_exceeded(format!(
-                            "drain of {} gave up after {limit:?} with {} agents left",
-                            r.id, p.remaining
-                        ))))
-                        .await;
-                    return;
-                }
-                tokio::time::sleep(DRAIN_ROUND).await;
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))

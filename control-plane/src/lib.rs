@@ -119,6 +119,8 @@ pub async fn run(
             // A placing replica waits at most two host calls (one retry) for
             // a start's answer; past that, nobody is going to confirm it.
             2 * config.host_call_timeout + Duration::from_secs(1),
+            drain::Drainer::new(registry.clone(), hosts.clone(), agent_api.clone()),
+            tasks.clone(),
         )
         .run(cancel.clone()),
     );
@@ -140,6 +142,7 @@ pub async fn run(
             hosts.clone(),
             agent_api,
             tasks.clone(),
+            cancel.clone(),
         )))
         .serve_with_incoming_shutdown(
             TcpListenerStream::new(listener),

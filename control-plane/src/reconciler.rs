@@ -18,11 +18,13 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::AgentState;
-use agentplane::registry::{HostRecord, Registry, RegistryError};
+use agentplane::registry::{Draining, HostRecord, Registry, RegistryError};
 use agentplane::state::{self, reason};
+use agentplane::tasks::Tasks;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
+use crate::drain::{Drainer, DRAIN_LEASE};
 use crate::hosts::HostClients;
 use crate::sweep::{restart_lost, Sweep};
 
@@ -39,6 +41,10 @@ pub struct Reconciler {
     sweep: Sweep,
     /// The incarnation each live host had at the previous pass.
     incarnations: HashMap<String, String>,
+    /// Finishes drains whose replica died.
+    drainer: Drainer,
+    tasks: Tasks,
+    cancel: CancellationToken,
 }
 
 impl Reconciler {
@@ -49,8 +55,13 @@ impl Reconciler {
         hosts: Arc<HostClients>,
         period: Duration,
         confirm_within: Duration,
+        drainer: Drainer,
+        tasks: Tasks,
     ) -> Self {
         Self {
+            drainer,
+            tasks,
+            cancel: CancellationToken::new(),
             sweep: Sweep::new(registry.clone(), hosts.clone(), confirm_within),
             registry,
             hosts,
@@ -63,6 +74,7 @@ impl Reconciler {
 
     /// Runs passes until `cancel`.
     pub async fn run(mut self, cancel: CancellationToken) {
+        self.cancel = cancel.clone();
         let mut tick = tokio::time::interval(self.period);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -130,6 +142,11 @@ impl Reconciler {
             tracing::info!(%host, "host agent restarted: placing its LOST agents again");
             self.settle_host(&host, false).await?;
         }
+        for h in live.values() {
+            if let Some(mark) = h.draining {
+                self.take_over_drain(&h.id, mark).await?;
+            }
+        }
         let stats = self.sweep.pass(&live, may_lose, self.period / 4).await?;
         if stats.acted > 0 {
             tracing::debug!(
@@ -139,6 +156,23 @@ impl Reconciler {
                 "sweep slice"
             );
         }
+        Ok(())
+    }
+
+    /// A host marked draining whose drain nobody leads (its replica died):
+    /// this replica leads and finishes it in a task of its own.
+    async fn take_over_drain(&self, host: &str, mark: Draining) -> Result<(), RegistryError> {
+        // Every drain leads under a name of its own (ours included), so
+        // only a drain nobody leads is taken.
+        let leader = agentplane::ids::new_agent_id();
+        if !self.registry.lead_drain(host, &leader, DRAIN_LEASE).await? {
+            return Ok(());
+        }
+        tracing::info!(%host, "finishing a drain whose replica is gone");
+        let (drainer, host, cancel) = (self.drainer.clone(), host.to_owned(), self.cancel.clone());
+        self.tasks.spawn("drain takeover", async move {
+            drainer.run(&host, mark, &leader, None, cancel).await;
+        });
         Ok(())
     }
 

@@ -518,6 +518,25 @@ impl TestCluster {
         .await
     }
 
+    /// Like [`TestCluster::wait_agent`] (15 s), through control plane `i`.
+    pub async fn wait_agent_via(&self, i: usize, id: &str, pred: impl Fn(&Agent) -> bool) -> Agent {
+        let c = self.client_of(i);
+        let pred = &pred;
+        crate::eventually(
+            Duration::from_secs(15),
+            &format!("agent {id} via replica {i}"),
+            || {
+                let mut c = c.clone();
+                let id = id.to_owned();
+                async move {
+                    let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+                    pred(&a).then_some(a)
+                }
+            },
+        )
+        .await
+    }
+
     /// Polls agent `id`'s record until it is in state `want`.
     pub async fn wait_state(&self, id: &str, want: AgentState, limit: Duration) -> Agent {
         self.wait_agent(id, &format!("reaches {want:?}"), limit, |a| {

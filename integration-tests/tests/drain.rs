@@ -282,3 +282,82 @@ async fn a_drain_with_no_room_elsewhere_leaves_its_agents_running() {
     );
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_whose_replica_dies_is_finished_by_another() {
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .control_planes(2)
+        .start()
+        .await;
+    ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
+    let a = ok_json(&cluster.agentctl(&[
+        "-o",
+        "json",
+        "spawn",
+        "--restart",
+        "always",
+        "--",
+        "sleep",
+        "1000",
+    ]));
+    let id = a["id"].as_str().expect("id").to_owned();
+    // The drain runs on replica 0 and waits: h2 has no room yet.
+    let mut draining = std::process::Command::new(agentplane_integration_tests::bin("agentctl"))
+        .args(["hosts", "drain", "h1", "--timeout", "60s"])
+        .env("AGENTPLANE_ENDPOINT", cluster.endpoint(0))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .expect("start agentctl hosts drain");
+    let conn = cluster.redis.conn().await;
+    agentplane_integration_tests::eventually(Duration::from_secs(10), "h1 marked draining", || {
+        let mut conn = conn.clone();
+        async move {
+            let mark: Option<String> =
+                redis::AsyncCommands::hget(&mut conn, "ap:host:h1", "draining")
+                    .await
+                    .ok()?;
+            mark
+        }
+    })
+    .await;
+    cluster.control_planes[0]
+        .proc
+        .signal(nix::sys::signal::Signal::SIGKILL);
+    let _ = draining.kill();
+    let _ = draining.wait();
+    let out = cluster
+        .agentctl_all(&["-o", "json", "hosts", "uncordon", "h2"])
+        .output()
+        .expect("agentctl");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Replica 1 finds the mark without a lease and finishes the drain.
+    let moved = cluster
+        .wait_agent_via(1, &id, |a| {
+            a.state() == agentplane::proto::v1::AgentState::Running && a.host == "h2"
+        })
+        .await;
+    assert_eq!(moved.generation, 2);
+    assert_eq!(procfs::agent_processes(&id).len(), 1);
+    agentplane_integration_tests::eventually(
+        Duration::from_secs(10),
+        "the draining mark cleared",
+        || {
+            let mut conn = conn.clone();
+            async move {
+                let mark: Option<String> =
+                    redis::AsyncCommands::hget(&mut conn, "ap:host:h1", "draining")
+                        .await
+                        .ok()?;
+                mark.is_none().then_some(())
+            }
+        },
+    )
+    .await;
+    cluster.finish().await;
+}

@@ -38,6 +38,36 @@ pub struct HostRecord {
     pub ttl_ms: u64,
     /// This start of the host agent (a fresh id each start).
     pub incarnation: String,
+    /// A drain in progress (set by DrainHost, cleared when it ends).
+    pub draining: Option<Draining>,
+}
+
+/// A drain in progress, as marked on the host record: what any replica
+/// needs to finish it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Draining {
+    /// Stop agents that cannot move.
+    pub force: bool,
+    /// Give up at this time, ms since the epoch.
+    pub until_ms: i64,
+}
+
+impl Draining {
+    fn encode(self) -> String {
+        format!(
+            "{}:{}",
+            if self.force { "force" } else { "wait" },
+            self.until_ms
+        )
+    }
+
+    fn decode(s: &str) -> Option<Self> {
+        let (mode, until) = s.split_once(':')?;
+        Some(Self {
+            force: mode == "force",
+            until_ms: until.parse().ok()?,
+        })
+    }
 }
 
 /// The head of an agent record, read back by a heartbeat for fencing.
@@ -126,6 +156,7 @@ impl HostRecord {
             heartbeat_micros: u64::try_from(num("heartbeat_micros")?).unwrap_or(0),
             ttl_ms: u64::try_from(num("ttl_ms")?).unwrap_or(0),
             incarnation: h.get("incarnation").cloned().unwrap_or_default(),
+            draining: h.get("draining").and_then(|d| Draining::decode(d)),
         }))
     }
 }
@@ -242,13 +273,51 @@ impl Registry {
 
     /// Cordons or uncordons a live host; false when it is not live.
     pub async fn set_cordoned(&self, id: &str, cordoned: bool) -> Result<bool> {
-        super::scripts::SET_CORDON
+        self.set_host_field(
+            id,
+            "cordoned",
+            if cordoned { "1" } else { "0" },
+            "cordon host",
+        )
+        .await
+    }
+
+    /// Marks a live host as draining (`None` clears the mark); false when
+    /// the host is not live.
+    pub async fn set_draining(&self, id: &str, draining: Option<Draining>) -> Result<bool> {
+        let value = draining.map(Draining::encode).unwrap_or_default();
+        self.set_host_field(id, "draining", &value, "mark host draining")
+            .await
+    }
+
+    async fn set_host_field(
+        &self,
+        id: &str,
+        field: &str,
+        value: &str,
+        step: &'static str,
+    ) -> Result<bool> {
+        super::scripts::SET_HOST_FIELD
             .key(self.keys().host(id))
-            .arg(if cordoned { "1" } else { "0" })
+            .arg(field)
+            .arg(value)
             .invoke_async::<i64>(&mut self.conn())
             .await
             .map(|n| n == 1)
-            .map_err(self.err("cordon host"))
+            .map_err(self.err(step))
+    }
+
+    /// Leads host `id`'s drain as `leader` for `ttl` (renewing it when
+    /// already the leader); false when another replica leads it.
+    pub async fn lead_drain(&self, id: &str, leader: &str, ttl: Duration) -> Result<bool> {
+        super::scripts::LEAD_DRAIN
+            .key(self.keys().drain_lease(id))
+            .arg(leader)
+            .arg(ttl_ms(ttl))
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|n| n == 1)
+            .map_err(self.err("lead drain"))
     }
 
     /// Declares `id` lost if its key is gone, once: true for the one caller

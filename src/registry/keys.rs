@@ -82,6 +82,12 @@ impl Keys {
         format!("{}:claim:{agent_id}", self.prefix)
     }
 
+    /// `ap:drain:{host}`: the replica leading the host's drain, with a
+    /// short TTL it renews; a draining host without it is taken over.
+    pub fn drain_lease(&self, host: &str) -> String {
+        format!("{}:drain:{host}", self.prefix)
+    }
+
     /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
     /// since (so HOST_LOST is emitted once per disappearance).
     pub fn hosts_known(&self) -> String {
@@ -127,6 +133,7 @@ mod tests {
         assert_eq!(k.events(), "ap:events");
         assert_eq!(k.name("web"), "ap:name:web");
         assert_eq!(k.claim_lease("a1"), "ap:claim:a1");
+        assert_eq!(k.drain_lease("h1"), "ap:drain:h1");
         assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
         assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));

@@ -19,7 +19,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use agents::{AgentUpdate, Expect, UpdateOutcome};
 pub use events::{type_name, EventReader, EVENTS_MAXLEN};
-pub use hosts::{HeartbeatReport, HostRecord, RecordHead};
+pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
 
 /// A connection of a caller's own (see [`Registry::dedicated_connection`]).

@@ -67,13 +67,31 @@ return 1
     )
 });
 
-/// Sets `cordoned` on a live host only: KEYS[1] the host key, ARGV[1] 1 or 0.
-/// Returns 0 when the host is not live.
-pub(super) static SET_CORDON: LazyLock<redis::Script> = LazyLock::new(|| {
+/// Sets one field of a live host only: KEYS[1] the host key, ARGV[1] the
+/// field, ARGV[2] its value (`""`: delete it). Returns 0 when the host is
+/// not live.
+pub(super) static SET_HOST_FIELD: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], 'cordoned', ARGV[1])
+if ARGV[2] == '' then
+  redis.call('HDEL', KEYS[1], ARGV[1])
+else
+  redis.call('HSET', KEYS[1], ARGV[1], ARGV[2])
+end
+return 1
+",
+    )
+});
+
+/// Leads (or keeps leading) a host's drain: KEYS[1] the drain lease, ARGV[1]
+/// this leader, ARGV[2] the lease in ms. Returns 1 when ARGV[1] leads.
+pub(super) static LEAD_DRAIN: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local cur = redis.call('GET', KEYS[1])
+if cur and cur ~= ARGV[1] then return 0 end
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
 return 1
 ",
     )
