@@ -75,6 +75,18 @@ pub enum ApiError {
         /// The agent holding it.
         owner: String,
     },
+    /// A watch resume token is older than what the event stream retains: the
+    /// events after it were trimmed, so resuming would miss some.
+    #[error(
+        "resume token {token} is too old: events before {before} were trimmed from the \
+         event stream; list again and watch from now"
+    )]
+    EventsTrimmed {
+        /// The token the watch would continue after.
+        token: String,
+        /// The oldest event that is still retained (or the first to come).
+        before: String,
+    },
     /// A request id names an agent another call is still creating.
     #[error("an earlier spawn with request_id {request_id} is still creating its agent; retry the request")]
     RequestInProgress {
@@ -94,6 +106,7 @@ impl From<ApiError> for Status {
             ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
             ApiError::NameTaken { .. } => Status::already_exists(msg),
             ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
+            ApiError::EventsTrimmed { .. } => Status::out_of_range(msg),
             ApiError::Registry(r) => r.into(),
             ApiError::HostUnreachable { .. }
             | ApiError::HostGone { .. }
@@ -132,5 +145,12 @@ mod tests {
         }
         .into();
         assert_eq!(s.code(), Code::ResourceExhausted);
+        let s: Status = ApiError::EventsTrimmed {
+            token: "1-0".into(),
+            before: "5-0".into(),
+        }
+        .into();
+        assert_eq!(s.code(), Code::OutOfRange);
+        assert!(s.message().contains("events before 5-0 were trimmed"));
     }
 }

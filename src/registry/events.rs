@@ -1,14 +1,14 @@
 //! The event stream (`ap:events`, a Redis stream bounded with `MAXLEN ~`):
 //! writing host events, and reading events after a token. Agent state events
 //! are written by the record scripts themselves, atomically with the change.
+//! [`StreamBounds`] tells whether events after a resume token were trimmed.
 
 use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
-use redis::AsyncCommands;
 
-use super::{Registry, Result};
+use super::{scripts, Registry, Result};
 use crate::proto::v1::{Event, EventType};
 use crate::state;
 use crate::time::{now_ms, timestamp_from_ms};
@@ -68,15 +68,102 @@ impl EventReader {
         Ok(out)
     }
 
-    /// The id of the newest event, or `0-0` when there is none: a starting
-    /// point for "from now on" that survives a reconnect.
+    /// The id of the newest event ever appended (even if trimmed since), or
+    /// `0-0` when the stream does not exist: a starting point for "from now
+    /// on" that survives a reconnect.
     pub async fn last_id(&mut self) -> std::result::Result<String, redis::RedisError> {
-        let info: redis::streams::StreamRangeReply =
-            self.conn.xrevrange_count(&self.key, "+", "-", 1).await?;
-        Ok(info
-            .ids
-            .first()
-            .map_or_else(|| "0-0".to_owned(), |e| e.id.clone()))
+        Ok(self.bounds().await?.last_generated)
+    }
+
+    /// What the stream still holds, to tell whether a resume token is still
+    /// good ([`StreamBounds::gap_after`]).
+    pub async fn bounds(&mut self) -> std::result::Result<StreamBounds, redis::RedisError> {
+        let reply: Option<(String, String, String, String, String)> = scripts::STREAM_BOUNDS
+            .key(&self.key)
+            .invoke_async(&mut self.conn)
+            .await?;
+        let Some((length, last, max_deleted, added, first)) = reply else {
+            return Ok(StreamBounds::default());
+        };
+        let length: u64 = length.parse().unwrap_or(0);
+        Ok(StreamBounds {
+            first: (!first.is_empty()).then_some(first),
+            last_generated: last,
+            max_deleted: (!max_deleted.is_empty()).then_some(max_deleted),
+            removed: added.parse::<u64>().ok().map(|a| a.saturating_sub(length)),
+        })
+    }
+}
+
+/// What the event stream holds now, from `XINFO STREAM`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamBounds {
+    /// The oldest retained event; `None` when the stream is empty or missing.
+    pub first: Option<String>,
+    /// The newest id ever appended (`0-0` when the stream does not exist).
+    pub last_generated: String,
+    /// The highest id removed by `XDEL` (Redis 7 and later; trimming leaves
+    /// it alone).
+    max_deleted: Option<String>,
+    /// How many events were ever trimmed or deleted (Redis 7 and later).
+    removed: Option<u64>,
+}
+
+impl Default for StreamBounds {
+    fn default() -> Self {
+        Self {
+            first: None,
+            last_generated: "0-0".to_owned(),
+            max_deleted: None,
+            removed: Some(0),
+        }
+    }
+}
+
+/// A stream id (`ms-seq`, or `ms`, or `0`) as a comparable pair.
+fn parse_id(id: &str) -> Option<(u64, u64)> {
+    match id.split_once('-') {
+        Some((ms, seq)) => Some((ms.parse().ok()?, seq.parse().ok()?)),
+        None => Some((id.parse().ok()?, 0)),
+    }
+}
+
+/// The id right after `id`, as text.
+fn next_id((ms, seq): (u64, u64)) -> String {
+    match seq.checked_add(1) {
+        Some(s) => format!("{ms}-{s}"),
+        None => format!("{}-0", ms.saturating_add(1)),
+    }
+}
+
+impl StreamBounds {
+    /// Whether events after `token` are gone from the stream: `Some(id)` when
+    /// some event after `token` and before `id` was trimmed (or deleted), so a
+    /// reader continuing after `token` would miss it; `None` when nothing after
+    /// `token` was removed (or `token` is not a stream id).
+    ///
+    /// Redis does not record the id of the last trimmed entry, only the oldest
+    /// retained one, so a token older than that one counts as too old even in
+    /// the one case where nothing was missed: when the token is exactly the
+    /// last event trimmed.
+    pub fn gap_after(&self, token: &str) -> Option<String> {
+        let t = parse_id(token)?;
+        if let Some(m) = self.max_deleted.as_deref().and_then(parse_id) {
+            if t < m {
+                return Some(next_id(m));
+            }
+        }
+        if self.removed == Some(0) {
+            return None;
+        }
+        match &self.first {
+            Some(first) => (t < parse_id(first)?).then(|| first.clone()),
+            // Empty: every event up to the last one appended is gone.
+            None => {
+                let last = parse_id(&self.last_generated)?;
+                (t < last).then(|| next_id(last))
+            }
+        }
     }
 }
 
@@ -157,5 +244,57 @@ impl Registry {
     /// Wraps a stream read error with the registry's address.
     pub fn event_error(&self, e: redis::RedisError) -> super::RegistryError {
         (self.err("read events"))(e)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn bounds(first: Option<&str>, last: &str, removed: Option<u64>) -> StreamBounds {
+        StreamBounds {
+            first: first.map(str::to_owned),
+            last_generated: last.to_owned(),
+            max_deleted: Some("0-0".to_owned()),
+            removed,
+        }
+    }
+
+    #[test]
+    fn a_token_older_than_the_first_retained_event_has_a_gap_once_events_were_trimmed() {
+        let trimmed = bounds(Some("200-0"), "300-0", Some(5));
+        assert_eq!(trimmed.gap_after("100-7").as_deref(), Some("200-0"));
+        assert_eq!(trimmed.gap_after("200-0"), None);
+        assert_eq!(trimmed.gap_after("250-1"), None);
+        // Nothing ever removed: an old token misses nothing.
+        assert_eq!(
+            bounds(Some("200-0"), "300-0", Some(0)).gap_after("1-0"),
+            None
+        );
+        // Redis before 7 (no count of removals): the first retained id decides.
+        assert_eq!(
+            bounds(Some("200-0"), "300-0", None)
+                .gap_after("1-0")
+                .as_deref(),
+            Some("200-0")
+        );
+    }
+
+    #[test]
+    fn an_emptied_stream_lost_everything_up_to_its_last_id_and_a_missing_one_nothing() {
+        let empty = bounds(None, "300-4", Some(9));
+        assert_eq!(empty.gap_after("100-0").as_deref(), Some("300-5"));
+        assert_eq!(empty.gap_after("300-4"), None);
+        assert_eq!(StreamBounds::default().gap_after("100-0"), None);
+    }
+
+    #[test]
+    fn a_deleted_entry_after_the_token_is_a_gap() {
+        let mut b = bounds(Some("100-0"), "300-0", Some(1));
+        b.max_deleted = Some("150-2".to_owned());
+        assert_eq!(b.gap_after("120-0").as_deref(), Some("150-3"));
+        assert_eq!(b.gap_after("150-2"), None);
+        assert_eq!(parse_id("0"), Some((0, 0)));
+        assert_eq!(next_id((5, u64::MAX)), "6-0");
     }
 }

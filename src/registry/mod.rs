@@ -18,7 +18,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use agents::{AgentUpdate, Expect, UpdateOutcome};
-pub use events::{type_name, EventReader, EVENTS_MAXLEN};
+pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
 pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
 

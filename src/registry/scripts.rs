@@ -128,3 +128,23 @@ return 1
 ",
     )
 });
+
+/// What the event stream KEYS[1] still holds, from `XINFO STREAM` (a script so
+/// that a missing stream is an answer, not an error). Returns false when the
+/// stream does not exist, else `{length, last-generated-id,
+/// max-deleted-entry-id, entries-added, first entry id}` as strings; the third
+/// and fourth are `''` on Redis before 7, the fifth when the stream is empty.
+pub(super) static STREAM_BOUNDS: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return false end
+local info = redis.call('XINFO', 'STREAM', KEYS[1])
+local f = {}
+for i = 1, #info, 2 do f[info[i]] = info[i + 1] end
+local first = ''
+if type(f['first-entry']) == 'table' then first = f['first-entry'][1] end
+return {tostring(f['length']), f['last-generated-id'], f['max-deleted-entry-id'] or '',
+  tostring(f['entries-added'] or ''), first}
+",
+    )
+});

@@ -1,7 +1,9 @@
 //! `agentctl watch`: events as they happen. On any stream failure it
 //! reconnects, to the next endpoint, with the token of the last event it
 //! printed (or of the stream's opening bookmark), so nothing is missed or
-//! printed twice while the events are retained.
+//! printed twice while the events are retained. When they are not (the token
+//! is older than the trimmed stream keeps: OUT_OF_RANGE), it says so and exits
+//! 1: reconnecting could only skip the lost events.
 
 use std::time::Duration;
 
@@ -74,6 +76,8 @@ pub async fn run(
                             eprintln!("agentctl: watch stream from {endpoint} ended; reconnecting");
                             break;
                         }
+                        // Events were lost: the caller must list again.
+                        Err(s) if s.code() == tonic::Code::OutOfRange => return Err(s.into()),
                         Err(s) => {
                             eprintln!(
                                 "agentctl: watch stream from {endpoint}: {}; reconnecting",

@@ -1,5 +1,8 @@
 //! WatchAgents: the event stream, read from Redis on a connection of its own,
-//! resumable from any replica with the last token.
+//! resumable from any replica with the last token. A token whose following
+//! events were trimmed from the bounded stream is refused with OUT_OF_RANGE
+//! (when the watch opens, and when a reader that fell behind finds the gap),
+//! never resumed silently at the oldest retained event.
 
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -17,6 +20,10 @@ use crate::error::ApiError;
 pub const MAX_WATCHERS: usize = 1024;
 /// Events buffered per watcher before the reader waits for the client.
 const BUFFER: usize = 256;
+/// Events per stream read. Far below the stream's bound, so a read that
+/// crosses a trimmed gap always comes back full (every retained event is
+/// after the gap): only full reads need the trim check.
+const BATCH: usize = 256;
 
 /// The stream type of WatchAgents.
 pub type WatchStream = ReceiverStream<Result<Event, Status>>;
@@ -69,6 +76,19 @@ impl AgentApi {
         } else {
             req.resume_token.clone()
         };
+        // "0" asks for the oldest retained event, so no gap can matter.
+        if after != "0" {
+            let bounds = reader
+                .bounds()
+                .await
+                .map_err(|e| self.registry.event_error(e))?;
+            if let Some(before) = bounds.gap_after(&after) {
+                return Err(ApiError::EventsTrimmed {
+                    token: after,
+                    before,
+                });
+            }
+        }
         let (tx, rx) = mpsc::channel(BUFFER);
         let bookmark = Event {
             token: after.clone(),
@@ -91,7 +111,25 @@ impl AgentApi {
                         ))).await;
                         return;
                     }
-                    r = reader.read(&after, 256, Duration::from_secs(1)) => r,
+                    r = reader.read(&after, BATCH, Duration::from_secs(1)) => r,
+                };
+                // A full read may have jumped a trimmed gap: if events after
+                // `after` are gone, say so instead of sending what follows.
+                let read: Result<Vec<Event>, ApiError> = match read {
+                    Ok(events) if events.len() >= BATCH && after != "0" => {
+                        match reader.bounds().await {
+                            Ok(b) => match b.gap_after(&after) {
+                                Some(before) => Err(ApiError::EventsTrimmed {
+                                    token: after.clone(),
+                                    before,
+                                }),
+                                None => Ok(events),
+                            },
+                            Err(e) => Err(registry.event_error(e).into()),
+                        }
+                    }
+                    Ok(events) => Ok(events),
+                    Err(e) => Err(registry.event_error(e).into()),
                 };
                 match read {
                     Ok(events) => {
@@ -113,8 +151,7 @@ impl AgentApi {
                         }
                     }
                     Err(e) => {
-                        let status: Status = ApiError::from(registry.event_error(e)).into();
-                        let _ = tx.send(Err(status)).await;
+                        let _ = tx.send(Err(Status::from(e))).await;
                         return;
                     }
                 }
