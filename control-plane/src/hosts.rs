@@ -1,9 +1,12 @@
 //! Calls to host agents: one lazily-connected channel per address (a bounded
 //! cache), a deadline on every call, one retry for idempotent calls, a
-//! per-host circuit breaker, and errors that name the host.
+//! per-host circuit breaker, and errors that name the host. The breaker's one
+//! probe is an [`Admission`] that releases the probe however the call ends,
+//! even when its future is dropped (a client gone, a deadline).
 
 use std::collections::HashMap;
 use std::future::Future;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
@@ -43,7 +46,38 @@ const RETRY_AFTER: Duration = Duration::from_millis(100);
 struct Breaker {
     failures: u32,
     open_until: Option<Instant>,
-    probing: bool,
+    /// The probe in flight while open, by its number.
+    probing: Option<u64>,
+}
+
+/// Leave for one call to a host. If it is the open circuit's probe, the probe
+/// is released when this is dropped without [`Admission::record`] (the call's
+/// future was cancelled), so the next call may probe: a cancelled probe
+/// proves nothing either way.
+struct Admission<'a> {
+    clients: &'a HostClients,
+    address: &'a str,
+    probe: Option<u64>,
+}
+
+impl Admission<'_> {
+    /// Records the call's outcome (which also ends the probe).
+    fn record(mut self, transport_ok: bool) {
+        self.probe = None;
+        self.clients.record(self.address, transport_ok);
+    }
+}
+
+impl Drop for Admission<'_> {
+    fn drop(&mut self) {
+        let Some(id) = self.probe else { return };
+        let mut map = lock(&self.clients.breakers);
+        if let Some(b) = map.get_mut(self.address) {
+            if b.probing == Some(id) {
+                b.probing = None;
+            }
+        }
+    }
 }
 
 /// Clients of host agents.
@@ -51,6 +85,7 @@ struct Breaker {
 pub struct HostClients {
     channels: Mutex<HashMap<String, Channel>>,
     breakers: Mutex<HashMap<String, Breaker>>,
+    probes: AtomicU64,
     timeout: Duration,
 }
 
@@ -64,6 +99,7 @@ impl HostClients {
         Self {
             channels: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
+            probes: AtomicU64::new(0),
             timeout,
         }
     }
@@ -95,18 +131,25 @@ impl HostClients {
         Ok(channel)
     }
 
-    /// Whether a call may go out now: closed, or open and due for its one probe.
-    fn admit(&self, address: &str) -> bool {
+    /// Leave for a call now, if the circuit is closed, or open and due for
+    /// its one probe; `None`: fail fast.
+    fn admit<'a>(&'a self, address: &'a str) -> Option<Admission<'a>> {
         let mut map = lock(&self.breakers);
         let b = map.entry(address.to_owned()).or_default();
-        match b.open_until {
-            None => true,
-            Some(until) if Instant::now() >= until && !b.probing => {
-                b.probing = true;
-                true
+        let probe = match b.open_until {
+            None => None,
+            Some(until) if Instant::now() >= until && b.probing.is_none() => {
+                let id = self.probes.fetch_add(1, Ordering::Relaxed);
+                b.probing = Some(id);
+                Some(id)
             }
-            Some(_) => false,
-        }
+            Some(_) => return None,
+        };
+        Some(Admission {
+            clients: self,
+            address,
+            probe,
+        })
     }
 
     fn record(&self, address: &str, transport_ok: bool) {
@@ -117,7 +160,7 @@ impl HostClients {
             return;
         }
         b.failures += 1;
-        b.probing = false;
+        b.probing = None;
         if b.failures >= OPEN_AFTER {
             if b.open_until.is_none() {
                 tracing::warn!(%address, failures = b.failures, "host circuit opened");
@@ -175,11 +218,11 @@ impl HostClients {
             address: host.address.clone(),
             detail,
         };
-        if !self.admit(&host.address) {
+        let Some(admission) = self.admit(&host.address) else {
             return Err(unreachable(format!(
                 "circuit open after {OPEN_AFTER} failed calls; retrying within {OPEN_FOR:?}"
             )));
-        }
+        };
         let client = HostAgentClient::new(self.channel(host)?);
         let deadline = self.timeout + extra;
         let result = match tokio::time::timeout(deadline, f(client, deadline)).await {
@@ -200,10 +243,7 @@ impl HostClients {
                 status: s,
             }),
         };
-        self.record(
-            &host.address,
-            !matches!(result, Err(ApiError::HostUnreachable { .. })),
-        );
+        admission.record(!matches!(result, Err(ApiError::HostUnreachable { .. })));
         result
     }
 }
@@ -223,16 +263,55 @@ mod tests {
     async fn the_circuit_opens_after_repeated_failures_and_lets_one_probe_through() {
         let c = HostClients::new(Duration::from_secs(1));
         for _ in 0..OPEN_AFTER {
-            assert!(c.admit("h:1"));
-            c.record("h:1", false);
+            c.admit("h:1").expect("closed").record(false);
         }
-        assert!(!c.admit("h:1"), "open: fail fast");
+        assert!(c.admit("h:1").is_none(), "open: fail fast");
         tokio::time::pause();
         tokio::time::advance(OPEN_FOR + Duration::from_millis(1)).await;
-        assert!(c.admit("h:1"), "half-open: one probe");
-        assert!(!c.admit("h:1"), "only one probe at a time");
-        c.record("h:1", true);
-        assert!(c.admit("h:1"), "closed again after a success");
-        assert!(c.admit("other:1"), "breakers are per host");
+        let probe = c.admit("h:1").expect("half-open: one probe");
+        assert!(c.admit("h:1").is_none(), "only one probe at a time");
+        probe.record(true);
+        assert!(c.admit("h:1").is_some(), "closed again after a success");
+        assert!(c.admit("other:1").is_some(), "breakers are per host");
+    }
+
+    #[tokio::test]
+    async fn a_cancelled_probe_does_not_keep_the_circuit_open() {
+        tokio::time::pause();
+        let c = HostClients::new(Duration::from_secs(1));
+        let host = HostRecord {
+            id: "h1".into(),
+            address: "127.0.0.1:9".into(),
+            ..Default::default()
+        };
+        for _ in 0..OPEN_AFTER {
+            c.admit(&host.address).expect("closed").record(false);
+        }
+        tokio::time::advance(OPEN_FOR + Duration::from_millis(1)).await;
+        // The probe's call never answers, and its caller goes away first (a
+        // client's Ctrl-C, the caller's own deadline): its future is dropped.
+        let hang = |_client, _deadline| std::future::pending::<Result<tonic::Response<()>, _>>();
+        let cancelled = tokio::time::timeout(
+            Duration::from_millis(10),
+            c.call(&host, Duration::ZERO, false, hang),
+        )
+        .await;
+        assert!(
+            cancelled.is_err(),
+            "the probe was still in flight when dropped"
+        );
+        tokio::time::advance(OPEN_FOR).await;
+        let probe = c
+            .admit(&host.address)
+            .expect("another probe once the cancelled one is gone");
+        assert!(
+            c.admit(&host.address).is_none(),
+            "still one probe at a time"
+        );
+        drop(probe);
+        assert!(
+            c.admit(&host.address).is_some(),
+            "a dropped leave frees the probe"
+        );
     }
 }
