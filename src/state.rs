@@ -2,7 +2,7 @@
 //! names stored in the registry (`RUNNING`, not `AGENT_STATE_RUNNING`).
 
 use crate::proto::v1::restart_policy::Mode;
-use crate::proto::v1::{Agent, AgentState};
+use crate::proto::v1::{Agent, AgentState, ExitReason};
 
 /// The short name of a state, as stored in Redis and printed by `agentctl`.
 pub fn name(state: AgentState) -> &'static str {
@@ -61,23 +61,9 @@ pub const RUNNING: [AgentState; 3] = [
     AgentState::Stopping,
 ];
 
-/// The `exit.reason` words written by the system (see `ExitStatus.reason` in
-/// types.proto, where each is documented).
-pub mod reason {
-    /// LOST: the host stopped heartbeating.
-    pub const HOST_LOST: &str = "HOST_LOST";
-    /// LOST: the host heartbeats but did not renew the agent's lease.
-    pub const LEASE_EXPIRED: &str = "LEASE_EXPIRED";
-    /// LOST: a new start of the host agent does not hold the agent.
-    pub const HOST_RESTARTED: &str = "HOST_RESTARTED";
-    /// LOST: the host answered a call that it does not hold the agent.
-    pub const NOT_ON_HOST: &str = "NOT_ON_HOST";
-    /// FAILED: the host agent could not run it, or no host confirmed its start.
-    pub const HOST_ERROR: &str = "HOST_ERROR";
-    /// EXITED: ended by a stop request.
-    pub const STOPPED: &str = "STOPPED";
-    /// EXITED: stopped by its host after `stop_after_disconnect` without a lease.
-    pub const DISCONNECTED: &str = "DISCONNECTED";
+/// The short name of an exit reason (`STOPPED`), as `agentctl` prints it.
+pub fn reason_name(r: ExitReason) -> &'static str {
+    r.as_str_name().strip_prefix("EXIT_REASON_").unwrap_or("")
 }
 
 /// True once the agent can never run again under this generation.

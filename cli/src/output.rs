@@ -92,7 +92,9 @@ impl From<&Agent> for AgentView {
             idle: a.idle,
             exit_code: exit.and_then(|e| e.code),
             exit_signal: exit.and_then(|e| e.signal),
-            exit_reason: exit.map(|e| e.reason.clone()).filter(|r| !r.is_empty()),
+            exit_reason: exit
+                .map(|e| state::reason_name(e.reason()).to_owned())
+                .filter(|r| !r.is_empty()),
             error: exit.map(|e| e.error.clone()).filter(|r| !r.is_empty()),
             labels: spec.labels.into_iter().collect(),
             argv: spec.argv,
@@ -277,9 +279,9 @@ pub fn agent_row(a: &Agent) -> Vec<String> {
     let spec = a.spec.clone().unwrap_or_default();
     let exit = match &a.exit {
         Some(e) => match (e.code, e.signal) {
-            (Some(c), _) => format!("{} ({c})", e.reason),
-            (_, Some(s)) => format!("{} (sig {s})", e.reason),
-            _ => e.reason.clone(),
+            (Some(c), _) => format!("{} ({c})", state::reason_name(e.reason())),
+            (_, Some(s)) => format!("{} (sig {s})", state::reason_name(e.reason())),
+            _ => state::reason_name(e.reason()).to_owned(),
         },
         None => String::new(),
     };

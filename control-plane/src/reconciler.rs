@@ -17,9 +17,9 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane::proto::v1::AgentState;
+use agentplane::proto::v1::{AgentState, ExitReason};
 use agentplane::registry::{Draining, HostRecord, Registry, RegistryError};
-use agentplane::state::{self, reason};
+use agentplane::state;
 use agentplane::tasks::Tasks;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
@@ -202,7 +202,7 @@ impl Reconciler {
                             agent.generation,
                             host,
                             &state::LIVE,
-                            reason::HOST_LOST,
+                            ExitReason::HostLost,
                             format!("host {host} stopped heartbeating"),
                         )
                         .await?;

@@ -27,9 +27,9 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane::proto::v1::{Agent, AgentState, ExitStatus};
+use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
 use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, RegistryError};
-use agentplane::state::{self, reason};
+use agentplane::state;
 use agentplane::time::{ms_from_timestamp, now_ms, timestamp_from_ms};
 use tokio::time::Instant;
 
@@ -209,7 +209,7 @@ impl Sweep {
                     self.lose(
                         agent,
                         &state::LIVE,
-                        reason::HOST_LOST,
+                        ExitReason::HostLost,
                         "its host stopped heartbeating",
                     )
                     .await?
@@ -264,7 +264,7 @@ impl Sweep {
             host.id
         );
         let lost = self
-            .lose(agent, &state::RUNNING, reason::LEASE_EXPIRED, &detail)
+            .lose(agent, &state::RUNNING, ExitReason::LeaseExpired, &detail)
             .await?;
         if lost {
             // Placed again right away, not at the next slice that reaches it.
@@ -281,7 +281,7 @@ impl Sweep {
         &self,
         agent: &Agent,
         states: &[AgentState],
-        why: &str,
+        why: ExitReason,
         detail: &str,
     ) -> Result<bool, RegistryError> {
         let lost = self
@@ -296,7 +296,7 @@ impl Sweep {
             )
             .await?;
         if lost {
-            tracing::warn!(agent = %agent.id, host = %agent.host, reason = why, "agent LOST: {detail}");
+            tracing::warn!(agent = %agent.id, host = %agent.host, reason = ?why, "agent LOST: {detail}");
         }
         Ok(lost)
     }
@@ -383,7 +383,7 @@ impl Sweep {
         let update = AgentUpdate {
             state: Some(AgentState::Failed),
             exit: Some(ExitStatus {
-                reason: reason::HOST_ERROR.into(),
+                reason: ExitReason::HostError as i32,
                 error: format!("no host started it: {error}"),
                 finished_at: Some(timestamp_from_ms(now_ms())),
                 ..Default::default()
@@ -435,7 +435,7 @@ pub fn not_before(agent: &Agent) -> Option<i64> {
     // No exit yet: this pass declared it LOST just now.
     let lost_at = match agent.exit.as_ref() {
         None => now_ms(),
-        Some(e) if matches!(e.reason.as_str(), reason::HOST_LOST | reason::LEASE_EXPIRED) => e
+        Some(e) if matches!(e.reason(), ExitReason::HostLost | ExitReason::LeaseExpired) => e
             .finished_at
             .as_ref()
             .map_or_else(now_ms, ms_from_timestamp),
@@ -501,12 +501,12 @@ mod tests {
             Some(agentplane::time::duration_to_proto(Duration::from_secs(5)));
         spec.stop_grace = Some(agentplane::time::duration_to_proto(Duration::from_secs(2)));
         a.exit = Some(ExitStatus {
-            reason: reason::LEASE_EXPIRED.into(),
+            reason: ExitReason::LeaseExpired as i32,
             finished_at: Some(timestamp_from_ms(1_000_000)),
             ..Default::default()
         });
         assert_eq!(not_before(&a), Some(1_007_000));
-        a.exit.as_mut().expect("exit").reason = reason::HOST_RESTARTED.into();
+        a.exit.as_mut().expect("exit").reason = ExitReason::HostRestarted as i32;
         assert_eq!(not_before(&a), None, "its host said nothing runs there");
     }
 

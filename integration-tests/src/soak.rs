@@ -425,7 +425,7 @@ async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked>) -> Vec<S
                 problems.push(format!(
                     "(c) restartable {} is {st:?} ({:?})",
                     a.id,
-                    a.exit.as_ref().map(|e| &e.reason)
+                    a.exit.as_ref().map(|e| e.reason())
                 ));
             }
         }

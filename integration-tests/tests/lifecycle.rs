@@ -72,7 +72,7 @@ async fn pause_resume_stop_act_on_the_whole_process_group() {
         .into_inner();
     assert_eq!(stopped.state(), AgentState::Exited);
     let exit = stopped.exit.expect("exit recorded");
-    assert_eq!(exit.reason, "STOPPED");
+    assert_eq!(exit.reason(), agentplane::proto::v1::ExitReason::Stopped);
     assert_eq!(exit.signal, Some(15), "sh died of the SIGTERM");
     assert!(exit.finished_at.is_some());
     assert_eq!(stopped.pid, 0);
@@ -185,14 +185,17 @@ async fn exit_codes_and_failed_starts_are_recorded() {
     let exit = ended.exit.unwrap();
     assert_eq!(exit.code, Some(3));
     assert_eq!(exit.signal, None);
-    assert_eq!(exit.reason, "COMPLETED");
+    assert_eq!(exit.reason(), agentplane::proto::v1::ExitReason::Completed);
 
     let missing = cluster
         .spawn(&["/nonexistent/agentplane-no-such-binary", "x"])
         .await;
     assert_eq!(missing.state(), AgentState::Failed);
     let exit = missing.exit.unwrap();
-    assert_eq!(exit.reason, "SPAWN_FAILED");
+    assert_eq!(
+        exit.reason(),
+        agentplane::proto::v1::ExitReason::SpawnFailed
+    );
     assert!(
         exit.error.contains("No such file or directory"),
         "OS error in record: {}",
@@ -226,7 +229,10 @@ async fn exit_codes_and_failed_starts_are_recorded() {
         .unwrap()
         .into_inner();
     assert_eq!(killed.state(), AgentState::Exited);
-    assert_eq!(killed.exit.unwrap().reason, "KILLED");
+    assert_eq!(
+        killed.exit.unwrap().reason(),
+        agentplane::proto::v1::ExitReason::Killed
+    );
     cluster.finish().await;
 }
 

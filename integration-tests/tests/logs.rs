@@ -419,8 +419,8 @@ async fn run_rm_stops_the_agent_when_its_client_is_killed() {
         .wait_state(&id, AgentState::Exited, Duration::from_secs(5))
         .await;
     assert_eq!(
-        ended.exit.unwrap().reason,
-        "STOPPED",
+        ended.exit.unwrap().reason(),
+        agentplane::proto::v1::ExitReason::Stopped,
         "stopped because the session went away"
     );
     cluster.finish().await;

@@ -196,7 +196,7 @@ async fn run_to_timeout(
 async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignores_sigterm() {
     let cluster = TestCluster::builder().start().await;
     let (exit, took, ran, _) = run_to_timeout(&cluster, &["sleep", "100"], 2).await;
-    assert_eq!(exit.reason, "TIMEOUT");
+    assert_eq!(exit.reason(), agentplane::proto::v1::ExitReason::Timeout);
     assert_eq!(exit.signal, Some(15), "sleep died of the SIGTERM");
     assert!(
         took >= Duration::from_secs(2) && ran >= Duration::from_secs(2),
@@ -215,7 +215,7 @@ async fn timeout_stops_the_agent_with_reason_timeout_and_sigkills_one_that_ignor
         1,
     )
     .await;
-    assert_eq!(exit.reason, "TIMEOUT");
+    assert_eq!(exit.reason(), agentplane::proto::v1::ExitReason::Timeout);
     assert_eq!(exit.signal, Some(9), "SIGKILLed after the grace");
     assert!(
         took >= Duration::from_secs(2) && ran >= Duration::from_secs(2),
@@ -378,7 +378,10 @@ async fn on_failure_runs_exactly_four_times_with_growing_gaps_then_fails() {
     assert!(gaps[0] >= 240, "first gap ~300ms ±20%: {gaps:?}");
     assert_eq!(ended.restarts, 3);
     let exit = ended.exit.unwrap();
-    assert_eq!(exit.reason, "RESTARTS_EXHAUSTED");
+    assert_eq!(
+        exit.reason(),
+        agentplane::proto::v1::ExitReason::RestartsExhausted
+    );
     assert_eq!(exit.code, Some(1));
     assert_eq!(ended.last_exit.unwrap().code, Some(1));
     std::thread::sleep(Duration::from_millis(800));
@@ -449,7 +452,10 @@ async fn always_restarts_after_exit_zero_shows_the_pending_restart_and_stop_canc
         "a stop cancels the backoff at once"
     );
     assert_eq!(stopped.state(), AgentState::Exited);
-    assert_eq!(stopped.exit.unwrap().reason, "STOPPED");
+    assert_eq!(
+        stopped.exit.unwrap().reason(),
+        agentplane::proto::v1::ExitReason::Stopped
+    );
     assert!(stopped.next_restart_at.is_none());
     let runs = std::fs::read_to_string(&log).unwrap().lines().count();
     std::thread::sleep(Duration::from_millis(500));

@@ -60,7 +60,9 @@ async fn get(cluster: &TestCluster, id: &str) -> Result<Agent, tonic::Status> {
 }
 
 fn reason(a: &Agent) -> &str {
-    a.exit.as_ref().map_or("", |e| e.reason.as_str())
+    a.exit
+        .as_ref()
+        .map_or("", |e| agentplane::state::reason_name(e.reason()))
 }
 
 /// Asserts that agent `a` runs as exactly one process group on this machine:
@@ -254,7 +256,7 @@ async fn an_unconfirmed_start_is_retried_and_a_refused_one_ends_failed() {
         .wait_state(&refused, AgentState::Failed, Duration::from_secs(5))
         .await;
     let exit = failed.exit.expect("exit");
-    assert_eq!(exit.reason, "HOST_ERROR");
+    assert_eq!(exit.reason(), agentplane::proto::v1::ExitReason::HostError);
     assert!(exit.error.contains("argv"), "{}", exit.error);
     // Within its bound a placement is somebody's start in flight: untouched.
     let f = get(&cluster, &fresh).await.expect("record");

@@ -339,7 +339,7 @@ impl Registry {
         generation: u64,
         host: &str,
         states: &[AgentState],
-        reason: &str,
+        reason: crate::proto::v1::ExitReason,
         error: String,
     ) -> Result<bool> {
         let outcome = self
@@ -354,7 +354,7 @@ impl Registry {
                     state: Some(AgentState::Lost),
                     pid: Some(0),
                     exit: Some(ExitStatus {
-                        reason: reason.to_owned(),
+                        reason: reason as i32,
                         error,
                         finished_at: Some(crate::time::timestamp_from_ms(crate::time::now_ms())),
                         ..Default::default()

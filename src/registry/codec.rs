@@ -181,7 +181,7 @@ mod tests {
             generation: 3,
             exit: Some(ExitStatus {
                 code: Some(3),
-                reason: "COMPLETED".into(),
+                reason: crate::proto::v1::ExitReason::Completed as i32,
                 ..Default::default()
             }),
             created_at: Some(timestamp_from_ms(1_700_000_000_000)),

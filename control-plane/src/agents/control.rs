@@ -2,10 +2,11 @@
 //! record, then ask the agent's host, which records the change.
 
 use agentplane::proto::v1::{
-    Agent, AgentState, ExitStatus, HostAgentRef, HostStopAgentRequest, SignalAgentRequest,
+    Agent, AgentState, ExitReason, ExitStatus, HostAgentRef, HostStopAgentRequest,
+    SignalAgentRequest,
 };
 use agentplane::registry::{AgentUpdate, Expect, UpdateOutcome};
-use agentplane::state::{self, reason, Op};
+use agentplane::state::{self, Op};
 use agentplane::time::{duration_from_proto, duration_to_proto, now_ms, timestamp_from_ms};
 use agentplane::validate::ValidationError;
 use std::time::Duration;
@@ -130,7 +131,7 @@ impl AgentApi {
                         agent.generation,
                         &agent.host,
                         &state::RUNNING,
-                        reason::NOT_ON_HOST,
+                        ExitReason::NotOnHost,
                         detail.clone(),
                     )
                     .await?
@@ -154,7 +155,7 @@ impl AgentApi {
             state: Some(AgentState::Exited),
             pid: Some(0),
             exit: Some(ExitStatus {
-                reason: reason::STOPPED.into(),
+                reason: ExitReason::Stopped as i32,
                 error: format!(
                     "stopped while its host {} did not hold it (nothing was running there): {e}",
                     agent.host

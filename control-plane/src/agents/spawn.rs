@@ -214,7 +214,7 @@ impl AgentApi {
         let update = AgentUpdate {
             state: Some(AgentState::Failed),
             exit: Some(ExitStatus {
-                reason: "HOST_ERROR".into(),
+                reason: agentplane::proto::v1::ExitReason::HostError as i32,
                 error: err.to_string(),
                 finished_at: Some(timestamp_from_ms(now_ms())),
                 ..Default::default()

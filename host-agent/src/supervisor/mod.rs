@@ -643,7 +643,7 @@ fn pause_before_spawn() -> Option<Duration> {
 /// The exit of a start that failed.
 fn spawn_failure(spec: &AgentSpec, e: &std::io::Error) -> ExitStatus {
     ExitStatus {
-        reason: "SPAWN_FAILED".into(),
+        reason: agentplane::proto::v1::ExitReason::SpawnFailed as i32,
         error: spawn::describe_spawn_error(spec, e),
         finished_at: Some(timestamp_from_ms(now_ms())),
         ..Default::default()

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use agentplane::proto::v1::{Agent, AgentState, ExitStatus};
+use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
 use agentplane::registry::{AgentUpdate, Expect, RegistryError, UpdateOutcome};
 use agentplane::state;
 use agentplane::time::{now_ms, timestamp_from_ms};
@@ -352,7 +352,7 @@ impl Supervisor {
                         a.generation,
                         &self.host_id,
                         &[st],
-                        state::reason::HOST_RESTARTED,
+                        ExitReason::HostRestarted,
                         detail,
                     )
                     .await?
@@ -384,7 +384,7 @@ impl Supervisor {
 /// The exit of a start that a heartbeat fenced between admission and fork.
 pub(super) fn fenced_before_start() -> ExitStatus {
     ExitStatus {
-        reason: state::reason::STOPPED.into(),
+        reason: ExitReason::Stopped as i32,
         error: "fenced before its start: its record names another host or generation".into(),
         finished_at: Some(timestamp_from_ms(now_ms())),
         ..Default::default()

@@ -6,7 +6,7 @@ use std::os::unix::process::ExitStatusExt;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use agentplane::proto::v1::{AgentState, ExitStatus};
+use agentplane::proto::v1::{AgentState, ExitReason, ExitStatus};
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use nix::sys::signal::Signal;
 use tokio::process::Child;
@@ -34,7 +34,7 @@ impl Supervisor {
                 Ok(status) => exit_status(status, requested),
                 Err(e) => {
                     let exit = ExitStatus {
-                        reason: "HOST_ERROR".into(),
+                        reason: ExitReason::HostError as i32,
                         error: format!("waiting for pid {pid} failed: {e}"),
                         finished_at: Some(timestamp_from_ms(now_ms())),
                         ..Default::default()
@@ -59,7 +59,7 @@ impl Supervisor {
                         describe(&exit)
                     );
                     let exit = ExitStatus {
-                        reason: "RESTARTS_EXHAUSTED".into(),
+                        reason: ExitReason::RestartsExhausted as i32,
                         error,
                         ..exit
                     };
@@ -75,7 +75,7 @@ impl Supervisor {
             };
             if !self.backoff(&slot, &exit, delay).await {
                 let stopped = ExitStatus {
-                    reason: "STOPPED".into(),
+                    reason: ExitReason::Stopped as i32,
                     ..exit
                 };
                 return self.finish(&slot, AgentState::Exited, stopped).await;
@@ -94,7 +94,7 @@ impl Supervisor {
                 }
                 Ok(None) => {
                     let stopped = ExitStatus {
-                        reason: "STOPPED".into(),
+                        reason: ExitReason::Stopped as i32,
                         ..exit
                     };
                     return self.finish(&slot, AgentState::Exited, stopped).await;
@@ -179,7 +179,7 @@ fn describe(e: &ExitStatus) -> String {
     match (e.code, e.signal) {
         (Some(c), _) => format!("exit code {c}"),
         (_, Some(s)) => format!("signal {s}"),
-        _ => e.reason.clone(),
+        _ => agentplane::state::reason_name(e.reason()).to_owned(),
     }
 }
 
@@ -190,18 +190,18 @@ pub(super) fn exit_status(
 ) -> ExitStatus {
     let signal = status.signal();
     let reason = match (requested, signal) {
-        (Some(Requested::Stop), _) => "STOPPED",
-        (Some(Requested::Timeout), _) => "TIMEOUT",
-        (Some(Requested::Idle), _) => "IDLE",
-        (Some(Requested::Disconnected), _) => "DISCONNECTED",
-        (Some(Requested::Kill(k)), Some(s)) if k == s => "KILLED",
-        (_, Some(_)) => "SIGNALED",
-        (_, None) => "COMPLETED",
+        (Some(Requested::Stop), _) => ExitReason::Stopped,
+        (Some(Requested::Timeout), _) => ExitReason::Timeout,
+        (Some(Requested::Idle), _) => ExitReason::Idle,
+        (Some(Requested::Disconnected), _) => ExitReason::Disconnected,
+        (Some(Requested::Kill(k)), Some(s)) if k == s => ExitReason::Killed,
+        (_, Some(_)) => ExitReason::Signaled,
+        (_, None) => ExitReason::Completed,
     };
     ExitStatus {
         code: status.code(),
         signal,
-        reason: reason.into(),
+        reason: reason as i32,
         error: String::new(),
         finished_at: Some(timestamp_from_ms(now_ms())),
     }
@@ -216,19 +216,22 @@ mod tests {
         let code3 = std::process::ExitStatus::from_raw(3 << 8);
         let e = exit_status(code3, None);
         assert_eq!(
-            (e.code, e.signal, e.reason.as_str()),
-            (Some(3), None, "COMPLETED")
+            (e.code, e.signal, e.reason()),
+            (Some(3), None, ExitReason::Completed)
         );
         let killed = std::process::ExitStatus::from_raw(9);
         assert_eq!(
-            exit_status(killed, Some(Requested::Kill(9))).reason,
-            "KILLED"
+            exit_status(killed, Some(Requested::Kill(9))).reason(),
+            ExitReason::Killed
         );
-        assert_eq!(exit_status(killed, None).reason, "SIGNALED");
-        assert_eq!(exit_status(killed, Some(Requested::Stop)).reason, "STOPPED");
+        assert_eq!(exit_status(killed, None).reason(), ExitReason::Signaled);
         assert_eq!(
-            exit_status(killed, Some(Requested::Timeout)).reason,
-            "TIMEOUT"
+            exit_status(killed, Some(Requested::Stop)).reason(),
+            ExitReason::Stopped
+        );
+        assert_eq!(
+            exit_status(killed, Some(Requested::Timeout)).reason(),
+            ExitReason::Timeout
         );
     }
 }
