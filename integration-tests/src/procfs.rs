@@ -138,3 +138,30 @@ pub fn zombie_children(parent: i32) -> Vec<ProcInfo> {
         .filter(|p| p.ppid == parent && p.state == 'Z')
         .collect()
 }
+
+/// The open descriptors of `pid` (from `/proc/PID/fd`, so the reader opens
+/// none in it), each with what it points at (`/dev/pts/3`, `pipe:[…]`),
+/// sorted by number.
+pub fn fds(pid: i32) -> Vec<(i32, String)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return Vec::new();
+    };
+    let mut out: Vec<(i32, String)> = dir
+        .flatten()
+        .filter_map(|e| {
+            let fd = e.file_name().to_str()?.parse().ok()?;
+            let target = std::fs::read_link(e.path()).ok()?;
+            Some((fd, target.display().to_string()))
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// The open flags of descriptor `fd` of `pid` (`flags:` of
+/// `/proc/PID/fdinfo/FD`, octal), e.g. to test for `O_CLOEXEC`.
+pub fn fd_flags(pid: i32, fd: i32) -> Option<i32> {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).ok()?;
+    let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
+    i32::from_str_radix(flags.trim(), 8).ok()
+}

@@ -1,5 +1,6 @@
 //! The agent lifecycle as users and the OS see it: pause/resume/stop on whole
-//! process groups, exits and failed starts recorded, and the error codes.
+//! process groups, exits and failed starts recorded, the error codes, and the
+//! descriptors an agent starts with (exactly 0, 1 and 2).
 
 use std::time::Duration;
 
@@ -233,6 +234,70 @@ async fn exit_codes_and_failed_starts_are_recorded() {
         killed.exit.unwrap().reason(),
         agentplane::proto::v1::ExitReason::Killed
     );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_inherits_only_its_stdio_not_other_agents_terminals_or_pipes() {
+    let cluster = TestCluster::builder().start().await;
+    let sleeper = |tty: bool| AgentSpec {
+        argv: vec!["sleep".into(), "1000".into()],
+        tty,
+        ..Default::default()
+    };
+    // Terminals and pipes of earlier agents are open in the host agent while
+    // the later ones start: none of them may reach a later agent.
+    let mut agents = Vec::new();
+    for tty in [true, false, false, true, false, true, false] {
+        agents.push((tty, cluster.spawn_spec(sleeper(tty)).await));
+    }
+    for (tty, a) in &agents {
+        assert_eq!(a.state(), AgentState::Running, "{a:?}");
+        // `sleep` is exec'd directly: the record's pid is the program itself,
+        // and spawn returned after its exec.
+        let fds = procfs::fds(a.pid);
+        let numbers: Vec<i32> = fds.iter().map(|(n, _)| *n).collect();
+        assert_eq!(
+            numbers,
+            [0, 1, 2],
+            "agent {} (tty: {tty}) has exactly fds 0, 1, 2: {fds:?}",
+            a.id
+        );
+        for (_, target) in &fds {
+            if *tty {
+                assert!(target.starts_with("/dev/pts/"), "{fds:?}");
+            } else {
+                assert!(target.starts_with("pipe:"), "{fds:?}");
+            }
+        }
+    }
+    // The host agent's own descriptors close at every exec (its guard's and
+    // agents'), but for what it inherited itself from this test process.
+    let host = i32::try_from(cluster.hosts[0].proc.child.id()).expect("pid");
+    let ours: Vec<String> = procfs::fds(std::process::id().try_into().expect("pid"))
+        .into_iter()
+        .map(|(_, t)| t)
+        .collect();
+    let inheritable: Vec<(i32, String)> = procfs::fds(host)
+        .into_iter()
+        .filter(|(n, t)| {
+            *n > 2
+                && !ours.contains(t)
+                && procfs::fd_flags(host, *n)
+                    .is_some_and(|f| f & nix::fcntl::OFlag::O_CLOEXEC.bits() == 0)
+        })
+        .collect();
+    assert!(
+        inheritable.is_empty(),
+        "the host agent opened these without O_CLOEXEC: {inheritable:?}"
+    );
+    // Two terminal agents never share a terminal.
+    let terminals: std::collections::HashSet<String> = agents
+        .iter()
+        .filter(|(tty, _)| *tty)
+        .map(|(_, a)| procfs::fds(a.pid)[0].1.clone())
+        .collect();
+    assert_eq!(terminals.len(), 3, "{terminals:?}");
     cluster.finish().await;
 }
 

@@ -1,8 +1,11 @@
 //! Building and starting an agent's process: argv exec'd directly (no shell),
 //! a minimal inherited environment plus the spec's, its own session and
-//! process group, a parent-death signal, rlimits and an optional uid/gid.
+//! process group, a parent-death signal, rlimits and an optional uid/gid, and
+//! exactly three descriptors: 0, 1 and 2 (nothing else the host agent holds,
+//! such as other agents' terminals and pipes, or inherited).
 
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::process::Stdio;
 
 use agentplane::proto::v1::{AgentSpec, ResourceLimits};
@@ -44,25 +47,14 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
         .kill_on_drop(false);
     let mut pty = None;
     if spec.tty {
-        let size = nix::pty::Winsize {
-            ws_row: 24,
-            ws_col: 80,
-            ws_xpixel: 0,
-            ws_ypixel: 0,
-        };
-        let pair = nix::pty::openpty(&size, None).map_err(std::io::Error::from)?;
-        nix::fcntl::fcntl(
-            &pair.master,
-            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_NONBLOCK),
-        )
-        .map_err(std::io::Error::from)?;
-        cmd.stdin(Stdio::from(pair.slave.try_clone()?))
-            .stdout(Stdio::from(pair.slave.try_clone()?))
-            .stderr(Stdio::from(pair.slave));
+        let (master, slave) = open_pty()?;
+        cmd.stdin(Stdio::from(slave.try_clone()?))
+            .stdout(Stdio::from(slave.try_clone()?))
+            .stderr(Stdio::from(slave));
         if !spec.env.contains_key("TERM") {
             cmd.env("TERM", "xterm-256color");
         }
-        pty = Some(pair.master);
+        pty = Some(master);
     } else {
         // Captured by the supervisor (see output.rs); stdin for SendInput.
         cmd.stdin(Stdio::piped())
@@ -82,6 +74,33 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
     before_exec(&mut cmd, limits, spec.tty);
     let child = cmd.spawn()?;
     Ok(Spawned { child, pty })
+}
+
+/// A new 80x24 pseudo-terminal: (master, slave), both close-on-exec from the
+/// moment they exist (nix's `openpty` leaves them inheritable, so every agent
+/// started later held them), the master non-blocking.
+fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
+    use nix::fcntl::OFlag;
+    let master = nix::pty::posix_openpt(
+        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
+    )?;
+    nix::pty::grantpt(&master)?;
+    nix::pty::unlockpt(&master)?;
+    // std opens every file with O_CLOEXEC.
+    let slave = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(nix::pty::ptsname_r(&master)?)?;
+    let master = OwnedFd::from(master);
+    let size = rustix::termios::Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    rustix::termios::tcsetwinsize(&master, size)?;
+    Ok((master, slave.into()))
 }
 
 /// The (resource, soft, hard) triples of a spec.
@@ -108,8 +127,9 @@ fn rlimits(l: Option<&ResourceLimits>) -> Vec<(Resource, u64, u64)> {
 fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
     // SAFETY: the closure runs in the forked child before exec, after std has
     // set up its stdio. It only makes raw system calls (setsid, ioctl, prctl,
-    // setrlimit), which are async-signal-safe; it allocates nothing (the limits
-    // were built before the fork) and takes no lock.
+    // close_range or fcntl, getrlimit, setrlimit), which are async-signal-safe;
+    // it allocates nothing (the limits were built before the fork) and takes
+    // no lock. The descriptors it marks are the child's own copies.
     unsafe {
         cmd.pre_exec(move || {
             nix::unistd::setsid().map_err(std::io::Error::from)?;
@@ -118,6 +138,30 @@ fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>, tty: bool) 
                 return Err(std::io::Error::last_os_error());
             }
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
+            // Every descriptor from 3 up closes at the exec: the program gets
+            // 0, 1 and 2 only. Marked rather than closed, because std reports
+            // a failed exec to the parent over a close-on-exec pipe of its own
+            // that must stay open until the exec.
+            if libc::syscall(
+                libc::SYS_close_range,
+                3u32,
+                u32::MAX,
+                libc::CLOSE_RANGE_CLOEXEC,
+            ) != 0
+            {
+                let e = std::io::Error::last_os_error();
+                // Kernels before 5.11 lack the flag (EINVAL) or the call (ENOSYS).
+                if !matches!(e.raw_os_error(), Some(libc::ENOSYS | libc::EINVAL)) {
+                    return Err(e);
+                }
+                let (soft, _) = nix::sys::resource::getrlimit(Resource::RLIMIT_NOFILE)
+                    .map_err(std::io::Error::from)?;
+                let top = libc::c_int::try_from(soft).unwrap_or(libc::c_int::MAX);
+                for fd in 3..top {
+                    // EBADF (not open) is the common answer and harmless.
+                    libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
+                }
+            }
             for (resource, soft, hard) in &limits {
                 setrlimit(*resource, *soft, *hard).map_err(std::io::Error::from)?;
             }
