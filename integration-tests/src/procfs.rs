@@ -165,3 +165,10 @@ pub fn fd_flags(pid: i32, fd: i32) -> Option<i32> {
     let flags = info.lines().find_map(|l| l.strip_prefix("flags:"))?;
     i32::from_str_radix(flags.trim(), 8).ok()
 }
+
+/// The network namespace of `pid` (`net:[4026532…]`), if it is readable.
+pub fn net_namespace(pid: i32) -> Option<String> {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|p| p.display().to_string())
+}

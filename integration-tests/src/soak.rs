@@ -22,7 +22,7 @@
 //! drain of a host (then uncordoned).
 //! Not yet: (e) exits with codes (the agents here never exit by themselves).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
@@ -384,9 +384,19 @@ async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked>) -> Vec<S
         return vec!["the API did not answer ListAgents".into()];
     };
     let mut problems = Vec::new();
+    // Only this cluster's agents: its hosts run in network namespaces of
+    // their own, which every agent process (orphans too) stays in. Other
+    // tests on the machine have agents of their own.
+    let ours: HashSet<String> = cluster
+        .hosts
+        .iter()
+        .filter_map(|h| procfs::net_namespace(h.proc.pid()))
+        .collect();
     let mut procs: HashMap<String, Vec<procfs::ProcInfo>> = HashMap::new();
     for (id, p) in procfs::agent_processes_by_id() {
-        procs.entry(id).or_default().push(p);
+        if procfs::net_namespace(p.pid).is_some_and(|ns| ours.contains(&ns)) {
+            procs.entry(id).or_default().push(p);
+        }
     }
     let mut by_request: HashMap<&str, usize> = HashMap::new();
     for a in &records {
