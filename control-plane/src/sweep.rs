@@ -205,14 +205,18 @@ impl Sweep {
                     Some(h) if may_lose => self.lease_missing(agent, h).await?,
                     _ => false,
                 },
+                // `live` was read at the pass's start: a host that came
+                // back since (and was given this agent) is asked again.
                 Verdict::HostDown if may_lose => {
-                    self.lose(
-                        agent,
-                        &state::LIVE,
-                        ExitReason::HostLost,
-                        "its host stopped heartbeating",
-                    )
-                    .await?
+                    self.registry.get_host(&agent.host).await?.is_none()
+                        && self
+                            .lose(
+                                agent,
+                                &state::LIVE,
+                                ExitReason::HostLost,
+                                "its host stopped heartbeating",
+                            )
+                            .await?
                 }
                 Verdict::HostDown => false,
                 Verdict::Restart => self.restart(agent).await,

@@ -88,6 +88,9 @@ pub struct AgentSlot {
     pub sessions: watch::Sender<usize>,
     status: Mutex<Status>,
     ended: watch::Sender<bool>,
+    /// Set when the record refused this slot's run (fenced): its end is not
+    /// written, as the record belongs to another step now.
+    disowned: std::sync::atomic::AtomicBool,
 }
 
 impl AgentSlot {
@@ -116,6 +119,7 @@ impl AgentSlot {
                 started_at_ms: 0,
             }),
             ended: watch::channel(false).0,
+            disowned: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -147,6 +151,17 @@ impl AgentSlot {
         } else {
             false
         }
+    }
+
+    /// The record refused this slot's run: nothing it observes is written.
+    pub fn disown(&self) {
+        self.disowned
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+
+    /// See [`AgentSlot::disown`].
+    pub fn is_disowned(&self) -> bool {
+        self.disowned.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Records the end and wakes every waiter.

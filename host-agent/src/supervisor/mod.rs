@@ -229,6 +229,7 @@ impl Supervisor {
         if let Err(err) = outcome {
             // Nobody could find or control it: it must not run.
             tracing::warn!(agent = %id, error = %err, "killing an agent that could not be recorded");
+            slot.disown();
             slot.status().requested = Some(Requested::Stop);
             let _ = signal::to_group(pid, Signal::SIGKILL);
             return Err(err);

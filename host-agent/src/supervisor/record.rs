@@ -199,6 +199,11 @@ impl Supervisor {
     /// Records the end for good, then wakes every waiter. An end Redis could
     /// not take is written after the next successful heartbeat.
     pub(super) async fn finish(&self, slot: &Arc<AgentSlot>, state: AgentState, exit: ExitStatus) {
+        if slot.is_disowned() {
+            tracing::debug!(agent = %slot.id, "end not recorded: the record refused this run");
+            slot.mark_ended(state, exit);
+            return;
+        }
         let update = AgentUpdate {
             state: Some(state),
             pid: Some(0),

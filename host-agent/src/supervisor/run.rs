@@ -87,7 +87,9 @@ impl Supervisor {
                     let restarts = slot.status().restarts;
                     tracing::info!(agent = %slot.id, pid, restarts, "agent restarted");
                     if !self.record_restart(&slot, pid).await {
-                        // Fenced: this run must not go on.
+                        // Fenced: this run must not go on, and its end is
+                        // not this host's to write.
+                        slot.disown();
                         slot.status().requested = Some(Requested::Stop);
                         let _ = signal::to_group(pid, Signal::SIGKILL);
                     }
