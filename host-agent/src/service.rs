@@ -37,7 +37,9 @@ impl HostAgent for HostAgentService {
             .spec
             .ok_or_else(|| ValidationError::new("spec", "is required"))?;
         Ok(Response::new(
-            self.supervisor.start(r.id, r.generation, spec).await?,
+            self.supervisor
+                .start_detached(r.id, r.generation, spec)
+                .await?,
         ))
     }
 

@@ -149,6 +149,25 @@ impl Supervisor {
             .collect()
     }
 
+    /// [`Supervisor::start`] in a task of its own, so a caller that goes
+    /// away (its replica died, its deadline passed) cannot cancel a start
+    /// half-way: between the fork and the run loop, that left a process
+    /// nobody supervised and a record PENDING for good.
+    pub async fn start_detached(
+        self: &Arc<Self>,
+        id: String,
+        generation: u64,
+        spec: AgentSpec,
+    ) -> Result<LocalAgent> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        let sup = self.clone();
+        self.tasks.spawn("agent start", async move {
+            let _ = tx.send(sup.start(id, generation, spec).await);
+        });
+        // A start that panicked is reported like a host going away.
+        rx.await.unwrap_or(Err(SupervisorError::ShuttingDown))
+    }
+
     /// Starts agent `id` at `generation`. A repeated call for the same
     /// generation answers with the agent as it is (idempotent).
     pub async fn start(
