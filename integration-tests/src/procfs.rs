@@ -75,6 +75,38 @@ pub fn all_agent_processes() -> Vec<ProcInfo> {
     marked(|kv| kv.starts_with(MARKER.as_bytes()))
 }
 
+/// Live processes of any agent, each with the agent id its marker names.
+pub fn all_agent_processes_by_id() -> Vec<(String, ProcInfo)> {
+    all_agent_processes()
+        .into_iter()
+        .filter_map(|p| Some((marker_of(p.pid)?, p)))
+        .collect()
+}
+
+/// True when `ancestor` is `pid`'s parent, grandparent, …, by the parent pids
+/// in `/proc` (false once the chain reaches PID 1 or a process that is gone).
+pub fn descends_from(pid: i32, ancestor: i32) -> bool {
+    let mut p = pid;
+    // Bounded: a pid reused during the walk cannot make it loop.
+    for _ in 0..1024 {
+        match stat(p) {
+            Some(s) if s.ppid == ancestor => return true,
+            Some(s) if s.ppid > 1 => p = s.ppid,
+            _ => return false,
+        }
+    }
+    false
+}
+
+/// The agent id in `pid`'s marker, if it carries one.
+fn marker_of(pid: i32) -> Option<String> {
+    let env = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    env.split(|b| *b == 0).find_map(|kv| {
+        let id = kv.strip_prefix(MARKER.as_bytes())?;
+        Some(String::from_utf8_lossy(id).into_owned())
+    })
+}
+
 /// Waits (at most `limit`) until no process of agent `id` is alive.
 pub async fn wait_gone(id: &str, limit: std::time::Duration) {
     crate::eventually(limit, &format!("no process of agent {id} alive"), || {

@@ -496,7 +496,19 @@ async fn no_room_is_resource_exhausted_and_list_filters() {
         .await
         .unwrap()
         .into_inner();
-    assert!(on_h2.agents.iter().all(|a| a.host == "h2"));
+    // Every slot is taken, so h2 runs exactly its --max-agents: the agent
+    // placed there by label and one of the three others.
+    let mut want: Vec<&str> = all
+        .agents
+        .iter()
+        .filter(|a| a.host == "h2")
+        .map(|a| a.id.as_str())
+        .collect();
+    let mut got: Vec<&str> = on_h2.agents.iter().map(|a| a.id.as_str()).collect();
+    want.sort_unstable();
+    got.sort_unstable();
+    assert_eq!(want.len(), 2, "h2 is full: {:?}", all.agents);
+    assert_eq!(got, want, "--host h2 lists exactly h2's agents");
     let team = c
         .list_agents(ListAgentsRequest {
             label_selector: "team=x".into(),

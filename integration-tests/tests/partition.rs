@@ -103,8 +103,9 @@ async fn a_cut_link_loses_and_reschedules_and_a_healed_link_fences_the_stale_cop
     // When the kernel passes traffic again (bringing a bridge port back up
     // takes a few hundred ms here), measured from a separate probe.
     let (gw, port) = (lab.gateway(), cluster.redis.port());
+    // `None` if the link carried nothing within 10 s.
     let probe = {
-        let ns = lab.namespace(0);
+        let (ns, gw) = (lab.namespace(0), gw.clone());
         std::thread::spawn(move || {
             let t = Instant::now();
             let cmd = format!("exec 3<>/dev/tcp/{gw}/{port}");
@@ -113,8 +114,11 @@ async fn a_cut_link_loses_and_reschedules_and_a_healed_link_fences_the_stale_cop
                     .args(["netns", "exec", &ns, "timeout", "0.2", "bash", "-c", &cmd])
                     .output()
                     .is_ok_and(|o| o.status.success());
-                if ok || t.elapsed() > Duration::from_secs(10) {
-                    return t.elapsed();
+                if ok {
+                    return Some(t.elapsed());
+                }
+                if t.elapsed() > Duration::from_secs(10) {
+                    return None;
                 }
             }
         })
@@ -135,7 +139,14 @@ async fn a_cut_link_loses_and_reschedules_and_a_healed_link_fences_the_stale_cop
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let fenced = healed.elapsed();
-    let link_up = probe.join().expect("probe");
+    let link_up = probe.join().expect("probe").unwrap_or_else(|| {
+        panic!(
+            "the probe from h1's namespace {} could not open a TCP connection to Redis at \
+             {gw}:{port} within 10 s of the restore, so when the link came up is unknown \
+             (stale copies were gone after {fenced:?})",
+            lab.namespace(0)
+        )
+    });
     eprintln!(
         "partition healed: link passes traffic after {link_up:?}; stale copies killed after {fenced:?} \
          ({:?} after the link was usable; beat {beat:?})",

@@ -2,10 +2,11 @@
 //! agent each; a watch client follows a SIGKILLed replica to the other one
 //! and sees every event once, in order.
 
+use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{
-    AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, SpawnAgentRequest,
+    Agent, AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, SpawnAgentRequest,
 };
 use agentplane_integration_tests::{eventually, procfs, TestCluster};
 use nix::sys::signal::Signal;
@@ -95,14 +96,56 @@ async fn two_hundred_spawns_survive_a_replica_sigkill_with_exactly_one_agent_eac
     }
     assert_eq!(all.len(), 200, "exactly 200 agents");
     eprintln!("listed ({:?})", t0.elapsed());
-    for a in &all {
-        assert_eq!(
-            procfs::agent_processes(&a.id).len(),
-            1,
-            "one process for {}",
-            a.id
-        );
+    // What runs: every marked process of these hosts (the host agent is a
+    // subreaper, so its agents' processes stay its descendants) or of these
+    // records (wherever it went). Exactly one per record, and none without a
+    // record (a spawn whose record was lost).
+    let hosts: Vec<i32> = cluster.hosts.iter().map(|h| h.proc.pid()).collect();
+    let records: HashMap<&str, &Agent> = all.iter().map(|a| (a.id.as_str(), a)).collect();
+    let ours: Vec<(String, procfs::ProcInfo)> = procfs::all_agent_processes_by_id()
+        .into_iter()
+        .filter(|(id, p)| {
+            records.contains_key(id.as_str())
+                || hosts.iter().any(|h| procfs::descends_from(p.pid, *h))
+        })
+        .collect();
+    let mut per_agent: HashMap<&str, Vec<procfs::ProcInfo>> = HashMap::new();
+    for (id, p) in &ours {
+        per_agent.entry(id.as_str()).or_default().push(*p);
     }
+    let unrecorded: Vec<_> = per_agent
+        .iter()
+        .filter(|(id, _)| !records.contains_key(*id))
+        .collect();
+    assert!(
+        unrecorded.is_empty(),
+        "agent processes without a record: {unrecorded:?}"
+    );
+    let not_one: Vec<_> = all
+        .iter()
+        .map(|a| (&a.id, per_agent.get(a.id.as_str()).map_or(0, Vec::len)))
+        .filter(|(_, n)| *n != 1)
+        .collect();
+    assert!(
+        not_one.is_empty(),
+        "records without exactly one process: {not_one:?}"
+    );
+    assert_eq!(ours.len(), 200, "one agent process per record, no extras");
+    // And each record knows its process: RUNNING, with the pid of the one
+    // process, which leads its own group.
+    let disagree: Vec<_> = ours
+        .iter()
+        .filter_map(|(id, p)| {
+            let a = records[id.as_str()];
+            (a.state() != AgentState::Running || a.pid != p.pid || p.pgrp != p.pid)
+                .then(|| format!("{id}: record {:?} pid {}, process {p:?}", a.state(), a.pid))
+        })
+        .collect();
+    assert!(
+        disagree.is_empty(),
+        "records that disagree with their running process:\n{}",
+        disagree.join("\n")
+    );
     cluster.finish().await;
 }
 

@@ -3,6 +3,8 @@
 
 use std::time::{Duration, Instant};
 
+use agentplane::proto::v1::AgentSpec;
+use agentplane::time::duration_to_proto;
 use agentplane_integration_tests::{eventually, procfs, TestCluster};
 use nix::sys::signal::Signal;
 use redis::AsyncCommands;
@@ -24,24 +26,78 @@ async fn sigterm_removes_the_host_key_at_once_and_stops_every_agent() {
                 .pid,
         );
     }
+    // One agent that ignores SIGTERM (its sleep inherits that) and has a long
+    // grace: the host agent's shutdown waits that grace out, then SIGKILLs it.
+    // The key must be gone while it waits, not once the host agent has exited.
+    let grace = Duration::from_secs(4);
+    let slow = cluster
+        .spawn_spec(AgentSpec {
+            argv: ["sh", "-c", "trap '' TERM; sleep 1000 & wait; wait"]
+                .map(str::to_owned)
+                .to_vec(),
+            stop_grace: Some(duration_to_proto(grace)),
+            ..Default::default()
+        })
+        .await;
+    groups.push(slow.pid);
+    eventually(
+        Duration::from_secs(5),
+        "the slow agent's sleep runs",
+        || {
+            let n = procfs::alive_in_group(slow.pid).len();
+            async move { (n == 2).then_some(()) }
+        },
+    )
+    .await;
     let mut redis = cluster.redis.conn().await;
     assert!(redis.exists::<_, bool>("ap:host:h1").await.unwrap());
 
     let t = Instant::now();
     cluster.hosts[0].proc.signal(Signal::SIGTERM);
+    let (host_pid, slow_pid) = (cluster.hosts[0].proc.pid(), slow.pid);
+    let removed = eventually(
+        grace,
+        "the host key removed while the host agent stops its agents",
+        || {
+            let mut redis = redis.clone();
+            async move {
+                let exists = redis.exists::<_, bool>("ap:host:h1").await.unwrap();
+                // Looked at after the key: a key seen gone was gone while
+                // both were still there.
+                let host_alive = procfs::is_alive(host_pid);
+                let slow_alive = !procfs::alive_in_group(slow_pid).is_empty();
+                assert!(
+                    host_alive && slow_alive,
+                    "{:?} after the SIGTERM the host agent is done stopping its agents (host \
+                     agent alive: {host_alive}, slow agent alive: {slow_alive}) and the host \
+                     key ap:host:h1 was {} then",
+                    t.elapsed(),
+                    if exists {
+                        "still there"
+                    } else {
+                        "not seen gone before"
+                    }
+                );
+                (!exists).then(|| t.elapsed())
+            }
+        },
+    )
+    .await;
+    eprintln!("host key removed {removed:?} after the SIGTERM (slow agent's grace {grace:?})");
     eventually(Duration::from_secs(15), "host agent exits", || {
         let running = cluster.hosts[0].proc.is_running();
         async move { (!running).then_some(()) }
     })
     .await;
+    let took = t.elapsed();
     assert!(
-        t.elapsed() < Duration::from_secs(10),
-        "shutdown took {:?}",
-        t.elapsed()
+        took >= grace,
+        "the shutdown waited out the slow agent's grace: {took:?}"
     );
+    assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     assert!(
         !redis.exists::<_, bool>("ap:host:h1").await.unwrap(),
-        "host key removed"
+        "host key still removed"
     );
     for pgid in groups {
         assert!(

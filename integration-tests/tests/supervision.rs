@@ -20,30 +20,69 @@ fn spec(argv: &[&str]) -> AgentSpec {
     }
 }
 
-/// Every record's state agrees with /proc: RUNNING has live, unstopped
-/// processes; PAUSED has every process stopped (T); an ended agent has none.
-fn consistent(a: &Agent) -> Result<(), String> {
+/// Every record's state agrees with /proc. A RUNNING or PAUSED record's pid
+/// is alive, carries the agent's marker and leads its own process group, and
+/// every live process carrying the marker is in that group or descends from
+/// the pid (no copy of an earlier run is left); RUNNING has `tree` of them
+/// (the whole tree the command starts), none stopped; PAUSED has every one
+/// stopped (T), at most `tree` (a pause can catch it before it started them
+/// all). An ended record has no marked process.
+fn consistent(a: &Agent, tree: usize) -> Result<(), String> {
     let procs = procfs::agent_processes(&a.id);
-    let ok = match a.state() {
-        AgentState::Running => !procs.is_empty() && procs.iter().all(|p| p.state != 'T'),
-        AgentState::Paused => !procs.is_empty() && procs.iter().all(|p| p.state == 'T'),
-        AgentState::Exited | AgentState::Failed => procs.is_empty(),
-        _ => false,
+    let problem = match a.state() {
+        AgentState::Running | AgentState::Paused => tree_problem(a, &procs, tree),
+        AgentState::Exited | AgentState::Failed => {
+            (!procs.is_empty()).then(|| "ended, but marked processes live".to_owned())
+        }
+        s => Some(format!("not settled ({s:?})")),
     };
-    if ok {
-        Ok(())
-    } else {
-        Err(format!(
-            "{} is {:?} but /proc shows {procs:?}",
+    match problem {
+        None => Ok(()),
+        Some(p) => Err(format!(
+            "{} is {:?} with pid {}: {p}; /proc shows {procs:?}",
             a.id,
-            a.state()
-        ))
+            a.state(),
+            a.pid
+        )),
     }
+}
+
+/// What is wrong with the live processes `procs` of RUNNING or PAUSED `a`.
+fn tree_problem(a: &Agent, procs: &[procfs::ProcInfo], tree: usize) -> Option<String> {
+    let Some(leader) = procs.iter().find(|p| p.pid == a.pid) else {
+        return Some("the record's pid is not a live process of the agent".to_owned());
+    };
+    if leader.pgrp != a.pid {
+        return Some(format!("its pid is in group {}, not its own", leader.pgrp));
+    }
+    let strays: Vec<_> = procs
+        .iter()
+        .filter(|p| p.pgrp != a.pid && !procfs::descends_from(p.pid, a.pid))
+        .collect();
+    if !strays.is_empty() {
+        return Some(format!("processes outside its group and tree: {strays:?}"));
+    }
+    let paused = a.state() == AgentState::Paused;
+    let wrong: Vec<_> = procs
+        .iter()
+        .filter(|p| (p.state == 'T') != paused)
+        .collect();
+    if !wrong.is_empty() {
+        return Some(format!("processes in the wrong run state: {wrong:?}"));
+    }
+    let count_ok = if paused {
+        procs.len() <= tree
+    } else {
+        procs.len() == tree
+    };
+    (!count_ok).then(|| format!("{} processes, the command starts {tree}", procs.len()))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_thousand_random_concurrent_operations_leave_records_matching_proc() {
     let cluster = TestCluster::builder().hosts(2).start().await;
+    // sh and its two sleeps.
+    const TREE: usize = 3;
     let mut ids = Vec::new();
     for _ in 0..20 {
         // Ignores TERM and USR1 (and so do its children): most kills are
@@ -74,83 +113,94 @@ async fn a_thousand_random_concurrent_operations_leave_records_matching_proc() {
         workers.push(tokio::spawn(async move {
             // A small deterministic generator per worker: reproducible runs.
             let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ (w + 1);
-            let mut codes: HashMap<Code, usize> = HashMap::new();
+            // What the servers answered, per call: the agent asked about
+            // (its id checked) or the status.
+            let mut answers: Vec<Result<(), tonic::Status>> = Vec::new();
             for _ in 0..100 {
                 x ^= x << 13;
                 x ^= x >> 7;
                 x ^= x << 17;
                 let id = ids[(x % 20) as usize].clone();
+                let asked = id.clone();
                 let grace = Some(duration_to_proto(Duration::from_millis(300)));
                 let r = match (x >> 8) % 80 {
-                    0..=35 => c.pause_agent(PauseAgentRequest { id }).await.map(drop),
-                    36..=71 => c.resume_agent(ResumeAgentRequest { id }).await.map(drop),
-                    72 => c.stop_agent(StopAgentRequest { id, grace }).await.map(drop),
-                    73..=75 => c
-                        .kill_agent(KillAgentRequest { id, signal: 9 })
-                        .await
-                        .map(drop),
-                    76..=77 => c
-                        .kill_agent(KillAgentRequest { id, signal: 10 })
-                        .await
-                        .map(drop),
-                    _ => c
-                        .kill_agent(KillAgentRequest { id, signal: 15 })
-                        .await
-                        .map(drop),
+                    0..=35 => c.pause_agent(PauseAgentRequest { id }).await,
+                    36..=71 => c.resume_agent(ResumeAgentRequest { id }).await,
+                    72 => c.stop_agent(StopAgentRequest { id, grace }).await,
+                    73..=75 => c.kill_agent(KillAgentRequest { id, signal: 9 }).await,
+                    76..=77 => c.kill_agent(KillAgentRequest { id, signal: 10 }).await,
+                    _ => c.kill_agent(KillAgentRequest { id, signal: 15 }).await,
                 };
-                let code = r.err().map_or(Code::Ok, |s| {
-                    assert!(
-                        matches!(s.code(), Code::FailedPrecondition | Code::NotFound),
-                        "unexpected answer {s:?}"
-                    );
-                    s.code()
-                });
-                *codes.entry(code).or_default() += 1;
+                answers.push(r.and_then(|a| {
+                    let a = a.into_inner();
+                    if a.id == asked {
+                        Ok(())
+                    } else {
+                        Err(tonic::Status::internal(format!(
+                            "asked about {asked}, answered with {}",
+                            a.id
+                        )))
+                    }
+                }));
             }
-            codes
+            answers
         }));
     }
     let mut totals: HashMap<Code, usize> = HashMap::new();
+    let mut unexpected = Vec::new();
     for w in workers {
-        for (code, n) in w.await.expect("worker did not panic") {
-            *totals.entry(code).or_default() += n;
+        for answer in w.await.expect("worker did not panic") {
+            let code = answer.as_ref().err().map_or(Code::Ok, tonic::Status::code);
+            *totals.entry(code).or_default() += 1;
+            if !matches!(code, Code::Ok | Code::FailedPrecondition) {
+                unexpected.push(answer);
+            }
         }
     }
-    assert_eq!(totals.values().sum::<usize>(), 1000);
-    assert!(
-        totals.get(&Code::Ok).copied().unwrap_or(0) > 100,
-        "many calls succeeded: {totals:?}"
+    let ok = totals.get(&Code::Ok).copied().unwrap_or(0);
+    let refused = totals.get(&Code::FailedPrecondition).copied().unwrap_or(0);
+    assert_eq!(
+        ok + refused,
+        1000,
+        "every call answered with its agent or FAILED_PRECONDITION: {totals:?}, \
+         the others: {unexpected:?}"
     );
+    assert!(ok > 100, "many calls succeeded: {totals:?}");
+    assert!(refused > 0, "some calls raced into a refusal: {totals:?}");
     eprintln!("answers: {totals:?} in {:?}", storm.elapsed());
 
     let mut c = client.clone();
-    eventually(
-        Duration::from_secs(20),
-        "every record matches /proc",
-        || {
-            let mut c = c.clone();
-            async move {
-                let agents = c
-                    .list_agents(ListAgentsRequest::default())
-                    .await
-                    .ok()?
-                    .into_inner()
-                    .agents;
-                let errors: Vec<String> =
-                    agents.iter().filter_map(|a| consistent(a).err()).collect();
-                (agents.len() == 20 && errors.is_empty()).then_some(())
-            }
-        },
-    )
-    .await;
+    let settle = Instant::now() + Duration::from_secs(20);
+    loop {
+        let agents = c
+            .list_agents(ListAgentsRequest::default())
+            .await
+            .map(|r| r.into_inner().agents)
+            .unwrap_or_default();
+        let errors: Vec<String> = agents
+            .iter()
+            .filter_map(|a| consistent(a, TREE).err())
+            .collect();
+        if agents.len() == 20 && errors.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < settle,
+            "after 20 s, {} records and these disagree with /proc:\n{}",
+            agents.len(),
+            errors.join("\n")
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     let agents = c
         .list_agents(ListAgentsRequest::default())
         .await
         .unwrap()
         .into_inner()
         .agents;
+    assert_eq!(agents.len(), 20);
     for a in &agents {
-        consistent(a).unwrap();
+        consistent(a, TREE).unwrap();
     }
     for s in cluster.control_planes.iter().chain(&cluster.hosts) {
         let log = std::fs::read_to_string(&s.proc.log).unwrap();
