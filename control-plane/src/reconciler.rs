@@ -26,7 +26,8 @@ use tokio_util::sync::CancellationToken;
 
 use crate::drain::{Drainer, DRAIN_LEASE};
 use crate::hosts::HostClients;
-use crate::sweep::{restart_lost, Sweep};
+use crate::relocate::restart_lost;
+use crate::sweep::Sweep;
 
 /// Assumed heartbeat TTL before any host has published its own.
 const DEFAULT_TTL: Duration = Duration::from_secs(10);

@@ -8,10 +8,11 @@
 //! the old host is fenced by the generation.
 
 use std::sync::Arc;
+use std::time::Duration;
 
-use agentplane::proto::v1::{Agent, AgentState};
+use agentplane::proto::v1::{Agent, AgentState, ExitReason};
 use agentplane::registry::{AgentUpdate, Expect, Registry, UpdateOutcome};
-use agentplane::time::now_ms;
+use agentplane::time::{ms_from_timestamp, now_ms};
 
 use crate::error::ApiError;
 use crate::hosts::HostClients;
@@ -88,3 +89,57 @@ pub async fn relocate(
         StartOutcome::Unconfirmed { error, .. } => Ok(Relocated::Pending { error }),
     }
 }
+
+/// Places a LOST restartable agent again. Failures are logged: the record
+/// stays LOST (or PENDING) and the next pass tries again.
+pub async fn restart_lost(registry: &Registry, hosts: &Arc<HostClients>, agent: &Agent) -> bool {
+    if let Some(at) = not_before(agent) {
+        if now_ms() < at {
+            // At most one copy: its host may still be stopping it.
+            return false;
+        }
+    }
+    match relocate(registry, hosts, agent, AgentState::Lost).await {
+        Ok(Relocated::Started { host }) => {
+            tracing::info!(agent = %agent.id, to = ?host, "LOST agent placed again");
+            true
+        }
+        Ok(Relocated::Pending { error }) => {
+            tracing::warn!(agent = %agent.id, error = %error, "LOST agent placed again; its start is not confirmed yet");
+            true
+        }
+        Ok(Relocated::Raced) => false,
+        Err(e) => {
+            tracing::warn!(agent = %agent.id, error = %e, "cannot place a LOST agent yet; retrying next pass");
+            false
+        }
+    }
+}
+
+/// For an agent with `stop_after_disconnect` whose host went silent (its
+/// copy may still run there until the host stops it): the earliest time, ms
+/// since the epoch, a replacement may start: when it was declared LOST (never
+/// before its lease expired) + stop_after_disconnect + stop_grace.
+pub fn not_before(agent: &Agent) -> Option<i64> {
+    let spec = agent.spec.as_ref()?;
+    let limit = spec.stop_after_disconnect.as_ref()?;
+    // No exit yet: this pass declared it LOST just now.
+    let lost_at = match agent.exit.as_ref() {
+        None => now_ms(),
+        Some(e) if matches!(e.reason(), ExitReason::HostLost | ExitReason::LeaseExpired) => e
+            .finished_at
+            .as_ref()
+            .map_or_else(now_ms, ms_from_timestamp),
+        // Its host said it does not hold it: nothing can still run there.
+        Some(_) => return None,
+    };
+    let grace = spec
+        .stop_grace
+        .as_ref()
+        .map_or(DEFAULT_GRACE, agentplane::time::duration_from_proto);
+    let wait = agentplane::time::duration_from_proto(limit) + grace;
+    Some(lost_at.saturating_add(i64::try_from(wait.as_millis()).unwrap_or(i64::MAX)))
+}
+
+/// The host's stop grace when the spec gives none.
+const DEFAULT_GRACE: Duration = Duration::from_secs(10);

@@ -505,7 +505,19 @@ impl TestCluster {
         limit: Duration,
         pred: impl Fn(&Agent) -> bool,
     ) -> Agent {
-        let c = self.client().await;
+        self.wait_agent_via(0, id, what, limit, pred).await
+    }
+
+    /// [`TestCluster::wait_agent`] through control plane `i`.
+    pub async fn wait_agent_via(
+        &self,
+        i: usize,
+        id: &str,
+        what: &str,
+        limit: Duration,
+        pred: impl Fn(&Agent) -> bool,
+    ) -> Agent {
+        let c = self.client_of(i);
         let pred = &pred;
         crate::eventually(limit, &format!("agent {id} {what}"), || {
             let mut c = c.clone();
@@ -515,25 +527,6 @@ impl TestCluster {
                 pred(&a).then_some(a)
             }
         })
-        .await
-    }
-
-    /// Like [`TestCluster::wait_agent`] (15 s), through control plane `i`.
-    pub async fn wait_agent_via(&self, i: usize, id: &str, pred: impl Fn(&Agent) -> bool) -> Agent {
-        let c = self.client_of(i);
-        let pred = &pred;
-        crate::eventually(
-            Duration::from_secs(15),
-            &format!("agent {id} via replica {i}"),
-            || {
-                let mut c = c.clone();
-                let id = id.to_owned();
-                async move {
-                    let a = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
-                    pred(&a).then_some(a)
-                }
-            },
-        )
         .await
     }
 

@@ -338,7 +338,7 @@ async fn a_drain_whose_replica_dies_is_finished_by_another() {
     );
     // Replica 1 finds the mark without a lease and finishes the drain.
     let moved = cluster
-        .wait_agent_via(1, &id, |a| {
+        .wait_agent_via(1, &id, "runs on h2", Duration::from_secs(15), |a| {
             a.state() == agentplane::proto::v1::AgentState::Running && a.host == "h2"
         })
         .await;
