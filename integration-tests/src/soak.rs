@@ -138,6 +138,30 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
+        // Records go only with a delete (whose answer may have been lost:
+        // then the agent is marked stopped) or with Redis's data (restart
+        // empty, for agents no host held). Those are dropped from the model,
+        // so the clients spawn others; any other vanished record is a violation.
+        if let Some(records) = list_all(&cluster).await {
+            let present: HashSet<&str> = records.iter().map(|a| a.id.as_str()).collect();
+            let emptied = matches!(fault, Fault::RestartRedisEmpty);
+            let gone: Vec<(String, bool)> = known
+                .iter()
+                .filter(|(id, _)| !present.contains(id.as_str()))
+                .map(|(id, t)| (id.clone(), t.stopped))
+                .collect();
+            for (id, stopped) in gone {
+                known.remove(&id);
+                if emptied {
+                    report.dropped_with_redis += 1;
+                } else if !stopped {
+                    report.violations.push(format!(
+                        "seed {} round {round} fault {fault:?}: the record of {id} vanished",
+                        cfg.seed
+                    ));
+                }
+            }
+        }
         if !report.violations.is_empty() {
             let kept =
                 std::env::temp_dir().join(format!("agentplane-soak-{}-round-{round}", cfg.seed));
@@ -154,11 +178,6 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             break;
         }
     }
-    let records = list_all(&cluster).await.unwrap_or_default();
-    report.dropped_with_redis = known
-        .keys()
-        .filter(|id| !records.iter().any(|a| &a.id == *id))
-        .count();
     cluster.finish().await;
     report
 }
