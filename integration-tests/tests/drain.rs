@@ -245,9 +245,8 @@ async fn a_drain_never_reports_an_end_for_a_moved_agent() {
     cluster.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_drain_with_no_room_elsewhere_leaves_its_agents_running() {
-    let cluster = TestCluster::builder().hosts(2).start().await;
+/// Cordons h2 and spawns one `--restart always` agent (so on h1); its record.
+fn always_on_h1_with_h2_cordoned(cluster: &TestCluster) -> Value {
     ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
     let a = ok_json(&cluster.agentctl(&[
         "-o",
@@ -259,6 +258,14 @@ async fn a_drain_with_no_room_elsewhere_leaves_its_agents_running() {
         "sleep",
         "1000",
     ]));
+    assert_eq!(a["host"], "h1");
+    a
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_with_no_room_elsewhere_leaves_its_agents_running() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    let a = always_on_h1_with_h2_cordoned(&cluster);
     let id = a["id"].as_str().expect("id").to_owned();
     let drain = cluster.agentctl(&["hosts", "drain", "h1", "--timeout", "2s"]);
     let progress = String::from_utf8_lossy(&drain.stdout).into_owned();
@@ -290,17 +297,7 @@ async fn a_drain_whose_replica_dies_is_finished_by_another() {
         .control_planes(2)
         .start()
         .await;
-    ok_json(&cluster.agentctl(&["-o", "json", "hosts", "cordon", "h2"]));
-    let a = ok_json(&cluster.agentctl(&[
-        "-o",
-        "json",
-        "spawn",
-        "--restart",
-        "always",
-        "--",
-        "sleep",
-        "1000",
-    ]));
+    let a = always_on_h1_with_h2_cordoned(&cluster);
     let id = a["id"].as_str().expect("id").to_owned();
     // The drain runs on replica 0 and waits: h2 has no room yet.
     let mut draining = std::process::Command::new(agentplane_integration_tests::bin("agentctl"))
