@@ -61,6 +61,67 @@ pub const RUNNING: [AgentState; 3] = [
     AgentState::Stopping,
 ];
 
+/// Whether a record may move from `from` to `to`: the one table of legal
+/// moves, enforced by the registry on every write (host agent and control
+/// plane alike) and by the host agent on its in-memory status. A move to the
+/// same state is a write of other fields and is always legal.
+pub fn may_move(from: AgentState, to: AgentState) -> bool {
+    use AgentState as S;
+    if from == to {
+        return true;
+    }
+    match from {
+        // Started (RUNNING); its start failed (FAILED); stopped or fenced
+        // before it started (EXITED); its host restarted before it (LOST).
+        S::Pending => matches!(to, S::Running | S::Exited | S::Failed | S::Lost),
+        // PENDING: a restart backoff on its host, or a move to another host
+        // (a drain) at the next generation.
+        S::Running | S::Paused => matches!(
+            to,
+            S::Running | S::Paused | S::Stopping | S::Pending | S::Exited | S::Failed | S::Lost
+        ),
+        // A stop only ends.
+        S::Stopping => matches!(to, S::Exited | S::Failed | S::Lost),
+        // Started again (PENDING, the next generation), or its host still
+        // runs it at this generation and says so again (any state it can be
+        // in there).
+        S::Lost => matches!(
+            to,
+            S::Pending | S::Running | S::Paused | S::Stopping | S::Exited | S::Failed
+        ),
+        // An ended run is over; only deleting the record follows.
+        S::Exited | S::Failed | S::Unspecified => false,
+    }
+}
+
+/// Every state from which a record may move to `to`, in table order.
+pub fn sources(to: AgentState) -> Vec<AgentState> {
+    ALL.into_iter().filter(|from| may_move(*from, to)).collect()
+}
+
+/// Every state a record can be in.
+pub const ALL: [AgentState; 7] = [
+    AgentState::Pending,
+    AgentState::Running,
+    AgentState::Paused,
+    AgentState::Stopping,
+    AgentState::Exited,
+    AgentState::Failed,
+    AgentState::Lost,
+];
+
+/// Whether the system will start this agent again: it is LOST and its
+/// restart policy allows a restart (the reconciler's and the sweep's rule).
+pub fn awaits_restart(agent: &Agent) -> bool {
+    agent.state() == AgentState::Lost && restartable(agent)
+}
+
+/// Whether the agent is over for good: EXITED or FAILED, or LOST with
+/// nothing to start it again. What `spawn --wait` and `attach` wait for.
+pub fn has_ended(agent: &Agent) -> bool {
+    is_terminal(agent.state()) && !awaits_restart(agent)
+}
+
 /// The short name of an exit reason (`STOPPED`), as `agentctl` prints it.
 pub fn reason_name(r: ExitReason) -> &'static str {
     r.as_str_name().strip_prefix("EXIT_REASON_").unwrap_or("")
@@ -152,5 +213,65 @@ mod tests {
         let msg = check(Op::Stop, AgentState::Exited).unwrap_err();
         assert_eq!(msg, "cannot stop an agent that is EXITED");
         assert!(check(Op::Kill, AgentState::Failed).is_err());
+    }
+
+    #[test]
+    fn the_move_table() {
+        use AgentState as S;
+        // Ends are final; a stop only ends; nothing goes back to a stop.
+        for to in ALL {
+            assert_eq!(may_move(S::Exited, to), to == S::Exited, "EXITED -> {to:?}");
+            assert_eq!(may_move(S::Failed, to), to == S::Failed, "FAILED -> {to:?}");
+        }
+        assert!(!may_move(S::Stopping, S::Running));
+        assert!(!may_move(S::Stopping, S::Pending));
+        assert!(!may_move(S::Pending, S::Paused));
+        assert!(!may_move(S::Pending, S::Stopping));
+        // The moves the system makes.
+        assert!(
+            may_move(S::Running, S::Pending),
+            "restart backoff and drain"
+        );
+        assert!(may_move(S::Lost, S::Pending), "a LOST agent started again");
+        assert!(may_move(S::Lost, S::Running), "its host still runs it");
+        assert!(may_move(S::Pending, S::Lost), "its host restarted");
+        assert_eq!(
+            sources(S::Stopping),
+            vec![S::Running, S::Paused, S::Stopping, S::Lost]
+        );
+        assert_eq!(
+            sources(S::Pending),
+            vec![S::Pending, S::Running, S::Paused, S::Lost]
+        );
+        // Every live state can be lost and can end.
+        for from in LIVE {
+            assert!(
+                may_move(from, S::Lost) && may_move(from, S::Exited),
+                "{from:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn ended_means_nothing_will_start_it_again() {
+        use crate::proto::v1::{AgentSpec, RestartPolicy};
+        let agent = |state: AgentState, mode: Mode| Agent {
+            state: state as i32,
+            spec: Some(AgentSpec {
+                restart: Some(RestartPolicy {
+                    mode: mode as i32,
+                    ..Default::default()
+                }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        assert!(has_ended(&agent(AgentState::Exited, Mode::Always)));
+        assert!(has_ended(&agent(AgentState::Failed, Mode::OnFailure)));
+        assert!(has_ended(&agent(AgentState::Lost, Mode::Never)));
+        assert!(!has_ended(&agent(AgentState::Lost, Mode::OnFailure)));
+        assert!(awaits_restart(&agent(AgentState::Lost, Mode::Always)));
+        assert!(!has_ended(&agent(AgentState::Running, Mode::Never)));
+        assert!(!has_ended(&agent(AgentState::Pending, Mode::Never)));
     }
 }

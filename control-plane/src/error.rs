@@ -107,7 +107,13 @@ impl From<ApiError> for Status {
             ApiError::NameTaken { .. } => Status::already_exists(msg),
             ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
             ApiError::EventsTrimmed { .. } => Status::out_of_range(msg),
-            ApiError::Registry(r) => r.into(),
+            ApiError::Registry(r) => match r {
+                RegistryError::Redis { .. } => Status::unavailable(msg),
+                RegistryError::Corrupt { .. } => Status::data_loss(msg),
+                RegistryError::IllegalMove { .. } | RegistryError::InvalidUrl { .. } => {
+                    Status::internal(msg)
+                }
+            },
             ApiError::HostUnreachable { .. }
             | ApiError::HostGone { .. }
             | ApiError::RequestInProgress { .. } => Status::unavailable(msg),

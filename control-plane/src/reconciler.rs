@@ -213,7 +213,7 @@ impl Reconciler {
                     tracing::warn!(agent = %agent.id, %host, "agent LOST with its host");
                     agent.state = AgentState::Lost as i32;
                 }
-                if agent.state() == AgentState::Lost && state::restartable(&agent) {
+                if state::awaits_restart(&agent) {
                     restart_lost(&self.registry, &self.hosts, &agent).await;
                 }
             }

@@ -67,12 +67,8 @@ pub fn judge(
     confirm_within: Duration,
 ) -> Verdict {
     let st = agent.state();
-    if st == AgentState::Lost {
-        return if state::restartable(agent) {
-            Verdict::Restart
-        } else {
-            Verdict::Fine
-        };
+    if state::awaits_restart(agent) {
+        return Verdict::Restart;
     }
     if !state::LIVE.contains(&st) {
         return Verdict::Fine;
@@ -274,7 +270,7 @@ impl Sweep {
             // Placed again right away, not at the next slice that reaches it.
             let mut lost_agent = agent.clone();
             lost_agent.state = AgentState::Lost as i32;
-            if state::restartable(&lost_agent) {
+            if state::awaits_restart(&lost_agent) {
                 self.restart(&lost_agent).await;
             }
         }

@@ -6,6 +6,7 @@
 pub mod config;
 mod heartbeat;
 mod service;
+mod status;
 pub mod supervisor;
 
 use std::future::Future;

@@ -13,6 +13,10 @@
 //! (c) every restartable agent not stopped by a user, whose record exists,
 //!     is RUNNING or PAUSED;
 //! (d) no process carries the marker of a terminal or absent record;
+//! (e) every agent that exits by itself (a quarter of the spawns run
+//!     `sh -c 'sleep N; exit C'`, never restarted) and has ended is EXITED
+//!     COMPLETED with its code C, unless something else ended it first (a
+//!     stop, its host's death): an exit observed during an outage included;
 //! (f) no two records came from one spawn request id;
 //! (g) no zombie children under a host agent.
 //!
@@ -20,7 +24,6 @@
 //! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty, a
 //! host's link cut for 0-3 TTL (hosts run in network namespaces: root), a
 //! drain of a host (then uncordoned).
-//! Not yet: (e) exits with codes (the agents here never exit by themselves).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -71,6 +74,8 @@ struct Tracked {
     restartable: bool,
     /// A user stopped it, or a stop's answer was lost: no longer expected to run.
     stopped: bool,
+    /// The code it exits with by itself, for an agent that does.
+    exits_with: Option<i32>,
 }
 
 /// One fault.
@@ -289,9 +294,28 @@ async fn client_op(
         0 => {
             *requests += 1;
             let request_id = format!("soak-{}-{requests}", cfg.seed);
-            let mode = [Mode::Never, Mode::OnFailure, Mode::Always][rng.random_range(0..3)];
+            // A quarter exit by themselves within a few rounds, with a code
+            // of their own (0 included): (e) checks it is recorded.
+            let exits_with = rng.random_bool(0.25).then(|| rng.random_range(0..=120));
+            let (mode, argv) = match exits_with {
+                Some(code) => {
+                    let after = rng.random_range(1..=30);
+                    (
+                        Mode::Never,
+                        vec![
+                            "sh".into(),
+                            "-c".into(),
+                            format!("sleep {after}; exit {code}"),
+                        ],
+                    )
+                }
+                None => (
+                    [Mode::Never, Mode::OnFailure, Mode::Always][rng.random_range(0..3)],
+                    vec!["sleep".into(), "100000".into()],
+                ),
+            };
             let spec = AgentSpec {
-                argv: vec!["sleep".into(), "100000".into()],
+                argv,
                 labels: [("req".to_owned(), request_id.clone())].into(),
                 restart: Some(RestartPolicy {
                     mode: mode as i32,
@@ -318,6 +342,7 @@ async fn client_op(
                             Tracked {
                                 restartable: mode != Mode::Never,
                                 stopped: false,
+                                exits_with,
                             },
                         );
                     }
@@ -458,6 +483,11 @@ async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked>) -> Vec<S
                 ));
             }
         }
+        if let Some(code) = known.get(&a.id).and_then(|t| t.exits_with) {
+            if let Some(p) = exit_problem(a, code) {
+                problems.push(format!("(e) {}: {p}", a.id));
+            }
+        }
         if let Some(r) = a.spec.as_ref().and_then(|s| s.labels.get("req")) {
             *by_request.entry(r.as_str()).or_default() += 1;
         }
@@ -481,4 +511,26 @@ async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked>) -> Vec<S
         }
     }
     problems
+}
+
+/// What is wrong with the end recorded for an agent that exits by itself
+/// with `code`. Its end is COMPLETED with that code, or it is one that
+/// something else caused first: a stop (STOPPED, KILLED, SIGNALED), its host's
+/// death (LOST), a drain's move (it stays live); nothing else.
+fn exit_problem(a: &Agent, code: i32) -> Option<String> {
+    use agentplane::proto::v1::ExitReason as R;
+    let exit = a.exit.as_ref();
+    match (a.state(), exit.map(|e| e.reason())) {
+        (AgentState::Exited, Some(R::Completed)) => {
+            let got = exit.and_then(|e| e.code);
+            (got != Some(code)).then(|| format!("EXITED COMPLETED with code {got:?}, not {code}"))
+        }
+        (AgentState::Exited, Some(R::Stopped | R::Killed | R::Signaled))
+        | (AgentState::Lost, _)
+        | (
+            AgentState::Pending | AgentState::Running | AgentState::Paused | AgentState::Stopping,
+            _,
+        ) => None,
+        (st, reason) => Some(format!("ended {st:?} {reason:?}: {exit:?}")),
+    }
 }

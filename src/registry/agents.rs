@@ -236,12 +236,16 @@ impl Registry {
     }
 
     /// Atomically checks `expect` and writes `update` (a Lua compare-and-set).
+    /// A state change is checked against [`state::may_move`]: the record
+    /// must be in a state the table allows the move from, whatever the
+    /// caller expected, so no writer can make an illegal move.
     pub async fn update_agent(
         &self,
         id: &str,
         expect: &Expect,
         update: &AgentUpdate,
     ) -> Result<UpdateOutcome> {
+        let states = legal_sources(id, expect, update.state)?;
         let mut inv = UPDATE_AGENT.prepare_invoke();
         inv.key(self.keys().agent(id)).key(self.keys().events());
         if let (Some(to), Some(from)) = (&update.host, &expect.host) {
@@ -252,14 +256,7 @@ impl Registry {
         }
         inv.arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(expect.host.clone().unwrap_or_default())
-            .arg(
-                expect
-                    .states
-                    .iter()
-                    .map(|s| state::name(*s))
-                    .collect::<Vec<_>>()
-                    .join(","),
-            )
+            .arg(names(&states))
             .arg(crate::time::now_ms())
             .arg(super::EVENTS_MAXLEN)
             .arg(update.event.map_or("", super::type_name));
@@ -522,4 +519,40 @@ impl Registry {
 /// A TTL in whole milliseconds, at least 1.
 pub(super) fn ttl_ms(ttl: Duration) -> u64 {
     u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+/// The states `update` may be written over: those the caller expects (any,
+/// when empty) from which the state machine allows the move to its new
+/// state. None left means the write can never be legal.
+fn legal_sources(id: &str, expect: &Expect, to: Option<AgentState>) -> Result<Vec<AgentState>> {
+    let Some(to) = to else {
+        return Ok(expect.states.clone());
+    };
+    let states: Vec<AgentState> = if expect.states.is_empty() {
+        state::sources(to)
+    } else {
+        expect
+            .states
+            .iter()
+            .copied()
+            .filter(|from| state::may_move(*from, to))
+            .collect()
+    };
+    if states.is_empty() {
+        return Err(super::RegistryError::IllegalMove {
+            id: id.to_owned(),
+            from: names(&expect.states),
+            to: state::name(to),
+        });
+    }
+    Ok(states)
+}
+
+/// Short state names, comma-separated (the scripts' format).
+fn names(states: &[AgentState]) -> String {
+    states
+        .iter()
+        .map(|s| state::name(*s))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -53,6 +53,17 @@ pub enum RegistryError {
         /// What is wrong with it.
         detail: String,
     },
+    /// A write asked for a state change that the state machine does not
+    /// allow from any state it expected (a bug in the caller: nothing was written).
+    #[error("agent {id}: no legal move from {from} to {to} (see agentplane::state::may_move)")]
+    IllegalMove {
+        /// The agent.
+        id: String,
+        /// The states the write expected, comma-separated (empty: any).
+        from: String,
+        /// The state it would have written.
+        to: &'static str,
+    },
     /// The Redis URL given in the configuration is unusable.
     #[error("invalid redis url `{url}`: {source}")]
     InvalidUrl {
@@ -62,16 +73,6 @@ pub enum RegistryError {
         #[source]
         source: redis::RedisError,
     },
-}
-
-impl From<RegistryError> for tonic::Status {
-    fn from(e: RegistryError) -> Self {
-        match e {
-            RegistryError::Redis { .. } => tonic::Status::unavailable(e.to_string()),
-            RegistryError::Corrupt { .. } => tonic::Status::data_loss(e.to_string()),
-            RegistryError::InvalidUrl { .. } => tonic::Status::internal(e.to_string()),
-        }
-    }
 }
 
 /// Result of a registry call.

@@ -210,16 +210,6 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
     })
 }
 
-/// Whether the agent is over: EXITED or FAILED, or LOST when nothing will
-/// start it again elsewhere (the reconciler's rule).
-fn has_ended(a: &Agent) -> bool {
-    match a.state() {
-        AgentState::Exited | AgentState::Failed => true,
-        AgentState::Lost => !agentplane::state::restartable(a),
-        _ => false,
-    }
-}
-
 /// Reads the agent's record until it has ended. An unavailable or slow
 /// control plane is waited out (said once on stderr); other errors end the
 /// wait.
@@ -231,7 +221,7 @@ pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
             .get_agent(GetAgentRequest { id: id.to_owned() })
             .await
         {
-            Ok(a) if has_ended(a.get_ref()) => return Ok(a.into_inner()),
+            Ok(a) if agentplane::state::has_ended(a.get_ref()) => return Ok(a.into_inner()),
             Ok(_) => {}
             Err(s) if client::failover(&s) || s.code() == tonic::Code::DeadlineExceeded => {
                 if !said {

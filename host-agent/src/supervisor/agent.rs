@@ -55,6 +55,22 @@ pub struct Status {
     pub started_at_ms: i64,
 }
 
+impl Status {
+    /// Moves to `to` if the state machine ([`agentplane::state::may_move`])
+    /// allows it from the current state. An illegal move changes nothing and
+    /// is logged: it is a bug, and the state the host reports stays one the
+    /// record can hold.
+    pub fn move_to(&mut self, id: &str, to: AgentState) -> bool {
+        if agentplane::state::may_move(self.state, to) {
+            self.state = to;
+            true
+        } else {
+            tracing::error!(agent = %id, from = ?self.state, to = ?to, "illegal state move refused");
+            false
+        }
+    }
+}
+
 /// One agent on this host.
 #[derive(Debug)]
 pub struct AgentSlot {
@@ -145,12 +161,7 @@ impl AgentSlot {
     /// operation never overwrites an end the run loop recorded meanwhile.
     pub fn transition(&self, from: AgentState, to: AgentState) -> bool {
         let mut s = self.status();
-        if s.state == from {
-            s.state = to;
-            true
-        } else {
-            false
-        }
+        s.state == from && s.move_to(&self.id, to)
     }
 
     /// The record refused this slot's run: nothing it observes is written.
@@ -168,9 +179,11 @@ impl AgentSlot {
     pub fn mark_ended(&self, state: AgentState, exit: ExitStatus) {
         {
             let mut s = self.status();
-            s.state = state;
-            s.pid = 0;
-            s.exit = Some(exit);
+            // A second end (a stop racing the run loop) keeps the first.
+            if s.move_to(&self.id, state) {
+                s.pid = 0;
+                s.exit = Some(exit);
+            }
         }
         self.ended.send_replace(true);
     }

@@ -103,28 +103,3 @@ pub enum SupervisorError {
     #[error("host agent is shutting down")]
     ShuttingDown,
 }
-
-impl From<SupervisorError> for tonic::Status {
-    fn from(e: SupervisorError) -> Self {
-        use tonic::Status;
-        let msg = e.to_string();
-        match e {
-            SupervisorError::Validate(v) => v.into(),
-            SupervisorError::AtCapacity { .. } | SupervisorError::TooManyStreams { .. } => {
-                Status::resource_exhausted(msg)
-            }
-            SupervisorError::AlreadyExists { .. } => Status::already_exists(msg),
-            SupervisorError::NotFound { .. } => Status::not_found(msg),
-            SupervisorError::IllegalTransition { .. } | SupervisorError::Fenced { .. } => {
-                Status::failed_precondition(msg)
-            }
-            SupervisorError::Registry(r) => r.into(),
-            SupervisorError::Timeout { .. } => Status::deadline_exceeded(msg),
-            SupervisorError::Signal { .. } => Status::internal(msg),
-            SupervisorError::ShuttingDown | SupervisorError::Output { .. } => {
-                Status::unavailable(msg)
-            }
-            SupervisorError::Input { .. } => Status::failed_precondition(msg),
-        }
-    }
-}

@@ -160,7 +160,9 @@ impl Supervisor {
             if st.requested.is_some_and(Requested::ends_agent) {
                 return false;
             }
-            st.state = AgentState::Pending;
+            if !st.move_to(&slot.id, AgentState::Pending) {
+                return false;
+            }
             st.pid = 0;
             st.last_exit = Some(exit.clone());
         }

@@ -1,0 +1,138 @@
+//! The registry enforces the state machine (`agentplane::state::may_move`) on
+//! every record write, against a real redis-server: an illegal move is never
+//! written, whatever the writer expected.
+
+use agentplane::proto::v1::{Agent, AgentSpec, AgentState};
+use agentplane::registry::{AgentUpdate, Expect, Registry, RegistryError, UpdateOutcome};
+use agentplane_integration_tests::RedisServer;
+
+fn record(id: &str, state: AgentState) -> Agent {
+    Agent {
+        id: id.to_owned(),
+        spec: Some(AgentSpec {
+            argv: vec!["true".into()],
+            ..Default::default()
+        }),
+        state: state as i32,
+        host: "h1".into(),
+        generation: 1,
+        ..Default::default()
+    }
+}
+
+fn to(state: AgentState) -> AgentUpdate {
+    AgentUpdate {
+        state: Some(state),
+        ..Default::default()
+    }
+}
+
+fn any() -> Expect {
+    Expect {
+        generation: Some(1),
+        host: Some("h1".into()),
+        states: Vec::new(),
+    }
+}
+
+#[tokio::test]
+async fn an_illegal_move_is_never_written() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path(), &[]).await;
+    let registry = Registry::new(&redis.url(), "ap").expect("registry");
+    let state_of = |id: &'static str| {
+        let registry = registry.clone();
+        async move {
+            registry
+                .get_agent(id)
+                .await
+                .expect("get")
+                .expect("record")
+                .state()
+        }
+    };
+
+    // An ended record cannot run again: "any state" means any state the
+    // table allows, so the write finds the record in none of them.
+    registry
+        .create_agent(&record("ended", AgentState::Exited))
+        .await
+        .expect("create");
+    let outcome = registry
+        .update_agent("ended", &any(), &to(AgentState::Running))
+        .await
+        .expect("update");
+    assert!(
+        matches!(
+            outcome,
+            UpdateOutcome::Conflict {
+                state: Some(AgentState::Exited),
+                ..
+            }
+        ),
+        "EXITED -> RUNNING was not refused: {outcome:?}"
+    );
+    assert_eq!(state_of("ended").await, AgentState::Exited);
+
+    // Expecting only states the move cannot start from is a caller's bug,
+    // reported as such and not written.
+    let err = registry
+        .update_agent(
+            "ended",
+            &Expect {
+                states: vec![AgentState::Exited, AgentState::Failed],
+                ..any()
+            },
+            &to(AgentState::Pending),
+        )
+        .await
+        .expect_err("an impossible expectation must be an error");
+    assert!(
+        matches!(err, RegistryError::IllegalMove { to: "PENDING", .. }),
+        "{err}"
+    );
+    assert_eq!(state_of("ended").await, AgentState::Exited);
+
+    // A stop only ends: STOPPING -> RUNNING is refused even when the writer
+    // names STOPPING among the states it expects.
+    registry
+        .create_agent(&record("stopping", AgentState::Stopping))
+        .await
+        .expect("create");
+    let outcome = registry
+        .update_agent(
+            "stopping",
+            &Expect {
+                states: vec![AgentState::Paused, AgentState::Stopping],
+                ..any()
+            },
+            &to(AgentState::Running),
+        )
+        .await
+        .expect("update");
+    assert!(
+        matches!(outcome, UpdateOutcome::Conflict { .. }),
+        "{outcome:?}"
+    );
+    assert_eq!(state_of("stopping").await, AgentState::Stopping);
+
+    // Legal moves and plain field writes still apply.
+    let outcome = registry
+        .update_agent("stopping", &any(), &to(AgentState::Exited))
+        .await
+        .expect("update");
+    assert_eq!(outcome, UpdateOutcome::Applied);
+    assert_eq!(state_of("stopping").await, AgentState::Exited);
+    let outcome = registry
+        .update_agent(
+            "ended",
+            &any(),
+            &AgentUpdate {
+                idle: Some(true),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("update");
+    assert_eq!(outcome, UpdateOutcome::Applied);
+}
