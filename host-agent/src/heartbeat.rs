@@ -163,6 +163,14 @@ async fn reconcile(
         match head {
             None if reset => rewrite.push(id),
             None => supervisor.fence(id, "its record was deleted"),
+            // Only a data loss or a rollback makes a record older than a
+            // copy that runs: this newer copy is the truth, written back
+            // (the newest generation wins; an older copy elsewhere is then
+            // fenced by its own heartbeat).
+            Some(h) if h.generation < local_gen => {
+                tracing::warn!(agent = %id, record_host = %h.host, record_generation = h.generation, local_gen, "the record is older than the copy running here; writing it back");
+                rewrite.push(id);
+            }
             Some(h) if h.host != host.id || h.generation != local_gen => supervisor.fence(
                 id,
                 &format!(
@@ -185,7 +193,9 @@ async fn reconcile(
     }
     for id in rewrite {
         if let Some(record) = supervisor.record_of(id) {
-            registry.rewrite_agent(&record, ttl).await?;
+            if !registry.rewrite_agent(&record, ttl).await? {
+                tracing::info!(agent = %id, generation = record.generation, "not written back: a record of this generation or newer is there");
+            }
         }
     }
     for id in restore {

@@ -136,3 +136,64 @@ async fn an_illegal_move_is_never_written() {
         .expect("update");
     assert_eq!(outcome, UpdateOutcome::Applied);
 }
+
+#[tokio::test]
+async fn a_write_back_never_replaces_a_newer_generation() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path(), &[]).await;
+    let registry = Registry::new(&redis.url(), "ap").expect("registry");
+    let ttl = std::time::Duration::from_secs(10);
+    let at = |host: &str, generation: u64| Agent {
+        host: host.into(),
+        generation,
+        ..record("a1", AgentState::Running)
+    };
+    // Nothing there (Redis lost its data): written.
+    assert!(registry
+        .rewrite_agent(&at("h1", 5), ttl)
+        .await
+        .expect("rewrite"));
+    // An older copy writing back after it: refused.
+    assert!(!registry
+        .rewrite_agent(&at("h2", 4), ttl)
+        .await
+        .expect("rewrite"));
+    assert!(!registry
+        .rewrite_agent(&at("h2", 5), ttl)
+        .await
+        .expect("rewrite"));
+    let a = registry
+        .get_agent("a1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!((a.host.as_str(), a.generation), ("h1", 5));
+    // A newer one: written, and the host sets and the lease follow it.
+    assert!(registry
+        .rewrite_agent(&at("h2", 6), ttl)
+        .await
+        .expect("rewrite"));
+    let a = registry
+        .get_agent("a1")
+        .await
+        .expect("get")
+        .expect("record");
+    assert_eq!((a.host.as_str(), a.generation), ("h2", 6));
+    assert_eq!(
+        registry.location("a1").await.expect("loc").as_deref(),
+        Some("h2")
+    );
+    let mut conn = redis.conn().await;
+    let on_h1: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("ap:host-agents:h1")
+        .query_async(&mut conn)
+        .await
+        .expect("SMEMBERS");
+    let on_h2: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("ap:host-agents:h2")
+        .query_async(&mut conn)
+        .await
+        .expect("SMEMBERS");
+    assert!(on_h1.is_empty(), "{on_h1:?}");
+    assert_eq!(on_h2, ["a1"]);
+}

@@ -96,32 +96,6 @@ impl Registry {
             .map_err(self.err("create agent record"))
     }
 
-    /// Rewrites a whole record from a host agent's memory, after Redis lost its
-    /// data (see the epoch): record, host set, location and name.
-    pub async fn rewrite_agent(&self, agent: &Agent, ttl: Duration) -> Result<()> {
-        let k = self.keys();
-        let fields = codec::encode_agent(agent);
-        let mut pipe = redis::pipe();
-        pipe.atomic()
-            .hset_multiple(k.agent(&agent.id), &fields)
-            .ignore()
-            .sadd(k.host_agents(&agent.host), &agent.id)
-            .ignore()
-            .pset_ex(k.loc(&agent.id), &agent.host, ttl_ms(ttl))
-            .ignore();
-        let name = agent.spec.as_ref().map_or("", |s| s.name.as_str());
-        if !name.is_empty() {
-            pipe.cmd("SET")
-                .arg(k.name(name))
-                .arg(&agent.id)
-                .arg("NX")
-                .ignore();
-        }
-        pipe.query_async::<()>(&mut self.conn())
-            .await
-            .map_err(self.err("rewrite agent record"))
-    }
-
     fn push_agent_event(&self, pipe: &mut redis::Pipeline, ty: &str, agent: &Agent) {
         pipe.add_command(self.event_cmd(&[
             ("type", ty.to_owned()),

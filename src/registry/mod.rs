@@ -11,6 +11,7 @@ mod codec;
 mod events;
 mod hosts;
 mod keys;
+mod rewrite;
 mod scripts;
 
 use std::time::Duration;

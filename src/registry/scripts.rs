@@ -148,3 +148,31 @@ return {tostring(f['length']), f['last-generated-id'], f['max-deleted-entry-id']
 ",
     )
 });
+
+/// Writes a whole record back from a host agent's memory, unless the record
+/// there has this generation or a newer one (after a data loss the newest
+/// copy wins, whichever host writes first).
+///
+/// KEYS[1] the agent hash, KEYS[2] the new host's agent set, KEYS[3] the
+/// location key, KEYS[4] the set of the host the record named when read
+/// (may be KEYS[2]). ARGV[1] the generation, ARGV[2] the host the record
+/// named when read (`""`: none), ARGV[3] the agent id, ARGV[4] the host,
+/// ARGV[5] the lease TTL (ms), then field/value pairs.
+///
+/// Returns 1 written, 0 not (a record of this generation or newer is there,
+/// or it changed hands since it was read: read again).
+pub(super) static REWRITE_AGENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local cur = redis.call('HMGET', KEYS[1], 'generation', 'host')
+if cur[1] and tonumber(cur[1]) >= tonumber(ARGV[1]) then return 0 end
+if (cur[2] or '') ~= ARGV[2] then return 0 end
+redis.call('DEL', KEYS[1])
+redis.call('HSET', KEYS[1], unpack(ARGV, 6, #ARGV))
+if ARGV[2] ~= '' then redis.call('SREM', KEYS[4], ARGV[3]) end
+redis.call('SADD', KEYS[2], ARGV[3])
+redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+return 1
+",
+    )
+});
