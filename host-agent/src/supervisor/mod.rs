@@ -42,6 +42,16 @@ use self::tree::Scope;
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
+/// What admitting a start found.
+enum Admission {
+    /// The new slot is in the map: start it.
+    New,
+    /// This generation runs here already: the start is answered with it.
+    Here(LocalAgent),
+    /// This generation ran here and ended.
+    EndedHere(Arc<AgentSlot>),
+}
+
 /// How long to wait for the group to die after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a pause waits for the group to act on its SIGSTOP.
@@ -207,13 +217,28 @@ impl Supervisor {
         let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
-        let admitted = self.admit(&slot);
-        if !matches!(admitted, Ok(None)) {
+        let mut admitted = self.admit(&slot, None);
+        if let Ok(Admission::EndedHere(ended)) = &admitted {
+            // This generation ran here and ended, but its record may still
+            // want it to run here (its end was fenced, and a data loss
+            // rolled the record back): start afresh only then, so a
+            // repeated start of an agent that simply ended never runs it again.
+            let ended = ended.clone();
+            admitted = if self.record_wants_run(&slot).await {
+                tracing::info!(agent = %id, generation, "starting again a generation that ended here: its record is PENDING here");
+                self.admit(&slot, Some(&ended))
+            } else {
+                Ok(Admission::Here(ended.to_proto()))
+            };
+        }
+        if !matches!(admitted, Ok(Admission::New)) {
             // Answered without this slot: the files it made are nobody's.
             slot.output.remove();
         }
-        if let Some(here) = admitted? {
-            return Ok(here);
+        match admitted? {
+            Admission::New => {}
+            Admission::Here(here) => return Ok(here),
+            Admission::EndedHere(ended) => return Ok(ended.to_proto()),
         }
         if let Some(pause) = pause_before_spawn() {
             // Test builds only: widens the window in which a heartbeat can
@@ -256,17 +281,44 @@ impl Supervisor {
         Ok(slot.to_proto())
     }
 
-    /// Puts a new slot in the map (`Ok(None)`), or says why not: the agent
-    /// when this generation is here already (the start is answered with it),
-    /// or the error.
-    fn admit(&self, slot: &Arc<AgentSlot>) -> Result<Option<LocalAgent>> {
+    /// Whether the record asks for `slot`'s run here: PENDING at its
+    /// generation on this host. Unreadable: no (a later retry asks again).
+    async fn record_wants_run(&self, slot: &AgentSlot) -> bool {
+        match self.registry.get_agent(&slot.id).await {
+            Ok(Some(a)) => {
+                a.state() == AgentState::Pending
+                    && a.generation == slot.generation
+                    && a.host == self.host_id
+            }
+            Ok(None) => false,
+            Err(e) => {
+                tracing::warn!(agent = %slot.id, error = %e, "cannot read the record of a repeated start");
+                false
+            }
+        }
+    }
+
+    /// Puts a new slot in the map ([`Admission::New`]), or says why not: the
+    /// agent when this generation is here already, live or ended, or the
+    /// error. `replacing`: the ended slot of this generation that the new
+    /// one may replace (only if it is still the one in the map).
+    fn admit(
+        &self,
+        slot: &Arc<AgentSlot>,
+        replacing: Option<&Arc<AgentSlot>>,
+    ) -> Result<Admission> {
         let mut map = self.map();
         if self.cancel.is_cancelled() {
             return Err(SupervisorError::ShuttingDown);
         }
         if let Some(existing) = map.get(&slot.id) {
-            if existing.generation == slot.generation {
-                return Ok(Some(existing.to_proto()));
+            let replaceable = replacing.is_some_and(|r| Arc::ptr_eq(r, existing));
+            if existing.generation == slot.generation && !replaceable {
+                return Ok(if existing.is_active() {
+                    Admission::Here(existing.to_proto())
+                } else {
+                    Admission::EndedHere(existing.clone())
+                });
             }
             if existing.is_active() {
                 return Err(SupervisorError::AlreadyExists {
@@ -287,7 +339,7 @@ impl Supervisor {
             replaced.output.remove();
         }
         evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
-        Ok(None)
+        Ok(Admission::New)
     }
 
     /// Starts a run of the slot's program. Holds the slot's status lock across
