@@ -7,6 +7,7 @@ pub mod ids;
 pub mod labels;
 pub mod process;
 pub mod registry;
+pub mod server;
 pub mod shutdown;
 pub mod state;
 pub mod tasks;

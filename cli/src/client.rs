@@ -15,18 +15,23 @@ pub struct Clients {
     pub hosts: HostServiceClient<Channel>,
 }
 
-/// Connects (lazily) to `endpoint`; every call times out after `timeout`.
-pub fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Clients> {
+/// A lazy channel to `endpoint`; every call times out after `timeout`.
+pub fn channel(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
     let url = if endpoint.contains("://") {
         endpoint.to_owned()
     } else {
         format!("http://{endpoint}")
     };
-    let channel = Endpoint::from_shared(url.clone())
+    Ok(Endpoint::from_shared(url)
         .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?
         .connect_timeout(Duration::from_secs(3))
         .timeout(timeout)
-        .connect_lazy();
+        .connect_lazy())
+}
+
+/// Connects (lazily) to `endpoint`; every call times out after `timeout`.
+pub fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Clients> {
+    let channel = channel(endpoint, timeout)?;
     Ok(Clients {
         agents: AgentServiceClient::new(channel.clone()),
         hosts: HostServiceClient::new(channel),

@@ -39,6 +39,12 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// TLS: this server's certificate and key (also shown to host agents
+    /// as the client certificate, SAN `control-plane.agentplane`) and the CA
+    /// that signs host agents' (and clients') certificates.
+    #[command(flatten)]
+    pub tls: agentplane::server::TlsArgs,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -64,6 +70,7 @@ impl Config {
                 agentplane::registry::redact_url(&self.redis_url)
             ));
         }
+        self.transport()?;
         if self.reconcile_interval < Duration::from_millis(50) {
             return Err("--reconcile-interval: must be at least 50ms".into());
         }
@@ -74,15 +81,28 @@ impl Config {
     }
 }
 
+impl Config {
+    /// The transport the flags ask for, its files read and checked.
+    pub fn transport(&self) -> Result<agentplane::server::Transport, String> {
+        self.tls.load(true)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn defaults_validate_and_bad_values_name_the_flag() {
-        let c = Config::try_parse_from(["control-plane"]).unwrap();
+        let c = Config::try_parse_from(["control-plane", "--insecure"]).unwrap();
         assert!(c.validate().is_ok());
-        let c = Config::try_parse_from(["control-plane", "--redis-url", "http://x"]).unwrap();
+        let e = Config::try_parse_from(["control-plane"])
+            .unwrap()
+            .validate()
+            .unwrap_err();
+        assert!(e.contains("--tls-cert") && e.contains("--insecure"), "{e}");
+        let c = Config::try_parse_from(["control-plane", "--insecure", "--redis-url", "http://x"])
+            .unwrap();
         assert!(c.validate().unwrap_err().contains("--redis-url"));
         assert!(Config::try_parse_from(["control-plane", "--host-call-timeout", "5"]).is_err());
     }

@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
 use agentplane::registry::HostRecord;
+use agentplane::server::tls::{self, Transport};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
@@ -87,6 +88,9 @@ pub struct HostClients {
     breakers: Mutex<HashMap<String, Breaker>>,
     probes: AtomicU64,
     timeout: Duration,
+    /// TLS to host agents (each must present `<host-id>.host.agentplane`),
+    /// or plaintext under `--insecure`.
+    transport: Transport,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -94,28 +98,39 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl HostClients {
-    /// Clients whose calls time out after `timeout` (plus any extra per call).
-    pub fn new(timeout: Duration) -> Self {
+    /// Clients whose calls time out after `timeout` (plus any extra per
+    /// call), over `transport`.
+    pub fn new(timeout: Duration, transport: Transport) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             probes: AtomicU64::new(0),
             timeout,
+            transport,
         }
     }
 
     pub(crate) fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
+        // The host id is part of the key: with TLS the channel checks that
+        // the peer at this address is that host.
+        let key = format!("{}@{}", host.id, host.address);
         let mut map = lock(&self.channels);
-        if let Some(c) = map.get(&host.address) {
+        if let Some(c) = map.get(&key) {
             return Ok(c.clone());
         }
-        let endpoint = Endpoint::from_shared(format!("http://{}", host.address)).map_err(|e| {
-            ApiError::HostUnreachable {
-                host: host.id.clone(),
-                address: host.address.clone(),
-                detail: format!("bad address: {e}"),
-            }
-        })?;
+        let bad = |detail: String| ApiError::HostUnreachable {
+            host: host.id.clone(),
+            address: host.address.clone(),
+            detail,
+        };
+        let endpoint = match &self.transport {
+            Transport::Insecure => Endpoint::from_shared(format!("http://{}", host.address))
+                .map_err(|e| bad(format!("bad address: {e}")))?,
+            Transport::Tls(tls) => Endpoint::from_shared(format!("https://{}", host.address))
+                .map_err(|e| bad(format!("bad address: {e}")))?
+                .tls_config(tls.client_config(&tls::host_name(&host.id)))
+                .map_err(|e| bad(format!("cannot set up TLS: {e}")))?,
+        };
         // Every log stream of every client to this host shares this one
         // connection, and every control call too: see HOST_CONNECTION_WINDOW.
         let channel = endpoint
@@ -127,7 +142,7 @@ impl HostClients {
         if map.len() >= MAX_CHANNELS {
             map.clear();
         }
-        map.insert(host.address.clone(), channel.clone());
+        map.insert(key, channel.clone());
         Ok(channel)
     }
 
@@ -261,7 +276,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_circuit_opens_after_repeated_failures_and_lets_one_probe_through() {
-        let c = HostClients::new(Duration::from_secs(1));
+        let c = HostClients::new(Duration::from_secs(1), Transport::Insecure);
         for _ in 0..OPEN_AFTER {
             c.admit("h:1").expect("closed").record(false);
         }
@@ -278,7 +293,7 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_probe_does_not_keep_the_circuit_open() {
         tokio::time::pause();
-        let c = HostClients::new(Duration::from_secs(1));
+        let c = HostClients::new(Duration::from_secs(1), Transport::Insecure);
         let host = HostRecord {
             id: "h1".into(),
             address: "127.0.0.1:9".into(),

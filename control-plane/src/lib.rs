@@ -23,10 +23,11 @@ use std::time::Duration;
 use agentplane::proto::v1::agent_service_server::AgentServiceServer;
 use agentplane::proto::v1::host_service_server::HostServiceServer;
 use agentplane::registry::{Registry, RegistryError};
+use agentplane::server::{self, ServerError, ServerOptions};
 use agentplane::tasks::Tasks;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 use agents::AgentApi;
 pub use config::Config;
@@ -37,6 +38,13 @@ use hosts::HostClients;
 /// How often the health service re-checks the registry.
 const HEALTH_PERIOD: Duration = Duration::from_secs(2);
 
+/// Most concurrent streams (calls, watches, log follows) on one client
+/// connection.
+const MAX_STREAMS_PER_CONNECTION: u32 = 1024;
+/// HTTP/2 keepalive: a client that vanished without closing its connection
+/// is noticed within two of these.
+const KEEPALIVE: Duration = Duration::from_secs(20);
+
 /// Why the control plane could not run.
 #[derive(Debug, thiserror::Error)]
 pub enum ControlPlaneError {
@@ -46,12 +54,15 @@ pub enum ControlPlaneError {
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
-    /// Building the reflection service failed.
-    #[error("cannot build gRPC reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    /// The configuration is unusable (the message names the flag).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The gRPC server could not start or failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// Background tasks panicked (each was logged when it did).
+    #[error("{0} background task(s) panicked; see the log")]
+    TasksPanicked(u64),
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves, then
@@ -67,7 +78,11 @@ pub async fn run(
         .map_err(ControlPlaneError::ListenerAddress)?;
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
-    let hosts = Arc::new(HostClients::new(config.host_call_timeout));
+    let transport = config.transport().map_err(ControlPlaneError::Config)?;
+    let hosts = Arc::new(HostClients::new(
+        config.host_call_timeout,
+        transport.clone(),
+    ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tasks.spawn("registry health", {
@@ -124,18 +139,7 @@ pub async fn run(
         )
         .run(cancel.clone()),
     );
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(agentplane::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let server = tonic::transport::Server::builder()
-        // Followers that drop streams before they are accepted (a reconnecting
-        // `logs -f`, a proxy whose client left) are normal here: allow many
-        // per connection before HTTP/2's rapid-reset guard closes it.
-        .http2_max_pending_accept_reset_streams(Some(1024))
-        .http2_max_local_error_reset_streams(Some(1024))
-        .add_service(health_service)
-        .add_service(reflection)
+    let routes = Routes::new(health_service.clone())
         .add_service(AgentServiceServer::new(agent_api.clone()))
         .add_service(HostServiceServer::new(HostApi::new(
             registry.clone(),
@@ -143,37 +147,36 @@ pub async fn run(
             agent_api,
             tasks.clone(),
             cancel.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            cancel.clone().cancelled_owned(),
-        );
+        )));
+    let options = ServerOptions {
+        transport,
+        // Clients authenticate with tokens; a client certificate is
+        // verified when one is shown.
+        require_client_cert: false,
+        allowed_peer: None,
+        max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
+        keepalive: KEEPALIVE,
+    };
+    let probes = match config.tls.health_listen {
+        Some(addr) => Some(server::start_health(addr, health_service.clone(), &cancel).await?),
+        None => None,
+    };
+    let mut served = server::start(listener, &options, routes, &cancel)?;
     tracing::info!(%local, "control plane serving");
 
-    let mut server = tokio::spawn(server);
-    let served = tokio::select! {
-        r = &mut server => Some(r),
-        () = shutdown => None,
-    };
+    served.until(shutdown).await;
     cancel.cancel();
-    let result = match served {
-        Some(r) => r,
-        None => match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::warn!("in-flight requests did not finish in time; closing them");
-                server.abort();
-                Ok(Ok(()))
-            }
-        },
-    };
-    tasks.drain(config.shutdown_timeout).await;
-    tracing::info!("control plane stopped");
-    match result {
-        Ok(r) => r.map_err(ControlPlaneError::from),
-        Err(join) => {
-            tracing::error!(error = %join, "gRPC server task failed");
-            Ok(())
+    let result = served.drain(config.shutdown_timeout).await;
+    if let Some(p) = probes {
+        if let Err(e) = p.drain(Duration::from_secs(1)).await {
+            tracing::warn!(error = %e, "the health endpoint failed");
         }
+    }
+    tasks.drain(config.shutdown_timeout).await;
+    tracing::info!(panicked_tasks = tasks.panicked(), "control plane stopped");
+    result?;
+    match tasks.panicked() {
+        0 => Ok(()),
+        n => Err(ControlPlaneError::TasksPanicked(n)),
     }
 }

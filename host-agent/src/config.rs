@@ -6,6 +6,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use agentplane::config::{parse_duration, parse_key_value};
+use agentplane::server::{RequirePeerName, Transport};
 use agentplane::validate;
 use clap::Parser;
 
@@ -67,6 +68,15 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_SHUTDOWN_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     pub shutdown_timeout: Duration,
 
+    /// TLS: this server's certificate and key, the CA of its callers.
+    #[command(flatten)]
+    pub tls: agentplane::server::TlsArgs,
+
+    /// With TLS, the only name (certificate SAN) a caller may have: the
+    /// control plane's. A host agent's own certificate is refused.
+    #[arg(long, env = "AGENTPLANE_ALLOWED_CLIENT_NAME", default_value = agentplane::server::tls::CONTROL_PLANE_NAME)]
+    pub allowed_client_name: String,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -108,6 +118,18 @@ impl Config {
                 self.data_dir.display()
             ));
         }
+        let transport = self.transport()?;
+        self.allowed_peer()?;
+        if matches!(transport, Transport::Tls(_))
+            && !agentplane::server::tls::host_id_is_dns(&self.host_id)
+        {
+            return Err(format!(
+                "--host-id: `{}` cannot be a DNS name (`{}`), which TLS needs: use letters, digits, \
+                 `-` and `.`, at most 63 between dots",
+                self.host_id,
+                agentplane::server::tls::host_name(&self.host_id)
+            ));
+        }
         if let Some(a) = &self.advertise_addr {
             if !a.contains(':') {
                 return Err(format!("--advertise-addr: `{a}` is not host:port"));
@@ -116,6 +138,17 @@ impl Config {
             return Err("--advertise-addr: required when --listen is a wildcard address".into());
         }
         Ok(())
+    }
+
+    /// The transport the flags ask for, its files read and checked.
+    pub fn transport(&self) -> Result<Transport, String> {
+        self.tls.load(true)
+    }
+
+    /// With TLS, the layer that admits only `--allowed-client-name`.
+    pub fn allowed_peer(&self) -> Result<RequirePeerName, String> {
+        RequirePeerName::new(&self.allowed_client_name)
+            .map_err(|e| format!("--allowed-client-name: {e}"))
     }
 
     /// The labels as a map.
@@ -141,7 +174,12 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Config {
-        Config::try_parse_from(std::iter::once("host-agent").chain(args.iter().copied())).unwrap()
+        Config::try_parse_from(
+            ["host-agent", "--insecure"]
+                .into_iter()
+                .chain(args.iter().copied()),
+        )
+        .unwrap()
     }
 
     #[test]
@@ -149,6 +187,15 @@ mod tests {
         let c = parse(&["--host-id", "h1"]);
         assert_eq!(c.heartbeat_ttl, Duration::from_secs(10));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn tls_or_insecure_is_required_and_tls_needs_a_dns_host_id() {
+        let c = Config::try_parse_from(["host-agent", "--host-id", "h1"]).unwrap();
+        let e = c.validate().unwrap_err();
+        assert!(e.contains("--tls-cert") && e.contains("--insecure"), "{e}");
+        let c = parse(&["--host-id", "h1", "--allowed-client-name", "not a name"]);
+        assert!(c.validate().unwrap_err().contains("--allowed-client-name"));
     }
 
     #[test]
@@ -171,9 +218,15 @@ mod tests {
             .validate()
             .unwrap_err()
             .contains("--advertise-addr"));
-        assert!(
-            Config::try_parse_from(["host-agent", "--host-id", "h", "--label", "novalue"]).is_err()
-        );
+        assert!(Config::try_parse_from([
+            "host-agent",
+            "--insecure",
+            "--host-id",
+            "h",
+            "--label",
+            "novalue"
+        ])
+        .is_err());
         assert!(
             Config::try_parse_from(["host-agent", "--host-id", "h", "--heartbeat-ttl", "10"])
                 .is_err()

@@ -10,17 +10,23 @@ mod status;
 pub mod supervisor;
 
 use std::future::Future;
+use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_server::HostAgentServer;
 use agentplane::registry::{HostRecord, Registry, RegistryError};
+use agentplane::server::{self, ServerError, ServerOptions};
 use agentplane::tasks::Tasks;
 use tokio::net::TcpListener;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
 
 pub use config::Config;
 use service::HostAgentService;
 use supervisor::Supervisor;
+
+/// HTTP/2 keepalive of the gRPC server: a control plane that vanished
+/// without closing its connection is noticed within two of these.
+const KEEPALIVE: Duration = Duration::from_secs(20);
 
 /// Why the host agent could not run.
 #[derive(Debug, thiserror::Error)]
@@ -40,12 +46,15 @@ pub enum HostAgentError {
     /// The listener's address could not be read.
     #[error("cannot read the listener's address: {0}")]
     ListenerAddress(#[source] std::io::Error),
-    /// Building the reflection service failed.
-    #[error("cannot build gRPC reflection: {0}")]
-    Reflection(#[from] tonic_reflection::server::Error),
-    /// The gRPC server failed.
-    #[error("gRPC server failed: {0}")]
-    Serve(#[from] tonic::transport::Error),
+    /// The configuration is unusable (the message names the flag).
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    /// The gRPC server could not start or failed.
+    #[error(transparent)]
+    Server(#[from] ServerError),
+    /// Background tasks panicked (each was logged when it did).
+    #[error("{0} background task(s) panicked; see the log")]
+    TasksPanicked(u64),
 }
 
 /// Runs the host agent on `listener` until `shutdown` resolves; then removes the
@@ -110,36 +119,34 @@ pub async fn run(
         ),
     );
 
+    let transport = config.transport().map_err(HostAgentError::Config)?;
+    let allowed_peer = config.allowed_peer().map_err(HostAgentError::Config)?;
     let (health, health_service) = tonic_health::server::health_reporter();
     health
         .set_serving::<HostAgentServer<HostAgentService>>()
         .await;
-    let reflection = tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(agentplane::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?;
-    let server = tonic::transport::Server::builder()
-        // Followers that drop streams before they are accepted (a reconnecting
-        // `logs -f`, a proxy whose client left) are normal here: allow many
-        // per connection before HTTP/2's rapid-reset guard closes it.
-        .http2_max_pending_accept_reset_streams(Some(1024))
-        .http2_max_local_error_reset_streams(Some(1024))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(HostAgentServer::new(HostAgentService::new(
-            supervisor.clone(),
-        )))
-        .serve_with_incoming_shutdown(
-            TcpListenerStream::new(listener),
-            cancel.clone().cancelled_owned(),
-        );
+    let routes = Routes::new(health_service.clone()).add_service(HostAgentServer::new(
+        HostAgentService::new(supervisor.clone()),
+    ));
+    let options = ServerOptions {
+        transport,
+        // Only the control plane may call: a certificate from the CA that
+        // names it (a host agent's own certificate is refused).
+        require_client_cert: true,
+        allowed_peer: Some(allowed_peer),
+        // Every log stream the control plane relays shares its one
+        // connection to this host, plus its control calls.
+        max_concurrent_streams: config.max_log_streams + 256,
+        keepalive: KEEPALIVE,
+    };
+    let probes = match config.tls.health_listen {
+        Some(addr) => Some(server::start_health(addr, health_service.clone(), &cancel).await?),
+        None => None,
+    };
+    let mut served = server::start(listener, &options, routes, &cancel)?;
     tracing::info!(host = %config.host_id, %local, %address, "host agent serving");
 
-    let mut server = tokio::spawn(server);
-    let served = tokio::select! {
-        r = &mut server => Some(r),
-        () = shutdown => None,
-    };
+    served.until(shutdown).await;
     cancel.cancel();
     health
         .set_not_serving::<HostAgentServer<HostAgentService>>()
@@ -148,24 +155,17 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot remove the host key; it expires with its TTL");
     }
     supervisor.stop_all(config.shutdown_timeout).await;
-    let result = match served {
-        Some(r) => r,
-        None => match tokio::time::timeout(config.shutdown_timeout, &mut server).await {
-            Ok(r) => r,
-            Err(_) => {
-                tracing::warn!("gRPC connections did not drain in time; closing them");
-                server.abort();
-                Ok(Ok(()))
-            }
-        },
-    };
+    let result = served.drain(config.shutdown_timeout).await;
+    if let Some(p) = probes {
+        if let Err(e) = p.drain(Duration::from_secs(1)).await {
+            tracing::warn!(error = %e, "the health endpoint failed");
+        }
+    }
     tasks.drain(config.shutdown_timeout).await;
     tracing::info!(panicked_tasks = tasks.panicked(), "host agent stopped");
-    match result {
-        Ok(r) => r.map_err(HostAgentError::from),
-        Err(join) => {
-            tracing::error!(error = %join, "gRPC server task failed");
-            Ok(())
-        }
+    result?;
+    match tasks.panicked() {
+        0 => Ok(()),
+        n => Err(HostAgentError::TasksPanicked(n)),
     }
 }

@@ -13,6 +13,7 @@ use agentplane::proto::v1::{
 };
 use tonic::transport::Channel;
 
+use crate::pki::ClusterPki;
 use crate::process::Proc;
 use crate::redis_server::RedisServer;
 
@@ -68,6 +69,7 @@ pub struct Builder {
     host_args: Vec<String>,
     host_args_at: Vec<(usize, String)>,
     netns: bool,
+    tls: bool,
 }
 
 impl Builder {
@@ -109,6 +111,13 @@ impl Builder {
         self
     }
 
+    /// Runs every server with TLS from a CA the cluster makes ([`ClusterPki`]),
+    /// instead of `--insecure`; the cluster's clients use it too.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
     /// Adds a flag (and its value, as a separate item) to every host agent.
     pub fn host_arg(mut self, arg: &str) -> Self {
         self.host_args.push(arg.to_owned());
@@ -137,7 +146,11 @@ impl Builder {
         let lab = self.netns.then(|| crate::netns::NetLab::new(self.hosts));
         let extra: Vec<String> = lab.iter().map(|l| l.gateway()).collect();
         let redis = RedisServer::start(dir.path(), &extra).await;
+        let mut ips = vec!["127.0.0.1".to_owned()];
+        ips.extend(extra.iter().cloned());
+        let pki = self.tls.then(|| ClusterPki::create(dir.path(), &ips));
         let mut cluster = TestCluster {
+            pki,
             lab,
             redis,
             control_planes: Vec::new(),
@@ -172,6 +185,8 @@ pub struct TestCluster {
     /// The network lab, when hosts run in namespaces (dropped last, after
     /// every process in it).
     pub lab: Option<crate::netns::NetLab>,
+    /// The cluster's CA and control-plane certificate, with [`Builder::tls`].
+    pub pki: Option<ClusterPki>,
 }
 
 impl TestCluster {
@@ -187,6 +202,7 @@ impl TestCluster {
             host_args: Vec::new(),
             host_args_at: Vec::new(),
             netns: false,
+            tls: false,
         }
     }
 
@@ -249,7 +265,11 @@ impl TestCluster {
             Some(lab) => format!("{}:0", lab.gateway()),
             None => "127.0.0.1:0".to_owned(),
         };
-        let args = vec![
+        let mut args = match &self.pki {
+            Some(p) => p.server_args(&p.control_plane),
+            None => vec!["--insecure".into()],
+        };
+        args.extend([
             "--listen".into(),
             listen,
             "--redis-url".into(),
@@ -260,7 +280,7 @@ impl TestCluster {
             "5s".into(),
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
-        ];
+        ]);
         let (proc, addr) = self.start_server("control-plane", log_name, &args, None);
         Server {
             proc,
@@ -279,7 +299,17 @@ impl TestCluster {
             ),
             None => ("127.0.0.1:0".to_owned(), self.redis.url(), None),
         };
-        let mut args = vec![
+        let mut args = match &self.pki {
+            Some(p) => {
+                let ip = self
+                    .lab
+                    .as_ref()
+                    .map_or_else(|| "127.0.0.1".to_owned(), |lab| lab.host_ip(i));
+                p.server_args(&p.host(&host_id, &ip))
+            }
+            None => vec!["--insecure".into()],
+        };
+        args.extend([
             "--listen".into(),
             listen,
             "--redis-url".into(),
@@ -298,7 +328,7 @@ impl TestCluster {
                 .join(format!("data-{host_id}"))
                 .display()
                 .to_string(),
-        ];
+        ]);
         for (idx, label) in &self.config.host_labels {
             if *idx == i {
                 args.push("--label".into());
@@ -372,17 +402,28 @@ impl TestCluster {
         drop(hosts.list_hosts(ListHostsRequest {}).await);
     }
 
-    /// `http://ADDR` of control plane `i`.
+    /// `http://ADDR` (or `https://` with TLS) of control plane `i`.
     pub fn endpoint(&self, i: usize) -> String {
-        format!("http://{}", self.control_planes[i].addr)
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{}", self.control_planes[i].addr)
+    }
+
+    /// A lazy channel to control plane `i` (TLS when the cluster has it).
+    fn channel_of(&self, i: usize) -> Channel {
+        let mut e = tonic::transport::Endpoint::from_shared(self.endpoint(i))
+            .expect("endpoint")
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(30));
+        if let Some(p) = &self.pki {
+            e = e
+                .tls_config(p.client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None))
+                .expect("client TLS");
+        }
+        e.connect_lazy()
     }
 
     async fn channel(&self) -> Channel {
-        tonic::transport::Endpoint::from_shared(self.endpoint(0))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy()
+        self.channel_of(0)
     }
 
     /// An AgentService client of control plane 0.
@@ -392,12 +433,7 @@ impl TestCluster {
 
     /// An AgentService client of control plane `i`.
     pub fn client_of(&self, i: usize) -> AgentServiceClient<Channel> {
-        let channel = tonic::transport::Endpoint::from_shared(self.endpoint(i))
-            .expect("endpoint")
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30))
-            .connect_lazy();
-        AgentServiceClient::new(channel)
+        AgentServiceClient::new(self.channel_of(i))
     }
 
     /// The `--data-dir` of host `host_id` (agents' output under `agents/`).
@@ -470,12 +506,22 @@ impl TestCluster {
 
     /// A client of host agent number `i` itself (the control plane's view of
     /// it, not the CLI's), on a connection of its own.
+    /// With TLS it presents the control plane's certificate.
     pub fn host_agent(&self, i: usize) -> HostAgentClient<Channel> {
-        let channel =
-            tonic::transport::Endpoint::from_shared(format!("http://{}", self.hosts[i].addr))
+        let h = &self.hosts[i];
+        let channel = match &self.pki {
+            None => tonic::transport::Endpoint::from_shared(format!("http://{}", h.addr))
+                .expect("endpoint"),
+            Some(p) => tonic::transport::Endpoint::from_shared(format!("https://{}", h.addr))
                 .expect("endpoint")
-                .connect_timeout(Duration::from_secs(2))
-                .connect_lazy();
+                .tls_config(p.client_tls(
+                    &agentplane::server::tls::host_name(&h.host_id),
+                    Some(&p.control_plane),
+                ))
+                .expect("client TLS"),
+        }
+        .connect_timeout(Duration::from_secs(2))
+        .connect_lazy();
         HostAgentClient::new(channel)
     }
 

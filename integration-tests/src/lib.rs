@@ -4,6 +4,7 @@
 
 mod cluster;
 pub mod netns;
+pub mod pki;
 mod process;
 pub mod procfs;
 mod redis_server;
@@ -13,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use cluster::{bin, Builder, TestCluster};
-pub use redis_server::RedisServer;
+pub use redis_server::{free_port, RedisServer};
 
 /// A spec running `argv` with an optional restart mode (defaults elsewhere).
 pub fn spec(

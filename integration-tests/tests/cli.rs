@@ -215,13 +215,38 @@ async fn agentctl_reports_usage_and_server_errors_on_stderr_with_non_zero_exit()
 #[test]
 fn bad_configuration_exits_64_before_starting_anything() {
     let cases: &[(&str, &[&str])] = &[
-        ("host-agent", &["--redis-url", "redis://127.0.0.1:1"]),
-        ("host-agent", &["--host-id", "bad id"]),
-        ("host-agent", &["--host-id", "h1", "--heartbeat-ttl", "10"]),
-        ("host-agent", &["--host-id", "h1", "--label", "nokv"]),
-        ("host-agent", &["--host-id", "h1", "--listen", "0.0.0.0:0"]),
-        ("control-plane", &["--redis-url", "http://nope"]),
-        ("control-plane", &["--listen", "not-an-address"]),
+        (
+            "host-agent",
+            &["--insecure", "--redis-url", "redis://127.0.0.1:1"],
+        ),
+        ("host-agent", &["--insecure", "--host-id", "bad id"]),
+        (
+            "host-agent",
+            &["--insecure", "--host-id", "h1", "--heartbeat-ttl", "10"],
+        ),
+        (
+            "host-agent",
+            &["--insecure", "--host-id", "h1", "--label", "nokv"],
+        ),
+        (
+            "host-agent",
+            &["--insecure", "--host-id", "h1", "--listen", "0.0.0.0:0"],
+        ),
+        // Neither TLS nor --insecure.
+        ("host-agent", &["--host-id", "h1"]),
+        ("control-plane", &[]),
+        (
+            "host-agent",
+            &["--host-id", "h1", "--tls-cert", "/nonexistent.pem"],
+        ),
+        (
+            "control-plane",
+            &["--insecure", "--redis-url", "http://nope"],
+        ),
+        (
+            "control-plane",
+            &["--insecure", "--listen", "not-an-address"],
+        ),
         ("agentctl", &["dev", "--redis-url", "http://nope"]),
         ("agentctl", &["dev", "--listen", "256.0.0.1:1"]),
     ];

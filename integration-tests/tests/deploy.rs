@@ -34,10 +34,45 @@ fn yaml_docs(rel: &str) -> Vec<Value> {
         .collect()
 }
 
+/// Where every deploy file expects the TLS files (`ca.crt`, `tls.crt`,
+/// `tls.key`): a Kubernetes Secret's mount, a compose volume, or installed
+/// by hand next to the systemd units.
+const TLS_DIR: &str = "/etc/agentplane/tls/";
+
+/// A directory holding real `ca.crt`, `tls.crt` and `tls.key` that stands in
+/// for [`TLS_DIR`] (made once per test process).
+fn tls_stand_in() -> &'static str {
+    static DIR: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
+    &DIR.get_or_init(|| {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let pki = agentplane_integration_tests::pki::Pki::create(dir.path(), "deploy");
+        std::fs::rename(&pki.ca, dir.path().join("ca.crt")).expect("ca.crt");
+        pki.issue("tls", &["control-plane.agentplane", "h1.host.agentplane"]);
+        let path = format!("{}/", dir.path().display());
+        (dir, path)
+    })
+    .1
+}
+
+/// `s` with [`TLS_DIR`] pointing at the stand-in.
+fn with_tls_files(s: &str) -> String {
+    s.replace(TLS_DIR, tls_stand_in())
+}
+
 /// Runs `argv[0] --check-config argv[1..]` with exactly `env` as its
-/// AGENTPLANE_* settings; panics with what it said unless it exits 0.
+/// AGENTPLANE_* settings (TLS files from the stand-in); panics with what it
+/// said unless it exits 0.
 fn check_config(place: &str, argv: &[String], env: &BTreeMap<String, String>) {
+    let argv: Vec<String> = argv.iter().map(|a| with_tls_files(a)).collect();
+    let env: BTreeMap<String, String> = env
+        .iter()
+        .map(|(k, v)| (k.clone(), with_tls_files(v)))
+        .collect();
     let (name, args) = argv.split_first().expect("a command");
+    assert!(
+        !args.iter().any(|a| a == "--insecure") && !env.contains_key("AGENTPLANE_INSECURE"),
+        "{place}: a deploy file must not serve plaintext"
+    );
     assert!(
         name == "control-plane" || name == "host-agent",
         "{place}: unknown binary {name}"
@@ -51,7 +86,7 @@ fn check_config(place: &str, argv: &[String], env: &BTreeMap<String, String>) {
     let out = cmd
         .arg("--check-config")
         .args(args)
-        .envs(env)
+        .envs(&env)
         .output()
         .expect("run the server");
     assert_eq!(
@@ -94,13 +129,27 @@ fn check_config_validates_without_binding_or_connecting() {
         argv.extend(extra.iter().map(|s| (*s).to_owned()));
         check_config("--check-config", &argv, &BTreeMap::new());
     };
-    ok("control-plane", &["--redis-url", "redis://127.0.0.1:1"]);
+    let tls = [
+        "--tls-cert",
+        "/etc/agentplane/tls/tls.crt",
+        "--tls-key",
+        "/etc/agentplane/tls/tls.key",
+        "--tls-client-ca",
+        "/etc/agentplane/tls/ca.crt",
+    ];
+    let with = |extra: &[&'static str]| -> Vec<&'static str> {
+        tls.iter().chain(extra).copied().collect()
+    };
+    ok(
+        "control-plane",
+        &with(&["--redis-url", "redis://127.0.0.1:1"]),
+    );
     ok(
         "host-agent",
-        &["--host-id", "h1", "--redis-url", "redis://127.0.0.1:1"],
+        &with(&["--host-id", "h1", "--redis-url", "redis://127.0.0.1:1"]),
     );
     let bad = Command::new(bin("host-agent"))
-        .args(["--check-config", "--host-id", "bad id"])
+        .args(["--check-config", "--insecure", "--host-id", "bad id"])
         .env_remove("AGENTPLANE_HOST_ID")
         .output()
         .expect("run host-agent");

@@ -168,6 +168,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     if let Some(url) = &args.redis_url {
         if let Err(m) = parse_isolated::<agentplane_control_plane::Config>(&[
             "control-plane",
+            "--insecure",
             "--redis-url",
             url,
         ])
@@ -210,8 +211,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         |r| r.url.clone(),
     );
     let data_dir = dir.join("host");
+    // Plaintext on loopback for now: the dev stack's own CA and token are
+    // still to come (issue P6, "secure first run").
     let cp_config = parse_isolated::<agentplane_control_plane::Config>(&[
         "control-plane",
+        "--insecure",
         "--listen",
         &cp_addr.to_string(),
         "--redis-url",
@@ -222,6 +226,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .map_err(|m| anyhow::anyhow!("control plane: {m}"))?;
     let host_config = parse_isolated::<agentplane_host_agent::Config>(&[
         "host-agent",
+        "--insecure",
         "--listen",
         &host_addr.to_string(),
         "--redis-url",

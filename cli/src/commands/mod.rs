@@ -6,6 +6,7 @@ mod agents;
 mod attach;
 mod control;
 mod dev;
+mod health;
 mod hosts;
 mod logs;
 mod spawn;
@@ -91,6 +92,13 @@ pub enum Command {
     /// Run a whole local stack in this process for trying agentplane out: a
     /// private redis-server, a control plane and one host agent ("dev").
     Dev(dev::DevArgs),
+    /// Check a server's gRPC health (exit 0 when SERVING): for probes, e.g.
+    /// against a server's plaintext `--health-listen` port.
+    Health {
+        /// The service to ask about (empty: the server as a whole).
+        #[arg(long, default_value = "")]
+        service: String,
+    },
     /// Print a shell completion script: `agentctl completion bash >
     /// /etc/bash_completion.d/agentctl` (or zsh, fish, elvish, powershell).
     Completion {
@@ -117,6 +125,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     );
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
+    }
+    if let Command::Health { service } = cli.command {
+        return health::run(&endpoints[0], service, cli.call_timeout).await;
     }
     if let Command::Completion { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -186,6 +197,7 @@ async fn dispatch(
         | Command::Run(_)
         | Command::Attach(_)
         | Command::Completion { .. }
+        | Command::Health { .. }
         | Command::Dev(_) => {
             unreachable!("handled before dispatch")
         }

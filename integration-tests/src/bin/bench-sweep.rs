@@ -115,7 +115,10 @@ async fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|h| (h.id.clone(), h))
         .collect();
-    let hosts = Arc::new(HostClients::new(Duration::from_secs(5)));
+    let hosts = Arc::new(HostClients::new(
+        Duration::from_secs(5),
+        agentplane::server::Transport::Insecure,
+    ));
     let mut sweep = Sweep::new(registry.clone(), hosts, Duration::from_secs(11));
     let mut slices = Vec::new();
     let mut read = 0usize;

@@ -1,0 +1,141 @@
+//! A throwaway PKI for tests (rcgen): a CA and certificates it signs, each
+//! written as PEM files, so the real binaries can run with TLS.
+
+use std::path::{Path, PathBuf};
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose,
+};
+
+/// A CA whose files live in `dir`.
+pub struct Pki {
+    dir: PathBuf,
+    issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate (PEM file).
+    pub ca: PathBuf,
+}
+
+impl std::fmt::Debug for Pki {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pki").field("ca", &self.ca).finish()
+    }
+}
+
+/// A certificate and its key, as files.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    /// The certificate (PEM).
+    pub cert: PathBuf,
+    /// Its private key (PEM, PKCS#8).
+    pub key: PathBuf,
+}
+
+impl Pki {
+    /// Creates a CA named `name`, writing `NAME-ca.crt` into `dir`.
+    pub fn create(dir: &Path, name: &str) -> Self {
+        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, format!("{name} test CA"));
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            KeyUsagePurpose::KeyCertSign,
+            KeyUsagePurpose::CrlSign,
+            KeyUsagePurpose::DigitalSignature,
+        ];
+        let key = KeyPair::generate().expect("CA key");
+        let cert = params.self_signed(&key).expect("self-signed CA");
+        let ca = dir.join(format!("{name}-ca.crt"));
+        std::fs::write(&ca, cert.pem()).expect("write CA");
+        Self {
+            dir: dir.to_owned(),
+            issuer: Issuer::new(params, key),
+            ca,
+        }
+    }
+
+    /// Issues a certificate for `sans` (DNS names or IP addresses), good
+    /// for both server and client use; files `FILE.crt` and `FILE.key`.
+    pub fn issue(&self, file: &str, sans: &[&str]) -> Issued {
+        let mut params =
+            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
+                .expect("leaf params");
+        params
+            .distinguished_name
+            .push(DnType::CommonName, sans.first().copied().unwrap_or(file));
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![
+            ExtendedKeyUsagePurpose::ServerAuth,
+            ExtendedKeyUsagePurpose::ClientAuth,
+        ];
+        params.use_authority_key_identifier_extension = true;
+        let key = KeyPair::generate().expect("leaf key");
+        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let out = Issued {
+            cert: self.dir.join(format!("{file}.crt")),
+            key: self.dir.join(format!("{file}.key")),
+        };
+        std::fs::write(&out.cert, cert.pem()).expect("write cert");
+        std::fs::write(&out.key, key.serialize_pem()).expect("write key");
+        out
+    }
+}
+
+/// The PKI of a TLS test cluster: its CA and the control plane's identity.
+#[derive(Debug)]
+pub struct ClusterPki {
+    /// The CA that signs every server.
+    pub pki: Pki,
+    /// The control plane's certificate (SAN `control-plane.agentplane`),
+    /// also what tests present to host agents to pass as the control plane.
+    pub control_plane: Issued,
+}
+
+impl ClusterPki {
+    /// A CA in `dir` and a control-plane certificate valid for `ips`.
+    pub fn create(dir: &Path, ips: &[String]) -> Self {
+        let pki = Pki::create(dir, "cluster");
+        let mut sans = vec![agentplane::server::tls::CONTROL_PLANE_NAME, "localhost"];
+        sans.extend(ips.iter().map(String::as_str));
+        let control_plane = pki.issue("control-plane", &sans);
+        Self { pki, control_plane }
+    }
+
+    /// The TLS flags of a server presenting `who`.
+    pub fn server_args(&self, who: &Issued) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            who.cert.display().to_string(),
+            "--tls-key".into(),
+            who.key.display().to_string(),
+            "--tls-client-ca".into(),
+            self.pki.ca.display().to_string(),
+        ]
+    }
+
+    /// A certificate for host `host_id` (SAN `<id>.host.agentplane` and `ip`).
+    pub fn host(&self, host_id: &str, ip: &str) -> Issued {
+        let name = agentplane::server::tls::host_name(host_id);
+        self.pki.issue(&format!("host-{host_id}"), &[&name, ip])
+    }
+
+    /// Client TLS that trusts this CA, expects the server to be `name` and
+    /// presents `identity`, if any.
+    pub fn client_tls(
+        &self,
+        name: &str,
+        identity: Option<&Issued>,
+    ) -> tonic::transport::ClientTlsConfig {
+        let ca = std::fs::read(&self.pki.ca).expect("read CA");
+        let mut c = tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(ca))
+            .domain_name(name);
+        if let Some(id) = identity {
+            let cert = std::fs::read(&id.cert).expect("read cert");
+            let key = std::fs::read(&id.key).expect("read key");
+            c = c.identity(tonic::transport::Identity::from_pem(cert, key));
+        }
+        c
+    }
+}

@@ -1,0 +1,211 @@
+//! The one gRPC server bootstrap both servers use: transport (TLS or an
+//! explicit `--insecure`), per-connection limits, an optional peer-name
+//! check, reflection, and a shutdown that drains for a bounded time and
+//! reports a panicked server as an error, never as a clean exit.
+
+mod peer;
+pub mod tls;
+
+use std::future::Future;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::service::Routes;
+
+pub use self::peer::RequirePeerName;
+pub use self::tls::{TlsArgs, TlsMaterial, Transport};
+
+/// Why a server could not start or did not end cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    /// The listener's address could not be read.
+    #[error("cannot read the listener's address: {0}")]
+    ListenerAddress(#[source] std::io::Error),
+    /// `--health-listen` could not be bound.
+    #[error("--health-listen {addr}: {source}")]
+    HealthListen {
+        /// The address.
+        addr: std::net::SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The TLS material was refused by the TLS stack.
+    #[error("cannot set up TLS: {0}")]
+    Tls(#[source] tonic::transport::Error),
+    /// Building the reflection service failed.
+    #[error("cannot build gRPC reflection: {0}")]
+    Reflection(#[from] tonic_reflection::server::Error),
+    /// The gRPC server failed while serving.
+    #[error("gRPC server failed: {0}")]
+    Serve(#[source] tonic::transport::Error),
+    /// The server task panicked.
+    #[error("gRPC server task panicked: {0}")]
+    Panicked(String),
+}
+
+/// How one server is set up.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// TLS or plaintext.
+    pub transport: Transport,
+    /// With TLS: a client certificate is required (else verified only when shown).
+    pub require_client_cert: bool,
+    /// With TLS: only a peer whose certificate names this may call.
+    pub allowed_peer: Option<RequirePeerName>,
+    /// Most concurrent HTTP/2 streams on one connection.
+    pub max_concurrent_streams: u32,
+    /// HTTP/2 keepalive ping interval (a dead peer's connection is closed
+    /// after one unanswered ping plus the timeout).
+    pub keepalive: Duration,
+}
+
+/// Reflection (v1) over the agentplane and health descriptors.
+fn reflection() -> Result<
+    tonic_reflection::server::v1::ServerReflectionServer<
+        impl tonic_reflection::server::v1::ServerReflection,
+    >,
+    ServerError,
+> {
+    Ok(tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?)
+}
+
+/// A server running in a task of its own.
+#[derive(Debug)]
+pub struct Served {
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+    ended: Option<Result<(), ServerError>>,
+}
+
+/// Starts serving `routes` (plus reflection) on `listener` until `cancel`.
+pub fn start(
+    listener: TcpListener,
+    opts: &ServerOptions,
+    routes: Routes,
+    cancel: &CancellationToken,
+) -> Result<Served, ServerError> {
+    let mut builder = tonic::transport::Server::builder()
+        // Followers that drop streams before they are accepted (a reconnecting
+        // `logs -f`, a proxy whose client left) are normal here: allow many
+        // per connection before HTTP/2's rapid-reset guard closes it.
+        .http2_max_pending_accept_reset_streams(Some(1024))
+        .http2_max_local_error_reset_streams(Some(1024))
+        .max_concurrent_streams(opts.max_concurrent_streams)
+        .http2_keepalive_interval(Some(opts.keepalive))
+        .http2_keepalive_timeout(Some(opts.keepalive));
+    let mut peer = None;
+    match &opts.transport {
+        Transport::Tls(m) => {
+            builder = builder
+                .tls_config(m.server_config(opts.require_client_cert))
+                .map_err(ServerError::Tls)?;
+            peer.clone_from(&opts.allowed_peer);
+        }
+        Transport::Insecure => {
+            tracing::warn!(
+                "serving plaintext (--insecure): anyone who can reach this port can call it"
+            );
+        }
+    }
+    let routes = routes.add_service(reflection()?);
+    let incoming = TcpListenerStream::new(listener);
+    let stop = cancel.clone().cancelled_owned();
+    let task = match peer {
+        Some(rule) => tokio::spawn(builder.layer(rule).serve_with_incoming_shutdown(
+            routes.prepare(),
+            incoming,
+            stop,
+        )),
+        None => {
+            tokio::spawn(builder.serve_with_incoming_shutdown(routes.prepare(), incoming, stop))
+        }
+    };
+    Ok(Served { task, ended: None })
+}
+
+/// Serves only `health` (plaintext) on `addr` until `cancel`: the probe
+/// endpoint of `--health-listen`, which carries nothing but SERVING or not.
+pub async fn start_health<S>(
+    addr: std::net::SocketAddr,
+    health: S,
+    cancel: &CancellationToken,
+) -> Result<Served, ServerError>
+where
+    S: tonic::codegen::Service<
+            tonic::codegen::http::Request<tonic::body::Body>,
+            Response = tonic::codegen::http::Response<tonic::body::Body>,
+            Error = std::convert::Infallible,
+        > + tonic::server::NamedService
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|e| ServerError::HealthListen { addr, source: e })?;
+    let task = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .serve_with_incoming_shutdown(
+                TcpListenerStream::new(listener),
+                cancel.clone().cancelled_owned(),
+            ),
+    );
+    tracing::info!(%addr, "health (plaintext) serving");
+    Ok(Served { task, ended: None })
+}
+
+impl Served {
+    /// Waits for `shutdown`, or for the server to end by itself (an error:
+    /// it only ends when told to); then returns, the server still draining.
+    pub async fn until(&mut self, shutdown: impl Future<Output = ()>) {
+        tokio::select! {
+            r = &mut self.task => {
+                let r = flatten(r);
+                if let Err(e) = &r {
+                    tracing::error!(error = %e, "gRPC server ended by itself");
+                }
+                self.ended = Some(r);
+            }
+            () = shutdown => {}
+        }
+    }
+
+    /// After the root token was cancelled: waits at most `limit` for
+    /// in-flight requests, then closes what is left. A server that failed
+    /// or panicked is an error here.
+    pub async fn drain(mut self, limit: Duration) -> Result<(), ServerError> {
+        if let Some(r) = self.ended.take() {
+            return r;
+        }
+        match tokio::time::timeout(limit, &mut self.task).await {
+            Ok(r) => flatten(r),
+            Err(_) => {
+                tracing::warn!(
+                    ?limit,
+                    "in-flight requests did not finish in time; closing them"
+                );
+                self.task.abort();
+                Ok(())
+            }
+        }
+    }
+}
+
+fn flatten(
+    r: Result<Result<(), tonic::transport::Error>, tokio::task::JoinError>,
+) -> Result<(), ServerError> {
+    match r {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(ServerError::Serve(e)),
+        Err(join) => Err(ServerError::Panicked(join.to_string())),
+    }
+}
