@@ -4,58 +4,53 @@ use std::time::Duration;
 
 use agentplane::proto::v1::agent_service_client::AgentServiceClient;
 use agentplane::proto::v1::host_service_client::HostServiceClient;
-use anyhow::Context;
-use tonic::transport::{Channel, Endpoint};
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+
+use crate::access::{Access, Bearer};
+
+/// The services' clients carry the token interceptor.
+pub type Svc = InterceptedService<Channel, Bearer>;
 
 /// Clients of both public services over one channel.
 pub struct Clients {
     /// AgentService.
-    pub agents: AgentServiceClient<Channel>,
+    pub agents: AgentServiceClient<Svc>,
     /// HostService.
-    pub hosts: HostServiceClient<Channel>,
+    pub hosts: HostServiceClient<Svc>,
 }
 
-/// A lazy channel to `endpoint`; every call times out after `timeout`.
-pub fn channel(endpoint: &str, timeout: Duration) -> anyhow::Result<Channel> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    Ok(Endpoint::from_shared(url)
-        .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?
+/// A lazy channel to `endpoint`; every call times out after `access.timeout`.
+pub fn channel(endpoint: &str, access: &Access) -> anyhow::Result<Channel> {
+    Ok(access
+        .endpoint(endpoint)?
         .connect_timeout(Duration::from_secs(3))
-        .timeout(timeout)
+        .timeout(access.timeout)
         .connect_lazy())
 }
 
-/// Connects (lazily) to `endpoint`; every call times out after `timeout`.
-pub fn connect(endpoint: &str, timeout: Duration) -> anyhow::Result<Clients> {
-    let channel = channel(endpoint, timeout)?;
-    Ok(Clients {
-        agents: AgentServiceClient::new(channel.clone()),
-        hosts: HostServiceClient::new(channel),
-    })
+fn clients(channel: Channel, access: &Access) -> Clients {
+    Clients {
+        agents: AgentServiceClient::with_interceptor(channel.clone(), access.bearer()),
+        hosts: HostServiceClient::with_interceptor(channel, access.bearer()),
+    }
+}
+
+/// Connects (lazily) to `endpoint`.
+pub fn connect(endpoint: &str, access: &Access) -> anyhow::Result<Clients> {
+    Ok(clients(channel(endpoint, access)?, access))
 }
 
 /// Like [`connect`] for long-lived streams: no overall deadline, only the
 /// connect timeout (a watch may run for days).
-pub fn connect_streaming(endpoint: &str, _timeout: Duration) -> anyhow::Result<Clients> {
-    let url = if endpoint.contains("://") {
-        endpoint.to_owned()
-    } else {
-        format!("http://{endpoint}")
-    };
-    let channel = Endpoint::from_shared(url)
-        .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?
+pub fn connect_streaming(endpoint: &str, access: &Access) -> anyhow::Result<Clients> {
+    let channel = access
+        .endpoint(endpoint)?
         .connect_timeout(Duration::from_secs(3))
         .http2_keep_alive_interval(Duration::from_secs(10))
         .keep_alive_timeout(Duration::from_secs(5))
         .connect_lazy();
-    Ok(Clients {
-        agents: AgentServiceClient::new(channel.clone()),
-        hosts: HostServiceClient::new(channel),
-    })
+    Ok(clients(channel, access))
 }
 
 /// True when another endpoint may answer: UNAVAILABLE, or a transport
@@ -76,6 +71,8 @@ pub fn failover(s: &tonic::Status) -> bool {
 }
 
 /// A gRPC failure as one line: the code's name, then the server's message.
+/// A transport failure says what broke (the innermost cause) and, for TLS,
+/// what to pass.
 pub fn describe(endpoint: &str, s: &tonic::Status) -> String {
     let code = format!("{:?}", s.code());
     let name = code_name(&code);
@@ -85,7 +82,46 @@ pub fn describe(endpoint: &str, s: &tonic::Status) -> String {
             s.message()
         );
     }
-    format!("{name}: {}", s.message())
+    let cause = innermost(s);
+    if let Some(hint) = cause.as_deref().and_then(tls_hint) {
+        return format!("{name}: {endpoint}: {hint} ({})", cause.unwrap_or_default());
+    }
+    let plaintext = !endpoint.starts_with("https://");
+    let transport =
+        s.message().contains("transport error") || matches!(s.code(), tonic::Code::Cancelled);
+    let hint = if plaintext && transport {
+        " (if the server speaks TLS, use an https:// endpoint with --ca)"
+    } else {
+        ""
+    };
+    match cause {
+        Some(c) if !s.message().contains(&c) => format!("{name}: {}: {c}{hint}", s.message()),
+        _ => format!("{name}: {}{hint}", s.message()),
+    }
+}
+
+/// The innermost cause of a status, if it has one.
+fn innermost(s: &tonic::Status) -> Option<String> {
+    let mut cur: &dyn std::error::Error = std::error::Error::source(s)?;
+    while let Some(next) = cur.source() {
+        cur = next;
+    }
+    Some(cur.to_string())
+}
+
+/// What a person can do about a TLS failure, from its cause.
+fn tls_hint(cause: &str) -> Option<&'static str> {
+    if cause.contains("CertificateRequired") || cause.contains("certificate required") {
+        Some("the server wants a client certificate: pass --cert/--key")
+    } else if cause.contains("UnknownIssuer") || cause.contains("unknown issuer") {
+        Some("the server's certificate is not signed by --ca: pass the CA that signed it")
+    } else if cause.contains("not valid for name") || cause.contains("NotValidForName") {
+        Some("the server's certificate does not carry the endpoint's name: pass --tls-server-name NAME")
+    } else if cause.contains("InvalidContentType") || cause.contains("corrupt message") {
+        Some("the server does not speak TLS: use an http:// endpoint")
+    } else {
+        None
+    }
 }
 
 /// `FailedPrecondition` → `FAILED_PRECONDITION`.

@@ -2,6 +2,7 @@
 //! diagnostics to stderr; a failed call exits non-zero with the gRPC code in
 //! the message.
 
+mod access;
 mod client;
 mod commands;
 mod output;
@@ -37,6 +38,10 @@ struct Cli {
     /// Deadline of each call to the control plane (a stop adds its grace).
     #[arg(long, global = true, env = "AGENTPLANE_CALL_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     call_timeout: Duration,
+
+    /// TLS and the token.
+    #[command(flatten)]
+    access: access::AccessArgs,
 
     #[command(subcommand)]
     command: commands::Command,
@@ -121,7 +126,8 @@ fn main() -> ExitCode {
 fn runs_dev(mut args: impl Iterator<Item = String>) -> bool {
     while let Some(a) = args.next() {
         match a.as_str() {
-            "--endpoint" | "-o" | "--output" | "--call-timeout" => {
+            "--endpoint" | "-o" | "--output" | "--call-timeout" | "--ca" | "--cert" | "--key"
+            | "--tls-server-name" | "--token" | "--token-file" => {
                 args.next();
             }
             s if s.starts_with('-') => {}

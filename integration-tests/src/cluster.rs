@@ -590,19 +590,28 @@ impl TestCluster {
             .map(|i| self.endpoint(i))
             .collect();
         let mut cmd = Command::new(bin("agentctl"));
-        cmd.arg("--endpoint").arg(endpoints.join(",")).args(args);
+        cmd.arg("--endpoint").arg(endpoints.join(","));
+        self.trust(&mut cmd);
+        cmd.args(args);
         cmd
+    }
+
+    /// With TLS: `AGENTPLANE_CA`, the cluster's CA, for agentctl.
+    fn trust(&self, cmd: &mut Command) {
+        if let Some(p) = &self.pki {
+            cmd.env("AGENTPLANE_CA", &p.pki.ca);
+        }
     }
 
     /// Runs `agentctl` against control plane 0 with `args`.
     pub fn agentctl(&self, args: &[&str]) -> Output {
-        Command::new(bin("agentctl"))
-            .args(args)
+        let mut cmd = Command::new(bin("agentctl"));
+        cmd.args(args)
             .env("AGENTPLANE_ENDPOINT", self.endpoint(0))
             .env_remove("AGENTPLANE_OUTPUT")
-            .stdin(Stdio::null())
-            .output()
-            .expect("run agentctl")
+            .stdin(Stdio::null());
+        self.trust(&mut cmd);
+        cmd.output().expect("run agentctl")
     }
 
     /// Asserts what every test must leave true (no `KEYS` ever reached Redis),

@@ -272,3 +272,61 @@ async fn the_plaintext_health_port_serves_health_and_nothing_else() {
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentctl_speaks_tls_with_a_ca_and_says_what_to_pass_without_one() {
+    let cluster = TestCluster::builder().hosts(1).tls().start().await;
+    // With the cluster's CA (AGENTPLANE_CA) a plain `ls` works.
+    let spawned = cluster.agentctl(&["-o", "json", "spawn", "--", "sleep", "100"]);
+    assert!(
+        spawned.status.success(),
+        "{}",
+        String::from_utf8_lossy(&spawned.stderr)
+    );
+    let ls = cluster.agentctl(&["ls"]);
+    assert!(
+        ls.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ls.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ls.stdout).contains("sleep"));
+    let stderr = |args: &[&str], env: &[(&str, String)]| {
+        let out = std::process::Command::new(agentplane_integration_tests::bin("agentctl"))
+            .args(args)
+            .env_remove("AGENTPLANE_CA")
+            .envs(env.iter().map(|(k, v)| (*k, v.clone())))
+            .output()
+            .expect("agentctl");
+        assert!(!out.status.success(), "{args:?} must fail");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let https = cluster.endpoint(0);
+    let plain = https.replace("https://", "http://");
+    // https without a CA: says to pass --ca.
+    let e = stderr(&["--endpoint", &https, "ls"], &[]);
+    assert!(e.contains("--ca"), "{e}");
+    // Another CA: says the certificate is not signed by it.
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let other = Pki::create(scratch.path(), "other");
+    let e = stderr(
+        &["--endpoint", &https, "ls"],
+        &[("AGENTPLANE_CA", other.ca.display().to_string())],
+    );
+    assert!(e.contains("not signed by --ca"), "{e}");
+    // Plaintext to a TLS server: says to use https.
+    let e = stderr(&["--endpoint", &plain, "ls"], &[]);
+    assert!(e.contains("https://"), "{e}");
+    // A token is never sent in plaintext beyond loopback.
+    let e = stderr(
+        &[
+            "--endpoint",
+            "http://192.0.2.1:7700",
+            "--token",
+            "s3cret",
+            "ls",
+        ],
+        &[],
+    );
+    assert!(e.contains("refusing to send the token in plaintext"), "{e}");
+    cluster.finish().await;
+}

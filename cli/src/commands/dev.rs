@@ -132,7 +132,10 @@ fn serve<E: Send + 'static>(
 /// Asks the control plane until it lists the host agent `dev` (false after
 /// [`READY_LIMIT`], or when the stack is stopping).
 async fn host_registered(endpoint: &str, stop: &CancellationToken) -> bool {
-    let Ok(mut c) = crate::client::connect(endpoint, Duration::from_secs(2)) else {
+    let Ok(mut c) = crate::client::connect(
+        endpoint,
+        &crate::access::Access::plain(Duration::from_secs(2)),
+    ) else {
         return false;
     };
     let deadline = Instant::now() + READY_LIMIT;

@@ -2,16 +2,17 @@
 //! containers and scripts), typically against its `--health-listen` port.
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 
+use crate::access::Access;
+
 /// Asks `endpoint` whether `service` (empty: the server as a whole) is
 /// SERVING; prints the answer; exit 0 only when it is.
-pub async fn run(endpoint: &str, service: String, timeout: Duration) -> anyhow::Result<ExitCode> {
-    let channel = crate::client::channel(endpoint, timeout)?;
+pub async fn run(endpoint: &str, service: String, access: &Access) -> anyhow::Result<ExitCode> {
+    let channel = crate::client::channel(endpoint, access)?;
     let answer = HealthClient::new(channel)
         .check(HealthCheckRequest { service })
         .await

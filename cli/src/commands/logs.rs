@@ -35,7 +35,11 @@ pub struct LogsArgs {
 }
 
 /// Prints the agent's output (raw bytes) on stdout; gaps are reported on stderr.
-pub async fn run(endpoints: &[String], a: LogsArgs, timeout: Duration) -> anyhow::Result<()> {
+pub async fn run(
+    endpoints: &[String],
+    a: LogsArgs,
+    access: &crate::access::Access,
+) -> anyhow::Result<()> {
     let stream = if a.stdout {
         LogStream::Stdout
     } else if a.stderr {
@@ -49,7 +53,7 @@ pub async fn run(endpoints: &[String], a: LogsArgs, timeout: Duration) -> anyhow
     let mut out = std::io::stdout().lock();
     loop {
         let endpoint = &endpoints[i % endpoints.len()];
-        let mut c = client::connect_streaming(endpoint, timeout)?;
+        let mut c = client::connect_streaming(endpoint, access)?;
         let req = StreamLogsRequest {
             id: a.id.clone(),
             offset: next.unwrap_or(0),

@@ -18,6 +18,7 @@ use std::time::Duration;
 use agentplane::config::{parse_duration, parse_key_value};
 use clap::Subcommand;
 
+use crate::access::Access;
 use crate::client::{self, Clients};
 use crate::{Cli, HostsCommand};
 
@@ -126,8 +127,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
     }
+    let access = Access::load(&cli.access, cli.call_timeout)?;
     if let Command::Health { service } = cli.command {
-        return health::run(&endpoints[0], service, cli.call_timeout).await;
+        return health::run(&endpoints[0], service, &access).await;
     }
     if let Command::Completion { shell } = cli.command {
         let mut cmd = <Cli as clap::CommandFactory>::command();
@@ -140,25 +142,25 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         args.ensure_request_id();
     }
     if let Command::Watch(args) = command {
-        watch::run(&endpoints, fmt, args, cli.call_timeout).await?;
+        watch::run(&endpoints, fmt, args, &access).await?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Run(args) = command {
-        let mut c = client::connect_streaming(&endpoints[0], cli.call_timeout)?;
+        let mut c = client::connect_streaming(&endpoints[0], &access)?;
         return attach::run(&mut c, *args).await;
     }
     if let Command::Attach(args) = command {
-        let mut c = client::connect_streaming(&endpoints[0], cli.call_timeout)?;
+        let mut c = client::connect_streaming(&endpoints[0], &access)?;
         attach::attach(&mut c, args).await?;
         return Ok(ExitCode::SUCCESS);
     }
     if let Command::Logs(args) = command {
-        logs::run(&endpoints, args, cli.call_timeout).await?;
+        logs::run(&endpoints, args, &access).await?;
         return Ok(ExitCode::SUCCESS);
     }
     let mut last = None;
     for (i, endpoint) in endpoints.iter().enumerate() {
-        let mut c = client::connect(endpoint, cli.call_timeout)?;
+        let mut c = client::connect(endpoint, &access)?;
         match dispatch(&mut c, fmt, command.clone(), cli.call_timeout).await {
             Ok(code) => return Ok(code),
             Err(e) if i + 1 < endpoints.len() && client::is_unavailable(&e) => {

@@ -34,7 +34,7 @@ pub async fn run(
     endpoints: &[String],
     fmt: Format,
     a: WatchArgs,
-    timeout: Duration,
+    access: &crate::access::Access,
 ) -> anyhow::Result<()> {
     let mut token = a.since.clone().unwrap_or_default();
     let mut printed = 0u64;
@@ -42,7 +42,7 @@ pub async fn run(
     let mut i = 0usize;
     loop {
         let endpoint = &endpoints[i % endpoints.len()];
-        let mut c = client::connect_streaming(endpoint, timeout)?;
+        let mut c = client::connect_streaming(endpoint, access)?;
         let opened = c
             .agents
             .watch_agents(WatchAgentsRequest {
