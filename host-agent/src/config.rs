@@ -77,6 +77,16 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_ALLOWED_CLIENT_NAME", default_value = agentplane::server::tls::CONTROL_PLANE_NAME)]
     pub allowed_client_name: String,
 
+    /// Let agents run as root: a spec with uid 0, or with no uid while this
+    /// host agent runs as root. Off, such a start is refused.
+    #[arg(long, env = "AGENTPLANE_ALLOW_ROOT_AGENTS")]
+    pub allow_root_agents: bool,
+
+    /// The only uids agents may run as, e.g. `1000-1999,65534` (default: any
+    /// but root).
+    #[arg(long, env = "AGENTPLANE_ALLOWED_UIDS", value_parser = crate::identity::parse_uid_ranges)]
+    pub allowed_uids: Option<crate::identity::UidRanges>,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,

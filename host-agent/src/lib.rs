@@ -5,6 +5,7 @@
 
 pub mod config;
 mod heartbeat;
+pub mod identity;
 mod service;
 mod status;
 pub mod supervisor;
@@ -93,6 +94,11 @@ pub async fn run(
         supervisor::Limits {
             max_agents: config.max_agents,
             max_log_streams: config.max_log_streams,
+            uids: identity::UidPolicy {
+                allow_root: config.allow_root_agents,
+                allowed: config.allowed_uids.clone(),
+                own_uid: nix::unistd::geteuid().as_raw(),
+            },
         },
         tasks.clone(),
         cancel.clone(),

@@ -15,6 +15,7 @@ impl From<SupervisorError> for Status {
                 Status::resource_exhausted(msg)
             }
             SupervisorError::AlreadyExists { .. } => Status::already_exists(msg),
+            SupervisorError::IdentityRefused { .. } => Status::permission_denied(msg),
             SupervisorError::NotFound { .. } => Status::not_found(msg),
             SupervisorError::IllegalTransition { .. } | SupervisorError::Fenced { .. } => {
                 Status::failed_precondition(msg)

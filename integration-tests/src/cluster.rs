@@ -70,6 +70,7 @@ pub struct Builder {
     host_args_at: Vec<(usize, String)>,
     netns: bool,
     tls: bool,
+    root_agents: bool,
 }
 
 impl Builder {
@@ -115,6 +116,13 @@ impl Builder {
     /// instead of `--insecure`; the cluster's clients use it too.
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// Host agents refuse root agents (by default the cluster passes
+    /// `--allow-root-agents` when the tests run as root, as they do here).
+    pub fn forbid_root_agents(mut self) -> Self {
+        self.root_agents = false;
         self
     }
 
@@ -203,6 +211,7 @@ impl TestCluster {
             host_args_at: Vec::new(),
             netns: false,
             tls: false,
+            root_agents: true,
         }
     }
 
@@ -334,6 +343,9 @@ impl TestCluster {
                 args.push("--label".into());
                 args.push(label.clone());
             }
+        }
+        if self.config.root_agents && nix::unistd::geteuid().is_root() {
+            args.push("--allow-root-agents".into());
         }
         args.extend(self.config.host_args.iter().cloned());
         for (idx, arg) in &self.config.host_args_at {

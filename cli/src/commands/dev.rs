@@ -227,18 +227,29 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     cp_config
         .validate()
         .map_err(|m| anyhow::anyhow!("control plane: {m}"))?;
-    let host_config = parse_isolated::<agentplane_host_agent::Config>(&[
+    // Agents run as whoever runs `dev`; as root that needs saying.
+    let root = nix::unistd::geteuid().is_root();
+    if root {
+        eprintln!("agentctl dev: running as root, so agents run as root too (--allow-root-agents)");
+    }
+    let host_addr_s = host_addr.to_string();
+    let data_dir_s = data_dir.to_string_lossy();
+    let mut host_args = vec![
         "host-agent",
         "--insecure",
         "--listen",
-        &host_addr.to_string(),
+        &host_addr_s,
         "--redis-url",
         &redis_url,
         "--host-id",
         "dev",
         "--data-dir",
-        &data_dir.to_string_lossy(),
-    ])?;
+        &data_dir_s,
+    ];
+    if root {
+        host_args.push("--allow-root-agents");
+    }
+    let host_config = parse_isolated::<agentplane_host_agent::Config>(&host_args)?;
     host_config
         .validate()
         .map_err(|m| anyhow::anyhow!("host agent: {m}"))?;

@@ -11,6 +11,16 @@ pub enum SupervisorError {
     /// The start request is malformed.
     #[error(transparent)]
     Validate(#[from] ValidationError),
+    /// The agent asks to run as a user this host does not allow.
+    #[error("host {host} refuses agent {id}: {reason}")]
+    IdentityRefused {
+        /// The agent.
+        id: String,
+        /// This host.
+        host: String,
+        /// Which rule refused it.
+        reason: String,
+    },
     /// The host runs `--max-agents` agents already.
     #[error("full: host {host} already runs {max} agents (its --max-agents)")]
     AtCapacity {

@@ -90,12 +90,14 @@ pub struct Supervisor {
 }
 
 /// What one host agent takes on at most.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Limits {
     /// Agents running at once (`--max-agents`).
     pub max_agents: u32,
     /// Output streams served at once (`--max-log-streams`).
     pub max_log_streams: u32,
+    /// Which uids agents may run as.
+    pub uids: crate::identity::UidPolicy,
 }
 
 impl Supervisor {
@@ -188,6 +190,13 @@ impl Supervisor {
     ) -> Result<LocalAgent> {
         validate::agent_id("id", &id)?;
         validate::spec(&spec)?;
+        if let Some(reason) = self.limits.uids.refusal(spec.uid) {
+            return Err(SupervisorError::IdentityRefused {
+                id,
+                host: self.host_id.clone(),
+                reason,
+            });
+        }
         if generation == 0 {
             return Err(ValidationError::new("generation", "must be at least 1").into());
         }
