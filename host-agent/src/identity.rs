@@ -91,7 +91,8 @@ impl UidPolicy {
             ));
         }
         if let Some(allowed) = &self.allowed {
-            if !allowed.contains(effective) && !(effective == 0 && self.allow_root) {
+            let root_allowed = effective == 0 && self.allow_root;
+            if !(allowed.contains(effective) || root_allowed) {
                 return Some(format!(
                     "agents may run only as uids {allowed} here (it asks for {how}); see --allowed-uids"
                 ));

@@ -74,6 +74,17 @@ pub async fn run(
         path: agents_dir.clone(),
         source,
     })?;
+    // Agents' output often carries secrets: the data dir is the host
+    // agent's user's alone (whatever mode it was created with).
+    for dir in [&config.data_dir, &agents_dir] {
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700)).map_err(
+            |source| HostAgentError::DataDir {
+                path: dir.clone(),
+                source,
+            },
+        )?;
+    }
     let local = listener
         .local_addr()
         .map_err(HostAgentError::ListenerAddress)?;

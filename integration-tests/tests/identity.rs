@@ -82,3 +82,35 @@ async fn root_agents_are_refused_unless_allowed_and_uids_stay_in_range() {
     assert_eq!(uid_of(agent.pid), Some(65534), "it runs as nobody");
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_output_is_readable_by_the_host_agents_user_only() {
+    use std::os::unix::fs::PermissionsExt;
+    let cluster = TestCluster::builder().hosts(1).start().await;
+    let agent = cluster.spawn(&["sh", "-c", "echo secret; sleep 100"]).await;
+    cluster.wait_for_output(&agent.id, "secret").await;
+    let mode = |p: &std::path::Path| {
+        std::fs::metadata(p)
+            .unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    let data = cluster.data_dir("h1");
+    assert_eq!(mode(&data), 0o700, "{}", data.display());
+    let agents = data.join("agents");
+    assert_eq!(mode(&agents), 0o700);
+    let mut seen = 0;
+    for start in std::fs::read_dir(&agents).expect("agents dir").flatten() {
+        assert_eq!(mode(&start.path()), 0o700, "{}", start.path().display());
+        for f in std::fs::read_dir(start.path())
+            .expect("start dir")
+            .flatten()
+        {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+            seen += 1;
+        }
+    }
+    assert!(seen > 0, "the output file exists");
+    cluster.finish().await;
+}

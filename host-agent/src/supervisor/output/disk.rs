@@ -8,6 +8,7 @@
 
 use std::fs::{File, OpenOptions};
 use std::io::{Read as _, Seek, SeekFrom, Write};
+use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
@@ -80,11 +81,16 @@ impl Disk {
     /// New, empty files in `dir` (created; every start has a directory of
     /// its own), holding at most about `cap` bytes.
     pub fn create(dir: &Path, cap: u64) -> std::io::Result<Self> {
-        std::fs::create_dir_all(dir)?;
+        // Output often carries secrets: only the host agent's user reads it.
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(dir)?;
         let file = OpenOptions::new()
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(0o600)
             .open(dir.join("output.log"))?;
         Ok(Self {
             dir: dir.to_owned(),
@@ -202,6 +208,7 @@ impl Disk {
             .create(true)
             .write(true)
             .truncate(true)
+            .mode(0o600)
             .open(&next)?;
         if let Err(e) = std::fs::rename(&log, &old) {
             let _ = std::fs::remove_file(&next);
