@@ -23,6 +23,10 @@ pub struct Config {
     )]
     pub redis_url: String,
 
+    /// TLS and the password for Redis.
+    #[command(flatten)]
+    pub redis_tls: agentplane::registry::RedisTlsArgs,
+
     /// Prefix of every Redis key.
     #[arg(long, env = "AGENTPLANE_REDIS_PREFIX", default_value = agentplane::registry::DEFAULT_PREFIX)]
     pub redis_prefix: String,
@@ -71,6 +75,7 @@ impl Config {
             ));
         }
         self.transport()?;
+        self.registry()?;
         if self.reconcile_interval < Duration::from_millis(50) {
             return Err("--reconcile-interval: must be at least 50ms".into());
         }
@@ -82,6 +87,13 @@ impl Config {
 }
 
 impl Config {
+    /// The registry the flags describe (files read; no connection yet).
+    pub fn registry(&self) -> Result<agentplane::registry::Registry, String> {
+        let options = self.redis_tls.load(&self.redis_url)?;
+        agentplane::registry::Registry::connect(&self.redis_url, &self.redis_prefix, &options)
+            .map_err(|e| format!("--redis-url: {e}"))
+    }
+
     /// The transport the flags ask for, its files read and checked.
     pub fn transport(&self) -> Result<agentplane::server::Transport, String> {
         self.tls.load(true)

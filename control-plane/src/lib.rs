@@ -22,7 +22,7 @@ use std::time::Duration;
 
 use agentplane::proto::v1::agent_service_server::AgentServiceServer;
 use agentplane::proto::v1::host_service_server::HostServiceServer;
-use agentplane::registry::{Registry, RegistryError};
+use agentplane::registry::RegistryError;
 use agentplane::server::{self, ServerError, ServerOptions};
 use agentplane::tasks::Tasks;
 use tokio::net::TcpListener;
@@ -72,7 +72,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlPlaneError> {
-    let registry = Registry::new(&config.redis_url, &config.redis_prefix)?;
+    let registry = config.registry().map_err(ControlPlaneError::Config)?;
     let local = listener
         .local_addr()
         .map_err(ControlPlaneError::ListenerAddress)?;

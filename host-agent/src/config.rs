@@ -26,6 +26,10 @@ pub struct Config {
     )]
     pub redis_url: String,
 
+    /// TLS and the password for Redis.
+    #[command(flatten)]
+    pub redis_tls: agentplane::registry::RedisTlsArgs,
+
     /// Prefix of every Redis key.
     #[arg(long, env = "AGENTPLANE_REDIS_PREFIX", default_value = agentplane::registry::DEFAULT_PREFIX)]
     pub redis_prefix: String,
@@ -122,6 +126,7 @@ impl Config {
             return Err("--redis-prefix: must be non-empty without spaces".into());
         }
         redis_url_ok(&self.redis_url)?;
+        self.registry()?;
         if !self.data_dir.is_absolute() {
             return Err(format!(
                 "--data-dir: `{}` must be an absolute path",
@@ -148,6 +153,13 @@ impl Config {
             return Err("--advertise-addr: required when --listen is a wildcard address".into());
         }
         Ok(())
+    }
+
+    /// The registry the flags describe (files read; no connection yet).
+    pub fn registry(&self) -> Result<agentplane::registry::Registry, String> {
+        let options = self.redis_tls.load(&self.redis_url)?;
+        agentplane::registry::Registry::connect(&self.redis_url, &self.redis_prefix, &options)
+            .map_err(|e| format!("--redis-url: {e}"))
     }
 
     /// The transport the flags ask for, its files read and checked.

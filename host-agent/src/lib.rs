@@ -14,7 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_server::HostAgentServer;
-use agentplane::registry::{HostRecord, Registry, RegistryError};
+use agentplane::registry::{HostRecord, RegistryError};
 use agentplane::server::{self, ServerError, ServerOptions};
 use agentplane::tasks::Tasks;
 use tokio::net::TcpListener;
@@ -66,7 +66,7 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostAgentError> {
-    let registry = Registry::new(&config.redis_url, &config.redis_prefix)?;
+    let registry = config.registry().map_err(HostAgentError::Config)?;
     // Output of agents from an earlier run died with them: start clean.
     let agents_dir = config.data_dir.join("agents");
     let _ = std::fs::remove_dir_all(&agents_dir);

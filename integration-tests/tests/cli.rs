@@ -247,6 +247,21 @@ fn bad_configuration_exits_64_before_starting_anything() {
             "control-plane",
             &["--insecure", "--listen", "not-an-address"],
         ),
+        // TLS files for a plaintext Redis URL; a missing CA file.
+        (
+            "control-plane",
+            &["--insecure", "--redis-ca", "/nonexistent.pem"],
+        ),
+        (
+            "control-plane",
+            &[
+                "--insecure",
+                "--redis-url",
+                "rediss://127.0.0.1:1",
+                "--redis-ca",
+                "/nonexistent.pem",
+            ],
+        ),
         ("agentctl", &["dev", "--redis-url", "http://nope"]),
         ("agentctl", &["dev", "--listen", "256.0.0.1:1"]),
     ];

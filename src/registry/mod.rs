@@ -11,6 +11,7 @@ mod codec;
 mod events;
 mod hosts;
 mod keys;
+mod options;
 mod rewrite;
 mod scripts;
 
@@ -22,6 +23,7 @@ pub use agents::{AgentUpdate, Expect, UpdateOutcome};
 pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
 pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
+pub use options::{RedisOptions, RedisTlsArgs};
 
 /// A connection of a caller's own (see [`Registry::dedicated_connection`]).
 pub type Connection = redis::aio::MultiplexedConnection;
@@ -112,11 +114,38 @@ impl Registry {
     /// A registry on `url` with keys under `prefix`. Does not connect yet: the
     /// first call does, and every call after a failure tries again.
     pub fn new(url: &str, prefix: &str) -> Result<Self> {
+        Self::connect(url, prefix, &RedisOptions::default())
+    }
+
+    /// [`Registry::new`] with TLS material and a password from `options`.
+    pub fn connect(url: &str, prefix: &str, options: &RedisOptions) -> Result<Self> {
         let shown = redact_url(url);
-        let client = redis::Client::open(url).map_err(|source| RegistryError::InvalidUrl {
+        let invalid = |source| RegistryError::InvalidUrl {
             url: shown.clone(),
             source,
-        })?;
+        };
+        let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+        if let Some(pw) = &options.password {
+            let settings = info.redis_settings().clone().set_password(pw);
+            info = info.set_redis_settings(settings);
+        }
+        let client = if options.ca.is_some() || options.identity.is_some() {
+            redis::Client::build_with_tls(
+                info,
+                redis::TlsCertificates {
+                    client_tls: options.identity.clone().map(|(cert, key)| {
+                        redis::ClientTlsConfig {
+                            client_cert: cert,
+                            client_key: key,
+                        }
+                    }),
+                    root_cert: options.ca.clone(),
+                },
+            )
+        } else {
+            redis::Client::open(info)
+        }
+        .map_err(invalid)?;
         // Short timeouts and one quick retry: a caller waits at most a few
         // seconds for an answer, and a dead Redis is reported, not hidden.
         let config = ConnectionManagerConfig::new()
