@@ -47,7 +47,7 @@ pub struct Config {
     /// as the client certificate, SAN `control-plane.agentplane`) and the CA
     /// that signs host agents' (and clients') certificates.
     #[command(flatten)]
-    pub tls: agentplane::server::TlsArgs,
+    pub serve: agentplane::server::ServeArgs,
 
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
@@ -96,7 +96,7 @@ impl Config {
 
     /// The transport the flags ask for, its files read and checked.
     pub fn transport(&self) -> Result<agentplane::server::Transport, String> {
-        self.tls.load(true)
+        self.serve.load(true)
     }
 }
 

@@ -156,8 +156,9 @@ pub async fn run(
         allowed_peer: None,
         max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
         keepalive: KEEPALIVE,
+        max_connections: config.serve.max_connections,
     };
-    let probes = match config.tls.health_listen {
+    let probes = match config.serve.health_listen {
         Some(addr) => Some(server::start_health(addr, health_service.clone(), &cancel).await?),
         None => None,
     };

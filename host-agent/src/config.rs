@@ -74,7 +74,7 @@ pub struct Config {
 
     /// TLS: this server's certificate and key, the CA of its callers.
     #[command(flatten)]
-    pub tls: agentplane::server::TlsArgs,
+    pub serve: agentplane::server::ServeArgs,
 
     /// With TLS, the only name (certificate SAN) a caller may have: the
     /// control plane's. A host agent's own certificate is refused.
@@ -164,7 +164,7 @@ impl Config {
 
     /// The transport the flags ask for, its files read and checked.
     pub fn transport(&self) -> Result<Transport, String> {
-        self.tls.load(true)
+        self.serve.load(true)
     }
 
     /// With TLS, the layer that admits only `--allowed-client-name`.

@@ -155,8 +155,9 @@ pub async fn run(
         // connection to this host, plus its control calls.
         max_concurrent_streams: config.max_log_streams + 256,
         keepalive: KEEPALIVE,
+        max_connections: config.serve.max_connections,
     };
-    let probes = match config.tls.health_listen {
+    let probes = match config.serve.health_listen {
         Some(addr) => Some(server::start_health(addr, health_service.clone(), &cancel).await?),
         None => None,
     };

@@ -330,3 +330,46 @@ async fn agentctl_speaks_tls_with_a_ca_and_says_what_to_pass_without_one() {
     assert!(e.contains("refusing to send the token in plaintext"), "{e}");
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_max_connections_are_closed_and_the_rest_keep_working() {
+    use tokio::io::AsyncReadExt;
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .host_arg("--max-connections")
+        .host_arg("2")
+        .start()
+        .await;
+    // The control plane's connection to the host is the first.
+    let first = cluster.spawn(&["sleep", "100"]).await;
+    cluster
+        .wait_state(&first.id, AgentState::Running, Duration::from_secs(10))
+        .await;
+    let addr = cluster.hosts[0].addr.clone();
+    let mut second = tokio::net::TcpStream::connect(&addr).await.expect("second");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut third = tokio::net::TcpStream::connect(&addr).await.expect("third");
+    let mut buf = [0u8; 64];
+    let closed = tokio::time::timeout(Duration::from_secs(5), third.read(&mut buf))
+        .await
+        .expect("the third connection is closed, not left hanging");
+    assert!(matches!(closed, Ok(0) | Err(_)), "closed: {closed:?}");
+    // Open: the server greets it (its HTTP/2 settings) or waits, never closes.
+    let open = tokio::time::timeout(Duration::from_millis(500), second.read(&mut buf)).await;
+    assert!(
+        matches!(open, Err(_) | Ok(Ok(1..))),
+        "the second connection stays open: {open:?}"
+    );
+    // The control plane's own connection still works.
+    let again = cluster.spawn(&["sleep", "100"]).await;
+    cluster
+        .wait_state(&again.id, AgentState::Running, Duration::from_secs(10))
+        .await;
+    assert!(
+        cluster.logs().contains("--max-connections reached"),
+        "the host says why"
+    );
+    // An idle raw connection would hold the host's graceful drain.
+    drop((second, third));
+    cluster.finish().await;
+}

@@ -3,6 +3,7 @@
 //! check, reflection, and a shutdown that drains for a bounded time and
 //! reports a panicked server as an error, never as a clean exit.
 
+mod incoming;
 mod peer;
 pub mod tls;
 
@@ -16,7 +17,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use self::peer::RequirePeerName;
-pub use self::tls::{TlsArgs, TlsMaterial, Transport};
+pub use self::tls::{ServeArgs, TlsMaterial, Transport};
 
 /// Why a server could not start or did not end cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -61,6 +62,8 @@ pub struct ServerOptions {
     /// HTTP/2 keepalive ping interval (a dead peer's connection is closed
     /// after one unanswered ping plus the timeout).
     pub keepalive: Duration,
+    /// Most connections open at once (`--max-connections`).
+    pub max_connections: usize,
 }
 
 /// Reflection (v1) over the agentplane and health descriptors.
@@ -114,7 +117,7 @@ pub fn start(
         }
     }
     let routes = routes.add_service(reflection()?);
-    let incoming = TcpListenerStream::new(listener);
+    let incoming = incoming::capped(listener, opts.max_connections);
     let stop = cancel.clone().cancelled_owned();
     let task = match peer {
         Some(rule) => tokio::spawn(builder.layer(rule).serve_with_incoming_shutdown(

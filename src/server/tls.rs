@@ -35,9 +35,10 @@ pub fn host_id_is_dns(host_id: &str) -> bool {
         })
 }
 
-/// The TLS flags both servers take (flattened into each binary's config).
+/// The serving flags both servers take (flattened into each binary's
+/// config): TLS, the probe port, the connection cap.
 #[derive(Debug, Clone, clap::Args)]
-pub struct TlsArgs {
+pub struct ServeArgs {
     /// PEM certificate (chain) this server presents. The control plane also
     /// presents it to host agents as its client certificate, so it needs the
     /// SAN `control-plane.agentplane`; a host agent's needs `<host-id>.host.agentplane`.
@@ -62,6 +63,11 @@ pub struct TlsArgs {
     /// address: for probes that cannot do TLS (Kubernetes' gRPC probe).
     #[arg(long, env = "AGENTPLANE_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
+
+    /// Most client connections served at once; more are closed at once
+    /// (a flood of idle or half-open connections cannot exhaust the server).
+    #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 4096)]
+    pub max_connections: usize,
 
     /// Serve plaintext with no peer authentication: anyone who reaches the
     /// port can run programs here. For tests and local experiments only.
@@ -91,10 +97,13 @@ pub struct TlsMaterial {
     pub handshake_timeout: Duration,
 }
 
-impl TlsArgs {
+impl ServeArgs {
     /// Reads and checks the files; the message names the flag to fix.
     /// `need_client_ca`: this server cannot run TLS without `--tls-client-ca`.
     pub fn load(&self, need_client_ca: bool) -> Result<Transport, String> {
+        if self.max_connections == 0 {
+            return Err("--max-connections: must be at least 1".into());
+        }
         if self.insecure {
             return Ok(Transport::Insecure);
         }
@@ -208,22 +217,23 @@ mod tests {
 
     #[test]
     fn neither_tls_nor_insecure_names_both() {
-        let args = TlsArgs {
+        let args = ServeArgs {
             tls_cert: None,
             tls_key: None,
             tls_client_ca: None,
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
+            max_connections: 4096,
             insecure: false,
         };
         let e = args.load(false).unwrap_err();
         assert!(e.contains("--tls-cert") && e.contains("--insecure"), "{e}");
-        let insecure = TlsArgs {
+        let insecure = ServeArgs {
             insecure: true,
             ..args.clone()
         };
         assert!(matches!(insecure.load(true), Ok(Transport::Insecure)));
-        let half = TlsArgs {
+        let half = ServeArgs {
             tls_cert: Some("/nonexistent".into()),
             ..args
         };
@@ -235,16 +245,17 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let junk = dir.path().join("junk.pem");
         std::fs::write(&junk, "not pem").unwrap();
-        let args = TlsArgs {
+        let args = ServeArgs {
             tls_cert: Some(junk.clone()),
             tls_key: Some(junk),
             tls_client_ca: None,
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
+            max_connections: 4096,
             insecure: false,
         };
         assert!(args.load(false).unwrap_err().starts_with("--tls-cert"));
-        let missing = TlsArgs {
+        let missing = ServeArgs {
             tls_cert: Some(dir.path().join("missing.pem")),
             ..args
         };
