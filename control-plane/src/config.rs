@@ -75,7 +75,9 @@ impl Config {
             ));
         }
         self.transport()?;
-        self.registry()?;
+        let options = self.redis_tls.load(&self.redis_url)?;
+        agentplane::registry::Registry::check(&self.redis_url, &options)
+            .map_err(|e| format!("--redis-url: {e}"))?;
         if self.reconcile_interval < Duration::from_millis(50) {
             return Err("--reconcile-interval: must be at least 50ms".into());
         }

@@ -126,7 +126,9 @@ impl Config {
             return Err("--redis-prefix: must be non-empty without spaces".into());
         }
         redis_url_ok(&self.redis_url)?;
-        self.registry()?;
+        let options = self.redis_tls.load(&self.redis_url)?;
+        agentplane::registry::Registry::check(&self.redis_url, &options)
+            .map_err(|e| format!("--redis-url: {e}"))?;
         if !self.data_dir.is_absolute() {
             return Err(format!(
                 "--data-dir: `{}` must be an absolute path",

@@ -117,8 +117,13 @@ impl Registry {
         Self::connect(url, prefix, &RedisOptions::default())
     }
 
-    /// [`Registry::new`] with TLS material and a password from `options`.
-    pub fn connect(url: &str, prefix: &str, options: &RedisOptions) -> Result<Self> {
+    /// Builds the client `url` and `options` describe without connecting or
+    /// needing a runtime: what `--check-config` runs.
+    pub fn check(url: &str, options: &RedisOptions) -> Result<()> {
+        Self::client(url, options).map(|_| ())
+    }
+
+    fn client(url: &str, options: &RedisOptions) -> Result<redis::Client> {
         let shown = redact_url(url);
         let invalid = |source| RegistryError::InvalidUrl {
             url: shown.clone(),
@@ -129,7 +134,7 @@ impl Registry {
             let settings = info.redis_settings().clone().set_password(pw);
             info = info.set_redis_settings(settings);
         }
-        let client = if options.ca.is_some() || options.identity.is_some() {
+        if options.ca.is_some() || options.identity.is_some() {
             redis::Client::build_with_tls(
                 info,
                 redis::TlsCertificates {
@@ -145,7 +150,13 @@ impl Registry {
         } else {
             redis::Client::open(info)
         }
-        .map_err(invalid)?;
+        .map_err(invalid)
+    }
+
+    /// [`Registry::new`] with TLS material and a password from `options`.
+    pub fn connect(url: &str, prefix: &str, options: &RedisOptions) -> Result<Self> {
+        let shown = redact_url(url);
+        let client = Self::client(url, options)?;
         // Short timeouts and one quick retry: a caller waits at most a few
         // seconds for an answer, and a dead Redis is reported, not hidden.
         let config = ConnectionManagerConfig::new()
