@@ -2,6 +2,7 @@
 //! Redis registry (the whole schema in one place), and config, shutdown and
 //! telemetry helpers shared by the control plane, the host agent and `agentctl`.
 
+pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod labels;
