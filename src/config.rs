@@ -104,4 +104,68 @@ mod tests {
         assert!(parse_key_value("ab").is_err());
         assert!(parse_key_value("=b").is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Text shaped like these values (digits, units, signs, RFC 3339
+        /// punctuation), mixed with anything at all.
+        fn valueish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[0-9]{0,25}[ ]?(|B|K|k|KiB|M|MiB|G|GiB|ms|s|m|h|d|y|ns|us)",
+                "[-+ 0-9a-zA-Z:.=]{0,30}",
+                "[0-9]{1,5}-[0-9]{1,2}-[0-9]{1,2}T[0-9]{1,2}:[0-9]{1,2}:[0-9]{1,2}(\\.[0-9]{0,12})?(Z|[+-][0-9]{2}:[0-9]{2})?",
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn parsers_never_panic_and_errors_quote_the_input(s in valueish()) {
+                for r in [
+                    parse_duration(&s).map(drop),
+                    parse_bytes(&s).map(drop),
+                    parse_since(&s).map(drop),
+                    parse_key_value(&s).map(drop),
+                ] {
+                    if let Err(e) = r {
+                        prop_assert!(e.contains(&format!("`{s}`")), "{e:?} does not quote {s:?}");
+                    }
+                }
+            }
+
+            #[test]
+            fn bytes_with_a_unit_multiply_or_say_too_large(n in any::<u64>(), unit in prop::sample::select(vec![
+                ("", 1u64), ("B", 1), ("K", 1 << 10), ("k", 1 << 10), ("KiB", 1 << 10),
+                ("M", 1 << 20), ("MiB", 1 << 20), ("G", 1 << 30), ("GiB", 1 << 30),
+            ])) {
+                let (suffix, mult) = unit;
+                let text = format!("{n}{suffix}");
+                match n.checked_mul(mult) {
+                    Some(want) => prop_assert_eq!(parse_bytes(&text), Ok(want)),
+                    None => prop_assert!(parse_bytes(&text).unwrap_err().contains("too large")),
+                }
+            }
+
+            #[test]
+            fn kib_is_1024_bytes(n in 0u64..(1 << 40)) {
+                prop_assert_eq!(parse_bytes(&format!("{n}KiB")), Ok(n * 1024));
+            }
+
+            #[test]
+            fn key_values_split_at_the_first_equals(k in "[^=]{1,20}", v in any::<String>()) {
+                prop_assert_eq!(parse_key_value(&format!("{k}={v}")), Ok((k, v)));
+            }
+        }
+
+        #[test]
+        fn digits_beyond_u64_are_an_error() {
+            assert!(parse_bytes("99999999999999999999G").is_err());
+            assert!(parse_bytes("18446744073709551616").is_err());
+            assert!(parse_since("99999999999999999999y").is_err());
+        }
+    }
 }

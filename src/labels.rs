@@ -19,7 +19,7 @@ impl Selector {
             let Some((k, v)) = term.split_once('=') else {
                 return Err(ValidationError::new(
                     field,
-                    format!("`{term}` is not key=value"),
+                    format!("`{}` is not key=value", validate::quote(term)),
                 ));
             };
             validate::label_key(field, k.trim())?;
@@ -63,5 +63,71 @@ mod tests {
             e.to_string(),
             "placement.label_selector: `gpu` is not key=value"
         );
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Selector-like text: terms, separators and spaces, with a fair
+        /// share of characters that are not allowed.
+        fn selectorish() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[a-z0-9=, ./_-]{0,40}",
+                "([a-z]{1,3}=[a-z0-9 !]{0,3},?){0,5}",
+            ]
+        }
+
+        fn key() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._/-]{1,40}"
+        }
+
+        fn value() -> impl Strategy<Value = String> {
+            "[a-zA-Z0-9._-]{0,40}"
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn parse_never_panics_and_errors_name_the_field(field in "[a-z_.]{1,30}", s in selectorish()) {
+                if let Err(e) = Selector::parse(&field, &s) {
+                    prop_assert_eq!(&e.field, &field);
+                    prop_assert!(!e.reason.is_empty());
+                    prop_assert!(e.reason.len() <= 512, "{} bytes of reason", e.reason.len());
+                }
+            }
+
+            #[test]
+            fn a_long_bad_term_is_not_echoed_whole(n in 100usize..100_000) {
+                let e = Selector::parse("label_selector", &"x".repeat(n)).unwrap_err();
+                prop_assert!(e.reason.len() < 200, "{} bytes of reason", e.reason.len());
+            }
+
+            #[test]
+            fn built_selectors_parse_and_match_their_labels(
+                terms in prop::collection::btree_map(key(), value(), 0..8),
+                extra in prop::collection::hash_map("[A-Z]{1,5}", value(), 0..4),
+                spaced in any::<bool>(),
+            ) {
+                let sep = if spaced { " , " } else { "," };
+                let text = terms.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(sep);
+                let sel = Selector::parse("sel", &text).unwrap();
+                prop_assert_eq!(sel.is_empty(), terms.is_empty());
+                // Extra labels change nothing (the terms go in last, so they win a shared key).
+                let mut labels: HashMap<String, String> = extra;
+                labels.extend(terms.clone());
+                prop_assert!(sel.matches(&labels));
+                // Any one term missing or different: no match.
+                if let Some((k, v)) = terms.iter().next() {
+                    let mut other = labels.clone();
+                    other.insert(k.clone(), format!("{v}x"));
+                    prop_assert!(!sel.matches(&other));
+                    other.remove(k);
+                    prop_assert!(!sel.matches(&other));
+                }
+            }
+        }
     }
 }

@@ -55,6 +55,25 @@ impl From<ValidationError> for tonic::Status {
 
 type Result<T = ()> = std::result::Result<T, ValidationError>;
 
+/// Most bytes of a caller's value quoted back in an error.
+const MAX_QUOTED: usize = 64;
+
+/// A caller's value for an error message, shortened to [`MAX_QUOTED`] bytes
+/// (and its length) when longer. The message goes back in the
+/// `grpc-message` trailer, and an HTTP/2 client refuses a header block over
+/// its limit (16 KiB in hyper): quoting a 4 MB value whole would turn
+/// INVALID_ARGUMENT into a protocol error that names no field.
+pub fn quote(s: &str) -> String {
+    if s.len() <= MAX_QUOTED {
+        return s.to_owned();
+    }
+    let mut end = MAX_QUOTED;
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}… ({} bytes)", &s[..end], s.len())
+}
+
 fn charset(field: &str, s: &str, what: &str, max: usize, ok: impl Fn(char) -> bool) -> Result {
     if s.is_empty() {
         return Err(ValidationError::new(
@@ -164,13 +183,16 @@ pub fn spec(s: &AgentSpec) -> Result {
         if k.is_empty() || k.contains('=') || k.contains('\0') {
             return Err(ValidationError::new(
                 "spec.env",
-                format!("`{k}` is not a valid variable name (no `=`, not empty)"),
+                format!(
+                    "`{}` is not a valid variable name (no `=`, not empty)",
+                    quote(k)
+                ),
             ));
         }
         if v.contains('\0') {
             return Err(ValidationError::new(
                 "spec.env",
-                format!("the value of `{k}` contains a NUL byte"),
+                format!("the value of `{}` contains a NUL byte", quote(k)),
             ));
         }
         bytes += k.len() + v.len() + 2;
@@ -184,7 +206,7 @@ pub fn spec(s: &AgentSpec) -> Result {
     if !s.cwd.is_empty() && !s.cwd.starts_with('/') {
         return Err(ValidationError::new(
             "spec.cwd",
-            format!("`{}` must be an absolute path", s.cwd),
+            format!("`{}` must be an absolute path", quote(&s.cwd)),
         ));
     }
     if s.labels.len() > MAX_LABELS {
@@ -323,3 +345,6 @@ mod tests {
         assert!(request_id("r", "a b").is_err());
     }
 }
+
+#[cfg(test)]
+mod props;

@@ -213,4 +213,155 @@ mod tests {
             Err(RegistryError::Corrupt { .. })
         ));
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        const FIELDS: [&str; 16] = [
+            field::ID,
+            field::NAME,
+            field::SPEC,
+            field::STATE,
+            field::HOST,
+            field::PID,
+            field::GENERATION,
+            field::CREATED_AT,
+            field::STARTED_AT,
+            field::EXIT,
+            field::RESTARTS,
+            field::LAST_EXIT,
+            field::NEXT_RESTART_AT,
+            field::IDLE,
+            field::INCARNATION,
+            field::PENDING_SINCE,
+        ];
+
+        /// A stored value: garbage bytes, numbers in and out of range, state
+        /// names, or well-formed protobuf (whole or cut short).
+        fn value() -> impl Strategy<Value = Vec<u8>> {
+            let proto = (prop::collection::vec(".{0,8}", 0..4), any::<Option<i32>>()).prop_map(
+                |(argv, code)| {
+                    let mut b = AgentSpec {
+                        argv,
+                        ..Default::default()
+                    }
+                    .encode_to_vec();
+                    b.extend(
+                        ExitStatus {
+                            code,
+                            ..Default::default()
+                        }
+                        .encode_to_vec(),
+                    );
+                    b
+                },
+            );
+            prop_oneof![
+                prop::collection::vec(any::<u8>(), 0..32),
+                any::<i64>().prop_map(|n| n.to_string().into_bytes()),
+                any::<u64>().prop_map(|n| n.to_string().into_bytes()),
+                any::<i128>().prop_map(|n| n.to_string().into_bytes()),
+                prop::sample::select(vec![
+                    "RUNNING",
+                    "running",
+                    "UNSPECIFIED",
+                    "AGENT_STATE_EXITED",
+                    "",
+                    "1",
+                    "-0",
+                    "+5"
+                ])
+                .prop_map(|s| s.as_bytes().to_vec()),
+                (proto.clone(), any::<prop::sample::Index>()).prop_map(|(b, i)| {
+                    let cut = if b.is_empty() { 0 } else { i.index(b.len()) };
+                    b[..cut].to_vec()
+                }),
+                proto,
+            ]
+        }
+
+        /// A hash: a well-formed spec (most of the time, to reach the other
+        /// fields), then known fields and random ones with any value.
+        fn hash() -> impl Strategy<Value = HashMap<String, Vec<u8>>> {
+            let key = prop_oneof![
+                prop::sample::select(FIELDS.to_vec()).prop_map(str::to_owned),
+                ".{0,10}"
+            ];
+            let spec = prop::option::weighted(
+                0.8,
+                Just(
+                    AgentSpec {
+                        argv: vec!["x".into()],
+                        ..Default::default()
+                    }
+                    .encode_to_vec(),
+                ),
+            );
+            let state = prop::option::weighted(
+                0.8,
+                prop::sample::select(vec!["RUNNING", "EXITED", "PENDING"]),
+            );
+            (spec, state, prop::collection::hash_map(key, value(), 0..12)).prop_map(
+                |(spec, state, mut h)| {
+                    if let Some(b) = spec {
+                        h.entry(field::SPEC.to_owned()).or_insert(b);
+                    }
+                    if let Some(st) = state {
+                        h.entry(field::STATE.to_owned())
+                            .or_insert(st.as_bytes().to_vec());
+                    }
+                    h
+                },
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn decode_agent_never_panics_on_garbage(h in hash()) {
+                match decode_agent("ap:agent:x", &h) {
+                    Ok(None) => prop_assert!(h.is_empty()),
+                    Ok(Some(a)) => prop_assert!(a.spec.is_some()),
+                    Err(RegistryError::Corrupt { key, detail }) => {
+                        prop_assert_eq!(key, "ap:agent:x");
+                        prop_assert!(!detail.is_empty());
+                    }
+                    Err(e) => prop_assert!(false, "not a corrupt-record error: {e}"),
+                }
+            }
+
+            #[test]
+            fn agents_round_trip(
+                id in "[a-z0-9]{1,26}",
+                host in "[a-z0-9.-]{0,20}",
+                state in prop::sample::select(vec![AgentState::Pending, AgentState::Running, AgentState::Exited, AgentState::Lost]),
+                (pid, generation, restarts) in any::<(i32, u64, u32)>(),
+                times in any::<[Option<i64>; 4]>(),
+                incarnation in "[a-z0-9]{0,26}",
+            ) {
+                // Only positive times are stored (0 means unset).
+                let [created, started, next, pending] = times.map(|t| t.filter(|ms| *ms > 0).map(timestamp_from_ms));
+                let a = Agent {
+                    id,
+                    spec: Some(AgentSpec { argv: vec!["x".into()], ..Default::default() }),
+                    state: state as i32,
+                    host,
+                    pid,
+                    generation,
+                    created_at: created,
+                    started_at: started,
+                    restarts,
+                    next_restart_at: next,
+                    incarnation,
+                    pending_since: pending,
+                    ..Default::default()
+                };
+                let h: HashMap<String, Vec<u8>> =
+                    encode_agent(&a).into_iter().map(|(k, v)| (k.to_owned(), v)).collect();
+                prop_assert_eq!(decode_agent("k", &h).unwrap(), Some(a));
+            }
+        }
+    }
 }

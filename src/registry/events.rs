@@ -297,4 +297,65 @@ mod tests {
         assert_eq!(parse_id("0"), Some((0, 0)));
         assert_eq!(next_id((5, u64::MAX)), "6-0");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A stream id, well-formed or not.
+        fn id() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<(u64, u64)>().prop_map(|(ms, seq)| format!("{ms}-{seq}")),
+                (0u64..400, 0u64..8).prop_map(|(ms, seq)| format!("{ms}-{seq}")),
+                "[0-9+-]{0,25}",
+                any::<String>(),
+            ]
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn gap_after_never_panics(
+                token in id(),
+                first in prop::option::of(id()),
+                last_generated in id(),
+                max_deleted in prop::option::of(id()),
+                removed in any::<Option<u64>>(),
+            ) {
+                let b = StreamBounds { first, last_generated, max_deleted, removed };
+                if let Some(before) = b.gap_after(&token) {
+                    // The id given back is one the caller can resume from.
+                    prop_assert!(parse_id(&before).is_some(), "{before:?}");
+                }
+            }
+
+            #[test]
+            fn ids_parse_and_their_successor_is_greater(ms in any::<u64>(), seq in any::<u64>()) {
+                prop_assert_eq!(parse_id(&format!("{ms}-{seq}")), Some((ms, seq)));
+                if (ms, seq) != (u64::MAX, u64::MAX) {
+                    prop_assert!(parse_id(&next_id((ms, seq))) > Some((ms, seq)));
+                }
+            }
+
+            #[test]
+            fn decode_never_panics_on_garbage_fields(
+                id in id(),
+                f in prop::collection::hash_map(
+                    prop_oneof![
+                        prop::sample::select(vec!["type", "agent", "state", "previous", "host", "generation", "at"]).prop_map(str::to_owned),
+                        ".{0,8}",
+                    ],
+                    prop_oneof![any::<String>(), any::<i64>().prop_map(|n| n.to_string()), Just("AGENT_STATE".to_owned())],
+                    0..10,
+                ),
+            ) {
+                let ev = decode(id.clone(), &f);
+                prop_assert_eq!(ev.token, id);
+                if let Some(at) = ev.at {
+                    prop_assert!((0..1_000_000_000).contains(&at.nanos));
+                }
+            }
+        }
+    }
 }

@@ -432,3 +432,70 @@ impl Registry {
             .map_err(self.err("advance round robin"))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_through_their_stored_fields() {
+        let d = Draining {
+            force: true,
+            until_ms: -5,
+        };
+        assert_eq!(Draining::decode(&d.encode()), Some(d));
+        let h = HashMap::from([
+            ("capacity".to_owned(), "-1".to_owned()),
+            ("labels".to_owned(), r#"{"gpu":"1"}"#.to_owned()),
+        ]);
+        let r = HostRecord::decode("k", "h1", &h).unwrap().unwrap();
+        assert_eq!((r.capacity, r.labels["gpu"].as_str()), (0, "1"));
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn decode_never_panics_on_garbage_fields(
+                h in prop::collection::hash_map(
+                    prop_oneof![
+                        prop::sample::select(vec![
+                            "address", "labels", "capacity", "running", "version", "started_at",
+                            "heartbeat_at", "cordoned", "heartbeat_micros", "ttl_ms", "incarnation", "draining",
+                        ]).prop_map(str::to_owned),
+                        ".{0,8}",
+                    ],
+                    prop_oneof![
+                        any::<String>(),
+                        any::<i128>().prop_map(|n| n.to_string()),
+                        "(force|wait)?:?-?[0-9]{0,20}",
+                        r#"\{("[a-z]{0,3}":("[a-z]{0,3}"|[0-9]{1,3}|\[|\{),?){0,3}\}?"#,
+                        Just("[".repeat(200)),
+                    ],
+                    0..10,
+                ),
+            ) {
+                match HostRecord::decode("ap:host:h", "h", &h) {
+                    Ok(None) => prop_assert!(h.is_empty()),
+                    Ok(Some(r)) => prop_assert_eq!(r.id, "h"),
+                    Err(RegistryError::Corrupt { key, detail }) => {
+                        prop_assert_eq!(key, "ap:host:h");
+                        prop_assert!(!detail.is_empty());
+                    }
+                    Err(e) => prop_assert!(false, "not a corrupt-record error: {e}"),
+                }
+            }
+
+            #[test]
+            fn draining_decodes_what_it_encodes(force in any::<bool>(), until_ms in any::<i64>(), garbage in ".{0,30}") {
+                let d = Draining { force, until_ms };
+                prop_assert_eq!(Draining::decode(&d.encode()), Some(d));
+                let _ = Draining::decode(&garbage);
+            }
+        }
+    }
+}

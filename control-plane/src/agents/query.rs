@@ -122,4 +122,28 @@ mod tests {
         assert_eq!(cursor("zzz").unwrap_err().field, "page_token");
         assert!(cursor("c0").is_err());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_page_token_decodes_or_names_page_token(
+                t in prop_oneof![any::<String>(), "c?[+-]?[0-9]{0,22}", "c[0-9a-z ]{0,6}"],
+            ) {
+                match cursor(&t) {
+                    Ok(c) => prop_assert!(t.is_empty() == (c == 0)),
+                    Err(e) => prop_assert_eq!(e.field, "page_token"),
+                }
+            }
+
+            #[test]
+            fn every_cursor_round_trips_through_its_token(c in any::<u64>()) {
+                prop_assert_eq!(cursor(&token(c)).unwrap(), c);
+            }
+        }
+    }
 }

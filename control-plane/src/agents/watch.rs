@@ -38,7 +38,10 @@ fn token(t: &str) -> Result<(), ValidationError> {
     } else {
         Err(ValidationError::new(
             "resume_token",
-            format!("`{t}` is not an event token (like 1700000000000-0)"),
+            format!(
+                "`{}` is not an event token (like 1700000000000-0)",
+                validate::quote(t)
+            ),
         ))
     }
 }
@@ -171,5 +174,35 @@ mod tests {
         assert!(token("1700000000000-3").is_ok());
         assert_eq!(token("abc").unwrap_err().field, "resume_token");
         assert!(token("1-x").is_err());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(256))]
+
+            #[test]
+            fn any_resume_token_is_accepted_or_names_resume_token(
+                t in prop_oneof![any::<String>(), "[0-9+-]{0,25}", "[0-9]{1,22}-[0-9a-z]{0,22}"],
+            ) {
+                if let Err(e) = token(&t) {
+                    prop_assert_eq!(e.field, "resume_token");
+                    prop_assert!(e.reason.len() <= 200, "{} bytes of reason", e.reason.len());
+                }
+            }
+
+            #[test]
+            fn every_stream_id_is_a_resume_token(ms in any::<u64>(), seq in any::<u64>()) {
+                prop_assert_eq!(token(&format!("{ms}-{seq}")), Ok(()));
+            }
+
+            #[test]
+            fn a_long_token_is_not_echoed_whole(n in 100usize..100_000) {
+                let e = token(&"9".repeat(n)).unwrap_err();
+                prop_assert!(e.reason.len() < 200, "{} bytes of reason", e.reason.len());
+            }
+        }
     }
 }
