@@ -42,6 +42,14 @@ impl Selector {
     }
 }
 
+impl std::fmt::Display for Selector {
+    /// `key=value,key2=value2`, as it is written.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let terms: Vec<String> = self.terms.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        f.write_str(&terms.join(","))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

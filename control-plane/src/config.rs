@@ -49,6 +49,12 @@ pub struct Config {
     #[command(flatten)]
     pub serve: agentplane::server::ServeArgs,
 
+    /// Bearer tokens and their roles (TOML: `[[token]]` with name, sha256,
+    /// role, optional selector; mode 0600), reloaded on SIGHUP. Required
+    /// with TLS; under --insecure, without it anyone may call.
+    #[arg(long, env = "AGENTPLANE_TOKEN_FILE")]
+    pub token_file: Option<std::path::PathBuf>,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -74,7 +80,20 @@ impl Config {
                 agentplane::registry::redact_url(&self.redis_url)
             ));
         }
-        self.transport()?;
+        let transport = self.transport()?;
+        match (&self.token_file, transport) {
+            (Some(_), _) => {
+                self.tokens()?;
+            }
+            (None, agentplane::server::Transport::Tls(_)) => {
+                return Err(
+                    "--token-file: required with TLS (who may call, with which role); \
+                            only --insecure runs without tokens"
+                        .into(),
+                )
+            }
+            (None, agentplane::server::Transport::Insecure) => {}
+        }
         let options = self.redis_tls.load(&self.redis_url)?;
         agentplane::registry::Registry::check(&self.redis_url, &options)
             .map_err(|e| format!("--redis-url: {e}"))?;
@@ -94,6 +113,15 @@ impl Config {
         let options = self.redis_tls.load(&self.redis_url)?;
         agentplane::registry::Registry::connect(&self.redis_url, &self.redis_prefix, &options)
             .map_err(|e| format!("--redis-url: {e}"))
+    }
+
+    /// The token table of `--token-file`, if given, read and checked.
+    pub fn tokens(&self) -> Result<Option<agentplane::auth::TokenTable>, String> {
+        self.token_file
+            .as_deref()
+            .map(agentplane::auth::TokenTable::load)
+            .transpose()
+            .map_err(|e| format!("--token-file: {e}"))
     }
 
     /// The transport the flags ask for, its files read and checked.

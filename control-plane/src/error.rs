@@ -39,6 +39,12 @@ pub enum ApiError {
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The caller's token does not allow this (its selector, or uid/gid).
+    #[error("{detail}")]
+    Forbidden {
+        /// What is not allowed, and why.
+        detail: String,
+    },
     /// The agent's host could not be reached in time.
     #[error("host {host} ({address}) unreachable: {detail}")]
     HostUnreachable {
@@ -105,6 +111,7 @@ impl From<ApiError> for Status {
             }
             ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
             ApiError::NameTaken { .. } => Status::already_exists(msg),
+            ApiError::Forbidden { .. } => Status::permission_denied(msg),
             ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
             ApiError::EventsTrimmed { .. } => Status::out_of_range(msg),
             ApiError::Registry(r) => match r {

@@ -5,6 +5,7 @@
 //! [`run`] takes an already-bound listener so tests can start it on port 0.
 
 mod agents;
+mod auth;
 pub mod config;
 mod drain;
 mod error;
@@ -79,6 +80,18 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
     let transport = config.transport().map_err(ControlPlaneError::Config)?;
+    let tokens: Option<agentplane::server::Tokens> = config
+        .tokens()
+        .map_err(ControlPlaneError::Config)?
+        .map(|t| Arc::new(std::sync::RwLock::new(Arc::new(t))));
+    if let (Some(tokens), Some(path)) = (&tokens, &config.token_file) {
+        tasks.spawn(
+            "token reload",
+            auth::reload_on_sighup(tokens.clone(), path.clone(), cancel.clone()),
+        );
+    } else {
+        tracing::warn!("no --token-file: every caller may do everything");
+    }
     let hosts = Arc::new(HostClients::new(
         config.host_call_timeout,
         transport.clone(),
@@ -154,6 +167,7 @@ pub async fn run(
         // verified when one is shown.
         require_client_cert: false,
         allowed_peer: None,
+        tokens: tokens.clone(),
         max_concurrent_streams: MAX_STREAMS_PER_CONNECTION,
         keepalive: KEEPALIVE,
         max_connections: config.serve.max_connections,

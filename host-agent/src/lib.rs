@@ -151,6 +151,7 @@ pub async fn run(
         // names it (a host agent's own certificate is refused).
         require_client_cert: true,
         allowed_peer: Some(allowed_peer),
+        tokens: None,
         // Every log stream the control plane relays shares its one
         // connection to this host, plus its control calls.
         max_concurrent_streams: config.max_log_streams + 256,

@@ -13,7 +13,7 @@ use agentplane::proto::v1::{
 };
 use tonic::transport::Channel;
 
-use crate::pki::ClusterPki;
+use crate::pki::{Authed, ClusterPki, Token};
 use crate::process::Proc;
 use crate::redis_server::RedisServer;
 
@@ -275,7 +275,16 @@ impl TestCluster {
             None => "127.0.0.1:0".to_owned(),
         };
         let mut args = match &self.pki {
-            Some(p) => p.server_args(&p.control_plane),
+            Some(p) => {
+                let mut a = p.server_args(&p.control_plane);
+                a.push("--token-file".into());
+                a.push(
+                    ClusterPki::write_tokens(self.dir.path())
+                        .display()
+                        .to_string(),
+                );
+                a
+            }
             None => vec!["--insecure".into()],
         };
         args.extend([
@@ -438,14 +447,39 @@ impl TestCluster {
         self.channel_of(0)
     }
 
+    /// The token the cluster's own clients send: with TLS, the admin's.
+    fn token(&self) -> Token {
+        if self.pki.is_some() {
+            Token::bearer(crate::pki::TOKENS[0].0)
+        } else {
+            Token::default()
+        }
+    }
+
     /// An AgentService client of control plane 0.
-    pub async fn client(&self) -> AgentServiceClient<Channel> {
-        AgentServiceClient::new(self.channel().await)
+    pub async fn client(&self) -> AgentServiceClient<Authed> {
+        AgentServiceClient::with_interceptor(self.channel().await, self.token())
     }
 
     /// An AgentService client of control plane `i`.
-    pub fn client_of(&self, i: usize) -> AgentServiceClient<Channel> {
-        AgentServiceClient::new(self.channel_of(i))
+    pub fn client_of(&self, i: usize) -> AgentServiceClient<Authed> {
+        AgentServiceClient::with_interceptor(self.channel_of(i), self.token())
+    }
+
+    /// The control planes' `--token-file`, with TLS.
+    pub fn token_file(&self) -> Option<PathBuf> {
+        self.pki
+            .as_ref()
+            .map(|_| self.dir.path().join("tokens.toml"))
+    }
+
+    /// An AgentService client of control plane 0 that sends `token`
+    /// (`None`: no token at all).
+    pub fn client_with_token(&self, token: Option<&str>) -> AgentServiceClient<Authed> {
+        AgentServiceClient::with_interceptor(
+            self.channel_of(0),
+            token.map(Token::bearer).unwrap_or_default(),
+        )
     }
 
     /// The `--data-dir` of host `host_id` (agents' output under `agents/`).
@@ -503,8 +537,8 @@ impl TestCluster {
     }
 
     /// A HostService client of control plane 0.
-    pub async fn host_client(&self) -> HostServiceClient<Channel> {
-        HostServiceClient::new(self.channel().await)
+    pub async fn host_client(&self) -> HostServiceClient<Authed> {
+        HostServiceClient::with_interceptor(self.channel().await, self.token())
     }
 
     /// Spawns `argv` through the control plane and returns the agent.
@@ -611,7 +645,8 @@ impl TestCluster {
     /// With TLS: `AGENTPLANE_CA`, the cluster's CA, for agentctl.
     fn trust(&self, cmd: &mut Command) {
         if let Some(p) = &self.pki {
-            cmd.env("AGENTPLANE_CA", &p.pki.ca);
+            cmd.env("AGENTPLANE_CA", &p.pki.ca)
+                .env("AGENTPLANE_TOKEN", crate::pki::TOKENS[0].0);
         }
     }
 

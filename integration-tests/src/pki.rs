@@ -139,3 +139,62 @@ impl ClusterPki {
         c
     }
 }
+
+/// The tokens a TLS test cluster's control planes accept: (token, role,
+/// selector), written as a token file by [`ClusterPki::write_tokens`].
+pub const TOKENS: [(&str, &str, Option<&str>); 4] = [
+    ("admin-token", "admin", None),
+    ("viewer-token", "viewer", None),
+    ("operator-token", "operator", None),
+    ("team-a-token", "operator", Some("team=a")),
+];
+
+/// Adds `authorization: Bearer …` to every call when a token is set.
+#[derive(Debug, Clone, Default)]
+pub struct Token(pub Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl Token {
+    /// The header for `token`.
+    pub fn bearer(token: &str) -> Self {
+        Self(Some(
+            format!("Bearer {token}").parse().expect("ASCII token"),
+        ))
+    }
+}
+
+impl tonic::service::Interceptor for Token {
+    fn call(&mut self, mut r: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(t) = &self.0 {
+            r.metadata_mut().insert("authorization", t.clone());
+        }
+        Ok(r)
+    }
+}
+
+/// What the cluster's API clients run over.
+pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transport::Channel, Token>;
+
+impl ClusterPki {
+    /// Writes [`TOKENS`] as a token file (0600) in `dir`; returns its path.
+    pub fn write_tokens(dir: &Path) -> PathBuf {
+        use std::fmt::Write;
+        use std::os::unix::fs::PermissionsExt;
+        let mut text = String::new();
+        for (token, role, selector) in TOKENS {
+            let _ = writeln!(
+                text,
+                "[[token]]\nname = \"{role}-{}\"\nsha256 = \"{}\"\nrole = \"{role}\"",
+                selector.unwrap_or("all").replace('=', "-"),
+                agentplane::auth::digest_hex(token)
+            );
+            if let Some(s) = selector {
+                let _ = writeln!(text, "selector = \"{s}\"");
+            }
+            text.push('\n');
+        }
+        let path = dir.join("tokens.toml");
+        std::fs::write(&path, text).expect("write tokens");
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        path
+    }
+}

@@ -34,29 +34,37 @@ fn yaml_docs(rel: &str) -> Vec<Value> {
         .collect()
 }
 
-/// Where every deploy file expects the TLS files (`ca.crt`, `tls.crt`,
-/// `tls.key`): a Kubernetes Secret's mount, a compose volume, or installed
-/// by hand next to the systemd units.
-const TLS_DIR: &str = "/etc/agentplane/tls/";
+/// Where every deploy file expects its secrets: `tls/` (`ca.crt`,
+/// `tls.crt`, `tls.key`: a Kubernetes Secret's mount, a compose volume, or
+/// installed by hand next to the systemd units) and the token file
+/// (`tokens.toml`, or `tokens/tokens.toml` as a Secret's mount).
+const SECRETS_DIR: &str = "/etc/agentplane/";
 
-/// A directory holding real `ca.crt`, `tls.crt` and `tls.key` that stands in
-/// for [`TLS_DIR`] (made once per test process).
-fn tls_stand_in() -> &'static str {
+/// A directory holding real secrets in that layout (a generated CA and
+/// certificate, a token file) that stands in for [`SECRETS_DIR`] (made once
+/// per test process).
+fn secrets_stand_in() -> &'static str {
     static DIR: std::sync::OnceLock<(tempfile::TempDir, String)> = std::sync::OnceLock::new();
     &DIR.get_or_init(|| {
         let dir = tempfile::tempdir().expect("tempdir");
-        let pki = agentplane_integration_tests::pki::Pki::create(dir.path(), "deploy");
-        std::fs::rename(&pki.ca, dir.path().join("ca.crt")).expect("ca.crt");
+        let tls = dir.path().join("tls");
+        std::fs::create_dir(&tls).expect("tls dir");
+        let pki = agentplane_integration_tests::pki::Pki::create(&tls, "deploy");
+        std::fs::rename(&pki.ca, tls.join("ca.crt")).expect("ca.crt");
         pki.issue("tls", &["control-plane.agentplane", "h1.host.agentplane"]);
+        let tokens = agentplane_integration_tests::pki::ClusterPki::write_tokens(dir.path());
+        let nested = dir.path().join("tokens");
+        std::fs::create_dir(&nested).expect("tokens dir");
+        std::fs::copy(&tokens, nested.join("tokens.toml")).expect("tokens copy");
         let path = format!("{}/", dir.path().display());
         (dir, path)
     })
     .1
 }
 
-/// `s` with [`TLS_DIR`] pointing at the stand-in.
+/// `s` with [`SECRETS_DIR`] pointing at the stand-in.
 fn with_tls_files(s: &str) -> String {
-    s.replace(TLS_DIR, tls_stand_in())
+    s.replace(SECRETS_DIR, secrets_stand_in())
 }
 
 /// Runs `argv[0] --check-config argv[1..]` with exactly `env` as its
@@ -142,7 +150,12 @@ fn check_config_validates_without_binding_or_connecting() {
     };
     ok(
         "control-plane",
-        &with(&["--redis-url", "redis://127.0.0.1:1"]),
+        &with(&[
+            "--redis-url",
+            "redis://127.0.0.1:1",
+            "--token-file",
+            "/etc/agentplane/tokens.toml",
+        ]),
     );
     ok(
         "host-agent",

@@ -20,7 +20,7 @@ fn follow(id: &str) -> StreamLogsRequest {
 }
 
 async fn statuses(
-    cp: &mut AgentServiceClient<Channel>,
+    cp: &mut AgentServiceClient<agentplane_integration_tests::pki::Authed>,
     host: &mut HostAgentClient<Channel>,
 ) -> (ServerStatus, ServerStatus) {
     let a = cp

@@ -85,7 +85,7 @@ pub enum AuthError {
     },
     /// Group or others may read the file.
     #[error(
-        "token file {p}: mode {mode:o} lets group or others read it; run chmod 600 {p}",
+        "token file {p}: mode {mode:o} lets others read it or others or the group change it; run chmod 600 {p}",
         p = path.display()
     )]
     InsecurePermissions {

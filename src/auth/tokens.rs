@@ -155,7 +155,11 @@ impl TokenTable {
 fn check_mode(path: &Path, meta: &std::fs::Metadata) -> Result<(), AuthError> {
     use std::os::unix::fs::PermissionsExt;
     let mode = meta.permissions().mode() & 0o777;
-    if mode & 0o077 != 0 {
+    // Writable by group or others: anyone there could add an admin token.
+    // Readable by others: digests are not tokens, but nobody else needs
+    // them. Group-readable is allowed: a Kubernetes Secret mounted for a
+    // non-root user is (fsGroup).
+    if mode & 0o027 != 0 {
         return Err(AuthError::InsecurePermissions {
             path: path.to_owned(),
             mode,
@@ -466,7 +470,7 @@ mod tests {
     #[test]
     fn load_reads_a_private_file() {
         let dir = tempfile::tempdir().unwrap();
-        for mode in [0o600, 0o400] {
+        for mode in [0o600, 0o400, 0o640, 0o440] {
             let p = write(&dir, entry("a", "a", "viewer").as_bytes(), mode);
             assert_eq!(TokenTable::load(&p).unwrap().len(), 1);
         }
@@ -475,7 +479,7 @@ mod tests {
     #[test]
     fn load_refuses_a_file_others_may_read() {
         let dir = tempfile::tempdir().unwrap();
-        for mode in [0o640, 0o604, 0o660, 0o644, 0o602] {
+        for mode in [0o604, 0o660, 0o644, 0o602, 0o620] {
             let p = write(&dir, entry("a", "a", "viewer").as_bytes(), mode);
             let e = TokenTable::load(&p).unwrap_err();
             assert!(

@@ -16,7 +16,7 @@ use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
-pub use self::peer::RequirePeerName;
+pub use self::peer::{Gate, RequirePeerName, Tokens};
 pub use self::tls::{ServeArgs, TlsMaterial, Transport};
 
 /// Why a server could not start or did not end cleanly.
@@ -57,6 +57,8 @@ pub struct ServerOptions {
     pub require_client_cert: bool,
     /// With TLS: only a peer whose certificate names this may call.
     pub allowed_peer: Option<RequirePeerName>,
+    /// Bearer tokens and their roles (the control plane's `--token-file`).
+    pub tokens: Option<Tokens>,
     /// Most concurrent HTTP/2 streams on one connection.
     pub max_concurrent_streams: u32,
     /// HTTP/2 keepalive ping interval (a dead peer's connection is closed
@@ -102,13 +104,16 @@ pub fn start(
         .max_concurrent_streams(opts.max_concurrent_streams)
         .http2_keepalive_interval(Some(opts.keepalive))
         .http2_keepalive_timeout(Some(opts.keepalive));
-    let mut peer = None;
+    let mut gate = Gate {
+        peer: None,
+        tokens: opts.tokens.clone(),
+    };
     match &opts.transport {
         Transport::Tls(m) => {
             builder = builder
                 .tls_config(m.server_config(opts.require_client_cert))
                 .map_err(ServerError::Tls)?;
-            peer.clone_from(&opts.allowed_peer);
+            gate.peer.clone_from(&opts.allowed_peer);
         }
         Transport::Insecure => {
             tracing::warn!(
@@ -119,16 +124,11 @@ pub fn start(
     let routes = routes.add_service(reflection()?);
     let incoming = incoming::capped(listener, opts.max_connections);
     let stop = cancel.clone().cancelled_owned();
-    let task = match peer {
-        Some(rule) => tokio::spawn(builder.layer(rule).serve_with_incoming_shutdown(
-            routes.prepare(),
-            incoming,
-            stop,
-        )),
-        None => {
-            tokio::spawn(builder.serve_with_incoming_shutdown(routes.prepare(), incoming, stop))
-        }
-    };
+    let task = tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
+        routes.prepare(),
+        incoming,
+        stop,
+    ));
     Ok(Served { task, ended: None })
 }
 

@@ -1,7 +1,9 @@
-//! A tower layer that admits only peers whose TLS client certificate names
-//! one allowed DNS name (the host agent admits only `control-plane.agentplane`).
-//! The handshake has already checked the certificate's chain against the
-//! client CA; this checks who it is, before any handler runs.
+//! The tower layer in front of every handler: it admits only peers whose
+//! TLS client certificate names one allowed DNS name (the host agent admits
+//! only `control-plane.agentplane`; the handshake already checked the
+//! chain), and, with a token table, only calls whose bearer token's role
+//! allows the method (the control plane). The caller's [`Principal`] goes
+//! into the request's extensions for the handlers' per-agent rules.
 
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,6 +13,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
+
+use crate::auth::{decide, Principal, TokenTable};
 
 /// Admits requests whose peer certificate carries `name` as a DNS SAN.
 #[derive(Debug, Clone)]
@@ -47,22 +51,62 @@ impl RequirePeerName {
     }
 }
 
-impl<S> tower_layer::Layer<S> for RequirePeerName {
+/// The tokens in force, swapped whole on reload (SIGHUP).
+pub type Tokens = Arc<std::sync::RwLock<Arc<TokenTable>>>;
+
+/// What the gate checks; each part is off when `None`.
+#[derive(Debug, Clone, Default)]
+pub struct Gate {
+    /// The peer certificate's required name.
+    pub peer: Option<RequirePeerName>,
+    /// The token table (the control plane's `--token-file`).
+    pub tokens: Option<Tokens>,
+}
+
+impl<S> tower_layer::Layer<S> for Gate {
     type Service = PeerCheck<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
         PeerCheck {
             inner,
-            rule: self.clone(),
+            gate: self.clone(),
         }
     }
 }
 
-/// The service [`RequirePeerName`] wraps around the routes.
+/// The service [`Gate`] wraps around the routes.
 #[derive(Debug, Clone)]
 pub struct PeerCheck<S> {
     inner: S,
-    rule: RequirePeerName,
+    gate: Gate,
+}
+
+impl Gate {
+    /// The refusal of `req`, if any, and the caller it found.
+    fn check<B>(&self, req: &http::Request<B>) -> Result<Option<Principal>, Status> {
+        if let Some(rule) = &self.peer {
+            let certs = req
+                .extensions()
+                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .and_then(TlsConnectInfo::peer_certs);
+            if let Some(why) = rule.refusal(certs.as_deref().map(Vec::as_slice)) {
+                return Err(Status::permission_denied(why));
+            }
+        }
+        let Some(tokens) = &self.tokens else {
+            return Ok(None);
+        };
+        let table = tokens
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        let header = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        decide(Some(&table), req.uri().path(), header)
+            .map_err(|d| Status::new(d.code(), d.message()))
+    }
 }
 
 impl<S, B> tower_service::Service<http::Request<B>> for PeerCheck<S>
@@ -77,22 +121,27 @@ where
         self.inner.poll_ready(cx)
     }
 
-    fn call(&mut self, req: http::Request<B>) -> Self::Future {
-        let certs = req
-            .extensions()
-            .get::<TlsConnectInfo<TcpConnectInfo>>()
-            .and_then(TlsConnectInfo::peer_certs);
-        match self.rule.refusal(certs.as_deref().map(Vec::as_slice)) {
-            None => Either::Right(self.inner.call(req)),
-            Some(why) => {
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        match self.gate.check(&req) {
+            Ok(principal) => {
+                if let Some(p) = principal {
+                    req.extensions_mut().insert(p);
+                }
+                Either::Right(self.inner.call(req))
+            }
+            Err(status) => {
                 let peer = req
                     .extensions()
                     .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .and_then(|i| i.get_ref().remote_addr());
-                tracing::warn!(?peer, path = req.uri().path(), reason = %why, "request refused");
-                Either::Left(std::future::ready(Ok(
-                    Status::permission_denied(why).into_http()
-                )))
+                    .map(|i| i.get_ref().remote_addr())
+                    .or_else(|| {
+                        req.extensions()
+                            .get::<TcpConnectInfo>()
+                            .map(TcpConnectInfo::remote_addr)
+                    })
+                    .flatten();
+                tracing::warn!(?peer, path = req.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
+                Either::Left(std::future::ready(Ok(status.into_http())))
             }
         }
     }

@@ -24,6 +24,7 @@ use agentplane::validate;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::hosts::HostClients;
 
@@ -66,6 +67,26 @@ impl AgentApi {
             .ok_or_else(|| ApiError::AgentNotFound { id: id.to_owned() })
     }
 
+    /// The record of `id` if `caller` may see it; NOT_FOUND otherwise, as
+    /// if it did not exist.
+    async fn agent_for(&self, caller: &Caller, id: &str) -> Result<Agent, ApiError> {
+        let agent = self.agent(id).await?;
+        if caller.sees(&agent) {
+            Ok(agent)
+        } else {
+            Err(ApiError::AgentNotFound { id: id.to_owned() })
+        }
+    }
+
+    /// NOT_FOUND unless `caller` may see agent `id` (a read only for
+    /// callers limited to a selector).
+    async fn visible(&self, caller: &Caller, id: &str) -> Result<(), ApiError> {
+        if caller.restricted() {
+            self.agent_for(caller, id).await?;
+        }
+        Ok(())
+    }
+
     /// The live host of `agent`, or UNAVAILABLE when it stopped heartbeating.
     async fn host_of(&self, agent: &Agent) -> Result<HostRecord, ApiError> {
         self.registry
@@ -89,33 +110,58 @@ impl AgentService for AgentApi {
         &self,
         req: Request<SpawnAgentRequest>,
     ) -> Result<Response<SpawnAgentResponse>, Status> {
-        Ok(Response::new(self.spawn(req.into_inner()).await?))
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        if let Some(spec) = &r.spec {
+            caller.may_spawn(spec)?;
+        }
+        let mut out = self.spawn(r).await?;
+        out.agent = out.agent.map(|a| caller.shown(a));
+        Ok(Response::new(out))
     }
 
     async fn get_agent(&self, req: Request<GetAgentRequest>) -> Result<Response<Agent>, Status> {
-        Ok(Response::new(self.agent(&req.into_inner().id).await?))
+        let caller = Caller::of(&req);
+        let agent = self.agent_for(&caller, &req.into_inner().id).await?;
+        Ok(Response::new(caller.shown(agent)))
     }
 
     async fn locate_agent(
         &self,
         req: Request<LocateAgentRequest>,
     ) -> Result<Response<LocateAgentResponse>, Status> {
-        Ok(Response::new(self.locate(&req.into_inner().id).await?))
+        let caller = Caller::of(&req);
+        let id = req.into_inner().id;
+        self.visible(&caller, &id).await?;
+        Ok(Response::new(self.locate(&id).await?))
     }
 
     async fn list_agents(
         &self,
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
-        Ok(Response::new(self.list(req.into_inner()).await?))
+        let caller = Caller::of(&req);
+        let mut page = self.list(req.into_inner()).await?;
+        // Filtered after the page is read: a restricted caller's pages may
+        // be shorter than asked (never missing an agent it may see).
+        page.agents = page
+            .agents
+            .into_iter()
+            .filter(|a| caller.sees(a))
+            .map(|a| caller.shown(a))
+            .collect();
+        Ok(Response::new(page))
     }
 
     async fn pause_agent(
         &self,
         req: Request<PauseAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
+        let caller = Caller::of(&req);
+        let id = req.into_inner().id;
+        self.visible(&caller, &id).await?;
         Ok(Response::new(
-            self.pause_or_resume(&req.into_inner().id, true).await?,
+            caller.shown(self.pause_or_resume(&id, true).await?),
         ))
     }
 
@@ -123,26 +169,39 @@ impl AgentService for AgentApi {
         &self,
         req: Request<ResumeAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
+        let caller = Caller::of(&req);
+        let id = req.into_inner().id;
+        self.visible(&caller, &id).await?;
         Ok(Response::new(
-            self.pause_or_resume(&req.into_inner().id, false).await?,
+            caller.shown(self.pause_or_resume(&id, false).await?),
         ))
     }
 
     async fn stop_agent(&self, req: Request<StopAgentRequest>) -> Result<Response<Agent>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        Ok(Response::new(self.stop(&r.id, r.grace).await?))
+        self.visible(&caller, &r.id).await?;
+        Ok(Response::new(
+            caller.shown(self.stop(&r.id, r.grace).await?),
+        ))
     }
 
     async fn kill_agent(&self, req: Request<KillAgentRequest>) -> Result<Response<Agent>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
-        Ok(Response::new(self.kill(&r.id, r.signal).await?))
+        self.visible(&caller, &r.id).await?;
+        Ok(Response::new(
+            caller.shown(self.kill(&r.id, r.signal).await?),
+        ))
     }
 
     async fn delete_agent(
         &self,
         req: Request<DeleteAgentRequest>,
     ) -> Result<Response<DeleteAgentResponse>, Status> {
+        let caller = Caller::of(&req);
         let r = req.into_inner();
+        self.visible(&caller, &r.id).await?;
         self.delete(&r.id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
     }
@@ -168,6 +227,14 @@ impl AgentService for AgentApi {
         &self,
         req: Request<tonic::Streaming<agentplane::proto::v1::AttachInput>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
+        if Caller::of(&req).restricted() {
+            // The agent is named inside the stream, after this check.
+            return Err(ApiError::Forbidden {
+                detail: "attach is not available to a token with a selector yet; use logs and send"
+                    .into(),
+            }
+            .into());
+        }
         Ok(Response::new(self.attach(req.into_inner()).await?))
     }
 
@@ -177,14 +244,20 @@ impl AgentService for AgentApi {
         &self,
         req: Request<StreamLogsRequest>,
     ) -> Result<Response<Self::StreamLogsStream>, Status> {
-        Ok(Response::new(self.stream_logs(req.into_inner()).await?))
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.visible(&caller, &r.id).await?;
+        Ok(Response::new(self.stream_logs(r).await?))
     }
 
     async fn send_input(
         &self,
         req: Request<SendInputRequest>,
     ) -> Result<Response<SendInputResponse>, Status> {
-        self.send_input(req.into_inner()).await?;
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        self.visible(&caller, &r.id).await?;
+        self.send_input(r).await?;
         Ok(Response::new(SendInputResponse {}))
     }
 
@@ -194,6 +267,16 @@ impl AgentService for AgentApi {
         &self,
         req: Request<WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
-        Ok(Response::new(self.watch(req.into_inner()).await?))
+        let caller = Caller::of(&req);
+        let r = req.into_inner();
+        if !r.agent_id.is_empty() {
+            self.visible(&caller, &r.agent_id).await?;
+        }
+        let stream = self.watch(r).await?;
+        Ok(Response::new(if caller.restricted() {
+            self.filter_watch(stream, caller)
+        } else {
+            stream
+        }))
     }
 }

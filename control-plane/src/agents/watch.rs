@@ -164,6 +164,61 @@ impl AgentApi {
     }
 }
 
+impl AgentApi {
+    /// `stream` with only the events of agents `caller` may see (and host
+    /// events): each agent's record is read once, on its first event; an
+    /// agent without a record is not shown.
+    pub(super) fn filter_watch(
+        &self,
+        stream: WatchStream,
+        caller: crate::auth::Caller,
+    ) -> WatchStream {
+        use tokio_stream::StreamExt;
+        let (tx, rx) = tokio::sync::mpsc::channel(64);
+        let registry = self.registry.clone();
+        let cancel = self.cancel.clone();
+        self.tasks.spawn("watch filter", async move {
+            let mut stream = stream;
+            let mut seen: std::collections::HashMap<String, bool> =
+                std::collections::HashMap::new();
+            loop {
+                let item = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = tx.closed() => return,
+                    item = stream.next() => item,
+                };
+                let Some(item) = item else { return };
+                if let Ok(ev) = &item {
+                    if !ev.agent_id.is_empty() {
+                        let show = match seen.get(&ev.agent_id) {
+                            Some(s) => *s,
+                            None => match registry.get_agent(&ev.agent_id).await {
+                                Ok(found) => {
+                                    let s = found.is_some_and(|a| caller.sees(&a));
+                                    if seen.len() >= 100_000 {
+                                        seen.clear();
+                                    }
+                                    seen.insert(ev.agent_id.clone(), s);
+                                    s
+                                }
+                                // Unknown for now: not shown, asked again next time.
+                                Err(_) => false,
+                            },
+                        };
+                        if !show {
+                            continue;
+                        }
+                    }
+                }
+                if tx.send(item).await.is_err() {
+                    return;
+                }
+            }
+        });
+        ReceiverStream::new(rx)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
