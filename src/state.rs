@@ -187,15 +187,7 @@ mod tests {
 
     #[test]
     fn names_round_trip() {
-        for s in [
-            AgentState::Pending,
-            AgentState::Running,
-            AgentState::Paused,
-            AgentState::Stopping,
-            AgentState::Exited,
-            AgentState::Failed,
-            AgentState::Lost,
-        ] {
+        for s in ALL {
             assert_eq!(parse(name(s)), Some(s));
         }
         assert_eq!(parse("paused"), Some(AgentState::Paused));

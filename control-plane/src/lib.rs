@@ -61,9 +61,6 @@ pub enum ControlPlaneError {
     /// The gRPC server could not start or failed.
     #[error(transparent)]
     Server(#[from] ServerError),
-    /// Background tasks panicked (each was logged when it did).
-    #[error("{0} background task(s) panicked; see the log")]
-    TasksPanicked(u64),
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves, then
@@ -181,17 +178,5 @@ pub async fn run(
 
     served.until(shutdown).await;
     cancel.cancel();
-    let result = served.drain(config.shutdown_timeout).await;
-    if let Some(p) = probes {
-        if let Err(e) = p.drain(Duration::from_secs(1)).await {
-            tracing::warn!(error = %e, "the health endpoint failed");
-        }
-    }
-    tasks.drain(config.shutdown_timeout).await;
-    tracing::info!(panicked_tasks = tasks.panicked(), "control plane stopped");
-    result?;
-    match tasks.panicked() {
-        0 => Ok(()),
-        n => Err(ControlPlaneError::TasksPanicked(n)),
-    }
+    Ok(server::finish(served, probes, &tasks, config.shutdown_timeout).await?)
 }

@@ -53,9 +53,6 @@ pub enum HostAgentError {
     /// The gRPC server could not start or failed.
     #[error(transparent)]
     Server(#[from] ServerError),
-    /// Background tasks panicked (each was logged when it did).
-    #[error("{0} background task(s) panicked; see the log")]
-    TasksPanicked(u64),
 }
 
 /// Runs the host agent on `listener` until `shutdown` resolves; then removes the
@@ -174,17 +171,5 @@ pub async fn run(
         tracing::warn!(error = %e, "cannot remove the host key; it expires with its TTL");
     }
     supervisor.stop_all(config.shutdown_timeout).await;
-    let result = served.drain(config.shutdown_timeout).await;
-    if let Some(p) = probes {
-        if let Err(e) = p.drain(Duration::from_secs(1)).await {
-            tracing::warn!(error = %e, "the health endpoint failed");
-        }
-    }
-    tasks.drain(config.shutdown_timeout).await;
-    tracing::info!(panicked_tasks = tasks.panicked(), "host agent stopped");
-    result?;
-    match tasks.panicked() {
-        0 => Ok(()),
-        n => Err(HostAgentError::TasksPanicked(n)),
-    }
+    Ok(server::finish(served, probes, &tasks, config.shutdown_timeout).await?)
 }

@@ -46,6 +46,33 @@ pub enum ServerError {
     /// The server task panicked.
     #[error("gRPC server task panicked: {0}")]
     Panicked(String),
+    /// Background tasks panicked (each was logged when it did).
+    #[error("{0} background task(s) panicked; see the log")]
+    TasksPanicked(u64),
+}
+
+/// The end of a server's shutdown, after its own steps: drains the server
+/// (bounded by `limit`), the health endpoint and the background `tasks`;
+/// a failed server or a panicked task is an error, never a clean exit.
+pub async fn finish(
+    served: Served,
+    probes: Option<Served>,
+    tasks: &crate::tasks::Tasks,
+    limit: Duration,
+) -> Result<(), ServerError> {
+    let result = served.drain(limit).await;
+    if let Some(p) = probes {
+        if let Err(e) = p.drain(Duration::from_secs(1)).await {
+            tracing::warn!(error = %e, "the health endpoint failed");
+        }
+    }
+    tasks.drain(limit).await;
+    tracing::info!(panicked_tasks = tasks.panicked(), "stopped");
+    result?;
+    match tasks.panicked() {
+        0 => Ok(()),
+        n => Err(ServerError::TasksPanicked(n)),
+    }
 }
 
 /// How one server is set up.
