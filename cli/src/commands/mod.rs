@@ -201,7 +201,7 @@ async fn dispatch(
         | Command::Completion { .. }
         | Command::Health { .. }
         | Command::Dev(_) => {
-            unreachable!("handled before dispatch")
+            anyhow::bail!("internal error: this command is run before dispatch")
         }
     };
     done.map(|()| ExitCode::SUCCESS)
