@@ -103,14 +103,18 @@ impl Access {
         })
     }
 
-    /// No TLS files and no token (agentctl dev's own readiness probe).
-    pub fn plain(timeout: Duration) -> Self {
-        Self {
-            tls: None,
+    /// TLS trusting `ca_pem`, and `token` (agentctl dev's own probe).
+    pub fn trusting(ca_pem: Vec<u8>, token: &str, timeout: Duration) -> anyhow::Result<Self> {
+        Ok(Self {
+            tls: Some(ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca_pem))),
             server_name: None,
-            token: None,
+            token: Some(
+                format!("Bearer {token}")
+                    .parse()
+                    .context("a token is ASCII")?,
+            ),
             timeout,
-        }
+        })
     }
 
     /// The endpoint as a URL, with TLS applied for `https://`; refuses to

@@ -22,14 +22,10 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7700";
 #[derive(Debug, Parser)]
 #[command(name = "agentctl", version = agentplane::VERSION)]
 struct Cli {
-    /// Control-plane address.
-    #[arg(
-        long,
-        global = true,
-        env = "AGENTPLANE_ENDPOINT",
-        default_value = DEFAULT_ENDPOINT
-    )]
-    endpoint: String,
+    /// Control-plane address(es), comma-separated [default: the running
+    /// `agentctl dev`'s, from its context file, else http://127.0.0.1:7700].
+    #[arg(long, global = true, env = "AGENTPLANE_ENDPOINT")]
+    endpoint: Option<String>,
 
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, env = "AGENTPLANE_OUTPUT", value_enum, default_value_t = Format::Table)]
@@ -108,7 +104,10 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let endpoint = cli.endpoint.clone();
+    let endpoint = cli
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| DEFAULT_ENDPOINT.to_owned());
     match runtime.block_on(commands::run(cli)) {
         Ok(code) => code,
         Err(e) => {

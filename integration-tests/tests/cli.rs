@@ -381,12 +381,15 @@ struct Dev {
     endpoint: String,
     data_dir: std::path::PathBuf,
     redis_pid: i32,
+    /// `$XDG_CONFIG_HOME` of the stack and of its clients: the context file.
+    config: tempfile::TempDir,
 }
 
 impl Dev {
     /// Starts it and reads what it prints until it says how to stop it.
     fn start(log: &std::path::Path) -> Self {
         use std::io::BufRead;
+        let config = tempfile::tempdir().expect("config dir");
         let mut child = Command::new(bin("agentctl"))
             .args([
                 "dev",
@@ -396,6 +399,7 @@ impl Dev {
                 "127.0.0.1:0",
             ])
             .env("AGENTPLANE_LOG", "info")
+            .env("XDG_CONFIG_HOME", config.path())
             // Settings meant for someone else's servers must not leak into
             // the stack `dev` makes (it would register as "leaked", at an
             // address nobody can reach).
@@ -443,14 +447,24 @@ impl Dev {
             endpoint,
             data_dir: data_dir.expect("data dir"),
             redis_pid,
+            config,
         }
     }
 
+    /// The context file `agentctl dev` writes for plain `agentctl` calls.
+    fn context(&self) -> std::path::PathBuf {
+        self.config.path().join("agentplane/dev-context.toml")
+    }
+
+    /// Runs a plain `agentctl ARGS` (no endpoint, CA or token given): it
+    /// finds the stack through the context file.
     fn agentctl(&self, args: &[&str]) -> std::process::Output {
         Command::new(bin("agentctl"))
-            .arg("--endpoint")
-            .arg(&self.endpoint)
             .args(args)
+            .env("XDG_CONFIG_HOME", self.config.path())
+            .env_remove("AGENTPLANE_ENDPOINT")
+            .env_remove("AGENTPLANE_CA")
+            .env_remove("AGENTPLANE_TOKEN")
             .output()
             .expect("run agentctl")
     }
@@ -477,6 +491,30 @@ async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behin
     let logs = tempfile::tempdir().unwrap();
     let log = logs.path().join("dev.log");
     let mut dev = Dev::start(&log);
+    // Secure by default: https, its own CA and token, key files 0600, and
+    // a plaintext call to it fails.
+    assert!(dev.endpoint.starts_with("https://"), "{}", dev.endpoint);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode(&dev.context()), 0o600);
+        let pki = dev.data_dir.join("pki");
+        assert_eq!(mode(&pki), 0o700);
+        for f in std::fs::read_dir(&pki).expect("pki dir").flatten() {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+        }
+    }
+    let plain = Command::new(bin("agentctl"))
+        .args([
+            "--endpoint",
+            &dev.endpoint.replace("https://", "http://"),
+            "ls",
+        ])
+        .env("XDG_CONFIG_HOME", dev.config.path())
+        .output()
+        .expect("agentctl");
+    assert!(!plain.status.success(), "plaintext must fail");
     let waited = dev.agentctl(&["spawn", "--wait", "--", "sh", "-c", "echo hi; exit 3"]);
     assert_eq!(waited.status.code(), Some(3), "{}", stderr(&waited));
     let hosts = json(&dev.agentctl(&["-o", "json", "hosts", "ls"]));
@@ -502,6 +540,7 @@ async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behin
     assert!(procfs::agent_processes(&id).is_empty(), "agent stopped");
     assert!(!procfs::is_alive(dev.redis_pid), "redis-server stopped");
     assert!(!dev.data_dir.exists(), "temporary data removed");
+    assert!(!dev.context().exists(), "the context file is removed");
 
     // SIGKILL: the kernel and the guard still take everything down.
     let dev = Dev::start(&log);

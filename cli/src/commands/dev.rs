@@ -15,6 +15,9 @@ use nix::unistd::Pid;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
+use super::dev_secrets::{DevContext, DevSecrets};
+use crate::access::Access;
+
 /// How long the private redis-server may take to accept connections.
 const REDIS_START: Duration = Duration::from_secs(10);
 /// How long the host agent may take to register with the control plane.
@@ -131,11 +134,8 @@ fn serve<E: Send + 'static>(
 
 /// Asks the control plane until it lists the host agent `dev` (false after
 /// [`READY_LIMIT`], or when the stack is stopping).
-async fn host_registered(endpoint: &str, stop: &CancellationToken) -> bool {
-    let Ok(mut c) = crate::client::connect(
-        endpoint,
-        &crate::access::Access::plain(Duration::from_secs(2)),
-    ) else {
+async fn host_registered(endpoint: &str, access: &Access, stop: &CancellationToken) -> bool {
+    let Ok(mut c) = crate::client::connect(endpoint, access) else {
         return false;
     };
     let deadline = Instant::now() + READY_LIMIT;
@@ -214,11 +214,31 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         |r| r.url.clone(),
     );
     let data_dir = dir.join("host");
-    // Plaintext on loopback for now: the dev stack's own CA and token are
-    // still to come (issue P6, "secure first run").
+    // TLS and a token even here: a CA, certificates and an admin token of
+    // its own, in a 0700 directory that goes with the stack.
+    let ips: Vec<String> = [cp_addr.ip().to_string(), host_addr.ip().to_string()]
+        .into_iter()
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    let secrets = DevSecrets::create(&dir, "dev", &ips)?;
+    let path = |p: &Path| p.display().to_string();
+    let (ca, tokens) = (path(&secrets.ca), path(&secrets.tokens));
+    let (cp_cert, cp_key) = (
+        path(&secrets.control_plane.0),
+        path(&secrets.control_plane.1),
+    );
+    let (host_cert, host_key) = (path(&secrets.host.0), path(&secrets.host.1));
     let cp_config = parse_isolated::<agentplane_control_plane::Config>(&[
         "control-plane",
-        "--insecure",
+        "--tls-cert",
+        &cp_cert,
+        "--tls-key",
+        &cp_key,
+        "--tls-client-ca",
+        &ca,
+        "--token-file",
+        &tokens,
         "--listen",
         &cp_addr.to_string(),
         "--redis-url",
@@ -236,7 +256,12 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     let data_dir_s = data_dir.to_string_lossy();
     let mut host_args = vec![
         "host-agent",
-        "--insecure",
+        "--tls-cert",
+        &host_cert,
+        "--tls-key",
+        &host_key,
+        "--tls-client-ca",
+        &ca,
         "--listen",
         &host_addr_s,
         "--redis-url",
@@ -266,20 +291,38 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         agentplane_control_plane::run(cp_listener, cp_config, stop.clone().cancelled_owned()),
     );
     // Ready means a spawn can be placed: the host agent is registered.
-    let endpoint = format!("http://{cp_addr}");
-    let ready = host_registered(&endpoint, &stop).await;
+    let endpoint = format!("https://{cp_addr}");
+    let token = std::fs::read_to_string(&secrets.token_file)?;
+    let access = Access::trusting(
+        std::fs::read(&secrets.ca)?,
+        token.trim(),
+        Duration::from_secs(2),
+    )?;
+    let ready = host_registered(&endpoint, &access, &stop).await;
+    // A plain `agentctl` (no flags) finds the stack through this file.
+    let context = DevContext {
+        endpoint: endpoint.clone(),
+        ca: secrets.ca.clone(),
+        token_file: secrets.token_file.clone(),
+    }
+    .write();
+    if let Err(e) = &context {
+        eprintln!("agentctl dev: cannot write the context file ({e:#}); pass --endpoint, --ca and --token-file");
+    }
     if !ready {
         eprintln!("agentctl dev: the host agent did not register within {READY_LIMIT:?}");
         stop.cancel();
     }
     let private = if redis.is_some() { " (private)" } else { "" };
-    println!("control plane http://{cp_addr}");
+    println!("control plane {endpoint}");
     println!("host agent dev at {host_addr}");
     println!("redis {redis_url}{private}");
     println!("data in {}", dir.display());
-    if endpoint != crate::DEFAULT_ENDPOINT {
-        println!("export AGENTPLANE_ENDPOINT={endpoint}");
+    if let Ok(p) = &context {
+        println!("context {} (a plain agentctl uses it)", p.display());
     }
+    println!("ca {}", secrets.ca.display());
+    println!("token file {}", secrets.token_file.display());
     println!("try: agentctl spawn -- sh -c 'while :; do date; sleep 1; done'");
     println!("     agentctl ls; agentctl logs -f ID; agentctl stop ID");
     println!("Ctrl-C stops everything, agents included.");
@@ -293,16 +336,24 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     // A second SIGINT/SIGTERM forces the exit; the host agent's guard then
     // SIGKILLs the agents and the kernel the private redis-server.
     let scratch = args.data_dir.is_none().then(|| dir.clone());
+    let written = context.ok();
+    let forced = written.clone();
     tokio::spawn(async move {
         agentplane::shutdown::shutdown_signal().await;
         eprintln!("agentctl dev: second signal, exiting now");
         if let Some(d) = scratch {
             let _ = std::fs::remove_dir_all(d);
         }
+        if let Some(c) = forced {
+            let _ = std::fs::remove_file(c);
+        }
         std::process::exit(130);
     });
     let (h, c) = tokio::join!(host, cp);
     drop(redis);
+    if let Some(c) = written {
+        let _ = std::fs::remove_file(c);
+    }
     let mut failed = false;
     if let Ok(Err(e)) = h {
         eprintln!("agentctl dev: host agent: {e}");

@@ -6,6 +6,7 @@ mod agents;
 mod attach;
 mod control;
 mod dev;
+pub mod dev_secrets;
 mod health;
 mod hosts;
 mod logs;
@@ -112,9 +113,15 @@ pub enum Command {
 /// an UNAVAILABLE answer moves on to the next one (`--endpoint a,b`). Spawns
 /// carry a request id (generated when not given), so a retry on another
 /// replica never makes a second agent.
-pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
-    let endpoints: Vec<String> = cli
-        .endpoint
+pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
+    if let Command::Dev(args) = cli.command {
+        return dev::run(args).await;
+    }
+    let endpoint = match cli.endpoint.take() {
+        Some(e) => e,
+        None => from_dev_context(&mut cli.access),
+    };
+    let endpoints: Vec<String> = endpoint
         .split(',')
         .map(str::trim)
         .filter(|e| !e.is_empty())
@@ -124,9 +131,6 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         !endpoints.is_empty(),
         "--endpoint: give at least one address"
     );
-    if let Command::Dev(args) = cli.command {
-        return dev::run(args).await;
-    }
     let access = Access::load(&cli.access, cli.call_timeout)?;
     if let Command::Health { service } = cli.command {
         return health::run(&endpoints[0], service, &access).await;
@@ -174,6 +178,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
     }
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint answered")))
+}
+
+/// With no endpoint given: a running `agentctl dev`'s, whose CA and token
+/// file fill in the flags not given; else the default endpoint.
+fn from_dev_context(access: &mut crate::access::AccessArgs) -> String {
+    let Some(ctx) = dev_secrets::DevContext::read() else {
+        return crate::DEFAULT_ENDPOINT.to_owned();
+    };
+    if access.ca.is_none() {
+        access.ca = Some(ctx.ca);
+    }
+    if access.token.is_none() && access.token_file.is_none() {
+        access.token_file = Some(ctx.token_file);
+    }
+    ctx.endpoint
 }
 
 async fn dispatch(
