@@ -87,8 +87,13 @@ pub fn describe(endpoint: &str, s: &tonic::Status) -> String {
         return format!("{name}: {endpoint}: {hint} ({})", cause.unwrap_or_default());
     }
     let plaintext = !endpoint.starts_with("https://");
-    let transport =
-        s.message().contains("transport error") || matches!(s.code(), tonic::Code::Cancelled);
+    // How a plaintext client talking to a TLS server fails depends on when
+    // the server hangs up: any of these.
+    let m = s.message();
+    let transport = m.contains("transport error")
+        || m.contains("h2 protocol error")
+        || m.contains("connection")
+        || matches!(s.code(), tonic::Code::Cancelled);
     let hint = if plaintext && transport {
         " (if the server speaks TLS, use an https:// endpoint with --ca)"
     } else {
