@@ -155,10 +155,8 @@ pub async fn run(
         keepalive: KEEPALIVE,
         max_connections: config.serve.max_connections,
     };
-    let probes = match config.serve.health_listen {
-        Some(addr) => Some(server::start_health(addr, health_service.clone(), &cancel).await?),
-        None => None,
-    };
+    let probes =
+        server::start_health(config.serve.health_listen, health_service.clone(), &cancel).await?;
     let mut served = server::start(listener, &options, routes, &cancel)?;
     tracing::info!(host = %config.host_id, %local, %address, "host agent serving");
 

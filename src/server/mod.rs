@@ -159,13 +159,14 @@ pub fn start(
     Ok(Served { task, ended: None })
 }
 
-/// Serves only `health` (plaintext) on `addr` until `cancel`: the probe
-/// endpoint of `--health-listen`, which carries nothing but SERVING or not.
+/// Serves only `health` (plaintext) on `addr`, if given, until `cancel`:
+/// the probe endpoint of `--health-listen`, which carries nothing but
+/// SERVING or not. `None` when no address is given.
 pub async fn start_health<S>(
-    addr: std::net::SocketAddr,
+    addr: Option<std::net::SocketAddr>,
     health: S,
     cancel: &CancellationToken,
-) -> Result<Served, ServerError>
+) -> Result<Option<Served>, ServerError>
 where
     S: tonic::codegen::Service<
             tonic::codegen::http::Request<tonic::body::Body>,
@@ -178,6 +179,9 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
+    let Some(addr) = addr else {
+        return Ok(None);
+    };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|e| ServerError::HealthListen { addr, source: e })?;
@@ -190,7 +194,7 @@ where
             ),
     );
     tracing::info!(%addr, "health (plaintext) serving");
-    Ok(Served { task, ended: None })
+    Ok(Some(Served { task, ended: None }))
 }
 
 impl Served {
