@@ -10,7 +10,9 @@
 use std::time::Duration;
 
 use agentplane::proto::v1::restart_policy::Mode;
-use agentplane::proto::v1::{AgentState, DrainHostRequest, GetAgentRequest, StartAgentRequest};
+use agentplane::proto::v1::{
+    AgentState, DrainHostRequest, GetAgentRequest, HostListAgentsRequest, StartAgentRequest,
+};
 use agentplane_integration_tests::{procfs, spec, TestCluster};
 
 /// Sets fields of agent `id`'s record as a rollback would.
@@ -106,6 +108,30 @@ async fn a_generation_that_ended_here_runs_again_only_when_its_record_asks() {
     // lost): the host fences its copy, which ends without a recorded end.
     roll_back(&cluster, &agent.id, &[("generation", (g + 1).to_string())]).await;
     procfs::wait_gone(&agent.id, Duration::from_secs(10)).await;
+    // And the host has dealt with its end (its write was refused: the
+    // record names generation g+1), before the record rolls back.
+    let id = agent.id.clone();
+    agentplane_integration_tests::eventually(
+        Duration::from_secs(10),
+        "the host saw the end",
+        || {
+            let mut h = cluster.host_agent(0);
+            let id = id.clone();
+            async move {
+                let agents = h
+                    .list_agents(HostListAgentsRequest {})
+                    .await
+                    .ok()?
+                    .into_inner()
+                    .agents;
+                agents
+                    .iter()
+                    .any(|a| a.id == id && a.state() == AgentState::Exited)
+                    .then_some(())
+            }
+        },
+    )
+    .await;
     // The record rolls back to PENDING at the generation that ended here.
     roll_back(
         &cluster,
