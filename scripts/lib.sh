@@ -11,24 +11,30 @@ ensure_redis() {
     return 0
   fi
   echo "${missing[*]} not found: installing with apt-get" >&2
+  apt_install "${missing[@]}"
+  # The package starts a system-wide server on 6379; the scripts start their own.
+  command -v redis-server >/dev/null 2>&1
+}
+
+# Installs Debian packages with apt-get (through sudo when not root), or
+# says what to install by hand.
+apt_install() {
   local sudo=""
   if [ "$(id -u)" -ne 0 ]; then
     if command -v sudo >/dev/null 2>&1; then
       sudo="sudo"
     else
-      echo "error: ${missing[*]} missing and this user cannot install packages;" >&2
-      echo "       install them (apt-get install -y ${missing[*]}) and run again" >&2
+      echo "error: $* missing and this user cannot install packages;" >&2
+      echo "       install them (apt-get install -y $*) and run again" >&2
       return 1
     fi
   fi
   if ! command -v apt-get >/dev/null 2>&1; then
-    echo "error: ${missing[*]} missing and apt-get is not available; install them and run again" >&2
+    echo "error: $* missing and apt-get is not available; install them and run again" >&2
     return 1
   fi
   $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
-  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
-  # The package starts a system-wide server on 6379; the scripts start their own.
-  command -v redis-server >/dev/null 2>&1
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
 }
 
 # Prints a free TCP port on 127.0.0.1, preferring $1 when it is free.

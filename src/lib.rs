@@ -6,6 +6,8 @@ pub mod auth;
 pub mod config;
 pub mod ids;
 pub mod labels;
+#[cfg(feature = "pki")]
+pub mod pki;
 pub mod process;
 pub mod registry;
 pub mod server;

@@ -13,7 +13,7 @@ pub mod soak;
 use std::future::Future;
 use std::time::Duration;
 
-pub use cluster::{bin, Builder, TestCluster};
+pub use cluster::{bin, bin_dir, Builder, TestCluster};
 pub use redis_server::{free_port, RedisServer};
 
 /// A spec running `argv` with an optional restart mode (defaults elsewhere).

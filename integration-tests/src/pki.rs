@@ -1,25 +1,21 @@
-//! A throwaway PKI for tests (rcgen): a CA and certificates it signs, each
-//! written as PEM files, so the real binaries can run with TLS.
+//! A throwaway PKI for tests, made with the same code as `agentctl certs`
+//! (`agentplane::pki`): a CA and certificates it signs, each written as PEM
+//! files, so the real binaries can run with TLS.
 
 use std::path::{Path, PathBuf};
 
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+use agentplane::pki::{Authority, Validity};
+
+/// Test certificates are good for a day.
+const DAY: Validity = Validity { days: 1 };
 
 /// A CA whose files live in `dir`.
+#[derive(Debug)]
 pub struct Pki {
     dir: PathBuf,
-    issuer: Issuer<'static, KeyPair>,
+    authority: Authority,
     /// The CA certificate (PEM file).
     pub ca: PathBuf,
-}
-
-impl std::fmt::Debug for Pki {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Pki").field("ca", &self.ca).finish()
-    }
 }
 
 /// A certificate and its key, as files.
@@ -34,23 +30,12 @@ pub struct Issued {
 impl Pki {
     /// Creates a CA named `name`, writing `NAME-ca.crt` into `dir`.
     pub fn create(dir: &Path, name: &str) -> Self {
-        let mut params = CertificateParams::new(Vec::<String>::new()).expect("CA params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, format!("{name} test CA"));
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let key = KeyPair::generate().expect("CA key");
-        let cert = params.self_signed(&key).expect("self-signed CA");
+        let authority = Authority::generate(&format!("{name} test CA"), DAY).expect("CA");
         let ca = dir.join(format!("{name}-ca.crt"));
-        std::fs::write(&ca, cert.pem()).expect("write CA");
+        std::fs::write(&ca, &authority.pem().cert).expect("write CA");
         Self {
             dir: dir.to_owned(),
-            issuer: Issuer::new(params, key),
+            authority,
             ca,
         }
     }
@@ -58,26 +43,14 @@ impl Pki {
     /// Issues a certificate for `sans` (DNS names or IP addresses), good
     /// for both server and client use; files `FILE.crt` and `FILE.key`.
     pub fn issue(&self, file: &str, sans: &[&str]) -> Issued {
-        let mut params =
-            CertificateParams::new(sans.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>())
-                .expect("leaf params");
-        params
-            .distinguished_name
-            .push(DnType::CommonName, sans.first().copied().unwrap_or(file));
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-        params.extended_key_usages = vec![
-            ExtendedKeyUsagePurpose::ServerAuth,
-            ExtendedKeyUsagePurpose::ClientAuth,
-        ];
-        params.use_authority_key_identifier_extension = true;
-        let key = KeyPair::generate().expect("leaf key");
-        let cert = params.signed_by(&key, &self.issuer).expect("sign leaf");
+        let sans: Vec<String> = sans.iter().map(|s| (*s).to_owned()).collect();
+        let pem = self.authority.issue(&sans, DAY).expect("issue");
         let out = Issued {
             cert: self.dir.join(format!("{file}.crt")),
             key: self.dir.join(format!("{file}.key")),
         };
-        std::fs::write(&out.cert, cert.pem()).expect("write cert");
-        std::fs::write(&out.key, key.serialize_pem()).expect("write key");
+        std::fs::write(&out.cert, pem.cert).expect("write cert");
+        std::fs::write(&out.key, pem.key).expect("write key");
         out
     }
 }
@@ -96,8 +69,8 @@ impl ClusterPki {
     /// A CA in `dir` and a control-plane certificate valid for `ips`.
     pub fn create(dir: &Path, ips: &[String]) -> Self {
         let pki = Pki::create(dir, "cluster");
-        let mut sans = vec![agentplane::server::tls::CONTROL_PLANE_NAME, "localhost"];
-        sans.extend(ips.iter().map(String::as_str));
+        let sans = agentplane::pki::control_plane_sans(ips);
+        let sans: Vec<&str> = sans.iter().map(String::as_str).collect();
         let control_plane = pki.issue("control-plane", &sans);
         Self { pki, control_plane }
     }
@@ -177,24 +150,16 @@ pub type Authed = tonic::service::interceptor::InterceptedService<tonic::transpo
 impl ClusterPki {
     /// Writes [`TOKENS`] as a token file (0600) in `dir`; returns its path.
     pub fn write_tokens(dir: &Path) -> PathBuf {
-        use std::fmt::Write;
-        use std::os::unix::fs::PermissionsExt;
-        let mut text = String::new();
-        for (token, role, selector) in TOKENS {
-            let _ = writeln!(
-                text,
-                "[[token]]\nname = \"{role}-{}\"\nsha256 = \"{}\"\nrole = \"{role}\"",
-                selector.unwrap_or("all").replace('=', "-"),
-                agentplane::auth::digest_hex(token)
-            );
-            if let Some(s) = selector {
-                let _ = writeln!(text, "selector = \"{s}\"");
-            }
-            text.push('\n');
-        }
+        let text: String = TOKENS
+            .iter()
+            .map(|(token, role, selector)| {
+                let name = format!("{role}-{}", selector.unwrap_or("all").replace('=', "-"));
+                let role = role.parse().expect("a role");
+                agentplane::pki::token_entry(&name, role, *selector, token) + "\n"
+            })
+            .collect();
         let path = dir.join("tokens.toml");
-        std::fs::write(&path, text).expect("write tokens");
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).expect("chmod");
+        agentplane::pki::write_private(&path, text.as_bytes(), true).expect("write tokens");
         path
     }
 }

@@ -3,16 +3,14 @@
 //! and one admin token; plus the context file through which a plain
 //! `agentctl` (no flags) reaches the stack, removed when it stops.
 
-use std::fmt::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 
+use agentplane::auth::Role;
+use agentplane::pki::{self, Authority, Validity};
 use anyhow::Context;
-use rand::Rng;
-use rcgen::{
-    BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose,
-};
+
+/// The dev stack's certificates outlive no dev session; a week is plenty.
+const WEEK: Validity = Validity { days: 7 };
 
 /// The files the servers and clients of the dev stack use.
 #[derive(Debug, Clone)]
@@ -31,94 +29,40 @@ pub struct DevSecrets {
 
 /// Writes `data` to `path`, readable by this user only.
 fn write_private(path: &Path, data: &[u8]) -> anyhow::Result<()> {
-    use std::io::Write;
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .with_context(|| format!("create {}", path.display()))?;
-    f.write_all(data)
-        .with_context(|| format!("write {}", path.display()))
+    Ok(pki::write_private(path, data, true)?)
 }
 
 impl DevSecrets {
     /// Makes them in `dir/pki` for host `host_id`, the control plane
     /// answering on `ips`.
     pub fn create(dir: &Path, host_id: &str, ips: &[String]) -> anyhow::Result<Self> {
-        let pki = dir.join("pki");
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o700)
-            .create(&pki)
-            .with_context(|| format!("create {}", pki.display()))?;
-        let mut ca_params = CertificateParams::new(Vec::<String>::new())?;
-        ca_params
-            .distinguished_name
-            .push(DnType::CommonName, "agentplane dev CA");
-        ca_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        ca_params.key_usages = vec![
-            KeyUsagePurpose::KeyCertSign,
-            KeyUsagePurpose::CrlSign,
-            KeyUsagePurpose::DigitalSignature,
-        ];
-        let ca_key = KeyPair::generate()?;
-        let ca_cert = ca_params.self_signed(&ca_key)?;
-        let ca = pki.join("ca.crt");
-        write_private(&ca, ca_cert.pem().as_bytes())?;
-        let issuer = Issuer::new(ca_params, ca_key);
+        let dir = dir.join("pki");
+        pki::create_private_dir(&dir)?;
+        let ca = Authority::generate("agentplane dev CA", WEEK)?;
+        let ca_file = dir.join("ca.crt");
+        write_private(&ca_file, ca.pem().cert.as_bytes())?;
         let issue = |file: &str, sans: Vec<String>| -> anyhow::Result<(PathBuf, PathBuf)> {
-            let mut p = CertificateParams::new(sans.clone())?;
-            p.distinguished_name.push(
-                DnType::CommonName,
-                sans.first().cloned().unwrap_or_default(),
-            );
-            p.key_usages = vec![KeyUsagePurpose::DigitalSignature];
-            p.extended_key_usages = vec![
-                ExtendedKeyUsagePurpose::ServerAuth,
-                ExtendedKeyUsagePurpose::ClientAuth,
-            ];
-            p.use_authority_key_identifier_extension = true;
-            let key = KeyPair::generate()?;
-            let cert = p.signed_by(&key, &issuer)?;
+            let pem = ca.issue(&sans, WEEK)?;
             let (c, k) = (
-                pki.join(format!("{file}.crt")),
-                pki.join(format!("{file}.key")),
+                dir.join(format!("{file}.crt")),
+                dir.join(format!("{file}.key")),
             );
-            write_private(&c, cert.pem().as_bytes())?;
-            write_private(&k, key.serialize_pem().as_bytes())?;
+            write_private(&c, pem.cert.as_bytes())?;
+            write_private(&k, pem.key.as_bytes())?;
             Ok((c, k))
         };
-        let mut cp_sans = vec![
-            agentplane::server::tls::CONTROL_PLANE_NAME.to_owned(),
-            "localhost".to_owned(),
-        ];
-        cp_sans.extend(ips.iter().cloned());
-        let control_plane = issue("control-plane", cp_sans)?;
-        let mut host_sans = vec![agentplane::server::tls::host_name(host_id)];
-        host_sans.extend(ips.iter().cloned());
-        let host = issue("host", host_sans)?;
-        let token: String = {
-            let bytes: [u8; 32] = rand::rng().random();
-            bytes.iter().fold(String::new(), |mut s, b| {
-                let _ = write!(s, "{b:02x}");
-                s
-            })
-        };
-        let token_file = pki.join("admin.token");
+        let control_plane = issue("control-plane", pki::control_plane_sans(ips))?;
+        let host = issue("host", pki::host_sans(host_id, ips))?;
+        let token = pki::new_token();
+        let token_file = dir.join("admin.token");
         write_private(&token_file, format!("{token}\n").as_bytes())?;
-        let tokens = pki.join("tokens.toml");
+        let tokens = dir.join("tokens.toml");
         write_private(
             &tokens,
-            format!(
-                "[[token]]\nname = \"dev-admin\"\nsha256 = \"{}\"\nrole = \"admin\"\n",
-                agentplane::auth::digest_hex(&token)
-            )
-            .as_bytes(),
+            pki::token_entry("dev-admin", Role::Admin, None, &token).as_bytes(),
         )?;
         Ok(Self {
-            ca,
+            ca: ca_file,
             control_plane,
             host,
             tokens,
@@ -153,11 +97,7 @@ impl DevContext {
     pub fn write(&self) -> anyhow::Result<PathBuf> {
         let path = context_path().context("no $HOME or $XDG_CONFIG_HOME for the context file")?;
         if let Some(dir) = path.parent() {
-            std::fs::DirBuilder::new()
-                .recursive(true)
-                .mode(0o700)
-                .create(dir)
-                .with_context(|| format!("create {}", dir.display()))?;
+            pki::create_private_dir(dir)?;
         }
         let text = toml::to_string(self).context("encode the context")?;
         write_private(&path, text.as_bytes())?;

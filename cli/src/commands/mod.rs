@@ -4,6 +4,7 @@
 
 mod agents;
 mod attach;
+mod certs;
 mod control;
 mod dev;
 pub mod dev_secrets;
@@ -94,6 +95,12 @@ pub enum Command {
     /// Run a whole local stack in this process for trying agentplane out: a
     /// private redis-server, a control plane and one host agent ("dev").
     Dev(dev::DevArgs),
+    /// Make the CA, certificates and tokens of a deployment (offline, in one
+    /// directory): `ca`, `control-plane`, `host ID`, `token NAME`.
+    Certs {
+        #[command(subcommand)]
+        command: certs::CertsCommand,
+    },
     /// Check a server's gRPC health (exit 0 when SERVING): for probes, e.g.
     /// against a server's plaintext `--health-listen` port.
     Health {
@@ -116,6 +123,9 @@ pub enum Command {
 pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Dev(args) = cli.command {
         return dev::run(args).await;
+    }
+    if let Command::Certs { command } = cli.command {
+        return certs::run(command);
     }
     let endpoint = match cli.endpoint.take() {
         Some(e) => e,
@@ -219,6 +229,7 @@ async fn dispatch(
         | Command::Attach(_)
         | Command::Completion { .. }
         | Command::Health { .. }
+        | Command::Certs { .. }
         | Command::Dev(_) => {
             anyhow::bail!("internal error: this command is run before dispatch")
         }
