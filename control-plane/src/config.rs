@@ -55,6 +55,10 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_TOKEN_FILE")]
     pub token_file: Option<std::path::PathBuf>,
 
+    /// Per-token limits on streams and the spawn rate.
+    #[command(flatten)]
+    pub quotas: crate::quota::QuotaArgs,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -103,7 +107,7 @@ impl Config {
         if self.host_call_timeout < Duration::from_millis(100) {
             return Err("--host-call-timeout: must be at least 100ms".into());
         }
-        Ok(())
+        self.quotas.validate()
     }
 }
 

@@ -93,6 +93,12 @@ pub enum ApiError {
         /// The oldest event that is still retained (or the first to come).
         before: String,
     },
+    /// The caller's token is at one of its per-token limits.
+    #[error("{detail}")]
+    QuotaExceeded {
+        /// Which limit (the flag) and what to do.
+        detail: String,
+    },
     /// A request id names an agent another call is still creating.
     #[error("an earlier spawn with request_id {request_id} is still creating its agent; retry the request")]
     RequestInProgress {
@@ -112,7 +118,9 @@ impl From<ApiError> for Status {
             ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
             ApiError::NameTaken { .. } => Status::already_exists(msg),
             ApiError::Forbidden { .. } => Status::permission_denied(msg),
-            ApiError::NoCapacity { .. } => Status::resource_exhausted(msg),
+            ApiError::NoCapacity { .. } | ApiError::QuotaExceeded { .. } => {
+                Status::resource_exhausted(msg)
+            }
             ApiError::EventsTrimmed { .. } => Status::out_of_range(msg),
             ApiError::Registry(r) => match r {
                 RegistryError::Redis { .. } => Status::unavailable(msg),

@@ -12,6 +12,7 @@ mod error;
 mod host_service;
 pub mod hosts;
 mod placement;
+mod quota;
 mod reconciler;
 mod relocate;
 mod start;
@@ -134,6 +135,7 @@ pub async fn run(
         hosts.clone(),
         tasks.clone(),
         cancel.clone(),
+        quota::Quotas::new(config.quotas.clone()),
     );
     tasks.spawn(
         "reconciler",

@@ -68,6 +68,7 @@ pub struct Builder {
     host_labels: Vec<(usize, String)>,
     host_args: Vec<String>,
     host_args_at: Vec<(usize, String)>,
+    control_plane_args: Vec<String>,
     netns: bool,
     tls: bool,
     root_agents: bool,
@@ -129,6 +130,12 @@ impl Builder {
     /// Adds a flag (and its value, as a separate item) to every host agent.
     pub fn host_arg(mut self, arg: &str) -> Self {
         self.host_args.push(arg.to_owned());
+        self
+    }
+
+    /// Adds a flag (and its value, as a separate item) to every control plane.
+    pub fn control_plane_arg(mut self, arg: &str) -> Self {
+        self.control_plane_args.push(arg.to_owned());
         self
     }
 
@@ -209,6 +216,7 @@ impl TestCluster {
             host_labels: Vec::new(),
             host_args: Vec::new(),
             host_args_at: Vec::new(),
+            control_plane_args: Vec::new(),
             netns: false,
             tls: false,
             root_agents: true,
@@ -299,6 +307,7 @@ impl TestCluster {
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
         ]);
+        args.extend(self.config.control_plane_args.iter().cloned());
         let (proc, addr) = self.start_server("control-plane", log_name, &args, None);
         Server {
             proc,

@@ -14,6 +14,7 @@ use std::future::Future;
 use std::time::Duration;
 
 pub use cluster::{bin, bin_dir, Builder, TestCluster};
+pub use process::Proc;
 pub use redis_server::{free_port, RedisServer};
 
 /// A spec running `argv` with an optional restart mode (defaults elsewhere).

@@ -2,7 +2,7 @@
 //! `integration-tests/src/pki.rs`): no token or a wrong one is
 //! UNAUTHENTICATED with one message; a viewer reads (env redacted) but may
 //! not spawn or read logs; an operator limited to `team=a` may not spawn
-//! outside it and does not see other agents in get, ls or watch; only an
+//! outside it and does not see other agents in get, ls, watch or attach; only an
 //! admin sets a uid; the token file reloads on SIGHUP and a bad one keeps
 //! the old tokens.
 
@@ -13,6 +13,7 @@ use agentplane::proto::v1::{
     StreamLogsRequest, WatchAgentsRequest,
 };
 use agentplane_integration_tests::TestCluster;
+use futures::StreamExt;
 use nix::sys::signal::Signal;
 use tonic::Code;
 
@@ -135,6 +136,19 @@ async fn tokens_gate_every_call_by_role_and_selector() {
         .map(|x| x.id)
         .collect();
     assert_eq!(listed, vec![a.id.clone()]);
+    // Attach names its agent in the stream: b does not exist there either,
+    // and a does (the session stays open until the input ends).
+    let attach = |id: &str| {
+        let first = agentplane::proto::v1::AttachInput {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        futures::stream::iter([first]).chain(futures::stream::pending())
+    };
+    let e = team_a.attach(attach(&b.id)).await.expect_err("attach to b");
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    let session = team_a.attach(attach(&a.id)).await.expect("attach to a");
+    drop(session);
     let mut events = team_a
         .watch_agents(WatchAgentsRequest {
             resume_token: "0".into(),

@@ -107,3 +107,58 @@ async fn sigterm_removes_the_host_key_at_once_and_stops_every_agent() {
     }
     cluster.finish().await;
 }
+
+/// An attach session whose client keeps its input open (a terminal left
+/// attached) must not hold either server's shutdown: each ends the session
+/// and exits cleanly, not at its drain limit with an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_attach_session_holds_neither_servers_shutdown() {
+    use futures::StreamExt;
+    let mut cluster = TestCluster::builder().hosts(1).start().await;
+    let a = cluster.spawn(&["sleep", "1000"]).await;
+    let attach = |id: &str| {
+        let first = agentplane::proto::v1::AttachInput {
+            id: id.to_owned(),
+            ..Default::default()
+        };
+        futures::stream::iter([first]).chain(futures::stream::pending())
+    };
+    // Exits after SIGTERM, successfully, and without reaching its drain
+    // limit (where it would close what is still open and say so).
+    async fn exits_cleanly(p: &mut agentplane_integration_tests::Proc, what: &str) {
+        p.signal(Signal::SIGTERM);
+        let child = &mut p.child;
+        let status = eventually(Duration::from_secs(40), what, || {
+            let s = child.try_wait().expect("wait");
+            async move { s }
+        })
+        .await;
+        assert!(status.success(), "{what}: {status}");
+        let log = std::fs::read_to_string(&p.log).expect("log");
+        for limit in [
+            "in-flight requests did not finish in time",
+            "background tasks did not finish within the shutdown bound",
+        ] {
+            assert!(
+                !log.contains(limit),
+                "{what} only at its drain limit: {limit}\n{log}"
+            );
+        }
+    }
+
+    let mut client = cluster.client().await;
+    let session = client.attach(attach(&a.id)).await.expect("attach");
+    exits_cleanly(
+        &mut cluster.control_planes[0].proc,
+        "the control plane exits",
+    )
+    .await;
+    drop(session);
+
+    cluster.restart_control_plane(0);
+    let mut client = cluster.client().await;
+    let session = client.attach(attach(&a.id)).await.expect("attach again");
+    exits_cleanly(&mut cluster.hosts[0].proc, "the host agent exits").await;
+    drop(session);
+    procfs::wait_gone(&a.id, Duration::from_secs(10)).await;
+}

@@ -12,8 +12,10 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::Status;
 
 use super::AgentApi;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::hosts::request;
+use crate::quota::Held;
 
 /// The stream type of StreamLogs.
 pub type LogStream = ReceiverStream<Result<LogChunk, Status>>;
@@ -22,7 +24,13 @@ pub type LogStream = ReceiverStream<Result<LogChunk, Status>>;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl AgentApi {
-    pub(super) async fn stream_logs(&self, req: StreamLogsRequest) -> Result<LogStream, ApiError> {
+    /// Proxies the agent's output from its host; a follow holds `held` (its
+    /// token's place) until it ends.
+    pub(super) async fn stream_logs(
+        &self,
+        req: StreamLogsRequest,
+        held: Option<Held>,
+    ) -> Result<LogStream, ApiError> {
         let agent = self.agent(&req.id).await?;
         let host = self.host_of(&agent).await?;
         let mut client = HostAgentClient::new(self.hosts.channel(&host)?);
@@ -59,15 +67,19 @@ impl AgentApi {
                 }
             }
         };
-        Ok(self.forward(upstream, host.id.clone()))
+        Ok(self.forward(upstream, host.id.clone(), held))
     }
 
-    /// Proxies an Attach session to the agent's host. When the client's
-    /// stream ends (or breaks), the host-bound stream is closed too, so the
-    /// host sees the session end.
+    /// Proxies an Attach session to the agent's host. The first message
+    /// names the agent, so that is where a caller limited to a selector
+    /// learns it does not exist (NOT_FOUND). When the client's stream ends
+    /// (or breaks), the host-bound stream is closed too, so the host sees
+    /// the session end.
     pub(super) async fn attach(
         &self,
         mut inbound: tonic::Streaming<AttachInput>,
+        caller: &Caller,
+        held: Held,
     ) -> Result<LogStream, ApiError> {
         let first = match inbound.message().await {
             Ok(Some(m)) => m,
@@ -83,16 +95,25 @@ impl AgentApi {
                 )))
             }
         };
-        validate::agent_id("id", &first.id)?;
-        let agent = self.agent(&first.id).await?;
+        let agent = self.agent_for(caller, &first.id).await?;
         let host = self.host_of(&agent).await?;
         let mut client = HostAgentClient::new(self.hosts.channel(&host)?);
         let (up_tx, up_rx) = mpsc::channel(16);
         let id = first.id.clone();
         // Cannot fail: new channel with room.
         let _ = up_tx.try_send(first);
+        let cancel = self.cancel.clone();
         self.tasks.spawn("attach input proxy", async move {
-            while let Ok(Some(mut m)) = inbound.message().await {
+            // Until the client's input ends, the host's session ends (its
+            // stream is gone), or shutdown: a client that keeps its input
+            // open must not hold the control plane's drain.
+            loop {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    () = up_tx.closed() => return,
+                    m = inbound.message() => m,
+                };
+                let Ok(Some(mut m)) = next else { return };
                 m.id.clone_from(&id);
                 if up_tx.send(m).await.is_err() {
                     return;
@@ -113,16 +134,21 @@ impl AgentApi {
                 status: s,
             })?
             .into_inner();
-        Ok(self.forward(upstream, host.id.clone()))
+        Ok(self.forward(upstream, host.id.clone(), Some(held)))
     }
 
     /// Forwards a host's output stream to a client through a small buffer.
-    fn forward(&self, mut upstream: tonic::Streaming<LogChunk>, host: String) -> LogStream {
+    fn forward(
+        &self,
+        mut upstream: tonic::Streaming<LogChunk>,
+        host: String,
+        held: Option<Held>,
+    ) -> LogStream {
         let (tx, rx) = mpsc::channel(2);
         let cancel = self.cancel.clone();
         let open = self.log_streams.hold();
         self.tasks.spawn("output proxy", async move {
-            let _open = open;
+            let _places = (open, held);
             loop {
                 let next = tokio::select! {
                     () = tx.closed() => return,

@@ -7,7 +7,6 @@ mod query;
 mod spawn;
 mod watch;
 
-use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -27,6 +26,7 @@ use tonic::{Request, Response, Status};
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::hosts::HostClients;
+use crate::quota::Quotas;
 
 /// Shared state of the API (all of it derived: the control plane is stateless).
 #[derive(Debug, Clone)]
@@ -35,26 +35,29 @@ pub struct AgentApi {
     hosts: Arc<HostClients>,
     tasks: Tasks,
     cancel: CancellationToken,
-    watchers: Arc<AtomicUsize>,
+    watchers: agentplane::tasks::Gauge,
     log_streams: agentplane::tasks::Gauge,
+    quotas: Arc<Quotas>,
 }
 
 impl AgentApi {
     /// The API over `registry`, calling hosts through `hosts`; watch streams
-    /// run as `tasks` and end on `cancel`.
+    /// run as `tasks` and end on `cancel`; each token is held to `quotas`.
     pub fn new(
         registry: Registry,
         hosts: Arc<HostClients>,
         tasks: Tasks,
         cancel: CancellationToken,
+        quotas: Arc<Quotas>,
     ) -> Self {
         Self {
             registry,
             hosts,
             tasks,
             cancel,
-            watchers: Arc::new(AtomicUsize::new(0)),
+            watchers: agentplane::tasks::Gauge::default(),
             log_streams: agentplane::tasks::Gauge::default(),
+            quotas,
         }
     }
 
@@ -115,6 +118,7 @@ impl AgentService for AgentApi {
         if let Some(spec) = &r.spec {
             caller.may_spawn(spec)?;
         }
+        self.quotas.spawn(&caller)?;
         let mut out = self.spawn(r).await?;
         out.agent = out.agent.map(|a| caller.shown(a));
         Ok(Response::new(out))
@@ -212,7 +216,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<agentplane::proto::v1::ServerStatus>, Status> {
         Ok(Response::new(agentplane::proto::v1::ServerStatus {
             log_streams: self.log_streams.get(),
-            watch_streams: self.watchers.load(std::sync::atomic::Ordering::Relaxed) as u64,
+            watch_streams: self.watchers.get(),
             tasks: self.tasks.running() as u64,
             panicked_tasks: self.tasks.panicked(),
             rss_bytes: agentplane::tasks::rss_bytes(),
@@ -227,15 +231,11 @@ impl AgentService for AgentApi {
         &self,
         req: Request<tonic::Streaming<agentplane::proto::v1::AttachInput>>,
     ) -> Result<Response<Self::AttachStream>, Status> {
-        if Caller::of(&req).restricted() {
-            // The agent is named inside the stream, after this check.
-            return Err(ApiError::Forbidden {
-                detail: "attach is not available to a token with a selector yet; use logs and send"
-                    .into(),
-            }
-            .into());
-        }
-        Ok(Response::new(self.attach(req.into_inner()).await?))
+        let caller = Caller::of(&req);
+        let held = self.quotas.follow(&caller)?;
+        Ok(Response::new(
+            self.attach(req.into_inner(), &caller, held).await?,
+        ))
     }
 
     type StreamLogsStream = logs::LogStream;
@@ -247,7 +247,13 @@ impl AgentService for AgentApi {
         let caller = Caller::of(&req);
         let r = req.into_inner();
         self.visible(&caller, &r.id).await?;
-        Ok(Response::new(self.stream_logs(r).await?))
+        // Only a follow stays open; a read of what is there ends by itself.
+        let held = if r.follow {
+            Some(self.quotas.follow(&caller)?)
+        } else {
+            None
+        };
+        Ok(Response::new(self.stream_logs(r, held).await?))
     }
 
     async fn send_input(
@@ -272,7 +278,8 @@ impl AgentService for AgentApi {
         if !r.agent_id.is_empty() {
             self.visible(&caller, &r.agent_id).await?;
         }
-        let stream = self.watch(r).await?;
+        let held = self.quotas.watch(&caller)?;
+        let stream = self.watch(r, held).await?;
         Ok(Response::new(if caller.restricted() {
             self.filter_watch(stream, caller)
         } else {

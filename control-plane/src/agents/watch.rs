@@ -4,7 +4,6 @@
 //! (when the watch opens, and when a reader that fell behind finds the gap),
 //! never resumed silently at the oldest retained event.
 
-use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use agentplane::proto::v1::{Event, EventType, WatchAgentsRequest};
@@ -15,9 +14,10 @@ use tonic::Status;
 
 use super::AgentApi;
 use crate::error::ApiError;
+use crate::quota::Held;
 
 /// Most watch streams one replica serves at once.
-pub const MAX_WATCHERS: usize = 1024;
+pub const MAX_WATCHERS: u64 = 1024;
 /// Events buffered per watcher before the reader waits for the client.
 const BUFFER: usize = 256;
 /// Events per stream read. Far below the stream's bound, so a read that
@@ -46,30 +46,26 @@ fn token(t: &str) -> Result<(), ValidationError> {
     }
 }
 
-/// Decrements the watcher count when the stream's task ends.
-struct Slot(std::sync::Arc<std::sync::atomic::AtomicUsize>);
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
-    }
-}
-
 impl AgentApi {
-    pub(super) async fn watch(&self, req: WatchAgentsRequest) -> Result<WatchStream, ApiError> {
+    /// A watch stream; it holds `held` (its token's place) and one of this
+    /// replica's places until it ends.
+    pub(super) async fn watch(
+        &self,
+        req: WatchAgentsRequest,
+        held: Held,
+    ) -> Result<WatchStream, ApiError> {
         if !req.resume_token.is_empty() {
             token(&req.resume_token)?;
         }
         if !req.agent_id.is_empty() {
             validate::agent_id("agent_id", &req.agent_id)?;
         }
-        if self.watchers.fetch_add(1, Ordering::Relaxed) >= MAX_WATCHERS {
-            self.watchers.fetch_sub(1, Ordering::Relaxed);
-            return Err(ApiError::NoCapacity {
+        let slot = self
+            .watchers
+            .try_hold(MAX_WATCHERS)
+            .ok_or_else(|| ApiError::NoCapacity {
                 detail: format!("this replica already serves {MAX_WATCHERS} watch streams"),
-            });
-        }
-        let slot = Slot(self.watchers.clone());
+            })?;
         let mut reader = self.registry.event_reader().await?;
         let mut after = if req.resume_token.is_empty() {
             reader
@@ -104,7 +100,7 @@ impl AgentApi {
         let cancel = self.cancel.clone();
         let filter = req.agent_id;
         self.tasks.spawn("watch stream", async move {
-            let _slot = slot;
+            let _places = (slot, held);
             loop {
                 let read = tokio::select! {
                     () = tx.closed() => return,

@@ -213,9 +213,17 @@ impl Supervisor {
             since: None,
         })?;
         let sup = self.clone();
+        let cancel = self.cancel.clone();
         self.tasks.spawn("attach input", async move {
             let _held = held;
-            while let Ok(Some(m)) = inbound.message().await {
+            // Until the input ends, or shutdown: a caller that keeps its
+            // input open must not hold the host agent's drain.
+            loop {
+                let next = tokio::select! {
+                    () = cancel.cancelled() => return,
+                    m = inbound.message() => m,
+                };
+                let Ok(Some(m)) = next else { return };
                 if let Err(e) = sup.apply_input(&m).await {
                     tracing::debug!(agent = %m.id, error = %e, "attach input not applied");
                 }
