@@ -373,3 +373,63 @@ async fn connections_past_max_connections_are_closed_and_the_rest_keep_working()
     drop((second, third));
     cluster.finish().await;
 }
+
+/// Half-open connections (TCP, no ClientHello) past `--max-connections`
+/// must not lock new clients out: the server closes the oldest connection
+/// still in its handshake to admit a new one, so a real client (whose
+/// handshake takes a round trip) gets in while the flood goes on, on both
+/// servers; connections that finished their handshake are never closed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_connections_past_the_cap_do_not_lock_new_clients_out() {
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .tls()
+        .control_plane_arg("--max-connections")
+        .control_plane_arg("20")
+        .host_arg("--max-connections")
+        .host_arg("20")
+        .start()
+        .await;
+    let mut established = cluster.client().await;
+    established
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .expect("before the flood");
+    let mut flood = Vec::new();
+    for addr in [&cluster.control_planes[0].addr, &cluster.hosts[0].addr] {
+        for _ in 0..60 {
+            flood.push(tokio::net::TcpStream::connect(addr).await.expect("connect"));
+        }
+    }
+    // New clients, while 60 idle connections press on each cap of 20: each
+    // connects, handshakes and is answered.
+    for _ in 0..3 {
+        cluster
+            .client_with_token(Some("viewer-token"))
+            .list_agents(ListAgentsRequest::default())
+            .await
+            .expect("a new client of the control plane gets in");
+        cluster
+            .host_agent(0)
+            .get_status(agentplane::proto::v1::GetStatusRequest {})
+            .await
+            .expect("a new caller of the host agent gets in");
+    }
+    // The connection made before the flood was not the one closed.
+    established
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .expect("the established connection is kept");
+    let a = cluster.spawn(&["sleep", "100"]).await;
+    cluster
+        .wait_state(&a.id, AgentState::Running, Duration::from_secs(10))
+        .await;
+    assert!(
+        cluster
+            .logs()
+            .contains("closed the oldest connection still in its TLS handshake"),
+        "the servers say what they did"
+    );
+    drop(flood);
+    cluster.finish().await;
+}

@@ -22,16 +22,48 @@ pub struct Counted {
     _permit: OwnedSemaphorePermit,
 }
 
-/// `listener`'s connections, at most `max` open at once.
+impl Counted {
+    /// `io`, holding `permit` (its place under the cap) until dropped.
+    pub fn new(io: TcpStream, permit: OwnedSemaphorePermit) -> Self {
+        Self {
+            io,
+            _permit: permit,
+        }
+    }
+}
+
+/// A warning about refused connections, logged at most once a second
+/// (a flood must not become a flood of log lines).
+#[derive(Debug, Default, Clone)]
+pub struct RefusalLog(Arc<AtomicI64>);
+
+impl RefusalLog {
+    /// Logs `what` about `io` unless it was logged less than a second ago.
+    pub fn warn(&self, max: usize, io: &TcpStream, what: &'static str) {
+        let now = crate::time::now_ms();
+        let last = self.0.load(Ordering::Relaxed);
+        if now - last >= 1000
+            && self
+                .0
+                .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            tracing::warn!(max, peer = ?io.peer_addr().ok(), "{what}");
+        }
+    }
+}
+
+/// `listener`'s connections, at most `max` open at once (plaintext: there
+/// is no handshake to wait for, so a new connection past the cap is closed).
 pub fn capped(
     listener: TcpListener,
     max: usize,
 ) -> impl Stream<Item = std::io::Result<Counted>> + Send + 'static {
     let permits = Arc::new(Semaphore::new(max));
-    let last_warned = Arc::new(AtomicI64::new(0));
+    let refused = RefusalLog::default();
     TcpListenerStream::new(listener).filter_map(move |accepted| {
         let permits = permits.clone();
-        let last_warned = last_warned.clone();
+        let refused = refused.clone();
         async move {
             let io = match accepted {
                 Ok(io) => io,
@@ -40,25 +72,10 @@ pub fn capped(
             match permits.try_acquire_owned() {
                 Ok(permit) => {
                     let _ = io.set_nodelay(true);
-                    Some(Ok(Counted {
-                        io,
-                        _permit: permit,
-                    }))
+                    Some(Ok(Counted::new(io, permit)))
                 }
                 Err(_) => {
-                    let now = crate::time::now_ms();
-                    let last = last_warned.load(Ordering::Relaxed);
-                    if now - last >= 1000
-                        && last_warned
-                            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
-                            .is_ok()
-                    {
-                        tracing::warn!(
-                            max,
-                            peer = ?io.peer_addr().ok(),
-                            "connection refused: --max-connections reached"
-                        );
-                    }
+                    refused.warn(max, &io, "connection refused: --max-connections reached");
                     // Dropped here: closed.
                     None
                 }

@@ -3,6 +3,7 @@
 //! check, reflection, and a shutdown that drains for a bounded time and
 //! reports a panicked server as an error, never as a clean exit.
 
+mod handshake;
 mod incoming;
 mod peer;
 pub mod tls;
@@ -36,7 +37,7 @@ pub enum ServerError {
     },
     /// The TLS material was refused by the TLS stack.
     #[error("cannot set up TLS: {0}")]
-    Tls(#[source] tonic::transport::Error),
+    Tls(String),
     /// Building the reflection service failed.
     #[error("cannot build gRPC reflection: {0}")]
     Reflection(#[from] tonic_reflection::server::Error),
@@ -122,7 +123,7 @@ pub fn start(
     routes: Routes,
     cancel: &CancellationToken,
 ) -> Result<Served, ServerError> {
-    let mut builder = tonic::transport::Server::builder()
+    let builder = tonic::transport::Server::builder()
         // Followers that drop streams before they are accepted (a reconnecting
         // `logs -f`, a proxy whose client left) are normal here: allow many
         // per connection before HTTP/2's rapid-reset guard closes it.
@@ -135,27 +136,39 @@ pub fn start(
         peer: None,
         tokens: opts.tokens.clone(),
     };
-    match &opts.transport {
+    let stop = cancel.clone().cancelled_owned();
+    let routes = routes.add_service(reflection()?);
+    let task = match &opts.transport {
         Transport::Tls(m) => {
-            builder = builder
-                .tls_config(m.server_config(opts.require_client_cert))
-                .map_err(ServerError::Tls)?;
             gate.peer.clone_from(&opts.allowed_peer);
+            let config = m
+                .rustls_server(opts.require_client_cert)
+                .map_err(ServerError::Tls)?;
+            let incoming = handshake::tls_incoming(
+                listener,
+                opts.max_connections,
+                tokio_rustls::TlsAcceptor::from(config),
+                m.handshake_timeout,
+                cancel.clone(),
+            );
+            tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
+                routes.prepare(),
+                incoming,
+                stop,
+            ))
         }
         Transport::Insecure => {
             tracing::warn!(
                 "serving plaintext (--insecure): anyone who can reach this port can call it"
             );
+            let incoming = incoming::capped(listener, opts.max_connections);
+            tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
+                routes.prepare(),
+                incoming,
+                stop,
+            ))
         }
-    }
-    let routes = routes.add_service(reflection()?);
-    let incoming = incoming::capped(listener, opts.max_connections);
-    let stop = cancel.clone().cancelled_owned();
-    let task = tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
-        routes.prepare(),
-        incoming,
-        stop,
-    ));
+    };
     Ok(Served { task, ended: None })
 }
 

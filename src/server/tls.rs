@@ -3,11 +3,12 @@
 //! file exits 64 before anything runs), and the names peers must carry.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
-use tonic::transport::{Certificate, ClientTlsConfig, Identity, ServerTlsConfig};
+use tonic::transport::{Certificate, ClientTlsConfig, Identity};
 
 use crate::config::parse_duration;
 
@@ -152,18 +153,48 @@ impl TlsMaterial {
         Identity::from_pem(&self.cert_pem, &self.key_pem)
     }
 
-    /// The server side: `require_client` makes a client certificate signed
-    /// by the client CA mandatory (else it is verified only when shown).
-    pub fn server_config(&self, require_client: bool) -> ServerTlsConfig {
-        let mut c = ServerTlsConfig::new()
-            .identity(self.identity())
-            .timeout(self.handshake_timeout);
-        if let Some(ca) = &self.client_ca_pem {
-            c = c
-                .client_ca_root(Certificate::from_pem(ca))
-                .client_auth_optional(!require_client);
-        }
-        c
+    /// The server side (rustls with ring, HTTP/2 only): `require_client`
+    /// makes a client certificate signed by the client CA mandatory (else
+    /// it is verified only when shown).
+    pub fn rustls_server(&self, require_client: bool) -> Result<Arc<rustls::ServerConfig>, String> {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| e.to_string())?;
+        let builder = match &self.client_ca_pem {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for c in CertificateDer::pem_slice_iter(ca) {
+                    let c = c.map_err(|e| format!("--tls-client-ca: {e}"))?;
+                    roots.add(c).map_err(|e| format!("--tls-client-ca: {e}"))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    Arc::new(roots),
+                    provider,
+                );
+                let verifier = if require_client {
+                    verifier
+                } else {
+                    verifier.allow_unauthenticated()
+                };
+                builder.with_client_cert_verifier(
+                    verifier
+                        .build()
+                        .map_err(|e| format!("--tls-client-ca: {e}"))?,
+                )
+            }
+        };
+        let certs = CertificateDer::pem_slice_iter(&self.cert_pem)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("--tls-cert: {e}"))?;
+        let key =
+            PrivateKeyDer::from_pem_slice(&self.key_pem).map_err(|e| format!("--tls-key: {e}"))?;
+        let mut config = builder
+            .with_single_cert(certs, key)
+            .map_err(|e| format!("--tls-cert/--tls-key: {e}"))?;
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(Arc::new(config))
     }
 
     /// The client side of a call to the peer named `peer_name`: verified
