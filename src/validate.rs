@@ -47,12 +47,6 @@ impl ValidationError {
     }
 }
 
-impl From<ValidationError> for tonic::Status {
-    fn from(e: ValidationError) -> Self {
-        tonic::Status::invalid_argument(e.to_string())
-    }
-}
-
 type Result<T = ()> = std::result::Result<T, ValidationError>;
 
 /// Most bytes of a caller's value quoted back in an error.

@@ -111,7 +111,7 @@ impl From<ApiError> for Status {
     fn from(e: ApiError) -> Self {
         let msg = e.to_string();
         match e {
-            ApiError::Validate(v) => v.into(),
+            ApiError::Validate(_) => Status::invalid_argument(msg),
             ApiError::AgentNotFound { .. } | ApiError::HostNotFound { .. } => {
                 Status::not_found(msg)
             }

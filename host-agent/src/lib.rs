@@ -154,6 +154,7 @@ pub async fn run(
         max_concurrent_streams: config.max_log_streams + 256,
         keepalive: KEEPALIVE,
         max_connections: config.serve.max_connections,
+        max_streams: config.serve.max_streams,
     };
     let probes =
         server::start_health(config.serve.health_listen, health_service.clone(), &cancel).await?;

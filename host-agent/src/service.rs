@@ -12,7 +12,7 @@ use agentplane::time::duration_from_proto;
 use agentplane::validate::ValidationError;
 use tonic::{Request, Response, Status};
 
-use crate::supervisor::Supervisor;
+use crate::supervisor::{Supervisor, SupervisorError};
 
 /// The service.
 #[derive(Debug, Clone)]
@@ -35,7 +35,7 @@ impl HostAgent for HostAgentService {
         let r = req.into_inner();
         let spec = r
             .spec
-            .ok_or_else(|| ValidationError::new("spec", "is required"))?;
+            .ok_or_else(|| SupervisorError::from(ValidationError::new("spec", "is required")))?;
         Ok(Response::new(
             self.supervisor
                 .start_detached(r.id, r.generation, spec)

@@ -10,7 +10,7 @@ impl From<SupervisorError> for Status {
     fn from(e: SupervisorError) -> Self {
         let msg = e.to_string();
         match e {
-            SupervisorError::Validate(v) => v.into(),
+            SupervisorError::Validate(_) => Status::invalid_argument(msg),
             SupervisorError::AtCapacity { .. } | SupervisorError::TooManyStreams { .. } => {
                 Status::resource_exhausted(msg)
             }

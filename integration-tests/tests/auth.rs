@@ -136,6 +136,34 @@ async fn tokens_gate_every_call_by_role_and_selector() {
         .map(|x| x.id)
         .collect();
     assert_eq!(listed, vec![a.id.clone()]);
+    // Pages are filled with what it may see: with many team=b agents and
+    // pages of one, every page but the last holds its agent.
+    for _ in 0..10 {
+        cluster.spawn_spec(spec("b")).await;
+    }
+    let (mut pages, mut empty, mut seen, mut token) = (0, 0, Vec::new(), String::new());
+    loop {
+        let page = team_a
+            .list_agents(ListAgentsRequest {
+                page_size: 1,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await
+            .expect("a page")
+            .into_inner();
+        pages += 1;
+        if page.agents.is_empty() {
+            empty += 1;
+        }
+        seen.extend(page.agents.into_iter().map(|x| x.id));
+        token = page.next_page_token;
+        if token.is_empty() || pages > 100 {
+            break;
+        }
+    }
+    assert_eq!(seen, vec![a.id.clone()]);
+    assert!(empty <= 1, "{empty} empty pages of {pages}");
     // Attach names its agent in the stream: b does not exist there either,
     // and a does (the session stays open until the input ends).
     let attach = |id: &str| {

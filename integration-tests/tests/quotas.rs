@@ -1,7 +1,7 @@
-//! Per-token limits on a TLS cluster with small limits: a token at its
-//! cap on watch streams, follow streams or spawns is RESOURCE_EXHAUSTED
-//! with the flag named, other tokens go on, and a closed stream frees its
-//! place.
+//! Limits on a TLS cluster, set small: a server at `--max-streams`, or a
+//! token at its cap on watch streams, follow streams or spawns, answers
+//! RESOURCE_EXHAUSTED with the flag named; other tokens go on, and a closed
+//! stream frees its place.
 
 use std::time::Duration;
 
@@ -119,4 +119,63 @@ async fn a_token_at_its_limits_is_refused_and_others_are_not() {
         .stream_logs(follow)
         .await
         .expect("the admin's follow is its own");
+}
+
+/// `--max-streams`: a server holds at most that many requests and streams
+/// open at once, whoever opens them (a health Watch needs no token); past
+/// it, RESOURCE_EXHAUSTED naming the flag, and a closed stream frees its
+/// place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_holds_at_most_max_streams_open() {
+    use tonic_health::pb::health_client::HealthClient;
+    use tonic_health::pb::HealthCheckRequest;
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .tls()
+        .control_plane_arg("--max-streams")
+        .control_plane_arg("4")
+        .start()
+        .await;
+    let channel = tonic::transport::Endpoint::from_shared(cluster.endpoint(0))
+        .expect("endpoint")
+        .tls_config(
+            cluster
+                .pki
+                .as_ref()
+                .expect("TLS")
+                .client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None),
+        )
+        .expect("TLS config")
+        .connect()
+        .await
+        .expect("connect");
+    let mut health = HealthClient::new(channel);
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = health
+            .watch(HealthCheckRequest::default())
+            .await
+            .expect("a place")
+            .into_inner();
+        s.message().await.expect("first status");
+        held.push(s);
+    }
+    let e = health
+        .watch(HealthCheckRequest::default())
+        .await
+        .expect_err("past the cap");
+    assert_exhausted(&e, "--max-streams");
+    let e = cluster
+        .client()
+        .await
+        .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+        .await
+        .expect_err("a unary call needs a place too");
+    assert_exhausted(&e, "--max-streams");
+    held.pop();
+    eventually(Duration::from_secs(10), "a freed place", || {
+        let mut c = health.clone();
+        async move { c.check(HealthCheckRequest::default()).await.ok().map(drop) }
+    })
+    .await;
 }

@@ -6,6 +6,7 @@
 mod handshake;
 mod incoming;
 mod peer;
+mod streams;
 pub mod tls;
 
 use std::future::Future;
@@ -94,6 +95,8 @@ pub struct ServerOptions {
     pub keepalive: Duration,
     /// Most connections open at once (`--max-connections`).
     pub max_connections: usize,
+    /// Most requests and streams open at once (`--max-streams`).
+    pub max_streams: usize,
 }
 
 /// Reflection (v1) over the agentplane and health descriptors.
@@ -135,6 +138,7 @@ pub fn start(
     let mut gate = Gate {
         peer: None,
         tokens: opts.tokens.clone(),
+        streams: Some(streams::StreamCap::new(opts.max_streams)),
     };
     let stop = cancel.clone().cancelled_owned();
     let routes = routes.add_service(reflection()?);

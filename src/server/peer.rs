@@ -14,6 +14,7 @@ use tonic::codegen::http;
 use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
+use super::streams::{Placed, StreamCap};
 use crate::auth::{decide, Principal, TokenTable};
 
 /// Admits requests whose peer certificate carries `name` as a DNS SAN.
@@ -61,6 +62,8 @@ pub struct Gate {
     pub peer: Option<RequirePeerName>,
     /// The token table (the control plane's `--token-file`).
     pub tokens: Option<Tokens>,
+    /// The cap on open requests and streams (`--max-streams`).
+    pub streams: Option<StreamCap>,
 }
 
 impl<S> tower_layer::Layer<S> for Gate {
@@ -115,19 +118,28 @@ where
 {
     type Response = S::Response;
     type Error = S::Error;
-    type Future = Either<std::future::Ready<Result<S::Response, S::Error>>, S::Future>;
+    type Future = Either<std::future::Ready<Result<S::Response, S::Error>>, Placed<S::Future>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner.poll_ready(cx)
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        match self.gate.check(&req) {
-            Ok(principal) => {
+        let admitted = self.gate.check(&req).and_then(|principal| {
+            let place = self
+                .gate
+                .streams
+                .as_ref()
+                .map(StreamCap::admit)
+                .transpose()?;
+            Ok((principal, place))
+        });
+        match admitted {
+            Ok((principal, place)) => {
                 if let Some(p) = principal {
                     req.extensions_mut().insert(p);
                 }
-                Either::Right(self.inner.call(req))
+                Either::Right(Placed::new(self.inner.call(req), place))
             }
             Err(status) => {
                 let peer = req

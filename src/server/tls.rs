@@ -70,6 +70,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 4096)]
     pub max_connections: usize,
 
+    /// Most requests and streams open at once on this server (past it:
+    /// RESOURCE_EXHAUSTED), so long-lived streams cannot grow its memory
+    /// without bound (each costs a few KiB).
+    #[arg(long, env = "AGENTPLANE_MAX_STREAMS", default_value_t = 16384)]
+    pub max_streams: usize,
+
     /// Serve plaintext with no peer authentication: anyone who reaches the
     /// port can run programs here. For tests and local experiments only.
     #[arg(long, env = "AGENTPLANE_INSECURE", conflicts_with_all = ["tls_cert", "tls_key"])]
@@ -104,6 +110,9 @@ impl ServeArgs {
     pub fn load(&self, need_client_ca: bool) -> Result<Transport, String> {
         if self.max_connections == 0 {
             return Err("--max-connections: must be at least 1".into());
+        }
+        if self.max_streams == 0 {
+            return Err("--max-streams: must be at least 1".into());
         }
         if self.insecure {
             return Ok(Transport::Insecure);
@@ -255,6 +264,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
             max_connections: 4096,
+            max_streams: 16384,
             insecure: false,
         };
         let e = args.load(false).unwrap_err();
@@ -283,6 +293,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
             max_connections: 4096,
+            max_streams: 16384,
             insecure: false,
         };
         assert!(args.load(false).unwrap_err().starts_with("--tls-cert"));

@@ -145,15 +145,8 @@ impl AgentService for AgentApi {
         req: Request<ListAgentsRequest>,
     ) -> Result<Response<ListAgentsResponse>, Status> {
         let caller = Caller::of(&req);
-        let mut page = self.list(req.into_inner()).await?;
-        // Filtered after the page is read: a restricted caller's pages may
-        // be shorter than asked (never missing an agent it may see).
-        page.agents = page
-            .agents
-            .into_iter()
-            .filter(|a| caller.sees(a))
-            .map(|a| caller.shown(a))
-            .collect();
+        let mut page = self.list(req.into_inner(), &caller).await?;
+        page.agents = page.agents.into_iter().map(|a| caller.shown(a)).collect();
         Ok(Response::new(page))
     }
 

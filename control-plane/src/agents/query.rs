@@ -7,6 +7,7 @@ use agentplane::proto::v1::{
 use agentplane::validate::{self, ValidationError};
 
 use super::AgentApi;
+use crate::auth::Caller;
 use crate::error::ApiError;
 
 /// Page size when the request gives none.
@@ -58,9 +59,13 @@ impl AgentApi {
         })
     }
 
+    /// A page of the agents `caller` may see that match `req`: filtered
+    /// while the page fills, so a caller limited to a selector gets full
+    /// pages too.
     pub(super) async fn list(
         &self,
         req: ListAgentsRequest,
+        caller: &Caller,
     ) -> Result<ListAgentsResponse, ApiError> {
         let page_size = match req.page_size {
             0 => DEFAULT_PAGE,
@@ -73,7 +78,8 @@ impl AgentApi {
         let selector = Selector::parse("label_selector", &req.label_selector)?;
         let state = req.state();
         let keep = |a: &Agent| {
-            (state == AgentState::Unspecified || a.state() == state)
+            caller.sees(a)
+                && (state == AgentState::Unspecified || a.state() == state)
                 && (selector.is_empty()
                     || selector.matches(
                         &a.spec
