@@ -411,13 +411,35 @@ fn systemd_units_pass_check_config_with_their_environment_files() {
             .expect("file name")
             .to_string_lossy()
             .into_owned();
-        let env: BTreeMap<String, String> = key_values(&read(&format!("systemd/{env_file}")))
+        let mut env: BTreeMap<String, String> = key_values(&read(&format!("systemd/{env_file}")))
             .into_iter()
             .collect();
         assert!(
             env.keys().all(|k| k.starts_with("AGENTPLANE_")),
             "{env_file}: only AGENTPLANE_* settings"
         );
+        // Settings in the unit itself, with the credentials directory (%d)
+        // standing in where systemd would copy each LoadCredential= file.
+        let lines = key_values(&read(&format!("systemd/{unit}")));
+        let credentials: HashMap<&str, &str> = lines
+            .iter()
+            .filter(|(k, _)| k == "LoadCredential")
+            .filter_map(|(_, v)| v.split_once(':'))
+            .collect();
+        for (_, v) in lines.iter().filter(|(k, _)| k == "Environment") {
+            let (k, v) = v.split_once('=').expect("Environment=KEY=VALUE");
+            let v = match v.strip_prefix("%d/") {
+                Some(name) => credentials
+                    .get(name)
+                    .unwrap_or_else(|| panic!("{unit}: {k} reads credential {name}, never loaded"))
+                    .to_string(),
+                None => v.to_owned(),
+            };
+            assert!(
+                env.insert(k.to_owned(), v).is_none(),
+                "{unit}: {k} is set in both the unit and {env_file} (the file would win)"
+            );
+        }
         let mut argv = vec![binary.to_owned()];
         argv.extend(exec[1..].iter().cloned());
         check_config(unit, &argv, &env);
