@@ -4,6 +4,7 @@
 
 mod cluster;
 pub mod netns;
+pub mod output;
 pub mod pki;
 mod process;
 pub mod procfs;

@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use agentplane_integration_tests::output::json;
 use agentplane_integration_tests::{bin, bin_dir, eventually, procfs};
-use serde_json::Value;
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -40,15 +40,6 @@ fn plain_agentctl(config: &Path, args: &[&str]) -> std::process::Output {
         .env_remove("AGENTPLANE_TOKEN_FILE")
         .output()
         .expect("run agentctl")
-}
-
-fn ok_json(out: &std::process::Output) -> Value {
-    assert!(
-        out.status.success(),
-        "agentctl failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    serde_json::from_slice(&out.stdout).expect("JSON")
 }
 
 /// Processes whose command line mentions `needle` (the run's directory).
@@ -126,7 +117,7 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
     assert!(endpoint.starts_with("https://"), "{endpoint}");
 
     // Another shell, no flags: both hosts, and a spawn that runs.
-    let hosts = ok_json(&plain_agentctl(
+    let hosts = json(&plain_agentctl(
         config.path(),
         &["-o", "json", "hosts", "ls"],
     ));
@@ -138,12 +129,12 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
         .collect();
     ids.sort_unstable();
     assert_eq!(ids, ["h1", "h2"]);
-    let spawned = ok_json(&plain_agentctl(
+    let spawned = json(&plain_agentctl(
         config.path(),
         &["-o", "json", "spawn", "--", "sleep", "1000"],
     ));
     let id = spawned["id"].as_str().expect("id").to_owned();
-    let ls = ok_json(&plain_agentctl(config.path(), &["-o", "json", "ls"]));
+    let ls = json(&plain_agentctl(config.path(), &["-o", "json", "ls"]));
     assert!(ls.to_string().contains(&id), "ls shows the agent: {ls}");
     eventually(Duration::from_secs(10), "the agent runs", || {
         let running = !procfs::agent_processes(&id).is_empty();

@@ -1,0 +1,190 @@
+//! `agentctl dev`: a whole secure stack in one process that a plain
+//! `agentctl` reaches through its context file, and that leaves nothing
+//! behind however it is stopped.
+
+use std::process::Command;
+use std::time::Duration;
+
+use agentplane_integration_tests::output::{json, stderr};
+use agentplane_integration_tests::{bin, eventually, procfs};
+
+/// A running `agentctl dev` on free ports.
+struct Dev {
+    child: std::process::Child,
+    endpoint: String,
+    data_dir: std::path::PathBuf,
+    redis_pid: i32,
+    /// `$XDG_CONFIG_HOME` of the stack and of its clients: the context file.
+    config: tempfile::TempDir,
+}
+
+impl Dev {
+    /// Starts it and reads what it prints until it says how to stop it.
+    fn start(log: &std::path::Path) -> Self {
+        use std::io::BufRead;
+        let config = tempfile::tempdir().expect("config dir");
+        let mut child = Command::new(bin("agentctl"))
+            .args([
+                "dev",
+                "--listen",
+                "127.0.0.1:0",
+                "--host-listen",
+                "127.0.0.1:0",
+            ])
+            .env("AGENTPLANE_LOG", "info")
+            .env("XDG_CONFIG_HOME", config.path())
+            // Settings meant for someone else's servers must not leak into
+            // the stack `dev` makes (it would register as "leaked", at an
+            // address nobody can reach).
+            .env("AGENTPLANE_HOST_ID", "leaked")
+            .env("AGENTPLANE_ADVERTISE_ADDR", "192.0.2.1:9")
+            .env("AGENTPLANE_REDIS_PREFIX", "leaked")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::fs::File::create(log).expect("dev log"))
+            .spawn()
+            .expect("start agentctl dev");
+        let out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
+        let (mut endpoint, mut data_dir, mut redis_port) = (None, None, None);
+        for line in out.lines() {
+            let line = line.expect("read agentctl dev stdout");
+            if let Some(e) = line.strip_prefix("control plane ") {
+                endpoint = Some(e.to_owned());
+            } else if let Some(d) = line.strip_prefix("data in ") {
+                data_dir = Some(std::path::PathBuf::from(d));
+            } else if let Some(r) = line.strip_prefix("redis redis://127.0.0.1:") {
+                redis_port = r.split_whitespace().next().map(str::to_owned);
+            } else if line.starts_with("Ctrl-C") {
+                break;
+            }
+        }
+        let endpoint = endpoint.unwrap_or_else(|| {
+            panic!(
+                "agentctl dev printed no endpoint: {}",
+                std::fs::read_to_string(log).unwrap_or_default()
+            )
+        });
+        let port = redis_port.expect("a private redis");
+        let pid = i32::try_from(child.id()).expect("pid");
+        // The private redis-server is a child of agentctl dev.
+        let redis_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse::<i32>().ok())
+            .find(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/cmdline"))
+                    .is_ok_and(|c| c.contains(&format!("127.0.0.1:{port}")))
+            })
+            .expect("redis-server is a child of agentctl dev");
+        Self {
+            child,
+            endpoint,
+            data_dir: data_dir.expect("data dir"),
+            redis_pid,
+            config,
+        }
+    }
+
+    /// The context file `agentctl dev` writes for plain `agentctl` calls.
+    fn context(&self) -> std::path::PathBuf {
+        self.config.path().join("agentplane/dev-context.toml")
+    }
+
+    /// Runs a plain `agentctl ARGS` (no endpoint, CA or token given): it
+    /// finds the stack through the context file.
+    fn agentctl(&self, args: &[&str]) -> std::process::Output {
+        Command::new(bin("agentctl"))
+            .args(args)
+            .env("XDG_CONFIG_HOME", self.config.path())
+            .env_remove("AGENTPLANE_ENDPOINT")
+            .env_remove("AGENTPLANE_CA")
+            .env_remove("AGENTPLANE_TOKEN")
+            .output()
+            .expect("run agentctl")
+    }
+
+    fn signal(&self, sig: nix::sys::signal::Signal) {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(i32::try_from(self.child.id()).expect("pid")),
+            sig,
+        )
+        .expect("signal agentctl dev");
+    }
+}
+
+impl Drop for Dev {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behind() {
+    use nix::sys::signal::Signal;
+    let logs = tempfile::tempdir().unwrap();
+    let log = logs.path().join("dev.log");
+    let mut dev = Dev::start(&log);
+    // Secure by default: https, its own CA and token, key files 0600, and
+    // a plaintext call to it fails.
+    assert!(dev.endpoint.starts_with("https://"), "{}", dev.endpoint);
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode =
+            |p: &std::path::Path| std::fs::metadata(p).expect("file").permissions().mode() & 0o777;
+        assert_eq!(mode(&dev.context()), 0o600);
+        let pki = dev.data_dir.join("pki");
+        assert_eq!(mode(&pki), 0o700);
+        for f in std::fs::read_dir(&pki).expect("pki dir").flatten() {
+            assert_eq!(mode(&f.path()), 0o600, "{}", f.path().display());
+        }
+    }
+    let plain = Command::new(bin("agentctl"))
+        .args([
+            "--endpoint",
+            &dev.endpoint.replace("https://", "http://"),
+            "ls",
+        ])
+        .env("XDG_CONFIG_HOME", dev.config.path())
+        .output()
+        .expect("agentctl");
+    assert!(!plain.status.success(), "plaintext must fail");
+    let waited = dev.agentctl(&["spawn", "--wait", "--", "sh", "-c", "echo hi; exit 3"]);
+    assert_eq!(waited.status.code(), Some(3), "{}", stderr(&waited));
+    let hosts = json(&dev.agentctl(&["-o", "json", "hosts", "ls"]));
+    assert_eq!(hosts[0]["id"], "dev");
+    let a = json(&dev.agentctl(&["-o", "json", "spawn", "--", "sleep", "1000"]));
+    let id = a["id"].as_str().unwrap().to_owned();
+    assert!(!procfs::agent_processes(&id).is_empty(), "the agent runs");
+    assert!(dev.data_dir.is_dir());
+
+    // SIGTERM: agents stopped, redis-server stopped, the temporary dir gone.
+    dev.signal(Signal::SIGTERM);
+    let child = &mut dev.child;
+    let status = eventually(Duration::from_secs(20), "agentctl dev exits", || {
+        let s = child.try_wait().unwrap();
+        async move { s }
+    })
+    .await;
+    assert!(
+        status.success(),
+        "{status}: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    assert!(procfs::agent_processes(&id).is_empty(), "agent stopped");
+    assert!(!procfs::is_alive(dev.redis_pid), "redis-server stopped");
+    assert!(!dev.data_dir.exists(), "temporary data removed");
+    assert!(!dev.context().exists(), "the context file is removed");
+
+    // SIGKILL: the kernel and the guard still take everything down.
+    let dev = Dev::start(&log);
+    let a = json(&dev.agentctl(&["-o", "json", "spawn", "--", "sleep", "1000"]));
+    let id = a["id"].as_str().unwrap().to_owned();
+    dev.signal(Signal::SIGKILL);
+    procfs::wait_gone(&id, Duration::from_secs(5)).await;
+    let redis = dev.redis_pid;
+    eventually(Duration::from_secs(5), "redis-server gone", || async move {
+        (!procfs::is_alive(redis)).then_some(())
+    })
+    .await;
+    let _ = std::fs::remove_dir_all(&dev.data_dir);
+}
