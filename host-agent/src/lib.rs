@@ -6,6 +6,7 @@
 pub mod config;
 mod heartbeat;
 pub mod identity;
+pub mod keeper;
 mod service;
 mod status;
 pub mod supervisor;
