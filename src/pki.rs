@@ -6,7 +6,7 @@
 //! what they accept.
 
 use std::fmt::Write as _;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use rcgen::{
@@ -246,35 +246,64 @@ pub fn create_private_dir(dir: &Path) -> Result<(), PkiError> {
         })
 }
 
-/// Writes `data` to `path` with mode 0600, through a temporary file and a
-/// rename so a reader (a server reloading on SIGHUP) never sees half of it.
-/// With `replace` false an existing file is an error, not overwritten.
+/// Writes `data` to `path` with mode 0600, through a new temporary file in
+/// the same directory (a random name, created exclusively, so nobody else's
+/// file can be written through) and a rename, so a reader (a server
+/// reloading on SIGHUP) never sees half of it. With `replace` false an
+/// existing file is an error, not overwritten, even one that appears
+/// meanwhile.
 pub fn write_private(path: &Path, data: &[u8], replace: bool) -> Result<(), PkiError> {
     use std::io::Write;
-    if !replace && path.exists() {
-        return Err(PkiError::Exists {
-            path: path.to_owned(),
-        });
-    }
+    use std::os::unix::fs::PermissionsExt;
     let io = |step, source| PkiError::Io {
         step,
         path: path.to_owned(),
         source,
     };
-    let mut tmp = path.as_os_str().to_owned();
-    tmp.push(format!(".tmp{}", std::process::id()));
-    let tmp = PathBuf::from(tmp);
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .write(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .map_err(|e| io("create", e))?;
-    f.write_all(data)
-        .and_then(|()| f.sync_all())
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or_else(|| Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".agentplane-")
+        .permissions(std::fs::Permissions::from_mode(0o600))
+        .tempfile_in(dir)
+        .map_err(|e| io("create a temporary file beside", e))?;
+    tmp.write_all(data)
+        .and_then(|()| tmp.as_file().sync_all())
         .map_err(|e| io("write", e))?;
-    std::fs::rename(&tmp, path).map_err(|e| io("write", e))
+    let persisted = if replace {
+        tmp.persist(path)
+    } else {
+        tmp.persist_noclobber(path)
+    };
+    persisted.map(drop).map_err(|e| {
+        if e.error.kind() == std::io::ErrorKind::AlreadyExists {
+            PkiError::Exists {
+                path: path.to_owned(),
+            }
+        } else {
+            io("write", e.error)
+        }
+    })
+}
+
+/// Refuses an extra certificate name that would let its holder pose as
+/// another component: a name under `agentplane` (the control plane's and
+/// the hosts' names are added by this module, never by hand) or a
+/// wildcard.
+pub fn check_extra_san(name: &str) -> Result<(), String> {
+    let lower = name.to_ascii_lowercase();
+    if lower.contains('*') {
+        return Err(format!("--san {name}: no wildcards"));
+    }
+    let trimmed = lower.trim_end_matches('.');
+    if trimmed == "agentplane" || trimmed.ends_with(".agentplane") {
+        return Err(format!(
+            "--san {name}: names under agentplane identify the control plane and hosts, and are set by the certificate's kind"
+        ));
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -321,6 +350,21 @@ mod tests {
         ));
         write_private(&p, b"two", true).expect("replace");
         assert_eq!(std::fs::read(&p).expect("read"), b"two");
+    }
+
+    #[test]
+    fn extra_names_cannot_claim_another_identity() {
+        for bad in [
+            "control-plane.agentplane",
+            "h2.host.agentplane",
+            "H2.HOST.AGENTPLANE.",
+            "*.example.com",
+        ] {
+            assert!(check_extra_san(bad).is_err(), "{bad}");
+        }
+        for ok in ["10.0.0.5", "cp.example.com", "localhost"] {
+            check_extra_san(ok).expect(ok);
+        }
     }
 
     #[test]

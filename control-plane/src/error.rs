@@ -93,6 +93,12 @@ pub enum ApiError {
         /// The oldest event that is still retained (or the first to come).
         before: String,
     },
+    /// A spawn's request id names an agent the caller may not see.
+    #[error("request_id {request_id} is already used by another caller's spawn; pick a new one")]
+    RequestIdTaken {
+        /// The request id.
+        request_id: String,
+    },
     /// The caller's token is at one of its per-token limits.
     #[error("{detail}")]
     QuotaExceeded {
@@ -116,7 +122,9 @@ impl From<ApiError> for Status {
                 Status::not_found(msg)
             }
             ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
-            ApiError::NameTaken { .. } => Status::already_exists(msg),
+            ApiError::NameTaken { .. } | ApiError::RequestIdTaken { .. } => {
+                Status::already_exists(msg)
+            }
             ApiError::Forbidden { .. } => Status::permission_denied(msg),
             ApiError::NoCapacity { .. } | ApiError::QuotaExceeded { .. } => {
                 Status::resource_exhausted(msg)

@@ -136,6 +136,38 @@ async fn tokens_gate_every_call_by_role_and_selector() {
         .map(|x| x.id)
         .collect();
     assert_eq!(listed, vec![a.id.clone()]);
+    // Another team's request id and name: taken, without saying by whom.
+    let mut named_b = spec("b");
+    named_b.name = "b-name".into();
+    let b_named = cluster
+        .client()
+        .await
+        .spawn_agent(SpawnAgentRequest {
+            spec: Some(named_b),
+            request_id: "rid-b".into(),
+        })
+        .await
+        .expect("admin spawns a named b")
+        .into_inner()
+        .agent
+        .expect("agent");
+    let e = team_a
+        .spawn_agent(SpawnAgentRequest {
+            spec: Some(spec("a")),
+            request_id: "rid-b".into(),
+        })
+        .await
+        .expect_err("b's request id");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(!e.message().contains(&b_named.id), "{e:?}");
+    let mut named_a = spec("a");
+    named_a.name = "b-name".into();
+    let e = team_a
+        .spawn_agent(spawn_req(named_a))
+        .await
+        .expect_err("b's name");
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert!(!e.message().contains(&b_named.id), "{e:?}");
     // Pages are filled with what it may see: with many team=b agents and
     // pages of one, every page but the last holds its agent.
     for _ in 0..10 {

@@ -193,6 +193,10 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
     )
     .await;
     assert!(!context.exists(), "the context file is removed at exit");
+    assert!(
+        !pki.exists(),
+        "the CA key and the admin token are removed at exit"
+    );
     let _ = std::fs::remove_dir_all(&run_dir);
 }
 
@@ -231,6 +235,17 @@ fn agentctl_certs_refuses_what_the_servers_would_refuse_and_never_overwrites() {
     assert!(certs(&["host", "h1", "--dir", d, "--san", "127.0.0.1"])
         .status
         .success());
+    // An extra name that would let a host pose as the control plane (or
+    // as another host) is refused.
+    for san in [
+        "control-plane.agentplane",
+        "h2.host.agentplane",
+        "*.example.com",
+    ] {
+        let out = certs(&["host", "h3", "--dir", d, "--san", san]);
+        assert!(!out.status.success(), "--san {san} must be refused");
+        assert!(!pki.join("host-h3.crt").exists());
+    }
     for f in ["ca.crt", "ca.key", "host-h1.crt", "host-h1.key"] {
         assert_eq!(mode(&pki.join(f)), 0o600, "{f}");
     }
@@ -275,6 +290,12 @@ fn agentctl_certs_refuses_what_the_servers_would_refuse_and_never_overwrites() {
         assert!(!out.status.success(), "{refused:?} must be refused");
         assert_eq!(std::fs::read_to_string(&tokens).expect("tokens"), text);
     }
+    // A file the control plane reads through its group (0640) stays so
+    // when a token is added.
+    std::fs::set_permissions(&tokens, std::fs::Permissions::from_mode(0o640)).expect("chmod");
+    let bob = certs(&["token", "bob", "--role", "viewer", "--tokens", t]);
+    assert!(bob.status.success(), "{}", stderr(&bob));
+    assert_eq!(mode(&tokens), 0o640, "the token file keeps its mode");
     let table = agentplane::auth::TokenTable::load(&tokens).expect("the control plane loads it");
     let who = table.authenticate(token).expect("the token gets in");
     assert_eq!(who.name, "alice");

@@ -122,11 +122,12 @@ async fn a_token_at_its_limits_is_refused_and_others_are_not() {
 }
 
 /// `--max-streams`: a server holds at most that many requests and streams
-/// open at once, whoever opens them (a health Watch needs no token); past
-/// it, RESOURCE_EXHAUSTED naming the flag, and a closed stream frees its
-/// place.
+/// open at once; past it, RESOURCE_EXHAUSTED naming the flag, and a closed
+/// stream frees its place. Calls that need no token (health) have places
+/// of their own, so a flood of them (a health Watch anyone may hold) takes
+/// none from callers with a token.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_server_holds_at_most_max_streams_open() {
+async fn a_server_holds_at_most_max_streams_open_and_health_floods_take_none() {
     use tonic_health::pb::health_client::HealthClient;
     use tonic_health::pb::HealthCheckRequest;
     let cluster = TestCluster::builder()
@@ -136,6 +137,25 @@ async fn a_server_holds_at_most_max_streams_open() {
         .control_plane_arg("4")
         .start()
         .await;
+    let mut admin = cluster.client().await;
+    let mut held = Vec::new();
+    for _ in 0..4 {
+        let mut s = admin
+            .watch_agents(WatchAgentsRequest::default())
+            .await
+            .expect("a place")
+            .into_inner();
+        s.message().await.expect("the first event (a bookmark)");
+        held.push(s);
+    }
+    let e = admin
+        .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+        .await
+        .expect_err("past the cap");
+    assert_exhausted(&e, "--max-streams");
+
+    // Health has its own places: it answers while the others are full, and
+    // a flood of health watches is capped apart.
     let channel = tonic::transport::Endpoint::from_shared(cluster.endpoint(0))
         .expect("endpoint")
         .tls_config(
@@ -150,32 +170,32 @@ async fn a_server_holds_at_most_max_streams_open() {
         .await
         .expect("connect");
     let mut health = HealthClient::new(channel);
-    let mut held = Vec::new();
-    for _ in 0..4 {
-        let mut s = health
-            .watch(HealthCheckRequest::default())
-            .await
-            .expect("a place")
-            .into_inner();
-        s.message().await.expect("first status");
-        held.push(s);
-    }
-    let e = health
-        .watch(HealthCheckRequest::default())
-        .await
-        .expect_err("past the cap");
-    assert_exhausted(&e, "--max-streams");
-    let e = cluster
-        .client()
-        .await
-        .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
-        .await
-        .expect_err("a unary call needs a place too");
-    assert_exhausted(&e, "--max-streams");
+    let mut flood = Vec::new();
+    let refused = loop {
+        match health.watch(HealthCheckRequest::default()).await {
+            Ok(s) => flood.push(s.into_inner()),
+            Err(e) => break e,
+        }
+        assert!(flood.len() <= 10_000, "health watches are never capped");
+    };
+    assert_eq!(refused.code(), Code::ResourceExhausted, "{refused:?}");
+    assert!(
+        flood.len() >= 100,
+        "the health cap is not the main one: {}",
+        flood.len()
+    );
+    // With the health flood still held, a freed place goes to a caller
+    // with a token.
     held.pop();
     eventually(Duration::from_secs(10), "a freed place", || {
-        let mut c = health.clone();
-        async move { c.check(HealthCheckRequest::default()).await.ok().map(drop) }
+        let mut c = admin.clone();
+        async move {
+            c.list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+                .await
+                .ok()
+                .map(drop)
+        }
     })
     .await;
+    drop(flood);
 }

@@ -78,8 +78,8 @@ async fn accept_loop(
         let io = match accepted {
             Ok((io, _)) => io,
             Err(e) => {
-                // Out of descriptors and the like: say so, pause, go on
-                // (as tonic's own accept loop does).
+                // Out of descriptors and the like: say so, pause, go on.
+                refused.warn(max, None, "accept failed (out of descriptors?)");
                 tracing::debug!(error = %e, "accept failed");
                 tokio::time::sleep(Duration::from_millis(10)).await;
                 continue;
@@ -94,13 +94,17 @@ async fn accept_loop(
                     .by_age
                     .pop_first();
                 let Some((_, victim)) = oldest else {
-                    refused.warn(max, &io, "connection refused: --max-connections reached");
+                    refused.warn(
+                        max,
+                        Some(&io),
+                        "connection refused: --max-connections reached",
+                    );
                     continue;
                 };
                 victim.cancel();
                 evicted.warn(
                     max,
-                    &io,
+                    Some(&io),
                     "--max-connections reached: closed the oldest connection still in its TLS handshake to admit a new one",
                 );
                 match tokio::time::timeout(EVICTION_WAIT, permits.clone().acquire_owned()).await {

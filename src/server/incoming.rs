@@ -39,7 +39,7 @@ pub struct RefusalLog(Arc<AtomicI64>);
 
 impl RefusalLog {
     /// Logs `what` about `io` unless it was logged less than a second ago.
-    pub fn warn(&self, max: usize, io: &TcpStream, what: &'static str) {
+    pub fn warn(&self, max: usize, io: Option<&TcpStream>, what: &'static str) {
         let now = crate::time::now_ms();
         let last = self.0.load(Ordering::Relaxed);
         if now - last >= 1000
@@ -48,7 +48,7 @@ impl RefusalLog {
                 .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
                 .is_ok()
         {
-            tracing::warn!(max, peer = ?io.peer_addr().ok(), "{what}");
+            tracing::warn!(max, peer = ?io.and_then(|io| io.peer_addr().ok()), "{what}");
         }
     }
 }
@@ -67,7 +67,14 @@ pub fn capped(
         async move {
             let io = match accepted {
                 Ok(io) => io,
-                Err(e) => return Some(Err(e)),
+                Err(e) => {
+                    // Out of descriptors and the like: tonic would retry at
+                    // once and spin; pause instead, and say so.
+                    refused.warn(max, None, "accept failed (out of descriptors?)");
+                    tracing::debug!(error = %e, "accept failed");
+                    tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                    return None;
+                }
             };
             match permits.try_acquire_owned() {
                 Ok(permit) => {
@@ -75,7 +82,11 @@ pub fn capped(
                     Some(Ok(Counted::new(io, permit)))
                 }
                 Err(_) => {
-                    refused.warn(max, &io, "connection refused: --max-connections reached");
+                    refused.warn(
+                        max,
+                        Some(&io),
+                        "connection refused: --max-connections reached",
+                    );
                     // Dropped here: closed.
                     None
                 }

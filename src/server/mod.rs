@@ -14,12 +14,16 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use self::peer::{Gate, RequirePeerName, Tokens};
 pub use self::tls::{ServeArgs, TlsMaterial, Transport};
+
+/// Connections the plaintext health port (`--health-listen`) serves at once.
+const HEALTH_CONNECTIONS: usize = 64;
+/// Streams per connection on the health port.
+const HEALTH_STREAMS_PER_CONNECTION: u32 = 16;
 
 /// Why a server could not start or did not end cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -139,6 +143,7 @@ pub fn start(
         peer: None,
         tokens: opts.tokens.clone(),
         streams: Some(streams::StreamCap::new(opts.max_streams)),
+        public_streams: opts.tokens.is_some().then(streams::StreamCap::public),
     };
     let stop = cancel.clone().cancelled_owned();
     let routes = routes.add_service(reflection()?);
@@ -203,10 +208,18 @@ where
         .await
         .map_err(|e| ServerError::HealthListen { addr, source: e })?;
     let task = tokio::spawn(
+        // Probes need little: a few connections, a few streams each, and
+        // streams capped like every public call, so a flood on this port
+        // cannot take the process's descriptors or memory.
         tonic::transport::Server::builder()
+            .max_concurrent_streams(HEALTH_STREAMS_PER_CONNECTION)
+            .layer(Gate {
+                streams: Some(streams::StreamCap::public()),
+                ..Gate::default()
+            })
             .add_service(health)
             .serve_with_incoming_shutdown(
-                TcpListenerStream::new(listener),
+                incoming::capped(listener, HEALTH_CONNECTIONS),
                 cancel.clone().cancelled_owned(),
             ),
     );

@@ -15,7 +15,7 @@ use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
 use tonic::Status;
 
 use super::streams::{Placed, StreamCap};
-use crate::auth::{decide, Principal, TokenTable};
+use crate::auth::{decide, required_role, Access, Principal, TokenTable};
 
 /// Admits requests whose peer certificate carries `name` as a DNS SAN.
 #[derive(Debug, Clone)]
@@ -64,6 +64,8 @@ pub struct Gate {
     pub tokens: Option<Tokens>,
     /// The cap on open requests and streams (`--max-streams`).
     pub streams: Option<StreamCap>,
+    /// With tokens on: the separate cap on calls that need none.
+    pub public_streams: Option<StreamCap>,
 }
 
 impl<S> tower_layer::Layer<S> for Gate {
@@ -126,12 +128,13 @@ where
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let admitted = self.gate.check(&req).and_then(|principal| {
-            let place = self
-                .gate
-                .streams
-                .as_ref()
-                .map(StreamCap::admit)
-                .transpose()?;
+            let cap = match &self.gate.public_streams {
+                Some(public) if matches!(required_role(req.uri().path()), Access::Public) => {
+                    Some(public)
+                }
+                _ => self.gate.streams.as_ref(),
+            };
+            let place = cap.map(StreamCap::admit).transpose()?;
             Ok((principal, place))
         });
         match admitted {

@@ -19,7 +19,13 @@ use tonic::Status;
 pub struct StreamCap {
     permits: Arc<Semaphore>,
     max: usize,
+    what: &'static str,
 }
+
+/// Places for calls that need no token (health), apart from the rest: a
+/// flood of them (a health `Watch` is a stream anyone may hold) cannot
+/// take the places of authenticated callers.
+pub const PUBLIC_STREAMS: usize = 256;
 
 impl StreamCap {
     /// At most `max` requests open at once.
@@ -27,6 +33,16 @@ impl StreamCap {
         Self {
             permits: Arc::new(Semaphore::new(max)),
             max,
+            what: "requests and streams open, the most --max-streams allows",
+        }
+    }
+
+    /// At most [`PUBLIC_STREAMS`] calls without a token open at once.
+    pub fn public() -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(PUBLIC_STREAMS)),
+            max: PUBLIC_STREAMS,
+            what: "health calls open, the most callers without a token may hold",
         }
     }
 
@@ -34,9 +50,8 @@ impl StreamCap {
     pub fn admit(&self) -> Result<OwnedSemaphorePermit, Status> {
         self.permits.clone().try_acquire_owned().map_err(|_| {
             Status::resource_exhausted(format!(
-                "this server has {} requests and streams open, the most --max-streams allows; \
-                 retry later",
-                self.max
+                "this server has {} {}; retry later",
+                self.max, self.what
             ))
         })
     }

@@ -100,6 +100,13 @@ pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
             println!("{}", cert.display());
             println!("{}", key.display());
         }
+        CertsCommand::ControlPlane { leaf } | CertsCommand::Host { leaf, .. }
+            if leaf.sans.iter().any(|s| pki::check_extra_san(s).is_err()) =>
+        {
+            for s in &leaf.sans {
+                pki::check_extra_san(s).map_err(anyhow::Error::msg)?;
+            }
+        }
         CertsCommand::ControlPlane { leaf } => {
             let sans = pki::control_plane_sans(&leaf.sans);
             issue(&leaf, "control-plane", &sans)?;
@@ -179,7 +186,23 @@ fn token(
     if let Some(out) = out {
         pki::write_private(out, format!("{token}\n").as_bytes(), false)?;
     }
+    // The new file keeps the old one's group and group-read bit: a control
+    // plane that reads it through a group (the systemd unit) still can.
+    let before_meta = std::fs::metadata(tokens).ok();
     pki::write_private(tokens, after.as_bytes(), true)?;
+    if let Some(m) = before_meta {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        std::os::unix::fs::chown(tokens, Some(m.uid()), Some(m.gid()))
+            .and_then(|()| {
+                std::fs::set_permissions(tokens, std::fs::Permissions::from_mode(m.mode() & 0o640))
+            })
+            .with_context(|| {
+                format!(
+                    "{} was rewritten 0600 and owned by you; give it back its owner and mode",
+                    tokens.display()
+                )
+            })?;
+    }
     match out {
         Some(out) => eprintln!(
             "added {name:?} ({role}) to {}; the token is in {}",

@@ -119,7 +119,23 @@ impl AgentService for AgentApi {
             caller.may_spawn(spec)?;
         }
         self.quotas.spawn(&caller)?;
-        let mut out = self.spawn(r).await?;
+        let request_id = r.request_id.clone();
+        let mut out = match self.spawn(r).await {
+            // A name held by an agent outside the caller's selector: said
+            // to be taken, but not by whom.
+            Err(ApiError::NameTaken { name, owner }) if caller.restricted() => {
+                let owner = match self.agent_for(&caller, &owner).await {
+                    Ok(_) => owner,
+                    Err(_) => "another agent".to_owned(),
+                };
+                return Err(ApiError::NameTaken { name, owner }.into());
+            }
+            other => other?,
+        };
+        // A replayed request id must not hand over another team's agent.
+        if out.existing && out.agent.as_ref().is_some_and(|a| !caller.sees(a)) {
+            return Err(ApiError::RequestIdTaken { request_id }.into());
+        }
         out.agent = out.agent.map(|a| caller.shown(a));
         Ok(Response::new(out))
     }
