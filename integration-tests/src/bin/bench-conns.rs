@@ -2,11 +2,13 @@
 //! of half-open connections on loopback.
 //!
 //! For the control plane and then a host agent it measures, in one run:
-//! a baseline (RSS; health probes on fresh TLS connections and on an
-//! established one), then with `--streams` long-lived streams open (gRPC
-//! health `Watch`, which needs no token: what anyone who can connect may
-//! hold), then with `--half-open` TCP connections that never send a TLS
-//! ClientHello. It prints how many streams and connections the server held
+//! a baseline (RSS; probes on fresh TLS connections and on an established
+//! one: `ListAgents` with a viewer's token on the control plane, a health
+//! check on the host agent), then with `--streams` long-lived streams open
+//! (gRPC health `Watch`, which needs no token: what anyone who can connect
+//! may hold; the control plane holds 256 of them, its places for calls
+//! without a token), then with `--half-open` TCP connections that never
+//! send a TLS ClientHello. It prints how many streams and connections the server held
 //! or refused, its RSS, the probes' p50/p99 as ratios to the baseline, and
 //! how long the server took to close the half-open connections. The whole
 //! flood runs twice. Exits 1 if a probe failed (a server that stopped
@@ -57,9 +59,31 @@ struct Target {
     url: String,
     tls_name: String,
     identity: Option<Issued>,
+    /// The bearer token of the probes (the control plane's API); `None`:
+    /// they are health checks.
+    token: Option<&'static str>,
 }
 
 impl Target {
+    /// One probe call on `ch`: what a real client of this server does.
+    async fn call(&self, ch: Channel) -> bool {
+        match self.token {
+            Some(token) => {
+                agentplane::proto::v1::agent_service_client::AgentServiceClient::with_interceptor(
+                    ch,
+                    agentplane_integration_tests::pki::Token::bearer(token),
+                )
+                .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+                .await
+                .is_ok()
+            }
+            None => HealthClient::new(ch)
+                .check(HealthCheckRequest::default())
+                .await
+                .is_ok(),
+        }
+    }
+
     fn endpoint(&self, pki: &ClusterPki) -> Endpoint {
         Endpoint::from_shared(self.url.clone())
             .expect("endpoint")
@@ -83,10 +107,7 @@ async fn probe(
         let start = Instant::now();
         let ok = async {
             let ch = t.endpoint(pki).connect().await.ok()?;
-            HealthClient::new(ch)
-                .check(HealthCheckRequest::default())
-                .await
-                .ok()
+            t.call(ch).await.then_some(())
         }
         .await;
         match ok {
@@ -94,12 +115,9 @@ async fn probe(
             None => failed += 1,
         }
         let start = Instant::now();
-        match HealthClient::new(established.clone())
-            .check(HealthCheckRequest::default())
-            .await
-        {
-            Ok(_) => kept.push(start.elapsed()),
-            Err(_) => failed += 1,
+        match t.call(established.clone()).await {
+            true => kept.push(start.elapsed()),
+            false => failed += 1,
         }
     }
     (fresh, kept, failed)
@@ -385,6 +403,7 @@ async fn main() -> anyhow::Result<()> {
             url: cluster.endpoint(0),
             tls_name: agentplane::server::tls::CONTROL_PLANE_NAME.to_owned(),
             identity: None,
+            token: Some(agentplane_integration_tests::pki::TOKENS[1].0),
         },
         Target {
             name: "host agent",
@@ -392,6 +411,7 @@ async fn main() -> anyhow::Result<()> {
             url: format!("https://{}", cluster.hosts[0].addr),
             tls_name: agentplane::server::tls::host_name(&cluster.hosts[0].host_id),
             identity: Some(pki.control_plane.clone()),
+            token: None,
         },
     ];
     let mut ok = true;
