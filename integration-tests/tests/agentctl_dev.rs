@@ -14,6 +14,8 @@ struct Dev {
     endpoint: String,
     data_dir: std::path::PathBuf,
     redis_pid: i32,
+    /// The private Redis's socket (its only listener).
+    redis_socket: std::path::PathBuf,
     /// `$XDG_CONFIG_HOME` of the stack and of its clients: the context file.
     config: tempfile::TempDir,
 }
@@ -44,15 +46,15 @@ impl Dev {
             .spawn()
             .expect("start agentctl dev");
         let out = std::io::BufReader::new(child.stdout.take().expect("piped stdout"));
-        let (mut endpoint, mut data_dir, mut redis_port) = (None, None, None);
+        let (mut endpoint, mut data_dir, mut redis_socket) = (None, None, None);
         for line in out.lines() {
             let line = line.expect("read agentctl dev stdout");
             if let Some(e) = line.strip_prefix("control plane ") {
                 endpoint = Some(e.to_owned());
             } else if let Some(d) = line.strip_prefix("data in ") {
                 data_dir = Some(std::path::PathBuf::from(d));
-            } else if let Some(r) = line.strip_prefix("redis redis://127.0.0.1:") {
-                redis_port = r.split_whitespace().next().map(str::to_owned);
+            } else if let Some(r) = line.strip_prefix("redis unix://") {
+                redis_socket = r.split_whitespace().next().map(std::path::PathBuf::from);
             } else if line.starts_with("Ctrl-C") {
                 break;
             }
@@ -63,7 +65,7 @@ impl Dev {
                 std::fs::read_to_string(log).unwrap_or_default()
             )
         });
-        let port = redis_port.expect("a private redis");
+        let redis_socket = redis_socket.expect("a private redis on a Unix socket");
         let pid = i32::try_from(child.id()).expect("pid");
         // The private redis-server is a child of agentctl dev.
         let redis_pid = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
@@ -72,7 +74,7 @@ impl Dev {
             .filter_map(|p| p.parse::<i32>().ok())
             .find(|p| {
                 std::fs::read_to_string(format!("/proc/{p}/cmdline"))
-                    .is_ok_and(|c| c.contains(&format!("127.0.0.1:{port}")))
+                    .is_ok_and(|c| c.starts_with("redis-server"))
             })
             .expect("redis-server is a child of agentctl dev");
         Self {
@@ -80,6 +82,7 @@ impl Dev {
             endpoint,
             data_dir: data_dir.expect("data dir"),
             redis_pid,
+            redis_socket,
             config,
         }
     }
@@ -132,6 +135,29 @@ async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behin
         let mode =
             |p: &std::path::Path| std::fs::metadata(p).expect("file").permissions().mode() & 0o777;
         assert_eq!(mode(&dev.context()), 0o600);
+        // The registry is reachable by this user only: a Unix socket 0700,
+        // no TCP port (whoever writes records runs programs).
+        assert_eq!(mode(&dev.redis_socket), 0o700);
+        let tcp = std::fs::read_to_string("/proc/net/tcp").expect("/proc/net/tcp");
+        let inodes: Vec<String> = std::fs::read_dir(format!("/proc/{}/fd", dev.redis_pid))
+            .expect("redis fds")
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter_map(|l| {
+                l.to_string_lossy()
+                    .strip_prefix("socket:[")
+                    .map(|s| s.trim_end_matches(']').to_owned())
+            })
+            .collect();
+        assert!(
+            !tcp.lines()
+                .skip(1)
+                .any(|l| l.split_whitespace().nth(3) == Some("0A")
+                    && inodes
+                        .iter()
+                        .any(|i| l.split_whitespace().nth(9) == Some(i.as_str()))),
+            "the private redis-server listens on no TCP port"
+        );
         let pki = dev.data_dir.join("pki");
         assert_eq!(mode(&pki), 0o700);
         for f in std::fs::read_dir(&pki).expect("pki dir").flatten() {

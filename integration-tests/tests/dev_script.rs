@@ -166,6 +166,8 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
     }
     let context = config.path().join("agentplane/dev-context.toml");
     assert_eq!(mode(&context), 0o600);
+    // The registry: a Unix socket only this user may connect to.
+    assert_eq!(mode(&run_dir.join("redis.sock")), 0o700);
 
     // SIGTERM (what Ctrl-C in its terminal sends to the script): everything
     // it started stops, the agent included, and the context file goes.

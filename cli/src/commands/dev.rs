@@ -2,7 +2,7 @@
 //! agentplane out — a private `redis-server` (a child process, discarded at
 //! exit), a control plane and one host agent — until SIGINT or SIGTERM.
 
-use std::net::{SocketAddr, TcpListener as StdListener, TcpStream};
+use std::net::SocketAddr;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -54,16 +54,20 @@ struct PrivateRedis {
 
 impl PrivateRedis {
     fn start(dir: &Path) -> anyhow::Result<Self> {
-        // A free port: bound and released (a race with another program is
-        // possible and would show as a start failure below).
-        let port = StdListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .context("find a free port for redis-server")?
-            .port();
+        // A Unix socket only this user may connect to (mode 0700), no TCP
+        // port: whoever can write to the registry can run programs as the
+        // host agent's user, so no other local user may reach it.
+        let socket = dir.join("redis.sock");
+        anyhow::ensure!(
+            socket.as_os_str().len() < 100,
+            "{}: too long for a Unix socket; pass a shorter --data-dir",
+            socket.display()
+        );
         let log = std::fs::File::create(dir.join("redis.log"))
             .with_context(|| format!("create {}", dir.join("redis.log").display()))?;
         let mut cmd = Command::new("redis-server");
-        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        cmd.args(["--port", "0", "--unixsocketperm", "700", "--unixsocket"])
+            .arg(&socket)
             .args(["--save", "", "--appendonly", "no"])
             .arg("--dir")
             .arg(dir)
@@ -85,10 +89,10 @@ impl PrivateRedis {
         })?;
         let mut redis = Self {
             child,
-            url: format!("redis://127.0.0.1:{port}"),
+            url: format!("unix://{}", socket.display()),
         };
         let deadline = Instant::now() + REDIS_START;
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        while std::os::unix::net::UnixStream::connect(&socket).is_err() {
             if let Ok(Some(status)) = redis.child.try_wait() {
                 anyhow::bail!(
                     "redis-server exited ({status}) before accepting connections; see {}",
