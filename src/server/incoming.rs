@@ -3,8 +3,10 @@
 //! at most once a second), so a flood of idle or half-open connections
 //! cannot exhaust the server's memory or descriptors.
 
+use std::collections::BTreeMap;
+use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -13,13 +15,26 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// A connection that counts against the cap until it is dropped.
-#[derive(Debug)]
+/// A connection that counts against the cap until it is dropped. With
+/// TLS it may be evicted (to admit a newer one) until its caller has
+/// proven who it is; an evicted connection reads as aborted, so the server
+/// closes it.
 pub struct Counted {
     io: TcpStream,
     _permit: OwnedSemaphorePermit,
+    proof: Option<Unproven>,
+    evicted: Option<Pin<Box<WaitForCancellationFutureOwned>>>,
+}
+
+impl std::fmt::Debug for Counted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Counted")
+            .field("io", &self.io)
+            .finish_non_exhaustive()
+    }
 }
 
 impl Counted {
@@ -28,8 +43,71 @@ impl Counted {
         Self {
             io,
             _permit: permit,
+            proof: None,
+            evicted: None,
         }
     }
+
+    /// Evictable through `evict` until `proof` is proven (or dropped).
+    pub fn evictable(mut self, proof: Unproven, evict: CancellationToken) -> Self {
+        self.evicted = Some(Box::pin(evict.cancelled_owned()));
+        self.proof = Some(proof);
+        self
+    }
+}
+
+/// A connection's standing in the eviction order, until its caller is
+/// known (a client certificate, or a request with a valid token): then it
+/// leaves the order for good. Travels in the requests' connect info, so
+/// the gate can prove it.
+#[derive(Debug, Clone)]
+pub struct Unproven {
+    key: u64,
+    proven: Arc<AtomicBool>,
+    order: Arc<std::sync::Mutex<BTreeMap<u64, CancellationToken>>>,
+}
+
+impl Unproven {
+    /// A place in `order` under `key`.
+    pub fn new(key: u64, order: Arc<std::sync::Mutex<BTreeMap<u64, CancellationToken>>>) -> Self {
+        Self {
+            key,
+            proven: Arc::new(AtomicBool::new(false)),
+            order,
+        }
+    }
+
+    /// The caller is known: never evict this connection.
+    pub fn prove(&self) {
+        if !self.proven.swap(true, Ordering::Relaxed) {
+            self.forget();
+        }
+    }
+
+    fn forget(&self) {
+        self.order
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .remove(&self.key);
+    }
+}
+
+impl Drop for Counted {
+    fn drop(&mut self) {
+        if let Some(p) = &self.proof {
+            p.forget();
+        }
+    }
+}
+
+/// What the server knows of a connection: its addresses, and its standing
+/// in the eviction order (TLS only).
+#[derive(Debug, Clone)]
+pub struct ConnInfo {
+    /// The TCP addresses.
+    pub tcp: TcpConnectInfo,
+    /// Set while the caller may still be evicted.
+    pub proof: Option<Unproven>,
 }
 
 /// A warning about refused connections, logged at most once a second
@@ -96,10 +174,13 @@ pub fn capped(
 }
 
 impl Connected for Counted {
-    type ConnectInfo = TcpConnectInfo;
+    type ConnectInfo = ConnInfo;
 
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.io.connect_info()
+        ConnInfo {
+            tcp: self.io.connect_info(),
+            proof: self.proof.clone(),
+        }
     }
 }
 
@@ -109,7 +190,22 @@ impl AsyncRead for Counted {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+        let this = self.get_mut();
+        if let Some(evicted) = &mut this.evicted {
+            let proven = this
+                .proof
+                .as_ref()
+                .is_some_and(|p| p.proven.load(Ordering::Relaxed));
+            if proven {
+                this.evicted = None;
+            } else if evicted.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionAborted,
+                    "evicted: --max-connections reached and this caller had not proven who it is",
+                )));
+            }
+        }
+        Pin::new(&mut this.io).poll_read(cx, buf)
     }
 }
 

@@ -155,9 +155,12 @@ pub fn start(
                 .map_err(ServerError::Tls)?;
             let incoming = handshake::tls_incoming(
                 listener,
-                opts.max_connections,
-                tokio_rustls::TlsAcceptor::from(config),
-                m.handshake_timeout,
+                handshake::Admission {
+                    max: opts.max_connections,
+                    acceptor: tokio_rustls::TlsAcceptor::from(config),
+                    timeout: m.handshake_timeout,
+                    proven_by_certificate: opts.require_client_cert,
+                },
                 cancel.clone(),
             );
             tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(

@@ -11,7 +11,9 @@ use std::task::{Context, Poll};
 use futures::future::Either;
 use rustls_pki_types::{CertificateDer, ServerName};
 use tonic::codegen::http;
-use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+use tonic::transport::server::TlsConnectInfo;
+
+use super::incoming::ConnInfo;
 use tonic::Status;
 
 use super::streams::{Placed, StreamCap};
@@ -92,7 +94,7 @@ impl Gate {
         if let Some(rule) = &self.peer {
             let certs = req
                 .extensions()
-                .get::<TlsConnectInfo<TcpConnectInfo>>()
+                .get::<TlsConnectInfo<ConnInfo>>()
                 .and_then(TlsConnectInfo::peer_certs);
             if let Some(why) = rule.refusal(certs.as_deref().map(Vec::as_slice)) {
                 return Err(Status::permission_denied(why));
@@ -140,6 +142,15 @@ where
         match admitted {
             Ok((principal, place)) => {
                 if let Some(p) = principal {
+                    // A valid token: this connection's caller is known, so
+                    // it is no longer among those evicted first.
+                    if let Some(proof) = req
+                        .extensions()
+                        .get::<TlsConnectInfo<ConnInfo>>()
+                        .and_then(|i| i.get_ref().proof.as_ref())
+                    {
+                        proof.prove();
+                    }
                     req.extensions_mut().insert(p);
                 }
                 Either::Right(Placed::new(self.inner.call(req), place))
@@ -147,12 +158,12 @@ where
             Err(status) => {
                 let peer = req
                     .extensions()
-                    .get::<TlsConnectInfo<TcpConnectInfo>>()
-                    .map(|i| i.get_ref().remote_addr())
+                    .get::<TlsConnectInfo<ConnInfo>>()
+                    .map(|i| i.get_ref().tcp.remote_addr())
                     .or_else(|| {
                         req.extensions()
-                            .get::<TcpConnectInfo>()
-                            .map(TcpConnectInfo::remote_addr)
+                            .get::<ConnInfo>()
+                            .map(|i| i.tcp.remote_addr())
                     })
                     .flatten();
                 tracing::warn!(?peer, path = req.uri().path(), code = ?status.code(), reason = status.message(), "request refused");
