@@ -298,7 +298,36 @@ fn agentctl_certs_refuses_what_the_servers_would_refuse_and_never_overwrites() {
     let bob = certs(&["token", "bob", "--role", "viewer", "--tokens", t]);
     assert!(bob.status.success(), "{}", stderr(&bob));
     assert_eq!(mode(&tokens), 0o640, "the token file keeps its mode");
+    // Runs at once each add their entry (one lock file beside the tokens).
+    let runs: Vec<std::process::Child> = (0..8)
+        .map(|i| {
+            Command::new(bin("agentctl"))
+                .args([
+                    "certs",
+                    "token",
+                    &format!("many-{i}"),
+                    "--role",
+                    "viewer",
+                    "--tokens",
+                    t,
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("agentctl certs token")
+        })
+        .collect();
+    for mut r in runs {
+        assert!(r.wait().expect("wait").success());
+    }
     let table = agentplane::auth::TokenTable::load(&tokens).expect("the control plane loads it");
+    let names: Vec<&str> = table.principals().map(|p| p.name.as_str()).collect();
+    for i in 0..8 {
+        assert!(
+            names.contains(&format!("many-{i}").as_str()),
+            "many-{i} kept: {names:?}"
+        );
+    }
     let who = table.authenticate(token).expect("the token gets in");
     assert_eq!(who.name, "alice");
     assert_eq!(who.role, agentplane::auth::Role::Operator);

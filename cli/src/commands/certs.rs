@@ -167,6 +167,9 @@ fn token(
     tokens: &Path,
     out: Option<&Path>,
 ) -> anyhow::Result<()> {
+    // One writer at a time: two runs at once would each add to what it
+    // read, and one entry (a token already printed) would be lost.
+    let _lock = lock_beside(tokens)?;
     let before = match std::fs::read_to_string(tokens) {
         Ok(text) => text,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
@@ -218,4 +221,21 @@ fn token(
         }
     }
     Ok(())
+}
+
+/// An exclusive lock on `FILE.lock` beside `file`, held until dropped.
+fn lock_beside(file: &Path) -> anyhow::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut name = file.as_os_str().to_owned();
+    name.push(".lock");
+    let path = PathBuf::from(name);
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("open {}", path.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| anyhow::anyhow!("lock {}: {e}", path.display()))
 }
