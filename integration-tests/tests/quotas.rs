@@ -156,20 +156,7 @@ async fn a_server_holds_at_most_max_streams_open_and_health_floods_take_none() {
 
     // Health has its own places: it answers while the others are full, and
     // a flood of health watches is capped apart.
-    let channel = tonic::transport::Endpoint::from_shared(cluster.endpoint(0))
-        .expect("endpoint")
-        .tls_config(
-            cluster
-                .pki
-                .as_ref()
-                .expect("TLS")
-                .client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None),
-        )
-        .expect("TLS config")
-        .connect()
-        .await
-        .expect("connect");
-    let mut health = HealthClient::new(channel);
+    let mut health = HealthClient::new(cluster.connect(0).await.expect("connect"));
     let mut flood = Vec::new();
     let refused = loop {
         match health.watch(HealthCheckRequest::default()).await {

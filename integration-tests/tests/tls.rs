@@ -419,16 +419,9 @@ async fn half_open_connections_past_the_cap_do_not_lock_new_clients_out() {
     // the control plane) but never send a request with a token stay
     // evictable: 60 of them against the cap of 20 do not lock a new
     // client out either.
-    let pki = cluster.pki.as_ref().expect("TLS");
     let mut idle = Vec::new();
     for _ in 0..60 {
-        let ch = Endpoint::from_shared(cluster.endpoint(0))
-            .expect("endpoint")
-            .tls_config(pki.client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None))
-            .expect("TLS config")
-            .connect()
-            .await;
-        idle.extend(ch.ok());
+        idle.extend(cluster.connect(0).await.ok());
     }
     cluster
         .client_with_token(Some("viewer-token"))

@@ -89,6 +89,11 @@ pub struct LeafArgs {
 
 /// Runs `agentctl certs …`.
 pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
+    if let CertsCommand::ControlPlane { leaf } | CertsCommand::Host { leaf, .. } = &command {
+        for s in &leaf.sans {
+            pki::check_extra_san(s).map_err(anyhow::Error::msg)?;
+        }
+    }
     match command {
         CertsCommand::Ca { dir, name, days } => {
             pki::create_private_dir(&dir.dir)?;
@@ -99,13 +104,6 @@ pub fn run(command: CertsCommand) -> anyhow::Result<ExitCode> {
             pki::write_private(&cert, ca.pem().cert.as_bytes(), dir.force)?;
             println!("{}", cert.display());
             println!("{}", key.display());
-        }
-        CertsCommand::ControlPlane { leaf } | CertsCommand::Host { leaf, .. }
-            if leaf.sans.iter().any(|s| pki::check_extra_san(s).is_err()) =>
-        {
-            for s in &leaf.sans {
-                pki::check_extra_san(s).map_err(anyhow::Error::msg)?;
-            }
         }
         CertsCommand::ControlPlane { leaf } => {
             let sans = pki::control_plane_sans(&leaf.sans);

@@ -21,8 +21,8 @@ impl TestCluster {
         format!("{scheme}://{}", self.control_planes[i].addr)
     }
 
-    /// A lazy channel to control plane `i` (TLS when the cluster has it).
-    fn channel_of(&self, i: usize) -> Channel {
+    /// Control plane `i` as an endpoint (TLS when the cluster has it).
+    fn endpoint_of(&self, i: usize) -> tonic::transport::Endpoint {
         let mut e = tonic::transport::Endpoint::from_shared(self.endpoint(i))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(2))
@@ -32,7 +32,18 @@ impl TestCluster {
                 .tls_config(p.client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None))
                 .expect("client TLS");
         }
-        e.connect_lazy()
+        e
+    }
+
+    /// A lazy channel to control plane `i`.
+    fn channel_of(&self, i: usize) -> Channel {
+        self.endpoint_of(i).connect_lazy()
+    }
+
+    /// A connection to control plane `i`, made now (TLS handshake and
+    /// HTTP/2 set-up done) and carrying no request and no token yet.
+    pub async fn connect(&self, i: usize) -> Result<Channel, tonic::transport::Error> {
+        self.endpoint_of(i).connect().await
     }
 
     async fn channel(&self) -> Channel {
