@@ -119,8 +119,7 @@ impl AgentService for AgentApi {
             caller.may_spawn(spec)?;
         }
         self.quotas.spawn(&caller)?;
-        let request_id = r.request_id.clone();
-        let mut out = match self.spawn(r).await {
+        let mut out = match self.spawn(r, &caller).await {
             // A name held by an agent outside the caller's selector: said
             // to be taken, but not by whom.
             Err(ApiError::NameTaken { name, owner }) if caller.restricted() => {
@@ -132,10 +131,6 @@ impl AgentService for AgentApi {
             }
             other => other?,
         };
-        // A replayed request id must not hand over another team's agent.
-        if out.existing && out.agent.as_ref().is_some_and(|a| !caller.sees(a)) {
-            return Err(ApiError::RequestIdTaken { request_id }.into());
-        }
         out.agent = out.agent.map(|a| caller.shown(a));
         Ok(Response::new(out))
     }

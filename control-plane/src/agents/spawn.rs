@@ -12,6 +12,7 @@ use agentplane::validate::{self, ValidationError};
 use tokio_util::sync::DropGuard;
 
 use super::AgentApi;
+use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::placement;
 use crate::start::{start_on, start_on_candidates, Placed, StartOutcome};
@@ -28,6 +29,7 @@ impl AgentApi {
     pub(super) async fn spawn(
         &self,
         req: SpawnAgentRequest,
+        caller: &Caller,
     ) -> Result<SpawnAgentResponse, ApiError> {
         let spec = req
             .spec
@@ -51,6 +53,17 @@ impl AgentApi {
         validate::request_id("request_id", &req.request_id)?;
         let deadline = tokio::time::Instant::now() + EXISTING_WAIT;
         while let Some(existing) = self.registry.claim_request(&req.request_id, &id).await? {
+            // Another team's request id: neither its agent nor a start of
+            // it is this caller's to have.
+            if caller.restricted() {
+                if let Some(a) = self.registry.get_agent(&existing).await? {
+                    if !caller.sees(&a) {
+                        return Err(ApiError::RequestIdTaken {
+                            request_id: req.request_id,
+                        });
+                    }
+                }
+            }
             if let Some(agent) = self.existing(&existing, deadline).await? {
                 return Ok(SpawnAgentResponse {
                     agent: Some(agent),
