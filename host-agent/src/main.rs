@@ -10,6 +10,11 @@ fn main() -> anyhow::Result<()> {
     if std::env::args().nth(1).as_deref() == Some(GUARD_ARG) {
         run_guard();
     }
+    // So is the keeper, which starts a small runtime of its own.
+    if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::keeper::KEEPER_ARG) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        agentplane_host_agent::keeper::run_keeper(&args);
+    }
     tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?

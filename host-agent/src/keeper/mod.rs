@@ -1,6 +1,14 @@
-//! The keeper (issue P7, in progress): a small per-host process that will
-//! be the parent of every agent, so agents outlive a host agent's restart.
-//! So far only its transport exists ([`wire`]: messages with descriptors
-//! over a seqpacket Unix socket); nothing starts a keeper yet.
+//! The keeper (issue P7, in progress): a small per-host process that is
+//! the parent of the agents it starts, so agents can outlive a host agent's
+//! restart. [`process`] is the keeper itself, [`client`] the host agent's
+//! end, [`proto`] their messages and [`wire`] the transport (messages with
+//! descriptors over a seqpacket Unix socket). The supervisor does not start
+//! agents through it yet.
 
+pub mod client;
+pub mod process;
+pub mod proto;
 pub mod wire;
+
+pub use client::{Keeper, KeeperError, KeptRun, Run};
+pub use process::{run_keeper, KEEPER_ARG};

@@ -152,6 +152,86 @@ pub fn recv(sock: BorrowedFd<'_>) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> 
     Ok((buf, fds))
 }
 
+/// A nonblocking seqpacket socket on the tokio reactor: sends wait while
+/// the peer's buffer is full, receives wait for a message.
+#[derive(Debug)]
+pub struct Socket(tokio::io::unix::AsyncFd<OwnedFd>);
+
+/// Whether an error only means "not now".
+fn would_block(e: &WireError) -> bool {
+    matches!(e, WireError::Sys { source, .. } if *source == nix::errno::Errno::EAGAIN)
+}
+
+impl Socket {
+    /// Makes `fd` nonblocking and registers it with the reactor.
+    pub fn new(fd: OwnedFd) -> std::io::Result<Self> {
+        use nix::fcntl::{fcntl, FcntlArg, OFlag};
+        let flags = OFlag::from_bits_truncate(fcntl(&fd, FcntlArg::F_GETFL)?);
+        fcntl(&fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        // Deprecated because a borrowed descriptor could be closed under
+        // it; an `OwnedFd` cannot be.
+        #[allow(deprecated)]
+        let fd = tokio::io::unix::AsyncFd::new(fd)?;
+        Ok(Self(fd))
+    }
+
+    /// The descriptor.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.0.get_ref().as_fd()
+    }
+
+    /// [`send`], waiting while the socket is full.
+    pub async fn send(&self, data: &[u8], fds: &[BorrowedFd<'_>]) -> Result<(), WireError> {
+        loop {
+            let mut ready = self.0.writable().await.map_err(io_error("poll"))?;
+            match send(self.fd(), data, fds) {
+                Err(e) if would_block(&e) => ready.clear_ready(),
+                other => return other,
+            }
+        }
+    }
+
+    /// [`recv`], waiting for a message.
+    pub async fn recv(&self) -> Result<(Vec<u8>, Vec<OwnedFd>), WireError> {
+        loop {
+            let mut ready = self.0.readable().await.map_err(io_error("poll"))?;
+            match recv(self.fd()) {
+                Err(e) if would_block(&e) => ready.clear_ready(),
+                other => return other,
+            }
+        }
+    }
+}
+
+fn io_error(step: &'static str) -> impl Fn(std::io::Error) -> WireError {
+    move |e| WireError::Sys {
+        step,
+        source: nix::errno::Errno::from_raw(e.raw_os_error().unwrap_or(libc::EIO)),
+    }
+}
+
+/// Encodes and sends one protobuf message.
+pub async fn send_msg<M: prost::Message>(
+    sock: &Socket,
+    msg: &M,
+    fds: &[BorrowedFd<'_>],
+) -> Result<(), WireError> {
+    sock.send(&msg.encode_to_vec(), fds).await
+}
+
+/// Receives and decodes one protobuf message.
+pub async fn recv_msg<M: prost::Message + Default>(
+    sock: &Socket,
+) -> Result<(M, Vec<OwnedFd>), WireError> {
+    let (data, fds) = sock.recv().await?;
+    let msg = M::decode(data.as_slice()).map_err(|_| WireError::Sys {
+        step: "decode",
+        source: nix::errno::Errno::EBADMSG,
+    })?;
+    Ok((msg, fds))
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{Read, Write};

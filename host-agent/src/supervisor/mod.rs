@@ -16,7 +16,7 @@ mod record;
 mod restart;
 mod run;
 pub mod signal;
-mod spawn;
+pub mod spawn;
 mod tree;
 
 use std::collections::HashMap;

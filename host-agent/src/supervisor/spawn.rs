@@ -4,11 +4,15 @@
 //! exactly three descriptors: 0, 1 and 2 (nothing else the host agent holds,
 //! such as other agents' terminals and pipes, or inherited).
 
+use std::collections::HashMap;
 use std::os::fd::OwnedFd;
 use std::os::unix::fs::OpenOptionsExt;
+use std::os::unix::process::CommandExt;
 use std::process::Stdio;
 
 use agentplane::proto::v1::{AgentSpec, ResourceLimits};
+
+use crate::keeper::proto::{Launch, Limit, LimitKind};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
 use tokio::process::{Child, Command};
@@ -32,28 +36,55 @@ pub struct Spawned {
 /// `tty`, its stdio is the slave side of a new pseudo-terminal, which becomes
 /// its controlling terminal.
 pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
-    let mut cmd = Command::new(&spec.argv[0]);
-    cmd.args(&spec.argv[1..])
-        .env_clear()
-        .envs(
-            INHERITED_ENV
-                .iter()
-                .filter_map(|k| std::env::var_os(k).map(|v| (k, v))),
-        )
-        .envs(&spec.env)
-        // Set last: the spec cannot remove the marker that finds escaped processes.
-        .env(MARKER, id)
-        // The supervisor decides when the agent dies, not a dropped handle.
-        .kill_on_drop(false);
+    let (cmd, pty) = command(&launch_of(id, spec))?;
+    // The supervisor decides when the agent dies, not a dropped handle.
+    let child = Command::from(cmd).kill_on_drop(false).spawn()?;
+    Ok(Spawned { child, pty })
+}
+
+/// What starting agent `id` with `spec` means, resolved here once: the
+/// whole environment (the inherited variables, the spec's, then the marker,
+/// set last so the spec cannot remove it), the terminal's `TERM`, the rlimits.
+pub fn launch_of(id: &str, spec: &AgentSpec) -> Launch {
+    let mut env: HashMap<String, String> = INHERITED_ENV
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+    env.extend(spec.env.iter().map(|(k, v)| (k.clone(), v.clone())));
+    if spec.tty && !spec.env.contains_key("TERM") {
+        env.insert("TERM".into(), "xterm-256color".into());
+    }
+    env.insert(MARKER.into(), id.to_owned());
+    Launch {
+        argv: spec.argv.clone(),
+        env,
+        cwd: spec.cwd.clone(),
+        uid: spec.uid,
+        gid: spec.gid,
+        tty: spec.tty,
+        limits: limits_of(spec.limits.as_ref()),
+        agent: id.to_owned(),
+    }
+}
+
+/// The command that starts `l` (not started yet), and the master side of
+/// its terminal when it has one. Shared by the host agent and the keeper,
+/// so both start programs the same way.
+pub fn command(l: &Launch) -> std::io::Result<(std::process::Command, Option<OwnedFd>)> {
+    let Some(program) = l.argv.first() else {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            "empty argv",
+        ));
+    };
+    let mut cmd = std::process::Command::new(program);
+    cmd.args(&l.argv[1..]).env_clear().envs(&l.env);
     let mut pty = None;
-    if spec.tty {
+    if l.tty {
         let (master, slave) = open_pty()?;
         cmd.stdin(Stdio::from(slave.try_clone()?))
             .stdout(Stdio::from(slave.try_clone()?))
             .stderr(Stdio::from(slave));
-        if !spec.env.contains_key("TERM") {
-            cmd.env("TERM", "xterm-256color");
-        }
         pty = Some(master);
     } else {
         // Captured by the supervisor (see output.rs); stdin for SendInput.
@@ -61,19 +92,17 @@ pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }
-    if !spec.cwd.is_empty() {
-        cmd.current_dir(&spec.cwd);
+    if !l.cwd.is_empty() {
+        cmd.current_dir(&l.cwd);
     }
-    if let Some(gid) = spec.gid {
+    if let Some(gid) = l.gid {
         cmd.gid(gid);
     }
-    if let Some(uid) = spec.uid {
+    if let Some(uid) = l.uid {
         cmd.uid(uid);
     }
-    let limits = rlimits(spec.limits.as_ref());
-    before_exec(&mut cmd, limits, spec.tty);
-    let child = cmd.spawn()?;
-    Ok(Spawned { child, pty })
+    before_exec(&mut cmd, rlimits(&l.limits), l.tty);
+    Ok((cmd, pty))
 }
 
 /// A new 80x24 pseudo-terminal: (master, slave), both close-on-exec from the
@@ -103,28 +132,51 @@ fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
     Ok((master, slave.into()))
 }
 
-/// The (resource, soft, hard) triples of a spec.
-fn rlimits(l: Option<&ResourceLimits>) -> Vec<(Resource, u64, u64)> {
+/// A spec's rlimits.
+fn limits_of(l: Option<&ResourceLimits>) -> Vec<Limit> {
     let Some(l) = l else { return Vec::new() };
     let mut out = Vec::new();
+    let mut push = |kind: LimitKind, soft: u64, hard: u64| {
+        out.push(Limit {
+            kind: kind as i32,
+            soft,
+            hard,
+        });
+    };
     if let Some(v) = l.address_space_bytes {
-        out.push((Resource::RLIMIT_AS, v, v));
+        push(LimitKind::AddressSpace, v, v);
     }
     if let Some(v) = l.open_files {
-        out.push((Resource::RLIMIT_NOFILE, v, v));
+        push(LimitKind::OpenFiles, v, v);
     }
     if let Some(v) = l.processes {
-        out.push((Resource::RLIMIT_NPROC, v, v));
+        push(LimitKind::Processes, v, v);
     }
     if let Some(v) = l.cpu_seconds {
         // SIGXCPU at the soft limit, SIGKILL a little later at the hard one.
-        out.push((Resource::RLIMIT_CPU, v, v.saturating_add(5)));
+        push(LimitKind::CpuSeconds, v, v.saturating_add(5));
     }
     out
 }
 
+/// The (resource, soft, hard) triples to set before the exec.
+fn rlimits(limits: &[Limit]) -> Vec<(Resource, u64, u64)> {
+    limits
+        .iter()
+        .filter_map(|l| {
+            let r = match LimitKind::try_from(l.kind).ok()? {
+                LimitKind::AddressSpace => Resource::RLIMIT_AS,
+                LimitKind::OpenFiles => Resource::RLIMIT_NOFILE,
+                LimitKind::Processes => Resource::RLIMIT_NPROC,
+                LimitKind::CpuSeconds => Resource::RLIMIT_CPU,
+            };
+            Some((r, l.soft, l.hard))
+        })
+        .collect()
+}
+
 #[allow(unsafe_code)]
-fn before_exec(cmd: &mut Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
+fn before_exec(cmd: &mut std::process::Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
     // SAFETY: the closure runs in the forked child before exec, after std has
     // set up its stdio. It only makes raw system calls (setsid, ioctl, prctl,
     // close_range or fcntl, getrlimit, setrlimit), which are async-signal-safe;

@@ -104,6 +104,41 @@ impl Disk {
         })
     }
 
+    /// Reopens the files an earlier host agent left in `dir` (its agent
+    /// outlived it): every record header is read to rebuild the segments
+    /// and their index, and a record a crash tore (a header without all
+    /// its bytes, or an offset going back) is cut off the end of the
+    /// current file, so new output follows the last whole record.
+    pub fn reopen(dir: &Path, cap: u64) -> std::io::Result<Self> {
+        let index_every = INDEX_EVERY.max(cap / 2 / MAX_INDEX);
+        let previous = match File::open(dir.join("output.1")) {
+            Ok(f) => Some(scan(&f, 0, index_every)?),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+            Err(e) => return Err(e),
+        };
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(dir.join("output.log"))?;
+        let current = scan(&file, previous.as_ref().map_or(0, |p| p.end), index_every)?;
+        if file.metadata()?.len() > current.size {
+            file.set_len(current.size)?;
+        }
+        file.seek(SeekFrom::Start(current.size))?;
+        Ok(Self {
+            dir: dir.to_owned(),
+            half_cap: cap / 2,
+            index_every,
+            file: Mutex::new(file),
+            meta: Mutex::new(Meta { current, previous }),
+        })
+    }
+
+    /// The offset after the last byte on disk.
+    pub fn end(&self) -> u64 {
+        lock(&self.meta).current.end
+    }
+
     /// Writes `records` (consecutive, oldest first) after what is there. Only
     /// one thread calls this for a given log at a time (the writer that holds
     /// it); readers see the records once this returns. On an error the
@@ -236,7 +271,7 @@ impl Disk {
     }
 
     /// The files with the segments they hold, oldest first.
-    fn open(&self) -> std::io::Result<Vec<(File, Segment)>> {
+    fn files(&self) -> std::io::Result<Vec<(File, Segment)>> {
         let meta = lock(&self.meta);
         let mut segs = Vec::with_capacity(2);
         if let Some(p) = &meta.previous {
@@ -266,7 +301,7 @@ impl Disk {
         // Bytes of the other stream passed over: bounded too, so that one
         // filtered read never scans the whole retained output.
         let mut passed = 0u64;
-        'segments: for (file, seg) in self.open()? {
+        'segments: for (file, seg) in self.files()? {
             let seg_end = seg.end.min(until);
             if next >= seg_end || budget == 0 {
                 continue;
@@ -311,7 +346,7 @@ impl Disk {
     /// The offset of the first record written at or after `time_ms`, if the
     /// disk holds one.
     pub fn first_at_or_after(&self, time_ms: i64) -> std::io::Result<Option<u64>> {
-        for (file, seg) in self.open()? {
+        for (file, seg) in self.files()? {
             // Start from the last index entry older than `time_ms`.
             let i = seg.index.partition_point(|m| m.time_ms < time_ms);
             let from = if i == 0 {
@@ -342,6 +377,41 @@ fn gap(offset_before: u64, skipped: u64) -> LogChunk {
         skipped,
         ..Default::default()
     }
+}
+
+/// The segment a file holds: its whole records from the start (`start`:
+/// where an empty file begins), indexed every `index_every` bytes.
+fn scan(file: &File, start: u64, index_every: u64) -> std::io::Result<Segment> {
+    let len = file.metadata()?.len();
+    let mut records = Records {
+        file: std::io::BufReader::with_capacity(64 * 1024, file.try_clone()?),
+        left: len,
+    };
+    let mut seg = Segment::empty(start);
+    let mut first = true;
+    while let Some((off, time_ms, _, n)) = records.next_header()? {
+        if records.left < n || (!first && off < seg.end) {
+            break;
+        }
+        if first {
+            (seg.start, seg.end, first) = (off, off, false);
+        }
+        if seg
+            .index
+            .last()
+            .is_none_or(|m| seg.size - m.pos >= index_every)
+        {
+            seg.index.push(Mark {
+                offset: off,
+                time_ms,
+                pos: seg.size,
+            });
+        }
+        records.skip(n)?;
+        seg.end = off + n;
+        seg.size += HEADER as u64 + n;
+    }
+    Ok(seg)
 }
 
 /// A cursor over one segment's records.

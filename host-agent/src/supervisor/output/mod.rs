@@ -117,13 +117,45 @@ impl OutputLog {
         writers: LogWriters,
     ) -> std::io::Result<Self> {
         let cap = cap.max(MIN_CAP);
+        Ok(Self::on(
+            id,
+            disk::Disk::create(dir, cap)?,
+            cap,
+            ring,
+            writers,
+        ))
+    }
+
+    /// Reopens the log an earlier host agent left in `dir` (see
+    /// [`disk::Disk::reopen`]): new output continues at the offset after the
+    /// last whole record on disk.
+    pub fn open(
+        id: &str,
+        dir: &Path,
+        cap: u64,
+        ring: u64,
+        writers: LogWriters,
+    ) -> std::io::Result<Self> {
+        let cap = cap.max(MIN_CAP);
+        Ok(Self::on(
+            id,
+            disk::Disk::reopen(dir, cap)?,
+            cap,
+            ring,
+            writers,
+        ))
+    }
+
+    /// A log on `disk`, its ring starting where the disk ends.
+    fn on(id: &str, disk: disk::Disk, cap: u64, ring: u64, writers: LogWriters) -> Self {
         let ring = usize::try_from(ring.min(cap / 2)).unwrap_or(usize::MAX);
-        Ok(Self {
+        let end = disk.end();
+        Self {
             shared: Arc::new(Shared {
-                ring: Mutex::new(ring::Ring::new(ring)),
-                disk: disk::Disk::create(dir, cap)?,
-                end_tx: watch::channel(0).0,
-                flushed_tx: watch::channel(0).0,
+                ring: Mutex::new(ring::Ring::starting_at(ring, end)),
+                disk,
+                end_tx: watch::channel(end).0,
+                flushed_tx: watch::channel(end).0,
                 queued: AtomicBool::new(false),
                 removed: AtomicBool::new(false),
                 failing: AtomicBool::new(false),
@@ -132,7 +164,7 @@ impl OutputLog {
             }),
             pipes: AtomicUsize::new(0),
             last_output_ms: AtomicI64::new(agentplane::time::now_ms()),
-        })
+        }
     }
 
     /// Appends what the agent wrote on `stream`; waits while the ring is full

@@ -48,6 +48,16 @@ pub struct Ring {
 }
 
 impl Ring {
+    /// An empty ring whose next byte has offset `offset` (output before it
+    /// is on disk already: a log reopened after a restart).
+    pub fn starting_at(budget: usize, offset: u64) -> Self {
+        Self {
+            end: offset,
+            flushed: offset,
+            ..Self::new(budget)
+        }
+    }
+
     /// An empty ring holding at most `budget` bytes.
     pub fn new(budget: usize) -> Self {
         Self {

@@ -189,3 +189,63 @@ async fn since_finds_the_first_byte_at_or_after_a_time_in_memory_and_on_disk() {
     let t = agentplane::time::ms_from_timestamp(r.chunks[0].time.as_ref().unwrap());
     assert!(t >= t2, "chunks carry the time they were read");
 }
+
+#[tokio::test]
+async fn a_reopened_log_continues_after_its_last_whole_record() {
+    use std::io::Write as _;
+    let dir = tempfile::tempdir().unwrap();
+    // A small cap: the first host agent's output spans a rotation.
+    let mut want = String::new();
+    {
+        let log = log(dir.path(), MIN_CAP, 16 * 1024);
+        for i in 0..20_000 {
+            let line = format!("line {i}\n");
+            log.append(LogStream::Stdout, line.as_bytes()).await;
+            want.push_str(&line);
+        }
+        wait_flushed(&log).await;
+        assert!(
+            dir.path().join("output.1").exists(),
+            "rotated once at least"
+        );
+    }
+    let end = want.len() as u64;
+    // A crash tore the last record: a header promising 100 bytes, 10 there.
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(dir.path().join("output.log"))
+        .unwrap();
+    torn.write_all(&end.to_be_bytes()).unwrap();
+    torn.write_all(&0i64.to_be_bytes()).unwrap();
+    torn.write_all(&[LogStream::Stdout as u8]).unwrap();
+    torn.write_all(&100u32.to_be_bytes()).unwrap();
+    torn.write_all(b"torn bytes").unwrap();
+    drop(torn);
+
+    let log = OutputLog::open("t", dir.path(), MIN_CAP, 16 * 1024, LogWriters::start(1)).unwrap();
+    assert_eq!(log.end(), end, "new output follows the last whole record");
+    log.append(LogStream::Stdout, b"after the restart\n").await;
+    want.push_str("after the restart\n");
+    wait_flushed(&log).await;
+    let mut got = String::new();
+    let mut next = 0;
+    let mut skipped = 0;
+    while next < log.end() {
+        let r = log.read(next, 64 * 1024, LogStream::Unspecified).unwrap();
+        skipped += r.chunks.iter().map(|c| c.skipped).sum::<u64>();
+        got.push_str(&text(&r));
+        assert!(r.next > next, "reads move forward");
+        next = r.next;
+    }
+    assert!(skipped > 0, "the oldest output is past the cap");
+    assert_eq!(got.len() as u64 + skipped, want.len() as u64);
+    assert!(
+        want.ends_with(&got),
+        "what is retained is the output's end, whole"
+    );
+    assert!(!got.contains("torn"), "the torn record is gone");
+    // The index was rebuilt: a read from the middle finds its place.
+    let mid = want.len() as u64 - 1000;
+    let r = log.read(mid, 100, LogStream::Unspecified).unwrap();
+    assert_eq!(text(&r), want[usize::try_from(mid).unwrap()..][..100]);
+}

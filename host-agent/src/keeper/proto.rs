@@ -1,0 +1,225 @@
+//! The keeper protocol's messages (prost-encoded, one per seqpacket
+//! datagram; descriptors travel beside them, see [`super::wire`]). Every
+//! message is a oneof, so none encodes to zero bytes (a zero-byte datagram
+//! is the peer's close). Bump [`VERSION`] on any change a peer could misread.
+
+use std::collections::HashMap;
+
+/// The protocol version both sides must speak.
+pub const VERSION: u32 = 1;
+
+/// How to start one program: everything resolved by the host agent, so the
+/// keeper applies no policy of its own.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Launch {
+    /// Program and arguments (argv[0] looked up on PATH).
+    #[prost(string, repeated, tag = "1")]
+    pub argv: Vec<String>,
+    /// The whole environment of the program.
+    #[prost(map = "string, string", tag = "2")]
+    pub env: HashMap<String, String>,
+    /// Working directory; empty: the keeper's.
+    #[prost(string, tag = "3")]
+    pub cwd: String,
+    /// User to run as.
+    #[prost(uint32, optional, tag = "4")]
+    pub uid: Option<u32>,
+    /// Group to run as.
+    #[prost(uint32, optional, tag = "5")]
+    pub gid: Option<u32>,
+    /// A pseudo-terminal instead of pipes.
+    #[prost(bool, tag = "6")]
+    pub tty: bool,
+    /// Resource limits set before the exec.
+    #[prost(message, repeated, tag = "7")]
+    pub limits: Vec<Limit>,
+    /// The agent id (its processes' marker, which the guard looks for).
+    #[prost(string, tag = "8")]
+    pub agent: String,
+}
+
+/// One rlimit.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Limit {
+    /// Which one.
+    #[prost(enumeration = "LimitKind", tag = "1")]
+    pub kind: i32,
+    /// Soft limit.
+    #[prost(uint64, tag = "2")]
+    pub soft: u64,
+    /// Hard limit.
+    #[prost(uint64, tag = "3")]
+    pub hard: u64,
+}
+
+/// The rlimits a spec can set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, prost::Enumeration)]
+#[repr(i32)]
+pub enum LimitKind {
+    /// RLIMIT_AS.
+    AddressSpace = 0,
+    /// RLIMIT_NOFILE.
+    OpenFiles = 1,
+    /// RLIMIT_NPROC.
+    Processes = 2,
+    /// RLIMIT_CPU.
+    CpuSeconds = 3,
+}
+
+/// How a process ended.
+#[derive(Clone, Copy, PartialEq, prost::Message)]
+pub struct Exit {
+    /// Exit code, when it exited.
+    #[prost(int32, optional, tag = "1")]
+    pub code: Option<i32>,
+    /// Signal, when one ended it.
+    #[prost(int32, optional, tag = "2")]
+    pub signal: Option<i32>,
+}
+
+/// From the host agent to the keeper.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ToKeeper {
+    /// The request.
+    #[prost(oneof = "to_keeper::Kind", tags = "1, 2, 3")]
+    pub kind: Option<to_keeper::Kind>,
+}
+
+/// [`ToKeeper`]'s cases.
+pub mod to_keeper {
+    /// A request.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        /// First message: the keeper answers with Welcome, every process
+        /// it keeps (Kept, with descriptors), then Ready.
+        #[prost(uint32, tag = "1")]
+        Hello(u32),
+        /// Start a program; answered with Spawned (with descriptors) or Failed.
+        #[prost(message, tag = "2")]
+        Spawn(super::Spawn),
+        /// The host agent has recorded this pid's exit: forget it.
+        #[prost(int32, tag = "3")]
+        Ack(i32),
+    }
+}
+
+/// A start request.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Spawn {
+    /// Matches the answer to the request.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// The host agent's name for this run, given back in Kept.
+    #[prost(string, tag = "2")]
+    pub tag: String,
+    /// What to start.
+    #[prost(message, optional, tag = "3")]
+    pub launch: Option<Launch>,
+}
+
+/// From the keeper to the host agent.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct FromKeeper {
+    /// The message.
+    #[prost(oneof = "from_keeper::Kind", tags = "1, 2, 3, 4, 5, 6, 7")]
+    pub kind: Option<from_keeper::Kind>,
+}
+
+/// [`FromKeeper`]'s cases.
+pub mod from_keeper {
+    /// A message.
+    #[derive(Clone, PartialEq, prost::Oneof)]
+    pub enum Kind {
+        /// Answer to Hello.
+        #[prost(message, tag = "1")]
+        Welcome(super::Welcome),
+        /// One kept process, with its descriptors.
+        #[prost(message, tag = "2")]
+        Kept(super::Kept),
+        /// Every kept process was sent.
+        #[prost(bool, tag = "3")]
+        Ready(bool),
+        /// A start worked; its descriptors come with it.
+        #[prost(message, tag = "4")]
+        Spawned(super::Spawned),
+        /// A start failed.
+        #[prost(message, tag = "5")]
+        Failed(super::Failed),
+        /// A kept process ended (kept until acknowledged).
+        #[prost(message, tag = "6")]
+        Exited(super::Exited),
+        /// Another host agent is attached (its pid): this one may not be.
+        #[prost(int32, tag = "7")]
+        Busy(i32),
+    }
+}
+
+/// Answer to Hello.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Welcome {
+    /// The keeper's protocol version.
+    #[prost(uint32, tag = "1")]
+    pub version: u32,
+    /// The keeper's pid.
+    #[prost(int32, tag = "2")]
+    pub pid: i32,
+}
+
+/// A process the keeper holds.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Kept {
+    /// The tag its Spawn carried.
+    #[prost(string, tag = "1")]
+    pub tag: String,
+    /// Its pid (= its process group).
+    #[prost(int32, tag = "2")]
+    pub pid: i32,
+    /// When it started, ms since the epoch.
+    #[prost(int64, tag = "3")]
+    pub started_at_ms: i64,
+    /// Its descriptor is a terminal's master (else stdin, stdout, stderr).
+    #[prost(bool, tag = "4")]
+    pub tty: bool,
+    /// How it ended, if it did and nobody acknowledged it yet.
+    #[prost(message, optional, tag = "5")]
+    pub exit: Option<Exit>,
+}
+
+/// A started process.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Spawned {
+    /// The request's seq.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// Its pid (= its process group).
+    #[prost(int32, tag = "2")]
+    pub pid: i32,
+    /// When it started, ms since the epoch.
+    #[prost(int64, tag = "3")]
+    pub started_at_ms: i64,
+}
+
+/// A start that failed.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Failed {
+    /// The request's seq.
+    #[prost(uint64, tag = "1")]
+    pub seq: u64,
+    /// The errno, when the system said one.
+    #[prost(int32, optional, tag = "2")]
+    pub errno: Option<i32>,
+    /// What failed.
+    #[prost(string, tag = "3")]
+    pub message: String,
+}
+
+/// A kept process's end.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Exited {
+    /// Its pid.
+    #[prost(int32, tag = "1")]
+    pub pid: i32,
+    /// How it ended.
+    #[prost(message, optional, tag = "2")]
+    pub exit: Option<Exit>,
+}
