@@ -12,8 +12,23 @@ use agentplane::tasks::Tasks;
 use agentplane_host_agent::keeper::{Keeper, KeeperError, KeptRun};
 use agentplane_host_agent::supervisor::spawn::launch_of;
 
+/// The binary: `AGENTPLANE_BIN_DIR/host-agent` when set (a release build,
+/// for its memory figures), else this build's.
 fn exe() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_host-agent"))
+    std::env::var_os("AGENTPLANE_BIN_DIR").map_or_else(
+        || PathBuf::from(env!("CARGO_BIN_EXE_host-agent")),
+        |d| PathBuf::from(d).join("host-agent"),
+    )
+}
+
+/// SIGKILLs the keeper and waits until it is gone (its guard then kills
+/// what it kept), so no test leaves processes behind.
+fn end_keeper(pid: i32) {
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    );
+    wait_until("the keeper is gone", Duration::from_secs(5), || !alive(pid));
 }
 
 fn spec(argv: &[&str]) -> AgentSpec {
@@ -178,12 +193,11 @@ fn an_exit_is_kept_until_acknowledged_and_a_second_host_agent_is_refused() {
     let (_keeper, kept) = got.expect("reconnect");
     let tags: Vec<&str> = kept.iter().map(|k| k.tag.as_str()).collect();
     assert_eq!(tags, ["sleep.1"], "the acknowledged exit is forgotten");
-    for k in &kept {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(k.run.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    let sleeper = kept[0].run.pid;
+    end_keeper(_keeper.pid);
+    wait_until("the kept sleep is gone", Duration::from_secs(5), || {
+        group(sleeper).is_empty()
+    });
 }
 
 #[test]
@@ -260,21 +274,58 @@ fn the_keeper_grows_little_per_agent() {
         runs.push(run);
     }
     let full = anon(keeper.pid);
+    let pss = std::fs::read_to_string(format!("/proc/{}/smaps_rollup", keeper.pid))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("Pss:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .unwrap_or(0);
     let per_agent = full.saturating_sub(idle) * 1024 / 1000;
     eprintln!(
-        "keeper with 1000 agents: RSS {} KiB (anonymous {full} KiB, file-backed {} KiB, shared with the host agent's binary); anonymous {idle} KiB with none: {per_agent} bytes per agent",
+        "keeper with 1000 agents: RSS {} KiB (anonymous {full} KiB, file-backed {} KiB, shared with the host agent's binary), PSS {pss} KiB; anonymous {idle} KiB with none: {per_agent} bytes per agent",
         status_kib(keeper.pid, "VmRSS"),
         status_kib(keeper.pid, "RssFile"),
     );
-    for r in &runs {
-        let _ = nix::sys::signal::killpg(
-            nix::unistd::Pid::from_raw(r.pid),
-            nix::sys::signal::Signal::SIGKILL,
-        );
-    }
+    end_keeper(keeper.pid);
     // The goal for keeper and host agent together is 24 KiB per agent.
     assert!(
         per_agent < 8 * 1024,
         "the keeper holds {per_agent} bytes per agent"
     );
+}
+
+#[test]
+fn agents_start_with_no_signal_blocked_whatever_the_keeper_blocks() {
+    let dir = tempfile::tempdir().expect("dir");
+    let (rt, got) = attach(dir.path(), Duration::from_secs(30));
+    let (keeper, _) = got.expect("connect");
+    let keeper_mask = std::fs::read_to_string(format!("/proc/{}/status", keeper.pid))
+        .expect("status")
+        .lines()
+        .find_map(|l| l.strip_prefix("SigBlk:").map(|v| v.trim().to_owned()))
+        .expect("SigBlk");
+    assert_ne!(
+        keeper_mask, "0000000000000000",
+        "the keeper blocks SIGINT and SIGHUP"
+    );
+    let run = rt
+        .block_on(keeper.spawn(
+            "mask.1",
+            launch_of(
+                "01mask",
+                &spec(&["grep", "^Sig[BI][lg][kn]:", "/proc/self/status"]),
+            ),
+        ))
+        .expect("spawn");
+    let mut out = std::fs::File::from(run.fds.into_iter().nth(1).expect("stdout"));
+    let mut text = String::new();
+    out.read_to_string(&mut text).expect("read");
+    assert_eq!(
+        text.split_whitespace().nth(1),
+        Some("0000000000000000"),
+        "{text}"
+    );
+    end_keeper(keeper.pid);
 }

@@ -178,12 +178,18 @@ fn rlimits(limits: &[Limit]) -> Vec<(Resource, u64, u64)> {
 #[allow(unsafe_code)]
 fn before_exec(cmd: &mut std::process::Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
     // SAFETY: the closure runs in the forked child before exec, after std has
-    // set up its stdio. It only makes raw system calls (setsid, ioctl, prctl,
+    // set up its stdio. It only makes raw system calls (sigprocmask, setsid, ioctl, prctl,
     // close_range or fcntl, getrlimit, setrlimit), which are async-signal-safe;
     // it allocates nothing (the limits were built before the fork) and takes
     // no lock. The descriptors it marks are the child's own copies.
     unsafe {
         cmd.pre_exec(move || {
+            // A program starts with no signal blocked, whatever its starter
+            // blocks (the keeper blocks SIGINT and SIGHUP, and a mask is
+            // inherited across fork and exec).
+            nix::sys::signal::SigSet::empty()
+                .thread_set_mask()
+                .map_err(std::io::Error::from)?;
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             // Make the terminal on fd 0 this new session's controlling terminal.
             if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
