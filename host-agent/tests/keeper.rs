@@ -288,7 +288,15 @@ fn the_keeper_grows_little_per_agent() {
         status_kib(keeper.pid, "VmRSS"),
         status_kib(keeper.pid, "RssFile"),
     );
+    let started = Instant::now();
     end_keeper(keeper.pid);
+    wait_until("every agent is gone", Duration::from_secs(10), || {
+        runs.iter().all(|r| !alive(r.pid))
+    });
+    eprintln!(
+        "1000 agents gone {:?} after the keeper's SIGKILL",
+        started.elapsed()
+    );
     // The goal for keeper and host agent together is 24 KiB per agent.
     assert!(
         per_agent < 8 * 1024,

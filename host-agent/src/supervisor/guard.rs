@@ -142,14 +142,17 @@ pub fn run_guard() -> ! {
             _ => {}
         }
     }
-    for (pgid, id) in &groups {
+    for pgid in groups.keys() {
         if *pgid > 1 {
             let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
         }
-        tree::signal_each(
-            &tree::escaped(id, 0, *pgid, tree::Scope::All),
-            Signal::SIGKILL,
-        );
+    }
+    // One pass over every process for all agents' markers: a walk per agent
+    // read every process's environment once per agent (a million reads
+    // with a thousand agents).
+    let ids: std::collections::HashSet<&str> = groups.values().map(String::as_str).collect();
+    if !ids.is_empty() {
+        tree::signal_each(&tree::marked_by_any(&ids), Signal::SIGKILL);
     }
     std::process::exit(0)
 }

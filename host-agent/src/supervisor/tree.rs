@@ -7,7 +7,7 @@
 //! Cost matters at a thousand agents: the walk reads only the agent's own
 //! subtree (`/proc/PID/task/*/children`) and the few orphans re-parented to
 //! the host agent, never every process on the machine (except in the guard,
-//! once, after the host agent died).
+//! in one pass for all agents, after the host agent or the keeper died).
 
 use std::collections::HashSet;
 
@@ -21,10 +21,9 @@ pub const MARKER: &str = "AGENTPLANE_AGENT_ID";
 #[derive(Debug, Clone, Copy)]
 pub enum Scope<'a> {
     /// Our children that are not agent main processes (the given set): orphans
-    /// re-parented to us, since we are a child subreaper.
+    /// re-parented to us, since we are a child subreaper. (Every process on
+    /// the machine is [`marked_by_any`]'s, for all agents at once.)
     Orphans(&'a HashSet<i32>),
-    /// Every process on the machine (the guard, after the host agent died).
-    All,
 }
 
 /// Direct children of `pid` (all its threads').
@@ -79,13 +78,11 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
     if root > 1 {
         stack.push(root);
     }
-    let candidates = match scope {
-        Scope::Orphans(mains) => children_of(me)
-            .into_iter()
-            .filter(|p| !mains.contains(p))
-            .collect(),
-        Scope::All => all_pids(),
-    };
+    let Scope::Orphans(mains) = scope;
+    let candidates: Vec<i32> = children_of(me)
+        .into_iter()
+        .filter(|p| !mains.contains(p))
+        .collect();
     stack.extend(
         candidates
             .into_iter()
@@ -101,6 +98,39 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
         .into_iter()
         .filter(|p| *p != me && *p > 1)
         .filter(|p| state_and_group(*p).is_some_and(|(state, group)| state != 'Z' && group != pgid))
+        .collect()
+}
+
+/// Every live process on the machine that carries the marker of one of
+/// `ids`, with its subtree: one pass over `/proc` whatever the number of
+/// agents (the guard, after the host agent or keeper died with a thousand).
+pub fn marked_by_any(ids: &HashSet<&str>) -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let prefix = format!("{MARKER}=");
+    let mut stack: Vec<i32> = all_pids()
+        .into_iter()
+        .filter(|p| *p != me && *p > 1)
+        .filter(|p| {
+            let Ok(env) = std::fs::read(format!("/proc/{p}/environ")) else {
+                return false;
+            };
+            env.split(|b| *b == 0).any(|kv| {
+                kv.strip_prefix(prefix.as_bytes())
+                    .and_then(|v| std::str::from_utf8(v).ok())
+                    .is_some_and(|v| ids.contains(v))
+            })
+        })
+        .collect();
+    let mut found: HashSet<i32> = HashSet::new();
+    while let Some(p) = stack.pop() {
+        if found.insert(p) {
+            stack.extend(children_of(p));
+        }
+    }
+    found
+        .into_iter()
+        .filter(|p| *p != me && *p > 1)
+        .filter(|p| state_and_group(*p).is_some_and(|(state, _)| state != 'Z'))
         .collect()
 }
 
@@ -148,7 +178,7 @@ mod tests {
         let root = i32::try_from(child.id()).unwrap();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         let found = loop {
-            let e = escaped(&id, root, -1, Scope::All);
+            let e = marked_by_any(&HashSet::from([id.as_str()]));
             if e.len() >= 2 || std::time::Instant::now() > deadline {
                 break e;
             }
@@ -156,6 +186,7 @@ mod tests {
         };
         assert!(found.contains(&root), "{found:?}");
         assert_eq!(found.len(), 2, "sh and its setsid sleep: {found:?}");
+        assert!(marked_by_any(&HashSet::from(["another"])).is_empty());
         let by_ancestry = escaped(&id, root, -1, Scope::Orphans(&HashSet::new()));
         assert_eq!(
             by_ancestry.len(),
