@@ -314,10 +314,8 @@ fn agents_start_with_no_signal_blocked_whatever_the_keeper_blocks() {
         .lines()
         .find_map(|l| l.strip_prefix("SigBlk:").map(|v| v.trim().to_owned()))
         .expect("SigBlk");
-    assert_ne!(
-        keeper_mask, "0000000000000000",
-        "the keeper blocks SIGINT and SIGHUP"
-    );
+    // SIGHUP (1), SIGINT (2) and SIGTERM (15): bits 0, 1 and 14.
+    assert_eq!(keeper_mask, "0000000000004003", "the keeper blocks them");
     let run = rt
         .block_on(keeper.spawn(
             "mask.1",

@@ -57,10 +57,12 @@ pub fn run_keeper(args: &[String]) -> ! {
         eprintln!("usage: host-agent {KEEPER_ARG} DATA_DIR ORPHAN_GRACE_MS");
         std::process::exit(agentplane::EXIT_USAGE);
     };
-    // A Ctrl-C or hang-up meant for the host agent's terminal must not
-    // take the agents down with no grace: the host agent decides.
+    // A Ctrl-C or hang-up meant for the host agent's terminal, or the
+    // SIGTERM systemd sends the whole unit, must not take the agents down
+    // with no grace: the host agent decides (the guard does the same).
+    // Agents start with an empty mask (spawn.rs).
     let mut blocked = SigSet::empty();
-    for sig in [Signal::SIGINT, Signal::SIGHUP] {
+    for sig in [Signal::SIGINT, Signal::SIGHUP, Signal::SIGTERM] {
         blocked.add(sig);
     }
     let _ = blocked.thread_block();
