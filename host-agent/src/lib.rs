@@ -54,6 +54,15 @@ pub enum HostAgentError {
     /// The gRPC server could not start or failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The keeper could not be reached or started.
+    #[error(transparent)]
+    Keeper(#[from] keeper::KeeperError),
+    /// The keeper died while this host agent ran; its agents died with it.
+    #[error("the keeper process died, and every agent with it: the host agent ends so that its supervisor starts it again (with a new keeper)")]
+    KeeperGone,
+    /// This process's own executable (which runs the keeper) is unknown.
+    #[error("cannot find this program's executable to start the keeper: {0}")]
+    Executable(#[source] std::io::Error),
 }
 
 /// Runs the host agent on `listener` until `shutdown` resolves; then removes the
@@ -92,6 +101,12 @@ pub async fn run(
         .unwrap_or_else(|| local.to_string());
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
+    let exe = std::env::current_exe().map_err(HostAgentError::Executable)?;
+    // Until agents are adopted across restarts, a keeper whose host agent
+    // is gone ends them at once (no orphan grace).
+    let (keeper, kept) =
+        keeper::Keeper::connect(&exe, &config.data_dir, Duration::ZERO, &tasks).await?;
+    end_kept(&keeper, kept, &tasks);
     // A fresh id for this start: records started by an earlier one are
     // told apart (and settled) by it.
     let incarnation = agentplane::ids::new_agent_id();
@@ -112,6 +127,7 @@ pub async fn run(
         tasks.clone(),
         cancel.clone(),
         config.data_dir.clone(),
+        keeper.clone(),
     );
     let host = HostRecord {
         id: config.host_id.clone(),
@@ -162,7 +178,16 @@ pub async fn run(
     let mut served = server::start(listener, &options, routes, &cancel)?;
     tracing::info!(host = %config.host_id, %local, %address, "host agent serving");
 
-    served.until(shutdown).await;
+    let gone = keeper.gone.clone();
+    served
+        .until(async move {
+            tokio::select! {
+                () = shutdown => {}
+                () = gone.cancelled() => {}
+            }
+        })
+        .await;
+    let keeper_died = keeper.gone.is_cancelled();
     cancel.cancel();
     health
         .set_not_serving::<HostAgentServer<HostAgentService>>()
@@ -170,6 +195,30 @@ pub async fn run(
     if let Err(e) = registry.remove_host(&config.host_id).await {
         tracing::warn!(error = %e, "cannot remove the host key; it expires with its TTL");
     }
-    supervisor.stop_all(config.shutdown_timeout).await;
-    Ok(server::finish(served, probes, &tasks, config.shutdown_timeout).await?)
+    if keeper_died {
+        tracing::error!("the keeper process died; every agent died with it");
+    } else {
+        supervisor.stop_all(config.shutdown_timeout).await;
+    }
+    keeper.close();
+    server::finish(served, probes, &tasks, config.shutdown_timeout).await?;
+    if keeper_died {
+        return Err(HostAgentError::KeeperGone);
+    }
+    Ok(())
+}
+
+/// Ends the runs a keeper still held from an earlier host agent (none is
+/// adopted yet): SIGKILL to each group, and each exit acknowledged.
+fn end_kept(keeper: &std::sync::Arc<keeper::Keeper>, kept: Vec<keeper::KeptRun>, tasks: &Tasks) {
+    for k in kept {
+        tracing::warn!(tag = %k.tag, pid = k.run.pid, "ending a run an earlier host agent left in the keeper");
+        let _ = supervisor::signal::to_group(k.run.pid, nix::sys::signal::Signal::SIGKILL);
+        let keeper = keeper.clone();
+        tasks.spawn("kept run end", async move {
+            if k.run.exit.await.is_ok() {
+                let _ = keeper.ack(k.run.pid).await;
+            }
+        });
+    }
 }

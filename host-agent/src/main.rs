@@ -57,7 +57,7 @@ async fn serve() -> anyhow::Result<()> {
     let shutdown = async {
         agentplane::shutdown::shutdown_signal().await;
         // A second SIGINT/SIGTERM during the graceful stop forces the exit;
-        // the guard process then SIGKILLs whatever agents are left.
+        // the keeper then ends whatever agents are left.
         tokio::spawn(async {
             agentplane::shutdown::shutdown_signal().await;
             eprintln!("host-agent: second signal, exiting now");

@@ -435,6 +435,11 @@ impl TestCluster {
         self.dir.path().join(format!("data-{host_id}"))
     }
 
+    /// The pid of host `host_id`'s keeper (its agents' parent).
+    pub fn keeper_pid(&self, host_id: &str) -> Option<i32> {
+        crate::procfs::keeper_of(&self.data_dir(host_id))
+    }
+
     /// Waits (at most 10 s) until agent `id`'s retained output contains `needle`,
     /// read through `agentctl logs`.
     pub async fn wait_for_output(&self, id: &str, needle: &str) {

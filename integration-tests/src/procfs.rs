@@ -204,3 +204,16 @@ pub fn net_namespace(pid: i32) -> Option<String> {
         .ok()
         .map(|p| p.display().to_string())
 }
+
+/// The keeper process of the host agent whose `--data-dir` is `data_dir`
+/// (the parent of that host's agents), found by its command line.
+pub fn keeper_of(data_dir: &std::path::Path) -> Option<i32> {
+    let want = data_dir.as_os_str().as_encoded_bytes();
+    all_processes().into_iter().map(|p| p.pid).find(|pid| {
+        let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else {
+            return false;
+        };
+        let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
+        args.get(1) == Some(&b"__agentplane_keeper".as_slice()) && args.get(2) == Some(&want)
+    })
+}

@@ -41,7 +41,7 @@ async fn the_same_request_id_ten_times_concurrently_makes_one_agent_and_one_proc
     let sleeps: Vec<i32> = cluster
         .hosts
         .iter()
-        .flat_map(|h| children_named(h.proc.pid(), "sleep"))
+        .flat_map(|h| children_named(cluster.keeper_pid(&h.host_id).expect("keeper"), "sleep"))
         .collect();
     assert_eq!(sleeps.len(), 1, "one process across all hosts: {sleeps:?}");
     assert!(procfs::is_alive(listed.agents[0].pid));

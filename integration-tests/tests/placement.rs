@@ -50,14 +50,8 @@ async fn twenty_one_agents_land_seven_per_host_and_locate_finds_each() {
         assert!(loc.live, "{} has a live location key", a.id);
         assert!(loc.pid > 0);
         // The process really is where the record says: the pid is a child of
-        // that host's host-agent process.
-        let host_pid = cluster
-            .hosts
-            .iter()
-            .find(|h| h.host_id == a.host)
-            .unwrap()
-            .proc
-            .pid();
+        // that host's keeper (itself the host agent's child here).
+        let host_pid = cluster.keeper_pid(&a.host).expect("the host's keeper runs");
         let info =
             agentplane_integration_tests::procfs::stat(loc.pid).expect("agent process exists");
         assert_eq!(

@@ -228,6 +228,15 @@ impl Keeper {
         rx.await.unwrap_or(Err(KeeperError::Gone))
     }
 
+    /// Ends this connection (the keeper then applies its orphan grace, or
+    /// ends at once when it keeps nothing), whoever still holds it.
+    pub fn close(&self) {
+        let _ = nix::sys::socket::shutdown(
+            self.sock.fd().as_raw_fd(),
+            nix::sys::socket::Shutdown::Both,
+        );
+    }
+
     /// Tells the keeper that `pid`'s exit is recorded: it forgets the run.
     pub async fn ack(&self, pid: i32) -> Result<(), KeeperError> {
         let msg = ToKeeper {

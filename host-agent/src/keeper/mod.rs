@@ -2,8 +2,8 @@
 //! the parent of the agents it starts, so agents can outlive a host agent's
 //! restart. [`process`] is the keeper itself, [`client`] the host agent's
 //! end, [`proto`] their messages and [`wire`] the transport (messages with
-//! descriptors over a seqpacket Unix socket). The supervisor does not start
-//! agents through it yet.
+//! descriptors over a seqpacket Unix socket). The supervisor starts every
+//! agent through it.
 
 pub mod client;
 pub mod process;
@@ -12,3 +12,4 @@ pub mod wire;
 
 pub use client::{Keeper, KeeperError, KeptRun, Run};
 pub use process::{run_keeper, KEEPER_ARG};
+pub use proto::Exit;

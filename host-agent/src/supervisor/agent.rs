@@ -5,7 +5,7 @@
 use std::sync::{Mutex, MutexGuard};
 
 use agentplane::proto::v1::{AgentSpec, AgentState, ExitStatus, LocalAgent};
-use tokio::process::ChildStdin;
+use tokio::net::unix::pipe;
 use tokio::sync::{watch, Notify};
 
 use super::output::OutputLog;
@@ -80,6 +80,9 @@ pub struct AgentSlot {
     pub generation: u64,
     /// Its spec.
     pub spec: AgentSpec,
+    /// Names this slot's runs in the keeper, and its directory under the
+    /// data dir's `agents/`.
+    pub tag: String,
     /// When this host took it, ms since the epoch.
     pub created_at_ms: i64,
     /// Held for the whole of a control operation: pause/resume/stop/kill on one
@@ -93,7 +96,7 @@ pub struct AgentSlot {
     /// Its output on disk.
     pub output: OutputLog,
     /// The current run's standard input (taken out while a write is under way).
-    pub stdin: std::sync::Mutex<Option<ChildStdin>>,
+    pub stdin: std::sync::Mutex<Option<pipe::Sender>>,
     /// The current run's terminal (tty agents).
     pub pty:
         std::sync::Mutex<Option<std::sync::Arc<tokio::io::unix::AsyncFd<std::os::fd::OwnedFd>>>>,
@@ -111,8 +114,15 @@ pub struct AgentSlot {
 
 impl AgentSlot {
     /// A slot with no process yet, writing its output to `output`.
-    pub fn new(id: String, generation: u64, spec: AgentSpec, output: OutputLog) -> Self {
+    pub fn new(
+        id: String,
+        generation: u64,
+        spec: AgentSpec,
+        tag: String,
+        output: OutputLog,
+    ) -> Self {
         Self {
+            tag,
             output,
             stdin: std::sync::Mutex::new(None),
             pty: std::sync::Mutex::new(None),

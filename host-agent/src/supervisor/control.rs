@@ -13,7 +13,7 @@ use nix::sys::signal::Signal;
 use super::agent::{AgentSlot, Requested};
 use super::error::SupervisorError;
 use super::signal::{self, Delivery};
-use super::tree::{self, Scope};
+use super::tree;
 use super::{Result, Supervisor, DEFAULT_GRACE, KILL_WAIT, PAUSE_WAIT};
 
 impl Supervisor {
@@ -54,10 +54,7 @@ impl Supervisor {
             ));
         }
         // Found afresh each time: pids taken earlier may have been reused.
-        let escaped = || {
-            let mains = self.reaper.watched().clone();
-            tree::escaped(&slot.id, s.pid, s.pid, Scope::Orphans(&mains))
-        };
+        let escaped = || self.escaped(&slot.id, s.pid, s.pid);
         tree::signal_each(&escaped(), sig);
         if pause {
             // PAUSED means stopped: wait (bounded: a process in an
@@ -153,8 +150,7 @@ impl Supervisor {
             let steps = [(Signal::SIGTERM, grace), (Signal::SIGKILL, KILL_WAIT)];
             for (sig, wait) in steps {
                 signal::to_group(pid, sig)?;
-                let mains = self.reaper.watched().clone();
-                let escaped = tree::escaped(&slot.id, pid, pid, Scope::Orphans(&mains));
+                let escaped = self.escaped(&slot.id, pid, pid);
                 tree::signal_each(&escaped, sig);
                 if sig == Signal::SIGTERM && s.state == AgentState::Paused {
                     signal::to_group(pid, Signal::SIGCONT)?;

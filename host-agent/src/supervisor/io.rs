@@ -11,7 +11,7 @@ use std::os::fd::OwnedFd;
 
 use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::process::Child;
+use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
 
 use super::agent::{AgentSlot, Requested};
@@ -33,19 +33,28 @@ pub type LogItem = Result<LogChunk, tonic::Status>;
 
 impl Supervisor {
     /// Starts reading the new run's stdout and stderr (or its terminal), and
-    /// keeps its stdin (or terminal) for input.
+    /// keeps its stdin (or terminal) for input. `fds`: the run's stdin,
+    /// stdout and stderr as the keeper passed them, or (`tty`) its
+    /// terminal's master.
     pub(super) fn capture(
         &self,
         slot: &Arc<AgentSlot>,
-        child: &mut Child,
-        pty: Option<OwnedFd>,
+        fds: Vec<OwnedFd>,
+        tty: bool,
     ) -> std::io::Result<()> {
-        if let Some(master) = pty {
+        let mut fds = fds.into_iter();
+        let mut next = || {
+            fds.next().ok_or_else(|| {
+                std::io::Error::other("the keeper passed fewer descriptors than the run has")
+            })
+        };
+        if tty {
             // `AsyncFd::new` is deprecated because a borrowed descriptor could be
             // closed under it; an `OwnedFd` cannot be, so it is sound here and
-            // needs no `unsafe` (`register` would).
+            // needs no `unsafe` (`register` would). The master is non-blocking
+            // (spawn.rs), in the keeper's copy too: they share one open file.
             #[allow(deprecated)]
-            let master = Arc::new(AsyncFd::new(master)?);
+            let master = Arc::new(AsyncFd::new(next()?)?);
             self.spawn_capture(slot, PtyReader(master.clone()), LogStream::Stdout);
             *slot
                 .pty
@@ -53,16 +62,16 @@ impl Supervisor {
                 .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(master);
             return Ok(());
         }
-        if let Some(out) = child.stdout.take() {
-            self.spawn_capture(slot, out, LogStream::Stdout);
-        }
-        if let Some(err) = child.stderr.take() {
-            self.spawn_capture(slot, err, LogStream::Stderr);
-        }
+        // `from_owned_fd` checks each is a pipe and makes it non-blocking.
+        let stdin = pipe::Sender::from_owned_fd(next()?)?;
+        let stdout = pipe::Receiver::from_owned_fd(next()?)?;
+        let stderr = pipe::Receiver::from_owned_fd(next()?)?;
+        self.spawn_capture(slot, stdout, LogStream::Stdout);
+        self.spawn_capture(slot, stderr, LogStream::Stderr);
         *slot
             .stdin
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = child.stdin.take();
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stdin);
         Ok(())
     }
 

@@ -11,7 +11,6 @@ pub mod guard;
 mod idle;
 mod io;
 pub mod output;
-mod reaper;
 mod record;
 mod restart;
 mod run;
@@ -19,7 +18,7 @@ pub mod signal;
 pub mod spawn;
 mod tree;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -29,16 +28,15 @@ use agentplane::tasks::Tasks;
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use agentplane::validate::{self, ValidationError};
 use nix::sys::signal::Signal;
-use tokio::process::Child;
+use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use self::agent::{AgentSlot, Requested};
 pub use self::error::SupervisorError;
-use self::guard::Guard;
 pub use self::guard::{run_guard, GUARD_ARG};
 pub use self::io::LogItem;
-pub use self::reaper::Reaper;
 use self::tree::Scope;
+use crate::keeper::{Keeper, KeeperError};
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
@@ -78,8 +76,10 @@ pub struct Supervisor {
     agents: Mutex<HashMap<String, Arc<AgentSlot>>>,
     tasks: Tasks,
     cancel: CancellationToken,
-    reaper: Arc<Reaper>,
-    guard: Guard,
+    /// The keeper: the parent of every agent process.
+    keeper: Arc<Keeper>,
+    /// The main process of every run under way (= its process group).
+    mains: Mutex<HashSet<i32>>,
     data_dir: std::path::PathBuf,
     /// Output streams open now.
     log_streams: agentplane::tasks::Gauge,
@@ -101,8 +101,7 @@ pub struct Limits {
 }
 
 impl Supervisor {
-    /// A supervisor for `host_id`: becomes a child subreaper, starts the orphan
-    /// reaper and the guard process.
+    /// A supervisor for `host_id` whose agents `keeper` starts and holds.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         host_id: String,
@@ -113,12 +112,8 @@ impl Supervisor {
         tasks: Tasks,
         cancel: CancellationToken,
         data_dir: std::path::PathBuf,
+        keeper: Arc<Keeper>,
     ) -> Arc<Self> {
-        Reaper::become_subreaper();
-        let reaper = Arc::new(Reaper::default());
-        let r = reaper.clone();
-        let c = cancel.clone();
-        tasks.spawn("orphan reaper", async move { r.run(c).await });
         Arc::new(Self {
             host_id,
             incarnation,
@@ -129,8 +124,8 @@ impl Supervisor {
             agents: Mutex::new(HashMap::new()),
             tasks,
             cancel,
-            reaper,
-            guard: Guard::start(),
+            keeper,
+            mains: Mutex::new(HashSet::new()),
             data_dir,
             log_streams: agentplane::tasks::Gauge::default(),
             log_writers: output::LogWriters::start(LOG_WRITER_THREADS),
@@ -210,10 +205,8 @@ impl Supervisor {
         let start = self
             .starts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let dir = self
-            .data_dir
-            .join("agents")
-            .join(format!("{id}.{generation}.{start}"));
+        let tag = format!("{id}.{generation}.{start}");
+        let dir = self.data_dir.join("agents").join(&tag);
         let ring = match spec.log_buffer_bytes {
             0 => output::DEFAULT_RING,
             n => n,
@@ -223,7 +216,7 @@ impl Supervisor {
                 id: id.clone(),
                 source,
             })?;
-        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, log));
+        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
         let mut admitted = self.admit(&slot, None);
@@ -255,7 +248,7 @@ impl Supervisor {
             tokio::time::sleep(pause).await;
         }
 
-        let (child, pid) = match self.spawn_run(&slot, false) {
+        let (pid, exit) = match self.spawn_run(&slot, false).await {
             Ok(Some(c)) => c,
             Ok(None) => {
                 // A heartbeat fenced the slot between admission and the fork
@@ -277,7 +270,7 @@ impl Supervisor {
         let sup = self.clone();
         let looped = slot.clone();
         self.tasks.spawn("agent run loop", async move {
-            sup.run_loop(looped, child, pid).await;
+            sup.run_loop(looped, exit, pid).await;
         });
         if let Err(err) = outcome {
             // Nobody could find or control it: it must not run.
@@ -351,37 +344,70 @@ impl Supervisor {
         Ok(Admission::New)
     }
 
-    /// Starts a run of the slot's program. Holds the slot's status lock across
-    /// the fork so that a concurrent stop either sees the new pid or is seen
-    /// here first (`Ok(None)`: a stop arrived, nothing was started).
-    fn spawn_run(
+    /// Starts a run of the slot's program in the keeper: its pid and its
+    /// exit to come. `Ok(None)`: a stop arrived first, nothing was started. A
+    /// stop (or fence) that arrives while the keeper forks saw no pid: the
+    /// run is killed here as soon as its pid is known, and its exit explains.
+    async fn spawn_run(
         &self,
         slot: &Arc<AgentSlot>,
         restart: bool,
-    ) -> std::io::Result<Option<(Child, i32)>> {
-        let (mut child, pid, pty) = {
-            // Registered before the reaper can look: it must never reap a main process.
-            let mut watched = self.reaper.watched();
+    ) -> std::io::Result<Option<(i32, oneshot::Receiver<crate::keeper::Exit>)>> {
+        if slot.status().requested.is_some_and(Requested::ends_agent) {
+            return Ok(None);
+        }
+        let launch = spawn::launch_of(&slot.id, &slot.spec);
+        let run = match self.keeper.spawn(&slot.tag, launch).await {
+            Ok(run) => run,
+            Err(KeeperError::Spawn(e)) => return Err(e),
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        };
+        let pid = run.pid;
+        self.mains().insert(pid);
+        let stopped = {
             let mut st = slot.status();
-            if st.requested.is_some_and(Requested::ends_agent) {
-                return Ok(None);
-            }
-            let spawned = spawn::spawn(&slot.id, &slot.spec)?;
-            let child = spawned.child;
-            let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
-            watched.insert(pid);
             st.pid = pid;
-            st.started_at_ms = now_ms();
+            st.started_at_ms = run.started_at_ms;
             st.move_to(&slot.id, AgentState::Running);
-            st.requested = None;
+            let stopped = st.requested.is_some_and(Requested::ends_agent);
+            if !stopped {
+                st.requested = None;
+            }
             if restart {
                 st.restarts += 1;
             }
-            (child, pid, spawned.pty)
+            stopped
         };
-        self.guard.add(pid, &slot.id);
-        self.capture(slot, &mut child, pty)?;
-        Ok(Some((child, pid)))
+        if stopped {
+            let _ = signal::to_group(pid, Signal::SIGKILL);
+        }
+        if let Err(e) = self.capture(slot, run.fds, run.tty) {
+            // Not captured means not supervisable: it must not run.
+            let _ = signal::to_group(pid, Signal::SIGKILL);
+            return Err(e);
+        }
+        Ok(Some((pid, run.exit)))
+    }
+
+    fn mains(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.mains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Agent `id`'s live processes outside its group `pgid`: the subtree of
+    /// `root`, and the orphans re-parented to the keeper that carry its marker.
+    fn escaped(&self, id: &str, root: i32, pgid: i32) -> Vec<i32> {
+        let mains = self.mains().clone();
+        tree::escaped(
+            id,
+            root,
+            pgid,
+            Scope::Orphans {
+                reaper: self.keeper.pid,
+                mains: &mains,
+            },
+        )
     }
 
     /// One agent as this host sees it.
@@ -450,11 +476,7 @@ impl Supervisor {
         slot.wake.notify_one();
         tracing::warn!(agent = %id, pid, reason = why, "fencing: killing a stale copy");
         let _ = signal::to_group(pid, Signal::SIGKILL);
-        let mains = self.reaper.watched().clone();
-        tree::signal_each(
-            &tree::escaped(id, pid, pid, Scope::Orphans(&mains)),
-            Signal::SIGKILL,
-        );
+        tree::signal_each(&self.escaped(id, pid, pid), Signal::SIGKILL);
     }
 
     /// The generation this host runs `id` at.

@@ -9,39 +9,40 @@ use std::time::{Duration, Instant};
 use agentplane::proto::v1::{AgentState, ExitReason, ExitStatus};
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use nix::sys::signal::Signal;
-use tokio::process::Child;
+use tokio::sync::oneshot;
+
+use crate::keeper::Exit;
 
 use super::agent::{AgentSlot, Requested};
 use super::restart::{self, Decision};
-use super::tree::{self, Scope};
+use super::tree;
 use super::{signal, spawn_failure, Supervisor};
 
 impl Supervisor {
-    /// Supervises `slot` from its first run (`child`, `pid`) to its end.
+    /// Supervises `slot` from its first run (`pid`, whose `exit` the
+    /// keeper will send) to its end. Each exit is acknowledged to the keeper
+    /// once it is recorded, so a host agent that dies before that finds it
+    /// there.
     pub(super) async fn run_loop(
         self: Arc<Self>,
         slot: Arc<AgentSlot>,
-        mut child: Child,
+        mut exit_rx: oneshot::Receiver<Exit>,
         mut pid: i32,
     ) {
         let mut consecutive = 0;
         loop {
             let started = Instant::now();
-            let waited = self.wait_run(&slot, &mut child).await;
+            let waited = self.wait_run(&slot, &mut exit_rx).await;
             self.sweep(&slot, pid);
             let requested = slot.status().requested;
-            let exit = match waited {
-                Ok(status) => exit_status(status, requested),
-                Err(e) => {
-                    let exit = ExitStatus {
-                        reason: ExitReason::HostError as i32,
-                        error: format!("waiting for pid {pid} failed: {e}"),
-                        finished_at: Some(timestamp_from_ms(now_ms())),
-                        ..Default::default()
-                    };
-                    return self.finish(&slot, AgentState::Failed, exit).await;
-                }
+            let Some(status) = waited else {
+                // The keeper is gone, and every agent with it (its guard):
+                // this host agent ends (lib.rs) and the records are settled
+                // as a lost host's (nothing here saw how the run ended).
+                tracing::error!(agent = %slot.id, pid, "the keeper is gone: the run's end is unknown");
+                return;
             };
+            let exit = exit_status(status, requested);
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
             let decision = restart::decide(
                 slot.spec.restart.as_ref(),
@@ -52,7 +53,7 @@ impl Supervisor {
                 restart::jitter(),
             );
             let delay = match decision {
-                Decision::Done => return self.finish(&slot, AgentState::Exited, exit).await,
+                Decision::Done => return self.end(&slot, AgentState::Exited, exit, pid).await,
                 Decision::Exhausted => {
                     let error = format!(
                         "ended again after {consecutive} consecutive restarts (max_restarts); last run: {}",
@@ -63,7 +64,7 @@ impl Supervisor {
                         error,
                         ..exit
                     };
-                    return self.finish(&slot, AgentState::Failed, exit).await;
+                    return self.end(&slot, AgentState::Failed, exit, pid).await;
                 }
                 Decision::Restart {
                     delay,
@@ -78,11 +79,12 @@ impl Supervisor {
                     reason: ExitReason::Stopped as i32,
                     ..exit
                 };
-                return self.finish(&slot, AgentState::Exited, stopped).await;
+                return self.end(&slot, AgentState::Exited, stopped, pid).await;
             }
-            match self.spawn_run(&slot, true) {
-                Ok(Some((c, p))) => {
-                    child = c;
+            self.ack(pid).await;
+            match self.spawn_run(&slot, true).await {
+                Ok(Some((p, rx))) => {
+                    exit_rx = rx;
                     pid = p;
                     let restarts = slot.status().restarts;
                     tracing::info!(agent = %slot.id, pid, restarts, "agent restarted");
@@ -110,19 +112,19 @@ impl Supervisor {
         }
     }
 
-    /// Waits for the run's process. When the spec's timeout passes first, a
-    /// stop (reason TIMEOUT) starts as its own task — it waits for this loop to
-    /// record the end — and the wait goes on.
+    /// Waits for the run's process (`None`: the keeper is gone). When the
+    /// spec's timeout passes first, a stop (reason TIMEOUT) starts as its own
+    /// task — it waits for this loop to record the end — and the wait goes on.
     async fn wait_run(
         self: &Arc<Self>,
         slot: &AgentSlot,
-        child: &mut Child,
-    ) -> std::io::Result<std::process::ExitStatus> {
+        exit: &mut oneshot::Receiver<Exit>,
+    ) -> Option<std::process::ExitStatus> {
         let Some(limit) = slot.spec.timeout.as_ref().map(duration_from_proto) else {
-            return child.wait().await;
+            return exit.await.ok().map(wait_status);
         };
         tokio::select! {
-            r = child.wait() => r,
+            r = &mut *exit => r.ok().map(wait_status),
             () = tokio::time::sleep(limit) => {
                 tracing::info!(agent = %slot.id, ?limit, "agent ran past its timeout; stopping it");
                 let sup = self.clone();
@@ -132,8 +134,21 @@ impl Supervisor {
                         tracing::warn!(agent = %id, error = %e, "timeout stop failed");
                     }
                 });
-                child.wait().await
+                exit.await.ok().map(wait_status)
             }
+        }
+    }
+
+    /// Records the end, then lets the keeper forget run `pid`.
+    async fn end(&self, slot: &Arc<AgentSlot>, state: AgentState, exit: ExitStatus, pid: i32) {
+        self.finish(slot, state, exit).await;
+        self.ack(pid).await;
+    }
+
+    /// Lets the keeper forget run `pid`, whose exit is recorded.
+    async fn ack(&self, pid: i32) {
+        if let Err(e) = self.keeper.ack(pid).await {
+            tracing::warn!(pid, error = %e, "cannot acknowledge an exit to the keeper");
         }
     }
 
@@ -141,15 +156,9 @@ impl Supervisor {
     /// escaped process carrying its marker, dies with it (systemd's
     /// KillMode=control-group).
     fn sweep(&self, slot: &AgentSlot, pid: i32) {
-        let mains = {
-            let mut watched = self.reaper.watched();
-            watched.remove(&pid);
-            watched.clone()
-        };
+        self.mains().remove(&pid);
         let _ = signal::to_group(pid, Signal::SIGKILL);
-        let escaped = tree::escaped(&slot.id, 0, pid, Scope::Orphans(&mains));
-        tree::signal_each(&escaped, Signal::SIGKILL);
-        self.guard.remove(pid, &slot.id);
+        tree::signal_each(&self.escaped(&slot.id, 0, pid), Signal::SIGKILL);
     }
 
     /// Records PENDING with `next_restart_at`, then waits `delay` unless a stop
@@ -184,6 +193,16 @@ fn describe(e: &ExitStatus) -> String {
         (Some(c), _) => format!("exit code {c}"),
         (_, Some(s)) => format!("signal {s}"),
         _ => agentplane::state::reason_name(e.reason()).to_owned(),
+    }
+}
+
+/// The keeper's exit as a wait status.
+fn wait_status(e: Exit) -> std::process::ExitStatus {
+    match (e.code, e.signal) {
+        (Some(code), _) => std::process::ExitStatus::from_raw((code & 0xff) << 8),
+        (None, Some(sig)) => std::process::ExitStatus::from_raw(sig & 0x7f),
+        // Neither: the keeper could not tell; a plain failure.
+        (None, None) => std::process::ExitStatus::from_raw(1 << 8),
     }
 }
 

@@ -1,7 +1,7 @@
 //! Building and starting an agent's process: argv exec'd directly (no shell),
 //! a minimal inherited environment plus the spec's, its own session and
 //! process group, a parent-death signal, rlimits and an optional uid/gid, and
-//! exactly three descriptors: 0, 1 and 2 (nothing else the host agent holds,
+//! exactly three descriptors: 0, 1 and 2 (nothing else the keeper holds,
 //! such as other agents' terminals and pipes, or inherited).
 
 use std::collections::HashMap;
@@ -15,32 +15,11 @@ use agentplane::proto::v1::{AgentSpec, ResourceLimits};
 use crate::keeper::proto::{Launch, Limit, LimitKind};
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
-use tokio::process::{Child, Command};
 
 use super::tree::MARKER;
 
 /// Variables passed through from the host agent's own environment.
 const INHERITED_ENV: &[&str] = &["PATH", "HOME", "LANG", "LC_ALL", "TZ", "USER", "LOGNAME"];
-
-/// A started run: the child, and the master side of its terminal (tty agents).
-pub struct Spawned {
-    /// The process.
-    pub child: Child,
-    /// The pseudo-terminal's master end, when the spec asked for a tty.
-    pub pty: Option<OwnedFd>,
-}
-
-/// Starts the spec's program. The child leads a new session and process group
-/// (`setsid`), so its pid is its process group id, and it gets SIGKILL if the
-/// host agent dies (the guard process covers the rest of its group). With
-/// `tty`, its stdio is the slave side of a new pseudo-terminal, which becomes
-/// its controlling terminal.
-pub fn spawn(id: &str, spec: &AgentSpec) -> std::io::Result<Spawned> {
-    let (cmd, pty) = command(&launch_of(id, spec))?;
-    // The supervisor decides when the agent dies, not a dropped handle.
-    let child = Command::from(cmd).kill_on_drop(false).spawn()?;
-    Ok(Spawned { child, pty })
-}
 
 /// What starting agent `id` with `spec` means, resolved here once: the
 /// whole environment (the inherited variables, the spec's, then the marker,
@@ -68,8 +47,7 @@ pub fn launch_of(id: &str, spec: &AgentSpec) -> Launch {
 }
 
 /// The command that starts `l` (not started yet), and the master side of
-/// its terminal when it has one. Shared by the host agent and the keeper,
-/// so both start programs the same way.
+/// its terminal when it has one. The keeper starts every agent with it.
 pub fn command(l: &Launch) -> std::io::Result<(std::process::Command, Option<OwnedFd>)> {
     let Some(program) = l.argv.first() else {
         return Err(std::io::Error::new(

@@ -6,7 +6,7 @@
 //!
 //! Cost matters at a thousand agents: the walk reads only the agent's own
 //! subtree (`/proc/PID/task/*/children`) and the few orphans re-parented to
-//! the host agent, never every process on the machine (except in the guard,
+//! the keeper, never every process on the machine (except in the guard,
 //! in one pass for all agents, after the host agent or the keeper died).
 
 use std::collections::HashSet;
@@ -20,10 +20,16 @@ pub const MARKER: &str = "AGENTPLANE_AGENT_ID";
 /// Where to look for marked processes besides the agent's own subtree.
 #[derive(Debug, Clone, Copy)]
 pub enum Scope<'a> {
-    /// Our children that are not agent main processes (the given set): orphans
-    /// re-parented to us, since we are a child subreaper. (Every process on
-    /// the machine is [`marked_by_any`]'s, for all agents at once.)
-    Orphans(&'a HashSet<i32>),
+    /// The children of `reaper` (the keeper, a child subreaper, which
+    /// orphans of agents are re-parented to) that are not agent main
+    /// processes (`mains`). (Every process on the machine is
+    /// [`marked_by_any`]'s, for all agents at once.)
+    Orphans {
+        /// The subreaper's pid.
+        reaper: i32,
+        /// Every agent's main process.
+        mains: &'a HashSet<i32>,
+    },
 }
 
 /// Direct children of `pid` (all its threads').
@@ -78,8 +84,8 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
     if root > 1 {
         stack.push(root);
     }
-    let Scope::Orphans(mains) = scope;
-    let candidates: Vec<i32> = children_of(me)
+    let Scope::Orphans { reaper, mains } = scope;
+    let candidates: Vec<i32> = children_of(reaper)
         .into_iter()
         .filter(|p| !mains.contains(p))
         .collect();
@@ -167,6 +173,10 @@ pub fn signal_each(pids: &[i32], sig: Signal) {
 mod tests {
     use super::*;
 
+    fn me() -> i32 {
+        i32::try_from(std::process::id()).unwrap()
+    }
+
     #[test]
     fn finds_a_setsid_grandchild_by_ancestry_and_marker() {
         let id = format!("tree-test-{}", std::process::id());
@@ -187,7 +197,15 @@ mod tests {
         assert!(found.contains(&root), "{found:?}");
         assert_eq!(found.len(), 2, "sh and its setsid sleep: {found:?}");
         assert!(marked_by_any(&HashSet::from(["another"])).is_empty());
-        let by_ancestry = escaped(&id, root, -1, Scope::Orphans(&HashSet::new()));
+        let by_ancestry = escaped(
+            &id,
+            root,
+            -1,
+            Scope::Orphans {
+                reaper: me(),
+                mains: &HashSet::new(),
+            },
+        );
         assert_eq!(
             by_ancestry.len(),
             2,
@@ -220,7 +238,15 @@ mod tests {
             }
         };
         assert_eq!(until(4), 4, "sh, two sleeps and the other run");
-        let mut all = escaped("none", root, -1, Scope::Orphans(&HashSet::new()));
+        let mut all = escaped(
+            "none",
+            root,
+            -1,
+            Scope::Orphans {
+                reaper: me(),
+                mains: &HashSet::new(),
+            },
+        );
         assert_eq!(all.len(), 3, "{all:?}");
         all.extend_from_slice(&others);
         signal_each(&all[..3], Signal::SIGSTOP);
