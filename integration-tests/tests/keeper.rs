@@ -73,7 +73,14 @@ async fn a_sigkilled_keeper_leaves_no_agent_and_its_host_is_lost_within_the_ttl(
             .log_tail(400)
             .contains("the keeper process died"),
         "its log says why: {}",
-        cluster.host("h1").proc.log_tail(400).lines().filter(|l| !l.starts_with("  ")).collect::<Vec<_>>().join("\n")
+        cluster
+            .host("h1")
+            .proc
+            .log_tail(400)
+            .lines()
+            .filter(|l| !l.starts_with("  "))
+            .collect::<Vec<_>>()
+            .join("\n")
     );
 
     // Records: each of h1's agents LOST (or, restartable, started again
