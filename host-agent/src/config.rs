@@ -91,6 +91,31 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_ALLOWED_UIDS", value_parser = crate::identity::parse_uid_ranges)]
     pub allowed_uids: Option<crate::identity::UidRanges>,
 
+    /// At exit (SIGTERM), leave the agents running in the keeper for the
+    /// next host agent to adopt, an upgrade included (the default).
+    #[arg(
+        long,
+        env = "AGENTPLANE_KEEP_AGENTS_ON_EXIT",
+        overrides_with = "stop_agents_on_exit"
+    )]
+    pub keep_agents_on_exit: bool,
+
+    /// At exit (SIGTERM), stop every agent, each with its grace (bounded by
+    /// --shutdown-timeout), as a machine going down wants.
+    #[arg(
+        long,
+        env = "AGENTPLANE_STOP_AGENTS_ON_EXIT",
+        overrides_with = "keep_agents_on_exit"
+    )]
+    pub stop_agents_on_exit: bool,
+
+    /// How long the keeper keeps agents running with no host agent
+    /// attached before it ends them (default: half of --heartbeat-ttl; at
+    /// most two thirds of it, so that they are gone before the control
+    /// plane can see the host lost and start them elsewhere).
+    #[arg(long, env = "AGENTPLANE_ORPHAN_GRACE", value_parser = parse_duration)]
+    pub orphan_grace: Option<Duration>,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -102,6 +127,11 @@ pub struct Config {
 }
 
 impl Config {
+    /// `--orphan-grace`, its default resolved.
+    pub fn orphan_grace(&self) -> Duration {
+        self.orphan_grace.unwrap_or(self.heartbeat_ttl / 2)
+    }
+
     /// Checks what clap's types cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {
         validate::host_id("--host-id", &self.host_id).map_err(|e| e.to_string())?;
@@ -121,6 +151,12 @@ impl Config {
         }
         if self.heartbeat_ttl < Duration::from_millis(300) {
             return Err("--heartbeat-ttl: must be at least 300ms".into());
+        }
+        if self.orphan_grace() > self.heartbeat_ttl * 2 / 3 {
+            return Err(format!(
+                "--orphan-grace: at most two thirds of --heartbeat-ttl ({:?}): agents left longer could run twice once the control plane sees the host lost",
+                self.heartbeat_ttl * 2 / 3
+            ));
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
             return Err("--redis-prefix: must be non-empty without spaces".into());
@@ -211,6 +247,25 @@ mod tests {
         let c = parse(&["--host-id", "h1"]);
         assert_eq!(c.heartbeat_ttl, Duration::from_secs(10));
         assert!(c.validate().is_ok());
+    }
+
+    #[test]
+    fn the_orphan_grace_defaults_to_half_the_ttl_and_stays_under_two_thirds() {
+        let c = parse(&["--host-id", "h1"]);
+        assert_eq!(c.orphan_grace(), Duration::from_secs(5));
+        assert!(!c.stop_agents_on_exit, "agents are kept by default");
+        let c = parse(&["--host-id", "h1", "--orphan-grace", "6s"]);
+        assert!(c.validate().is_ok());
+        let c = parse(&["--host-id", "h1", "--orphan-grace", "7s"]);
+        let e = c.validate().unwrap_err();
+        assert!(e.starts_with("--orphan-grace"), "{e}");
+        let c = parse(&[
+            "--host-id",
+            "h1",
+            "--stop-agents-on-exit",
+            "--keep-agents-on-exit",
+        ]);
+        assert!(!c.stop_agents_on_exit, "the last one wins");
     }
 
     #[test]

@@ -65,18 +65,22 @@ pub enum HostAgentError {
     Executable(#[source] std::io::Error),
 }
 
-/// Runs the host agent on `listener` until `shutdown` resolves; then removes the
-/// host key at once, stops every agent within its grace (bounded by
-/// `--shutdown-timeout`) and drains background tasks.
+/// Runs the host agent on `listener` until `shutdown` resolves, adopting
+/// first the agents an earlier host agent left in the keeper. Then, by
+/// default, leaves every agent running in the keeper with its output on disk
+/// (the host key stays, for the next host agent to renew); with
+/// `--stop-agents-on-exit`, removes the host key at once and stops every
+/// agent within its grace (bounded by `--shutdown-timeout`). Either way it
+/// drains background tasks. Ends with an error when the keeper dies.
 pub async fn run(
     listener: TcpListener,
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostAgentError> {
     let registry = config.registry().map_err(HostAgentError::Config)?;
-    // Output of agents from an earlier run died with them: start clean.
+    // Run directories of agents the keeper still runs are adopted; the
+    // others are removed once the keeper has said which (Supervisor::adopt).
     let agents_dir = config.data_dir.join("agents");
-    let _ = std::fs::remove_dir_all(&agents_dir);
     std::fs::create_dir_all(&agents_dir).map_err(|source| HostAgentError::DataDir {
         path: agents_dir.clone(),
         source,
@@ -102,11 +106,8 @@ pub async fn run(
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
     let exe = std::env::current_exe().map_err(HostAgentError::Executable)?;
-    // Until agents are adopted across restarts, a keeper whose host agent
-    // is gone ends them at once (no orphan grace).
     let (keeper, kept) =
-        keeper::Keeper::connect(&exe, &config.data_dir, Duration::ZERO, &tasks).await?;
-    end_kept(&keeper, kept, &tasks);
+        keeper::Keeper::connect(&exe, &config.data_dir, config.orphan_grace(), &tasks).await?;
     // A fresh id for this start: records started by an earlier one are
     // told apart (and settled) by it.
     let incarnation = agentplane::ids::new_agent_id();
@@ -129,6 +130,9 @@ pub async fn run(
         config.data_dir.clone(),
         keeper.clone(),
     );
+    // Before the first heartbeat, which settles the records of every agent
+    // of this host that this start does not hold.
+    supervisor.adopt(kept);
     let host = HostRecord {
         id: config.host_id.clone(),
         address: address.clone(),
@@ -188,17 +192,27 @@ pub async fn run(
         })
         .await;
     let keeper_died = keeper.gone.is_cancelled();
+    let keep = !keeper_died && !config.stop_agents_on_exit;
+    if keep {
+        supervisor.detach();
+    }
     cancel.cancel();
     health
         .set_not_serving::<HostAgentServer<HostAgentService>>()
         .await;
-    if let Err(e) = registry.remove_host(&config.host_id).await {
-        tracing::warn!(error = %e, "cannot remove the host key; it expires with its TTL");
-    }
-    if keeper_died {
-        tracing::error!("the keeper process died; every agent died with it");
+    if keep {
+        // The host key stays: the next host agent renews it before it
+        // expires, or the keeper ends the agents first (--orphan-grace).
+        supervisor.detach_all(config.shutdown_timeout).await;
     } else {
-        supervisor.stop_all(config.shutdown_timeout).await;
+        if let Err(e) = registry.remove_host(&config.host_id).await {
+            tracing::warn!(error = %e, "cannot remove the host key; it expires with its TTL");
+        }
+        if keeper_died {
+            tracing::error!("the keeper process died; every agent died with it");
+        } else {
+            supervisor.stop_all(config.shutdown_timeout).await;
+        }
     }
     keeper.close();
     server::finish(served, probes, &tasks, config.shutdown_timeout).await?;
@@ -206,19 +220,4 @@ pub async fn run(
         return Err(HostAgentError::KeeperGone);
     }
     Ok(())
-}
-
-/// Ends the runs a keeper still held from an earlier host agent (none is
-/// adopted yet): SIGKILL to each group, and each exit acknowledged.
-fn end_kept(keeper: &std::sync::Arc<keeper::Keeper>, kept: Vec<keeper::KeptRun>, tasks: &Tasks) {
-    for k in kept {
-        tracing::warn!(tag = %k.tag, pid = k.run.pid, "ending a run an earlier host agent left in the keeper");
-        let _ = supervisor::signal::to_group(k.run.pid, nix::sys::signal::Signal::SIGKILL);
-        let keeper = keeper.clone();
-        tasks.spawn("kept run end", async move {
-            if k.run.exit.await.is_ok() {
-                let _ = keeper.ack(k.run.pid).await;
-            }
-        });
-    }
 }

@@ -571,8 +571,10 @@ impl Drop for TestCluster {
         if std::thread::panicking() {
             eprintln!("test failed; server logs:\n{}", self.logs());
         }
-        // Host agents first and gracefully, so they stop their agents; each
-        // process is then SIGKILLed by its own drop if it is still there.
+        // Host agents first and gracefully; each process is then SIGKILLed
+        // by its own drop if it is still there. They leave their agents to
+        // their keepers, which the SIGKILL here ends (their guards kill
+        // every agent): a test leaves nothing running behind it.
         for h in &self.hosts {
             h.proc.signal(nix::sys::signal::Signal::SIGTERM);
         }
@@ -580,6 +582,14 @@ impl Drop for TestCluster {
         for h in &mut self.hosts {
             while h.proc.is_running() && std::time::Instant::now() < deadline {
                 std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        for h in &self.hosts {
+            if let Some(k) = self.keeper_pid(&h.host_id) {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(k),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
             }
         }
     }

@@ -450,8 +450,11 @@ fn systemd_units_pass_check_config_with_their_environment_files() {
         );
         assert_eq!(keys["RestartPreventExitStatus"], "64", "{unit}");
         if binary == "host-agent" {
-            // SIGTERM to the host agent only: it stops its agents itself.
-            assert_eq!(keys["KillMode"], "mixed", "{unit}");
+            // SIGTERM to the host agent only, and nothing else in its cgroup.
+            assert_eq!(
+                keys["KillMode"], "process",
+                "{unit}: the keeper and agents outlive a restart"
+            );
         }
     }
 }

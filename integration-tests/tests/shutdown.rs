@@ -10,11 +10,13 @@ use nix::sys::signal::Signal;
 use redis::AsyncCommands;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigterm_removes_the_host_key_at_once_and_stops_every_agent() {
-    // A long TTL: if the key vanished it was deleted, not expired.
+async fn with_stop_agents_on_exit_sigterm_removes_the_host_key_at_once_and_stops_every_agent() {
+    // A long TTL: if the key vanished it was deleted, not expired. (The
+    // default leaves agents running instead: adoption.rs.)
     let mut cluster = TestCluster::builder()
         .hosts(1)
         .heartbeat_ttl(Duration::from_secs(60))
+        .host_arg("--stop-agents-on-exit")
         .start()
         .await;
     let mut groups = Vec::new();

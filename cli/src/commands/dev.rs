@@ -274,6 +274,8 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         "dev",
         "--data-dir",
         &data_dir_s,
+        // A developer's Ctrl-C ends everything it started.
+        "--stop-agents-on-exit",
     ];
     if root {
         host_args.push("--allow-root-agents");

@@ -115,7 +115,7 @@ impl Keeper {
         let fd = match dial(&path) {
             Ok(fd) => fd,
             Err(_) => {
-                let mut child = tokio::process::Command::new(exe)
+                let child = tokio::process::Command::new(exe)
                     .arg(KEEPER_ARG)
                     .arg(data_dir)
                     .arg(orphan_grace.as_millis().to_string())
@@ -123,11 +123,10 @@ impl Keeper {
                     .stdout(std::process::Stdio::null())
                     .spawn()
                     .map_err(|e| fail(format!("starting {}: {e}", exe.display())))?;
-                // Reaped when it ends (while this host agent runs).
-                tasks.spawn("keeper wait", async move {
-                    let status = child.wait().await;
-                    tracing::info!(?status, "keeper process ended");
-                });
+                // Not waited for: the keeper outlives this host agent. Tokio
+                // reaps a dropped child when it ends (while this process
+                // runs); its death is seen on the socket (`gone`).
+                drop(child);
                 let deadline = tokio::time::Instant::now() + START_LIMIT;
                 loop {
                     match dial(&path) {

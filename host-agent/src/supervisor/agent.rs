@@ -149,6 +149,13 @@ impl AgentSlot {
         }
     }
 
+    /// The same slot, taken by this host at `ms` (an adopted agent keeps
+    /// the time the earlier host agent took it).
+    pub fn taken_at(mut self, ms: i64) -> Self {
+        self.created_at_ms = ms;
+        self
+    }
+
     /// The status lock; poisoning is ignored because every write is a plain
     /// field store that cannot leave it half-done.
     pub fn status(&self) -> MutexGuard<'_, Status> {

@@ -57,6 +57,8 @@ impl Supervisor {
                         }
                     }
                     _ = ended.changed() => return,
+                    // Left to the keeper: the next host agent watches.
+                    () = sup.detach.cancelled() => return,
                 }
                 if !slot.is_active() {
                     return;

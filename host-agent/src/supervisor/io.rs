@@ -81,6 +81,7 @@ impl Supervisor {
     {
         slot.output.writer_opened();
         let slot = slot.clone();
+        let detach = self.detach.clone();
         self.tasks.spawn("agent output capture", async move {
             // Capacity only: pages are touched when output arrives, so an
             // agent that writes nothing costs no resident memory here.
@@ -89,7 +90,14 @@ impl Supervisor {
                 buf.clear();
                 // While this task writes, the pipe fills and the agent waits:
                 // output is slowed by the pipe, never buffered without bound.
-                match pipe.read_buf(&mut buf).await {
+                let read = tokio::select! {
+                    r = pipe.read_buf(&mut buf) => r,
+                    // Left to the keeper: the next host agent reads on
+                    // from the pipe (nothing read here is lost: what was
+                    // appended is flushed before this host agent exits).
+                    () = detach.cancelled() => break,
+                };
+                match read {
                     Ok(0) | Err(_) => break,
                     Ok(n) => {
                         // Waits while the ring is full of output the disk
@@ -272,6 +280,7 @@ impl Supervisor {
                     tokio::select! {
                         r = sessions.changed() => if r.is_err() { return },
                         _ = ended.changed() => return,
+                        () = sup.detach.cancelled() => return,
                     }
                     continue;
                 }
@@ -285,6 +294,8 @@ impl Supervisor {
                     }
                     r = sessions.changed() => if r.is_err() { return },
                     _ = ended.changed() => return,
+                    // Left to the keeper: the next host agent watches.
+                    () = sup.detach.cancelled() => return,
                 }
             }
         });

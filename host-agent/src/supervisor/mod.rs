@@ -1,8 +1,10 @@
-//! The supervisor: starts agents, serializes control operations per agent,
-//! runs each agent's run loop (exit observed as an event from the child's wait,
-//! never by polling; restarts with backoff; the spec's timeout), and writes what
-//! it sees into the registry with compare-and-set on generation and host.
+//! The supervisor: starts agents through the keeper, serializes control
+//! operations per agent, runs each agent's run loop (exit observed as an
+//! event the keeper sends, never by polling; restarts with backoff; the
+//! spec's timeout), adopts the agents an earlier host agent left, and writes
+//! what it sees into the registry with compare-and-set on generation and host.
 
+mod adopt;
 mod agent;
 mod control;
 mod disconnect;
@@ -10,7 +12,9 @@ pub mod error;
 pub mod guard;
 mod idle;
 mod io;
+mod launch;
 pub mod output;
+mod persist;
 mod record;
 mod restart;
 mod run;
@@ -28,15 +32,13 @@ use agentplane::tasks::Tasks;
 use agentplane::time::{duration_from_proto, now_ms, timestamp_from_ms};
 use agentplane::validate::{self, ValidationError};
 use nix::sys::signal::Signal;
-use tokio::sync::oneshot;
 use tokio_util::sync::CancellationToken;
 
 use self::agent::{AgentSlot, Requested};
 pub use self::error::SupervisorError;
 pub use self::guard::{run_guard, GUARD_ARG};
 pub use self::io::LogItem;
-use self::tree::Scope;
-use crate::keeper::{Keeper, KeeperError};
+use crate::keeper::Keeper;
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
@@ -76,6 +78,9 @@ pub struct Supervisor {
     agents: Mutex<HashMap<String, Arc<AgentSlot>>>,
     tasks: Tasks,
     cancel: CancellationToken,
+    /// Cancelled when this host agent leaves its agents to the keeper:
+    /// run loops and captures let go without recording anything.
+    detach: CancellationToken,
     /// The keeper: the parent of every agent process.
     keeper: Arc<Keeper>,
     /// The main process of every run under way (= its process group).
@@ -124,6 +129,7 @@ impl Supervisor {
             agents: Mutex::new(HashMap::new()),
             tasks,
             cancel,
+            detach: CancellationToken::new(),
             keeper,
             mains: Mutex::new(HashSet::new()),
             data_dir,
@@ -195,22 +201,17 @@ impl Supervisor {
         if generation == 0 {
             return Err(ValidationError::new("generation", "must be at least 1").into());
         }
-        let cap = match spec.log_max_bytes {
-            0 => output::DEFAULT_CAP,
-            n => n,
-        };
         // A directory of this start's own: a repeated start of the same
         // generation (answered with the agent already here) must not touch
         // the running agent's files.
         let start = self
             .starts
             .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let tag = format!("{id}.{generation}.{start}");
+        // With the incarnation: unique across host-agent restarts, whose
+        // adopted runs keep their directories.
+        let tag = format!("{id}.{generation}.{}.{start}", self.incarnation);
         let dir = self.data_dir.join("agents").join(&tag);
-        let ring = match spec.log_buffer_bytes {
-            0 => output::DEFAULT_RING,
-            n => n,
-        };
+        let (cap, ring) = log_sizes(&spec);
         let log = output::OutputLog::create(&id, &dir, cap, ring, self.log_writers.clone())
             .map_err(|source| SupervisorError::Output {
                 id: id.clone(),
@@ -242,6 +243,7 @@ impl Supervisor {
             Admission::Here(here) => return Ok(here),
             Admission::EndedHere(ended) => return Ok(ended.to_proto()),
         }
+        self.persist(&slot);
         if let Some(pause) = pause_before_spawn() {
             // Test builds only: widens the window in which a heartbeat can
             // fence the admitted slot before its fork (see the test).
@@ -342,72 +344,6 @@ impl Supervisor {
         }
         evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
         Ok(Admission::New)
-    }
-
-    /// Starts a run of the slot's program in the keeper: its pid and its
-    /// exit to come. `Ok(None)`: a stop arrived first, nothing was started. A
-    /// stop (or fence) that arrives while the keeper forks saw no pid: the
-    /// run is killed here as soon as its pid is known, and its exit explains.
-    async fn spawn_run(
-        &self,
-        slot: &Arc<AgentSlot>,
-        restart: bool,
-    ) -> std::io::Result<Option<(i32, oneshot::Receiver<crate::keeper::Exit>)>> {
-        if slot.status().requested.is_some_and(Requested::ends_agent) {
-            return Ok(None);
-        }
-        let launch = spawn::launch_of(&slot.id, &slot.spec);
-        let run = match self.keeper.spawn(&slot.tag, launch).await {
-            Ok(run) => run,
-            Err(KeeperError::Spawn(e)) => return Err(e),
-            Err(e) => return Err(std::io::Error::other(e.to_string())),
-        };
-        let pid = run.pid;
-        self.mains().insert(pid);
-        let stopped = {
-            let mut st = slot.status();
-            st.pid = pid;
-            st.started_at_ms = run.started_at_ms;
-            st.move_to(&slot.id, AgentState::Running);
-            let stopped = st.requested.is_some_and(Requested::ends_agent);
-            if !stopped {
-                st.requested = None;
-            }
-            if restart {
-                st.restarts += 1;
-            }
-            stopped
-        };
-        if stopped {
-            let _ = signal::to_group(pid, Signal::SIGKILL);
-        }
-        if let Err(e) = self.capture(slot, run.fds, run.tty) {
-            // Not captured means not supervisable: it must not run.
-            let _ = signal::to_group(pid, Signal::SIGKILL);
-            return Err(e);
-        }
-        Ok(Some((pid, run.exit)))
-    }
-
-    fn mains(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
-        self.mains
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Agent `id`'s live processes outside its group `pgid`: the subtree of
-    /// `root`, and the orphans re-parented to the keeper that carry its marker.
-    fn escaped(&self, id: &str, root: i32, pgid: i32) -> Vec<i32> {
-        let mains = self.mains().clone();
-        tree::escaped(
-            id,
-            root,
-            pgid,
-            Scope::Orphans {
-                reaper: self.keeper.pid,
-                mains: &mains,
-            },
-        )
     }
 
     /// One agent as this host sees it.
@@ -550,6 +486,19 @@ fn pause_before_spawn() -> Option<Duration> {
             .ok()
             .map(Duration::from_millis)
     })
+}
+
+/// The spec's output cap on disk and ring in memory, defaults resolved.
+fn log_sizes(spec: &AgentSpec) -> (u64, u64) {
+    let cap = match spec.log_max_bytes {
+        0 => output::DEFAULT_CAP,
+        n => n,
+    };
+    let ring = match spec.log_buffer_bytes {
+        0 => output::DEFAULT_RING,
+        n => n,
+    };
+    (cap, ring)
 }
 
 /// The exit of a start that failed.

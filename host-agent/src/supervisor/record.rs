@@ -63,6 +63,15 @@ impl Supervisor {
             .insert(slot.id.clone(), slot.clone());
     }
 
+    /// Keeps `slot` to be written after the next heartbeat (an adopted
+    /// agent, whose record names the earlier incarnation).
+    pub(super) fn keep_unrecorded_quietly(&self, slot: &Arc<AgentSlot>) {
+        self.unrecorded
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(slot.id.clone(), slot.clone());
+    }
+
     /// Writes the truth of every slot whose last write failed (after a
     /// successful heartbeat: Redis answers again). A slot whose record
     /// moved on (another host or generation, deleted) is dropped from the list.

@@ -33,15 +33,20 @@ impl Supervisor {
         loop {
             let started = Instant::now();
             let waited = self.wait_run(&slot, &mut exit_rx).await;
+            let status = match waited {
+                Waited::Exit(status) => status,
+                Waited::KeeperGone => {
+                    // Every agent died with the keeper (its guard): this
+                    // host agent ends (lib.rs) and the records are settled
+                    // as a lost host's (nothing here saw how the run ended).
+                    tracing::error!(agent = %slot.id, pid, "the keeper is gone: the run's end is unknown");
+                    return;
+                }
+                // Left running to the keeper; the next host agent adopts it.
+                Waited::Detached => return,
+            };
             self.sweep(&slot, pid);
             let requested = slot.status().requested;
-            let Some(status) = waited else {
-                // The keeper is gone, and every agent with it (its guard):
-                // this host agent ends (lib.rs) and the records are settled
-                // as a lost host's (nothing here saw how the run ended).
-                tracing::error!(agent = %slot.id, pid, "the keeper is gone: the run's end is unknown");
-                return;
-            };
             let exit = exit_status(status, requested);
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
             let decision = restart::decide(
@@ -75,6 +80,11 @@ impl Supervisor {
                 }
             };
             if !self.backoff(&slot, &exit, delay).await {
+                if self.detach.is_cancelled() {
+                    // Left to the keeper, which keeps this exit: the next
+                    // host agent applies the restart policy to it.
+                    return;
+                }
                 let stopped = ExitStatus {
                     reason: ExitReason::Stopped as i32,
                     ..exit
@@ -112,20 +122,30 @@ impl Supervisor {
         }
     }
 
-    /// Waits for the run's process (`None`: the keeper is gone). When the
-    /// spec's timeout passes first, a stop (reason TIMEOUT) starts as its own
-    /// task — it waits for this loop to record the end — and the wait goes on.
+    /// Waits for the run's process. When the spec's timeout (counted from
+    /// the run's start, which an adopted run had before this host agent)
+    /// passes first, a stop (reason TIMEOUT) starts as its own task — it
+    /// waits for this loop to record the end — and the wait goes on.
     async fn wait_run(
         self: &Arc<Self>,
         slot: &AgentSlot,
         exit: &mut oneshot::Receiver<Exit>,
-    ) -> Option<std::process::ExitStatus> {
+    ) -> Waited {
+        let waited =
+            |r: Result<Exit, _>| r.map_or(Waited::KeeperGone, |e| Waited::Exit(wait_status(e)));
+        let detach = self.detach.clone();
         let Some(limit) = slot.spec.timeout.as_ref().map(duration_from_proto) else {
-            return exit.await.ok().map(wait_status);
+            return tokio::select! {
+                r = &mut *exit => waited(r),
+                () = detach.cancelled() => Waited::Detached,
+            };
         };
+        let ran = now_ms().saturating_sub(slot.snapshot().started_at_ms);
+        let left = limit.saturating_sub(Duration::from_millis(u64::try_from(ran).unwrap_or(0)));
         tokio::select! {
-            r = &mut *exit => r.ok().map(wait_status),
-            () = tokio::time::sleep(limit) => {
+            r = &mut *exit => waited(r),
+            () = detach.cancelled() => Waited::Detached,
+            () = tokio::time::sleep(left) => {
                 tracing::info!(agent = %slot.id, ?limit, "agent ran past its timeout; stopping it");
                 let sup = self.clone();
                 let id = slot.id.clone();
@@ -134,7 +154,10 @@ impl Supervisor {
                         tracing::warn!(agent = %id, error = %e, "timeout stop failed");
                     }
                 });
-                exit.await.ok().map(wait_status)
+                tokio::select! {
+                    r = &mut *exit => waited(r),
+                    () = detach.cancelled() => Waited::Detached,
+                }
             }
         }
     }
@@ -194,6 +217,16 @@ fn describe(e: &ExitStatus) -> String {
         (_, Some(s)) => format!("signal {s}"),
         _ => agentplane::state::reason_name(e.reason()).to_owned(),
     }
+}
+
+/// How waiting for a run ended.
+enum Waited {
+    /// The process ended so.
+    Exit(std::process::ExitStatus),
+    /// The keeper is gone (and the process with it).
+    KeeperGone,
+    /// This host agent leaves its agents to the keeper.
+    Detached,
 }
 
 /// The keeper's exit as a wait status.

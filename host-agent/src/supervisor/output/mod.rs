@@ -234,6 +234,15 @@ impl OutputLog {
         *self.shared.flushed_tx.borrow()
     }
 
+    /// Waits until everything appended so far is on disk (a host agent
+    /// that leaves its agents running hands their output over whole).
+    pub async fn wait_flushed(&self) {
+        let end = self.end();
+        let mut rx = self.shared.flushed_tx.subscribe();
+        // The sender lives in `shared`, so this cannot fail while `self` exists.
+        let _ = rx.wait_for(|f| *f >= end).await;
+    }
+
     /// Wakes on every append and when the last pipe closes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.end_tx.subscribe()

@@ -1,0 +1,164 @@
+//! A host agent's restart without its agents noticing: adopting the runs an
+//! earlier host agent left in the keeper (their state file, output log,
+//! descriptors and pending exit), and, at exit, leaving this one's runs to
+//! the keeper with their output flushed.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use agentplane::proto::v1::AgentState;
+use nix::sys::signal::Signal;
+
+use super::agent::AgentSlot;
+use super::{log_sizes, output, persist, signal, Supervisor};
+use crate::keeper::KeptRun;
+
+impl Supervisor {
+    /// Adopts every run in `kept` whose state file and output log can be
+    /// read; the others are killed (their exits acknowledged). Then removes
+    /// the run directories nobody runs in any more. Call before the first
+    /// heartbeat: adopted agents are this host's, so the earlier host
+    /// agent's records of them are not settled as lost, and each record is
+    /// rewritten with this incarnation once Redis answers. Returns how many
+    /// were adopted.
+    pub fn adopt(self: &Arc<Self>, kept: Vec<KeptRun>) -> usize {
+        let mut adopted = 0;
+        let mut keep: HashSet<String> = HashSet::new();
+        for k in kept {
+            let tag = k.tag.clone();
+            match self.adopt_one(k) {
+                Ok(()) => {
+                    adopted += 1;
+                    keep.insert(tag);
+                }
+                Err((k, why)) => {
+                    tracing::warn!(tag = %k.tag, pid = k.run.pid, reason = %why, "ending a run an earlier host agent left: it cannot be adopted");
+                    let _ = signal::to_group(k.run.pid, Signal::SIGKILL);
+                    let keeper = self.keeper.clone();
+                    self.tasks.spawn("unadopted run end", async move {
+                        if k.run.exit.await.is_ok() {
+                            let _ = keeper.ack(k.run.pid).await;
+                        }
+                    });
+                }
+            }
+        }
+        self.remove_dirs_except(&keep);
+        if adopted > 0 {
+            tracing::info!(
+                agents = adopted,
+                "adopted the agents an earlier host agent left running"
+            );
+        }
+        adopted
+    }
+
+    fn adopt_one(self: &Arc<Self>, k: KeptRun) -> Result<(), (KeptRun, String)> {
+        let dir = self.agent_dir(&k.tag);
+        let p = match persist::read(&dir) {
+            Ok(p) => p,
+            Err(e) => return Err((k, format!("its state file: {e}"))),
+        };
+        let Some(spec) = p.spec else {
+            return Err((k, "its state file has no spec".into()));
+        };
+        let (cap, ring) = log_sizes(&spec);
+        let log = match output::OutputLog::open(&p.id, &dir, cap, ring, self.log_writers.clone()) {
+            Ok(l) => l,
+            Err(e) => return Err((k, format!("its output log: {e}"))),
+        };
+        let slot = Arc::new(
+            AgentSlot::new(p.id.clone(), p.generation, spec, k.tag.clone(), log)
+                .taken_at(p.created_at_ms),
+        );
+        let pid = k.run.pid;
+        {
+            let mut st = slot.status();
+            st.pid = pid;
+            st.started_at_ms = k.run.started_at_ms;
+            st.restarts = p.restarts;
+            st.move_to(&slot.id, AgentState::Running);
+        }
+        {
+            let mut map = self.map();
+            if map.get(&slot.id).is_some_and(|s| s.is_active()) {
+                drop(map);
+                return Err((k, "another run of the same agent was adopted".into()));
+            }
+            map.insert(slot.id.clone(), slot.clone());
+        }
+        self.mains().insert(pid);
+        if let Err(e) = self.capture(&slot, k.run.fds, k.run.tty) {
+            // Not captured means not supervisable: it must not run. Its
+            // exit comes to the run loop, which records it.
+            tracing::warn!(agent = %slot.id, pid, error = %e, "killing an adopted agent whose output cannot be read");
+            slot.status().requested = Some(super::agent::Requested::Stop);
+            let _ = signal::to_group(pid, Signal::SIGKILL);
+        }
+        // Its record still carries the earlier incarnation: rewritten with
+        // this one as soon as a heartbeat succeeds.
+        self.keep_unrecorded_quietly(&slot);
+        self.watch_idle(&slot);
+        self.watch_sessions(&slot);
+        let sup = self.clone();
+        let exit = k.run.exit;
+        self.tasks.spawn("agent run loop", async move {
+            sup.run_loop(slot, exit, pid).await;
+        });
+        Ok(())
+    }
+
+    /// Removes every run directory under `agents/` except `keep`'s: the
+    /// output of runs that ended with an earlier host agent.
+    fn remove_dirs_except(&self, keep: &HashSet<String>) {
+        let Ok(entries) = std::fs::read_dir(self.data_dir.join("agents")) else {
+            return;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name) {
+                if let Err(err) = std::fs::remove_dir_all(e.path()) {
+                    tracing::warn!(dir = %e.path().display(), error = %err, "cannot remove an earlier run's directory");
+                }
+            }
+        }
+    }
+
+    /// From now on nothing that ends is recorded or restarted here: call
+    /// before shutdown cancels anything, so that no agent is stopped or
+    /// recorded as stopped by it.
+    pub fn detach(&self) {
+        self.detach.cancel();
+    }
+
+    /// Leaves every agent running to the keeper: run loops and captures let
+    /// go, and what was captured is on disk before this returns (at most
+    /// `limit`), so the next host agent's log goes on where this one's ends.
+    pub async fn detach_all(&self, limit: Duration) {
+        self.detach();
+        let slots: Vec<Arc<AgentSlot>> = self.map().values().cloned().collect();
+        let all = async {
+            for s in &slots {
+                // Each capture appends what it read, then lets go.
+                let mut changed = s.output.subscribe();
+                while s.output.has_writers() {
+                    if changed.changed().await.is_err() {
+                        break;
+                    }
+                }
+                s.output.wait_flushed().await;
+            }
+        };
+        if tokio::time::timeout(limit, all).await.is_err() {
+            tracing::warn!(
+                ?limit,
+                "agents' output not all on disk at exit; the next host agent's logs have a gap"
+            );
+        }
+        tracing::info!(
+            agents = slots.iter().filter(|s| s.is_active()).count(),
+            "leaving the agents running to the keeper"
+        );
+    }
+}

@@ -1,0 +1,106 @@
+//! Starting one run of an agent through the keeper, and what the
+//! supervisor keeps about runs: the set of main processes, each run
+//! directory's state file, and where an agent's escaped processes are.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use agentplane::proto::v1::AgentState;
+use nix::sys::signal::Signal;
+use tokio::sync::oneshot;
+
+use super::agent::{AgentSlot, Requested};
+use super::tree::{self, Scope};
+use super::{persist, signal, spawn, Supervisor};
+use crate::keeper::KeeperError;
+
+impl Supervisor {
+    /// Starts a run of the slot's program in the keeper: its pid and its
+    /// exit to come. `Ok(None)`: a stop arrived first, nothing was started. A
+    /// stop (or fence) that arrives while the keeper forks saw no pid: the
+    /// run is killed here as soon as its pid is known, and its exit explains.
+    pub(super) async fn spawn_run(
+        &self,
+        slot: &Arc<AgentSlot>,
+        restart: bool,
+    ) -> std::io::Result<Option<(i32, oneshot::Receiver<crate::keeper::Exit>)>> {
+        if slot.status().requested.is_some_and(Requested::ends_agent) {
+            return Ok(None);
+        }
+        let launch = spawn::launch_of(&slot.id, &slot.spec);
+        let run = match self.keeper.spawn(&slot.tag, launch).await {
+            Ok(run) => run,
+            Err(KeeperError::Spawn(e)) => return Err(e),
+            Err(e) => return Err(std::io::Error::other(e.to_string())),
+        };
+        let pid = run.pid;
+        self.mains().insert(pid);
+        let stopped = {
+            let mut st = slot.status();
+            st.pid = pid;
+            st.started_at_ms = run.started_at_ms;
+            st.move_to(&slot.id, AgentState::Running);
+            let stopped = st.requested.is_some_and(Requested::ends_agent);
+            if !stopped {
+                st.requested = None;
+            }
+            if restart {
+                st.restarts += 1;
+            }
+            stopped
+        };
+        if restart {
+            self.persist(slot);
+        }
+        if stopped {
+            let _ = signal::to_group(pid, Signal::SIGKILL);
+        }
+        if let Err(e) = self.capture(slot, run.fds, run.tty) {
+            // Not captured means not supervisable: it must not run.
+            let _ = signal::to_group(pid, Signal::SIGKILL);
+            return Err(e);
+        }
+        Ok(Some((pid, run.exit)))
+    }
+
+    /// Writes what a later host agent needs to adopt `slot`. A failure is
+    /// logged: the agent runs, but a later host agent will end it.
+    pub(super) fn persist(&self, slot: &AgentSlot) {
+        let p = persist::Persisted {
+            id: slot.id.clone(),
+            generation: slot.generation,
+            spec: Some(slot.spec.clone()),
+            created_at_ms: slot.created_at_ms,
+            restarts: slot.snapshot().restarts,
+        };
+        if let Err(e) = persist::write(&self.agent_dir(&slot.tag), &p) {
+            tracing::warn!(agent = %slot.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");
+        }
+    }
+
+    /// The directory of run tag `tag`.
+    pub(super) fn agent_dir(&self, tag: &str) -> std::path::PathBuf {
+        self.data_dir.join("agents").join(tag)
+    }
+
+    pub(super) fn mains(&self) -> std::sync::MutexGuard<'_, HashSet<i32>> {
+        self.mains
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Agent `id`'s live processes outside its group `pgid`: the subtree of
+    /// `root`, and the orphans re-parented to the keeper that carry its marker.
+    pub(super) fn escaped(&self, id: &str, root: i32, pgid: i32) -> Vec<i32> {
+        let mains = self.mains().clone();
+        tree::escaped(
+            id,
+            root,
+            pgid,
+            Scope::Orphans {
+                reaper: self.keeper.pid,
+                mains: &mains,
+            },
+        )
+    }
+}

@@ -1,0 +1,227 @@
+//! Agents outlive their host agent: a host agent that exits (SIGTERM) or is
+//! SIGKILLed leaves its agents running in the keeper, and the next one
+//! adopts them (same pids, no restart, records RUNNING with its incarnation,
+//! output going on); with none for longer than `--orphan-grace`, nothing is
+//! left running.
+
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::restart_policy::Mode;
+use agentplane::proto::v1::{Agent, AgentSpec, AgentState, GetAgentRequest};
+use agentplane_integration_tests::{procfs, spec, TestCluster};
+use nix::sys::signal::Signal;
+
+/// Prints 0, 1, 2, … one per line, every 5 ms.
+const COUNTER: &[&str] = &[
+    "sh",
+    "-c",
+    "i=0; while :; do echo $i; i=$((i+1)); sleep 0.005; done",
+];
+
+async fn get(cluster: &TestCluster, id: &str) -> Agent {
+    cluster
+        .client()
+        .await
+        .get_agent(GetAgentRequest { id: id.to_owned() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+/// The counter's lines in the agent's retained output, as numbers.
+fn counted(cluster: &TestCluster, id: &str) -> Vec<u64> {
+    let out = cluster.agentctl(&["logs", id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// (gaps, duplicates or reorderings) in a counter's output.
+fn faults(n: &[u64]) -> (usize, usize) {
+    let gaps = n.windows(2).filter(|w| w[1] > w[0] + 1).count();
+    let backs = n.windows(2).filter(|w| w[1] <= w[0]).count();
+    (gaps, backs)
+}
+
+/// Three agents on h1: a pipe counter, a terminal counter, and a
+/// restartable `sleep` with a timeout far away.
+async fn start_agents(cluster: &TestCluster) -> Vec<Agent> {
+    let mut agents = vec![
+        cluster.spawn_spec(spec(COUNTER, None)).await,
+        cluster
+            .spawn_spec(AgentSpec {
+                tty: true,
+                ..spec(COUNTER, None)
+            })
+            .await,
+        cluster
+            .spawn_spec(AgentSpec {
+                timeout: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..spec(&["sleep", "1000"], Some(Mode::Always))
+            })
+            .await,
+    ];
+    for a in &mut agents {
+        *a = cluster
+            .wait_state(&a.id, AgentState::Running, Duration::from_secs(5))
+            .await;
+    }
+    agents
+}
+
+/// Waits until every agent's record is RUNNING at the same pid and
+/// generation, with no restart, written by an incarnation other than `old`.
+async fn wait_adopted(cluster: &TestCluster, agents: &[Agent], old: &str) -> Duration {
+    let started = Instant::now();
+    loop {
+        let mut all = true;
+        for a in agents {
+            let now = get(cluster, &a.id).await;
+            assert!(
+                matches!(now.state(), AgentState::Running),
+                "{} left RUNNING: {now:?}",
+                a.id
+            );
+            assert_eq!(
+                (now.pid, now.generation, now.restarts),
+                (a.pid, a.generation, 0)
+            );
+            all &= now.incarnation != old;
+        }
+        if all {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "records not taken over by the new host agent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+async fn outlive(graceful: bool) {
+    let mut cluster = TestCluster::builder()
+        .hosts(1)
+        .heartbeat_ttl(Duration::from_secs(3))
+        .start()
+        .await;
+    let agents = start_agents(&cluster).await;
+    let old = agents[0].incarnation.clone();
+    let keeper = cluster.keeper_pid("h1").expect("keeper");
+    cluster.wait_for_output(&agents[0].id, "\n20\n").await;
+
+    let host = cluster.host("h1");
+    host.proc.signal(if graceful {
+        Signal::SIGTERM
+    } else {
+        Signal::SIGKILL
+    });
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.host("h1").proc.is_running() {
+        assert!(Instant::now() < deadline, "the host agent did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gone_at = Instant::now();
+    for a in &agents {
+        assert!(procfs::is_alive(a.pid), "{} outlived its host agent", a.id);
+        assert_eq!(procfs::stat(a.pid).expect("stat").ppid, keeper);
+    }
+    cluster.restart_host("h1");
+    let away = gone_at.elapsed();
+    let taken = wait_adopted(&cluster, &agents, &old).await;
+    eprintln!(
+        "{}: host agent away {away:?} (until the new one serves), records taken over {taken:?} after that",
+        if graceful { "SIGTERM" } else { "SIGKILL" },
+    );
+    assert_eq!(cluster.keeper_pid("h1"), Some(keeper), "the same keeper");
+
+    // The counters' output goes on across the restart, in the same log.
+    for a in &agents[..2] {
+        let before = counted(&cluster, &a.id).last().copied().unwrap_or(0);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let n = loop {
+            let n = counted(&cluster, &a.id);
+            if n.last().is_some_and(|l| *l > before + 50) {
+                break n;
+            }
+            assert!(Instant::now() < deadline, "{}'s output stopped", a.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let (gaps, backs) = faults(&n);
+        eprintln!(
+            "{} ({}): {} lines, {gaps} gaps, {backs} duplicates",
+            a.id,
+            if a.spec.as_ref().is_some_and(|s| s.tty) {
+                "tty"
+            } else {
+                "pipes"
+            },
+            n.len()
+        );
+        assert_eq!(n.first(), Some(&0), "the log begins at the first line");
+        assert_eq!(backs, 0, "no line twice");
+        if graceful {
+            // A SIGTERMed host agent flushes what it read before it exits.
+            assert_eq!(gaps, 0, "no line lost across a graceful restart");
+        }
+    }
+    // Control goes on: a stop works on an adopted agent.
+    let out = cluster.agentctl(&["stop", &agents[2].id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!procfs::is_alive(agents[2].pid));
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_outlive_a_sigtermed_host_agent_and_the_next_one_adopts_them() {
+    outlive(true).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_outlive_a_sigkilled_host_agent_and_the_next_one_adopts_them() {
+    outlive(false).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_no_host_agent_past_the_orphan_grace_no_agent_is_left() {
+    let mut cluster = TestCluster::builder()
+        .hosts(1)
+        .heartbeat_ttl(Duration::from_secs(3))
+        .host_arg("--orphan-grace=500ms")
+        .start()
+        .await;
+    let agents = start_agents(&cluster).await;
+    let killed = Instant::now();
+    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    let deadline = killed + Duration::from_secs(5);
+    while agents
+        .iter()
+        .any(|a| !procfs::agent_processes(&a.id).is_empty())
+    {
+        assert!(
+            Instant::now() < deadline,
+            "agents still run after the grace"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let gone = killed.elapsed();
+    eprintln!("orphan grace 500ms: every agent gone {gone:?} after the host agent's SIGKILL");
+    assert!(
+        gone >= Duration::from_millis(500),
+        "not before the grace: {gone:?}"
+    );
+    cluster.finish().await;
+}
