@@ -10,6 +10,7 @@ use agentplane::proto::v1::{
 };
 
 mod clients;
+mod keepers;
 
 use crate::pki::ClusterPki;
 use crate::process::Proc;
@@ -170,6 +171,7 @@ impl Builder {
             hosts: Vec::new(),
             config: self.clone(),
             dir,
+            host_binary: None,
         };
         for i in 0..self.control_planes {
             let s = cluster.spawn_control_plane(i);
@@ -200,6 +202,9 @@ pub struct TestCluster {
     pub lab: Option<crate::netns::NetLab>,
     /// The cluster's CA and control-plane certificate, with [`Builder::tls`].
     pub pki: Option<ClusterPki>,
+    /// The host-agent binary started from now on (an upgrade), instead of
+    /// the build's.
+    host_binary: Option<PathBuf>,
 }
 
 impl TestCluster {
@@ -228,13 +233,17 @@ impl TestCluster {
         args: &[String],
         netns: Option<String>,
     ) -> (Proc, String) {
+        let program = match &self.host_binary {
+            Some(p) if name == "host-agent" => p.clone(),
+            _ => bin(name),
+        };
         let mut cmd = match netns {
             Some(ns) => {
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", &ns]).arg(bin(name));
+                c.args(["netns", "exec", &ns]).arg(&program);
                 c
             }
-            None => Command::new(bin(name)),
+            None => Command::new(&program),
         };
         cmd.args(args)
             .env("AGENTPLANE_LOG", "info,agentplane=debug")
@@ -433,11 +442,6 @@ impl TestCluster {
     /// The `--data-dir` of host `host_id` (agents' output under `agents/`).
     pub fn data_dir(&self, host_id: &str) -> PathBuf {
         self.dir.path().join(format!("data-{host_id}"))
-    }
-
-    /// The pid of host `host_id`'s keeper (its agents' parent).
-    pub fn keeper_pid(&self, host_id: &str) -> Option<i32> {
-        crate::procfs::keeper_of(&self.data_dir(host_id))
     }
 
     /// Waits (at most 10 s) until agent `id`'s retained output contains `needle`,

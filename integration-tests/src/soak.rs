@@ -18,27 +18,33 @@
 //!     COMPLETED with its code C, unless something else ended it first (a
 //!     stop, its host's death): an exit observed during an outage included;
 //! (f) no two records came from one spawn request id;
-//! (g) no zombie children under a host agent.
+//! (g) no zombie children under a host agent or its keeper;
+//! (h) a restart of a host agent (SIGTERM, then started again) restarts
+//!     none of its agents: each RUNNING or PAUSED before it has the same
+//!     state, pid, generation and restarts after it.
 //!
 //! Faults: SIGKILL of a host agent (restarted after 0-2 TTL), SIGKILL of a
 //! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty, a
 //! host's link cut for 0-3 TTL (hosts run in network namespaces: root), a
-//! drain of a host (then uncordoned).
+//! drain of a host (then uncordoned), a restart of a host agent (SIGTERM,
+//! started again at once: its agents are adopted).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
-    Agent, AgentSpec, AgentState, CordonHostRequest, DeleteAgentRequest, DrainHostRequest,
-    ListAgentsRequest, PauseAgentRequest, RestartPolicy, ResumeAgentRequest, SpawnAgentRequest,
-    StopAgentRequest,
+    AgentSpec, CordonHostRequest, DeleteAgentRequest, DrainHostRequest, PauseAgentRequest,
+    RestartPolicy, ResumeAgentRequest, SpawnAgentRequest, StopAgentRequest,
 };
 use nix::sys::signal::Signal;
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 
-use crate::{procfs, TestCluster};
+use crate::TestCluster;
+
+mod invariants;
+use invariants::{check, list_all, live_on, restarted_by_the_fault};
 
 /// How a soak runs.
 #[derive(Debug, Clone)]
@@ -87,6 +93,7 @@ enum Fault {
     RestartRedisEmpty,
     Partition { host: usize, for_: Duration },
     Drain { host: usize },
+    RestartHost { host: usize },
 }
 
 impl Fault {
@@ -98,6 +105,7 @@ impl Fault {
             Fault::RestartRedisEmpty => "restart redis empty",
             Fault::Partition { .. } => "partition a host",
             Fault::Drain { .. } => "drain a host",
+            Fault::RestartHost { .. } => "restart host agent",
         }
     }
 }
@@ -125,6 +133,10 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
         }
         let fault = pick_fault(&mut rng, cfg.ttl);
         *report.faults.entry(fault.kind()).or_default() += 1;
+        let before = match fault {
+            Fault::RestartHost { host } => live_on(&cluster, &known, host).await,
+            _ => Vec::new(),
+        };
         inject(&mut cluster, fault).await;
         let deadline = Instant::now() + 4 * cfg.ttl + Duration::from_secs(10);
         loop {
@@ -142,6 +154,12 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
                 break;
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        for p in restarted_by_the_fault(&cluster, &before).await {
+            report.violations.push(format!(
+                "seed {} round {round} fault {fault:?}: {p}",
+                cfg.seed
+            ));
         }
         // Records go only with a delete (whose answer may have been lost:
         // then the agent is marked stopped) or with Redis's data (restart
@@ -189,7 +207,7 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
 
 fn pick_fault(rng: &mut StdRng, ttl: Duration) -> Fault {
     let up_to = |rng: &mut StdRng, max: Duration| max.mul_f64(rng.random_range(0.0..1.0));
-    match rng.random_range(0..12) {
+    match rng.random_range(0..14) {
         0..=2 => Fault::KillHost {
             host: rng.random_range(0..3),
             down: up_to(rng, 2 * ttl),
@@ -205,7 +223,10 @@ fn pick_fault(rng: &mut StdRng, ttl: Duration) -> Fault {
             host: rng.random_range(0..3),
             for_: up_to(rng, 3 * ttl),
         },
-        _ => Fault::Drain {
+        10..=11 => Fault::Drain {
+            host: rng.random_range(0..3),
+        },
+        _ => Fault::RestartHost {
             host: rng.random_range(0..3),
         },
     }
@@ -217,6 +238,15 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
             let id = format!("h{}", host + 1);
             cluster.host(&id).proc.signal(Signal::SIGKILL);
             tokio::time::sleep(down).await;
+            cluster.restart_host(&id);
+        }
+        Fault::RestartHost { host } => {
+            let id = format!("h{}", host + 1);
+            cluster.host(&id).proc.signal(Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while cluster.host(&id).proc.is_running() && Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
             cluster.restart_host(&id);
         }
         Fault::KillControlPlane { index } => {
@@ -390,147 +420,5 @@ async fn client_op(
             }
             "delete"
         }
-    }
-}
-
-async fn list_all(cluster: &TestCluster) -> Option<Vec<Agent>> {
-    for i in 0..cluster.control_planes.len() {
-        let mut c = cluster.client_of(i);
-        let mut out = Vec::new();
-        let mut token = String::new();
-        let ok = loop {
-            let Ok(page) = c
-                .list_agents(ListAgentsRequest {
-                    page_token: token.clone(),
-                    ..Default::default()
-                })
-                .await
-            else {
-                break false;
-            };
-            let page = page.into_inner();
-            out.extend(page.agents);
-            if page.next_page_token.is_empty() {
-                break true;
-            }
-            token = page.next_page_token;
-        };
-        if ok {
-            return Some(out);
-        }
-    }
-    None
-}
-
-/// What does not hold now (empty: converged).
-async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked>) -> Vec<String> {
-    let Some(records) = list_all(cluster).await else {
-        return vec!["the API did not answer ListAgents".into()];
-    };
-    let mut problems = Vec::new();
-    // Only this cluster's agents: its hosts run in network namespaces of
-    // their own, which every agent process (orphans too) stays in. Other
-    // tests on the machine have agents of their own.
-    let ours: HashSet<String> = cluster
-        .hosts
-        .iter()
-        .filter_map(|h| procfs::net_namespace(h.proc.pid()))
-        .collect();
-    let mut procs: HashMap<String, Vec<procfs::ProcInfo>> = HashMap::new();
-    for (id, p) in procfs::agent_processes_by_id() {
-        if procfs::net_namespace(p.pid).is_some_and(|ns| ours.contains(&ns)) {
-            procs.entry(id).or_default().push(p);
-        }
-    }
-    let mut by_request: HashMap<&str, usize> = HashMap::new();
-    for a in &records {
-        let mine = procs.get(&a.id).map_or(&[][..], Vec::as_slice);
-        let st = a.state();
-        match st {
-            AgentState::Running | AgentState::Paused => {
-                if a.pid <= 0 || !procfs::is_alive(a.pid) {
-                    problems.push(format!(
-                        "(a) {} is {st:?} with pid {} not alive",
-                        a.id, a.pid
-                    ));
-                } else if let Some(p) = mine.iter().find(|p| p.pgrp != a.pid) {
-                    problems.push(format!(
-                        "(a) {} has a process {} outside its group {}",
-                        a.id, p.pid, a.pid
-                    ));
-                } else if st == AgentState::Paused && mine.iter().any(|p| p.state != 'T') {
-                    problems.push(format!("(a) {} is PAUSED with a process not stopped", a.id));
-                }
-            }
-            AgentState::Pending | AgentState::Stopping => {
-                problems.push(format!("{} still {st:?}", a.id));
-            }
-            _ => {
-                if !mine.is_empty() {
-                    problems.push(format!("(d) {} is {st:?} but has processes {mine:?}", a.id));
-                }
-            }
-        }
-        if let Some(t) = known.get(&a.id) {
-            if t.restartable
-                && !t.stopped
-                && !matches!(st, AgentState::Running | AgentState::Paused)
-            {
-                problems.push(format!(
-                    "(c) restartable {} is {st:?} ({:?})",
-                    a.id,
-                    a.exit.as_ref().map(|e| e.reason())
-                ));
-            }
-        }
-        if let Some(code) = known.get(&a.id).and_then(|t| t.exits_with) {
-            if let Some(p) = exit_problem(a, code) {
-                problems.push(format!("(e) {}: {p}", a.id));
-            }
-        }
-        if let Some(r) = a.spec.as_ref().and_then(|s| s.labels.get("req")) {
-            *by_request.entry(r.as_str()).or_default() += 1;
-        }
-    }
-    for (r, n) in by_request {
-        if n > 1 {
-            problems.push(format!("(f) request {r} made {n} agents"));
-        }
-    }
-    for (id, p) in &procs {
-        if !records.iter().any(|a| &a.id == id) {
-            problems.push(format!(
-                "(d) processes {p:?} of agent {id}, which has no record"
-            ));
-        }
-    }
-    for h in &cluster.hosts {
-        let z = procfs::zombie_children(h.proc.pid());
-        if !z.is_empty() {
-            problems.push(format!("(g) zombies under host {}: {z:?}", h.host_id));
-        }
-    }
-    problems
-}
-
-/// What is wrong with the end recorded for an agent that exits by itself
-/// with `code`. Its end is COMPLETED with that code, or it is one that
-/// something else caused first: a stop (STOPPED, KILLED, SIGNALED), its host's
-/// death (LOST), a drain's move (it stays live); nothing else.
-fn exit_problem(a: &Agent, code: i32) -> Option<String> {
-    use agentplane::proto::v1::ExitReason as R;
-    let exit = a.exit.as_ref();
-    match (a.state(), exit.map(|e| e.reason())) {
-        (AgentState::Exited, Some(R::Completed)) => {
-            let got = exit.and_then(|e| e.code);
-            (got != Some(code)).then(|| format!("EXITED COMPLETED with code {got:?}, not {code}"))
-        }
-        (AgentState::Exited, Some(R::Stopped | R::Killed | R::Signaled))
-        | (AgentState::Lost, _)
-        | (
-            AgentState::Pending | AgentState::Running | AgentState::Paused | AgentState::Stopping,
-            _,
-        ) => None,
-        (st, reason) => Some(format!("ended {st:?} {reason:?}: {exit:?}")),
     }
 }

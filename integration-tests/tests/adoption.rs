@@ -7,7 +7,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
-use agentplane::proto::v1::{Agent, AgentSpec, AgentState, GetAgentRequest};
+use agentplane::proto::v1::{Agent, AgentSpec, AgentState, ListAgentsRequest};
 use agentplane_integration_tests::{procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 
@@ -17,16 +17,6 @@ const COUNTER: &[&str] = &[
     "-c",
     "i=0; while :; do echo $i; i=$((i+1)); sleep 0.005; done",
 ];
-
-async fn get(cluster: &TestCluster, id: &str) -> Agent {
-    cluster
-        .client()
-        .await
-        .get_agent(GetAgentRequest { id: id.to_owned() })
-        .await
-        .expect("get")
-        .into_inner()
-}
 
 /// The counter's lines in the agent's retained output, as numbers.
 fn counted(cluster: &TestCluster, id: &str) -> Vec<u64> {
@@ -78,14 +68,40 @@ async fn start_agents(cluster: &TestCluster) -> Vec<Agent> {
     agents
 }
 
+/// Every agent record, through ListAgents pages (one call per 500).
+async fn list(cluster: &TestCluster) -> Vec<Agent> {
+    let mut c = cluster.client().await;
+    let (mut out, mut token) = (Vec::new(), String::new());
+    loop {
+        let page = c
+            .list_agents(ListAgentsRequest {
+                page_size: 500,
+                page_token: token,
+                ..Default::default()
+            })
+            .await
+            .expect("list")
+            .into_inner();
+        out.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return out;
+        }
+        token = page.next_page_token;
+    }
+}
+
 /// Waits until every agent's record is RUNNING at the same pid and
 /// generation, with no restart, written by an incarnation other than `old`.
 async fn wait_adopted(cluster: &TestCluster, agents: &[Agent], old: &str) -> Duration {
     let started = Instant::now();
     loop {
+        let now = list(cluster).await;
         let mut all = true;
         for a in agents {
-            let now = get(cluster, &a.id).await;
+            let now = now
+                .iter()
+                .find(|n| n.id == a.id)
+                .expect("the record exists");
             assert!(
                 matches!(now.state(), AgentState::Running),
                 "{} left RUNNING: {now:?}",
@@ -108,7 +124,19 @@ async fn wait_adopted(cluster: &TestCluster, agents: &[Agent], old: &str) -> Dur
     }
 }
 
-async fn outlive(graceful: bool) {
+/// How the host agent goes away and comes back.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Restart {
+    /// SIGTERM, then the same binary.
+    Graceful,
+    /// SIGKILL, then the same binary.
+    Killed,
+    /// SIGTERM, then a copy of the binary at another path.
+    Upgrade,
+}
+
+async fn outlive(how: Restart) {
+    let graceful = how != Restart::Killed;
     let mut cluster = TestCluster::builder()
         .hosts(1)
         .heartbeat_ttl(Duration::from_secs(3))
@@ -135,12 +163,22 @@ async fn outlive(graceful: bool) {
         assert!(procfs::is_alive(a.pid), "{} outlived its host agent", a.id);
         assert_eq!(procfs::stat(a.pid).expect("stat").ppid, keeper);
     }
+    let upgraded = (how == Restart::Upgrade).then(|| cluster.upgrade_host_binary());
     cluster.restart_host("h1");
     let away = gone_at.elapsed();
+    if let Some(path) = &upgraded {
+        let exe = std::fs::read_link(format!("/proc/{}/exe", cluster.host("h1").proc.pid()))
+            .expect("the new host agent's exe");
+        assert_eq!(&exe, path, "the new binary runs");
+    }
     let taken = wait_adopted(&cluster, &agents, &old).await;
     eprintln!(
         "{}: host agent away {away:?} (until the new one serves), records taken over {taken:?} after that",
-        if graceful { "SIGTERM" } else { "SIGKILL" },
+        match how {
+            Restart::Graceful => "SIGTERM",
+            Restart::Killed => "SIGKILL",
+            Restart::Upgrade => "SIGTERM + new binary",
+        },
     );
     assert_eq!(cluster.keeper_pid("h1"), Some(keeper), "the same keeper");
 
@@ -187,12 +225,17 @@ async fn outlive(graceful: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_outlive_a_sigtermed_host_agent_and_the_next_one_adopts_them() {
-    outlive(true).await;
+    outlive(Restart::Graceful).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn agents_outlive_an_upgrade_to_a_new_binary() {
+    outlive(Restart::Upgrade).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agents_outlive_a_sigkilled_host_agent_and_the_next_one_adopts_them() {
-    outlive(false).await;
+    outlive(Restart::Killed).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -223,5 +266,77 @@ async fn with_no_host_agent_past_the_orphan_grace_no_agent_is_left() {
         gone >= Duration::from_millis(500),
         "not before the grace: {gone:?}"
     );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_hundred_mixed_agents_survive_a_sigkilled_host_agent() {
+    let ttl = Duration::from_secs(3);
+    let mut cluster = TestCluster::builder()
+        .hosts(1)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    // A counter every 500 ms (each line forks a `sleep`: 400 forks a
+    // second on two cores): pipes, terminals, restart always, a timeout.
+    let slow: &[&str] = &[
+        "sh",
+        "-c",
+        "i=0; while :; do echo $i; i=$((i+1)); sleep 0.5; done",
+    ];
+    let mut agents = Vec::new();
+    for i in 0..200 {
+        let base = spec(slow, None);
+        let s = match i % 4 {
+            0 => base,
+            1 => AgentSpec { tty: true, ..base },
+            2 => AgentSpec {
+                restart: spec(slow, Some(Mode::Always)).restart,
+                ..base
+            },
+            _ => AgentSpec {
+                timeout: Some(prost_types::Duration {
+                    seconds: 600,
+                    nanos: 0,
+                }),
+                ..base
+            },
+        };
+        agents.push(cluster.spawn_spec(s).await);
+    }
+    for a in &mut agents {
+        *a = cluster
+            .wait_state(&a.id, AgentState::Running, Duration::from_secs(10))
+            .await;
+    }
+    let old = agents[0].incarnation.clone();
+    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while cluster.host("h1").proc.is_running() {
+        assert!(Instant::now() < deadline, "the host agent did not exit");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    cluster.restart_host("h1");
+    let taken = wait_adopted(&cluster, &agents, &old).await;
+    let (mut gaps, mut lines) = (0, 0);
+    for a in &agents {
+        assert!(procfs::is_alive(a.pid));
+        let n = counted(&cluster, &a.id);
+        let (g, backs) = faults(&n);
+        assert_eq!(backs, 0, "{}: no line twice", a.id);
+        assert_eq!(
+            n.first(),
+            Some(&0),
+            "{}: the log begins at the first line",
+            a.id
+        );
+        gaps += g;
+        lines += n.len();
+    }
+    eprintln!(
+        "200 agents, host agent SIGKILLed and started again: all adopted {taken:?} after it served (one beat is {:?}); {lines} lines, {gaps} gaps",
+        ttl / 3
+    );
+    assert!(taken <= ttl / 3, "within one heartbeat: {taken:?}");
     cluster.finish().await;
 }

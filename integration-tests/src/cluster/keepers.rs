@@ -1,0 +1,22 @@
+//! The hosts' keepers as tests see them, and host-agent upgrades.
+
+use std::path::PathBuf;
+
+use super::{bin, TestCluster};
+
+impl TestCluster {
+    /// The pid of host `host_id`'s keeper (its agents' parent).
+    pub fn keeper_pid(&self, host_id: &str) -> Option<i32> {
+        crate::procfs::keeper_of(&self.data_dir(host_id))
+    }
+
+    /// Host agents started from now on run a copy of the build's binary at
+    /// a new path in the cluster's directory (an upgrade); returns the path.
+    pub fn upgrade_host_binary(&mut self) -> PathBuf {
+        let n = self.dir.path().read_dir().map_or(0, Iterator::count);
+        let to = self.dir.path().join(format!("host-agent-upgrade-{n}"));
+        std::fs::copy(bin("host-agent"), &to).expect("copy the host-agent binary");
+        self.host_binary = Some(to.clone());
+        to
+    }
+}
