@@ -90,8 +90,9 @@ async fn list(cluster: &TestCluster) -> Vec<Agent> {
     }
 }
 
-/// Waits until every agent's record is RUNNING at the same pid and
-/// generation, with no restart, written by an incarnation other than `old`.
+/// Waits until every agent's record is in the same state (RUNNING or
+/// PAUSED) at the same pid and generation, with no restart, written by an
+/// incarnation other than `old`.
 async fn wait_adopted(cluster: &TestCluster, agents: &[Agent], old: &str) -> Duration {
     let started = Instant::now();
     loop {
@@ -102,11 +103,7 @@ async fn wait_adopted(cluster: &TestCluster, agents: &[Agent], old: &str) -> Dur
                 .iter()
                 .find(|n| n.id == a.id)
                 .expect("the record exists");
-            assert!(
-                matches!(now.state(), AgentState::Running),
-                "{} left RUNNING: {now:?}",
-                a.id
-            );
+            assert_eq!(now.state(), a.state(), "{} changed state: {now:?}", a.id);
             assert_eq!(
                 (now.pid, now.generation, now.restarts),
                 (a.pid, a.generation, 0)
@@ -142,7 +139,17 @@ async fn outlive(how: Restart) {
         .heartbeat_ttl(Duration::from_secs(3))
         .start()
         .await;
-    let agents = start_agents(&cluster).await;
+    let mut agents = start_agents(&cluster).await;
+    // A paused agent stays paused across the restart.
+    let out = cluster.agentctl(&["pause", &agents[2].id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    agents[2] = cluster
+        .wait_state(&agents[2].id, AgentState::Paused, Duration::from_secs(5))
+        .await;
     let old = agents[0].incarnation.clone();
     let keeper = cluster.keeper_pid("h1").expect("keeper");
     cluster.wait_for_output(&agents[0].id, "\n20\n").await;
@@ -212,7 +219,15 @@ async fn outlive(how: Restart) {
             assert_eq!(gaps, 0, "no line lost across a graceful restart");
         }
     }
-    // Control goes on: a stop works on an adopted agent.
+    // Control goes on: the adopted paused agent resumes, and stops.
+    assert_eq!(procfs::stat(agents[2].pid).expect("stat").state, 'T');
+    let out = cluster.agentctl(&["resume", &agents[2].id]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_ne!(procfs::stat(agents[2].pid).expect("stat").state, 'T');
     let out = cluster.agentctl(&["stop", &agents[2].id]);
     assert!(
         out.status.success(),

@@ -11,7 +11,7 @@ use agentplane::proto::v1::AgentState;
 use nix::sys::signal::Signal;
 
 use super::agent::AgentSlot;
-use super::{log_sizes, output, persist, signal, Supervisor};
+use super::{log_sizes, output, persist, signal, tree, Supervisor};
 use crate::keeper::KeptRun;
 
 impl Supervisor {
@@ -79,6 +79,11 @@ impl Supervisor {
             st.started_at_ms = k.run.started_at_ms;
             st.restarts = p.restarts;
             st.move_to(&slot.id, AgentState::Running);
+            // A paused agent is a stopped group (pause answers only once
+            // every process shows `T`): it stays PAUSED.
+            if tree::is_stopped(pid) {
+                st.move_to(&slot.id, AgentState::Paused);
+            }
         }
         {
             let mut map = self.map();

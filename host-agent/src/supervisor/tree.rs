@@ -57,6 +57,11 @@ fn state_and_group(pid: i32) -> Option<(char, i32)> {
     Some((state, pgrp))
 }
 
+/// True when `pid` is stopped (`T`: a SIGSTOP, as a pause sends).
+pub fn is_stopped(pid: i32) -> bool {
+    state_and_group(pid).is_some_and(|(state, _)| state == 'T')
+}
+
 fn has_marker(pid: i32, id: &str) -> bool {
     let Ok(env) = std::fs::read(format!("/proc/{pid}/environ")) else {
         return false;
