@@ -38,6 +38,19 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 
+    /// Waits (polling, at most `limit`) until the process has exited;
+    /// false if it still runs then.
+    pub async fn wait_exit(&mut self, limit: std::time::Duration) -> bool {
+        let deadline = std::time::Instant::now() + limit;
+        while self.is_running() {
+            if std::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
+        true
+    }
+
     /// Sends `sig`; a process already gone is fine.
     pub fn signal(&self, sig: Signal) {
         let _ = kill(Pid::from_raw(self.pid()), sig);

@@ -243,10 +243,11 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
         Fault::RestartHost { host } => {
             let id = format!("h{}", host + 1);
             cluster.host(&id).proc.signal(Signal::SIGTERM);
-            let deadline = Instant::now() + Duration::from_secs(15);
-            while cluster.host(&id).proc.is_running() && Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(10)).await;
-            }
+            cluster
+                .host(&id)
+                .proc
+                .wait_exit(Duration::from_secs(15))
+                .await;
             cluster.restart_host(&id);
         }
         Fault::KillControlPlane { index } => {
