@@ -274,8 +274,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         "dev",
         "--data-dir",
         &data_dir_s,
-        // A developer's Ctrl-C ends everything it started.
+        // A developer's Ctrl-C ends everything it started, and a SIGKILLed
+        // agentctl dev leaves no agent behind either (no orphan grace).
         "--stop-agents-on-exit",
+        "--orphan-grace",
+        "0s",
     ];
     if root {
         host_args.push("--allow-root-agents");
