@@ -134,11 +134,32 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
             }
         };
         tokio::select! {
-            () = orphaned => {
-                if !kept.is_empty() {
-                    eprintln!("keeper: no host agent for {grace:?}; ending {} agents", kept.len());
+            // Biased, the connection first: a host agent's queued acks and
+            // its hang-up are read before the next one is accepted, so a
+            // restarted host agent is not refused as a second one.
+            biased;
+            got = message => {
+                let Some(c) = client.as_ref() else { continue };
+                match got {
+                    Ok((msg, _)) => {
+                        if let Err(e) = handle(c, msg, &mut kept, &guard).await {
+                            eprintln!("keeper: host agent connection: {e}");
+                            client = None;
+                        }
+                    }
+                    Err(e) => {
+                        if !matches!(e, wire::WireError::Closed) {
+                            eprintln!("keeper: host agent connection: {e}");
+                        }
+                        client = None;
+                    }
                 }
-                return Ok(());
+                if client.is_none() {
+                    if kept.is_empty() {
+                        return Ok(());
+                    }
+                    deadline = Some(tokio::time::Instant::now() + grace);
+                }
             }
             ready = listener.readable() => {
                 let mut ready = ready?;
@@ -169,29 +190,6 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     Err(e) => eprintln!("keeper: accept: {e}"),
                 }
             }
-            got = message => {
-                let Some(c) = client.as_ref() else { continue };
-                match got {
-                    Ok((msg, _)) => {
-                        if let Err(e) = handle(c, msg, &mut kept, &guard).await {
-                            eprintln!("keeper: host agent connection: {e}");
-                            client = None;
-                        }
-                    }
-                    Err(e) => {
-                        if !matches!(e, wire::WireError::Closed) {
-                            eprintln!("keeper: host agent connection: {e}");
-                        }
-                        client = None;
-                    }
-                }
-                if client.is_none() {
-                    if kept.is_empty() {
-                        return Ok(());
-                    }
-                    deadline = Some(tokio::time::Instant::now() + grace);
-                }
-            }
             _ = sigchld.recv() => {
                 for (pid, exit) in reap() {
                     let Some(h) = kept.get_mut(&pid) else { continue };
@@ -206,6 +204,12 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                         }
                     }
                 }
+            }
+            () = orphaned => {
+                if !kept.is_empty() {
+                    eprintln!("keeper: no host agent for {grace:?}; ending {} agents", kept.len());
+                }
+                return Ok(());
             }
         }
     }
