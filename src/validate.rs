@@ -9,9 +9,9 @@ pub const MAX_ARGV: usize = 4096;
 pub const MAX_ARGV_ENV_BYTES: usize = 1024 * 1024;
 /// Most labels on one agent.
 pub const MAX_LABELS: usize = 64;
-/// Smallest in-memory output ring per agent.
+/// Smallest output pipe capacity per agent.
 pub const MIN_LOG_BUFFER: u64 = 64 * 1024;
-/// Largest in-memory output ring per agent.
+/// Largest output pipe capacity per agent.
 pub const MAX_LOG_BUFFER: u64 = 16 * 1024 * 1024;
 /// Largest on-disk output cap per agent.
 pub const MAX_LOG_BYTES: u64 = 1 << 40;

@@ -219,8 +219,8 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
     let fast_rate = fast_bytes as f64 / secs as f64;
     eprintln!(
         "{secs}s of 20 yes agents, 60 slow readers ({:.1} KiB/s each on average), one fast follower at {:.3} MB/s \
-         ({:.0}x a slow reader); peak RSS control plane {} MiB, host agent {} MiB; output in the host's rings at \
-         most {} KiB; largest agent log on disk {} KiB (cap {} KiB)",
+         ({:.0}x a slow reader); peak RSS control plane {} MiB, host agent {} MiB; output waiting in the \
+         agents' pipes at most {} KiB; largest agent log on disk {} KiB (cap {} KiB)",
         slow_rate / 1024.0,
         fast_rate / 1e6,
         fast_rate / slow_rate.max(1.0),
@@ -235,7 +235,7 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
     assert!(largest <= cap + 128 * 1024, "every log within its cap");
     assert!(
         peak_buffered > 0 && peak_buffered <= 20 * 128 * 1024,
-        "the rings hold output, within their default budget: {peak_buffered} bytes"
+        "output waits in the pipes, within their default capacity: {peak_buffered} bytes"
     );
     // Slow readers must slow only themselves: one that keeps up gets far more
     // than they do (a ratio of two rates in the same run, not a timing). With

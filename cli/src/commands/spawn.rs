@@ -78,8 +78,8 @@ pub struct SpawnArgs {
     /// Output kept on the host's disk, e.g. 64MiB (default 64 MiB, at least 256 KiB).
     #[arg(long, value_parser = agentplane::config::parse_bytes)]
     log_max_bytes: Option<u64>,
-    /// Newest output kept in the host agent's memory for followers, e.g.
-    /// 1MiB (default 128 KiB; 64 KiB to 16 MiB).
+    /// How far the agent's output may run ahead of the disk (its pipes'
+    /// capacity), e.g. 1MiB (default 128 KiB; 64 KiB to 16 MiB).
     #[arg(long, value_parser = agentplane::config::parse_bytes)]
     log_buffer_bytes: Option<u64>,
     /// After this long without output the agent is idle (AGENT_IDLE event).

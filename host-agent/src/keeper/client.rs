@@ -63,9 +63,10 @@ pub struct Run {
     pub pid: i32,
     /// When it started, ms since the epoch.
     pub started_at_ms: i64,
-    /// stdin, stdout, stderr; or (tty) the terminal's master.
+    /// stdin, stdout, stderr; or (tty) the terminal's master and its relay
+    /// pipe's read and write ends (one descriptor from an older keeper).
     pub fds: Vec<OwnedFd>,
-    /// Whether `fds` is a terminal's master.
+    /// Whether `fds` start with a terminal's master.
     pub tty: bool,
     /// Resolves with its exit; an error means the keeper is gone.
     pub exit: oneshot::Receiver<proto::Exit>,
@@ -213,6 +214,7 @@ impl Keeper {
             lock(&self.pending).remove(&seq);
             return Err(KeeperError::Gone);
         }
+        let tty = launch.tty;
         let msg = ToKeeper {
             kind: Some(to_keeper::Kind::Spawn(proto::Spawn {
                 seq,
@@ -224,7 +226,8 @@ impl Keeper {
             lock(&self.pending).remove(&seq);
             return Err(e.into());
         }
-        rx.await.unwrap_or(Err(KeeperError::Gone))
+        let run = rx.await.unwrap_or(Err(KeeperError::Gone))?;
+        Ok(Run { tty, ..run })
     }
 
     /// Ends this connection (the keeper then applies its orphan grace, or
@@ -267,12 +270,12 @@ async fn read(
                 // Registered before anyone can see the run: its exit,
                 // which follows on this socket, always has a waiter.
                 exits.insert(s.pid, tx);
-                let tty = fds.len() == 1;
                 let run = Run {
                     pid: s.pid,
                     started_at_ms: s.started_at_ms,
                     fds,
-                    tty,
+                    // Set by `spawn`, which knows what it asked for.
+                    tty: false,
                     exit: rx,
                 };
                 if let Some(waiter) = lock(pending).remove(&s.seq) {

@@ -300,7 +300,8 @@ async fn send(
 }
 
 /// Starts `l`: its pid and the descriptors the keeper keeps (stdin's write
-/// end, stdout's and stderr's read ends; or the terminal's master).
+/// end, stdout's and stderr's read ends; or the terminal's master and a
+/// relay pipe's read and write ends).
 fn start(l: &proto::Launch) -> std::io::Result<(i32, Vec<OwnedFd>)> {
     let (mut cmd, pty) = spawn::command(l)?;
     let mut child = cmd.spawn()?;
@@ -309,7 +310,13 @@ fn start(l: &proto::Launch) -> std::io::Result<(i32, Vec<OwnedFd>)> {
     drop(cmd);
     let pid = i32::try_from(child.id()).unwrap_or(0);
     let fds = match pty {
-        Some(master) => vec![master],
+        Some(master) => {
+            // The relay: the host agent moves the terminal's output through
+            // it to disk; held here too, so what is in it outlives a host
+            // agent killed between the two moves.
+            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+            vec![master, r, w]
+        }
         None => {
             let (Some(i), Some(o), Some(e)) =
                 (child.stdin.take(), child.stdout.take(), child.stderr.take())

@@ -1,6 +1,6 @@
-//! An agent's I/O: capturing its stdout and stderr into its [`OutputLog`](super::output::OutputLog),
-//! serving readers (tail, offsets, follow) and writing to its stdin. Idle
-//! detection from the same output lives in `idle.rs`.
+//! An agent's I/O: serving readers of its [`OutputLog`](super::output::OutputLog)
+//! (tail, offsets, follow) and writing to its stdin. Capturing the output
+//! lives in `capture.rs`, idle detection from it in `idle.rs`.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,15 +10,14 @@ use agentplane::time::duration_from_proto;
 use std::os::fd::OwnedFd;
 
 use tokio::io::unix::AsyncFd;
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
-use tokio::net::unix::pipe;
+use tokio::io::AsyncWriteExt;
 use tokio::sync::mpsc;
 
 use super::agent::{AgentSlot, Requested};
 use super::error::SupervisorError;
 use super::Supervisor;
 
-/// Bytes per chunk read from a pipe or sent to a reader.
+/// Bytes per chunk sent to a reader.
 const CHUNK: usize = 32 * 1024;
 /// Chunks a reader may have queued: with the chunk size, what one slow reader
 /// can hold in this process.
@@ -32,87 +31,6 @@ const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 pub type LogItem = Result<LogChunk, tonic::Status>;
 
 impl Supervisor {
-    /// Starts reading the new run's stdout and stderr (or its terminal), and
-    /// keeps its stdin (or terminal) for input. `fds`: the run's stdin,
-    /// stdout and stderr as the keeper passed them, or (`tty`) its
-    /// terminal's master.
-    pub(super) fn capture(
-        &self,
-        slot: &Arc<AgentSlot>,
-        fds: Vec<OwnedFd>,
-        tty: bool,
-    ) -> std::io::Result<()> {
-        let mut fds = fds.into_iter();
-        let mut next = || {
-            fds.next().ok_or_else(|| {
-                std::io::Error::other("the keeper passed fewer descriptors than the run has")
-            })
-        };
-        if tty {
-            // `AsyncFd::new` is deprecated because a borrowed descriptor could be
-            // closed under it; an `OwnedFd` cannot be, so it is sound here and
-            // needs no `unsafe` (`register` would). The master is non-blocking
-            // (spawn.rs), in the keeper's copy too: they share one open file.
-            #[allow(deprecated)]
-            let master = Arc::new(AsyncFd::new(next()?)?);
-            self.spawn_capture(slot, PtyReader(master.clone()), LogStream::Stdout);
-            *slot
-                .pty
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(master);
-            return Ok(());
-        }
-        // `from_owned_fd` checks each is a pipe and makes it non-blocking.
-        let stdin = pipe::Sender::from_owned_fd(next()?)?;
-        let stdout = pipe::Receiver::from_owned_fd(next()?)?;
-        let stderr = pipe::Receiver::from_owned_fd(next()?)?;
-        self.spawn_capture(slot, stdout, LogStream::Stdout);
-        self.spawn_capture(slot, stderr, LogStream::Stderr);
-        *slot
-            .stdin
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(stdin);
-        Ok(())
-    }
-
-    fn spawn_capture<R>(&self, slot: &Arc<AgentSlot>, mut pipe: R, stream: LogStream)
-    where
-        R: AsyncRead + Unpin + Send + 'static,
-    {
-        slot.output.writer_opened();
-        let slot = slot.clone();
-        let detach = self.detach.clone();
-        self.tasks.spawn("agent output capture", async move {
-            // Capacity only: pages are touched when output arrives, so an
-            // agent that writes nothing costs no resident memory here.
-            let mut buf: Vec<u8> = Vec::with_capacity(CHUNK);
-            loop {
-                buf.clear();
-                // While this task writes, the pipe fills and the agent waits:
-                // output is slowed by the pipe, never buffered without bound.
-                let read = tokio::select! {
-                    r = pipe.read_buf(&mut buf) => r,
-                    // Left to the keeper: the next host agent reads on
-                    // from the pipe (nothing read here is lost: what was
-                    // appended is flushed before this host agent exits).
-                    () = detach.cancelled() => break,
-                };
-                match read {
-                    Ok(0) | Err(_) => break,
-                    Ok(n) => {
-                        // Waits while the ring is full of output the disk
-                        // has not taken yet: the pipe fills, the agent waits.
-                        slot.output.append(stream, &buf[..n]).await;
-                        // A flooding agent's pipe is always ready: let readers
-                        // and other agents' captures have their turn.
-                        tokio::task::yield_now().await;
-                    }
-                }
-            }
-            slot.output.writer_closed();
-        });
-    }
-
     /// A reader of `id`'s output as `req` asks; the stream ends when the
     /// retained output is sent (or, with `follow`, when the agent has ended and
     /// all its output is sent), or when the receiver is dropped.
@@ -152,16 +70,12 @@ impl Supervisor {
                 // Decided before looking at the end: once no pipe is open,
                 // the end cannot move, so nothing written last is missed.
                 let done = !req.follow || (!slot.is_active() && !slot.output.has_writers());
-                let read = match slot.output.read_memory(next, CHUNK, filter) {
-                    Some(r) => Ok(r),
-                    // Older output is on disk: read it off the runtime.
-                    None => {
-                        let s = slot.clone();
-                        tokio::task::spawn_blocking(move || s.output.read(next, CHUNK, filter))
-                            .await
-                            .unwrap_or_else(|e| Err(std::io::Error::other(e)))
-                    }
-                };
+                // Off the runtime: the newest output is in the page cache,
+                // but an older read may wait on the disk.
+                let s = slot.clone();
+                let read = tokio::task::spawn_blocking(move || s.output.read(next, CHUNK, filter))
+                    .await
+                    .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                 let r = match read {
                     Ok(r) => r,
                     Err(e) => {
@@ -421,37 +335,6 @@ async fn start_offset(
 
 /// Reads a pseudo-terminal's master end; EIO (the slave side closed: every
 /// process of the agent let go of the terminal) is the end of the output.
-struct PtyReader(Arc<AsyncFd<OwnedFd>>);
-
-impl AsyncRead for PtyReader {
-    fn poll_read(
-        self: std::pin::Pin<&mut Self>,
-        cx: &mut std::task::Context<'_>,
-        buf: &mut tokio::io::ReadBuf<'_>,
-    ) -> std::task::Poll<std::io::Result<()>> {
-        loop {
-            let mut guard = match self.0.poll_read_ready(cx) {
-                std::task::Poll::Ready(g) => g?,
-                std::task::Poll::Pending => return std::task::Poll::Pending,
-            };
-            let unfilled = buf.initialize_unfilled();
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref(), unfilled).map_err(std::io::Error::from)
-            }) {
-                Ok(Ok(n)) => {
-                    buf.advance(n);
-                    return std::task::Poll::Ready(Ok(()));
-                }
-                Ok(Err(e)) if e.raw_os_error() == Some(libc::EIO) => {
-                    return std::task::Poll::Ready(Ok(()))
-                }
-                Ok(Err(e)) => return std::task::Poll::Ready(Err(e)),
-                Err(_would_block) => continue,
-            }
-        }
-    }
-}
-
 /// Writes all of `data` to a terminal's master end.
 async fn write_pty(pty: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<()> {
     while !data.is_empty() {

@@ -6,6 +6,7 @@
 
 mod adopt;
 mod agent;
+mod capture;
 mod control;
 mod disconnect;
 pub mod error;
@@ -211,12 +212,13 @@ impl Supervisor {
         // adopted runs keep their directories.
         let tag = format!("{id}.{generation}.{}.{start}", self.incarnation);
         let dir = self.data_dir.join("agents").join(&tag);
-        let (cap, ring) = log_sizes(&spec);
-        let log = output::OutputLog::create(&id, &dir, cap, ring, self.log_writers.clone())
-            .map_err(|source| SupervisorError::Output {
+        let (cap, _) = log_sizes(&spec);
+        let log = output::OutputLog::create(&id, &dir, cap, self.log_writers.clone()).map_err(
+            |source| SupervisorError::Output {
                 id: id.clone(),
                 source,
-            })?;
+            },
+        )?;
         let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
@@ -357,7 +359,7 @@ impl Supervisor {
         // alive while taking a second.
         let (agents, log_buffered_bytes) = {
             let map = self.map();
-            let buffered = map.values().map(|s| s.output.buffered_bytes() as u64).sum();
+            let buffered = map.values().map(|s| s.output.waiting_bytes()).sum();
             (map.len() as u64, buffered)
         };
         agentplane::proto::v1::ServerStatus {
@@ -488,17 +490,17 @@ fn pause_before_spawn() -> Option<Duration> {
     })
 }
 
-/// The spec's output cap on disk and ring in memory, defaults resolved.
+/// The spec's output cap on disk and output pipe capacity, defaults resolved.
 fn log_sizes(spec: &AgentSpec) -> (u64, u64) {
     let cap = match spec.log_max_bytes {
         0 => output::DEFAULT_CAP,
         n => n,
     };
-    let ring = match spec.log_buffer_bytes {
-        0 => output::DEFAULT_RING,
+    let buffer = match spec.log_buffer_bytes {
+        0 => output::DEFAULT_BUFFER,
         n => n,
     };
-    (cap, ring)
+    (cap, buffer)
 }
 
 /// The exit of a start that failed.

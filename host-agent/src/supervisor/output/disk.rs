@@ -7,14 +7,14 @@
 //! the epoch i64 BE, stream u8, length u32 BE) followed by the bytes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek, SeekFrom, Write};
+use std::io::{Read as _, Seek, SeekFrom};
+use std::os::fd::BorrowedFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Mutex, MutexGuard};
 
 use agentplane::proto::v1::{LogChunk, LogStream};
-
-use super::ring::{push_merged, Record};
 
 const HEADER: usize = 21;
 /// One index entry per this many bytes of file at least...
@@ -106,13 +106,15 @@ impl Disk {
 
     /// Reopens the files an earlier host agent left in `dir` (its agent
     /// outlived it): every record header is read to rebuild the segments
-    /// and their index, and a record a crash tore (a header without all
-    /// its bytes, or an offset going back) is cut off the end of the
-    /// current file, so new output follows the last whole record.
+    /// and their index. A record a kill tore during its splice keeps the
+    /// bytes that made it to the file (they left the pipe) and gets its
+    /// length fixed; a header with none of its bytes, a partial header or an
+    /// offset going back is cut off the end of the current file, so new
+    /// output follows the last record.
     pub fn reopen(dir: &Path, cap: u64) -> std::io::Result<Self> {
         let index_every = INDEX_EVERY.max(cap / 2 / MAX_INDEX);
         let previous = match File::open(dir.join("output.1")) {
-            Ok(f) => Some(scan(&f, 0, index_every)?),
+            Ok(f) => Some(scan(&f, 0, index_every)?.0),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
             Err(e) => return Err(e),
         };
@@ -120,7 +122,11 @@ impl Disk {
             .read(true)
             .write(true)
             .open(dir.join("output.log"))?;
-        let current = scan(&file, previous.as_ref().map_or(0, |p| p.end), index_every)?;
+        let (current, torn) = scan(&file, previous.as_ref().map_or(0, |p| p.end), index_every)?;
+        if let Some((pos, kept)) = torn {
+            let kept = u32::try_from(kept).unwrap_or(u32::MAX);
+            file.write_all_at(&kept.to_be_bytes(), pos + 17)?;
+        }
         if file.metadata()?.len() > current.size {
             file.set_len(current.size)?;
         }
@@ -134,101 +140,112 @@ impl Disk {
         })
     }
 
+    /// Most bytes one record should hold: a file passes half the cap by at
+    /// most one record, so that is a small part of it.
+    pub fn max_record(&self) -> usize {
+        usize::try_from(self.half_cap / 4)
+            .unwrap_or(usize::MAX)
+            .clamp(4096, 1 << 20)
+    }
+
     /// The offset after the last byte on disk.
     pub fn end(&self) -> u64 {
         lock(&self.meta).current.end
     }
 
-    /// Writes `records` (consecutive, oldest first) after what is there. Only
-    /// one thread calls this for a given log at a time (the writer that holds
-    /// it); readers see the records once this returns. On an error the
-    /// records are lost: readers get a gap where they were.
-    pub fn write(&self, records: &[Record], buf: &mut Vec<u8>) -> std::io::Result<()> {
-        let mut file = lock(&self.file);
-        let mut rest = records;
-        let mut rotation = Ok(());
-        while !rest.is_empty() {
-            match self.write_some(&mut file, rest, buf) {
-                Ok((n, rotated)) => {
-                    rest = &rest[n..];
-                    // The records are written; a failed rotation only lets
-                    // the file grow past its half of the cap until the next
-                    // one works. Reported once the batch is written.
-                    if rotation.is_ok() {
-                        rotation = rotated;
-                    }
-                }
-                Err(e) => {
-                    if let Some(last) = records.last() {
-                        let mut meta = lock(&self.meta);
-                        meta.current.end = meta.current.end.max(last.end());
-                    }
-                    return Err(e);
-                }
-            }
-        }
-        rotation
-    }
-
-    /// Writes the first of `records` that fit in the current file (at least
-    /// one), then rotates when it is full; returns how many were written and
-    /// how the rotation went. A file so exceeds half the cap by at most one
-    /// record.
-    fn write_some(
+    /// Moves up to `len` bytes of `stream` from the pipe `src` into one new
+    /// record at the end of the current file, read at `time_ms`; returns how
+    /// many moved (0: the pipe had none). Only one thread calls this for a
+    /// given log at a time (the writer that holds it); readers see the
+    /// record once this returns.
+    ///
+    /// The bytes go from the pipe to the file in the kernel (splice), so
+    /// they leave the pipe only as they enter the file: a host agent killed
+    /// at any instant has lost nothing and written nothing twice. The header
+    /// is written first, claiming `len`; a kill before the splice leaves a
+    /// header with no bytes, one during it a header claiming more than
+    /// follows, and [`Disk::reopen`] repairs both.
+    pub fn splice_record(
         &self,
-        file: &mut File,
-        records: &[Record],
-        buf: &mut Vec<u8>,
-    ) -> std::io::Result<(usize, std::io::Result<()>)> {
-        let (size, mut last_mark) = {
+        src: BorrowedFd<'_>,
+        stream: LogStream,
+        len: usize,
+        time_ms: i64,
+    ) -> std::io::Result<u64> {
+        let mut file = lock(&self.file);
+        let (pos, offset, last_mark) = {
             let meta = lock(&self.meta);
-            (meta.current.size, meta.current.index.last().map(|m| m.pos))
+            let c = &meta.current;
+            (c.size, c.end, c.index.last().map(|m| m.pos))
         };
-        let mut marks = Vec::new();
-        let mut n = 0;
-        buf.clear();
-        for r in records {
-            if n > 0 && size + buf.len() as u64 >= self.half_cap {
-                break;
-            }
-            let pos = size + buf.len() as u64;
-            if last_mark.is_none_or(|p| pos - p >= self.index_every) {
-                marks.push(Mark {
-                    offset: r.offset,
-                    time_ms: r.time_ms,
-                    pos,
-                });
-                last_mark = Some(pos);
-            }
-            buf.extend_from_slice(&r.offset.to_be_bytes());
-            buf.extend_from_slice(&r.time_ms.to_be_bytes());
-            buf.push(r.stream as u8);
-            buf.extend_from_slice(
-                &u32::try_from(r.data.len())
-                    .unwrap_or(u32::MAX)
-                    .to_be_bytes(),
-            );
-            buf.extend_from_slice(&r.data);
-            n += 1;
+        let len32 = u32::try_from(len).unwrap_or(u32::MAX);
+        let mut header = [0u8; HEADER];
+        header[0..8].copy_from_slice(&offset.to_be_bytes());
+        header[8..16].copy_from_slice(&time_ms.to_be_bytes());
+        header[16] = stream as u8;
+        header[17..21].copy_from_slice(&len32.to_be_bytes());
+        if let Err(e) = file.write_all_at(&header, pos) {
+            let _ = file.set_len(pos);
+            return Err(e);
         }
         // The slow part (the kernel may throttle a writer of dirty pages),
         // done without the metadata lock so readers are never held by it.
-        if let Err(e) = file.write_all(buf) {
-            // Cut a partly written record off so the file stays readable.
-            let _ = file.set_len(size);
-            let _ = file.seek(SeekFrom::Start(size));
-            return Err(e);
+        let mut at = pos + HEADER as u64;
+        let moved = rustix::pipe::splice(
+            src,
+            None,
+            &*file,
+            Some(&mut at),
+            len32 as usize,
+            rustix::pipe::SpliceFlags::NONBLOCK | rustix::pipe::SpliceFlags::MOVE,
+        );
+        let moved = match moved {
+            Ok(n) => n as u64,
+            Err(rustix::io::Errno::AGAIN) => 0,
+            Err(e) => {
+                let _ = file.set_len(pos);
+                return Err(e.into());
+            }
+        };
+        if moved == 0 {
+            file.set_len(pos)?;
+            return Ok(0);
+        }
+        if moved < u64::from(len32) {
+            let fixed = u32::try_from(moved).unwrap_or(u32::MAX).to_be_bytes();
+            if let Err(e) = file.write_all_at(&fixed, pos + 17) {
+                // The bytes left the pipe but the record cannot say so:
+                // drop it, and readers get a gap where it was.
+                let _ = file.set_len(pos);
+                lock(&self.meta).current.end += moved;
+                return Err(e);
+            }
         }
         let mut meta = lock(&self.meta);
-        meta.current.size += buf.len() as u64;
-        meta.current.index.extend(marks);
-        meta.current.end = records[n - 1].end();
-        let rotated = if meta.current.size >= self.half_cap {
-            self.rotate(file, &mut meta)
-        } else {
-            Ok(())
-        };
-        Ok((n, rotated))
+        if last_mark.is_none_or(|p| pos - p >= self.index_every) {
+            meta.current.index.push(Mark {
+                offset,
+                time_ms,
+                pos,
+            });
+        }
+        meta.current.size += HEADER as u64 + moved;
+        meta.current.end = offset + moved;
+        if meta.current.size >= self.half_cap {
+            // The record is written; a failed rotation only lets the file
+            // grow past its half of the cap until the next one works.
+            if let Err(e) = self.rotate(&mut file, &mut meta) {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "cannot rotate an agent's output file");
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Output before `offset` that the files do not hold is lost (a write
+    /// failed): the next record starts at `offset`, and readers get a gap.
+    pub fn skip_to(&self, offset: u64) {
+        let mut meta = lock(&self.meta);
+        meta.current.end = meta.current.end.max(offset);
     }
 
     /// The current file becomes the previous one and a new one starts. The
@@ -371,6 +388,33 @@ impl Disk {
     }
 }
 
+/// Appends `data` to `chunks`, into the last chunk when it is of the same
+/// stream and ends where `data` starts.
+pub fn push_merged(
+    chunks: &mut Vec<LogChunk>,
+    offset: u64,
+    stream: LogStream,
+    time_ms: i64,
+    data: &[u8],
+) {
+    if let Some(last) = chunks.last_mut() {
+        if last.skipped == 0
+            && last.stream == stream as i32
+            && last.offset + last.data.len() as u64 == offset
+        {
+            last.data.extend_from_slice(data);
+            return;
+        }
+    }
+    chunks.push(LogChunk {
+        offset,
+        stream: stream as i32,
+        data: data.to_vec(),
+        skipped: 0,
+        time: Some(agentplane::time::timestamp_from_ms(time_ms)),
+    });
+}
+
 fn gap(offset_before: u64, skipped: u64) -> LogChunk {
     LogChunk {
         offset: offset_before + skipped,
@@ -379,9 +423,15 @@ fn gap(offset_before: u64, skipped: u64) -> LogChunk {
     }
 }
 
-/// The segment a file holds: its whole records from the start (`start`:
-/// where an empty file begins), indexed every `index_every` bytes.
-fn scan(file: &File, start: u64, index_every: u64) -> std::io::Result<Segment> {
+/// The segment a file holds: its records from the start (`start`: where an
+/// empty file begins), indexed every `index_every` bytes; and the last
+/// record's (position, bytes) when it holds fewer bytes than its header
+/// claims (they count; the header needs repair).
+fn scan(
+    file: &File,
+    start: u64,
+    index_every: u64,
+) -> std::io::Result<(Segment, Option<(u64, u64)>)> {
     let len = file.metadata()?.len();
     let mut records = Records {
         file: std::io::BufReader::with_capacity(64 * 1024, file.try_clone()?),
@@ -389,9 +439,19 @@ fn scan(file: &File, start: u64, index_every: u64) -> std::io::Result<Segment> {
     };
     let mut seg = Segment::empty(start);
     let mut first = true;
-    while let Some((off, time_ms, _, n)) = records.next_header()? {
-        if records.left < n || (!first && off < seg.end) {
+    let mut torn = None;
+    while let Some((off, time_ms, _, mut n)) = records.next_header()? {
+        if !first && off < seg.end {
             break;
+        }
+        if records.left < n {
+            // Killed during its splice: the bytes that made it are the
+            // ones that left the pipe, so they are kept.
+            if records.left == 0 {
+                break;
+            }
+            n = records.left;
+            torn = Some((seg.size, n));
         }
         if first {
             (seg.start, seg.end, first) = (off, off, false);
@@ -411,7 +471,7 @@ fn scan(file: &File, start: u64, index_every: u64) -> std::io::Result<Segment> {
         seg.end = off + n;
         seg.size += HEADER as u64 + n;
     }
-    Ok(seg)
+    Ok((seg, torn))
 }
 
 /// A cursor over one segment's records.

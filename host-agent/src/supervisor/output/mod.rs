@@ -1,25 +1,30 @@
-//! Agent output: stdout and stderr, read from the agent's pipes in chunks into
-//! a fixed-size in-memory ring ([`ring`]), from which the log writer threads
-//! ([`writer`]) append them to a size-capped pair of files ([`disk`]). Every
-//! byte has an offset in the agent's whole output, across restarts, and the
-//! time it was read; readers ask for an offset (or a time, or the last lines)
-//! and get the newest output from memory, older output from disk, and a
-//! "skipped N bytes" gap for what is no longer retained.
+//! Agent output: stdout and stderr move from the agent's pipes into a
+//! size-capped pair of files per agent ([`disk`]) inside the kernel
+//! (splice), on a few log writer threads ([`writer`]). A byte leaves its pipe
+//! only as it enters a file, so a host agent killed at any instant loses no
+//! output and writes none twice: the next one reads on from the same pipes,
+//! which the keeper holds. Every byte has an offset in the agent's whole
+//! output, across restarts, and the time it was read; readers ask for an
+//! offset (or a time, or the last lines) and get it from the files (the page
+//! cache holds the newest), with a "skipped N bytes" gap for what is no
+//! longer retained.
 //!
-//! Memory stays bounded whatever the agent writes: the ring's budget, one
-//! 32 KiB buffer per pipe, and a sparse index per file. A producer that
-//! outruns the disk fills its ring and then waits on its pipe.
+//! Memory stays bounded whatever the agent writes: output waits in the
+//! agent's pipe (whose capacity is the spec's `log_buffer_bytes`) until the
+//! disk takes it, passes through no buffer of this process, and the files
+//! have a sparse index each. An agent that outruns the disk fills its pipe
+//! and waits.
 
 mod disk;
-mod ring;
 mod writer;
 
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use agentplane::proto::v1::{LogChunk, LogStream};
-use tokio::sync::watch;
+use tokio::sync::{oneshot, watch};
 
 pub use writer::LogWriters;
 
@@ -27,63 +32,97 @@ pub use writer::LogWriters;
 pub const DEFAULT_CAP: u64 = 64 * 1024 * 1024;
 /// Smallest cap accepted (so two files hold a few chunks).
 pub const MIN_CAP: u64 = 256 * 1024;
-/// Default in-memory ring per agent.
-pub const DEFAULT_RING: u64 = 128 * 1024;
+/// Default capacity of an agent's output pipes: how far its output may run
+/// ahead of the disk before it waits.
+pub const DEFAULT_BUFFER: u64 = 128 * 1024;
 
 /// What the writer threads and the log handle share.
 #[derive(Debug)]
 pub(crate) struct Shared {
-    ring: Mutex<ring::Ring>,
     disk: disk::Disk,
-    /// Offset after the last byte in the ring; wakes readers.
+    /// Offset after the last byte on disk; wakes readers.
     end_tx: watch::Sender<u64>,
-    /// Offset before which output is on disk; wakes a capture waiting for room.
-    flushed_tx: watch::Sender<u64>,
-    /// True while the log is in the writers' queue or being written.
-    queued: AtomicBool,
+    /// When the agent last wrote, ms since the epoch.
+    last_output_ms: AtomicI64,
     /// Set once the files are deleted: nothing more is written.
     removed: AtomicBool,
     /// A write failed (logged once per log).
     failing: AtomicBool,
-    writers: LogWriters,
     id: String,
 }
 
+/// What one drain of a pipe did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Drained {
+    /// Bytes that left the pipe (onto the disk, or into a gap).
+    pub moved: u64,
+    /// The pipe was found empty: wait for it to be readable again.
+    pub empty: bool,
+}
+
 impl Shared {
-    fn ring(&self) -> MutexGuard<'_, ring::Ring> {
-        self.ring
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Writes up to about `max` bytes of unflushed output; true when more is
-    /// waiting (the log keeps its `queued` flag and goes to the back of the
-    /// queue).
-    pub(crate) fn write_turn(&self, max: usize, buf: &mut Vec<u8>) -> bool {
-        let batch = self.ring().unflushed(max);
-        let Some(last) = batch.last() else {
-            self.queued.store(false, Ordering::SeqCst);
-            // An append between the read above and the flag going down saw
-            // the flag up and did not queue: look again.
-            let ring = self.ring();
-            return ring.end() > ring.flushed() && !self.queued.swap(true, Ordering::SeqCst);
-        };
-        let upto = last.end();
-        if !self.removed.load(Ordering::Relaxed) {
-            if let Err(e) = self.disk.write(&batch, buf) {
-                if !self.failing.swap(true, Ordering::Relaxed) {
-                    tracing::error!(agent = %self.id, error = %e, "cannot write agent output to disk; readers will see a gap");
-                }
+    /// Moves what the pipe `src` holds into the files, about `budget` bytes
+    /// at most (so that a flooding agent cannot keep a writer to itself).
+    /// Blocks on the disk: runs on a writer thread. When the disk refuses
+    /// the bytes they are read out of the pipe and dropped, and readers see
+    /// a gap: a full disk must not stop the agent.
+    pub(crate) fn drain(
+        &self,
+        src: BorrowedFd<'_>,
+        stream: LogStream,
+        budget: usize,
+        scratch: &mut Vec<u8>,
+    ) -> std::io::Result<Drained> {
+        let mut moved = 0u64;
+        while moved < budget as u64 {
+            let waiting = usize::try_from(rustix::io::ioctl_fionread(src)?).unwrap_or(usize::MAX);
+            if waiting == 0 {
+                return Ok(Drained { moved, empty: true });
             }
+            let left = usize::try_from(budget as u64 - moved).unwrap_or(usize::MAX);
+            let want = waiting.min(left).min(self.disk.max_record());
+            let now = agentplane::time::now_ms();
+            let n = if self.removed.load(Ordering::Relaxed) {
+                discard(src, want, scratch)?
+            } else {
+                match self.disk.splice_record(src, stream, want, now) {
+                    Ok(0) => return Ok(Drained { moved, empty: true }),
+                    Ok(n) => n,
+                    Err(e) => {
+                        if !self.failing.swap(true, Ordering::Relaxed) {
+                            tracing::error!(agent = %self.id, error = %e, "cannot write agent output to disk; readers will see a gap");
+                        }
+                        let n = discard(src, want, scratch)?;
+                        self.disk.skip_to(self.disk.end() + n);
+                        n
+                    }
+                }
+            };
+            moved += n;
+            self.last_output_ms.store(now, Ordering::Relaxed);
+            // stdout's and stderr's drains may publish out of order: the end
+            // readers see only moves forward.
+            let end = self.disk.end();
+            self.end_tx.send_if_modified(|e| {
+                let later = end > *e;
+                *e = (*e).max(end);
+                later
+            });
         }
-        self.ring().set_flushed(upto);
-        self.flushed_tx.send_replace(upto);
-        true
+        Ok(Drained {
+            moved,
+            empty: false,
+        })
     }
+}
 
-    fn requeue(self: Arc<Self>) {
-        let writers = self.writers.clone();
-        writers.schedule(self);
+/// Reads up to `want` bytes out of `src` and drops them; how many it read.
+fn discard(src: BorrowedFd<'_>, want: usize, scratch: &mut Vec<u8>) -> std::io::Result<u64> {
+    scratch.resize(want.min(256 * 1024), 0);
+    match rustix::io::read(src, &mut scratch[..]) {
+        Ok(n) => Ok(n as u64),
+        Err(rustix::io::Errno::AGAIN) => Ok(0),
+        Err(e) => Err(e.into()),
     }
 }
 
@@ -91,8 +130,10 @@ impl Shared {
 #[derive(Debug)]
 pub struct OutputLog {
     shared: Arc<Shared>,
-    pipes: AtomicUsize,
-    last_output_ms: AtomicI64,
+    writers: LogWriters,
+    /// The pipes being captured (for what waits in them, and to know when
+    /// the last has closed).
+    pipes: Mutex<Vec<Arc<OwnedFd>>>,
 }
 
 /// What a read found.
@@ -105,112 +146,65 @@ pub struct ReadResult {
 }
 
 impl OutputLog {
-    /// A new, empty log in `dir` (created),
-    /// keeping about `cap` bytes on disk and `ring` bytes in memory. The ring
-    /// is at most half the cap, so the disk always holds what the ring has
-    /// let go of.
-    pub fn create(
-        id: &str,
-        dir: &Path,
-        cap: u64,
-        ring: u64,
-        writers: LogWriters,
-    ) -> std::io::Result<Self> {
+    /// A new, empty log in `dir` (created), keeping about `cap` bytes on disk.
+    pub fn create(id: &str, dir: &Path, cap: u64, writers: LogWriters) -> std::io::Result<Self> {
         let cap = cap.max(MIN_CAP);
-        Ok(Self::on(
-            id,
-            disk::Disk::create(dir, cap)?,
-            cap,
-            ring,
-            writers,
-        ))
+        Ok(Self::on(id, disk::Disk::create(dir, cap)?, writers))
     }
 
     /// Reopens the log an earlier host agent left in `dir` (see
     /// [`disk::Disk::reopen`]): new output continues at the offset after the
-    /// last whole record on disk.
-    pub fn open(
-        id: &str,
-        dir: &Path,
-        cap: u64,
-        ring: u64,
-        writers: LogWriters,
-    ) -> std::io::Result<Self> {
+    /// last record on disk.
+    pub fn open(id: &str, dir: &Path, cap: u64, writers: LogWriters) -> std::io::Result<Self> {
         let cap = cap.max(MIN_CAP);
-        Ok(Self::on(
-            id,
-            disk::Disk::reopen(dir, cap)?,
-            cap,
-            ring,
-            writers,
-        ))
+        Ok(Self::on(id, disk::Disk::reopen(dir, cap)?, writers))
     }
 
-    /// A log on `disk`, its ring starting where the disk ends.
-    fn on(id: &str, disk: disk::Disk, cap: u64, ring: u64, writers: LogWriters) -> Self {
-        let ring = usize::try_from(ring.min(cap / 2)).unwrap_or(usize::MAX);
+    fn on(id: &str, disk: disk::Disk, writers: LogWriters) -> Self {
         let end = disk.end();
         Self {
             shared: Arc::new(Shared {
-                ring: Mutex::new(ring::Ring::starting_at(ring, end)),
                 disk,
                 end_tx: watch::channel(end).0,
-                flushed_tx: watch::channel(end).0,
-                queued: AtomicBool::new(false),
+                last_output_ms: AtomicI64::new(agentplane::time::now_ms()),
                 removed: AtomicBool::new(false),
                 failing: AtomicBool::new(false),
-                writers,
                 id: id.to_owned(),
             }),
-            pipes: AtomicUsize::new(0),
-            last_output_ms: AtomicI64::new(agentplane::time::now_ms()),
+            writers,
+            pipes: Mutex::new(Vec::new()),
         }
     }
 
-    /// Appends what the agent wrote on `stream`; waits while the ring is full
-    /// of output the disk does not have yet.
-    pub async fn append(&self, stream: LogStream, data: &[u8]) {
-        if data.is_empty() {
-            return;
-        }
-        let now = agentplane::time::now_ms();
-        // Subscribed only once a push failed (and then tried again), so the
-        // common path costs one lock; a flush between the failed push and
-        // the subscription is seen by the retry.
-        let mut flushed: Option<watch::Receiver<u64>> = None;
-        let end = loop {
-            let pushed = {
-                let mut ring = self.shared.ring();
-                ring.push(stream, data, now).then(|| ring.end())
-            };
-            if let Some(end) = pushed {
-                break end;
-            }
-            match &mut flushed {
-                None => flushed = Some(self.shared.flushed_tx.subscribe()),
-                Some(rx) => {
-                    self.schedule();
-                    // Woken by the writer's progress; the sender lives in
-                    // `shared`, so this cannot fail while `self` exists.
-                    let _ = rx.changed().await;
-                }
-            }
-        };
-        self.last_output_ms.store(now, Ordering::Relaxed);
-        // stdout's and stderr's captures may publish out of order: the end
-        // readers see only moves forward.
-        self.shared.end_tx.send_if_modified(|e| {
-            let later = end > *e;
-            *e = (*e).max(end);
-            later
+    fn pipes(&self) -> MutexGuard<'_, Vec<Arc<OwnedFd>>> {
+        self.pipes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Moves what the pipe `src` holds (`stream`'s output) to disk, on a
+    /// writer thread; at most a turn's worth, so call again until `empty`.
+    pub async fn drain(&self, src: &Arc<OwnedFd>, stream: LogStream) -> std::io::Result<Drained> {
+        let (reply, rx) = oneshot::channel();
+        self.writers.submit(writer::Job {
+            log: self.shared.clone(),
+            src: src.clone(),
+            stream,
+            reply,
         });
-        self.schedule();
+        rx.await
+            .unwrap_or_else(|_| Err(std::io::Error::other("no log writer thread is running")))
     }
 
-    fn schedule(&self) {
-        if !self.shared.queued.swap(true, Ordering::SeqCst) {
-            self.shared.writers.schedule(self.shared.clone());
-        }
+    /// [`OutputLog::drain`] on this thread, until the pipe is empty.
+    #[cfg(test)]
+    pub(crate) fn drain_here(&self, src: BorrowedFd<'_>, stream: LogStream) -> u64 {
+        let mut scratch = Vec::new();
+        let d = self
+            .shared
+            .drain(src, stream, usize::MAX, &mut scratch)
+            .expect("drain");
+        d.moved
     }
 
     /// The offset after the last byte.
@@ -220,86 +214,49 @@ impl OutputLog {
 
     /// The oldest offset still retained.
     pub fn retained_from(&self) -> u64 {
-        let ring_start = self.shared.ring().start();
-        self.shared.disk.retained_from().min(ring_start)
+        self.shared.disk.retained_from()
     }
 
-    /// Bytes the ring holds now (overhead included).
-    pub fn buffered_bytes(&self) -> usize {
-        self.shared.ring().used()
+    /// Bytes the agent wrote that wait in its pipes for the disk.
+    pub fn waiting_bytes(&self) -> u64 {
+        self.pipes()
+            .iter()
+            .map(|p| rustix::io::ioctl_fionread(p.as_fd()).unwrap_or(0))
+            .sum()
     }
 
-    /// Output before this offset is on disk.
-    pub fn flushed(&self) -> u64 {
-        *self.shared.flushed_tx.borrow()
-    }
-
-    /// Waits until everything appended so far is on disk (a host agent
-    /// that leaves its agents running hands their output over whole).
-    pub async fn wait_flushed(&self) {
-        let end = self.end();
-        let mut rx = self.shared.flushed_tx.subscribe();
-        // The sender lives in `shared`, so this cannot fail while `self` exists.
-        let _ = rx.wait_for(|f| *f >= end).await;
-    }
-
-    /// Wakes on every append and when the last pipe closes.
+    /// Wakes on every record and when the last pipe closes.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.end_tx.subscribe()
     }
 
     /// When the agent last wrote, ms since the epoch.
     pub fn last_output_ms(&self) -> i64 {
-        self.last_output_ms.load(Ordering::Relaxed)
+        self.shared.last_output_ms.load(Ordering::Relaxed)
     }
 
-    /// A pipe reader starts.
-    pub fn writer_opened(&self) {
-        self.pipes.fetch_add(1, Ordering::SeqCst);
+    /// A capture of `pipe` starts.
+    pub fn writer_opened(&self, pipe: &Arc<OwnedFd>) {
+        self.pipes().push(pipe.clone());
     }
 
-    /// A pipe reader reached EOF.
-    pub fn writer_closed(&self) {
-        self.pipes.fetch_sub(1, Ordering::SeqCst);
+    /// The capture of `pipe` ended (EOF, or handed to the next host agent).
+    pub fn writer_closed(&self, pipe: &Arc<OwnedFd>) {
+        self.pipes().retain(|p| !Arc::ptr_eq(p, pipe));
         self.shared.end_tx.send_modify(|_| {});
     }
 
-    /// True while a pipe reader may still append.
+    /// True while a capture may still add output.
     pub fn has_writers(&self) -> bool {
-        self.pipes.load(Ordering::SeqCst) > 0
-    }
-
-    /// What the ring has from `from`, or where the ring starts when it no
-    /// longer holds `from`.
-    fn read_ring(&self, from: u64, max: usize, filter: LogStream) -> Result<ReadResult, u64> {
-        let ring = self.shared.ring();
-        if from < ring.start() {
-            return Err(ring.start());
-        }
-        let (chunks, next) = ring.read(from, max, filter);
-        Ok(ReadResult { chunks, next })
-    }
-
-    /// Like [`OutputLog::read`], but only when the ring still holds `from`:
-    /// never touches the disk, so it may run on the async runtime.
-    pub fn read_memory(&self, from: u64, max: usize, filter: LogStream) -> Option<ReadResult> {
-        self.read_ring(from, max, filter).ok()
+        !self.pipes().is_empty()
     }
 
     /// Up to about `max` bytes from offset `from`, only `filter`'s stream
-    /// (UNSPECIFIED: both): from memory when the ring still holds `from`,
-    /// else from disk (which holds everything older than the ring). May
-    /// block on the disk.
+    /// (UNSPECIFIED: both), from the files; a gap is a chunk with `skipped`
+    /// set. May block on the disk.
     pub fn read(&self, from: u64, max: usize, filter: LogStream) -> std::io::Result<ReadResult> {
-        match self.read_ring(from, max, filter) {
-            Ok(r) => Ok(r),
-            // Only up to where the ring starts: past it, memory has what the
-            // disk may lack (output whose write failed).
-            Err(ring_start) => {
-                let (chunks, next) = self.shared.disk.read(from, ring_start, max, filter)?;
-                Ok(ReadResult { chunks, next })
-            }
-        }
+        let (chunks, next) = self.shared.disk.read(from, self.end(), max, filter)?;
+        Ok(ReadResult { chunks, next })
     }
 
     /// The offset where the last `lines` lines of `filter`'s stream start
@@ -385,25 +342,14 @@ impl OutputLog {
     /// The offset of the first byte read at or after `time_ms` (the end when
     /// there is none; the oldest retained byte when all are that recent).
     pub fn since_offset(&self, time_ms: i64) -> std::io::Result<u64> {
-        let in_memory = {
-            let ring = self.shared.ring();
-            match ring.oldest_time_ms() {
-                Some(t) if t < time_ms => {
-                    return Ok(ring.first_at_or_after(time_ms).unwrap_or(ring.end()));
-                }
-                _ => ring.start(),
-            }
-        };
-        // The ring's records are all recent enough: the answer is on disk, or
-        // the ring's first record.
         Ok(self
             .shared
             .disk
             .first_at_or_after(time_ms)?
-            .map_or(in_memory, |o| o.min(in_memory)))
+            .unwrap_or_else(|| self.end()))
     }
 
-    /// Deletes the files; output still in memory is not written.
+    /// Deletes the files; what the pipes still hold is not written.
     pub fn remove(&self) {
         self.shared.removed.store(true, Ordering::Relaxed);
         self.shared.disk.remove();
