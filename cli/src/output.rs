@@ -143,6 +143,21 @@ pub struct HostView {
     version: String,
     started_at: Option<String>,
     heartbeat_at: Option<String>,
+    /// "ready", "cordoned" or "restarting".
+    status: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    restarting_until: Option<String>,
+}
+
+/// A host's status word, as `hosts ls` shows it.
+pub fn host_status(h: &Host) -> &'static str {
+    if h.restarting_until.is_some() {
+        "restarting"
+    } else if h.cordoned {
+        "cordoned"
+    } else {
+        "ready"
+    }
 }
 
 impl From<&Host> for HostView {
@@ -157,6 +172,8 @@ impl From<&Host> for HostView {
             version: h.version.clone(),
             started_at: rfc3339(h.started_at.as_ref()),
             heartbeat_at: rfc3339(h.heartbeat_at.as_ref()),
+            status: host_status(h),
+            restarting_until: rfc3339(h.restarting_until.as_ref()),
         }
     }
 }

@@ -57,10 +57,29 @@ impl HostApi {
     }
 
     async fn host(&self, id: &str) -> Result<Host, ApiError> {
-        let host = self.registry.get_host(id).await?;
-        Ok(host
+        if let Some(h) = self.registry.get_host(id).await? {
+            return Ok(h.to_proto());
+        }
+        let restarting = self.registry.restarting(&[id.to_owned()]).await?;
+        Ok(restarting
+            .get(id)
             .ok_or_else(|| ApiError::HostNotFound { id: id.to_owned() })?
-            .to_proto())
+            .to_proto(id))
+    }
+
+    /// Live hosts, then the restarting ones (known, not live, held by a keeper).
+    async fn all_hosts(&self) -> Result<Vec<Host>, ApiError> {
+        let live = self.registry.list_hosts().await?;
+        let mut away: Vec<String> = self.registry.known_hosts().await?;
+        away.retain(|id| !live.iter().any(|h| &h.id == id));
+        away.sort();
+        let restarting = self.registry.restarting(&away).await?;
+        let mut hosts: Vec<Host> = live.iter().map(|h| h.to_proto()).collect();
+        hosts.extend(
+            away.iter()
+                .filter_map(|id| restarting.get(id).map(|r| r.to_proto(id))),
+        );
+        Ok(hosts)
     }
 }
 
@@ -70,9 +89,8 @@ impl HostService for HostApi {
         &self,
         _req: Request<ListHostsRequest>,
     ) -> Result<Response<ListHostsResponse>, Status> {
-        let hosts = self.registry.list_hosts().await.map_err(ApiError::from)?;
         Ok(Response::new(ListHostsResponse {
-            hosts: hosts.iter().map(|h| h.to_proto()).collect(),
+            hosts: self.all_hosts().await?,
         }))
     }
 

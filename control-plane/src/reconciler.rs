@@ -2,7 +2,9 @@
 //! once because every change is a compare-and-set on the record's generation.
 //!
 //! Each pass: the hosts that own an agent set (`SCAN ap:host-agents:*`) but
-//! have no live host key are lost; their running agents become LOST, and
+//! have no live host key are lost, unless their keeper key says the machine
+//! is alive (the host is restarting: see `agentplane::registry::Restarting`);
+//! a lost host's running agents become LOST, and
 //! those whose restart policy allows it are relocated to a live host with the
 //! next generation. A live host whose incarnation changed (its host agent
 //! restarted, and settled the records it no longer holds as LOST before its
@@ -13,7 +15,7 @@
 //! expired during the outage (a frozen Redis keeps counting TTLs) must not be
 //! mistaken for dead hosts before they had a chance to heartbeat again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -42,6 +44,8 @@ pub struct Reconciler {
     sweep: Sweep,
     /// The incarnation each live host had at the previous pass.
     incarnations: HashMap<String, String>,
+    /// The hosts restarting at the previous pass.
+    restarting: HashSet<String>,
     /// Finishes drains whose replica died.
     drainer: Drainer,
     tasks: Tasks,
@@ -70,6 +74,7 @@ impl Reconciler {
             max_ttl: DEFAULT_TTL,
             last_error: None,
             incarnations: HashMap::new(),
+            restarting: HashSet::new(),
         }
     }
 
@@ -114,10 +119,20 @@ impl Reconciler {
         }
         let may_lose = !self.settling();
         let mut cursor = 0;
+        let mut restarting = HashSet::new();
         loop {
             let (next, hosts) = self.registry.scan_host_sets(cursor, 200).await?;
-            for host in hosts.iter().filter(|h| !live.contains_key(*h)) {
-                if may_lose {
+            let down: Vec<String> = hosts
+                .into_iter()
+                .filter(|h| !live.contains_key(h))
+                .collect();
+            // A host whose keeper says the machine is alive is restarting:
+            // its agents run on, held by the keeper.
+            let held = self.registry.restarting(&down).await?;
+            for host in &down {
+                if held.contains_key(host) {
+                    restarting.insert(host.clone());
+                } else if may_lose {
                     self.lost_host(host).await?;
                 }
             }
@@ -125,6 +140,9 @@ impl Reconciler {
                 break;
             }
             cursor = next;
+        }
+        for host in restarting.difference(&self.restarting) {
+            tracing::info!(%host, "host restarting: its host agent is away and its keeper holds its agents");
         }
         let restarted: Vec<String> = live
             .values()
@@ -148,7 +166,11 @@ impl Reconciler {
                 self.take_over_drain(&h.id, mark).await?;
             }
         }
-        let stats = self.sweep.pass(&live, may_lose, self.period / 4).await?;
+        let stats = self
+            .sweep
+            .pass(&live, &restarting, may_lose, self.period / 4)
+            .await?;
+        self.restarting = restarting;
         if stats.acted > 0 {
             tracing::debug!(
                 read = stats.read,

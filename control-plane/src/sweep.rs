@@ -9,7 +9,8 @@
 //!   record whose lease is being rewritten (a fresh start, a Redis that came
 //!   back empty) is left alone.
 //! * A live record whose host is not heartbeating goes LOST (HOST_LOST), even
-//!   if the host's agent set does not list it.
+//!   if the host's agent set does not list it, unless the host is
+//!   restarting (its keeper holds the agent).
 //! * A LOST record whose restart policy allows it is placed again.
 //! * A PENDING record that nobody holds (no lease) and whose start was not
 //!   confirmed within a bound is started again: on its host (StartAgent is
@@ -137,18 +138,20 @@ impl Sweep {
 
     /// Slices of the records (at least one, more while `budget` lasts and
     /// the round is not done), each with the suspects that are due. `live`
-    /// maps live host ids to their records; with `may_lose` false (just after
+    /// maps live host ids to their records, `restarting` names the hosts a
+    /// keeper holds; with `may_lose` false (just after
     /// a registry outage) nothing is declared LOST.
     pub async fn pass(
         &mut self,
         live: &HashMap<String, HostRecord>,
+        restarting: &HashSet<String>,
         may_lose: bool,
         budget: Duration,
     ) -> Result<PassStats, RegistryError> {
         let started = Instant::now();
         let mut total = PassStats::default();
         loop {
-            let s = self.slice(live, may_lose).await?;
+            let s = self.slice(live, restarting, may_lose).await?;
             total.read += s.read;
             total.acted += s.acted;
             if s.wrapped {
@@ -165,6 +168,7 @@ impl Sweep {
     async fn slice(
         &mut self,
         live: &HashMap<String, HostRecord>,
+        restarting: &HashSet<String>,
         may_lose: bool,
     ) -> Result<PassStats, RegistryError> {
         let (next, mut ids) = self.registry.scan_agent_ids(self.cursor, SLICE).await?;
@@ -203,6 +207,8 @@ impl Sweep {
                 },
                 // `live` was read at the pass's start: a host that came
                 // back since (and was given this agent) is asked again.
+                // Held by the keeper of a restarting host: still running.
+                Verdict::HostDown if restarting.contains(&agent.host) => false,
                 Verdict::HostDown if may_lose => {
                     self.registry.get_host(&agent.host).await?.is_none()
                         && self

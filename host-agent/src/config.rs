@@ -110,9 +110,10 @@ pub struct Config {
     pub stop_agents_on_exit: bool,
 
     /// How long the keeper keeps agents running with no host agent
-    /// attached before it ends them (default: half of --heartbeat-ttl; at
-    /// most two thirds of it, so that they are gone before the control
-    /// plane can see the host lost and start them elsewhere).
+    /// attached before it ends them (default 10m, at most 24h). Meanwhile
+    /// the keeper tells Redis the machine is alive, so the control plane
+    /// shows the host as restarting and leaves its agents be; a keeper that
+    /// cannot reach Redis ends them sooner, before the host is seen lost.
     #[arg(long, env = "AGENTPLANE_ORPHAN_GRACE", value_parser = parse_duration)]
     pub orphan_grace: Option<Duration>,
 
@@ -126,10 +127,15 @@ pub struct Config {
     pub check_config: bool,
 }
 
+/// `--orphan-grace` unless given.
+pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(600);
+/// The longest `--orphan-grace`.
+pub const MAX_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
+
 impl Config {
     /// `--orphan-grace`, its default resolved.
     pub fn orphan_grace(&self) -> Duration {
-        self.orphan_grace.unwrap_or(self.heartbeat_ttl / 2)
+        self.orphan_grace.unwrap_or(DEFAULT_ORPHAN_GRACE)
     }
 
     /// Checks what clap's types cannot; the message names the flag.
@@ -152,10 +158,9 @@ impl Config {
         if self.heartbeat_ttl < Duration::from_millis(300) {
             return Err("--heartbeat-ttl: must be at least 300ms".into());
         }
-        if self.orphan_grace() > self.heartbeat_ttl * 2 / 3 {
+        if self.orphan_grace() > MAX_ORPHAN_GRACE {
             return Err(format!(
-                "--orphan-grace: at most two thirds of --heartbeat-ttl ({:?}): agents left longer could run twice once the control plane sees the host lost",
-                self.heartbeat_ttl * 2 / 3
+                "--orphan-grace: at most {MAX_ORPHAN_GRACE:?}: agents without a host agent for longer are ended"
             ));
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {
@@ -191,6 +196,25 @@ impl Config {
             return Err("--advertise-addr: required when --listen is a wildcard address".into());
         }
         Ok(())
+    }
+
+    /// What the keeper needs to renew its key: the Redis settings (files
+    /// read) and the timings.
+    pub fn keeper_liveness(&self) -> Result<crate::keeper::proto::Liveness, String> {
+        let options = self.redis_tls.load(&self.redis_url)?;
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        let (cert, key) = options.identity.unzip();
+        Ok(crate::keeper::proto::Liveness {
+            redis_url: self.redis_url.clone(),
+            prefix: self.redis_prefix.clone(),
+            host: self.host_id.clone(),
+            ttl_ms: ms(self.heartbeat_ttl),
+            orphan_grace_ms: ms(self.orphan_grace()),
+            ca: options.ca,
+            cert,
+            key,
+            password: options.password,
+        })
     }
 
     /// The registry the flags describe (files read; no connection yet).
@@ -250,13 +274,13 @@ mod tests {
     }
 
     #[test]
-    fn the_orphan_grace_defaults_to_half_the_ttl_and_stays_under_two_thirds() {
+    fn the_orphan_grace_defaults_to_ten_minutes_and_stays_under_a_day() {
         let c = parse(&["--host-id", "h1"]);
-        assert_eq!(c.orphan_grace(), Duration::from_secs(5));
+        assert_eq!(c.orphan_grace(), Duration::from_secs(600));
         assert!(!c.stop_agents_on_exit, "agents are kept by default");
-        let c = parse(&["--host-id", "h1", "--orphan-grace", "6s"]);
+        let c = parse(&["--host-id", "h1", "--orphan-grace", "24h"]);
         assert!(c.validate().is_ok());
-        let c = parse(&["--host-id", "h1", "--orphan-grace", "7s"]);
+        let c = parse(&["--host-id", "h1", "--orphan-grace", "25h"]);
         let e = c.validate().unwrap_err();
         assert!(e.starts_with("--orphan-grace"), "{e}");
         let c = parse(&[

@@ -108,6 +108,9 @@ pub async fn run(
     let exe = std::env::current_exe().map_err(HostAgentError::Executable)?;
     let (keeper, kept) =
         keeper::Keeper::connect(&exe, &config.data_dir, config.orphan_grace(), &tasks).await?;
+    // Files read before: `--check-config` and start use the same ones.
+    let liveness = config.keeper_liveness().map_err(HostAgentError::Config)?;
+    keeper.liveness(liveness).await?;
     // A fresh id for this start: records started by an earlier one are
     // told apart (and settled) by it.
     let incarnation = agentplane::ids::new_agent_id();

@@ -19,11 +19,14 @@
 //!     stop, its host's death): an exit observed during an outage included;
 //! (f) no two records came from one spawn request id;
 //! (g) no zombie children under a host agent or its keeper;
-//! (h) a restart of a host agent (SIGTERM, then started again) restarts
-//!     none of its agents: each RUNNING or PAUSED before it has the same
+//! (h) a restart of a host agent (SIGTERM, then started again at once; or
+//!     SIGKILL, then started again after 0-2 TTL) restarts none of its
+//!     agents: each RUNNING or PAUSED before it has the same
 //!     state, pid, generation and restarts after it.
 //!
-//! Faults: SIGKILL of a host agent (restarted after 0-2 TTL), SIGKILL of a
+//! Faults: SIGKILL of a host agent (its host restarting meanwhile; started
+//! again after 0-2 TTL), SIGKILL of a host agent and its keeper (a dead
+//! machine; started again after 0-2 TTL), SIGKILL of a
 //! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty, a
 //! host's link cut for 0-3 TTL (hosts run in network namespaces: root), a
 //! drain of a host (then uncordoned), a restart of a host agent (SIGTERM,
@@ -88,6 +91,7 @@ struct Tracked {
 #[derive(Debug, Clone, Copy)]
 enum Fault {
     KillHost { host: usize, down: Duration },
+    KillMachine { host: usize, down: Duration },
     KillControlPlane { index: usize },
     FreezeRedis { for_: Duration },
     RestartRedisEmpty,
@@ -100,6 +104,7 @@ impl Fault {
     fn kind(self) -> &'static str {
         match self {
             Fault::KillHost { .. } => "sigkill host agent",
+            Fault::KillMachine { .. } => "sigkill host agent and keeper",
             Fault::KillControlPlane { .. } => "sigkill control plane",
             Fault::FreezeRedis { .. } => "sigstop redis",
             Fault::RestartRedisEmpty => "restart redis empty",
@@ -134,7 +139,11 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
         let fault = pick_fault(&mut rng, cfg.ttl);
         *report.faults.entry(fault.kind()).or_default() += 1;
         let before = match fault {
-            Fault::RestartHost { host } => live_on(&cluster, &known, host).await,
+            // A SIGKILLed host agent's host is restarting until the next
+            // one adopts its agents: nothing may change either.
+            Fault::RestartHost { host } | Fault::KillHost { host, .. } => {
+                live_on(&cluster, &known, host).await
+            }
             _ => Vec::new(),
         };
         inject(&mut cluster, fault).await;
@@ -208,7 +217,11 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
 fn pick_fault(rng: &mut StdRng, ttl: Duration) -> Fault {
     let up_to = |rng: &mut StdRng, max: Duration| max.mul_f64(rng.random_range(0.0..1.0));
     match rng.random_range(0..14) {
-        0..=2 => Fault::KillHost {
+        0..=1 => Fault::KillHost {
+            host: rng.random_range(0..3),
+            down: up_to(rng, 2 * ttl),
+        },
+        2 => Fault::KillMachine {
             host: rng.random_range(0..3),
             down: up_to(rng, 2 * ttl),
         },
@@ -237,6 +250,12 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
         Fault::KillHost { host, down } => {
             let id = format!("h{}", host + 1);
             cluster.host(&id).proc.signal(Signal::SIGKILL);
+            tokio::time::sleep(down).await;
+            cluster.restart_host(&id);
+        }
+        Fault::KillMachine { host, down } => {
+            let id = format!("h{}", host + 1);
+            cluster.kill_machine(&id);
             tokio::time::sleep(down).await;
             cluster.restart_host(&id);
         }

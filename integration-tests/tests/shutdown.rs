@@ -162,5 +162,6 @@ async fn an_open_attach_session_holds_neither_servers_shutdown() {
     let session = client.attach(attach(&a.id)).await.expect("attach again");
     exits_cleanly(&mut cluster.hosts[0].proc, "the host agent exits").await;
     drop(session);
-    procfs::wait_gone(&a.id, Duration::from_secs(10)).await;
+    // Left running to the keeper (--keep-agents-on-exit, the default).
+    assert!(procfs::is_alive(a.pid), "the agent is kept");
 }

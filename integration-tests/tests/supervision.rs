@@ -10,7 +10,6 @@ use agentplane::proto::v1::{
 };
 use agentplane::time::{duration_to_proto, ms_from_timestamp};
 use agentplane_integration_tests::{eventually, procfs, TestCluster};
-use nix::sys::signal::Signal;
 use tonic::Code;
 
 fn spec(argv: &[&str]) -> AgentSpec {
@@ -362,7 +361,7 @@ async fn stop_kills_setsid_grandchildren_that_left_the_group() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sigkill_of_the_host_agent_leaves_no_agent_process_alive() {
+async fn sigkill_of_the_host_agent_and_its_keeper_leaves_no_agent_process_alive() {
     let mut cluster = TestCluster::builder().start().await;
     let mut ids = Vec::new();
     for cmd in [
@@ -378,7 +377,8 @@ async fn sigkill_of_the_host_agent_leaves_no_agent_process_alive() {
             .then_some(())
     })
     .await;
-    cluster.hosts[0].proc.signal(Signal::SIGKILL);
+    // The machine's death: a host agent alone leaves them to its keeper.
+    cluster.kill_machine("h1");
     eventually(
         Duration::from_secs(5),
         "every agent process gone",

@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{Agent, AgentSpec, AgentState, GetAgentRequest};
 use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
-use nix::sys::signal::Signal;
 use prost::Message;
 use redis::AsyncCommands;
 use tonic::Code;
@@ -94,7 +93,8 @@ async fn a_fast_host_agent_restart_cannot_hide_a_loss() {
     let always = cluster
         .spawn_spec(spec(&["sleep", "1000"], Some(Mode::Always)))
         .await;
-    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    // A crash of the host agent and of its keeper: the agents die.
+    cluster.kill_machine("h1");
     for a in never.iter().chain([&always]) {
         procfs::wait_gone(&a.id, Duration::from_secs(5)).await;
     }
@@ -291,7 +291,7 @@ async fn a_relocation_whose_target_fails_moves_on_to_the_next_host() {
         }
     }
     assert!(on_h1.len() >= 2, "{on_h1:?}");
-    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    cluster.kill_machine("h1");
     let mut conn = cluster.redis.conn().await;
     for id in &on_h1 {
         let a = cluster

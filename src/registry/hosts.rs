@@ -112,6 +112,7 @@ impl HostRecord {
                 self.ttl_ms,
             ))),
             incarnation: self.incarnation.clone(),
+            ..Default::default()
         }
     }
 

@@ -88,6 +88,13 @@ impl Keys {
         format!("{}:drain:{host}", self.prefix)
     }
 
+    /// `ap:keeper:{host}`: written by the host's keeper while no host agent
+    /// is attached, with the heartbeat TTL, renewed: the machine is alive
+    /// and its agents are held (the host is restarting, not lost).
+    pub fn keeper(&self, host: &str) -> String {
+        format!("{}:keeper:{host}", self.prefix)
+    }
+
     /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
     /// since (so HOST_LOST is emitted once per disappearance).
     pub fn hosts_known(&self) -> String {
@@ -134,6 +141,7 @@ mod tests {
         assert_eq!(k.name("web"), "ap:name:web");
         assert_eq!(k.claim_lease("a1"), "ap:claim:a1");
         assert_eq!(k.drain_lease("h1"), "ap:drain:h1");
+        assert_eq!(k.keeper("h1"), "ap:keeper:h1");
         assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
         assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));

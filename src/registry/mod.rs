@@ -12,6 +12,7 @@ mod events;
 mod hosts;
 mod keys;
 mod options;
+mod restarting;
 mod rewrite;
 mod scripts;
 
@@ -24,6 +25,7 @@ pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
 pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;
 pub use options::{RedisOptions, RedisTlsArgs};
+pub use restarting::Restarting;
 
 /// A connection of a caller's own (see [`Registry::dedicated_connection`]).
 pub type Connection = redis::aio::MultiplexedConnection;

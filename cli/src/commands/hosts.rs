@@ -77,11 +77,7 @@ fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
                         h.id.clone(),
                         h.address.clone(),
                         format!("{}/{}", h.running, h.capacity),
-                        if h.cordoned {
-                            "cordoned".into()
-                        } else {
-                            "ready".into()
-                        },
+                        output::host_status(h).into(),
                         if labels.is_empty() {
                             "-".into()
                         } else {

@@ -239,6 +239,15 @@ impl Keeper {
         );
     }
 
+    /// Tells the keeper how to say this machine is alive while no host
+    /// agent is attached, and how long to hold the agents then.
+    pub async fn liveness(&self, l: proto::Liveness) -> Result<(), KeeperError> {
+        let msg = ToKeeper {
+            kind: Some(to_keeper::Kind::Liveness(l)),
+        };
+        Ok(wire::send_msg(&self.sock, &msg, &[]).await?)
+    }
+
     /// Tells the keeper that `pid`'s exit is recorded: it forgets the run.
     pub async fn ack(&self, pid: i32) -> Result<(), KeeperError> {
         let msg = ToKeeper {

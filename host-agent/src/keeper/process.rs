@@ -22,6 +22,7 @@ use nix::sys::socket::{
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::liveness::Liveness;
 use super::proto::{self, from_keeper, to_keeper, FromKeeper, ToKeeper};
 use super::wire::{self, Socket};
 use crate::supervisor::guard::Guard;
@@ -119,8 +120,14 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     let mut kept: HashMap<i32, Held> = HashMap::new();
     let mut client: Option<Socket> = None;
-    let mut deadline = Some(tokio::time::Instant::now() + FIRST_CLIENT.max(grace));
+    let mut liveness = Liveness::new(grace);
+    // Until the first host agent is attached.
+    let mut first = Some(tokio::time::Instant::now() + FIRST_CLIENT.max(grace));
     loop {
+        let deadline = match client {
+            Some(_) => None,
+            None => first.or_else(|| liveness.deadline()),
+        };
         let orphaned = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -142,7 +149,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                 let Some(c) = client.as_ref() else { continue };
                 match got {
                     Ok((msg, _)) => {
-                        if let Err(e) = handle(c, msg, &mut kept, &guard).await {
+                        if let Err(e) = handle(c, msg, &mut kept, &guard, &mut liveness).await {
                             eprintln!("keeper: host agent connection: {e}");
                             client = None;
                         }
@@ -158,7 +165,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     if kept.is_empty() {
                         return Ok(());
                     }
-                    deadline = Some(tokio::time::Instant::now() + grace);
+                    liveness.left();
                 }
             }
             ready = listener.readable() => {
@@ -183,7 +190,8 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                             });
                         } else {
                             client = Some(sock);
-                            deadline = None;
+                            first = None;
+                            liveness.back();
                         }
                     }
                     Err(nix::errno::Errno::EAGAIN) => ready.clear_ready(),
@@ -200,15 +208,21 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                         };
                         if wire::send_msg(c, &m, &[]).await.is_err() {
                             client = None;
-                            deadline = Some(tokio::time::Instant::now() + grace);
+                            liveness.left();
                         }
                     }
                 }
             }
+            () = liveness.renewed() => {}
             () = orphaned => {
                 if !kept.is_empty() {
-                    eprintln!("keeper: no host agent for {grace:?}; ending {} agents", kept.len());
+                    eprintln!("keeper: {}; ending {} agents", liveness.reason(), kept.len());
                 }
+                // Each group now; the guard finds the rest once this exits.
+                for pid in kept.keys() {
+                    let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
+                }
+                liveness.end().await;
                 return Ok(());
             }
         }
@@ -221,8 +235,13 @@ async fn handle(
     msg: ToKeeper,
     kept: &mut HashMap<i32, Held>,
     guard: &Guard,
+    liveness: &mut Liveness,
 ) -> Result<(), wire::WireError> {
     match msg.kind {
+        Some(to_keeper::Kind::Liveness(l)) => {
+            liveness.configure(l);
+            Ok(())
+        }
         Some(to_keeper::Kind::Hello(_version)) => {
             let welcome = proto::Welcome {
                 version: proto::VERSION,

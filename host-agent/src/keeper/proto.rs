@@ -81,7 +81,7 @@ pub struct Exit {
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct ToKeeper {
     /// The request.
-    #[prost(oneof = "to_keeper::Kind", tags = "1, 2, 3")]
+    #[prost(oneof = "to_keeper::Kind", tags = "1, 2, 3, 4")]
     pub kind: Option<to_keeper::Kind>,
 }
 
@@ -100,7 +100,46 @@ pub mod to_keeper {
         /// The host agent has recorded this pid's exit: forget it.
         #[prost(int32, tag = "3")]
         Ack(i32),
+        /// How to say the machine is alive while no host agent is
+        /// attached, and the orphan grace; replaces what an earlier host
+        /// agent sent. (A keeper from before it ignores it.)
+        #[prost(message, tag = "4")]
+        Liveness(super::Liveness),
     }
+}
+
+/// What the keeper needs to renew `ap:keeper:{host}` (see
+/// `agentplane::registry::Restarting`): the host agent's Redis settings,
+/// read once by it, and its timings.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct Liveness {
+    /// Redis URL (may hold a user and password).
+    #[prost(string, tag = "1")]
+    pub redis_url: String,
+    /// Key prefix.
+    #[prost(string, tag = "2")]
+    pub prefix: String,
+    /// The host id.
+    #[prost(string, tag = "3")]
+    pub host: String,
+    /// The host's heartbeat TTL, ms (a beat every third of it).
+    #[prost(uint64, tag = "4")]
+    pub ttl_ms: u64,
+    /// How long the agents are held with no host agent, ms.
+    #[prost(uint64, tag = "5")]
+    pub orphan_grace_ms: u64,
+    /// PEM CA for `rediss://`.
+    #[prost(bytes = "vec", optional, tag = "6")]
+    pub ca: Option<Vec<u8>>,
+    /// PEM client certificate and key.
+    #[prost(bytes = "vec", optional, tag = "7")]
+    pub cert: Option<Vec<u8>>,
+    /// See `cert`.
+    #[prost(bytes = "vec", optional, tag = "8")]
+    pub key: Option<Vec<u8>>,
+    /// The Redis password.
+    #[prost(string, optional, tag = "9")]
+    pub password: Option<String>,
 }
 
 /// A start request.

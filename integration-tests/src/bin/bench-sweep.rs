@@ -126,7 +126,9 @@ async fn main() -> anyhow::Result<()> {
     let round = Instant::now();
     loop {
         let t = Instant::now();
-        let stats = sweep.pass(&live, true, Duration::ZERO).await?;
+        let stats = sweep
+            .pass(&live, &Default::default(), true, Duration::ZERO)
+            .await?;
         slices.push(t.elapsed());
         read += stats.read;
         acted += stats.acted;

@@ -10,6 +10,21 @@ impl TestCluster {
         crate::procfs::keeper_of(&self.data_dir(host_id))
     }
 
+    /// The machine of `host_id` dies: its keeper and its host agent are
+    /// SIGKILLed (the keeper first, as a power cut would not let a host
+    /// agent see it go), so its agents die with the keeper's guard.
+    pub fn kill_machine(&mut self, host_id: &str) {
+        if let Some(k) = self.keeper_pid(host_id) {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(k),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+        self.host(host_id)
+            .proc
+            .signal(nix::sys::signal::Signal::SIGKILL);
+    }
+
     /// Host agents started from now on run a copy of the build's binary at
     /// a new path in the cluster's directory (an upgrade); returns the path.
     pub fn upgrade_host_binary(&mut self) -> PathBuf {

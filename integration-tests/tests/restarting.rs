@@ -1,0 +1,207 @@
+//! A host whose host agent is away but whose keeper is alive is restarting,
+//! not lost: its keeper renews `ap:keeper:{host}`, the control plane leaves
+//! its agents RUNNING past the heartbeat TTL and `hosts ls` says
+//! "restarting". A machine that dies (host agent and keeper gone) is still
+//! lost within the TTL, and a keeper whose grace ends ends its agents and
+//! lets the host be lost at once.
+
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::restart_policy::Mode;
+use agentplane::proto::v1::{Agent, AgentState, GetAgentRequest, ListHostsRequest};
+use agentplane_integration_tests::{procfs, spec, TestCluster};
+use nix::sys::signal::Signal;
+
+const TTL: Duration = Duration::from_millis(1500);
+
+async fn cluster(grace: &str) -> TestCluster {
+    TestCluster::builder()
+        .hosts(1)
+        .heartbeat_ttl(TTL)
+        .host_arg(&format!("--orphan-grace={grace}"))
+        .start()
+        .await
+}
+
+/// A restart-always agent and a run-once one, running on h1.
+async fn two_agents(cluster: &TestCluster) -> Vec<Agent> {
+    let mut agents = vec![
+        cluster
+            .spawn_spec(spec(&["sleep", "1000"], Some(Mode::Always)))
+            .await,
+        cluster.spawn_spec(spec(&["sleep", "1000"], None)).await,
+    ];
+    for a in &mut agents {
+        *a = cluster
+            .wait_state(&a.id, AgentState::Running, Duration::from_secs(5))
+            .await;
+    }
+    agents
+}
+
+async fn record(cluster: &TestCluster, id: &str) -> Agent {
+    cluster
+        .client()
+        .await
+        .get_agent(GetAgentRequest { id: id.into() })
+        .await
+        .expect("get")
+        .into_inner()
+}
+
+async fn exists(cluster: &TestCluster, key: &str) -> bool {
+    let mut conn = cluster.redis.conn().await;
+    redis::AsyncCommands::exists(&mut conn, key)
+        .await
+        .expect("redis")
+}
+
+async fn kill_host_agent(cluster: &mut TestCluster) -> Instant {
+    let killed = Instant::now();
+    cluster.host("h1").proc.signal(Signal::SIGKILL);
+    assert!(
+        cluster
+            .host("h1")
+            .proc
+            .wait_exit(Duration::from_secs(10))
+            .await,
+        "the host agent did not exit"
+    );
+    killed
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sigkilled_host_agents_host_is_restarting_and_its_agents_stay_running_past_the_ttl() {
+    let mut cluster = cluster("10m").await;
+    let agents = two_agents(&cluster).await;
+    let old = agents[0].incarnation.clone();
+    let killed = kill_host_agent(&mut cluster).await;
+    // Four TTLs without a host agent: the heartbeat key expires, and still
+    // nothing is LOST, nothing restarts, and the host shows restarting.
+    let mut hosts = cluster.host_client().await;
+    let mut seen_restarting = None;
+    while killed.elapsed() < 4 * TTL {
+        for a in &agents {
+            assert!(procfs::is_alive(a.pid), "{} was ended", a.id);
+            let r = record(&cluster, &a.id).await;
+            assert_eq!(
+                (r.state(), r.pid, r.generation),
+                (AgentState::Running, a.pid, a.generation),
+                "{} changed while its host restarts",
+                a.id
+            );
+        }
+        if seen_restarting.is_none() && !exists(&cluster, "ap:host:h1").await {
+            assert!(
+                exists(&cluster, "ap:keeper:h1").await,
+                "the keeper says the machine is alive"
+            );
+            let listed = hosts
+                .list_hosts(ListHostsRequest {})
+                .await
+                .expect("list hosts")
+                .into_inner()
+                .hosts;
+            let h1 = listed.iter().find(|h| h.id == "h1").expect("h1 is listed");
+            assert!(h1.restarting_until.is_some(), "{h1:?}");
+            seen_restarting = Some(killed.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let seen = seen_restarting.expect("the heartbeat key expired and the host showed restarting");
+    let out = cluster.agentctl(&["hosts", "ls"]);
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.contains("restarting"), "{table}");
+    eprintln!(
+        "host agent SIGKILLed: heartbeat key gone and host restarting after {seen:?}; agents RUNNING and unrestarted for {:?} (TTL {TTL:?})",
+        killed.elapsed()
+    );
+    // The next host agent adopts them: same pids and generations.
+    cluster.restart_host("h1");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    for a in &agents {
+        loop {
+            let r = record(&cluster, &a.id).await;
+            assert_eq!(
+                (r.state(), r.pid, r.restarts),
+                (AgentState::Running, a.pid, 0)
+            );
+            if r.incarnation != old {
+                break;
+            }
+            assert!(Instant::now() < deadline, "{} not adopted", a.id);
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    cluster.wait_for_hosts(1).await;
+    let out = cluster.agentctl(&["hosts", "ls"]);
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("restarting"));
+    cluster.finish().await;
+}
+
+/// Polls until every agent's record is LOST; how long that took from `from`.
+async fn wait_lost(cluster: &TestCluster, agents: &[Agent], from: Instant) -> Duration {
+    let deadline = Instant::now() + 5 * TTL;
+    for a in agents {
+        while record(cluster, &a.id).await.state() != AgentState::Lost {
+            assert!(Instant::now() < deadline, "{} never went LOST", a.id);
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+    from.elapsed()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_machine_is_lost_within_the_ttl_whatever_its_keeper_said() {
+    let mut cluster = cluster("10m").await;
+    let agents = two_agents(&cluster).await;
+    let keeper = cluster.keeper_pid("h1").expect("a keeper");
+    kill_host_agent(&mut cluster).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while !exists(&cluster, "ap:keeper:h1").await {
+        assert!(Instant::now() < deadline, "the keeper never wrote its key");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // The rest of the machine dies.
+    let died = Instant::now();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(keeper), Signal::SIGKILL).expect("kill");
+    let lost = wait_lost(&cluster, &agents, died).await;
+    for a in &agents {
+        assert!(!procfs::is_alive(a.pid), "{} outlived its keeper", a.id);
+    }
+    let beat = TTL / 3;
+    eprintln!("machine dead (keeper SIGKILLed after writing its key): agents LOST {lost:?} later (TTL {TTL:?}, a beat {beat:?})");
+    assert!(lost <= TTL + beat + Duration::from_millis(400), "{lost:?}");
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_grace_longer_than_the_ttl_holds_the_agents_then_ends_them_and_the_host_is_lost() {
+    let grace = 2 * TTL;
+    let mut cluster = cluster("3s").await;
+    let agents = two_agents(&cluster).await;
+    let killed = kill_host_agent(&mut cluster).await;
+    // Past the TTL, before the grace: held.
+    while killed.elapsed() < grace - Duration::from_millis(300) {
+        for a in &agents {
+            assert!(procfs::is_alive(a.pid));
+            assert_eq!(record(&cluster, &a.id).await.state(), AgentState::Running);
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let lost = wait_lost(&cluster, &agents, killed).await;
+    for a in &agents {
+        assert!(!procfs::is_alive(a.pid), "{} outlived the grace", a.id);
+    }
+    assert!(
+        !exists(&cluster, "ap:keeper:h1").await,
+        "the keeper deleted its key"
+    );
+    eprintln!("orphan grace {grace:?} (TTL {TTL:?}): agents held, then ended and LOST {lost:?} after the host agent's SIGKILL");
+    assert!(lost >= grace, "{lost:?}");
+    assert!(
+        lost <= grace + Duration::from_secs(1),
+        "lost soon after the grace: {lost:?}"
+    );
+    cluster.finish().await;
+}
