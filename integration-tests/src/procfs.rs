@@ -136,10 +136,27 @@ fn marked(matches: impl Fn(&[u8]) -> bool) -> Vec<ProcInfo> {
 
 /// Resident memory of `pid` in KiB (0 if it is gone).
 pub fn rss_kib(pid: i32) -> u64 {
+    status_kib(pid, "VmRSS")
+}
+
+/// A KiB field of `pid`'s /proc smaps_rollup (`Pss`, `Pss_File`…), 0 if
+/// it is gone.
+pub fn smaps_kib(pid: i32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A KiB field of `pid`'s /proc status (`VmRSS`, `RssAnon`, `RssFile`…),
+/// 0 if it is gone.
+pub fn status_kib(pid: i32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.split_whitespace().next()?.parse().ok())
         .unwrap_or(0)
 }

@@ -136,6 +136,28 @@ async fn a_sigkilled_host_agents_host_is_restarting_and_its_agents_stay_running_
     cluster.wait_for_hosts(1).await;
     let out = cluster.agentctl(&["hosts", "ls"]);
     assert!(!String::from_utf8_lossy(&out.stdout).contains("restarting"));
+    // Restart policies keep their meaning: killed, the restart-always agent
+    // runs again and the run-once one ends, as under its first host agent.
+    for a in &agents {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(a.pid), Signal::SIGKILL).expect("kill");
+    }
+    let again = cluster
+        .wait_agent(&agents[0].id, "restarted", Duration::from_secs(10), |r| {
+            r.state() == AgentState::Running && r.restarts == 1 && r.pid != agents[0].pid
+        })
+        .await;
+    assert_eq!(again.generation, agents[0].generation);
+    let ended = cluster
+        .wait_agent(&agents[1].id, "ended", Duration::from_secs(10), |r| {
+            !matches!(r.state(), AgentState::Running)
+        })
+        .await;
+    assert_eq!(
+        ended.exit.as_ref().and_then(|e| e.signal),
+        Some(9),
+        "{ended:?}"
+    );
+    assert_eq!(ended.restarts, 0);
     cluster.finish().await;
 }
 

@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, ListHostsRequest, SpawnAgentRequest};
-use agentplane_integration_tests::procfs::rss_kib;
+use agentplane_integration_tests::procfs::{rss_kib, smaps_kib, status_kib};
 use agentplane_integration_tests::TestCluster;
 use clap::Parser;
 
@@ -51,12 +51,18 @@ async fn main() -> anyhow::Result<()> {
         .hosts(1)
         .max_agents(u32::try_from(n + 16)?)
         .heartbeat_ttl(Duration::from_secs(3))
+        // The shutdown measured below is the one that stops every agent.
+        .host_arg("--stop-agents-on-exit")
         .start()
         .await;
     let host_pid = cluster.hosts[0].proc.pid();
+    let keeper_pid = cluster
+        .keeper_pid("h1")
+        .ok_or_else(|| anyhow::anyhow!("no keeper"))?;
     // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kib(host_pid);
+    let keeper_before = rss_kib(keeper_pid);
 
     let client = cluster.client().await;
     let started = Instant::now();
@@ -102,6 +108,9 @@ async fn main() -> anyhow::Result<()> {
         .remove(0);
     let rss_after = rss_kib(host_pid);
     let per_agent_kib = (rss_after.saturating_sub(rss_before)) as f64 / n as f64;
+    let keeper_after = rss_kib(keeper_pid);
+    let both_per_agent_kib =
+        (rss_after + keeper_after).saturating_sub(rss_before + keeper_before) as f64 / n as f64;
     let raw = raw_spawn_wait_rate(n.min(500));
     let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
 
@@ -127,6 +136,13 @@ async fn main() -> anyhow::Result<()> {
     );
     println!("host-agent RSS              {rss_before} KiB -> {rss_after} KiB");
     println!("RSS per agent               {per_agent_kib:.1} KiB");
+    println!(
+        "keeper RSS                  {keeper_before} KiB -> {keeper_after} KiB (anonymous {} KiB, file-backed {} KiB; PSS {} KiB; goal < 4096 KiB)",
+        status_kib(keeper_pid, "RssAnon"),
+        status_kib(keeper_pid, "RssFile"),
+        smaps_kib(keeper_pid, "Pss"),
+    );
+    println!("host agent + keeper / agent {both_per_agent_kib:.1} KiB (goal < 24 KiB)");
 
     let mut ok = true;
     if host.running as usize != n {
