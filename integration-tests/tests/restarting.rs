@@ -227,3 +227,95 @@ async fn a_grace_longer_than_the_ttl_holds_the_agents_then_ends_them_and_the_hos
     );
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn run_rm_holds_its_agent_across_a_host_agent_restart_and_prints_every_line_once() {
+    use std::io::Read as _;
+    use std::sync::{Arc, Mutex};
+    let mut cluster = TestCluster::builder().hosts(1).start().await;
+    let counter = "i=0; while :; do echo $i; i=$((i+1)); sleep 0.01; done";
+    let mut run = cluster
+        .agentctl_all(&["run", "--rm", "--", "sh", "-c", counter])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start agentctl run");
+    let printed = Arc::new(Mutex::new(Vec::<u8>::new()));
+    let mut out = run.stdout.take().expect("stdout");
+    let sink = printed.clone();
+    std::thread::spawn(move || {
+        let mut b = [0u8; 4096];
+        while let Ok(n) = out.read(&mut b) {
+            if n == 0 {
+                return;
+            }
+            sink.lock().unwrap().extend_from_slice(&b[..n]);
+        }
+    });
+    let lines = |p: &Arc<Mutex<Vec<u8>>>| -> Vec<u64> {
+        String::from_utf8_lossy(&p.lock().unwrap())
+            .lines()
+            .filter_map(|l| l.trim().parse().ok())
+            .collect()
+    };
+    let wait_lines = |n: usize, what: &str| {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while lines(&printed).len() < n {
+            assert!(Instant::now() < deadline, "{what}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    };
+    wait_lines(20, "agentctl run printed its agent's output");
+    let agent = cluster
+        .client()
+        .await
+        .list_agents(agentplane::proto::v1::ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .agents
+        .remove(0);
+    kill_host_agent(&mut cluster).await;
+    let restarted = Instant::now();
+    cluster.restart_host("h1");
+    let before = lines(&printed).len();
+    wait_lines(before + 200, "output goes on after the restart");
+    // Past the session grace (2 s) after the adoption: the reconnected
+    // session holds the agent.
+    while restarted.elapsed() < Duration::from_secs(4) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(
+        procfs::is_alive(agent.pid),
+        "the session-bound agent is held"
+    );
+    assert_eq!(
+        record(&cluster, &agent.id).await.state(),
+        AgentState::Running
+    );
+    let got = lines(&printed);
+    let faults = got.windows(2).filter(|w| w[1] != w[0] + 1).count();
+    eprintln!(
+        "run --rm across a host-agent SIGKILL: {} lines printed, {faults} gaps or duplicates",
+        got.len()
+    );
+    assert_eq!(got.first(), Some(&0));
+    assert_eq!(faults, 0, "every line once, in order");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(i32::try_from(run.id()).expect("pid")),
+        Signal::SIGKILL,
+    )
+    .expect("kill agentctl");
+    let _ = run.wait();
+    let mut err = String::new();
+    run.stderr
+        .take()
+        .expect("stderr")
+        .read_to_string(&mut err)
+        .expect("stderr");
+    assert!(err.contains("resuming"), "agentctl said it resumed: {err}");
+    // The lost session still ends it, under the new host agent.
+    procfs::wait_gone(&agent.id, Duration::from_secs(8)).await;
+    cluster.finish().await;
+}

@@ -4,6 +4,7 @@
 
 use std::io::{IsTerminal, Write};
 use std::process::ExitCode;
+use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::{AttachInput, GetAgentRequest, SpawnAgentRequest};
@@ -121,6 +122,10 @@ pub async fn run(c: &mut Clients, mut a: RunArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// Runs a session until the agent ends (false) or the user detaches (true).
+/// A session that breaks (its host agent restarted, a control plane went
+/// away) is opened again from the byte after the last one printed, holding
+/// the agent again with `hold`; what was typed while it was broken may be
+/// lost.
 async fn session(
     c: &mut Clients,
     id: &str,
@@ -128,19 +133,9 @@ async fn session(
     hold: bool,
 ) -> anyhow::Result<bool> {
     let raw = RawMode::enter();
-    let (tx, rx) = mpsc::channel::<AttachInput>(16);
-    let size = if raw.active() { terminal_size() } else { None };
-    tx.send(AttachInput {
-        id: id.to_owned(),
-        offset,
-        session: hold,
-        rows: size.map(|s| s.0),
-        cols: size.map(|s| s.1),
-        ..Default::default()
-    })
-    .await?;
-    let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
     let interactive = raw.active();
+    let (tx, inputs) = mpsc::channel::<AttachInput>(16);
+    let (detach_tx, mut detach_rx) = mpsc::channel::<()>(1);
     let input = tx.clone();
     tokio::spawn(async move {
         let mut stdin = tokio::io::stdin();
@@ -190,6 +185,59 @@ async fn session(
         });
     }
     drop(tx);
+    let inputs = Arc::new(tokio::sync::Mutex::new(inputs));
+    let mut next = offset;
+    let mut failures = 0u32;
+    loop {
+        let (tx, rx) = mpsc::channel::<AttachInput>(16);
+        let size = if interactive { terminal_size() } else { None };
+        tx.send(AttachInput {
+            id: id.to_owned(),
+            offset: next,
+            session: hold,
+            rows: size.map(|s| s.0),
+            cols: size.map(|s| s.1),
+            ..Default::default()
+        })
+        .await?;
+        let pump = tokio::spawn(forward(inputs.clone(), tx));
+        let ended = stream(c, rx, &mut next, &mut detach_rx, &mut failures).await;
+        pump.abort();
+        match ended {
+            Ok(detached) => return Ok(detached),
+            Err(st) if crate::client::failover(&st) && failures < 10 => {
+                failures += 1;
+                eprint!("agentctl: session broke ({}); resuming\r\n", st.message());
+                tokio::time::sleep(Duration::from_millis(200 * u64::from(failures))).await;
+            }
+            Err(st) => return Err(st.into()),
+        }
+    }
+}
+
+/// Moves input from the session's keyboard and resize tasks into one
+/// attempt's request stream, until that stream goes.
+async fn forward(
+    inputs: Arc<tokio::sync::Mutex<mpsc::Receiver<AttachInput>>>,
+    tx: mpsc::Sender<AttachInput>,
+) {
+    let mut inputs = inputs.lock().await;
+    while let Some(m) = inputs.recv().await {
+        if tx.send(m).await.is_err() {
+            return;
+        }
+    }
+}
+
+/// One attempt: prints output until the agent ends (false), the user
+/// detaches (true) or the stream fails; `next` follows what was printed.
+async fn stream(
+    c: &mut Clients,
+    rx: mpsc::Receiver<AttachInput>,
+    next: &mut Option<u64>,
+    detach_rx: &mut mpsc::Receiver<()>,
+    failures: &mut u32,
+) -> Result<bool, tonic::Status> {
     let mut output = c.agents.attach(ReceiverStream::new(rx)).await?.into_inner();
     let mut stdout = std::io::stdout().lock();
     loop {
@@ -197,8 +245,12 @@ async fn session(
             _ = detach_rx.recv() => return Ok(true),
             m = output.message() => match m? {
                 Some(chunk) => {
-                    stdout.write_all(&chunk.data)?;
-                    stdout.flush()?;
+                    *failures = 0;
+                    stdout
+                        .write_all(&chunk.data)
+                        .and_then(|()| stdout.flush())
+                        .map_err(|e| tonic::Status::internal(format!("writing the output: {e}")))?;
+                    *next = Some(chunk.offset + chunk.data.len() as u64);
                 }
                 None => return Ok(false),
             },
