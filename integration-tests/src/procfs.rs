@@ -142,18 +142,18 @@ pub fn rss_kib(pid: i32) -> u64 {
 /// A KiB field of `pid`'s /proc smaps_rollup (`Pss`, `Pss_File`…), 0 if
 /// it is gone.
 pub fn smaps_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap_or(0)
+    kib_field(&format!("/proc/{pid}/smaps_rollup"), field)
 }
 
 /// A KiB field of `pid`'s /proc status (`VmRSS`, `RssAnon`, `RssFile`…),
 /// 0 if it is gone.
 pub fn status_kib(pid: i32, field: &str) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+    kib_field(&format!("/proc/{pid}/status"), field)
+}
+
+/// The number after `field:` in the file at `path` (0 if none).
+fn kib_field(path: &str, field: &str) -> u64 {
+    std::fs::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))

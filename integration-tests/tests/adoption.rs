@@ -172,20 +172,12 @@ async fn outlive(how: Restart) {
     let keeper = cluster.keeper_pid("h1").expect("keeper");
     cluster.wait_for_output(&agents[0].id, "\n20\n").await;
 
-    let host = cluster.host("h1");
-    host.proc.signal(if graceful {
+    let sig = if graceful {
         Signal::SIGTERM
     } else {
         Signal::SIGKILL
-    });
-    assert!(
-        cluster
-            .host("h1")
-            .proc
-            .wait_exit(Duration::from_secs(15))
-            .await,
-        "the host agent did not exit"
-    );
+    };
+    cluster.end_host_agent("h1", sig).await;
     let gone_at = Instant::now();
     for a in &agents {
         assert!(procfs::is_alive(a.pid), "{} outlived its host agent", a.id);
@@ -344,15 +336,7 @@ async fn two_hundred_mixed_agents_survive_a_sigkilled_host_agent() {
             .await;
     }
     let old = agents[0].incarnation.clone();
-    cluster.host("h1").proc.signal(Signal::SIGKILL);
-    assert!(
-        cluster
-            .host("h1")
-            .proc
-            .wait_exit(Duration::from_secs(15))
-            .await,
-        "the host agent did not exit"
-    );
+    cluster.end_host_agent("h1", Signal::SIGKILL).await;
     cluster.restart_host("h1");
     let taken = wait_adopted(&cluster, &agents, &old).await;
     let (mut gaps, mut lines) = (0, 0);

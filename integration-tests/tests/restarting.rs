@@ -58,15 +58,7 @@ async fn exists(cluster: &TestCluster, key: &str) -> bool {
 
 async fn kill_host_agent(cluster: &mut TestCluster) -> Instant {
     let killed = Instant::now();
-    cluster.host("h1").proc.signal(Signal::SIGKILL);
-    assert!(
-        cluster
-            .host("h1")
-            .proc
-            .wait_exit(Duration::from_secs(10))
-            .await,
-        "the host agent did not exit"
-    );
+    cluster.end_host_agent("h1", Signal::SIGKILL).await;
     killed
 }
 

@@ -25,6 +25,19 @@ impl TestCluster {
             .signal(nix::sys::signal::Signal::SIGKILL);
     }
 
+    /// Sends `sig` to host `host_id`'s agent and waits for it to exit
+    /// (panics past 15 s).
+    pub async fn end_host_agent(&mut self, host_id: &str, sig: nix::sys::signal::Signal) {
+        let host = self.host(host_id);
+        host.proc.signal(sig);
+        assert!(
+            host.proc
+                .wait_exit(std::time::Duration::from_secs(15))
+                .await,
+            "{host_id}'s host agent did not exit on {sig}"
+        );
+    }
+
     /// Host agents started from now on run a copy of the build's binary at
     /// a new path in the cluster's directory (an upgrade); returns the path.
     pub fn upgrade_host_binary(&mut self) -> PathBuf {
