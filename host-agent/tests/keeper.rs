@@ -134,7 +134,7 @@ fn a_run_outlives_its_host_agents_connection_with_its_output_whole() {
     let (keeper, kept) = got.expect("reconnect");
     assert_eq!(keeper.pid, keeper_pid, "the same keeper");
     assert_eq!(kept.len(), 1, "{kept:?}");
-    let KeptRun { tag, run } = kept.into_iter().next().expect("one");
+    let KeptRun { tag, run, .. } = kept.into_iter().next().expect("one");
     assert_eq!((tag.as_str(), run.pid), ("counter.1", pid));
     let mut out = std::fs::File::from(run.fds.into_iter().nth(1).expect("stdout"));
     out.read_to_string(&mut text).expect("read to the end");

@@ -311,3 +311,58 @@ async fn run_rm_holds_its_agent_across_a_host_agent_restart_and_prints_every_lin
     procfs::wait_gone(&agent.id, Duration::from_secs(8)).await;
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_waiting_out_its_backoff_keeps_its_deadline_across_a_host_agent_restart() {
+    let mut cluster = cluster("10m").await;
+    let mut s = spec(&["sh", "-c", "exit 1"], Some(Mode::Always));
+    if let Some(r) = s.restart.as_mut() {
+        r.initial_backoff = Some(prost_types::Duration {
+            seconds: 4,
+            nanos: 0,
+        });
+    }
+    let a = cluster.spawn_spec(s).await;
+    let waiting = cluster
+        .wait_agent(&a.id, "in its backoff", Duration::from_secs(10), |r| {
+            r.state() == AgentState::Pending && r.next_restart_at.is_some()
+        })
+        .await;
+    let due = waiting.next_restart_at.expect("a deadline");
+    kill_host_agent(&mut cluster).await;
+    cluster.restart_host("h1");
+    // Adopted (the record carries the new incarnation), still waiting, for
+    // the same deadline: not a fresh backoff from the adoption.
+    let adopted = cluster
+        .wait_agent(&a.id, "adopted", Duration::from_secs(10), |r| {
+            r.incarnation != waiting.incarnation
+        })
+        .await;
+    assert_eq!(adopted.state(), AgentState::Pending, "{adopted:?}");
+    assert_eq!(adopted.pid, 0);
+    assert_eq!(
+        adopted.next_restart_at,
+        Some(due),
+        "the earlier deadline holds"
+    );
+    // Then it restarts once, and the next backoff doubles from there.
+    let again = cluster
+        .wait_agent(&a.id, "restarted", Duration::from_secs(10), |r| {
+            r.restarts == 1
+        })
+        .await;
+    assert_eq!(again.generation, a.generation);
+    let next = cluster
+        .wait_agent(&a.id, "waiting again", Duration::from_secs(10), |r| {
+            r.restarts == 1 && r.state() == AgentState::Pending && r.next_restart_at != Some(due)
+        })
+        .await;
+    let gap = agentplane::time::ms_from_timestamp(next.next_restart_at.as_ref().expect("due"))
+        - agentplane::time::ms_from_timestamp(&due);
+    eprintln!("backoff across a host-agent SIGKILL: deadline kept; the next one {gap} ms later (8 s +-20% doubled from 4 s)");
+    assert!(
+        (6_400..=10_600).contains(&gap),
+        "the second backoff doubled once (8 s +-20%, after a run of about nothing): {gap} ms"
+    );
+    cluster.finish().await;
+}

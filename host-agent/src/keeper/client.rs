@@ -79,6 +79,8 @@ pub struct KeptRun {
     pub tag: String,
     /// The run.
     pub run: Run,
+    /// It has ended (its exit waits in `run.exit`).
+    pub ended: bool,
 }
 
 type Pending = HashMap<u64, oneshot::Sender<Result<Run, KeeperError>>>;
@@ -163,6 +165,7 @@ impl Keeper {
                     return Err(KeeperError::Busy(data_dir.display().to_string()))
                 }
                 Some(from_keeper::Kind::Kept(k)) => {
+                    let ended = k.exit.is_some();
                     let (tx, rx) = oneshot::channel();
                     match k.exit {
                         Some(e) => {
@@ -173,6 +176,7 @@ impl Keeper {
                         }
                     }
                     kept.push(KeptRun {
+                        ended,
                         tag: k.tag,
                         run: Run {
                             pid: k.pid,

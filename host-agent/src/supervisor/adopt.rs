@@ -73,16 +73,28 @@ impl Supervisor {
                 .taken_at(p.created_at_ms),
         );
         let pid = k.run.pid;
+        // Ended, with a restart waiting out its backoff: PENDING until the
+        // deadline the earlier host agent set.
+        let resume = p
+            .next_restart_at_ms
+            .filter(|_| k.ended)
+            .map(|due_ms| super::run::Backoff {
+                due_ms,
+                consecutive: p.consecutive,
+            });
         {
             let mut st = slot.status();
-            st.pid = pid;
-            st.started_at_ms = k.run.started_at_ms;
             st.restarts = p.restarts;
-            st.move_to(&slot.id, AgentState::Running);
-            // A paused agent is a stopped group (pause answers only once
-            // every process shows `T`): it stays PAUSED.
-            if tree::is_stopped(pid) {
-                st.move_to(&slot.id, AgentState::Paused);
+            st.next_restart_at_ms = resume.map(|b| b.due_ms);
+            if resume.is_none() {
+                st.pid = pid;
+                st.started_at_ms = k.run.started_at_ms;
+                st.move_to(&slot.id, AgentState::Running);
+                // A paused agent is a stopped group (pause answers only once
+                // every process shows `T`): it stays PAUSED.
+                if tree::is_stopped(pid) {
+                    st.move_to(&slot.id, AgentState::Paused);
+                }
             }
         }
         {
@@ -109,7 +121,7 @@ impl Supervisor {
         let sup = self.clone();
         let exit = k.run.exit;
         self.tasks.spawn("agent run loop", async move {
-            sup.run_loop(slot, exit, pid).await;
+            sup.run_loop(slot, exit, pid, resume).await;
         });
         Ok(())
     }

@@ -53,6 +53,8 @@ pub struct Status {
     pub last_exit: Option<ExitStatus>,
     /// When the current (or last) run started, ms since the epoch; 0 before.
     pub started_at_ms: i64,
+    /// While a restart waits out its backoff: when it is due, ms since the epoch.
+    pub next_restart_at_ms: Option<i64>,
 }
 
 impl Status {
@@ -143,6 +145,7 @@ impl AgentSlot {
                 restarts: 0,
                 last_exit: None,
                 started_at_ms: 0,
+                next_restart_at_ms: None,
             }),
             ended: watch::channel(false).0,
             disowned: std::sync::atomic::AtomicBool::new(false),

@@ -39,6 +39,7 @@ impl Supervisor {
             let mut st = slot.status();
             st.pid = pid;
             st.started_at_ms = run.started_at_ms;
+            st.next_restart_at_ms = None;
             st.move_to(&slot.id, AgentState::Running);
             let stopped = st.requested.is_some_and(Requested::ends_agent);
             if !stopped {
@@ -50,7 +51,7 @@ impl Supervisor {
             stopped
         };
         if restart {
-            self.persist(slot);
+            self.persist(slot, None);
         }
         if stopped {
             let _ = signal::to_group(pid, Signal::SIGKILL);
@@ -65,13 +66,15 @@ impl Supervisor {
 
     /// Writes what a later host agent needs to adopt `slot`. A failure is
     /// logged: the agent runs, but a later host agent will end it.
-    pub(super) fn persist(&self, slot: &AgentSlot) {
+    pub(super) fn persist(&self, slot: &AgentSlot, backoff: Option<super::run::Backoff>) {
         let p = persist::Persisted {
             id: slot.id.clone(),
             generation: slot.generation,
             spec: Some(slot.spec.clone()),
             created_at_ms: slot.created_at_ms,
             restarts: slot.snapshot().restarts,
+            next_restart_at_ms: backoff.map(|b| b.due_ms),
+            consecutive: backoff.map_or(0, |b| b.consecutive),
         };
         if let Err(e) = persist::write(&self.agent_dir(&slot.tag), &p) {
             tracing::warn!(agent = %slot.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");

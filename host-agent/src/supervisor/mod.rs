@@ -245,7 +245,7 @@ impl Supervisor {
             Admission::Here(here) => return Ok(here),
             Admission::EndedHere(ended) => return Ok(ended.to_proto()),
         }
-        self.persist(&slot);
+        self.persist(&slot, None);
         if let Some(pause) = pause_before_spawn() {
             // Test builds only: widens the window in which a heartbeat can
             // fence the admitted slot before its fork (see the test).
@@ -274,7 +274,7 @@ impl Supervisor {
         let sup = self.clone();
         let looped = slot.clone();
         self.tasks.spawn("agent run loop", async move {
-            sup.run_loop(looped, exit, pid).await;
+            sup.run_loop(looped, exit, pid, None).await;
         });
         if let Err(err) = outcome {
             // Nobody could find or control it: it must not run.

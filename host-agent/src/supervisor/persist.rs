@@ -29,6 +29,13 @@ pub struct Persisted {
     /// Restarts so far.
     #[prost(uint32, tag = "5")]
     pub restarts: u32,
+    /// Set while its run has ended and a restart waits out its backoff:
+    /// when it is due, ms since the epoch.
+    #[prost(int64, optional, tag = "6")]
+    pub next_restart_at_ms: Option<i64>,
+    /// Consecutive restarts so far (what the next backoff doubles from).
+    #[prost(uint32, tag = "7")]
+    pub consecutive: u32,
 }
 
 /// Replaces `dir`'s file with `p`.
@@ -73,12 +80,16 @@ mod tests {
             }),
             created_at_ms: 7,
             restarts: 0,
+            next_restart_at_ms: None,
+            consecutive: 0,
         };
         write(dir.path(), &p).unwrap();
         assert_eq!(read(dir.path()).unwrap(), p);
         p.restarts = 2;
+        p.next_restart_at_ms = Some(1_700_000_000_000);
+        p.consecutive = 2;
         write(dir.path(), &p).unwrap();
-        assert_eq!(read(dir.path()).unwrap().restarts, 2);
+        assert_eq!(read(dir.path()).unwrap(), p);
         assert!(!dir.path().join("agent.pb.tmp").exists());
         use std::os::unix::fs::PermissionsExt;
         let mode = std::fs::metadata(dir.path().join(FILE))

@@ -47,7 +47,8 @@ impl Supervisor {
             exit: s.exit,
             restarts: Some(s.restarts),
             last_exit: s.last_exit,
-            next_restart_at_ms: Some(0),
+            // A rewrite during a backoff keeps its deadline.
+            next_restart_at_ms: Some(s.next_restart_at_ms.unwrap_or(0)),
             incarnation: Some(self.incarnation.clone()),
             pending_since_ms: Some(0),
             ..Default::default()

@@ -28,8 +28,11 @@ impl Supervisor {
         slot: Arc<AgentSlot>,
         mut exit_rx: oneshot::Receiver<Exit>,
         mut pid: i32,
+        mut resume: Option<Backoff>,
     ) {
-        let mut consecutive = 0;
+        // An adopted backoff's restart is decided again below (with its
+        // deadline kept): counted from one before it.
+        let mut consecutive = resume.map_or(0, |b| b.consecutive.saturating_sub(1));
         loop {
             let started = Instant::now();
             let waited = self.wait_run(&slot, &mut exit_rx).await;
@@ -79,7 +82,16 @@ impl Supervisor {
                     delay
                 }
             };
-            if !self.backoff(&slot, &exit, delay).await {
+            // An earlier host agent's backoff, adopted: its deadline holds.
+            let due = match resume.take() {
+                Some(b) => b.due_ms,
+                None => now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX),
+            };
+            let backoff = Backoff {
+                due_ms: due,
+                consecutive,
+            };
+            if !self.backoff(&slot, &exit, backoff).await {
                 if self.detach.is_cancelled() {
                     // Left to the keeper, which keeps this exit: the next
                     // host agent applies the restart policy to it.
@@ -184,9 +196,10 @@ impl Supervisor {
         tree::signal_each(&self.escaped(&slot.id, 0, pid), Signal::SIGKILL);
     }
 
-    /// Records PENDING with `next_restart_at`, then waits `delay` unless a stop
-    /// (or shutdown) comes first; false means: do not restart.
-    async fn backoff(&self, slot: &Arc<AgentSlot>, exit: &ExitStatus, delay: Duration) -> bool {
+    /// Records PENDING with `next_restart_at` (and in the state file, for a
+    /// host agent that adopts the run meanwhile), then waits until it is due
+    /// unless a stop (or shutdown) comes first; false means: do not restart.
+    async fn backoff(&self, slot: &Arc<AgentSlot>, exit: &ExitStatus, b: Backoff) -> bool {
         {
             let mut st = slot.status();
             if st.requested.is_some_and(Requested::ends_agent) {
@@ -197,16 +210,23 @@ impl Supervisor {
             }
             st.pid = 0;
             st.last_exit = Some(exit.clone());
+            st.next_restart_at_ms = Some(b.due_ms);
         }
-        let due = now_ms() + i64::try_from(delay.as_millis()).unwrap_or(i64::MAX);
-        self.record_backoff(slot, exit, due).await;
+        self.persist(slot, Some(b));
+        self.record_backoff(slot, exit, b.due_ms).await;
+        let delay = Duration::from_millis(u64::try_from(b.due_ms - now_ms()).unwrap_or(0));
         tracing::info!(agent = %slot.id, ?delay, "restarting after backoff");
-        tokio::select! {
-            () = tokio::time::sleep(delay) => {}
-            () = slot.wake.notified() => {}
-            () = self.cancel.cancelled() => return false,
+        let woken = tokio::select! {
+            () = tokio::time::sleep(delay) => true,
+            () = slot.wake.notified() => true,
+            () = self.cancel.cancelled() => false,
+        };
+        let mut st = slot.status();
+        let go = woken && !st.requested.is_some_and(Requested::ends_agent);
+        if !go {
+            st.next_restart_at_ms = None;
         }
-        !slot.status().requested.is_some_and(Requested::ends_agent)
+        go
     }
 }
 
@@ -217,6 +237,15 @@ fn describe(e: &ExitStatus) -> String {
         (_, Some(s)) => format!("signal {s}"),
         _ => agentplane::state::reason_name(e.reason()).to_owned(),
     }
+}
+
+/// A restart waiting out its backoff.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Backoff {
+    /// When it is due, ms since the epoch.
+    pub(super) due_ms: i64,
+    /// Consecutive restarts, this one included.
+    pub(super) consecutive: u32,
 }
 
 /// How waiting for a run ended.
