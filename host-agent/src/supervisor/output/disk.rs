@@ -42,6 +42,8 @@ struct Segment {
     end: u64,
     /// Sparse index, ascending.
     index: Vec<Mark>,
+    /// When its last record was read, ms since the epoch.
+    last_time_ms: Option<i64>,
 }
 
 impl Segment {
@@ -51,6 +53,7 @@ impl Segment {
             size: 0,
             end: start,
             index: Vec::new(),
+            last_time_ms: None,
         }
     }
 }
@@ -148,6 +151,15 @@ impl Disk {
             .clamp(4096, 1 << 20)
     }
 
+    /// When the newest record on disk was read (a reopened log: when its
+    /// agent last wrote), ms since the epoch.
+    pub fn last_time_ms(&self) -> Option<i64> {
+        let meta = lock(&self.meta);
+        meta.current
+            .last_time_ms
+            .or_else(|| meta.previous.as_ref().and_then(|p| p.last_time_ms))
+    }
+
     /// The offset after the last byte on disk.
     pub fn end(&self) -> u64 {
         lock(&self.meta).current.end
@@ -231,6 +243,7 @@ impl Disk {
         }
         meta.current.size += HEADER as u64 + moved;
         meta.current.end = offset + moved;
+        meta.current.last_time_ms = Some(time_ms);
         if meta.current.size >= self.half_cap {
             // The record is written; a failed rotation only lets the file
             // grow past its half of the cap until the next one works.
@@ -468,6 +481,7 @@ fn scan(
             });
         }
         records.skip(n)?;
+        seg.last_time_ms = Some(time_ms);
         seg.end = off + n;
         seg.size += HEADER as u64 + n;
     }

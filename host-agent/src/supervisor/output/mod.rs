@@ -162,11 +162,14 @@ impl OutputLog {
 
     fn on(id: &str, disk: disk::Disk, writers: LogWriters) -> Self {
         let end = disk.end();
+        // A reopened log's agent last wrote when its newest record was read:
+        // idleness goes on from there across a host-agent restart.
+        let last_output_ms = disk.last_time_ms().unwrap_or_else(agentplane::time::now_ms);
         Self {
             shared: Arc::new(Shared {
                 disk,
                 end_tx: watch::channel(end).0,
-                last_output_ms: AtomicI64::new(agentplane::time::now_ms()),
+                last_output_ms: AtomicI64::new(last_output_ms),
                 removed: AtomicBool::new(false),
                 failing: AtomicBool::new(false),
                 id: id.to_owned(),

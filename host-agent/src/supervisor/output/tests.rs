@@ -246,6 +246,8 @@ fn a_reopened_log_keeps_what_a_kill_tore_and_cuts_what_never_moved() {
     want.push_str("torn bytes");
     let reopen = || OutputLog::open("t", dir.path(), MIN_CAP, LogWriters::start(1)).unwrap();
     let log = reopen();
+    // The torn record's time (0 here) is when the agent last wrote.
+    assert_eq!(log.last_output_ms(), 0, "idleness goes on from the disk");
     assert_eq!(
         log.end(),
         want.len() as u64,
