@@ -218,8 +218,10 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                 if !kept.is_empty() {
                     eprintln!("keeper: {}; ending {} agents", liveness.reason(), kept.len());
                 }
-                // Each group now; the guard finds the rest once this exits.
-                for pid in kept.keys() {
+                // Each live group now; the guard finds the rest once this
+                // exits. Not an ended run's: its pid is reaped and may
+                // already name someone else's group.
+                for (pid, _) in kept.iter().filter(|(_, h)| h.exit.is_none()) {
                     let _ = nix::sys::signal::killpg(Pid::from_raw(*pid), Signal::SIGKILL);
                 }
                 liveness.end().await;
