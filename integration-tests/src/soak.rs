@@ -146,6 +146,10 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             }
             _ => Vec::new(),
         };
+        eprintln!(
+            "soak round {round} at {:.1} s: {fault:?}",
+            started.elapsed().as_secs_f64()
+        );
         inject(&mut cluster, fault).await;
         let deadline = Instant::now() + 4 * cfg.ttl + Duration::from_secs(10);
         loop {
