@@ -3,6 +3,7 @@
 //! telemetry helpers shared by the control plane, the host agent and `agentctl`.
 
 pub mod auth;
+pub mod cgroups;
 pub mod config;
 pub mod ids;
 pub mod labels;

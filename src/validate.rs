@@ -225,6 +225,7 @@ pub fn spec(s: &AgentSpec) -> Result {
     if let Some(d) = &s.stop_after_disconnect {
         grace("spec.stop_after_disconnect", d)?;
     }
+    crate::cgroups::Resources::from_proto(s.resources.as_ref())?;
     bytes_or_default(
         "spec.log_buffer_bytes",
         s.log_buffer_bytes,

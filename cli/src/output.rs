@@ -147,6 +147,8 @@ pub struct HostView {
     status: &'static str,
     #[serde(skip_serializing_if = "Option::is_none")]
     restarting_until: Option<String>,
+    /// `v1 freeze,memory,pids,cpu`, or `none` (as `hosts ls` shows it).
+    cgroups: String,
 }
 
 /// A host's status word, as `hosts ls` shows it.
@@ -174,7 +176,37 @@ impl From<&Host> for HostView {
             heartbeat_at: rfc3339(h.heartbeat_at.as_ref()),
             status: host_status(h),
             restarting_until: rfc3339(h.restarting_until.as_ref()),
+            cgroups: host_cgroups(h),
         }
+    }
+}
+
+/// What a host's cgroups give agents, in one word or two: `none`, or the
+/// mode and what it enforces (`v1 freeze,memory,pids,cpu`).
+pub fn host_cgroups(h: &Host) -> String {
+    use agentplane::proto::v1::CgroupMode;
+    let Some(c) = &h.cgroups else {
+        return "-".into();
+    };
+    let mode = match c.mode() {
+        CgroupMode::V1 => "v1",
+        CgroupMode::V2 => "v2",
+        CgroupMode::None => return "none".into(),
+        CgroupMode::Unspecified => return "-".into(),
+    };
+    let on: Vec<&str> = [
+        (c.freeze, "freeze"),
+        (c.memory, "memory"),
+        (c.pids, "pids"),
+        (c.cpu, "cpu"),
+    ]
+    .into_iter()
+    .filter_map(|(on, name)| on.then_some(name))
+    .collect();
+    if on.is_empty() {
+        mode.into()
+    } else {
+        format!("{mode} {}", on.join(","))
     }
 }
 

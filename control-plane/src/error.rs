@@ -36,6 +36,12 @@ pub enum ApiError {
         /// Which hosts were considered and why none fit.
         detail: String,
     },
+    /// No live host that may take the agent can enforce its resources.
+    #[error("no host can enforce the agent's resources: {detail}")]
+    Unenforceable {
+        /// Which hosts were considered and what each lacks.
+        detail: String,
+    },
     /// The registry failed.
     #[error(transparent)]
     Registry(#[from] RegistryError),
@@ -121,7 +127,9 @@ impl From<ApiError> for Status {
             ApiError::AgentNotFound { .. } | ApiError::HostNotFound { .. } => {
                 Status::not_found(msg)
             }
-            ApiError::IllegalTransition { .. } => Status::failed_precondition(msg),
+            ApiError::IllegalTransition { .. } | ApiError::Unenforceable { .. } => {
+                Status::failed_precondition(msg)
+            }
             ApiError::NameTaken { .. } | ApiError::RequestIdTaken { .. } => {
                 Status::already_exists(msg)
             }

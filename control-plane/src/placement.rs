@@ -1,22 +1,25 @@
 //! Placement: which live hosts may take an agent, and in which order to try
 //! them (round robin over a shared `INCR` counter, so every replica agrees).
 
+use agentplane::cgroups::Resources;
 use agentplane::labels::Selector;
-use agentplane::proto::v1::Placement;
+use agentplane::proto::v1::{AgentSpec, Placement};
 use agentplane::registry::HostRecord;
 use agentplane::validate::ValidationError;
 
 use crate::error::ApiError;
 
-/// The hosts to try, best first. `hosts` are the live hosts sorted by id;
-/// `rr` is the next round-robin counter value.
+/// The hosts to try for `spec`, best first: those its placement allows,
+/// whose cgroups can enforce its `resources`, with room. `hosts` are the
+/// live hosts sorted by id; `rr` is the next round-robin counter value.
 pub fn candidates(
-    placement: Option<&Placement>,
+    spec: &AgentSpec,
     hosts: Vec<HostRecord>,
     rr: u64,
 ) -> Result<Vec<HostRecord>, ApiError> {
+    let resources = Resources::from_proto(spec.resources.as_ref())?;
     let default = Placement::default();
-    let p = placement.unwrap_or(&default);
+    let p = spec.placement.as_ref().unwrap_or(&default);
     let total = hosts.len();
     if total == 0 {
         return Err(ApiError::NoCapacity {
@@ -36,6 +39,11 @@ pub fn candidates(
             )
             .into());
         };
+        if let Some(why) = h.cgroups.refusal(&resources) {
+            return Err(ApiError::Unenforceable {
+                detail: format!("host {} {why}", h.id),
+            });
+        }
         if !h.has_room() {
             return Err(ApiError::NoCapacity {
                 detail: format!("host {} is {}", h.id, why_not(h)),
@@ -56,6 +64,19 @@ pub fn candidates(
             ),
         });
     }
+    let (able, unable): (Vec<HostRecord>, Vec<HostRecord>) = matching
+        .into_iter()
+        .partition(|h| h.cgroups.refusal(&resources).is_none());
+    if able.is_empty() {
+        let why: Vec<String> = unable
+            .iter()
+            .filter_map(|h| Some(format!("{} {}", h.id, h.cgroups.refusal(&resources)?)))
+            .collect();
+        return Err(ApiError::Unenforceable {
+            detail: why.join("; "),
+        });
+    }
+    let matching = able;
     let fitting: Vec<HostRecord> = matching.iter().filter(|h| h.has_room()).cloned().collect();
     if fitting.is_empty() {
         let why: Vec<String> = matching
@@ -97,13 +118,13 @@ mod tests {
     #[test]
     fn round_robin_rotates_over_fitting_hosts() {
         let hosts = vec![host("a", 0), host("b", 2), host("c", 0)];
-        let order: Vec<String> = candidates(None, hosts.clone(), 1)
+        let order: Vec<String> = candidates(&AgentSpec::default(), hosts.clone(), 1)
             .unwrap()
             .into_iter()
             .map(|h| h.id)
             .collect();
         assert_eq!(order, ["c", "a"]);
-        let order: Vec<String> = candidates(None, hosts, 2)
+        let order: Vec<String> = candidates(&AgentSpec::default(), hosts, 2)
             .unwrap()
             .into_iter()
             .map(|h| h.id)
@@ -117,8 +138,48 @@ mod tests {
             host: "zz".into(),
             label_selector: String::new(),
         };
-        match candidates(Some(&p), vec![host("a", 0)], 0) {
+        let spec = AgentSpec {
+            placement: Some(p),
+            ..Default::default()
+        };
+        match candidates(&spec, vec![host("a", 0)], 0) {
             Err(ApiError::Validate(v)) => assert_eq!(v.field, "spec.placement.host"),
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+
+    #[test]
+    fn limits_go_only_to_hosts_that_enforce_them_and_say_why_not() {
+        use agentplane::cgroups::{CgroupMode, HostCgroups};
+        let mut v1 = host("b", 0);
+        v1.cgroups = HostCgroups {
+            mode: CgroupMode::V1,
+            freeze: true,
+            memory: true,
+            pids: true,
+            cpu: true,
+            detail: String::new(),
+        };
+        let mut off = host("a", 0);
+        off.cgroups.detail = "--cgroups off".into();
+        let spec = AgentSpec {
+            resources: Some(agentplane::proto::v1::Resources {
+                memory_bytes: Some(64 << 20),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let order: Vec<String> = candidates(&spec, vec![off.clone(), v1], 0)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(order, ["b"]);
+        match candidates(&spec, vec![off], 0) {
+            Err(ApiError::Unenforceable { detail }) => assert_eq!(
+                detail,
+                "a cannot enforce a memory limit (cgroups none: --cgroups off)"
+            ),
             other => panic!("unexpected {other:?}"),
         }
     }
@@ -126,11 +187,11 @@ mod tests {
     #[test]
     fn no_hosts_and_full_hosts_are_no_capacity() {
         assert!(matches!(
-            candidates(None, vec![], 0),
+            candidates(&AgentSpec::default(), vec![], 0),
             Err(ApiError::NoCapacity { .. })
         ));
         assert!(matches!(
-            candidates(None, vec![host("a", 2)], 0),
+            candidates(&AgentSpec::default(), vec![host("a", 2)], 0),
             Err(ApiError::NoCapacity { .. })
         ));
     }

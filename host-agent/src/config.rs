@@ -117,6 +117,19 @@ pub struct Config {
     #[arg(long, env = "AGENTPLANE_ORPHAN_GRACE", value_parser = parse_duration)]
     pub orphan_grace: Option<Duration>,
 
+    /// Which cgroups agents get, one each: `auto` (v1 where a freezer
+    /// hierarchy is writable, else v2, else none), `v1`, `v2` (fail to start
+    /// without it), or `off` (pause by SIGSTOP, escaped processes found by
+    /// ancestry and an environment marker, no `spec.resources` limits).
+    #[arg(long, env = "AGENTPLANE_CGROUPS", value_enum, default_value_t = crate::cgroup::Setting::Auto)]
+    pub cgroups: crate::cgroup::Setting,
+
+    /// Where agents' cgroups go, in each hierarchy: relative to the host
+    /// agent's own cgroup, or from the hierarchy's root when it starts with
+    /// `/`. Each host's runs are under PARENT/HOST-ID.
+    #[arg(long, env = "AGENTPLANE_CGROUP_PARENT", default_value = "agentplane")]
+    pub cgroup_parent: String,
+
     /// Log one JSON object per line instead of text.
     #[arg(long, env = "AGENTPLANE_LOG_JSON")]
     pub log_json: bool,
@@ -161,6 +174,17 @@ impl Config {
         if self.orphan_grace() > MAX_ORPHAN_GRACE {
             return Err(format!(
                 "--orphan-grace: at most {MAX_ORPHAN_GRACE:?}: agents without a host agent for longer are ended"
+            ));
+        }
+        let parent = self.cgroup_parent.trim_start_matches('/');
+        if parent.is_empty()
+            || parent
+                .split('/')
+                .any(|p| p.is_empty() || p == "." || p == ".." || p.contains(char::is_whitespace))
+        {
+            return Err(format!(
+                "--cgroup-parent: `{}` must be a path of names (no `.`, `..`, spaces or empty parts)",
+                self.cgroup_parent
             ));
         }
         if self.redis_prefix.is_empty() || self.redis_prefix.contains(char::is_whitespace) {

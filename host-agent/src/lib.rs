@@ -3,6 +3,7 @@
 //!
 //! [`run`] takes an already-bound listener so tests can start it on port 0.
 
+pub mod cgroup;
 pub mod config;
 mod heartbeat;
 pub mod identity;
@@ -60,6 +61,9 @@ pub enum HostAgentError {
     /// The keeper died while this host agent ran; its agents died with it.
     #[error("the keeper process died, and every agent with it: the host agent ends so that its supervisor starts it again (with a new keeper)")]
     KeeperGone,
+    /// The cgroups `--cgroups` asks for are not there.
+    #[error(transparent)]
+    Cgroups(#[from] cgroup::CgroupError),
     /// This process's own executable (which runs the keeper) is unknown.
     #[error("cannot find this program's executable to start the keeper: {0}")]
     Executable(#[source] std::io::Error),
@@ -111,6 +115,9 @@ pub async fn run(
     // Files read before: `--check-config` and start use the same ones.
     let liveness = config.keeper_liveness().map_err(HostAgentError::Config)?;
     keeper.liveness(liveness).await?;
+    let cgroups = cgroup::Cgroups::detect(config.cgroups, &config.cgroup_parent, &config.host_id)?;
+    let caps = cgroups.caps().clone();
+    tracing::info!(mode = caps.mode.name(), freeze = caps.freeze, memory = caps.memory, pids = caps.pids, cpu = caps.cpu, detail = %caps.detail, "agents' cgroups");
     // A fresh id for this start: records started by an earlier one are
     // told apart (and settled) by it.
     let incarnation = agentplane::ids::new_agent_id();
@@ -132,6 +139,7 @@ pub async fn run(
         cancel.clone(),
         config.data_dir.clone(),
         keeper.clone(),
+        cgroups,
     );
     // Before the first heartbeat, which settles the records of every agent
     // of this host that this start does not hold.
@@ -144,6 +152,7 @@ pub async fn run(
         version: agentplane::VERSION.to_owned(),
         started_at_ms: agentplane::time::now_ms(),
         incarnation,
+        cgroups: caps,
         ..Default::default()
     };
     tasks.spawn(

@@ -16,6 +16,8 @@ impl From<SupervisorError> for Status {
             }
             SupervisorError::AlreadyExists { .. } => Status::already_exists(msg),
             SupervisorError::IdentityRefused { .. } => Status::permission_denied(msg),
+            SupervisorError::ResourcesRefused { .. } => Status::failed_precondition(msg),
+            SupervisorError::Cgroup { .. } => Status::internal(msg),
             SupervisorError::NotFound { .. } => Status::not_found(msg),
             SupervisorError::IllegalTransition { .. } | SupervisorError::Fenced { .. } => {
                 Status::failed_precondition(msg)

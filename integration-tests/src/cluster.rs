@@ -363,6 +363,9 @@ impl TestCluster {
                 .display()
                 .to_string(),
         ]);
+        // Clusters run side by side with the same host ids: each its own
+        // cgroups (a host agent sweeps its host's leftover ones at start).
+        args.extend(["--cgroup-parent".into(), self.cgroup_parent()]);
         for (idx, label) in &self.config.host_labels {
             if *idx == i {
                 args.push("--label".into());
@@ -384,6 +387,16 @@ impl TestCluster {
             addr,
             host_id,
         }
+    }
+
+    /// This cluster's `--cgroup-parent` (under the test's own cgroup).
+    pub fn cgroup_parent(&self) -> String {
+        let name = self
+            .dir
+            .path()
+            .file_name()
+            .map_or_else(String::new, |n| n.to_string_lossy().into_owned());
+        format!("agentplane-test/{name}")
     }
 
     /// Starts one more control-plane replica; returns its index.
@@ -596,5 +609,6 @@ impl Drop for TestCluster {
                 );
             }
         }
+        crate::procfs::remove_cgroups(&self.cgroup_parent());
     }
 }

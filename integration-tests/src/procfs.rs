@@ -29,6 +29,54 @@ pub fn stat(pid: i32) -> Option<ProcInfo> {
     })
 }
 
+impl ProcInfo {
+    /// Paused as the host agent pauses: stopped by SIGSTOP (`T`), or in a
+    /// frozen cgroup (which shows as `D`).
+    pub fn paused(&self) -> bool {
+        self.state == 'T' || frozen(self.pid)
+    }
+}
+
+/// The cgroup directory of `pid` in v1 hierarchy `controller`, or in the
+/// unified one (`None`), assuming the usual mounts under /sys/fs/cgroup.
+pub fn cgroup_dir(pid: i32, controller: Option<&str>) -> Option<std::path::PathBuf> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    text.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, names, path) = (f.next()?, f.next()?, f.next()?);
+        let rel = path.trim_start_matches('/');
+        match controller {
+            Some(c) if names.split(',').any(|n| n == c) => {
+                let mount = std::fs::read_dir("/sys/fs/cgroup")
+                    .ok()?
+                    .flatten()
+                    .find(|e| e.file_name().to_string_lossy().split(',').any(|n| n == c))?;
+                Some(mount.path().join(rel))
+            }
+            None if names.is_empty() => {
+                let unified = std::path::Path::new("/sys/fs/cgroup/unified");
+                let root = if unified.join("cgroup.procs").exists() {
+                    unified
+                } else {
+                    std::path::Path::new("/sys/fs/cgroup")
+                };
+                Some(root.join(rel))
+            }
+            _ => None,
+        }
+    })
+}
+
+/// True when `pid` is in a frozen cgroup (v1 freezer or v2 cgroup.freeze).
+pub fn frozen(pid: i32) -> bool {
+    let v1 = cgroup_dir(pid, Some("freezer"))
+        .and_then(|d| std::fs::read_to_string(d.join("freezer.state")).ok())
+        .is_some_and(|s| s.trim() == "FROZEN");
+    v1 || cgroup_dir(pid, None)
+        .and_then(|d| std::fs::read_to_string(d.join("cgroup.events")).ok())
+        .is_some_and(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+}
+
 /// Every process on the machine, zombies included.
 pub fn all_processes() -> Vec<ProcInfo> {
     let Ok(dir) = std::fs::read_dir("/proc") else {
@@ -233,4 +281,50 @@ pub fn keeper_of(data_dir: &std::path::Path) -> Option<i32> {
         let args: Vec<&[u8]> = cmdline.split(|b| *b == 0).collect();
         args.get(1) == Some(&b"__agentplane_keeper".as_slice()) && args.get(2) == Some(&want)
     })
+}
+
+/// Removes `parent` (relative to this process's cgroup) and everything
+/// under it in every hierarchy, deepest first, waiting (bounded) for the
+/// last members to be released: what a test cluster leaves in cgroupfs.
+pub fn remove_cgroups(parent: &str) {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    let Ok(mounts) = std::fs::read_dir("/sys/fs/cgroup") else {
+        return;
+    };
+    let mut roots: Vec<std::path::PathBuf> = Vec::new();
+    for m in mounts.flatten() {
+        let name = m.file_name().to_string_lossy().into_owned();
+        let own = if name == "unified" {
+            cgroup_dir(me, None)
+        } else {
+            name.split(',').find_map(|c| cgroup_dir(me, Some(c)))
+        };
+        if let Some(own) = own {
+            roots.push(own.join(parent));
+        }
+    }
+    if let Some(own) = cgroup_dir(me, None) {
+        roots.push(own.join(parent));
+    }
+    fn walk(d: &std::path::Path, out: &mut Vec<std::path::PathBuf>) {
+        if let Ok(entries) = std::fs::read_dir(d) {
+            for e in entries.flatten() {
+                if e.path().is_dir() {
+                    walk(&e.path(), out);
+                }
+            }
+        }
+        out.push(d.to_owned());
+    }
+    let mut dirs = Vec::new();
+    for r in roots {
+        walk(&r, &mut dirs);
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    for d in dirs {
+        while std::fs::remove_dir(&d).is_err() && d.exists() && std::time::Instant::now() < deadline
+        {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
 }

@@ -71,7 +71,7 @@ async fn agentctl_drives_the_whole_lifecycle_with_stable_json() {
     assert_eq!(paused["state"], "PAUSED");
     // PAUSED comes back once every process has stopped.
     let g = procfs::alive_in_group(pid);
-    assert!(!g.is_empty() && g.iter().all(|p| p.state == 'T'), "{g:?}");
+    assert!(!g.is_empty() && g.iter().all(|p| p.paused()), "{g:?}");
     let again = cluster.agentctl(&["pause", &id]);
     assert!(!again.status.success());
     assert!(

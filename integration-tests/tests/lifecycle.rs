@@ -43,7 +43,7 @@ async fn pause_resume_stop_act_on_the_whole_process_group() {
     assert_eq!(paused.state(), AgentState::Paused);
     // PAUSED comes back once every process has stopped.
     let g = procfs::alive_in_group(pgid);
-    assert!(g.len() == 3 && g.iter().all(|p| p.state == 'T'), "{g:?}");
+    assert!(g.len() == 3 && g.iter().all(|p| p.paused()), "{g:?}");
 
     let resumed = c
         .resume_agent(ResumeAgentRequest {
@@ -58,7 +58,7 @@ async fn pause_resume_stop_act_on_the_whole_process_group() {
         "every process running again",
         || async {
             let g = procfs::alive_in_group(pgid);
-            (g.len() == 3 && g.iter().all(|p| p.state != 'T')).then_some(())
+            (g.len() == 3 && g.iter().all(|p| !p.paused())).then_some(())
         },
     )
     .await;
@@ -156,7 +156,7 @@ async fn a_pause_answers_only_once_every_process_has_stopped() {
             .into_inner();
         slowest = slowest.max(t.elapsed());
         let procs = procfs::alive_in_group(agent.pid);
-        let running: Vec<_> = procs.iter().filter(|p| p.state != 'T').collect();
+        let running: Vec<_> = procs.iter().filter(|p| !p.paused()).collect();
         assert!(
             running.is_empty(),
             "round {round}: PAUSED ({}) answered with {} of {} processes not stopped: {running:?}",

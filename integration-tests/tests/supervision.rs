@@ -62,10 +62,7 @@ fn tree_problem(a: &Agent, procs: &[procfs::ProcInfo], tree: usize) -> Option<St
         return Some(format!("processes outside its group and tree: {strays:?}"));
     }
     let paused = a.state() == AgentState::Paused;
-    let wrong: Vec<_> = procs
-        .iter()
-        .filter(|p| (p.state == 'T') != paused)
-        .collect();
+    let wrong: Vec<_> = procs.iter().filter(|p| p.paused() != paused).collect();
     if !wrong.is_empty() {
         return Some(format!("processes in the wrong run state: {wrong:?}"));
     }
@@ -310,13 +307,21 @@ async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
     let states = || -> Vec<_> {
         procs
             .iter()
-            .map(|p| (p.pid, p.pgrp, procfs::stat(p.pid).map(|s| s.state)))
+            .map(|p| {
+                (
+                    p.pid,
+                    p.pgrp,
+                    procfs::stat(p.pid).map(|s| (s.state, s.paused())),
+                )
+            })
             .collect()
     };
     // At once: the answer waits for every process to stop.
     let states_now = states();
     assert!(
-        states_now.iter().all(|(_, _, s)| *s == Some('T')),
+        states_now
+            .iter()
+            .all(|(_, _, s)| s.is_some_and(|(_, paused)| paused)),
         "every process stopped, the escaped one too: {states_now:?}"
     );
     c.resume_agent(ResumeAgentRequest { id: a.id.clone() })
@@ -326,7 +331,7 @@ async fn pause_and_resume_reach_setsid_grandchildren_that_left_the_group() {
     assert!(
         states_now
             .iter()
-            .all(|(_, _, s)| s.is_some_and(|s| s != 'T' && s != 'Z')),
+            .all(|(_, _, s)| s.is_some_and(|(s, paused)| !paused && s != 'Z')),
         "every process continued, the escaped one too: {states_now:?}"
     );
     cluster.finish().await;

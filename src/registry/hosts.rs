@@ -40,6 +40,8 @@ pub struct HostRecord {
     pub incarnation: String,
     /// A drain in progress (set by DrainHost, cleared when it ends).
     pub draining: Option<Draining>,
+    /// What its cgroups give agents.
+    pub cgroups: crate::cgroups::HostCgroups,
 }
 
 /// A drain in progress, as marked on the host record: what any replica
@@ -112,6 +114,7 @@ impl HostRecord {
                 self.ttl_ms,
             ))),
             incarnation: self.incarnation.clone(),
+            cgroups: Some(self.cgroups.to_proto()),
             ..Default::default()
         }
     }
@@ -158,6 +161,9 @@ impl HostRecord {
             ttl_ms: u64::try_from(num("ttl_ms")?).unwrap_or(0),
             incarnation: h.get("incarnation").cloned().unwrap_or_default(),
             draining: h.get("draining").and_then(|d| Draining::decode(d)),
+            cgroups: crate::cgroups::HostCgroups::decode(
+                h.get("cgroups").map_or("", String::as_str),
+            ),
         }))
     }
 }
@@ -186,7 +192,7 @@ impl Registry {
         let key = k.host(&host.id);
         let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
         let ms = ttl_ms(ttl);
-        let fields: [(&str, String); 11] = [
+        let fields: [(&str, String); 12] = [
             ("id", host.id.clone()),
             ("address", host.address.clone()),
             ("labels", labels),
@@ -197,6 +203,7 @@ impl Registry {
             ("heartbeat_micros", host.heartbeat_micros.to_string()),
             ("ttl_ms", ms.to_string()),
             ("incarnation", host.incarnation.clone()),
+            ("cgroups", host.cgroups.encode()),
             ("heartbeat_at", crate::time::now_ms().to_string()),
         ];
         let mut pipe = redis::pipe();

@@ -149,6 +149,8 @@ fn agent_spec() -> impl Strategy<Value = AgentSpec> {
             session_grace,
             log_buffer_bytes,
             stop_after_disconnect,
+            // Its rules are unit-tested in cgroups.rs.
+            resources: None,
         },
     )
 }

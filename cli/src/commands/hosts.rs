@@ -83,6 +83,7 @@ fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
                         } else {
                             labels.join(",")
                         },
+                        output::host_cgroups(h),
                         format!("{:.1}ms", h.heartbeat_micros as f64 / 1000.0),
                         h.version.clone(),
                     ]
@@ -90,7 +91,7 @@ fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
                 .collect();
             output::table(
                 &[
-                    "HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "BEAT", "VERSION",
+                    "HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "CGROUPS", "BEAT", "VERSION",
                 ],
                 &rows,
             );

@@ -6,8 +6,8 @@ use std::time::Duration;
 use agentplane::config::parse_duration;
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
-    Agent, AgentSpec, AgentState, GetAgentRequest, Placement, ResourceLimits, RestartPolicy,
-    SpawnAgentRequest,
+    Agent, AgentSpec, AgentState, GetAgentRequest, Placement, ResourceLimits, Resources,
+    RestartPolicy, SpawnAgentRequest,
 };
 use agentplane::time::duration_to_proto;
 
@@ -66,6 +66,16 @@ pub struct SpawnArgs {
     /// RLIMIT_CPU: most CPU seconds.
     #[arg(long)]
     limit_cpu: Option<u64>,
+    /// cgroup memory limit of the whole agent, e.g. 512MiB; past it the
+    /// kernel kills it (reason OOM_KILLED). Only hosts with cgroups take it.
+    #[arg(long, value_parser = agentplane::config::parse_bytes)]
+    memory: Option<u64>,
+    /// cgroup limit on the agent's processes and threads at once.
+    #[arg(long)]
+    pids: Option<u64>,
+    /// cgroup CPU limit in CPUs, e.g. 0.5 or 2.
+    #[arg(long, value_parser = parse_cpus)]
+    cpus: Option<u32>,
     /// Run as this user id.
     #[arg(long)]
     uid: Option<u32>,
@@ -148,6 +158,13 @@ impl SpawnArgs {
                 processes: a.limit_nproc,
                 cpu_seconds: a.limit_cpu,
             }),
+            resources: (a.memory.is_some() || a.pids.is_some() || a.cpus.is_some()).then_some(
+                Resources {
+                    memory_bytes: a.memory,
+                    pids: a.pids,
+                    cpu_millis: a.cpus,
+                },
+            ),
             uid: a.uid,
             gid: a.gid,
             log_max_bytes: a.log_max_bytes.unwrap_or(0),
@@ -167,6 +184,19 @@ impl SpawnArgs {
             self.request_id = Some(format!("agentctl-{}", agentplane::ids::new_agent_id()));
         }
     }
+}
+
+/// `--cpus`: a number of CPUs, as thousandths.
+fn parse_cpus(s: &str) -> Result<u32, String> {
+    let cpus: f64 = s
+        .parse()
+        .map_err(|_| format!("`{s}` is not a number of CPUs (0.5, 2)"))?;
+    if !(cpus.is_finite() && cpus > 0.0 && cpus <= 4096.0) {
+        return Err(format!("`{s}`: give more than 0 and at most 4096 CPUs"));
+    }
+    // In range: the product fits a u32.
+    #[allow(clippy::cast_possible_truncation, clippy::cast_sign_loss)]
+    Ok((cpus * 1000.0).round() as u32)
 }
 
 /// `--restart` values.

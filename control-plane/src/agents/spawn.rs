@@ -174,7 +174,7 @@ impl AgentApi {
     async fn place_and_start_named(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
         let hosts = self.registry.list_hosts().await?;
         let rr = self.registry.next_round_robin().await?;
-        let candidates = placement::candidates(spec.placement.as_ref(), hosts, rr)?;
+        let candidates = placement::candidates(&spec, hosts, rr)?;
         let first = &candidates[0];
         let now = now_ms();
         let agent = Agent {

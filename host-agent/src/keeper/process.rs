@@ -267,7 +267,11 @@ async fn handle(
             let launch = s.launch.unwrap_or_default();
             match start(&launch) {
                 Ok((pid, fds)) => {
-                    guard.add(pid, &launch.agent);
+                    let cgroup = launch
+                        .cgroup_procs
+                        .first()
+                        .and_then(|f| f.strip_suffix("/cgroup.procs"));
+                    guard.add(pid, &launch.agent, cgroup);
                     let started_at_ms = agentplane::time::now_ms();
                     let reply = proto::Spawned {
                         seq: s.seq,

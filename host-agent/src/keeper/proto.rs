@@ -36,6 +36,10 @@ pub struct Launch {
     /// The agent id (its processes' marker, which the guard looks for).
     #[prost(string, tag = "8")]
     pub agent: String,
+    /// The `cgroup.procs` files the child joins before the exec (it writes
+    /// `0` to each), its membership cgroup first; empty: no cgroup.
+    #[prost(string, repeated, tag = "9")]
+    pub cgroup_procs: Vec<String>,
 }
 
 /// One rlimit.

@@ -45,6 +45,13 @@ impl Supervisor {
             }
         }
         self.remove_dirs_except(&keep);
+        let killed = self.cgroups.sweep_except(&keep);
+        if killed > 0 {
+            tracing::warn!(
+                processes = killed,
+                "killed what was left in the cgroups of runs that ended without a host agent"
+            );
+        }
         if adopted > 0 {
             tracing::info!(
                 agents = adopted,
@@ -68,9 +75,20 @@ impl Supervisor {
             Ok(l) => l,
             Err(e) => return Err((k, format!("its output log: {e}"))),
         };
+        let resources = match agentplane::cgroups::Resources::from_proto(spec.resources.as_ref()) {
+            Ok(r) => r,
+            Err(e) => return Err((k, format!("its spec's resources: {e}"))),
+        };
+        // Only one it was started in (an earlier host agent may have had
+        // other --cgroups): an empty membership would hide its processes.
+        let cgroup = self
+            .cgroups
+            .run(&k.tag, &resources)
+            .filter(|c| c.dir().is_dir());
         let slot = Arc::new(
             AgentSlot::new(p.id.clone(), p.generation, spec, k.tag.clone(), log)
-                .taken_at(p.created_at_ms),
+                .taken_at(p.created_at_ms)
+                .in_cgroup(cgroup),
         );
         let pid = k.run.pid;
         // Ended, with a restart waiting out its backoff: PENDING until the
@@ -90,9 +108,11 @@ impl Supervisor {
                 st.pid = pid;
                 st.started_at_ms = k.run.started_at_ms;
                 st.move_to(&slot.id, AgentState::Running);
-                // A paused agent is a stopped group (pause answers only once
-                // every process shows `T`): it stays PAUSED.
-                if tree::is_stopped(pid) {
+                // A paused agent is a frozen cgroup, or a stopped group
+                // (pause answers only once every process shows `T`): it
+                // stays PAUSED.
+                let frozen = slot.cgroup.as_ref().is_some_and(|c| c.is_frozen());
+                if frozen || tree::is_stopped(pid) {
                     st.move_to(&slot.id, AgentState::Paused);
                 }
             }

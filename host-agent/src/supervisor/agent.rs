@@ -109,6 +109,8 @@ pub struct AgentSlot {
     pub sessions: watch::Sender<usize>,
     status: Mutex<Status>,
     ended: watch::Sender<bool>,
+    /// Its runs' cgroup (one for all its restarts); `None` without cgroups.
+    pub cgroup: Option<crate::cgroup::RunCgroup>,
     /// Set when the record refused this slot's run (fenced): its end is not
     /// written, as the record belongs to another step now.
     disowned: std::sync::atomic::AtomicBool,
@@ -148,8 +150,15 @@ impl AgentSlot {
                 next_restart_at_ms: None,
             }),
             ended: watch::channel(false).0,
+            cgroup: None,
             disowned: std::sync::atomic::AtomicBool::new(false),
         }
+    }
+
+    /// The same slot, its runs in `cgroup`.
+    pub fn in_cgroup(mut self, cgroup: Option<crate::cgroup::RunCgroup>) -> Self {
+        self.cgroup = cgroup;
+        self
     }
 
     /// The same slot, taken by this host at `ms` (an adopted agent keeps

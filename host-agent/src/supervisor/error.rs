@@ -21,6 +21,26 @@ pub enum SupervisorError {
         /// Which rule refused it.
         reason: String,
     },
+    /// The agent's `spec.resources` ask for a limit this host's cgroups
+    /// cannot enforce.
+    #[error("host {host} refuses agent {id}: {reason}")]
+    ResourcesRefused {
+        /// The agent.
+        id: String,
+        /// This host.
+        host: String,
+        /// What it cannot enforce, and why.
+        reason: String,
+    },
+    /// A cgroup operation on the agent failed.
+    #[error("agent {id}: {source}")]
+    Cgroup {
+        /// The agent.
+        id: String,
+        /// What failed.
+        #[source]
+        source: crate::cgroup::CgroupError,
+    },
     /// The host runs `--max-agents` agents already.
     #[error("full: host {host} already runs {max} agents (its --max-agents)")]
     AtCapacity {

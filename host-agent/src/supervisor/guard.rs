@@ -3,10 +3,11 @@
 //! agent it was running. The host agent tells it, over the guard's stdin,
 //! which process groups belong to which agents; when that pipe reaches EOF (the
 //! kernel closes it whatever way the host agent died) the guard SIGKILLs every
-//! registered group and every process carrying a registered agent's marker.
+//! registered group, every process carrying a registered agent's marker, and
+//! every member of a registered run's cgroup.
 //!
-//! Protocol, one line each: `+ PGID AGENT_ID` (started) and `- PGID AGENT_ID`
-//! (ended and swept).
+//! Protocol, one line each: `+ PGID AGENT_ID [CGROUP_DIR]` (started) and
+//! `- PGID AGENT_ID` (ended and swept).
 
 use std::collections::HashMap;
 use std::io::{BufRead, Write};
@@ -25,7 +26,8 @@ pub const GUARD_ARG: &str = "__agentplane_guard";
 #[derive(Debug)]
 pub struct Guard {
     inner: Mutex<Option<(Child, ChildStdin)>>,
-    /// Registered groups, to re-register with a restarted guard.
+    /// Registered groups (agent id and cgroup line part), to re-register
+    /// with a restarted guard.
     groups: Mutex<HashMap<i32, String>>,
 }
 
@@ -95,13 +97,20 @@ impl Guard {
         }
     }
 
-    /// Registers a started agent's process group.
-    pub fn add(&self, pgid: i32, id: &str) {
+    /// Registers a started agent's process group, and its run's cgroup
+    /// directory if it has one.
+    pub fn add(&self, pgid: i32, id: &str, cgroup: Option<&str>) {
+        let entry = match cgroup {
+            Some(dir) => format!("{id} {dir}"),
+            None => id.to_owned(),
+        };
+        let line = format!("+ {pgid} {entry}\n");
+        // Kept first: a guard restarted by the send below gets it too.
         self.groups
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(pgid, id.to_owned());
-        self.send(&format!("+ {pgid} {id}\n"), true);
+            .insert(pgid, entry);
+        self.send(&line, true);
     }
 
     /// Unregisters an agent's group once it is swept.
@@ -124,17 +133,18 @@ pub fn run_guard() -> ! {
         blocked.add(sig);
     }
     let _ = blocked.thread_block();
-    let mut groups: HashMap<i32, String> = HashMap::new();
+    // pgid → (agent id, cgroup directory).
+    let mut groups: HashMap<i32, (String, Option<String>)> = HashMap::new();
     for line in std::io::stdin().lock().lines() {
         let Ok(line) = line else { break };
-        let mut f = line.split_whitespace();
+        let mut f = line.splitn(4, ' ');
         match (
             f.next(),
             f.next().and_then(|p| p.parse::<i32>().ok()),
             f.next(),
         ) {
             (Some("+"), Some(pgid), Some(id)) => {
-                groups.insert(pgid, id.to_owned());
+                groups.insert(pgid, (id.to_owned(), f.next().map(str::to_owned)));
             }
             (Some("-"), Some(pgid), Some(_)) => {
                 groups.remove(&pgid);
@@ -147,10 +157,15 @@ pub fn run_guard() -> ! {
             let _ = killpg(Pid::from_raw(*pgid), Signal::SIGKILL);
         }
     }
+    // Membership finds what ancestry and markers cannot (a process that
+    // left the tree and cleared its environment).
+    for dir in groups.values().filter_map(|(_, d)| d.as_deref()) {
+        crate::cgroup::kill_members(std::path::Path::new(dir));
+    }
     // One pass over every process for all agents' markers: a walk per agent
     // read every process's environment once per agent (a million reads
     // with a thousand agents).
-    let ids: std::collections::HashSet<&str> = groups.values().map(String::as_str).collect();
+    let ids: std::collections::HashSet<&str> = groups.values().map(|(id, _)| id.as_str()).collect();
     if !ids.is_empty() {
         tree::signal_each(&tree::marked_by_any(&ids), Signal::SIGKILL);
     }

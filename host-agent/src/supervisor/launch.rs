@@ -27,7 +27,12 @@ impl Supervisor {
         if slot.status().requested.is_some_and(Requested::ends_agent) {
             return Ok(None);
         }
-        let launch = spawn::launch_of(&slot.id, &slot.spec);
+        let mut launch = spawn::launch_of(&slot.id, &slot.spec);
+        if let Some(cg) = &slot.cgroup {
+            // Again for a restart: kept if there (an empty cgroup is reused).
+            cg.create().map_err(std::io::Error::other)?;
+            launch.cgroup_procs = cg.procs_files();
+        }
         let run = match self.keeper.spawn(&slot.tag, launch).await {
             Ok(run) => run,
             Err(KeeperError::Spawn(e)) => return Err(e),
@@ -92,12 +97,17 @@ impl Supervisor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Agent `id`'s live processes outside its group `pgid`: the subtree of
-    /// `root`, and the orphans re-parented to the keeper that carry its marker.
-    pub(super) fn escaped(&self, id: &str, root: i32, pgid: i32) -> Vec<i32> {
+    /// The agent's live processes outside its group `pgid` (which a group
+    /// signal reaches anyway): its cgroup's members when it has one (they
+    /// are all of it, whatever they did); else the subtree of `root`, and
+    /// the orphans re-parented to the keeper that carry its marker.
+    pub(super) fn escaped(&self, slot: &AgentSlot, root: i32, pgid: i32) -> Vec<i32> {
+        if let Some(cg) = &slot.cgroup {
+            return tree::outside_group(cg.members(), pgid);
+        }
         let mains = self.mains().clone();
         tree::escaped(
-            id,
+            &slot.id,
             root,
             pgid,
             Scope::Orphans {

@@ -93,6 +93,8 @@ pub struct Supervisor {
     log_writers: output::LogWriters,
     /// Starts so far: names each start's output directory.
     starts: std::sync::atomic::AtomicU64,
+    /// This host's cgroups (each agent gets one when there are).
+    cgroups: crate::cgroup::Cgroups,
 }
 
 /// What one host agent takes on at most.
@@ -119,6 +121,7 @@ impl Supervisor {
         cancel: CancellationToken,
         data_dir: std::path::PathBuf,
         keeper: Arc<Keeper>,
+        cgroups: crate::cgroup::Cgroups,
     ) -> Arc<Self> {
         Arc::new(Self {
             host_id,
@@ -137,6 +140,7 @@ impl Supervisor {
             log_streams: agentplane::tasks::Gauge::default(),
             log_writers: output::LogWriters::start(LOG_WRITER_THREADS),
             starts: std::sync::atomic::AtomicU64::new(0),
+            cgroups,
         })
     }
 
@@ -202,6 +206,14 @@ impl Supervisor {
         if generation == 0 {
             return Err(ValidationError::new("generation", "must be at least 1").into());
         }
+        let resources = agentplane::cgroups::Resources::from_proto(spec.resources.as_ref())?;
+        if let Some(reason) = self.cgroups.caps().refusal(&resources) {
+            return Err(SupervisorError::ResourcesRefused {
+                id,
+                host: self.host_id.clone(),
+                reason,
+            });
+        }
         // A directory of this start's own: a repeated start of the same
         // generation (answered with the agent already here) must not touch
         // the running agent's files.
@@ -219,7 +231,9 @@ impl Supervisor {
                 source,
             },
         )?;
-        let slot = Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log));
+        let cgroup = self.cgroups.run(&tag, &resources);
+        let slot =
+            Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log).in_cgroup(cgroup));
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
         let mut admitted = self.admit(&slot, None);
@@ -414,7 +428,10 @@ impl Supervisor {
         slot.wake.notify_one();
         tracing::warn!(agent = %id, pid, reason = why, "fencing: killing a stale copy");
         let _ = signal::to_group(pid, Signal::SIGKILL);
-        tree::signal_each(&self.escaped(id, pid, pid), Signal::SIGKILL);
+        tree::signal_each(&self.escaped(&slot, pid, pid), Signal::SIGKILL);
+        if let Some(cg) = &slot.cgroup {
+            cg.kill();
+        }
     }
 
     /// The generation this host runs `id` at.

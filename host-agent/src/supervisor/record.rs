@@ -27,6 +27,10 @@ const OWN_STATES: [AgentState; 5] = [
     AgentState::Lost,
 ];
 
+/// How long an ended agent's cgroup may take to empty before its removal
+/// gives up.
+const CGROUP_REMOVE_WAIT: std::time::Duration = std::time::Duration::from_secs(5);
+
 impl Supervisor {
     pub(super) fn expect(&self, slot: &AgentSlot, states: &[AgentState]) -> Expect {
         Expect {
@@ -209,6 +213,16 @@ impl Supervisor {
     /// Records the end for good, then wakes every waiter. An end Redis could
     /// not take is written after the next successful heartbeat.
     pub(super) async fn finish(&self, slot: &Arc<AgentSlot>, state: AgentState, exit: ExitStatus) {
+        if let Some(cg) = slot.cgroup.clone() {
+            // Its last members leave as the keeper reaps them: removed
+            // once empty, off this path.
+            let id = slot.id.clone();
+            self.tasks.spawn("cgroup removal", async move {
+                if let Err(e) = cg.remove(CGROUP_REMOVE_WAIT).await {
+                    tracing::warn!(agent = %id, error = %e, "cannot remove the agent's cgroup; the next host agent start sweeps it");
+                }
+            });
+        }
         if slot.is_disowned() {
             tracing::debug!(agent = %slot.id, "end not recorded: the record refused this run");
             slot.mark_ended(state, exit);

@@ -35,6 +35,7 @@ impl Supervisor {
         let mut consecutive = resume.map_or(0, |b| b.consecutive.saturating_sub(1));
         loop {
             let started = Instant::now();
+            let ooms = slot.cgroup.as_ref().map_or(0, |c| c.oom_kills());
             let waited = self.wait_run(&slot, &mut exit_rx).await;
             let status = match waited {
                 Waited::Exit(status) => status,
@@ -50,7 +51,10 @@ impl Supervisor {
             };
             self.sweep(&slot, pid);
             let requested = slot.status().requested;
-            let exit = exit_status(status, requested);
+            let mut exit = exit_status(status, requested);
+            if let Some(cg) = &slot.cgroup {
+                oom_killed(&mut exit, cg, ooms);
+            }
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
             let decision = restart::decide(
                 slot.spec.restart.as_ref(),
@@ -193,7 +197,10 @@ impl Supervisor {
     fn sweep(&self, slot: &AgentSlot, pid: i32) {
         self.mains().remove(&pid);
         let _ = signal::to_group(pid, Signal::SIGKILL);
-        tree::signal_each(&self.escaped(&slot.id, 0, pid), Signal::SIGKILL);
+        tree::signal_each(&self.escaped(slot, 0, pid), Signal::SIGKILL);
+        if let Some(cg) = &slot.cgroup {
+            cg.kill();
+        }
     }
 
     /// Records PENDING with `next_restart_at` (and in the state file, for a
@@ -269,6 +276,21 @@ fn wait_status(e: Exit) -> std::process::ExitStatus {
 }
 
 /// The exit status of an ended process, with the reason a user reads.
+/// A SIGKILL nobody here sent, while the kernel's OOM killer counted a
+/// kill in the run's memory cgroup since `before`: OOM_KILLED.
+fn oom_killed(exit: &mut ExitStatus, cg: &crate::cgroup::RunCgroup, before: u64) {
+    if exit.reason() == ExitReason::Signaled
+        && exit.signal == Some(Signal::SIGKILL as i32)
+        && cg.oom_kills() > before
+    {
+        exit.reason = ExitReason::OomKilled as i32;
+        exit.error = format!(
+            "killed by the kernel's OOM killer: past its memory limit of {} bytes",
+            cg.limits().memory_bytes.unwrap_or(0)
+        );
+    }
+}
+
 pub(super) fn exit_status(
     status: std::process::ExitStatus,
     requested: Option<Requested>,

@@ -5,7 +5,7 @@
 //! such as other agents' terminals and pipes, or inherited).
 
 use std::collections::HashMap;
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::process::Stdio;
@@ -43,6 +43,7 @@ pub fn launch_of(id: &str, spec: &AgentSpec) -> Launch {
         tty: spec.tty,
         limits: limits_of(spec.limits.as_ref()),
         agent: id.to_owned(),
+        cgroup_procs: Vec::new(),
     }
 }
 
@@ -73,13 +74,27 @@ pub fn command(l: &Launch) -> std::io::Result<(std::process::Command, Option<Own
     if !l.cwd.is_empty() {
         cmd.current_dir(&l.cwd);
     }
-    if let Some(gid) = l.gid {
-        cmd.gid(gid);
-    }
-    if let Some(uid) = l.uid {
-        cmd.uid(uid);
-    }
-    before_exec(&mut cmd, rlimits(&l.limits), l.tty);
+    // Opened here, written by the child: it joins its cgroups itself,
+    // before the exec, so that nothing it starts is ever outside them.
+    let cgroups = l
+        .cgroup_procs
+        .iter()
+        .map(|f| {
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(f)
+                .map(OwnedFd::from)
+                .map_err(|e| std::io::Error::new(e.kind(), format!("cannot join cgroup {f}: {e}")))
+        })
+        .collect::<std::io::Result<Vec<_>>>()?;
+    let pre = PreExec {
+        limits: rlimits(&l.limits),
+        tty: l.tty,
+        cgroups,
+        uid: l.uid,
+        gid: l.gid,
+    };
+    before_exec(&mut cmd, pre);
     Ok((cmd, pty))
 }
 
@@ -153,13 +168,24 @@ fn rlimits(limits: &[Limit]) -> Vec<(Resource, u64, u64)> {
         .collect()
 }
 
+/// What the child does between the fork and the exec, built before the fork.
+struct PreExec {
+    limits: Vec<(Resource, u64, u64)>,
+    tty: bool,
+    /// Open `cgroup.procs` files to write `0` (this process) to.
+    cgroups: Vec<OwnedFd>,
+    uid: Option<u32>,
+    gid: Option<u32>,
+}
+
 #[allow(unsafe_code)]
-fn before_exec(cmd: &mut std::process::Command, limits: Vec<(Resource, u64, u64)>, tty: bool) {
+fn before_exec(cmd: &mut std::process::Command, pre: PreExec) {
     // SAFETY: the closure runs in the forked child before exec, after std has
-    // set up its stdio. It only makes raw system calls (sigprocmask, setsid, ioctl, prctl,
-    // close_range or fcntl, getrlimit, setrlimit), which are async-signal-safe;
-    // it allocates nothing (the limits were built before the fork) and takes
-    // no lock. The descriptors it marks are the child's own copies.
+    // set up its stdio. It only makes raw system calls (sigprocmask, write,
+    // setsid, ioctl, setgroups, setgid, setuid, prctl, close_range or fcntl,
+    // getrlimit, setrlimit), which are async-signal-safe; it allocates
+    // nothing (everything was built before the fork) and takes no lock. The
+    // descriptors it writes to and marks are the child's own copies.
     unsafe {
         cmd.pre_exec(move || {
             // A program starts with no signal blocked, whatever its starter
@@ -168,11 +194,37 @@ fn before_exec(cmd: &mut std::process::Command, limits: Vec<(Resource, u64, u64)
             nix::sys::signal::SigSet::empty()
                 .thread_set_mask()
                 .map_err(std::io::Error::from)?;
+            // Still privileged: a process that switched users could not
+            // move itself into root's cgroups.
+            for fd in &pre.cgroups {
+                if libc::write(fd.as_raw_fd(), b"0".as_ptr().cast(), 1) != 1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
             nix::unistd::setsid().map_err(std::io::Error::from)?;
             // Make the terminal on fd 0 this new session's controlling terminal.
-            if tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
+            if pre.tty && libc::ioctl(0, libc::TIOCSCTTY, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
             }
+            // What std's Command::uid/gid do, here so that it comes after
+            // the cgroup joins: no supplementary groups, the group, the user.
+            if (pre.uid.is_some() || pre.gid.is_some())
+                && libc::geteuid() == 0
+                && libc::setgroups(0, std::ptr::null()) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(gid) = pre.gid {
+                if libc::setgid(gid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(uid) = pre.uid {
+                if libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            // After the user switch, which clears it.
             nix::sys::prctl::set_pdeathsig(Signal::SIGKILL).map_err(std::io::Error::from)?;
             // Every descriptor from 3 up closes at the exec: the program gets
             // 0, 1 and 2 only. Marked rather than closed, because std reports
@@ -198,7 +250,7 @@ fn before_exec(cmd: &mut std::process::Command, limits: Vec<(Resource, u64, u64)
                     libc::fcntl(fd, libc::F_SETFD, libc::FD_CLOEXEC);
                 }
             }
-            for (resource, soft, hard) in &limits {
+            for (resource, soft, hard) in &pre.limits {
                 setrlimit(*resource, *soft, *hard).map_err(std::io::Error::from)?;
             }
             Ok(())

@@ -112,6 +112,16 @@ pub fn escaped(id: &str, root: i32, pgid: i32, scope: Scope<'_>) -> Vec<i32> {
         .collect()
 }
 
+/// Of `pids`, the live ones (not zombies) outside process group `pgid`,
+/// other than this process.
+pub fn outside_group(pids: Vec<i32>, pgid: i32) -> Vec<i32> {
+    let me = i32::try_from(std::process::id()).unwrap_or(0);
+    pids.into_iter()
+        .filter(|p| *p != me && *p > 1)
+        .filter(|p| state_and_group(*p).is_some_and(|(state, group)| state != 'Z' && group != pgid))
+        .collect()
+}
+
 /// Every live process on the machine that carries the marker of one of
 /// `ids`, with its subtree: one pass over `/proc` whatever the number of
 /// agents (the guard, after the host agent or keeper died with a thousand).

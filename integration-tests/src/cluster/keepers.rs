@@ -10,19 +10,23 @@ impl TestCluster {
         crate::procfs::keeper_of(&self.data_dir(host_id))
     }
 
-    /// The machine of `host_id` dies: its keeper and its host agent are
-    /// SIGKILLed (the keeper first, as a power cut would not let a host
-    /// agent see it go), so its agents die with the keeper's guard.
+    /// The machine of `host_id` dies: its host agent and its keeper are
+    /// SIGSTOPped, then SIGKILLed, so that neither acts on the other's
+    /// death (a power cut lets the host agent neither see the keeper go
+    /// and remove its host key, nor the keeper see the host agent go and
+    /// renew the host as restarting); its agents die with the keeper's
+    /// guard.
     pub fn kill_machine(&mut self, host_id: &str) {
-        if let Some(k) = self.keeper_pid(host_id) {
-            let _ = nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(k),
-                nix::sys::signal::Signal::SIGKILL,
-            );
+        use nix::sys::signal::{kill, Signal};
+        use nix::unistd::Pid;
+        let keeper = self.keeper_pid(host_id).map(Pid::from_raw);
+        let host = self.host(host_id);
+        host.proc.signal(Signal::SIGSTOP);
+        if let Some(k) = keeper {
+            let _ = kill(k, Signal::SIGSTOP);
+            let _ = kill(k, Signal::SIGKILL);
         }
-        self.host(host_id)
-            .proc
-            .signal(nix::sys::signal::Signal::SIGKILL);
+        host.proc.signal(Signal::SIGKILL);
     }
 
     /// Sends `sig` to host `host_id`'s agent and waits for it to exit

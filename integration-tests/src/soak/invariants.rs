@@ -73,7 +73,7 @@ pub(super) async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked
                         "(a) {} has a process {} outside its group {}",
                         a.id, p.pid, a.pid
                     ));
-                } else if st == AgentState::Paused && mine.iter().any(|p| p.state != 'T') {
+                } else if st == AgentState::Paused && mine.iter().any(|p| !p.paused()) {
                     problems.push(format!("(a) {} is PAUSED with a process not stopped", a.id));
                 }
             }

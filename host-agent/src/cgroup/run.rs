@@ -1,0 +1,282 @@
+//! One run's cgroup: its members, freezing, killing every member at once,
+//! its OOM kills, and removing it. All plain file reads and writes in
+//! cgroupfs; the waits poll.
+
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+
+use agentplane::cgroups::Resources;
+
+use super::CgroupError;
+
+/// Which hierarchy the run's cgroup is in.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    /// v1: a freezer cgroup (membership and freezing), and one per limit.
+    V1,
+    /// v2: one cgroup for everything.
+    V2,
+}
+
+/// The cgroup (v1: cgroups) of one run.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RunCgroup {
+    flavor: Flavor,
+    /// Membership and freezing: v1's freezer cgroup, or the v2 cgroup.
+    membership: PathBuf,
+    /// v1: the memory, pids and cpu cgroups the run has limits in, by
+    /// controller.
+    others: Vec<(&'static str, PathBuf)>,
+    /// v1: the memory cgroup, for OOM kills (v2: `membership`).
+    memory: Option<PathBuf>,
+    /// The limits it holds.
+    limits: Resources,
+}
+
+impl RunCgroup {
+    pub(super) fn new(
+        flavor: Flavor,
+        membership: PathBuf,
+        others: Vec<(&'static str, PathBuf)>,
+        memory: Option<PathBuf>,
+        limits: Resources,
+    ) -> Self {
+        Self {
+            flavor,
+            membership,
+            others,
+            memory,
+            limits,
+        }
+    }
+
+    /// Creates its cgroups (a restart finds them there: kept) and writes
+    /// its limits, which [`agentplane::cgroups::HostCgroups::refusal`] let
+    /// through.
+    pub fn create(&self) -> Result<(), CgroupError> {
+        for dir in std::iter::once(self.dir()).chain(self.others().map(|(_, d)| d)) {
+            std::fs::create_dir_all(dir).map_err(|source| CgroupError::Create {
+                dir: dir.to_owned(),
+                source,
+            })?;
+        }
+        let v2 = self.flavor == Flavor::V2;
+        let dir_of = |controller: &str| -> &Path {
+            self.others()
+                .find(|(c, _)| *c == controller)
+                .map_or(self.dir(), |(_, d)| d)
+        };
+        let l = &self.limits;
+        if let Some(m) = l.memory_bytes {
+            // Swap counts too (as in Kubernetes): past the limit the agent
+            // is killed, not swapped out. The files exist only with swap
+            // accounting on.
+            let d = dir_of("memory");
+            if v2 {
+                write(&d.join("memory.max"), &m.to_string())?;
+                if d.join("memory.swap.max").exists() {
+                    write(&d.join("memory.swap.max"), "0")?;
+                }
+            } else {
+                // memsw may not go below the memory limit: lowered after it.
+                write(&d.join("memory.limit_in_bytes"), &m.to_string())?;
+                if d.join("memory.memsw.limit_in_bytes").exists() {
+                    write(&d.join("memory.memsw.limit_in_bytes"), &m.to_string())?;
+                }
+            }
+        }
+        if let Some(p) = l.pids {
+            write(&dir_of("pids").join("pids.max"), &p.to_string())?;
+        }
+        if let Some(c) = l.cpu_millis {
+            // A 100 ms period: the quota is the period times the CPUs.
+            let quota = u64::from(c) * 100;
+            if v2 {
+                write(&self.dir().join("cpu.max"), &format!("{quota} 100000"))?;
+            } else {
+                let d = dir_of("cpu");
+                write(&d.join("cpu.cfs_period_us"), "100000")?;
+                write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The limits it holds.
+    pub fn limits(&self) -> &Resources {
+        &self.limits
+    }
+
+    /// The membership cgroup's directory.
+    pub fn dir(&self) -> &Path {
+        &self.membership
+    }
+
+    /// v1: the limit hierarchies' cgroups, by controller.
+    pub fn others(&self) -> impl Iterator<Item = (&'static str, &Path)> {
+        self.others.iter().map(|(c, d)| (*c, d.as_path()))
+    }
+
+    /// The `cgroup.procs` files a new process joins, membership first.
+    pub fn procs_files(&self) -> Vec<String> {
+        std::iter::once(self.membership.as_path())
+            .chain(self.others().map(|(_, d)| d))
+            .map(|d| d.join("cgroup.procs").to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// Every process in it now.
+    pub fn members(&self) -> Vec<i32> {
+        members_of(&self.membership)
+    }
+
+    /// Freezes (`true`) or thaws the whole run at once; a freeze returns
+    /// once the kernel says every member is frozen, or at `wait`.
+    pub async fn freeze(&self, frozen: bool, wait: Duration) -> Result<(), CgroupError> {
+        let (file, value) = match (self.flavor, frozen) {
+            (Flavor::V1, true) => ("freezer.state", "FROZEN"),
+            (Flavor::V1, false) => ("freezer.state", "THAWED"),
+            (Flavor::V2, true) => ("cgroup.freeze", "1"),
+            (Flavor::V2, false) => ("cgroup.freeze", "0"),
+        };
+        write(&self.membership.join(file), value)?;
+        if !frozen {
+            return Ok(());
+        }
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut delay = Duration::from_millis(1);
+        while !self.is_frozen() {
+            if tokio::time::Instant::now() >= deadline {
+                return Err(CgroupError::Freeze {
+                    dir: self.membership.clone(),
+                    wait,
+                });
+            }
+            tokio::time::sleep(delay).await;
+            delay = (delay * 2).min(Duration::from_millis(20));
+        }
+        Ok(())
+    }
+
+    /// True when the kernel says the whole run is frozen.
+    pub fn is_frozen(&self) -> bool {
+        is_frozen(&self.membership)
+    }
+
+    /// SIGKILLs every member at once (nothing forks in between).
+    pub fn kill(&self) {
+        kill_members(&self.membership);
+    }
+
+    /// OOM kills in the run's memory cgroup so far.
+    pub fn oom_kills(&self) -> u64 {
+        let Some(dir) = &self.memory else { return 0 };
+        let file = match self.flavor {
+            Flavor::V1 => "memory.oom_control",
+            Flavor::V2 => "memory.events",
+        };
+        std::fs::read_to_string(dir.join(file))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    let v = l.strip_prefix("oom_kill ")?;
+                    v.trim().parse().ok()
+                })
+            })
+            .unwrap_or(0)
+    }
+
+    /// Removes the run's cgroups once their last member is gone (an exited
+    /// member leaves at its release), polling up to `wait`. A missing one
+    /// is removed already.
+    pub async fn remove(&self, wait: Duration) -> Result<(), CgroupError> {
+        let deadline = tokio::time::Instant::now() + wait;
+        let dirs: Vec<&Path> = self.others().map(|(_, d)| d).collect();
+        for dir in dirs
+            .into_iter()
+            .chain(std::iter::once(self.membership.as_path()))
+        {
+            loop {
+                match std::fs::remove_dir(dir) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == ErrorKind::NotFound => break,
+                    Err(e)
+                        if tokio::time::Instant::now() < deadline
+                            && e.raw_os_error() == Some(libc::EBUSY) =>
+                    {
+                        tokio::time::sleep(Duration::from_millis(10)).await;
+                    }
+                    Err(e) => {
+                        return Err(CgroupError::Remove {
+                            dir: dir.to_owned(),
+                            source: e,
+                        })
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The pids in cgroup `dir` (none if it is gone).
+pub fn members_of(dir: &Path) -> Vec<i32> {
+    std::fs::read_to_string(dir.join("cgroup.procs"))
+        .map(|s| s.lines().filter_map(|l| l.trim().parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn is_frozen(dir: &Path) -> bool {
+    if let Ok(s) = std::fs::read_to_string(dir.join("freezer.state")) {
+        return s.trim() == "FROZEN";
+    }
+    std::fs::read_to_string(dir.join("cgroup.events"))
+        .is_ok_and(|s| s.lines().any(|l| l.trim() == "frozen 1"))
+}
+
+fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
+    std::fs::write(file, value).map_err(|source| CgroupError::Write {
+        file: file.to_owned(),
+        value: value.to_owned(),
+        source,
+    })
+}
+
+/// SIGKILLs every process in cgroup `dir`, whichever hierarchy: v2's
+/// `cgroup.kill` where the kernel has it, else frozen first so that no
+/// member forks between the read of its members and the signals, then
+/// thawed (a frozen process acts on SIGKILL only once thawed). What the
+/// guard does for each run after the keeper died.
+pub fn kill_members(dir: &Path) {
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
+        return;
+    }
+    let (file, frozen, thawed) = if dir.join("freezer.state").exists() {
+        ("freezer.state", "FROZEN", "THAWED")
+    } else {
+        ("cgroup.freeze", "1", "0")
+    };
+    // A child forked between the read and the signals is not killed by
+    // them (a pending SIGKILL only stops later forks): a few rounds, until
+    // a read finds nobody (exited members may linger in the list until the
+    // keeper reaps them, hence the bound).
+    for _ in 0..4 {
+        let pids = members_of(dir);
+        if pids.is_empty() {
+            break;
+        }
+        let froze = std::fs::write(dir.join(file), frozen).is_ok();
+        for p in pids {
+            if p > 1 {
+                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+            }
+        }
+        if froze {
+            let _ = std::fs::write(dir.join(file), thawed);
+        }
+    }
+}
