@@ -109,7 +109,7 @@ pub async fn run(
         .unwrap_or_else(|| local.to_string());
     let cancel = CancellationToken::new();
     let tasks = Tasks::new();
-    let exe = std::env::current_exe().map_err(HostAgentError::Executable)?;
+    let exe = keeper::program().map_err(HostAgentError::Executable)?;
     let (keeper, kept) =
         keeper::Keeper::connect(&exe, &config.data_dir, config.orphan_grace(), &tasks).await?;
     // Files read before: `--check-config` and start use the same ones.

@@ -199,6 +199,39 @@ pub fn status_kib(pid: i32, field: &str) -> u64 {
     kib_field(&format!("/proc/{pid}/status"), field)
 }
 
+/// `pid`'s resident memory by mapped file (`[anon]` for the rest), largest
+/// first: (file, RSS KiB, of it anonymous KiB), from /proc smaps.
+pub fn rss_by_file(pid: i32) -> Vec<(String, u64, u64)> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let mut by: std::collections::HashMap<String, (u64, u64)> = std::collections::HashMap::new();
+    let mut name = String::new();
+    for line in text.lines() {
+        let mut f = line.split_whitespace();
+        let first = f.next().unwrap_or_default();
+        if first.contains('-') && !first.ends_with(':') {
+            name = f.nth(4).map_or_else(|| "[anon]".to_owned(), str::to_owned);
+            if name.starts_with('[') {
+                name = "[anon]".to_owned();
+            }
+            continue;
+        }
+        let kib = || {
+            f.clone()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+                .unwrap_or(0)
+        };
+        match first {
+            "Rss:" => by.entry(name.clone()).or_default().0 += kib(),
+            "Anonymous:" => by.entry(name.clone()).or_default().1 += kib(),
+            _ => {}
+        }
+    }
+    let mut out: Vec<(String, u64, u64)> = by.into_iter().map(|(n, (r, a))| (n, r, a)).collect();
+    out.sort_by_key(|e| std::cmp::Reverse(e.1));
+    out
+}
+
 /// The number after `field:` in the file at `path` (0 if none).
 fn kib_field(path: &str, field: &str) -> u64 {
     std::fs::read_to_string(path)

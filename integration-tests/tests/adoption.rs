@@ -7,8 +7,10 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
-use agentplane::proto::v1::{Agent, AgentSpec, AgentState, ListAgentsRequest};
-use agentplane_integration_tests::{procfs, spec, TestCluster};
+use agentplane::proto::v1::{
+    Agent, AgentSpec, AgentState, ExitReason, GetAgentRequest, ListAgentsRequest,
+};
+use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 
 /// Prints 0, 1, 2, … one per line, every 5 ms.
@@ -296,7 +298,7 @@ async fn with_no_host_agent_past_the_orphan_grace_no_agent_is_left() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_hundred_mixed_agents_survive_a_sigkilled_host_agent() {
+async fn two_hundred_mixed_agents_survive_a_sigkilled_host_agent_and_an_upgrade() {
     let ttl = Duration::from_secs(3);
     let mut cluster = TestCluster::builder()
         .hosts(1)
@@ -335,30 +337,111 @@ async fn two_hundred_mixed_agents_survive_a_sigkilled_host_agent() {
             .wait_state(&a.id, AgentState::Running, Duration::from_secs(10))
             .await;
     }
-    let old = agents[0].incarnation.clone();
+    // SIGKILL and the same binary, then SIGKILL and a new binary at
+    // another path (an upgrade that never stopped the old one cleanly).
+    for upgrade in [false, true] {
+        let old = list(&cluster)
+            .await
+            .into_iter()
+            .find(|r| r.id == agents[0].id)
+            .expect("a record")
+            .incarnation;
+        cluster.end_host_agent("h1", Signal::SIGKILL).await;
+        if upgrade {
+            cluster.upgrade_host_binary();
+        }
+        cluster.restart_host("h1");
+        let taken = wait_adopted(&cluster, &agents, &old).await;
+        let (mut gaps, mut lines) = (0, 0);
+        for a in &agents {
+            assert!(procfs::is_alive(a.pid));
+            let n = counted(&cluster, &a.id);
+            let (g, backs) = faults(&n);
+            assert_eq!(backs, 0, "{}: no line twice", a.id);
+            assert_eq!(
+                n.first(),
+                Some(&0),
+                "{}: the log begins at the first line",
+                a.id
+            );
+            assert_eq!(g, 0, "{}: no line lost", a.id);
+            gaps += g;
+            lines += n.len();
+        }
+        eprintln!(
+            "200 agents, host agent SIGKILLed and started again{}: all adopted {taken:?} after it served (one beat is {:?}); {lines} lines, {gaps} gaps",
+            if upgrade { " from a new binary" } else { "" },
+            ttl / 3
+        );
+        assert!(taken <= ttl / 3, "within one heartbeat: {taken:?}");
+    }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_idle_before_a_restart_is_not_announced_idle_again_and_its_idle_timeout_holds() {
+    let mut cluster = TestCluster::builder()
+        .hosts(1)
+        .heartbeat_ttl(Duration::from_secs(3))
+        .start()
+        .await;
+    let ms = |ms: i32| prost_types::Duration {
+        seconds: 0,
+        nanos: ms * 1_000_000,
+    };
+    let a = cluster
+        .spawn_spec(AgentSpec {
+            idle_after: Some(ms(300)),
+            idle_timeout: Some(prost_types::Duration {
+                seconds: 3,
+                nanos: 0,
+            }),
+            ..spec(&["sh", "-c", "echo ready; exec sleep 1000"], None)
+        })
+        .await;
+    let mut c = cluster.client().await;
+    eventually(Duration::from_secs(10), "the agent marked idle", || {
+        let mut c = c.clone();
+        let id = a.id.clone();
+        async move {
+            let r = c.get_agent(GetAgentRequest { id }).await.ok()?.into_inner();
+            r.idle.then_some(())
+        }
+    })
+    .await;
     cluster.end_host_agent("h1", Signal::SIGKILL).await;
     cluster.restart_host("h1");
-    let taken = wait_adopted(&cluster, &agents, &old).await;
-    let (mut gaps, mut lines) = (0, 0);
-    for a in &agents {
-        assert!(procfs::is_alive(a.pid));
-        let n = counted(&cluster, &a.id);
-        let (g, backs) = faults(&n);
-        assert_eq!(backs, 0, "{}: no line twice", a.id);
-        assert_eq!(
-            n.first(),
-            Some(&0),
-            "{}: the log begins at the first line",
-            a.id
-        );
-        assert_eq!(g, 0, "{}: no line lost", a.id);
-        gaps += g;
-        lines += n.len();
-    }
-    eprintln!(
-        "200 agents, host agent SIGKILLed and started again: all adopted {taken:?} after it served (one beat is {:?}); {lines} lines, {gaps} gaps",
-        ttl / 3
+    // The adopting host agent goes on from idle: its idle timeout (counted
+    // from the last output, before the restart) stops the same run.
+    let ended = cluster
+        .wait_state(&a.id, AgentState::Exited, Duration::from_secs(20))
+        .await;
+    let exit = ended.exit.expect("an exit");
+    assert_eq!(exit.reason(), ExitReason::Idle, "{exit:?}");
+    assert_eq!(
+        (ended.started_at, ended.restarts, ended.generation),
+        (a.started_at, 0, a.generation),
+        "the same run"
     );
-    assert!(taken <= ttl / 3, "within one heartbeat: {taken:?}");
+    let idle = c
+        .get_agent(GetAgentRequest { id: a.id.clone() })
+        .await
+        .expect("get")
+        .into_inner();
+    assert!(idle.idle, "still marked idle at its end");
+    let mut conn = cluster.redis.conn().await;
+    let events: redis::streams::StreamRangeReply =
+        redis::AsyncCommands::xrange_all(&mut conn, "ap:events")
+            .await
+            .expect("read the event stream");
+    let announced = events
+        .ids
+        .iter()
+        .filter(|e| {
+            e.get::<String>("type").as_deref() == Some("AGENT_IDLE")
+                && e.get::<String>("agent").as_deref() == Some(a.id.as_str())
+        })
+        .count();
+    assert_eq!(announced, 1, "AGENT_IDLE once, not again after the restart");
     cluster.finish().await;
 }

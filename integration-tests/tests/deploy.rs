@@ -466,16 +466,31 @@ fn the_image_carries_every_binary() {
         .lines()
         .find(|l| l.contains("install -D"))
         .expect("an install line");
-    for name in ["control-plane", "host-agent", "agentctl"] {
+    for name in [
+        "control-plane",
+        "host-agent",
+        "agentplane-keeper",
+        "agentctl",
+    ] {
         assert!(bin(name).is_file(), "{name} is a workspace binary");
         assert!(
             install.contains(&format!("target/release/{name}")),
             "the image installs {name}: {install}"
         );
     }
-    let build = dockerfile
+    assert!(
+        dockerfile
+            .lines()
+            .any(|l| l.starts_with("RUN bash scripts/build-release")),
+        "builds with scripts/build-release"
+    );
+    let script = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/build-release"),
+    )
+    .expect("scripts/build-release");
+    let build = script
         .lines()
-        .find(|l| l.contains("cargo build"))
+        .find(|l| l.starts_with("cargo build"))
         .expect("a cargo build line");
     // At the root, without --workspace, cargo builds only the library.
     assert!(

@@ -11,7 +11,7 @@ use agentplane::proto::v1::AgentState;
 use nix::sys::signal::Signal;
 
 use super::agent::AgentSlot;
-use super::{log_sizes, output, persist, signal, tree, Supervisor};
+use super::{idle, log_sizes, output, persist, signal, tree, Supervisor};
 use crate::keeper::KeptRun;
 
 impl Supervisor {
@@ -136,6 +136,12 @@ impl Supervisor {
         // Its record still carries the earlier incarnation: rewritten with
         // this one as soon as a heartbeat succeeds.
         self.keep_unrecorded_quietly(&slot);
+        // Silent past idle_after already: the earlier host agent marked it
+        // idle (record flag, AGENT_IDLE) when it crossed, so this one goes
+        // on from idle and does not announce it again.
+        if resume.is_none() && idle::silent_past_idle_after(&slot) {
+            slot.idle.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         self.watch_idle(&slot);
         self.watch_sessions(&slot);
         let sup = self.clone();

@@ -95,6 +95,15 @@ impl Supervisor {
     }
 }
 
+/// True when `slot`'s spec asks for idle detection and its output has been
+/// silent for its `idle_after` already.
+pub(super) fn silent_past_idle_after(slot: &AgentSlot) -> bool {
+    slot.spec
+        .idle_after
+        .as_ref()
+        .is_some_and(|a| silence(&slot.output) >= duration_from_proto(a))
+}
+
 /// How long the agent has been silent.
 fn silence(log: &OutputLog) -> Duration {
     Duration::from_millis(u64::try_from(now_ms() - log.last_output_ms()).unwrap_or(0))

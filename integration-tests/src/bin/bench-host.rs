@@ -11,7 +11,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, ListHostsRequest, SpawnAgentRequest};
-use agentplane_integration_tests::procfs::{rss_kib, smaps_kib, status_kib};
+use agentplane_integration_tests::procfs::{rss_by_file, rss_kib, smaps_kib, status_kib};
 use agentplane_integration_tests::TestCluster;
 use clap::Parser;
 
@@ -142,6 +142,16 @@ async fn main() -> anyhow::Result<()> {
         status_kib(keeper_pid, "RssFile"),
         smaps_kib(keeper_pid, "Pss"),
     );
+    let keeper_files = rss_by_file(keeper_pid);
+    let linked = if keeper_files.iter().any(|(f, _, _)| f.contains("libc.so")) {
+        "dynamically (scripts/build-release links it statically)"
+    } else {
+        "statically"
+    };
+    println!("keeper binary               linked {linked}");
+    for (file, rss, anon) in keeper_files.iter().take(6) {
+        println!("  keeper {rss:>5} KiB ({anon} anonymous) {file}");
+    }
     println!("host agent + keeper / agent {both_per_agent_kib:.1} KiB (goal < 24 KiB)");
 
     let mut ok = true;
