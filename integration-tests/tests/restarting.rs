@@ -366,3 +366,48 @@ async fn a_restart_waiting_out_its_backoff_keeps_its_deadline_across_a_host_agen
     );
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn logs_follow_goes_on_across_a_host_agent_restart_with_every_byte_once() {
+    let mut cluster = TestCluster::builder().hosts(1).start().await;
+    let lines = 1500;
+    let counter =
+        format!("i=0; while [ $i -lt {lines} ]; do echo $i; i=$((i+1)); sleep 0.002; done");
+    let a = cluster
+        .spawn_spec(spec(&["sh", "-c", &counter], None))
+        .await;
+    let follow = cluster
+        .agentctl_all(&["logs", "-f", &a.id])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("start agentctl logs -f");
+    cluster.wait_for_output(&a.id, "\n100\n").await;
+    kill_host_agent(&mut cluster).await;
+    cluster.restart_host("h1");
+    // It ends by itself once the agent has ended and everything is printed.
+    let out = tokio::time::timeout(
+        Duration::from_secs(60),
+        tokio::task::spawn_blocking(move || follow.wait_with_output()),
+    )
+    .await
+    .expect("logs -f ended with its agent")
+    .expect("join")
+    .expect("agentctl output");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    let want: String = (0..lines).map(|i| format!("{i}\n")).collect();
+    assert!(
+        out.stdout == want.as_bytes(),
+        "every byte once, in order: {} bytes printed of {}; stderr: {err}",
+        out.stdout.len(),
+        want.len()
+    );
+    let reconnects = err.matches("log stream broke").count();
+    eprintln!("logs -f across a host-agent SIGKILL: {} bytes, exactly the output; {reconnects} reconnect(s); stderr: {err}", out.stdout.len());
+    assert!(reconnects <= 1, "at most a reconnect: {err}");
+    let ended = record(&cluster, &a.id).await;
+    assert_eq!(ended.state(), AgentState::Exited);
+    assert_eq!((ended.started_at, ended.restarts), (a.started_at, 0));
+    cluster.finish().await;
+}
