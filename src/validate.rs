@@ -102,7 +102,15 @@ pub fn agent_id(field: &str, id: &str) -> Result {
 pub fn host_id(field: &str, id: &str) -> Result {
     charset(field, id, "host id", 253, |c| {
         c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')
-    })
+    })?;
+    // It names directories (cgroups) and certificate names.
+    if id.chars().all(|c| c == '.') {
+        return Err(ValidationError::new(
+            field,
+            format!("host id `{id}` must have a letter, digit, `_` or `-`"),
+        ));
+    }
+    Ok(())
 }
 
 /// An agent name: a DNS label (lowercase letters, digits, `-`, not at the ends).
@@ -336,6 +344,7 @@ mod tests {
         assert!(agent_id("id", "../x").is_err());
         assert!(host_id("h", "node-1.dc_2").is_ok());
         assert!(host_id("h", "a:b").is_err());
+        assert!(host_id("h", "..").is_err() && host_id("h", ".").is_err());
         assert!(request_id("r", "req-1:abc").is_ok());
         assert!(request_id("r", "a b").is_err());
     }

@@ -176,7 +176,11 @@ impl Config {
                 "--orphan-grace: at most {MAX_ORPHAN_GRACE:?}: agents without a host agent for longer are ended"
             ));
         }
-        let parent = self.cgroup_parent.trim_start_matches('/');
+        // One leading `/` at most: `//x` would be an empty part.
+        let parent = self
+            .cgroup_parent
+            .strip_prefix('/')
+            .unwrap_or(&self.cgroup_parent);
         if parent.is_empty()
             || parent
                 .split('/')
@@ -323,6 +327,28 @@ mod tests {
         assert!(e.contains("--tls-cert") && e.contains("--insecure"), "{e}");
         let c = parse(&["--host-id", "h1", "--allowed-client-name", "not a name"]);
         assert!(c.validate().unwrap_err().contains("--allowed-client-name"));
+    }
+
+    #[test]
+    fn a_cgroup_parent_stays_inside_its_hierarchy() {
+        for ok in ["agentplane", "/agentplane", "a/b"] {
+            assert!(
+                parse(&["--host-id", "h1", "--cgroup-parent", ok])
+                    .validate()
+                    .is_ok(),
+                "{ok}"
+            );
+        }
+        for bad in ["//x", "", "/", "a/../b", "a//b", "./a"] {
+            let e = parse(&["--host-id", "h1", "--cgroup-parent", bad])
+                .validate()
+                .unwrap_err();
+            assert!(e.starts_with("--cgroup-parent"), "{bad}: {e}");
+        }
+        assert!(parse(&["--host-id", ".."])
+            .validate()
+            .unwrap_err()
+            .contains("--host-id"));
     }
 
     #[test]

@@ -115,7 +115,16 @@ pub async fn run(
     // Files read before: `--check-config` and start use the same ones.
     let liveness = config.keeper_liveness().map_err(HostAgentError::Config)?;
     keeper.liveness(liveness).await?;
-    let cgroups = cgroup::Cgroups::detect(config.cgroups, &config.cgroup_parent, &config.host_id)?;
+    let cgroups = if keeper.version < keeper::proto::CGROUPS_VERSION {
+        let why = format!(
+            "the running keeper (protocol {}) cannot put agents in cgroups; they get them once it is restarted",
+            keeper.version
+        );
+        tracing::warn!("{why}");
+        cgroup::Cgroups::off(why)
+    } else {
+        cgroup::Cgroups::detect(config.cgroups, &config.cgroup_parent, &config.host_id)?
+    };
     let caps = cgroups.caps().clone();
     tracing::info!(mode = caps.mode.name(), freeze = caps.freeze, memory = caps.memory, pids = caps.pids, cpu = caps.cpu, detail = %caps.detail, "agents' cgroups");
     // A fresh id for this start: records started by an earlier one are

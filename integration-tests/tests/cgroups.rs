@@ -10,8 +10,8 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use agentplane::proto::v1::{
-    AgentSpec, AgentState, ExitReason, PauseAgentRequest, Placement, Resources, ResumeAgentRequest,
-    SpawnAgentRequest, StartAgentRequest, StopAgentRequest,
+    restart_policy, AgentSpec, AgentState, ExitReason, PauseAgentRequest, Placement, Resources,
+    RestartPolicy, ResumeAgentRequest, SpawnAgentRequest, StartAgentRequest, StopAgentRequest,
 };
 use agentplane_integration_tests::{eventually, procfs, TestCluster};
 use nix::sys::signal::{kill, Signal};
@@ -432,5 +432,54 @@ async fn a_limit_no_host_can_enforce_is_refused_saying_which_host_and_why() {
         1,
         "only the header"
     );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_into_a_cgroup_left_frozen_runs_and_the_host_keeps_answering() {
+    if !v1_cgroups() {
+        return;
+    }
+    let cluster = TestCluster::builder().hosts(1).start().await;
+    let a = cluster
+        .spawn_spec(AgentSpec {
+            restart: Some(RestartPolicy {
+                mode: restart_policy::Mode::Always as i32,
+                max_restarts: None,
+                initial_backoff: Some(prost_types::Duration {
+                    seconds: 1,
+                    nanos: 0,
+                }),
+                ..Default::default()
+            }),
+            ..on("h1", &["sleep", "100000"])
+        })
+        .await;
+    let dir = procfs::cgroup_dir(a.pid, Some("freezer")).expect("a freezer cgroup");
+    kill(Pid::from_raw(a.pid), Signal::SIGKILL).expect("kill the agent");
+    // Its end is handled (PENDING, waiting out its backoff); then its
+    // empty cgroup is left frozen, as a pause racing that end could.
+    cluster
+        .wait_state(&a.id, AgentState::Pending, Duration::from_secs(5))
+        .await;
+    std::fs::write(dir.join("freezer.state"), "FROZEN").expect("freeze");
+    // A process joining a frozen cgroup stops before its exec: the keeper,
+    // waiting for that exec, would serve nobody again.
+    let b = cluster
+        .wait_agent(
+            &a.id,
+            "restarted and running",
+            Duration::from_secs(10),
+            |r| r.state() == AgentState::Running && r.restarts == 1 && r.pid > 0,
+        )
+        .await;
+    assert!(!procfs::stat(b.pid).expect("stat").paused(), "it runs");
+    assert_eq!(
+        procfs::cgroup_dir(b.pid, Some("freezer")),
+        Some(dir),
+        "in the same cgroup"
+    );
+    let c = cluster.spawn_spec(on("h1", &["sleep", "100000"])).await;
+    assert!(procfs::is_alive(c.pid), "the host still starts agents");
     cluster.finish().await;
 }

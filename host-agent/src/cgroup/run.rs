@@ -64,6 +64,10 @@ impl RunCgroup {
                 source,
             })?;
         }
+        // A reused cgroup may have been left frozen (a pause that raced
+        // the end of the last run): a process joining a frozen cgroup
+        // stops before its exec, and its starter waits for that exec.
+        thaw(self.dir());
         let v2 = self.flavor == Flavor::V2;
         let dir_of = |controller: &str| -> &Path {
             self.others()
@@ -246,37 +250,53 @@ fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
+/// Thaws cgroup `dir` (v1 `freezer.state`, v2 `cgroup.freeze`), if it
+/// can be frozen at all.
+pub fn thaw(dir: &Path) {
+    if dir.join("freezer.state").exists() {
+        let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
+    } else if dir.join("cgroup.freeze").exists() {
+        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
+    }
+}
+
+/// How long one round of [`kill_members`] waits for the freeze to hold.
+const KILL_FREEZE_WAIT: Duration = Duration::from_millis(20);
+
 /// SIGKILLs every process in cgroup `dir`, whichever hierarchy: v2's
-/// `cgroup.kill` where the kernel has it, else frozen first so that no
-/// member forks between the read of its members and the signals, then
-/// thawed (a frozen process acts on SIGKILL only once thawed). What the
-/// guard does for each run after the keeper died.
+/// `cgroup.kill` where the kernel has it; else each round freezes the
+/// cgroup, waits (bounded) until the kernel says it is frozen, so that no
+/// member forks between the read of the members and the signals, sends
+/// them all SIGKILL and thaws (a frozen process acts on SIGKILL only once
+/// thawed). It always ends thawed: a frozen empty cgroup would freeze the
+/// next run that joins it. What the guard does for each run after the
+/// keeper died.
 pub fn kill_members(dir: &Path) {
-    if std::fs::write(dir.join("cgroup.kill"), "1").is_ok() {
-        return;
-    }
-    let (file, frozen, thawed) = if dir.join("freezer.state").exists() {
-        ("freezer.state", "FROZEN", "THAWED")
-    } else {
-        ("cgroup.freeze", "1", "0")
-    };
-    // A child forked between the read and the signals is not killed by
-    // them (a pending SIGKILL only stops later forks): a few rounds, until
-    // a read finds nobody (exited members may linger in the list until the
-    // keeper reaps them, hence the bound).
-    for _ in 0..4 {
-        let pids = members_of(dir);
-        if pids.is_empty() {
-            break;
-        }
-        let froze = std::fs::write(dir.join(file), frozen).is_ok();
-        for p in pids {
-            if p > 1 {
-                let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+    if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
+        let (file, frozen) = if dir.join("freezer.state").exists() {
+            ("freezer.state", "FROZEN")
+        } else {
+            ("cgroup.freeze", "1")
+        };
+        // Exited members may linger in the list until the keeper reaps
+        // them, hence the bound on rounds.
+        for _ in 0..4 {
+            if members_of(dir).is_empty() {
+                break;
             }
-        }
-        if froze {
-            let _ = std::fs::write(dir.join(file), thawed);
+            if std::fs::write(dir.join(file), frozen).is_ok() {
+                let deadline = std::time::Instant::now() + KILL_FREEZE_WAIT;
+                while !is_frozen(dir) && std::time::Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+            }
+            for p in members_of(dir) {
+                if p > 1 {
+                    let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
+                }
+            }
+            thaw(dir);
         }
     }
+    thaw(dir);
 }

@@ -38,7 +38,7 @@ pub enum KeeperError {
     #[error("another host agent is attached to the keeper of this data dir (is a second host agent using --data-dir {0}?)")]
     Busy(String),
     /// The keeper speaks another protocol version.
-    #[error("the keeper speaks protocol {theirs}, this host agent {ours}: stop the old keeper (its agents stop with it)")]
+    #[error("the keeper speaks protocol {theirs}, this host agent {ours} (and at least 1): stop the old keeper (its agents stop with it)")]
     Version {
         /// The keeper's.
         theirs: u32,
@@ -93,6 +93,9 @@ pub struct Keeper {
     pending: Arc<Mutex<Pending>>,
     /// The keeper's pid.
     pub pid: i32,
+    /// The keeper's protocol version (a keeper started by an older host
+    /// agent may speak an older one).
+    pub version: u32,
     /// Cancelled once the keeper is gone.
     pub gone: CancellationToken,
 }
@@ -149,18 +152,24 @@ impl Keeper {
         };
         wire::send_msg(&sock, &hello, &[]).await?;
         let mut pid = 0;
+        let mut version = 0;
         let mut kept = Vec::new();
         let mut exits = HashMap::new();
         loop {
             let (msg, fds) = wire::recv_msg::<FromKeeper>(&sock).await?;
             match msg.kind {
-                Some(from_keeper::Kind::Welcome(w)) if w.version != proto::VERSION => {
+                Some(from_keeper::Kind::Welcome(w))
+                    if !(proto::MIN_VERSION..=proto::VERSION).contains(&w.version) =>
+                {
                     return Err(KeeperError::Version {
                         theirs: w.version,
                         ours: proto::VERSION,
                     })
                 }
-                Some(from_keeper::Kind::Welcome(w)) => pid = w.pid,
+                Some(from_keeper::Kind::Welcome(w)) => {
+                    pid = w.pid;
+                    version = w.version;
+                }
                 Some(from_keeper::Kind::Busy(_)) => {
                     return Err(KeeperError::Busy(data_dir.display().to_string()))
                 }
@@ -196,6 +205,7 @@ impl Keeper {
             seq: AtomicU64::new(1),
             pending: Arc::new(Mutex::new(HashMap::new())),
             pid,
+            version,
             gone: CancellationToken::new(),
         });
         let (pending, gone) = (keeper.pending.clone(), keeper.gone.clone());

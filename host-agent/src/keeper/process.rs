@@ -328,6 +328,15 @@ async fn send(
 /// end, stdout's and stderr's read ends; or the terminal's master and a
 /// relay pipe's read and write ends).
 fn start(l: &proto::Launch) -> std::io::Result<(i32, Vec<OwnedFd>)> {
+    // A child that joins a frozen cgroup stops before its exec, and the
+    // spawn below waits for that exec: this whole process would hang.
+    if let Some(dir) = l
+        .cgroup_procs
+        .first()
+        .and_then(|f| f.strip_suffix("/cgroup.procs"))
+    {
+        crate::cgroup::thaw(Path::new(dir));
+    }
     let (mut cmd, pty) = spawn::command(l)?;
     let mut child = cmd.spawn()?;
     // The command holds the terminal's slave side: closed now, so the

@@ -5,8 +5,14 @@
 
 use std::collections::HashMap;
 
-/// The protocol version both sides must speak.
-pub const VERSION: u32 = 1;
+/// This side's protocol version. 2 added `Launch::cgroup_procs`.
+pub const VERSION: u32 = 2;
+/// The oldest keeper a host agent still works with (a keeper outlives
+/// host-agent upgrades): a keeper of protocol 1 ignores `cgroup_procs`, so
+/// the host agent gives its agents no cgroups (`cgroup::Cgroups::off`).
+pub const MIN_VERSION: u32 = 1;
+/// The first version whose keeper puts a run in its cgroups.
+pub const CGROUPS_VERSION: u32 = 2;
 
 /// How to start one program: everything resolved by the host agent, so the
 /// keeper applies no policy of its own.

@@ -85,11 +85,16 @@ impl Supervisor {
             .cgroups
             .run(&k.tag, &resources)
             .filter(|c| c.dir().is_dir());
+        // OOM kills counted before this host agent are not this run's to
+        // report (one while no host agent was attached is missed).
+        let seen = cgroup.as_ref().map_or(0, |c| c.oom_kills());
         let slot = Arc::new(
             AgentSlot::new(p.id.clone(), p.generation, spec, k.tag.clone(), log)
                 .taken_at(p.created_at_ms)
                 .in_cgroup(cgroup),
         );
+        slot.oom_kills_seen
+            .store(seen, std::sync::atomic::Ordering::Relaxed);
         let pid = k.run.pid;
         // Ended, with a restart waiting out its backoff: PENDING until the
         // deadline the earlier host agent set.
@@ -136,10 +141,11 @@ impl Supervisor {
         // Its record still carries the earlier incarnation: rewritten with
         // this one as soon as a heartbeat succeeds.
         self.keep_unrecorded_quietly(&slot);
-        // Silent past idle_after already: the earlier host agent marked it
-        // idle (record flag, AGENT_IDLE) when it crossed, so this one goes
-        // on from idle and does not announce it again.
-        if resume.is_none() && idle::silent_past_idle_after(&slot) {
+        // Announced idle by the earlier host agent (record flag and
+        // AGENT_IDLE): this one goes on from idle and does not announce it
+        // again. One that went silent while no host agent was attached is
+        // announced by this one's watcher.
+        if resume.is_none() && idle::announced(&self.agent_dir(&slot.tag)) {
             slot.idle.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         self.watch_idle(&slot);

@@ -111,6 +111,9 @@ pub struct AgentSlot {
     ended: watch::Sender<bool>,
     /// Its runs' cgroup (one for all its restarts); `None` without cgroups.
     pub cgroup: Option<crate::cgroup::RunCgroup>,
+    /// The OOM kills its cgroup had counted at the last end handled (or
+    /// at adoption): a run that ends by SIGKILL with more was OOM-killed.
+    pub oom_kills_seen: std::sync::atomic::AtomicU64,
     /// Set when the record refused this slot's run (fenced): its end is not
     /// written, as the record belongs to another step now.
     disowned: std::sync::atomic::AtomicBool,
@@ -151,6 +154,7 @@ impl AgentSlot {
             }),
             ended: watch::channel(false).0,
             cgroup: None,
+            oom_kills_seen: std::sync::atomic::AtomicU64::new(0),
             disowned: std::sync::atomic::AtomicBool::new(false),
         }
     }

@@ -45,12 +45,20 @@ impl Supervisor {
             if signal::to_group(s.pid, Signal::SIGCONT)? == Delivery::Gone {
                 return Err(gone());
             }
-            if let Err(source) = cg.freeze(pause, PAUSE_WAIT).await {
-                let _ = cg.freeze(!pause, PAUSE_WAIT).await;
-                return Err(SupervisorError::Cgroup {
-                    id: slot.id.clone(),
-                    source,
-                });
+            match cg.freeze(pause, PAUSE_WAIT).await {
+                Ok(()) => {}
+                // As with SIGSTOP: a member in an uninterruptible wait
+                // freezes when it leaves it; the freeze stays asked for.
+                Err(e @ crate::cgroup::CgroupError::Freeze { .. }) => {
+                    tracing::warn!(agent = %slot.id, error = %e, "paused, with a process not frozen yet");
+                }
+                Err(source) => {
+                    let _ = cg.freeze(!pause, PAUSE_WAIT).await;
+                    return Err(SupervisorError::Cgroup {
+                        id: slot.id.clone(),
+                        source,
+                    });
+                }
             }
         } else {
             self.stop_or_continue(&slot, s.pid, pause).await?;

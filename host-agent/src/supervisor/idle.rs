@@ -77,6 +77,7 @@ impl Supervisor {
         if let Err(e) = self.registry.update_agent(&slot.id, &expect, &update).await {
             tracing::warn!(agent = %slot.id, error = %e, "cannot record idleness");
         }
+        let marker = self.agent_dir(&slot.tag).join(IDLE_FILE);
         if idle {
             tracing::info!(agent = %slot.id, "agent idle");
             if let Err(e) = self
@@ -91,17 +92,25 @@ impl Supervisor {
             {
                 tracing::warn!(agent = %slot.id, error = %e, "cannot append AGENT_IDLE");
             }
+            // After the event: a host agent killed in between announces it
+            // again rather than never.
+            if let Err(e) = std::fs::write(&marker, b"") {
+                tracing::warn!(agent = %slot.id, error = %e, "cannot mark the run idle on disk; a restarted host agent announces it again");
+            }
+        } else {
+            let _ = std::fs::remove_file(&marker);
         }
     }
 }
 
-/// True when `slot`'s spec asks for idle detection and its output has been
-/// silent for its `idle_after` already.
-pub(super) fn silent_past_idle_after(slot: &AgentSlot) -> bool {
-    slot.spec
-        .idle_after
-        .as_ref()
-        .is_some_and(|a| silence(&slot.output) >= duration_from_proto(a))
+/// The file in a run's directory that says its idleness was announced
+/// (record flag and AGENT_IDLE): an adopting host agent goes on from idle
+/// instead of announcing it again.
+const IDLE_FILE: &str = "idle";
+
+/// True when run directory `dir` says its idleness was announced.
+pub(super) fn announced(dir: &std::path::Path) -> bool {
+    dir.join(IDLE_FILE).exists()
 }
 
 /// How long the agent has been silent.

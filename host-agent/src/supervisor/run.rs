@@ -35,7 +35,6 @@ impl Supervisor {
         let mut consecutive = resume.map_or(0, |b| b.consecutive.saturating_sub(1));
         loop {
             let started = Instant::now();
-            let ooms = slot.cgroup.as_ref().map_or(0, |c| c.oom_kills());
             let waited = self.wait_run(&slot, &mut exit_rx).await;
             let status = match waited {
                 Waited::Exit(status) => status,
@@ -53,7 +52,11 @@ impl Supervisor {
             let requested = slot.status().requested;
             let mut exit = exit_status(status, requested);
             if let Some(cg) = &slot.cgroup {
-                oom_killed(&mut exit, cg, ooms);
+                let now = cg.oom_kills();
+                let before = slot
+                    .oom_kills_seen
+                    .swap(now, std::sync::atomic::Ordering::Relaxed);
+                oom_killed(&mut exit, cg, before);
             }
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
             let decision = restart::decide(

@@ -71,9 +71,15 @@ pub fn command(l: &Launch) -> std::io::Result<(std::process::Command, Option<Own
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
     }
-    if !l.cwd.is_empty() {
-        cmd.current_dir(&l.cwd);
-    }
+    // Entered after the user switch (below), as that user: a directory it
+    // may not enter fails the start, as it would with std's own order.
+    let cwd = if l.cwd.is_empty() {
+        None
+    } else {
+        Some(std::ffi::CString::new(l.cwd.as_bytes()).map_err(|_| {
+            std::io::Error::new(std::io::ErrorKind::InvalidInput, "cwd contains a NUL byte")
+        })?)
+    };
     // Opened here, written by the child: it joins its cgroups itself,
     // before the exec, so that nothing it starts is ever outside them.
     let cgroups = l
@@ -93,6 +99,7 @@ pub fn command(l: &Launch) -> std::io::Result<(std::process::Command, Option<Own
         cgroups,
         uid: l.uid,
         gid: l.gid,
+        cwd,
     };
     before_exec(&mut cmd, pre);
     Ok((cmd, pty))
@@ -176,13 +183,15 @@ struct PreExec {
     cgroups: Vec<OwnedFd>,
     uid: Option<u32>,
     gid: Option<u32>,
+    /// The directory to start in, entered as the agent's user.
+    cwd: Option<std::ffi::CString>,
 }
 
 #[allow(unsafe_code)]
 fn before_exec(cmd: &mut std::process::Command, pre: PreExec) {
     // SAFETY: the closure runs in the forked child before exec, after std has
     // set up its stdio. It only makes raw system calls (sigprocmask, write,
-    // setsid, ioctl, setgroups, setgid, setuid, prctl, close_range or fcntl,
+    // setsid, ioctl, setgroups, setgid, setuid, chdir, prctl, close_range or fcntl,
     // getrlimit, setrlimit), which are async-signal-safe; it allocates
     // nothing (everything was built before the fork) and takes no lock. The
     // descriptors it writes to and marks are the child's own copies.
@@ -221,6 +230,11 @@ fn before_exec(cmd: &mut std::process::Command, pre: PreExec) {
             }
             if let Some(uid) = pre.uid {
                 if libc::setuid(uid) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            if let Some(dir) = &pre.cwd {
+                if libc::chdir(dir.as_ptr()) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
             }
