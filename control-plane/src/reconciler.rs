@@ -10,9 +10,11 @@
 //! restarted, and settled the records it no longer holds as LOST before its
 //! first heartbeat) has its LOST restartable agents placed again at once.
 //! Then one slice of the record sweep (see [`crate::sweep`]) checks every
-//! record against its lease, a slice per pass. After the reconciler itself saw the registry fail, it
-//! declares nothing lost for one heartbeat TTL plus two passes: keys that
-//! expired during the outage (a frozen Redis keeps counting TTLs) must not be
+//! record against its lease, a slice per pass. After the reconciler itself saw the registry fail,
+//! or answer one of the reads that decide losses a heartbeat period late
+//! (a frozen Redis that came back within the response timeout), it declares
+//! nothing lost for one heartbeat TTL plus two passes: keys that expired
+//! during the outage (a frozen Redis keeps counting TTLs) must not be
 //! mistaken for dead hosts before they had a chance to heartbeat again.
 
 use std::collections::{HashMap, HashSet};
@@ -34,6 +36,14 @@ use crate::sweep::Sweep;
 /// Assumed heartbeat TTL before any host has published its own.
 const DEFAULT_TTL: Duration = Duration::from_secs(10);
 
+/// How long a read that decides losses may take before it counts as an
+/// outage: a heartbeat period (a third of `ttl`), and at most a second (a
+/// Redis answers in milliseconds; before any host published its TTL the
+/// default one would be far too long).
+fn slow(ttl: Duration) -> Duration {
+    (ttl / 3).min(Duration::from_secs(1))
+}
+
 /// The reconciler of one replica.
 pub struct Reconciler {
     registry: Registry,
@@ -41,6 +51,11 @@ pub struct Reconciler {
     period: Duration,
     max_ttl: Duration,
     last_error: Option<Instant>,
+    /// A read of this pass that decides losses was slow (`read_took`).
+    slow_read: bool,
+    /// The longest heartbeat TTL the live hosts published at the last
+    /// pass that saw any (the default before): a third of it is a beat.
+    ttl_now: Duration,
     sweep: Sweep,
     /// The incarnation each live host had at the previous pass.
     incarnations: HashMap<String, String>,
@@ -73,6 +88,8 @@ impl Reconciler {
             period,
             max_ttl: DEFAULT_TTL,
             last_error: None,
+            slow_read: false,
+            ttl_now: DEFAULT_TTL,
             incarnations: HashMap::new(),
             restarting: HashSet::new(),
         }
@@ -88,7 +105,13 @@ impl Reconciler {
                 () = cancel.cancelled() => return,
                 _ = tick.tick() => {}
             }
-            if let Err(e) = self.pass().await {
+            self.slow_read = false;
+            let result = self.pass().await;
+            if self.slow_read {
+                // Answered, but late: see `read_took`.
+                self.last_error = Some(Instant::now());
+            }
+            if let Err(e) = result {
                 if self
                     .last_error
                     .is_none_or(|t| t.elapsed() > Duration::from_secs(30))
@@ -106,7 +129,20 @@ impl Reconciler {
             .is_some_and(|t| t.elapsed() < self.max_ttl + 2 * self.period)
     }
 
+    /// Notes how long a read that decides losses took since `asked`. One
+    /// that took a heartbeat period or more (a stall, or a frozen Redis
+    /// that came back before the response timeout, so nothing failed) is
+    /// an outage, as if it had failed: hosts could not beat meanwhile and a
+    /// frozen Redis keeps counting TTLs, so keys that expired then are not
+    /// dead hosts.
+    fn read_took(&mut self, asked: Instant) {
+        if asked.elapsed() >= slow(self.ttl_now) {
+            self.slow_read = true;
+        }
+    }
+
     async fn pass(&mut self) -> Result<(), RegistryError> {
+        let asked = Instant::now();
         let live: HashMap<String, HostRecord> = self
             .registry
             .list_hosts()
@@ -117,10 +153,20 @@ impl Reconciler {
         if let Some(ms) = live.values().map(|h| h.ttl_ms).max() {
             self.max_ttl = self.max_ttl.max(Duration::from_millis(ms));
         }
-        let may_lose = !self.settling();
+        // Judged by the TTLs of the last pass that saw hosts: a read that
+        // took long may come back with every host key expired.
+        let slow_after = self.ttl_now;
+        if let Some(ms) = live.values().map(|h| h.ttl_ms).max().filter(|ms| *ms > 0) {
+            self.ttl_now = Duration::from_millis(ms);
+        }
+        if asked.elapsed() >= slow(slow_after) {
+            self.slow_read = true;
+        }
+        let may_lose = |r: &Self| !r.settling() && !r.slow_read;
         let mut cursor = 0;
         let mut restarting = HashSet::new();
         loop {
+            let asked = Instant::now();
             let (next, hosts) = self.registry.scan_host_sets(cursor, 200).await?;
             let down: Vec<String> = hosts
                 .into_iter()
@@ -129,10 +175,11 @@ impl Reconciler {
             // A host whose keeper says the machine is alive is restarting:
             // its agents run on, held by the keeper.
             let held = self.registry.restarting(&down).await?;
+            self.read_took(asked);
             for host in &down {
                 if held.contains_key(host) {
                     restarting.insert(host.clone());
-                } else if may_lose {
+                } else if may_lose(self) {
                     self.lost_host(host).await?;
                 }
             }
@@ -168,7 +215,7 @@ impl Reconciler {
         }
         let stats = self
             .sweep
-            .pass(&live, &restarting, may_lose, self.period / 4)
+            .pass(&live, &restarting, may_lose(self), self.period / 4)
             .await?;
         self.restarting = restarting;
         if stats.acted > 0 {

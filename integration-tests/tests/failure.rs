@@ -308,6 +308,32 @@ async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_frozen_past_the_ttl_but_within_the_response_timeout_loses_nothing() {
+    // 1.8 s: every host key expires, yet a call made during the freeze is
+    // answered (late) rather than timed out (2 s), so no reconciler sees
+    // an error. The soak found a host declared lost this way (seed
+    // 20261203, round 250).
+    let ttl = Duration::from_millis(1500);
+    let cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(ttl)
+        .start()
+        .await;
+    spawn_always_and_never(&cluster, 6).await;
+    let before = all_agents(&cluster).await;
+    for _ in 0..3 {
+        cluster.redis.freeze();
+        tokio::time::sleep(Duration::from_millis(1800)).await;
+        cluster.redis.thaw();
+        // Far more than a TTL for the reconcilers to (wrongly) act.
+        tokio::time::sleep(ttl * 2).await;
+        cluster.wait_for_hosts(2).await;
+    }
+    assert_untouched(&cluster, &before).await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
     let ttl = Duration::from_millis(1500);
     let mut cluster = TestCluster::builder()
