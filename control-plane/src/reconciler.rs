@@ -150,17 +150,13 @@ impl Reconciler {
             .into_iter()
             .map(|h| (h.id.clone(), h))
             .collect();
-        if let Some(ms) = live.values().map(|h| h.ttl_ms).max() {
-            self.max_ttl = self.max_ttl.max(Duration::from_millis(ms));
-        }
-        // Judged by the TTLs of the last pass that saw hosts: a read that
-        // took long may come back with every host key expired.
-        let slow_after = self.ttl_now;
-        if let Some(ms) = live.values().map(|h| h.ttl_ms).max().filter(|ms| *ms > 0) {
-            self.ttl_now = Duration::from_millis(ms);
-        }
-        if asked.elapsed() >= slow(slow_after) {
-            self.slow_read = true;
+        // Judged by the TTLs of the last pass that saw hosts (a read that
+        // took long may come back with every host key expired).
+        self.read_took(asked);
+        let ttl = live.values().map(|h| h.ttl_ms).max().filter(|ms| *ms > 0);
+        if let Some(ttl) = ttl.map(Duration::from_millis) {
+            self.max_ttl = self.max_ttl.max(ttl);
+            self.ttl_now = ttl;
         }
         let may_lose = |r: &Self| !r.settling() && !r.slow_read;
         let mut cursor = 0;

@@ -260,16 +260,25 @@ async fn assert_untouched(cluster: &TestCluster, before: &[Agent]) {
     assert_eq!(lost, 0, "nothing declared LOST by the outage");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing() {
-    let ttl = Duration::from_millis(1500);
+/// The heartbeat TTL of the Redis-outage tests.
+const TTL: Duration = Duration::from_millis(1500);
+
+/// Two hosts (TTL 1.5 s) running six agents, half restart-always, and
+/// their records.
+async fn two_hosts_with_six_agents() -> (TestCluster, Vec<Agent>) {
     let cluster = TestCluster::builder()
         .hosts(2)
-        .heartbeat_ttl(ttl)
+        .heartbeat_ttl(TTL)
         .start()
         .await;
     spawn_always_and_never(&cluster, 6).await;
     let before = all_agents(&cluster).await;
+    (cluster, before)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing() {
+    let (cluster, before) = two_hosts_with_six_agents().await;
     let mut c = cluster.client().await;
 
     cluster.redis.freeze();
@@ -301,7 +310,7 @@ async fn a_redis_frozen_for_thirty_seconds_kills_reschedules_and_loses_nothing()
         }
     })
     .await;
-    tokio::time::sleep(ttl * 3).await;
+    tokio::time::sleep(TTL * 3).await;
     cluster.wait_for_hosts(2).await;
     assert_untouched(&cluster, &before).await;
     cluster.finish().await;
@@ -313,20 +322,13 @@ async fn a_redis_frozen_past_the_ttl_but_within_the_response_timeout_loses_nothi
     // answered (late) rather than timed out (2 s), so no reconciler sees
     // an error. The soak found a host declared lost this way (seed
     // 20261203, round 250).
-    let ttl = Duration::from_millis(1500);
-    let cluster = TestCluster::builder()
-        .hosts(2)
-        .heartbeat_ttl(ttl)
-        .start()
-        .await;
-    spawn_always_and_never(&cluster, 6).await;
-    let before = all_agents(&cluster).await;
+    let (cluster, before) = two_hosts_with_six_agents().await;
     for _ in 0..3 {
         cluster.redis.freeze();
         tokio::time::sleep(Duration::from_millis(1800)).await;
         cluster.redis.thaw();
         // Far more than a TTL for the reconcilers to (wrongly) act.
-        tokio::time::sleep(ttl * 2).await;
+        tokio::time::sleep(TTL * 2).await;
         cluster.wait_for_hosts(2).await;
     }
     assert_untouched(&cluster, &before).await;
@@ -335,14 +337,7 @@ async fn a_redis_frozen_past_the_ttl_but_within_the_response_timeout_loses_nothi
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
-    let ttl = Duration::from_millis(1500);
-    let mut cluster = TestCluster::builder()
-        .hosts(2)
-        .heartbeat_ttl(ttl)
-        .start()
-        .await;
-    spawn_always_and_never(&cluster, 6).await;
-    let before = all_agents(&cluster).await;
+    let (mut cluster, before) = two_hosts_with_six_agents().await;
     let mut c = cluster.client().await;
     cluster.redis.stop();
     let e = c
@@ -350,7 +345,7 @@ async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
         .await
         .unwrap_err();
     assert_eq!(e.code(), Code::Unavailable);
-    tokio::time::sleep(ttl * 2).await;
+    tokio::time::sleep(TTL * 2).await;
     cluster.redis.restart().await;
     eventually(Duration::from_secs(5), "every agent written back", || {
         let mut c = c.clone();
@@ -366,7 +361,7 @@ async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
         }
     })
     .await;
-    tokio::time::sleep(ttl * 3).await;
+    tokio::time::sleep(TTL * 3).await;
     assert_untouched(&cluster, &before).await;
     cluster.finish().await;
 }

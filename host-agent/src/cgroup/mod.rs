@@ -80,23 +80,58 @@ pub enum CgroupError {
     },
 }
 
-/// A v1 hierarchy this host agent uses, with its runs' parent directory.
-#[derive(Debug, Clone)]
-struct Hierarchy {
-    controller: &'static str,
-    host_dir: PathBuf,
+/// A limit a cgroup controller holds (`spec.resources`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    /// `memory_bytes`.
+    Memory,
+    /// `pids`.
+    Pids,
+    /// `cpu_millis`.
+    Cpu,
+}
+
+impl Limit {
+    const ALL: [Limit; 3] = [Limit::Memory, Limit::Pids, Limit::Cpu];
+
+    /// The controller's name.
+    fn controller(self) -> &'static str {
+        match self {
+            Limit::Memory => "memory",
+            Limit::Pids => "pids",
+            Limit::Cpu => "cpu",
+        }
+    }
+
+    /// Says in `caps` that this host enforces it.
+    fn enforced_in(self, caps: &mut HostCgroups) {
+        match self {
+            Limit::Memory => caps.memory = true,
+            Limit::Pids => caps.pids = true,
+            Limit::Cpu => caps.cpu = true,
+        }
+    }
+
+    /// True when `r` sets it.
+    fn asked_by(self, r: &Resources) -> bool {
+        match self {
+            Limit::Memory => r.memory_bytes.is_some(),
+            Limit::Pids => r.pids.is_some(),
+            Limit::Cpu => r.cpu_millis.is_some(),
+        }
+    }
 }
 
 /// This host's cgroups.
 #[derive(Debug, Clone)]
 pub struct Cgroups {
     caps: HostCgroups,
-    /// v1: freezer first, then memory, pids, cpu where usable. v2: one
-    /// entry (`controller` empty).
-    dirs: Vec<Hierarchy>,
+    /// Where runs' membership cgroups go (v1: the freezer hierarchy's
+    /// `PARENT/HOST`, v2: the unified one's); `None` without cgroups.
+    host_dir: Option<PathBuf>,
+    /// v1: each usable limit hierarchy's `PARENT/HOST`.
+    limit_dirs: Vec<(Limit, PathBuf)>,
 }
-
-const V1_LIMITS: [&str; 3] = ["memory", "pids", "cpu"];
 
 impl Cgroups {
     /// No cgroups.
@@ -107,7 +142,8 @@ impl Cgroups {
                 detail: detail.into(),
                 ..HostCgroups::default()
             },
-            dirs: Vec::new(),
+            host_dir: None,
+            limit_dirs: Vec::new(),
         }
     }
 
@@ -150,34 +186,28 @@ impl Cgroups {
             Ok(dir)
         };
         let freezer = dir_for("freezer")?;
-        let mut dirs = vec![Hierarchy {
-            controller: "freezer",
-            host_dir: freezer,
-        }];
+        let mut limit_dirs = Vec::new();
         let mut missing = Vec::new();
         let mut caps = HostCgroups {
             mode: CgroupMode::V1,
             freeze: true,
             ..HostCgroups::default()
         };
-        for c in V1_LIMITS {
-            match dir_for(c) {
-                Ok(host_dir) => {
-                    match c {
-                        "memory" => caps.memory = true,
-                        "pids" => caps.pids = true,
-                        _ => caps.cpu = true,
-                    }
-                    dirs.push(Hierarchy {
-                        controller: c,
-                        host_dir,
-                    });
+        for limit in Limit::ALL {
+            match dir_for(limit.controller()) {
+                Ok(dir) => {
+                    limit.enforced_in(&mut caps);
+                    limit_dirs.push((limit, dir));
                 }
                 Err(e) => missing.push(e),
             }
         }
         caps.detail = missing.join("; ");
-        Ok(Self { caps, dirs })
+        Ok(Self {
+            caps,
+            host_dir: Some(freezer),
+            limit_dirs,
+        })
     }
 
     fn v2(mounts: &[detect::Mount], own: &str, parent: &str, host: &str) -> Result<Self, String> {
@@ -205,23 +235,17 @@ impl Cgroups {
             Some(_) => m.point.clone(),
             None => own_dir,
         };
-        for c in V1_LIMITS {
-            match enable_down(&base, &dir, c) {
-                Ok(()) => match c {
-                    "memory" => caps.memory = true,
-                    "pids" => caps.pids = true,
-                    _ => caps.cpu = true,
-                },
-                Err(e) => notes.push(format!("{c}: {e}")),
+        for limit in Limit::ALL {
+            match enable_down(&base, &dir, limit.controller()) {
+                Ok(()) => limit.enforced_in(&mut caps),
+                Err(e) => notes.push(format!("{}: {e}", limit.controller())),
             }
         }
         caps.detail = notes.join("; ");
         Ok(Self {
             caps,
-            dirs: vec![Hierarchy {
-                controller: "",
-                host_dir: dir,
-            }],
+            host_dir: Some(dir),
+            limit_dirs: Vec::new(),
         })
     }
 
@@ -233,41 +257,18 @@ impl Cgroups {
     /// The cgroup of run `tag`, whether or not it exists yet: `None`
     /// without cgroups. `limits` says which v1 limit hierarchies it has.
     pub fn run(&self, tag: &str, limits: &Resources) -> Option<RunCgroup> {
-        let first = self.dirs.first()?;
-        let membership = first.host_dir.join(tag);
-        if self.caps.mode == CgroupMode::V2 {
-            let memory = self.caps.memory.then(|| membership.clone());
-            return Some(RunCgroup::new(
-                Flavor::V2,
-                membership,
-                Vec::new(),
-                memory,
-                *limits,
-            ));
-        }
-        let mut others = Vec::new();
-        let mut memory = None;
-        for h in &self.dirs[1..] {
-            let wanted = match h.controller {
-                "memory" => limits.memory_bytes.is_some(),
-                "pids" => limits.pids.is_some(),
-                _ => limits.cpu_millis.is_some(),
-            };
-            if wanted {
-                let d = h.host_dir.join(tag);
-                if h.controller == "memory" {
-                    memory = Some(d.clone());
-                }
-                others.push((h.controller, d));
-            }
-        }
-        Some(RunCgroup::new(
-            Flavor::V1,
-            membership,
-            others,
-            memory,
-            *limits,
-        ))
+        let membership = self.host_dir.as_ref()?.join(tag);
+        let flavor = match self.caps.mode {
+            CgroupMode::V2 => Flavor::V2,
+            _ => Flavor::V1,
+        };
+        let others = self
+            .limit_dirs
+            .iter()
+            .filter(|(l, _)| l.asked_by(limits))
+            .map(|(l, d)| (*l, d.join(tag)))
+            .collect();
+        Some(RunCgroup::new(flavor, membership, others, *limits))
     }
 
     /// Kills what is left in, and removes, every run cgroup of this host
@@ -275,8 +276,12 @@ impl Cgroups {
     /// Returns how many processes it killed.
     pub fn sweep_except(&self, keep: &HashSet<String>) -> usize {
         let mut killed = 0;
-        for h in &self.dirs {
-            let Ok(entries) = std::fs::read_dir(&h.host_dir) else {
+        let dirs = self
+            .host_dir
+            .iter()
+            .chain(self.limit_dirs.iter().map(|(_, d)| d));
+        for host_dir in dirs {
+            let Ok(entries) = std::fs::read_dir(host_dir) else {
                 continue;
             };
             for e in entries.flatten() {

@@ -11,7 +11,7 @@ use nix::unistd::Pid;
 
 use agentplane::cgroups::Resources;
 
-use super::CgroupError;
+use super::{CgroupError, Limit};
 
 /// Which hierarchy the run's cgroup is in.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -28,11 +28,8 @@ pub struct RunCgroup {
     flavor: Flavor,
     /// Membership and freezing: v1's freezer cgroup, or the v2 cgroup.
     membership: PathBuf,
-    /// v1: the memory, pids and cpu cgroups the run has limits in, by
-    /// controller.
-    others: Vec<(&'static str, PathBuf)>,
-    /// v1: the memory cgroup, for OOM kills (v2: `membership`).
-    memory: Option<PathBuf>,
+    /// v1: the memory, pids and cpu cgroups the run has limits in.
+    others: Vec<(Limit, PathBuf)>,
     /// The limits it holds.
     limits: Resources,
 }
@@ -41,45 +38,52 @@ impl RunCgroup {
     pub(super) fn new(
         flavor: Flavor,
         membership: PathBuf,
-        others: Vec<(&'static str, PathBuf)>,
-        memory: Option<PathBuf>,
+        others: Vec<(Limit, PathBuf)>,
         limits: Resources,
     ) -> Self {
         Self {
             flavor,
             membership,
             others,
-            memory,
             limits,
         }
+    }
+
+    /// The cgroup that holds `limit`: in v1 its own hierarchy's (if the
+    /// run has one), in v2 the run's one cgroup.
+    fn dir_of(&self, limit: Limit) -> Option<&Path> {
+        match self.flavor {
+            Flavor::V2 => Some(&self.membership),
+            Flavor::V1 => self
+                .others
+                .iter()
+                .find(|(l, _)| *l == limit)
+                .map(|(_, d)| d.as_path()),
+        }
+    }
+
+    /// Every cgroup of the run, membership first.
+    fn dirs(&self) -> impl Iterator<Item = &Path> {
+        std::iter::once(self.membership.as_path())
+            .chain(self.others.iter().map(|(_, d)| d.as_path()))
     }
 
     /// Creates its cgroups (a restart finds them there: kept) and writes
     /// its limits, which [`agentplane::cgroups::HostCgroups::refusal`] let
     /// through.
     pub fn create(&self) -> Result<(), CgroupError> {
-        for dir in std::iter::once(self.dir()).chain(self.others().map(|(_, d)| d)) {
+        for dir in self.dirs() {
             std::fs::create_dir_all(dir).map_err(|source| CgroupError::Create {
                 dir: dir.to_owned(),
                 source,
             })?;
         }
-        // A reused cgroup may have been left frozen (a pause that raced
-        // the end of the last run): a process joining a frozen cgroup
-        // stops before its exec, and its starter waits for that exec.
-        thaw(self.dir());
         let v2 = self.flavor == Flavor::V2;
-        let dir_of = |controller: &str| -> &Path {
-            self.others()
-                .find(|(c, _)| *c == controller)
-                .map_or(self.dir(), |(_, d)| d)
-        };
         let l = &self.limits;
-        if let Some(m) = l.memory_bytes {
+        if let (Some(m), Some(d)) = (l.memory_bytes, self.dir_of(Limit::Memory)) {
             // Swap counts too (as in Kubernetes): past the limit the agent
             // is killed, not swapped out. The files exist only with swap
             // accounting on.
-            let d = dir_of("memory");
             if v2 {
                 write(&d.join("memory.max"), &m.to_string())?;
                 if d.join("memory.swap.max").exists() {
@@ -93,16 +97,15 @@ impl RunCgroup {
                 }
             }
         }
-        if let Some(p) = l.pids {
-            write(&dir_of("pids").join("pids.max"), &p.to_string())?;
+        if let (Some(p), Some(d)) = (l.pids, self.dir_of(Limit::Pids)) {
+            write(&d.join("pids.max"), &p.to_string())?;
         }
-        if let Some(c) = l.cpu_millis {
+        if let (Some(c), Some(d)) = (l.cpu_millis, self.dir_of(Limit::Cpu)) {
             // A 100 ms period: the quota is the period times the CPUs.
             let quota = u64::from(c) * 100;
             if v2 {
-                write(&self.dir().join("cpu.max"), &format!("{quota} 100000"))?;
+                write(&d.join("cpu.max"), &format!("{quota} 100000"))?;
             } else {
-                let d = dir_of("cpu");
                 write(&d.join("cpu.cfs_period_us"), "100000")?;
                 write(&d.join("cpu.cfs_quota_us"), &quota.to_string())?;
             }
@@ -120,15 +123,9 @@ impl RunCgroup {
         &self.membership
     }
 
-    /// v1: the limit hierarchies' cgroups, by controller.
-    pub fn others(&self) -> impl Iterator<Item = (&'static str, &Path)> {
-        self.others.iter().map(|(c, d)| (*c, d.as_path()))
-    }
-
     /// The `cgroup.procs` files a new process joins, membership first.
     pub fn procs_files(&self) -> Vec<String> {
-        std::iter::once(self.membership.as_path())
-            .chain(self.others().map(|(_, d)| d))
+        self.dirs()
             .map(|d| d.join("cgroup.procs").to_string_lossy().into_owned())
             .collect()
     }
@@ -141,13 +138,8 @@ impl RunCgroup {
     /// Freezes (`true`) or thaws the whole run at once; a freeze returns
     /// once the kernel says every member is frozen, or at `wait`.
     pub async fn freeze(&self, frozen: bool, wait: Duration) -> Result<(), CgroupError> {
-        let (file, value) = match (self.flavor, frozen) {
-            (Flavor::V1, true) => ("freezer.state", "FROZEN"),
-            (Flavor::V1, false) => ("freezer.state", "THAWED"),
-            (Flavor::V2, true) => ("cgroup.freeze", "1"),
-            (Flavor::V2, false) => ("cgroup.freeze", "0"),
-        };
-        write(&self.membership.join(file), value)?;
+        let f = Freezer::of(&self.membership);
+        write(&self.membership.join(f.file), f.value(frozen))?;
         if !frozen {
             return Ok(());
         }
@@ -178,7 +170,9 @@ impl RunCgroup {
 
     /// OOM kills in the run's memory cgroup so far.
     pub fn oom_kills(&self) -> u64 {
-        let Some(dir) = &self.memory else { return 0 };
+        let Some(dir) = self.dir_of(Limit::Memory) else {
+            return 0;
+        };
         let file = match self.flavor {
             Flavor::V1 => "memory.oom_control",
             Flavor::V2 => "memory.events",
@@ -199,11 +193,10 @@ impl RunCgroup {
     /// is removed already.
     pub async fn remove(&self, wait: Duration) -> Result<(), CgroupError> {
         let deadline = tokio::time::Instant::now() + wait;
-        let dirs: Vec<&Path> = self.others().map(|(_, d)| d).collect();
-        for dir in dirs
-            .into_iter()
-            .chain(std::iter::once(self.membership.as_path()))
-        {
+        // The membership cgroup last: it is what a later sweep finds the
+        // run by.
+        let dirs: Vec<&Path> = self.dirs().collect();
+        for dir in dirs.into_iter().rev() {
             loop {
                 match std::fs::remove_dir(dir) {
                     Ok(()) => break,
@@ -242,6 +235,46 @@ fn is_frozen(dir: &Path) -> bool {
         .is_ok_and(|s| s.lines().any(|l| l.trim() == "frozen 1"))
 }
 
+/// The file that freezes a cgroup and its two values: v1's freezer, or
+/// v2's `cgroup.freeze`.
+struct Freezer {
+    file: &'static str,
+    frozen: &'static str,
+    thawed: &'static str,
+}
+
+impl Freezer {
+    fn of(dir: &Path) -> Self {
+        if dir.join("freezer.state").exists() {
+            Self {
+                file: "freezer.state",
+                frozen: "FROZEN",
+                thawed: "THAWED",
+            }
+        } else {
+            Self {
+                file: "cgroup.freeze",
+                frozen: "1",
+                thawed: "0",
+            }
+        }
+    }
+
+    fn value(&self, frozen: bool) -> &'static str {
+        if frozen {
+            self.frozen
+        } else {
+            self.thawed
+        }
+    }
+
+    /// Writes the value; false when the cgroup cannot be frozen (gone, or
+    /// v2 before Linux 5.2).
+    fn set(&self, dir: &Path, frozen: bool) -> bool {
+        std::fs::write(dir.join(self.file), self.value(frozen)).is_ok()
+    }
+}
+
 fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
     std::fs::write(file, value).map_err(|source| CgroupError::Write {
         file: file.to_owned(),
@@ -250,14 +283,9 @@ fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
     })
 }
 
-/// Thaws cgroup `dir` (v1 `freezer.state`, v2 `cgroup.freeze`), if it
-/// can be frozen at all.
+/// Thaws cgroup `dir`, if it can be frozen at all.
 pub fn thaw(dir: &Path) {
-    if dir.join("freezer.state").exists() {
-        let _ = std::fs::write(dir.join("freezer.state"), "THAWED");
-    } else if dir.join("cgroup.freeze").exists() {
-        let _ = std::fs::write(dir.join("cgroup.freeze"), "0");
-    }
+    Freezer::of(dir).set(dir, false);
 }
 
 /// How long one round of [`kill_members`] waits for the freeze to hold.
@@ -272,19 +300,15 @@ const KILL_FREEZE_WAIT: Duration = Duration::from_millis(20);
 /// next run that joins it. What the guard does for each run after the
 /// keeper died.
 pub fn kill_members(dir: &Path) {
+    let f = Freezer::of(dir);
     if std::fs::write(dir.join("cgroup.kill"), "1").is_err() {
-        let (file, frozen) = if dir.join("freezer.state").exists() {
-            ("freezer.state", "FROZEN")
-        } else {
-            ("cgroup.freeze", "1")
-        };
         // Exited members may linger in the list until the keeper reaps
         // them, hence the bound on rounds.
         for _ in 0..4 {
             if members_of(dir).is_empty() {
                 break;
             }
-            if std::fs::write(dir.join(file), frozen).is_ok() {
+            if f.set(dir, true) {
                 let deadline = std::time::Instant::now() + KILL_FREEZE_WAIT;
                 while !is_frozen(dir) && std::time::Instant::now() < deadline {
                     std::thread::sleep(Duration::from_millis(1));
@@ -295,8 +319,8 @@ pub fn kill_members(dir: &Path) {
                     let _ = kill(Pid::from_raw(p), Signal::SIGKILL);
                 }
             }
-            thaw(dir);
+            f.set(dir, false);
         }
     }
-    thaw(dir);
+    f.set(dir, false);
 }

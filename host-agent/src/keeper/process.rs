@@ -267,11 +267,7 @@ async fn handle(
             let launch = s.launch.unwrap_or_default();
             match start(&launch) {
                 Ok((pid, fds)) => {
-                    let cgroup = launch
-                        .cgroup_procs
-                        .first()
-                        .and_then(|f| f.strip_suffix("/cgroup.procs"));
-                    guard.add(pid, &launch.agent, cgroup);
+                    guard.add(pid, &launch.agent, launch.membership_cgroup());
                     let started_at_ms = agentplane::time::now_ms();
                     let reply = proto::Spawned {
                         seq: s.seq,
@@ -330,11 +326,7 @@ async fn send(
 fn start(l: &proto::Launch) -> std::io::Result<(i32, Vec<OwnedFd>)> {
     // A child that joins a frozen cgroup stops before its exec, and the
     // spawn below waits for that exec: this whole process would hang.
-    if let Some(dir) = l
-        .cgroup_procs
-        .first()
-        .and_then(|f| f.strip_suffix("/cgroup.procs"))
-    {
+    if let Some(dir) = l.membership_cgroup() {
         crate::cgroup::thaw(Path::new(dir));
     }
     let (mut cmd, pty) = spawn::command(l)?;

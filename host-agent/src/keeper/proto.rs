@@ -48,6 +48,16 @@ pub struct Launch {
     pub cgroup_procs: Vec<String>,
 }
 
+impl Launch {
+    /// The run's membership cgroup (the directory of the first
+    /// `cgroup_procs`), if it has cgroups.
+    pub fn membership_cgroup(&self) -> Option<&str> {
+        self.cgroup_procs
+            .first()
+            .and_then(|f| f.strip_suffix("/cgroup.procs"))
+    }
+}
+
 /// One rlimit.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Limit {

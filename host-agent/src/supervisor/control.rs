@@ -40,7 +40,7 @@ impl Supervisor {
         };
         state::check(op, s.state).map_err(|d| Self::illegal(&slot, d))?;
         let gone = || Self::illegal(&slot, "its process has already exited".into());
-        let frozen = slot.cgroup.as_ref().filter(|_| self.cgroups.caps().freeze);
+        let frozen = self.freezer(&slot);
         if let Some(cg) = frozen {
             if signal::to_group(s.pid, Signal::SIGCONT)? == Delivery::Gone {
                 return Err(gone());
@@ -88,6 +88,12 @@ impl Supervisor {
         }
         tracing::info!(agent = %id, state = state::name(to), "agent {}", if pause { "paused" } else { "resumed" });
         Ok(slot.to_proto())
+    }
+
+    /// The agent's cgroup when pausing it is a freeze (v2 before Linux 5.2
+    /// has none).
+    fn freezer<'a>(&self, slot: &'a AgentSlot) -> Option<&'a crate::cgroup::RunCgroup> {
+        slot.cgroup.as_ref().filter(|_| self.cgroups.caps().freeze)
     }
 
     /// Without a cgroup: SIGSTOP (`pause`) or SIGCONT the group `pid` and
@@ -180,21 +186,20 @@ impl Supervisor {
         } else {
             let steps = [(Signal::SIGTERM, grace), (Signal::SIGKILL, KILL_WAIT)];
             for (sig, wait) in steps {
-                signal::to_group(pid, sig)?;
-                let escaped = self.escaped(&slot, pid, pid);
-                tree::signal_each(&escaped, sig);
                 if sig == Signal::SIGKILL {
-                    if let Some(cg) = &slot.cgroup {
-                        cg.kill();
+                    self.kill_all(&slot, pid, pid);
+                } else {
+                    signal::to_group(pid, sig)?;
+                    let escaped = self.escaped(&slot, pid, pid);
+                    tree::signal_each(&escaped, sig);
+                    if s.state == AgentState::Paused {
+                        // Thawed or continued, so that it can act on the SIGTERM.
+                        if let Some(cg) = self.freezer(&slot) {
+                            let _ = cg.freeze(false, PAUSE_WAIT).await;
+                        }
+                        signal::to_group(pid, Signal::SIGCONT)?;
+                        tree::signal_each(&escaped, Signal::SIGCONT);
                     }
-                }
-                if sig == Signal::SIGTERM && s.state == AgentState::Paused {
-                    // Thawed or continued, so that it can act on the SIGTERM.
-                    if let Some(cg) = slot.cgroup.as_ref().filter(|_| self.cgroups.caps().freeze) {
-                        let _ = cg.freeze(false, PAUSE_WAIT).await;
-                    }
-                    signal::to_group(pid, Signal::SIGCONT)?;
-                    tree::signal_each(&escaped, Signal::SIGCONT);
                 }
                 if slot.wait_ended(wait).await {
                     tracing::info!(agent = %id, signal = %sig, reason = ?why, "agent stopped");
@@ -238,7 +243,7 @@ impl Supervisor {
         }
         if sig == Signal::SIGKILL && s.state == AgentState::Paused {
             // A frozen process acts on SIGKILL only once thawed.
-            if let Some(cg) = slot.cgroup.as_ref().filter(|_| self.cgroups.caps().freeze) {
+            if let Some(cg) = self.freezer(&slot) {
                 let _ = cg.freeze(false, PAUSE_WAIT).await;
             }
         }

@@ -97,6 +97,17 @@ impl Supervisor {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// SIGKILLs all of a run of the agent: its group `pgid`, then every
+    /// member of its cgroup at once (frozen first, or `cgroup.kill`), or
+    /// without one the processes that left the group ([`Self::escaped`]).
+    pub(super) fn kill_all(&self, slot: &AgentSlot, root: i32, pgid: i32) {
+        let _ = signal::to_group(pgid, Signal::SIGKILL);
+        match &slot.cgroup {
+            Some(cg) => cg.kill(),
+            None => tree::signal_each(&self.escaped(slot, root, pgid), Signal::SIGKILL),
+        }
+    }
+
     /// The agent's live processes outside its group `pgid` (which a group
     /// signal reaches anyway): its cgroup's members when it has one (they
     /// are all of it, whatever they did); else the subtree of `root`, and

@@ -427,11 +427,7 @@ impl Supervisor {
         };
         slot.wake.notify_one();
         tracing::warn!(agent = %id, pid, reason = why, "fencing: killing a stale copy");
-        let _ = signal::to_group(pid, Signal::SIGKILL);
-        tree::signal_each(&self.escaped(&slot, pid, pid), Signal::SIGKILL);
-        if let Some(cg) = &slot.cgroup {
-            cg.kill();
-        }
+        self.kill_all(&slot, pid, pid);
     }
 
     /// The generation this host runs `id` at.

@@ -15,7 +15,6 @@ use crate::keeper::Exit;
 
 use super::agent::{AgentSlot, Requested};
 use super::restart::{self, Decision};
-use super::tree;
 use super::{signal, spawn_failure, Supervisor};
 
 impl Supervisor {
@@ -56,7 +55,9 @@ impl Supervisor {
                 let before = slot
                     .oom_kills_seen
                     .swap(now, std::sync::atomic::Ordering::Relaxed);
-                oom_killed(&mut exit, cg, before);
+                if now > before {
+                    oom_killed(&mut exit, cg.limits().memory_bytes);
+                }
             }
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
             let decision = restart::decide(
@@ -199,11 +200,7 @@ impl Supervisor {
     /// KillMode=control-group).
     fn sweep(&self, slot: &AgentSlot, pid: i32) {
         self.mains().remove(&pid);
-        let _ = signal::to_group(pid, Signal::SIGKILL);
-        tree::signal_each(&self.escaped(slot, 0, pid), Signal::SIGKILL);
-        if let Some(cg) = &slot.cgroup {
-            cg.kill();
-        }
+        self.kill_all(slot, 0, pid);
     }
 
     /// Records PENDING with `next_restart_at` (and in the state file, for a
@@ -278,22 +275,19 @@ fn wait_status(e: Exit) -> std::process::ExitStatus {
     }
 }
 
-/// The exit status of an ended process, with the reason a user reads.
-/// A SIGKILL nobody here sent, while the kernel's OOM killer counted a
-/// kill in the run's memory cgroup since `before`: OOM_KILLED.
-fn oom_killed(exit: &mut ExitStatus, cg: &crate::cgroup::RunCgroup, before: u64) {
-    if exit.reason() == ExitReason::Signaled
-        && exit.signal == Some(Signal::SIGKILL as i32)
-        && cg.oom_kills() > before
-    {
+/// A SIGKILL nobody here sent, in a run whose memory cgroup counted an
+/// OOM kill meanwhile: OOM_KILLED.
+fn oom_killed(exit: &mut ExitStatus, memory_limit: Option<u64>) {
+    if exit.reason() == ExitReason::Signaled && exit.signal == Some(Signal::SIGKILL as i32) {
         exit.reason = ExitReason::OomKilled as i32;
         exit.error = format!(
             "killed by the kernel's OOM killer: past its memory limit of {} bytes",
-            cg.limits().memory_bytes.unwrap_or(0)
+            memory_limit.unwrap_or(0)
         );
     }
 }
 
+/// The exit status of an ended process, with the reason a user reads.
 pub(super) fn exit_status(
     status: std::process::ExitStatus,
     requested: Option<Requested>,
