@@ -158,32 +158,35 @@ impl Reconciler {
             self.max_ttl = self.max_ttl.max(ttl);
             self.ttl_now = ttl;
         }
-        let may_lose = |r: &Self| !r.settling() && !r.slow_read;
         let mut cursor = 0;
         let mut restarting = HashSet::new();
+        let mut judged = HashSet::new();
         loop {
             let asked = Instant::now();
             let (next, hosts) = self.registry.scan_host_sets(cursor, 200).await?;
             let down: Vec<String> = hosts
                 .into_iter()
-                .filter(|h| !live.contains_key(h))
+                .filter(|h| !live.contains_key(h) && judged.insert(h.clone()))
                 .collect();
-            // A host whose keeper says the machine is alive is restarting:
-            // its agents run on, held by the keeper.
-            let held = self.registry.restarting(&down).await?;
-            self.read_took(asked);
-            for host in &down {
-                if held.contains_key(host) {
-                    restarting.insert(host.clone());
-                } else if may_lose(self) {
-                    self.lost_host(host).await?;
-                }
-            }
+            self.judge_down(&down, asked, &mut restarting).await?;
             if next == 0 {
                 break;
             }
             cursor = next;
         }
+        // Known hosts that went away with no agent set: declared lost too,
+        // so the `hosts-known` index (what placement reads) holds live and
+        // restarting hosts only and stays as small as the fleet.
+        let asked = Instant::now();
+        let down: Vec<String> = self
+            .registry
+            .known_hosts()
+            .await?
+            .into_iter()
+            .filter(|h| !live.contains_key(h) && !judged.contains(h))
+            .collect();
+        self.judge_down(&down, asked, &mut restarting).await?;
+        let may_lose = |r: &Self| !r.settling() && !r.slow_read;
         for host in restarting.difference(&self.restarting) {
             tracing::info!(%host, "host restarting: its host agent is away and its keeper holds its agents");
         }
@@ -221,6 +224,27 @@ impl Reconciler {
                 round_done = stats.wrapped,
                 "sweep slice"
             );
+        }
+        Ok(())
+    }
+
+    /// Hosts not live (read since `asked`): a host whose keeper says the
+    /// machine is alive is restarting (its agents run on, held by the
+    /// keeper); any other is lost, unless losses may not be declared now.
+    async fn judge_down(
+        &mut self,
+        down: &[String],
+        asked: Instant,
+        restarting: &mut HashSet<String>,
+    ) -> Result<(), RegistryError> {
+        let held = self.registry.restarting(down).await?;
+        self.read_took(asked);
+        for host in down {
+            if held.contains_key(host) {
+                restarting.insert(host.clone());
+            } else if !self.settling() && !self.slow_read {
+                self.lost_host(host).await?;
+            }
         }
         Ok(())
     }

@@ -161,4 +161,34 @@ impl RedisServer {
             .await
             .expect("INFO commandstats")
     }
+
+    /// Calls so far of each command (`INFO commandstats`, parsed), by
+    /// lowercase name (`evalsha`, `scan`, `client|setname`).
+    pub async fn command_calls(&self) -> std::collections::BTreeMap<String, u64> {
+        parse_command_calls(&self.commandstats().await)
+    }
+}
+
+/// `cmdstat_scan:calls=3,usec=…` lines to `{"scan": 3}`.
+pub fn parse_command_calls(stats: &str) -> std::collections::BTreeMap<String, u64> {
+    stats
+        .lines()
+        .filter_map(|l| {
+            let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+            let calls = rest.split(',').find_map(|f| f.strip_prefix("calls="))?;
+            Some((name.to_owned(), calls.parse().ok()?))
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn commandstats_parse_to_calls_by_command() {
+        let stats = "# Commandstats\r\ncmdstat_scan:calls=3,usec=30,usec_per_call=10.00\r\ncmdstat_client|setname:calls=1,usec=1\r\n";
+        let calls = super::parse_command_calls(stats);
+        assert_eq!(calls.get("scan"), Some(&3));
+        assert_eq!(calls.get("client|setname"), Some(&1));
+        assert_eq!(calls.len(), 2);
+    }
 }

@@ -1,5 +1,5 @@
 //! Host records (`ap:host:*`): registration, the one-round-trip heartbeat,
-//! discovery by `SCAN`, and the round-robin counter.
+//! discovery through the `hosts-known` index, and the round-robin counter.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -207,13 +207,16 @@ impl Registry {
             ("heartbeat_at", crate::time::now_ms().to_string()),
         ];
         let mut pipe = redis::pipe();
+        // The index first: whenever the host key exists its id is in
+        // `hosts-known` (MARK_HOST_LOST removes it only once the key is
+        // gone), which is what `list_hosts` reads instead of a SCAN.
         pipe.get(k.epoch())
             .exists(&key)
+            .sadd(k.hosts_known(), &host.id)
+            .ignore()
             .hset_multiple(&key, &fields)
             .ignore()
             .pexpire(&key, i64::try_from(ms).unwrap_or(i64::MAX))
-            .ignore()
-            .sadd(k.hosts_known(), &host.id)
             .ignore()
             .hget(&key, "cordoned");
         for id in running {
@@ -382,24 +385,18 @@ impl Registry {
             .map_err(self.err("remove host"))
     }
 
-    /// Every live host, sorted by id (a full `SCAN`, then one pipelined read).
+    /// Every live host, sorted by id: the members of the `hosts-known`
+    /// index, then their keys in one pipelined read (two round trips
+    /// whatever the keyspace holds; a member whose key expired is skipped,
+    /// and the reconciler removes it). No SCAN: this runs on every spawn.
     pub async fn list_hosts(&self) -> Result<Vec<HostRecord>> {
-        let pattern = self.keys().host_pattern();
-        let mut keys = Vec::new();
-        let mut cursor = 0;
-        loop {
-            let (next, batch) = self.scan("list hosts", cursor, &pattern, 500).await?;
-            keys.extend(batch);
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        keys.sort();
-        keys.dedup();
-        if keys.is_empty() {
+        let mut ids = self.known_hosts().await?;
+        ids.sort();
+        ids.dedup();
+        if ids.is_empty() {
             return Ok(Vec::new());
         }
+        let keys: Vec<String> = ids.iter().map(|id| self.keys().host(id)).collect();
         let mut pipe = redis::pipe();
         for key in &keys {
             pipe.hgetall(key);
@@ -409,11 +406,7 @@ impl Registry {
             .await
             .map_err(self.err("list hosts"))?;
         let mut out = Vec::with_capacity(keys.len());
-        for (key, h) in keys.iter().zip(hashes) {
-            let Some(id) = self.keys().host_id_of(key) else {
-                continue;
-            };
-            // A key that expired between SCAN and HGETALL reads as empty: skip it.
+        for ((key, id), h) in keys.iter().zip(&ids).zip(hashes) {
             if let Some(rec) = HostRecord::decode(key, id, &h)? {
                 out.push(rec);
             }

@@ -1,0 +1,129 @@
+//! The shape of the spawn path: what it asks Redis does not grow with the
+//! fleet (no keyspace walk), and the live-host index it reads instead of a
+//! SCAN holds only hosts that are there.
+
+use std::collections::BTreeSet;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest};
+use agentplane_integration_tests::TestCluster;
+
+/// What a spawn costs in Redis calls must not depend on how many keys the
+/// keyspace holds: with 5,000 unrelated keys (a day of request ids) and 40
+/// spawns in flight, Redis sees no SCAN (nor KEYS) while they run. The
+/// reconciler (which still walks the keyspace, [P11]) runs once at start
+/// and not again for an hour, so every call counted is the spawn path's
+/// or a heartbeat's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawns_walk_no_keyspace_whatever_it_holds() {
+    let cluster = TestCluster::builder()
+        .hosts(1)
+        .reconcile_interval(Duration::from_secs(3600))
+        .start()
+        .await;
+    cluster.wait_for_hosts(1).await;
+    let mut conn = cluster.redis.conn().await;
+    let mut fill = redis::pipe();
+    for i in 0..5000 {
+        fill.set_ex(format!("ap:idem:filler-{i}"), "x", 3600)
+            .ignore();
+    }
+    fill.query_async::<()>(&mut conn).await.unwrap();
+
+    let before = cluster.redis.command_calls().await;
+    let client = cluster.client().await;
+    let spawns = (0..40).map(|i| {
+        let mut c = client.clone();
+        async move {
+            c.spawn_agent(SpawnAgentRequest {
+                spec: Some(AgentSpec {
+                    argv: vec!["sleep".into(), "1000".into()],
+                    // Named spawns take the name claim's path too.
+                    name: if i % 2 == 0 {
+                        format!("shape-{i}")
+                    } else {
+                        String::new()
+                    },
+                    ..Default::default()
+                }),
+                request_id: format!("shape-request-{i}"),
+            })
+            .await
+            .unwrap_or_else(|s| panic!("spawn {i}: {s:?}"))
+        }
+    });
+    futures::future::join_all(spawns).await;
+    let after = cluster.redis.command_calls().await;
+
+    let grew =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    assert_eq!(
+        grew("scan"),
+        0,
+        "40 spawns walked the keyspace; calls before {before:?}, after {after:?}"
+    );
+    assert_eq!(grew("keys"), 0, "KEYS reached Redis");
+    // Every spawn did reach Redis (the count above is not vacuous).
+    assert!(grew("hgetall") >= 40, "before {before:?}, after {after:?}");
+    cluster.finish().await;
+}
+
+/// A host that dies with no agent leaves `hosts-known` (the index
+/// placement reads) once its key expires, with a HOST_LOST event; the
+/// live host stays in it and still takes spawns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_gone_with_no_agents_leaves_the_live_host_index() {
+    let mut cluster = TestCluster::builder()
+        .hosts(2)
+        .heartbeat_ttl(Duration::from_millis(1500))
+        .start()
+        .await;
+    cluster.wait_for_hosts(2).await;
+    let mut conn = cluster.redis.conn().await;
+    let members = |conn: &mut redis::aio::MultiplexedConnection| {
+        let mut c = conn.clone();
+        async move {
+            redis::cmd("SMEMBERS")
+                .arg("ap:hosts-known")
+                .query_async::<BTreeSet<String>>(&mut c)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(
+        members(&mut conn).await,
+        BTreeSet::from(["h1".into(), "h2".into()])
+    );
+
+    cluster.kill_machine("h2");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let now = members(&mut conn).await;
+        if now == BTreeSet::from(["h1".to_owned()]) {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "h2 is still indexed 20 s after it died: {now:?}\n{}",
+            cluster.logs()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let events: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
+        .arg("ap:events")
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(
+        events.iter().any(|(_, fields)| {
+            fields.windows(2).any(|w| w == ["type", "HOST_LOST"])
+                && fields.windows(2).any(|w| w == ["host", "h2"])
+        }),
+        "no HOST_LOST event for h2: {events:?}"
+    );
+    let a = cluster.spawn(&["sleep", "1000"]).await;
+    assert_eq!(a.host, "h1");
+    cluster.finish().await;
+}
