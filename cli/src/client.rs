@@ -12,7 +12,8 @@ use crate::access::{Access, Bearer};
 /// The services' clients carry the token interceptor.
 pub type Svc = InterceptedService<Channel, Bearer>;
 
-/// Clients of both public services over one channel.
+/// Clients of both public services over one channel (a clone shares it).
+#[derive(Clone)]
 pub struct Clients {
     /// AgentService.
     pub agents: AgentServiceClient<Svc>,
@@ -103,6 +104,11 @@ pub fn describe(endpoint: &str, s: &tonic::Status) -> String {
         Some(c) if !s.message().contains(&c) => format!("{name}: {}: {c}{hint}", s.message()),
         _ => format!("{name}: {}{hint}", s.message()),
     }
+}
+
+/// One agent's failure in a bulk command: the code's name and the message.
+pub fn brief(s: &tonic::Status) -> String {
+    format!("{}: {}", code_name(&format!("{:?}", s.code())), s.message())
 }
 
 /// The innermost cause of a status, if it has one.

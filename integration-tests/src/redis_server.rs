@@ -58,6 +58,11 @@ impl RedisServer {
         format!("redis://127.0.0.1:{}", self.port)
     }
 
+    /// The server's pid while it runs.
+    pub fn pid(&self) -> Option<i32> {
+        self.proc.as_ref().map(Proc::pid)
+    }
+
     /// The port.
     pub fn port(&self) -> u16 {
         self.port

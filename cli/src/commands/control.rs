@@ -3,15 +3,18 @@
 use std::str::FromStr;
 use std::time::Duration;
 
+use std::process::ExitCode;
+
 use agentplane::proto::v1::{
-    Agent, DeleteAgentRequest, KillAgentRequest, PauseAgentRequest, ResumeAgentRequest,
-    StopAgentRequest,
+    Agent, DeleteAgentRequest, KillAgentRequest, ListAgentsRequest, PauseAgentRequest,
+    ResumeAgentRequest, StopAgentRequest,
 };
 use agentplane::time::duration_to_proto;
 use anyhow::bail;
 use nix::sys::signal::Signal;
 
-use crate::client::Clients;
+use super::bulk;
+use crate::client::{self, Clients};
 use crate::output::{self, Format};
 
 fn print(fmt: Format, a: &Agent) -> anyhow::Result<()> {
@@ -51,20 +54,105 @@ pub async fn resume(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<
     )
 }
 
-/// `stop`.
+/// The agents a bulk command acts on.
+#[derive(Debug)]
+pub enum Which {
+    /// These ids.
+    Ids(Vec<String>),
+    /// Every agent not yet ended whose labels match (empty: every one).
+    Selector(String),
+}
+
+/// `stop`: one agent prints its record (an error is the command's); several
+/// are stopped `parallel` at once, printed in order, with one line on stderr
+/// for each that failed (exit 1 if any did).
 pub async fn stop(
     c: &mut Clients,
     fmt: Format,
-    id: String,
+    which: Which,
     grace: Option<Duration>,
     timeout: Duration,
-) -> anyhow::Result<()> {
-    let mut req = tonic::Request::new(StopAgentRequest {
-        id,
-        grace: grace.map(duration_to_proto),
-    });
-    req.set_timeout(longer(timeout, grace));
-    print(fmt, &c.agents.stop_agent(req).await?.into_inner())
+    parallel: usize,
+) -> anyhow::Result<ExitCode> {
+    let request = move |id: String| {
+        let mut req = tonic::Request::new(StopAgentRequest {
+            id,
+            grace: grace.map(duration_to_proto),
+        });
+        req.set_timeout(longer(timeout, grace));
+        req
+    };
+    let ids = match which {
+        Which::Ids(ids) if ids.len() == 1 => {
+            let id = ids.into_iter().next().unwrap_or_default();
+            print(fmt, &c.agents.stop_agent(request(id)).await?.into_inner())?;
+            return Ok(ExitCode::SUCCESS);
+        }
+        Which::Ids(ids) => ids,
+        Which::Selector(selector) => list_all(c, &selector)
+            .await?
+            .into_iter()
+            .filter(|a| !agentplane::state::has_ended(a))
+            .map(|a| a.id)
+            .collect(),
+    };
+    let results = bulk::fan_out(ids.clone(), parallel, |id| {
+        let mut c = c.clone();
+        let req = request(id);
+        async move { c.agents.stop_agent(req).await }
+    })
+    .await;
+    let mut stopped = Vec::with_capacity(results.len());
+    for (id, r) in ids.iter().zip(results) {
+        match r {
+            Ok(a) => stopped.push(a.into_inner()),
+            Err(s) => eprintln!("agentctl: stop {id}: {}", client::brief(&s)),
+        }
+    }
+    many(fmt, &stopped)?;
+    Ok(if stopped.len() == ids.len() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
+}
+
+/// Every agent whose labels match `selector` (all pages).
+async fn list_all(c: &mut Clients, selector: &str) -> anyhow::Result<Vec<Agent>> {
+    let mut agents = Vec::new();
+    let mut token = String::new();
+    loop {
+        let page = c
+            .agents
+            .list_agents(ListAgentsRequest {
+                label_selector: selector.to_owned(),
+                page_size: 1000,
+                page_token: token,
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        agents.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return Ok(agents);
+        }
+        token = page.next_page_token;
+    }
+}
+
+/// Prints several agents: a list document, or one table.
+pub fn many(fmt: Format, agents: &[Agent]) -> anyhow::Result<()> {
+    match fmt {
+        Format::Json | Format::Yaml => {
+            let views: Vec<_> = agents.iter().map(output::AgentView::from).collect();
+            output::document(fmt, &views)
+        }
+        Format::Table => {
+            let rows: Vec<_> = agents.iter().map(output::agent_row).collect();
+            output::table(output::AGENT_HEADER, &rows);
+            Ok(())
+        }
+    }
 }
 
 /// Parses `KILL`, `SIGKILL`, `kill` or `9`.

@@ -4,6 +4,7 @@
 
 mod agents;
 mod attach;
+mod bulk;
 mod certs;
 mod control;
 mod dev;
@@ -53,11 +54,21 @@ pub enum Command {
     },
     /// SIGTERM an agent's process group, SIGKILL after the grace.
     Stop {
-        /// Agent id.
-        id: String,
+        /// Agent ids; several are stopped concurrently.
+        #[arg(required_unless_present_any = ["selector", "all"])]
+        ids: Vec<String>,
+        /// Stop every agent not yet ended whose labels match, `k=v,k2=v2`.
+        #[arg(long, conflicts_with_all = ["ids", "all"])]
+        selector: Option<String>,
+        /// Stop every agent not yet ended.
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
         /// Time between SIGTERM and SIGKILL (default: the agent's stop_grace).
         #[arg(long, value_parser = parse_duration)]
         grace: Option<Duration>,
+        /// With several agents: how many stop calls are in flight at once.
+        #[arg(long, default_value_t = bulk::DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..=1024))]
+        parallel: u16,
     },
     /// Send a signal to an agent's process group.
     Kill {
@@ -218,7 +229,20 @@ async fn dispatch(
         Command::Ls(args) => agents::ls(c, fmt, args).await,
         Command::Pause { id } => control::pause(c, fmt, id).await,
         Command::Resume { id } => control::resume(c, fmt, id).await,
-        Command::Stop { id, grace } => control::stop(c, fmt, id, grace, timeout).await,
+        Command::Stop {
+            ids,
+            selector,
+            all,
+            grace,
+            parallel,
+        } => {
+            let which = match (selector, all) {
+                (Some(s), _) => control::Which::Selector(s),
+                (None, true) => control::Which::Selector(String::new()),
+                (None, false) => control::Which::Ids(ids),
+            };
+            return control::stop(c, fmt, which, grace, timeout, parallel.into()).await;
+        }
         Command::Kill { id, signal } => control::kill(c, fmt, id, &signal).await,
         Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
         Command::Hosts { command } => hosts::run(c, fmt, command).await,

@@ -11,7 +11,7 @@ use agentplane::proto::v1::{
 };
 use agentplane::time::duration_to_proto;
 
-use super::key_value;
+use super::{bulk, key_value};
 use crate::client::{self, Clients};
 use crate::output::{self, Format};
 
@@ -112,6 +112,13 @@ pub struct SpawnArgs {
     /// start or was lost).
     #[arg(long)]
     wait: bool,
+    /// Spawn this many agents of the same spec in one command (with --name,
+    /// named NAME-1 … NAME-N; with --request-id, keyed ID-1 … ID-N).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    count: u32,
+    /// With --count: how many spawn calls are in flight at once.
+    #[arg(long, default_value_t = bulk::DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    parallel: u16,
     /// Set by `run --rm`: the agent is session-bound.
     #[arg(skip)]
     pub session_grace: Option<Duration>,
@@ -215,6 +222,9 @@ const WAIT_POLL: Duration = Duration::from_millis(250);
 
 /// Spawns and prints the agent; with `--wait`, waits for its end first.
 pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<ExitCode> {
+    if a.count > 1 {
+        return run_many(c, fmt, a).await;
+    }
     let wait = a.wait;
     let (spec, request_id) = a.into_spec();
     let resp = c
@@ -237,6 +247,51 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
         exit_code(&agent)
     } else {
         ExitCode::SUCCESS
+    })
+}
+
+/// `spawn --count N`: N spawns of one spec, `--parallel` at once; prints
+/// the agents made (in order) and one line on stderr for each that failed.
+async fn run_many(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<ExitCode> {
+    anyhow::ensure!(
+        !a.wait,
+        "--wait takes one agent; wait for many with `agentctl watch`"
+    );
+    let (count, parallel) = (a.count, usize::from(a.parallel));
+    let (spec, request_id) = a.into_spec();
+    let requests = (1..=count)
+        .map(|i| {
+            let mut spec = spec.clone();
+            if !spec.name.is_empty() {
+                spec.name = format!("{}-{i}", spec.name);
+            }
+            SpawnAgentRequest {
+                spec: Some(spec),
+                request_id: format!("{request_id}-{i}"),
+            }
+        })
+        .collect();
+    let results = bulk::fan_out(requests, parallel, |req| {
+        let mut c = c.clone();
+        async move { c.agents.spawn_agent(req).await }
+    })
+    .await;
+    let mut made = Vec::with_capacity(results.len());
+    for (i, r) in results.into_iter().enumerate() {
+        match r {
+            Ok(resp) => made.push(resp.into_inner().agent.unwrap_or_default()),
+            Err(s) => eprintln!(
+                "agentctl: spawn {} of {count}: {}",
+                i + 1,
+                client::brief(&s)
+            ),
+        }
+    }
+    super::control::many(fmt, &made)?;
+    Ok(if made.len() == count as usize {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     })
 }
 

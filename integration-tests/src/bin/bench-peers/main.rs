@@ -1,0 +1,203 @@
+//! bench-peers: the same workloads on agentplane, supervisord, pm2 and the
+//! raw fork/exec floor, in one run (`scripts/bench` installs the peers,
+//! builds release and draws the chart).
+//!
+//! Every figure comes from what the OS shows: agents are found in /proc by
+//! an argv marker of their own system, "time to running" is each agent's
+//! start time (/proc/PID/stat, 10 ms ticks) counted from the start command,
+//! memory is the supervisor's RSS above the same supervisor idle, CPU is its
+//! user + system time over the workload.
+
+mod agentplane;
+mod os;
+mod pm2;
+mod raw;
+mod report;
+mod supervisord;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Run the peer benchmark.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Sleepers to start and stop.
+    #[arg(long, default_value_t = 1000)]
+    agents: usize,
+    /// `yes` agents.
+    #[arg(long, default_value_t = 10)]
+    yes_agents: usize,
+    /// How long the `yes` agents run.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    yes_for: Duration,
+    /// Each `yes` agent's log cap in bytes (where the system has one).
+    #[arg(long, default_value_t = 10 << 20)]
+    log_cap: u64,
+    /// Agents in the crash loop.
+    #[arg(long, default_value_t = 100)]
+    crash_agents: usize,
+    /// How long the crash loop runs.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "20s")]
+    crash_for: Duration,
+    /// Pause/resume calls (alternating, one at a time).
+    #[arg(long, default_value_t = 1000)]
+    calls: usize,
+    /// The directory holding `supervisord` and `supervisorctl` (a venv's
+    /// bin); without it supervisord is skipped.
+    #[arg(long)]
+    supervisor_bin: Option<PathBuf>,
+    /// The `pm2` executable (its package's node_modules/.bin/pm2); without it
+    /// pm2 is skipped.
+    #[arg(long)]
+    pm2: Option<PathBuf>,
+    /// Where the CSV and the table go.
+    #[arg(long, default_value = "target/bench")]
+    out: PathBuf,
+}
+
+/// What every system runs.
+pub struct Plan {
+    /// Sleepers to start.
+    pub agents: usize,
+    /// `yes` agents and how long they run.
+    pub yes_agents: usize,
+    /// How long the `yes` agents run.
+    pub yes_for: Duration,
+    /// Each `yes` agent's log cap.
+    pub log_cap_bytes: u64,
+    /// Crash-looping agents.
+    pub crash_agents: usize,
+    /// How long they loop.
+    pub crash_for: Duration,
+    /// Pause/resume calls.
+    pub calls: usize,
+    /// Agents the calls go round.
+    pub pause_agents: usize,
+    /// Scratch space (configs, logs, marker files).
+    pub work: PathBuf,
+}
+
+impl Plan {
+    /// What all `yes` agents' logs may take with their caps held: the caps
+    /// plus a file system block per file and 5 % slack for a rotation in
+    /// flight.
+    pub fn cap_total(&self) -> u64 {
+        let caps = self.log_cap_bytes * self.yes_agents as u64;
+        caps + caps / 20 + 64 * 1024 * self.yes_agents as u64
+    }
+}
+
+/// p50 and p99 of latencies, in ms.
+pub fn p50_p99(took: &mut [Duration]) -> (Option<f64>, Option<f64>) {
+    if took.is_empty() {
+        return (None, None);
+    }
+    let ms = |d: Duration| Some(d.as_secs_f64() * 1e3);
+    (ms(os::quantile(took, 0.5)), ms(os::quantile(took, 0.99)))
+}
+
+/// p50 and p99 of each agent's start (from /proc) after `t0` (boot clock).
+pub fn to_running(pids: &[i32], t0: Duration) -> (Option<f64>, Option<f64>) {
+    let mut after: Vec<Duration> = pids
+        .iter()
+        .filter_map(|p| os::started_at(*p))
+        .map(|s| s.saturating_sub(t0))
+        .collect();
+    p50_p99(&mut after)
+}
+
+fn machine() -> String {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_default();
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    format!("{cores} cores ({cpu}), Linux {}", kernel.trim())
+}
+
+fn ratio(a: Option<f64>, b: Option<f64>) -> String {
+    match (a, b) {
+        (Some(a), Some(b)) if b > 0.0 => format!("{:.2}x", a / b),
+        _ => "-".to_owned(),
+    }
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    std::fs::create_dir_all(&args.out)?;
+    let work = tempfile::tempdir()?;
+    let plan = Plan {
+        agents: args.agents,
+        yes_agents: args.yes_agents,
+        yes_for: args.yes_for,
+        log_cap_bytes: args.log_cap,
+        crash_agents: args.crash_agents,
+        crash_for: args.crash_for,
+        calls: args.calls,
+        pause_agents: 10,
+        work: work.path().to_owned(),
+    };
+    let mut systems = Vec::new();
+    eprintln!("bench-peers: raw fork/exec");
+    systems.push(("raw", raw::run(&plan)));
+    eprintln!("bench-peers: agentplane");
+    systems.push(("agentplane", agentplane::run(&plan).await));
+    if let Some(bin) = &args.supervisor_bin {
+        eprintln!("bench-peers: supervisord");
+        systems.push(("supervisord", supervisord::run(&plan, bin)?));
+    }
+    if let Some(pm2) = &args.pm2 {
+        eprintln!("bench-peers: pm2");
+        systems.push(("pm2", pm2::run(&plan, pm2)?));
+    }
+
+    let mut text = format!(
+        "bench-peers, {}; {}\n{} sleepers, {} yes agents for {:?} (log cap {} MiB each), \
+         {} crash-looping agents for {:?}, {} pause/resume calls\n\n",
+        humantime::format_rfc3339_seconds(std::time::SystemTime::now()),
+        machine(),
+        plan.agents,
+        plan.yes_agents,
+        plan.yes_for,
+        plan.log_cap_bytes >> 20,
+        plan.crash_agents,
+        plan.crash_for,
+        plan.calls,
+    );
+    text.push_str(&report::table(&systems));
+    let get = |name: &str| {
+        systems
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, r)| r.clone())
+    };
+    if let Some(ap) = get("agentplane") {
+        text.push('\n');
+        for peer in ["supervisord", "pm2"] {
+            if let Some(p) = get(peer) {
+                text.push_str(&format!(
+                    "agentplane vs {peer}: start {} faster, memory per agent {} of theirs\n",
+                    ratio(p.start_wall_s, ap.start_wall_s),
+                    ratio(ap.mem_kib_per_agent, p.mem_kib_per_agent),
+                ));
+            }
+        }
+    }
+    print!("{text}");
+    std::fs::write(args.out.join("bench.txt"), &text)?;
+    report::write_csv(&args.out.join("bench.csv"), &systems)?;
+    eprintln!(
+        "bench-peers: wrote {}",
+        args.out.join("bench.csv").display()
+    );
+    Ok(())
+}
