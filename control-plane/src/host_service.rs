@@ -111,6 +111,7 @@ impl HostService for HostApi {
         {
             return Err(ApiError::HostNotFound { id: r.id }.into());
         }
+        self.agents.forget_hosts().await;
         tracing::info!(host = %r.id, cordoned = r.cordoned, "host cordon changed");
         Ok(Response::new(self.host(&r.id).await?))
     }
@@ -131,6 +132,7 @@ impl HostService for HostApi {
         {
             return Err(ApiError::HostNotFound { id: r.id }.into());
         }
+        self.agents.forget_hosts().await;
         let limit = r
             .timeout
             .as_ref()

@@ -11,6 +11,7 @@ mod drain;
 mod error;
 mod host_service;
 pub mod hosts;
+mod live_hosts;
 mod placement;
 mod quota;
 mod reconciler;

@@ -246,7 +246,11 @@ impl TestCluster {
             None => Command::new(&program),
         };
         cmd.args(args)
-            .env("AGENTPLANE_LOG", "info,agentplane=debug")
+            .env(
+                "AGENTPLANE_LOG",
+                std::env::var("AGENTPLANE_TEST_LOG")
+                    .unwrap_or_else(|_| "info,agentplane=debug".into()),
+            )
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
         let log = self.dir.path().join(log_name);

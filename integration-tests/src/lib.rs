@@ -2,6 +2,7 @@
 //! a free port and the real `control-plane` and `host-agent` binaries on port
 //! 0, and tears every process down when dropped, even when a test fails.
 
+pub mod bench;
 mod cluster;
 pub mod netns;
 pub mod output;

@@ -31,6 +31,7 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
     fill.query_async::<()>(&mut conn).await.unwrap();
 
     let before = cluster.redis.command_calls().await;
+    let started = Instant::now();
     let client = cluster.client().await;
     let spawns = (0..40).map(|i| {
         let mut c = client.clone();
@@ -53,6 +54,7 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
         }
     });
     futures::future::join_all(spawns).await;
+    let took = started.elapsed();
     let after = cluster.redis.command_calls().await;
 
     let grew =
@@ -65,6 +67,14 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
     assert_eq!(grew("keys"), 0, "KEYS reached Redis");
     // Every spawn did reach Redis (the count above is not vacuous).
     assert!(grew("hgetall") >= 40, "before {before:?}, after {after:?}");
+    // Placement reads the live-host index once per 200 ms however many
+    // spawns ask (control-plane/src/live_hosts.rs), not once per spawn.
+    let reads = grew("smembers");
+    let bound = 2 + took.as_millis() / 200;
+    assert!(
+        u128::from(reads) <= bound,
+        "40 spawns in {took:?} read the live hosts {reads} times (at most {bound})"
+    );
     cluster.finish().await;
 }
 

@@ -38,6 +38,8 @@ pub struct AgentApi {
     watchers: agentplane::tasks::Gauge,
     log_streams: agentplane::tasks::Gauge,
     quotas: Arc<Quotas>,
+    /// What placement reads: the live hosts, cached briefly.
+    live_hosts: Arc<crate::live_hosts::LiveHosts>,
 }
 
 impl AgentApi {
@@ -51,6 +53,7 @@ impl AgentApi {
         quotas: Arc<Quotas>,
     ) -> Self {
         Self {
+            live_hosts: Arc::new(crate::live_hosts::LiveHosts::new(registry.clone())),
             registry,
             hosts,
             tasks,
@@ -59,6 +62,12 @@ impl AgentApi {
             log_streams: agentplane::tasks::Gauge::default(),
             quotas,
         }
+    }
+
+    /// Placement's view of the live hosts is out of date: this replica
+    /// changed a host record (cordon, drain).
+    pub(crate) async fn forget_hosts(&self) {
+        self.live_hosts.forget().await;
     }
 
     /// The record of `id`, or NOT_FOUND.

@@ -172,9 +172,14 @@ impl AgentApi {
     /// Picks hosts, writes the PENDING record, asks the host to start it; on a
     /// full or unreachable host, moves the record to the next candidate.
     async fn place_and_start_named(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
-        let hosts = self.registry.list_hosts().await?;
-        let rr = self.registry.next_round_robin().await?;
-        let candidates = placement::candidates(&spec, hosts, rr)?;
+        let rr = self.live_hosts.next_round_robin();
+        let hosts = self.live_hosts.get(false).await?;
+        let candidates = match placement::candidates(&spec, hosts.to_vec(), rr) {
+            Ok(c) => c,
+            // The view may be older than a host that registered or made
+            // room since: one fresh read before refusing.
+            Err(_) => placement::candidates(&spec, self.live_hosts.get(true).await?.to_vec(), rr)?,
+        };
         let first = &candidates[0];
         let now = now_ms();
         let agent = Agent {
@@ -199,6 +204,8 @@ impl AgentApi {
         {
             StartOutcome::Done(_) => self.agent(&id).await,
             StartOutcome::Unconfirmed { error, .. } => {
+                // No candidate took it: the view may name hosts gone since.
+                self.live_hosts.forget().await;
                 self.fail_pending(&id, &error).await;
                 Err(error)
             }

@@ -26,6 +26,14 @@ struct Args {
     /// Spawns in flight at once.
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
+    /// Records of other (ended) agents in Redis before the spawns: the spawn
+    /// rate must not depend on the fleet's size.
+    #[arg(long, default_value_t = 0)]
+    other_records: usize,
+    /// How long one follower of a `yes` agent is measured (and a plain pipe
+    /// beside it); 0 skips it.
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
+    follow_for: Duration,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -65,6 +73,23 @@ async fn main() -> anyhow::Result<()> {
     let keeper_pid = cluster
         .keeper_pid("h1")
         .ok_or_else(|| anyhow::anyhow!("no keeper"))?;
+    if args.other_records > 0 {
+        let mut conn = cluster.redis.conn().await;
+        agentplane_integration_tests::bench::fill_other_records(
+            &mut conn,
+            "ap",
+            args.other_records,
+        )
+        .await?;
+    }
+    let follow = if args.follow_for.is_zero() {
+        None
+    } else {
+        let pipe = agentplane_integration_tests::bench::pipe_rate(args.follow_for)?;
+        let follower =
+            agentplane_integration_tests::bench::follower_rate(&cluster, args.follow_for).await?;
+        Some((follower, pipe))
+    };
     // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kib(host_pid);
@@ -123,9 +148,17 @@ async fn main() -> anyhow::Result<()> {
     let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
 
     println!(
-        "agents                      {n} (concurrency {})",
-        args.concurrency
+        "agents                      {n} (concurrency {}, {} other records)",
+        args.concurrency, args.other_records
     );
+    if let Some((follower, pipe)) = follow {
+        println!(
+            "yes follower via control plane {:.1} MiB/s, plain pipe {:.1} MiB/s, ratio {:.3}",
+            follower / f64::from(1 << 20),
+            pipe / f64::from(1 << 20),
+            follower / pipe
+        );
+    }
     println!("running at the last beat    {}", host.running);
     println!(
         "spawn latency p50           {:.2} ms",

@@ -1,0 +1,107 @@
+//! Pieces the benchmarks share: a registry filled with other agents'
+//! records, and a follower's throughput against a plain pipe's.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest, StopAgentRequest, StreamLogsRequest};
+use prost::Message;
+
+use crate::TestCluster;
+
+/// Writes `n` records of ended agents (EXITED, on a host that is gone) under
+/// `prefix`: a fleet's history that no pass acts on but every walk of the
+/// keyspace meets.
+pub async fn fill_other_records(
+    conn: &mut redis::aio::MultiplexedConnection,
+    prefix: &str,
+    n: usize,
+) -> redis::RedisResult<()> {
+    let spec = AgentSpec {
+        argv: vec!["sleep".into(), "1000".into()],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    for chunk in 0..n.div_ceil(1000) {
+        let mut pipe = redis::pipe();
+        for i in chunk * 1000..((chunk + 1) * 1000).min(n) {
+            let id = format!("{i:026}");
+            let fields: [(&str, Vec<u8>); 7] = [
+                ("id", id.clone().into_bytes()),
+                ("spec", spec.clone()),
+                ("state", b"EXITED".to_vec()),
+                ("host", b"gone".to_vec()),
+                ("pid", b"0".to_vec()),
+                ("generation", b"1".to_vec()),
+                ("created_at", b"1700000000000".to_vec()),
+            ];
+            pipe.hset_multiple(format!("{prefix}:agent:{id}"), &fields)
+                .ignore();
+        }
+        pipe.query_async::<()>(conn).await?;
+    }
+    Ok(())
+}
+
+/// Bytes per second one follower of a `yes` agent receives through the
+/// control plane (StreamLogs, follow, from the first byte) over `d`.
+pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result<f64> {
+    let mut client = cluster.client().await;
+    let agent = client
+        .spawn_agent(SpawnAgentRequest {
+            spec: Some(AgentSpec {
+                argv: vec!["yes".into()],
+                ..Default::default()
+            }),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner()
+        .agent
+        .unwrap_or_default();
+    let mut stream = client
+        .stream_logs(StreamLogsRequest {
+            id: agent.id.clone(),
+            follow: true,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    while t.elapsed() < d {
+        match tokio::time::timeout(d.saturating_sub(t.elapsed()), stream.message()).await {
+            Ok(Ok(Some(chunk))) => bytes += chunk.data.len() as u64,
+            Ok(Ok(None)) => break,
+            Ok(Err(s)) => anyhow::bail!("follow: {s}"),
+            Err(_) => break,
+        }
+    }
+    let rate = bytes as f64 / t.elapsed().as_secs_f64();
+    drop(stream);
+    client
+        .stop_agent(StopAgentRequest {
+            id: agent.id,
+            grace: None,
+        })
+        .await?;
+    Ok(rate)
+}
+
+/// Bytes per second this process reads from `yes` through a plain pipe over
+/// `d` (64 KiB reads): the follower's baseline.
+pub fn pipe_rate(d: Duration) -> std::io::Result<f64> {
+    let mut child = Command::new("yes").stdout(Stdio::piped()).spawn()?;
+    let mut out = child.stdout.take().expect("piped");
+    let mut buf = vec![0u8; 64 * 1024];
+    let t = Instant::now();
+    let mut bytes = 0u64;
+    while t.elapsed() < d {
+        bytes += out.read(&mut buf)? as u64;
+    }
+    let rate = bytes as f64 / t.elapsed().as_secs_f64();
+    child.kill()?;
+    child.wait()?;
+    Ok(rate)
+}
