@@ -80,6 +80,24 @@ pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result
     }
     let rate = bytes as f64 / t.elapsed().as_secs_f64();
     drop(stream);
+    // What the host captured meanwhile: where its output ends now.
+    let mut tail = client
+        .stream_logs(StreamLogsRequest {
+            id: agent.id.clone(),
+            tail_lines: Some(1),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let mut end = 0;
+    while let Some(c) = tail.message().await? {
+        end = end.max(c.offset + c.data.len() as u64);
+    }
+    eprintln!(
+        "captured {:.1} MiB/s over {:?}",
+        end as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 20),
+        t.elapsed()
+    );
     client
         .stop_agent(StopAgentRequest {
             id: agent.id,

@@ -22,6 +22,10 @@ const CHUNK: usize = 32 * 1024;
 /// Chunks a reader may have queued: with the chunk size, what one slow reader
 /// can hold in this process.
 const READER_QUEUE: usize = 2;
+/// Chunks read from disk at once: each read is a hand-off to a blocking
+/// thread and an open of the file, so a follower that is behind reads
+/// several chunks' worth per read (and sends them as chunks of [`CHUNK`]).
+const READ_BATCH: usize = 4;
 /// Most bytes one SendInput may carry.
 pub const MAX_INPUT: usize = 64 * 1024;
 /// How long a write to stdin may wait for the agent to read.
@@ -29,6 +33,34 @@ const INPUT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// What a log reader yields.
 pub type LogItem = Result<LogChunk, tonic::Status>;
+
+/// `c` as chunks of at most [`CHUNK`] bytes (a gap stays whole).
+fn split(c: LogChunk) -> Vec<LogChunk> {
+    if c.data.len() <= CHUNK {
+        return vec![c];
+    }
+    let LogChunk {
+        offset,
+        stream,
+        data,
+        skipped,
+        time,
+    } = c;
+    let mut at = offset;
+    data.chunks(CHUNK)
+        .map(|piece| {
+            let chunk = LogChunk {
+                offset: at,
+                stream,
+                data: piece.to_vec(),
+                skipped,
+                time,
+            };
+            at += piece.len() as u64;
+            chunk
+        })
+        .collect()
+}
 
 impl Supervisor {
     /// A reader of `id`'s output as `req` asks; the stream ends when the
@@ -66,6 +98,9 @@ impl Supervisor {
                     return;
                 }
             };
+            // Without follow, what was there when asked: a reader of an
+            // agent that writes faster than it reads would never catch up.
+            let until = (!req.follow).then(|| slot.output.end());
             loop {
                 // Decided before looking at the end: once no pipe is open,
                 // the end cannot move, so nothing written last is missed.
@@ -73,7 +108,16 @@ impl Supervisor {
                 // Off the runtime: the newest output is in the page cache,
                 // but an older read may wait on the disk.
                 let s = slot.clone();
-                let read = tokio::task::spawn_blocking(move || s.output.read(next, CHUNK, filter))
+                let max = match until {
+                    Some(u) => usize::try_from(u.saturating_sub(next))
+                        .unwrap_or(usize::MAX)
+                        .min(READ_BATCH * CHUNK),
+                    None => READ_BATCH * CHUNK,
+                };
+                if max == 0 {
+                    return;
+                }
+                let read = tokio::task::spawn_blocking(move || s.output.read(next, max, filter))
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                 let r = match read {
@@ -83,13 +127,13 @@ impl Supervisor {
                         return;
                     }
                 };
-                for c in r.chunks {
+                for c in r.chunks.into_iter().flat_map(split) {
                     if tx.send(Ok(c)).await.is_err() {
                         return;
                     }
                 }
                 next = r.next;
-                if next < slot.output.end() {
+                if next < until.unwrap_or_else(|| slot.output.end()) {
                     continue;
                 }
                 if done {
