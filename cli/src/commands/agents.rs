@@ -77,26 +77,16 @@ pub async fn locate(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<
 
 /// Prints every matching agent (all pages).
 pub async fn ls(c: &mut Clients, fmt: Format, a: LsArgs) -> anyhow::Result<()> {
-    let mut agents = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .agents
-            .list_agents(ListAgentsRequest {
-                host: a.host.clone().unwrap_or_default(),
-                state: a.state.map_or(0, |s| s as i32),
-                label_selector: a.selector.clone().unwrap_or_default(),
-                page_size: 500,
-                page_token: token,
-            })
-            .await?
-            .into_inner();
-        agents.extend(page.agents);
-        if page.next_page_token.is_empty() {
-            break;
-        }
-        token = page.next_page_token;
-    }
+    let mut agents = list_all(
+        c,
+        ListAgentsRequest {
+            host: a.host.unwrap_or_default(),
+            state: a.state.map_or(0, |s| s as i32),
+            label_selector: a.selector.unwrap_or_default(),
+            ..Default::default()
+        },
+    )
+    .await?;
     agents.sort_by(|x, y| x.id.cmp(&y.id));
     match fmt {
         Format::Json | Format::Yaml => {
@@ -109,5 +99,22 @@ pub async fn ls(c: &mut Clients, fmt: Format, a: LsArgs) -> anyhow::Result<()> {
             output::table(output::AGENT_HEADER, &rows);
             Ok(())
         }
+    }
+}
+
+/// Every agent `query` matches, all pages.
+pub async fn list_all(
+    c: &mut Clients,
+    mut query: ListAgentsRequest,
+) -> anyhow::Result<Vec<agentplane::proto::v1::Agent>> {
+    query.page_size = 1000;
+    let mut agents = Vec::new();
+    loop {
+        let page = c.agents.list_agents(query.clone()).await?.into_inner();
+        agents.extend(page.agents);
+        if page.next_page_token.is_empty() {
+            return Ok(agents);
+        }
+        query.page_token = page.next_page_token;
     }
 }

@@ -89,12 +89,18 @@ pub async fn stop(
             return Ok(ExitCode::SUCCESS);
         }
         Which::Ids(ids) => ids,
-        Which::Selector(selector) => list_all(c, &selector)
-            .await?
-            .into_iter()
-            .filter(|a| !agentplane::state::has_ended(a))
-            .map(|a| a.id)
-            .collect(),
+        Which::Selector(selector) => super::agents::list_all(
+            c,
+            ListAgentsRequest {
+                label_selector: selector,
+                ..Default::default()
+            },
+        )
+        .await?
+        .into_iter()
+        .filter(|a| !agentplane::state::has_ended(a))
+        .map(|a| a.id)
+        .collect(),
     };
     let results = bulk::fan_out(ids.clone(), parallel, |id| {
         let mut c = c.clone();
@@ -115,29 +121,6 @@ pub async fn stop(
     } else {
         ExitCode::FAILURE
     })
-}
-
-/// Every agent whose labels match `selector` (all pages).
-async fn list_all(c: &mut Clients, selector: &str) -> anyhow::Result<Vec<Agent>> {
-    let mut agents = Vec::new();
-    let mut token = String::new();
-    loop {
-        let page = c
-            .agents
-            .list_agents(ListAgentsRequest {
-                label_selector: selector.to_owned(),
-                page_size: 1000,
-                page_token: token,
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        agents.extend(page.agents);
-        if page.next_page_token.is_empty() {
-            return Ok(agents);
-        }
-        token = page.next_page_token;
-    }
 }
 
 /// Prints several agents: a list document, or one table.

@@ -42,14 +42,7 @@ fn host_side(c: &TestCluster) -> Vec<i32> {
 
 fn ok(out: &Output, what: &str) {
     if !out.status.success() {
-        eprintln!(
-            "agentplane: {what} failed: {}",
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .take(5)
-                .collect::<Vec<_>>()
-                .join("; ")
-        );
+        eprintln!("agentplane: {what} failed: {}", os::head(&out.stderr, 5));
     }
 }
 

@@ -137,3 +137,12 @@ pub fn quantile(samples: &mut [Duration], p: f64) -> Duration {
     let i = ((samples.len() - 1) as f64 * p).round() as usize;
     samples[i.min(samples.len() - 1)]
 }
+
+/// The first `n` lines of a command's output, on one line.
+pub fn head(output: &[u8], n: usize) -> String {
+    String::from_utf8_lossy(output)
+        .lines()
+        .take(n)
+        .collect::<Vec<_>>()
+        .join("; ")
+}

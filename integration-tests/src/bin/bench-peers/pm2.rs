@@ -43,14 +43,7 @@ impl Daemon {
             .output()
             .expect("run pm2");
         if !out.status.success() {
-            eprintln!(
-                "pm2 {args:?}: {}",
-                String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join("; ")
-            );
+            eprintln!("pm2 {args:?}: {}", os::head(&out.stderr, 3));
         }
         out
     }
@@ -246,11 +239,7 @@ pub fn run(plan: &Plan, pm2: &Path) -> anyhow::Result<Results> {
             "pm2: {} of {} calls answered: {}",
             took.len(),
             plan.calls,
-            String::from_utf8_lossy(&out.stderr)
-                .lines()
-                .take(3)
-                .collect::<Vec<_>>()
-                .join("; ")
+            os::head(&out.stderr, 3)
         );
     }
     (r.pause_p50_ms, r.pause_p99_ms) = crate::p50_p99(&mut took);

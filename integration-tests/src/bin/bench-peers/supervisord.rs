@@ -92,11 +92,7 @@ impl Daemon {
         if !out.status.success() {
             eprintln!(
                 "supervisord: supervisorctl {args:?}: {}",
-                String::from_utf8_lossy(&out.stdout)
-                    .lines()
-                    .take(3)
-                    .collect::<Vec<_>>()
-                    .join("; ")
+                os::head(&out.stdout, 3)
             );
         }
         out
