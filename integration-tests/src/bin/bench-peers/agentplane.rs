@@ -57,24 +57,18 @@ pub async fn run(plan: &Plan) -> Results {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let idle = os::rss_kib(&host_side(&c));
     let count = plan.agents.to_string();
-    let t0_boot = os::boot_now();
-    let t0 = Instant::now();
-    let out = c.agentctl(&["spawn", "--count", &count, "--", SLEEP[0], SLEEP[1]]);
-    ok(&out, "spawn --count");
-    let pids = os::wait_for_count(&argv, plan.agents, Duration::from_secs(60));
-    r.start_wall_s = Some(t0.elapsed().as_secs_f64());
-    r.started = Some(pids.len());
-    (r.start_p50_ms, r.start_p99_ms) = crate::to_running(&pids, t0_boot);
-    // Two heartbeats, so that what the host keeps per agent is all there.
-    tokio::time::sleep(Duration::from_secs(2)).await;
-    let busy = os::rss_kib(&host_side(&c));
-    r.mem_kib_per_agent = Some(busy.saturating_sub(idle) as f64 / pids.len().max(1) as f64);
-    let t0 = Instant::now();
-    let out = c.agentctl(&["stop", "--all"]);
-    ok(&out, "stop --all");
-    r.stop_left = Some(os::processes_with_argv(&argv).len());
-    os::wait_for_none(&argv, Duration::from_secs(60));
-    r.stop_wall_s = Some(t0.elapsed().as_secs_f64());
+    crate::start_stop(
+        &mut r,
+        plan,
+        &argv,
+        idle,
+        &|| host_side(&c),
+        &mut || {
+            let out = c.agentctl(&["spawn", "--count", &count, "--", SLEEP[0], SLEEP[1]]);
+            ok(&out, "spawn --count");
+        },
+        &mut || ok(&c.agentctl(&["stop", "--all"]), "stop --all"),
+    );
     drop(c);
 
     // `yes` agents with a log cap.

@@ -108,6 +108,36 @@ pub fn to_running(pids: &[i32], t0: Duration) -> (Option<f64>, Option<f64>) {
     p50_p99(&mut after)
 }
 
+/// The start, memory and stop figures: `start` starts `plan.agents` agents
+/// running `argv`, `supervisor` names the processes whose RSS above
+/// `idle_kib` counts as memory, `stop` stops them all.
+pub fn start_stop(
+    r: &mut report::Results,
+    plan: &Plan,
+    argv: &[String],
+    idle_kib: u64,
+    supervisor: &dyn Fn() -> Vec<i32>,
+    start: &mut dyn FnMut(),
+    stop: &mut dyn FnMut(),
+) {
+    let t0_boot = os::boot_now();
+    let t0 = std::time::Instant::now();
+    start();
+    let pids = os::wait_for_count(argv, plan.agents, Duration::from_secs(180));
+    r.start_wall_s = Some(t0.elapsed().as_secs_f64());
+    r.started = Some(pids.len());
+    (r.start_p50_ms, r.start_p99_ms) = to_running(&pids, t0_boot);
+    // Two heartbeats (agentplane), so that what is kept per agent is there.
+    std::thread::sleep(Duration::from_secs(2));
+    let busy = os::rss_kib(&supervisor());
+    r.mem_kib_per_agent = Some(busy.saturating_sub(idle_kib) as f64 / pids.len().max(1) as f64);
+    let t0 = std::time::Instant::now();
+    stop();
+    r.stop_left = Some(os::processes_with_argv(argv).len());
+    os::wait_for_none(argv, Duration::from_secs(120));
+    r.stop_wall_s = Some(t0.elapsed().as_secs_f64());
+}
+
 fn machine() -> String {
     let cpu = std::fs::read_to_string("/proc/cpuinfo")
         .ok()

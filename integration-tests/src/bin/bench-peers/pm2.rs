@@ -142,21 +142,19 @@ pub fn run(plan: &Plan, pm2: &Path) -> anyhow::Result<Results> {
     let apps: Vec<_> = (1..=plan.agents)
         .map(|i| app(format!("s{i}"), SLEEP[0], sleep_args, json!({})))
         .collect();
-    let t0_boot = os::boot_now();
-    let t0 = Instant::now();
-    d.start_apps(&apps)?;
-    let pids = os::wait_for_count(&argv, plan.agents, Duration::from_secs(180));
-    r.start_wall_s = Some(t0.elapsed().as_secs_f64());
-    r.started = Some(pids.len());
-    (r.start_p50_ms, r.start_p99_ms) = crate::to_running(&pids, t0_boot);
-    std::thread::sleep(Duration::from_secs(2));
-    let busy = os::rss_kib(&[d.pid()]);
-    r.mem_kib_per_agent = Some(busy.saturating_sub(idle) as f64 / pids.len().max(1) as f64);
-    let t0 = Instant::now();
-    d.cmd(&["stop", "all"]);
-    r.stop_left = Some(os::processes_with_argv(&argv).len());
-    os::wait_for_none(&argv, Duration::from_secs(120));
-    r.stop_wall_s = Some(t0.elapsed().as_secs_f64());
+    crate::start_stop(
+        &mut r,
+        plan,
+        &argv,
+        idle,
+        &|| vec![d.pid()],
+        &mut || {
+            if let Err(e) = d.start_apps(&apps) {
+                eprintln!("pm2: start: {e}");
+            }
+        },
+        &mut || drop(d.cmd(&["stop", "all"])),
+    );
     drop(d);
 
     // `yes`: pm2 has no log cap of its own (pm2-logrotate is a module).

@@ -201,21 +201,15 @@ pub fn run(plan: &Plan, bin: &Path) -> anyhow::Result<Results> {
         &root.join("sleep"),
         &programs(plan.agents, "s", &sleeper),
     )?;
-    let t0_boot = os::boot_now();
-    let t0 = Instant::now();
-    d.ctl(&["start", "all"]);
-    let pids = os::wait_for_count(&argv, plan.agents, Duration::from_secs(120));
-    r.start_wall_s = Some(t0.elapsed().as_secs_f64());
-    r.started = Some(pids.len());
-    (r.start_p50_ms, r.start_p99_ms) = crate::to_running(&pids, t0_boot);
-    std::thread::sleep(Duration::from_secs(2));
-    let busy = os::rss_kib(&[d.pid()]);
-    r.mem_kib_per_agent = Some(busy.saturating_sub(idle) as f64 / pids.len().max(1) as f64);
-    let t0 = Instant::now();
-    d.ctl(&["stop", "all"]);
-    r.stop_left = Some(os::processes_with_argv(&argv).len());
-    os::wait_for_none(&argv, Duration::from_secs(120));
-    r.stop_wall_s = Some(t0.elapsed().as_secs_f64());
+    crate::start_stop(
+        &mut r,
+        plan,
+        &argv,
+        idle,
+        &|| vec![d.pid()],
+        &mut || drop(d.ctl(&["start", "all"])),
+        &mut || drop(d.ctl(&["stop", "all"])),
+    );
     drop(d);
 
     // `yes` with its log capped: one backup, so a program keeps at most
