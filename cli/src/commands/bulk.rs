@@ -2,10 +2,8 @@
 //! `stop ID…` and `stop --selector`.
 
 use std::future::Future;
-use std::sync::Arc;
 
-use tokio::sync::Semaphore;
-use tokio::task::JoinSet;
+use tokio::task::{JoinError, JoinSet};
 
 /// How many calls a bulk command has in flight by default: enough to keep a
 /// control plane busy, few enough not to queue behind one another.
@@ -19,37 +17,39 @@ where
     Fut: Future<Output = R> + Send + 'static,
     R: Send + 'static,
 {
-    let places = Arc::new(Semaphore::new(parallel.max(1)));
     let mut set = JoinSet::new();
-    let mut results: Vec<Option<R>> = Vec::with_capacity(items.len());
+    let mut done = Vec::with_capacity(items.len());
     for (i, item) in items.into_iter().enumerate() {
-        results.push(None);
-        // Taken before the task exists, so no more than `parallel` run.
-        let Ok(place) = places.clone().acquire_owned().await else {
-            unreachable!("the semaphore is never closed");
-        };
-        let call = call(item);
-        set.spawn(async move {
-            let r = call.await;
-            drop(place);
-            (i, r)
-        });
-    }
-    while let Some(done) = set.join_next().await {
-        match done {
-            Ok((i, r)) => results[i] = Some(r),
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        // A place frees up before the next call starts.
+        if set.len() >= parallel.max(1) {
+            if let Some(r) = set.join_next().await {
+                done.push(joined(r));
+            }
         }
+        let call = call(item);
+        set.spawn(async move { (i, call.await) });
     }
-    results
-        .into_iter()
-        .map(|r| r.expect("every task reported"))
-        .collect()
+    while let Some(r) = set.join_next().await {
+        done.push(joined(r));
+    }
+    done.sort_unstable_by_key(|(i, _)| *i);
+    done.into_iter().map(|(_, r)| r).collect()
+}
+
+/// A finished call's result; its panic goes on in the caller. The set is
+/// never aborted, so a call that neither returned nor panicked was stopped
+/// with the runtime, which only happens while this process exits.
+fn joined<R>(r: Result<(usize, R), JoinError>) -> (usize, R) {
+    match r {
+        Ok(done) => done,
+        Err(e) => std::panic::resume_unwind(e.into_panic()),
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
     use std::time::Duration;
 
     use super::*;
