@@ -38,7 +38,7 @@ impl LiveHosts {
         Self {
             registry,
             view: Mutex::new(None),
-            next: AtomicU64::new(rand::random::<u64>() >> 1),
+            next: AtomicU64::new(rand::random()),
         }
     }
 

@@ -129,6 +129,12 @@ impl Reconciler {
             .is_some_and(|t| t.elapsed() < self.max_ttl + 2 * self.period)
     }
 
+    /// True when losses may be declared: not settling, and no read that
+    /// decides them was late in this pass.
+    fn may_lose(&self) -> bool {
+        !self.settling() && !self.slow_read
+    }
+
     /// Notes how long a read that decides losses took since `asked`. One
     /// that took a heartbeat period or more (a stall, or a frozen Redis
     /// that came back before the response timeout, so nothing failed) is
@@ -186,7 +192,6 @@ impl Reconciler {
             .filter(|h| !live.contains_key(h) && !judged.contains(h))
             .collect();
         self.judge_down(&down, asked, &mut restarting).await?;
-        let may_lose = |r: &Self| !r.settling() && !r.slow_read;
         for host in restarting.difference(&self.restarting) {
             tracing::info!(%host, "host restarting: its host agent is away and its keeper holds its agents");
         }
@@ -214,7 +219,7 @@ impl Reconciler {
         }
         let stats = self
             .sweep
-            .pass(&live, &restarting, may_lose(self), self.period / 4)
+            .pass(&live, &restarting, self.may_lose(), self.period / 4)
             .await?;
         self.restarting = restarting;
         if stats.acted > 0 {
@@ -242,7 +247,7 @@ impl Reconciler {
         for host in down {
             if held.contains_key(host) {
                 restarting.insert(host.clone());
-            } else if !self.settling() && !self.slow_read {
+            } else if self.may_lose() {
                 self.lost_host(host).await?;
             }
         }

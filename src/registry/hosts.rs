@@ -392,7 +392,6 @@ impl Registry {
     pub async fn list_hosts(&self) -> Result<Vec<HostRecord>> {
         let mut ids = self.known_hosts().await?;
         ids.sort();
-        ids.dedup();
         if ids.is_empty() {
             return Ok(Vec::new());
         }

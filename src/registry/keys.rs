@@ -24,16 +24,6 @@ impl Keys {
         format!("{}:host:{id}", self.prefix)
     }
 
-    /// The `SCAN` pattern of every host key.
-    pub fn host_pattern(&self) -> String {
-        format!("{}:host:*", self.prefix)
-    }
-
-    /// The host id of a host key, if it is one.
-    pub fn host_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.prefix)?.strip_prefix(":host:")
-    }
-
     /// `ap:host-agents:{id}`: the set of agent ids placed on the host.
     pub fn host_agents(&self, id: &str) -> String {
         format!("{}:host-agents:{id}", self.prefix)
@@ -142,8 +132,6 @@ mod tests {
         assert_eq!(k.claim_lease("a1"), "ap:claim:a1");
         assert_eq!(k.drain_lease("h1"), "ap:drain:h1");
         assert_eq!(k.keeper("h1"), "ap:keeper:h1");
-        assert_eq!(k.host_id_of("ap:host:h1"), Some("h1"));
-        assert_eq!(k.host_id_of("ap:host-agents:h1"), None);
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));
     }
 }

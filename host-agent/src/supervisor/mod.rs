@@ -61,6 +61,8 @@ const PAUSE_WAIT: Duration = Duration::from_secs(1);
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
 /// Ended agents kept (for inspect and logs) beyond the running ones.
 const RETAINED_ENDED: usize = 1024;
+/// Ended agents evicted beyond the cap at once: an eighth of those retained.
+const EVICT_SLACK: usize = RETAINED_ENDED / 8;
 /// Threads writing agents' output to disk: two, so that one throttled by the
 /// kernel's dirty-page limits does not hold every agent's output.
 const LOG_WRITER_THREADS: usize = 2;
@@ -463,13 +465,14 @@ impl Supervisor {
 }
 
 /// Drops the ended agents that finished longest ago, keeping at most `cap`
-/// entries. Past the cap it drops an eighth of it more, so that a host with
-/// churn sorts its ended agents once per cap/8 starts, not at every start.
+/// entries. Past the cap it drops [`EVICT_SLACK`] more, so that a host with
+/// churn sorts its ended agents once per that many starts, not at every
+/// start.
 fn evict_ended(map: &mut HashMap<String, Arc<AgentSlot>>, cap: usize) {
     if map.len() <= cap {
         return;
     }
-    let keep = cap - cap / 8;
+    let keep = cap.saturating_sub(EVICT_SLACK);
     let mut ended: Vec<(i64, String)> = map
         .values()
         .filter(|s| !s.is_active())

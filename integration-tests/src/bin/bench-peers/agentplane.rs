@@ -77,16 +77,11 @@ pub async fn run(plan: &Plan) -> Results {
     let disk_before = os::disk_bytes(&data);
     let cap = plan.log_cap_bytes.to_string();
     let n = plan.yes_agents.to_string();
-    let cpu0 = os::cpu_of(&stack(&c));
     let out = c.agentctl(&["spawn", "--count", &n, "--log-max-bytes", &cap, "--", "yes"]);
     ok(&out, "spawn yes");
-    tokio::time::sleep(plan.yes_for).await;
-    let cpu = os::cpu_of(&stack(&c)).saturating_sub(cpu0);
-    r.yes_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.yes_for.as_secs_f64());
-    r.yes_rss_mib = Some(os::rss_kib(&stack(&c)) as f64 / 1024.0);
-    let disk = os::disk_bytes(&data).saturating_sub(disk_before);
-    r.yes_disk_mib = Some(disk as f64 / (1 << 20) as f64);
-    r.yes_cap_held = Some(disk <= plan.cap_total());
+    tokio::task::block_in_place(|| {
+        crate::yes_figures(&mut r, plan, &stack(&c), &data, disk_before);
+    });
     ok(&c.agentctl(&["stop", "--all"]), "stop yes");
     drop(c);
 
@@ -95,7 +90,6 @@ pub async fn run(plan: &Plan) -> Results {
     let file = plan.work.join("agentplane-crashes");
     let script = format!("echo x >> {}; exit 1", file.display());
     let n = plan.crash_agents.to_string();
-    let cpu0 = os::cpu_of(&stack(&c));
     let out = c.agentctl(&[
         "spawn",
         "--count",
@@ -108,10 +102,7 @@ pub async fn run(plan: &Plan) -> Results {
         &script,
     ]);
     ok(&out, "spawn crash loop");
-    tokio::time::sleep(plan.crash_for).await;
-    let cpu = os::cpu_of(&stack(&c)).saturating_sub(cpu0);
-    r.crash_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.crash_for.as_secs_f64());
-    r.crash_starts_per_s = Some(os::lines_in(&file) as f64 / plan.crash_for.as_secs_f64());
+    tokio::task::block_in_place(|| crate::crash_figures(&mut r, plan, &stack(&c), &file));
     ok(&c.agentctl(&["stop", "--all"]), "stop crash loop");
     drop(c);
 

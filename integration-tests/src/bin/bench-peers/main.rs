@@ -15,7 +15,7 @@ mod raw;
 mod report;
 mod supervisord;
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use clap::Parser;
@@ -136,6 +136,40 @@ pub fn start_stop(
     r.stop_left = Some(os::processes_with_argv(argv).len());
     os::wait_for_none(argv, Duration::from_secs(120));
     r.stop_wall_s = Some(t0.elapsed().as_secs_f64());
+}
+
+/// The `yes` figures, once the agents run: the CPU the supervisor `pids`
+/// use over `plan.yes_for` from now, their RSS then, and the bytes the logs
+/// under `logs` hold beyond `disk_before`.
+pub fn yes_figures(
+    r: &mut report::Results,
+    plan: &Plan,
+    pids: &[i32],
+    logs: &Path,
+    disk_before: u64,
+) {
+    r.yes_cpu_pct = Some(cpu_pct_over(pids, plan.yes_for));
+    r.yes_rss_mib = Some(os::rss_kib(pids) as f64 / 1024.0);
+    let disk = os::disk_bytes(logs).saturating_sub(disk_before);
+    r.yes_disk_mib = Some(disk as f64 / f64::from(1 << 20));
+    r.yes_cap_held = Some(disk <= plan.cap_total());
+}
+
+/// The crash-loop figures, once the agents loop: the CPU the supervisor
+/// `pids` use over `plan.crash_for` from now, and the starts (lines each
+/// start adds to `file`) per second meanwhile.
+pub fn crash_figures(r: &mut report::Results, plan: &Plan, pids: &[i32], file: &Path) {
+    let lines0 = os::lines_in(file);
+    r.crash_cpu_pct = Some(cpu_pct_over(pids, plan.crash_for));
+    let starts = os::lines_in(file).saturating_sub(lines0);
+    r.crash_starts_per_s = Some(starts as f64 / plan.crash_for.as_secs_f64());
+}
+
+/// The CPU `pids` use over `d` from now, in % of one core.
+fn cpu_pct_over(pids: &[i32], d: Duration) -> f64 {
+    let cpu0 = os::cpu_of(pids);
+    std::thread::sleep(d);
+    100.0 * os::cpu_of(pids).saturating_sub(cpu0).as_secs_f64() / d.as_secs_f64()
 }
 
 fn machine() -> String {

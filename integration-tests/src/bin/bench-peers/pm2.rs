@@ -162,15 +162,8 @@ pub fn run(plan: &Plan, pm2: &Path) -> anyhow::Result<Results> {
     let apps: Vec<_> = (1..=plan.yes_agents)
         .map(|i| app(format!("y{i}"), "yes", "", json!({})))
         .collect();
-    let cpu0 = os::cpu_of(&[d.pid()]);
     d.start_apps(&apps)?;
-    std::thread::sleep(plan.yes_for);
-    let cpu = os::cpu_of(&[d.pid()]).saturating_sub(cpu0);
-    r.yes_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.yes_for.as_secs_f64());
-    r.yes_rss_mib = Some(os::rss_kib(&[d.pid()]) as f64 / 1024.0);
-    let disk = os::disk_bytes(&d.home.join("logs"));
-    r.yes_disk_mib = Some(disk as f64 / (1 << 20) as f64);
-    r.yes_cap_held = Some(disk <= plan.cap_total());
+    crate::yes_figures(&mut r, plan, &[d.pid()], &d.home.join("logs"), 0);
     d.cmd(&["delete", "all"]);
     drop(d);
 
@@ -193,12 +186,8 @@ pub fn run(plan: &Plan, pm2: &Path) -> anyhow::Result<Results> {
             })
         })
         .collect();
-    let cpu0 = os::cpu_of(&[d.pid()]);
     d.start_apps(&apps)?;
-    std::thread::sleep(plan.crash_for);
-    let cpu = os::cpu_of(&[d.pid()]).saturating_sub(cpu0);
-    r.crash_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.crash_for.as_secs_f64());
-    r.crash_starts_per_s = Some(os::lines_in(&file) as f64 / plan.crash_for.as_secs_f64());
+    crate::crash_figures(&mut r, plan, &[d.pid()], &file);
     d.cmd(&["delete", "all"]);
     drop(d);
 

@@ -223,15 +223,7 @@ pub fn run(plan: &Plan, bin: &Path) -> anyhow::Result<Results> {
         &root.join("yes"),
         &programs(plan.yes_agents, "y", &yes),
     )?;
-    let logs = d.dir.join("logs");
-    let cpu0 = os::cpu_of(&[d.pid()]);
-    std::thread::sleep(plan.yes_for);
-    let cpu = os::cpu_of(&[d.pid()]).saturating_sub(cpu0);
-    r.yes_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.yes_for.as_secs_f64());
-    r.yes_rss_mib = Some(os::rss_kib(&[d.pid()]) as f64 / 1024.0);
-    let disk = os::disk_bytes(&logs);
-    r.yes_disk_mib = Some(disk as f64 / (1 << 20) as f64);
-    r.yes_cap_held = Some(disk <= plan.cap_total());
+    crate::yes_figures(&mut r, plan, &[d.pid()], &d.dir.join("logs"), 0);
     drop(d);
 
     // A crash loop: supervisord's backoff (1 s more before each retry) needs
@@ -246,13 +238,7 @@ pub fn run(plan: &Plan, bin: &Path) -> anyhow::Result<Results> {
         &root.join("crash"),
         &programs(plan.crash_agents, "c", &crash),
     )?;
-    let cpu0 = os::cpu_of(&[d.pid()]);
-    let lines0 = os::lines_in(&file);
-    std::thread::sleep(plan.crash_for);
-    let cpu = os::cpu_of(&[d.pid()]).saturating_sub(cpu0);
-    r.crash_cpu_pct = Some(100.0 * cpu.as_secs_f64() / plan.crash_for.as_secs_f64());
-    r.crash_starts_per_s =
-        Some(os::lines_in(&file).saturating_sub(lines0) as f64 / plan.crash_for.as_secs_f64());
+    crate::crash_figures(&mut r, plan, &[d.pid()], &file);
     drop(d);
 
     // Pause/resume: signalProcess STOP / CONT over XML-RPC.
