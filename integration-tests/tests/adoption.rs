@@ -10,6 +10,7 @@ use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{
     Agent, AgentSpec, AgentState, ExitReason, GetAgentRequest, ListAgentsRequest,
 };
+use agentplane_integration_tests::output::counter_lines;
 use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 
@@ -33,10 +34,7 @@ fn counted(cluster: &TestCluster, id: &str) -> Vec<u64> {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+    counter_lines(&out.stdout)
 }
 
 /// (gaps, duplicates or reorderings) in a counter's output.

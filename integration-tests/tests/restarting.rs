@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::restart_policy::Mode;
 use agentplane::proto::v1::{Agent, AgentState, GetAgentRequest, ListHostsRequest};
+use agentplane_integration_tests::output::counter_lines;
 use agentplane_integration_tests::{procfs, spec, TestCluster};
 use nix::sys::signal::Signal;
 
@@ -245,12 +246,7 @@ async fn run_rm_holds_its_agent_across_a_host_agent_restart_and_prints_every_lin
             sink.lock().unwrap().extend_from_slice(&b[..n]);
         }
     });
-    let lines = |p: &Arc<Mutex<Vec<u8>>>| -> Vec<u64> {
-        String::from_utf8_lossy(&p.lock().unwrap())
-            .lines()
-            .filter_map(|l| l.trim().parse().ok())
-            .collect()
-    };
+    let lines = |p: &Arc<Mutex<Vec<u8>>>| -> Vec<u64> { counter_lines(&p.lock().unwrap()) };
     let wait_lines = |n: usize, what: &str| {
         let deadline = Instant::now() + Duration::from_secs(10);
         while lines(&printed).len() < n {
