@@ -17,7 +17,7 @@ use std::path::{Path, PathBuf};
 use agentplane::cgroups::{CgroupMode, HostCgroups, Resources};
 
 use run::Flavor;
-pub use run::{kill_members, thaw, RunCgroup};
+pub use run::{kill_members, RunCgroup};
 
 /// `--cgroups`: which hierarchy to use.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]

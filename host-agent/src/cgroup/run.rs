@@ -68,15 +68,34 @@ impl RunCgroup {
             .chain(self.others.iter().map(|(_, d)| d.as_path()))
     }
 
-    /// Creates its cgroups (a restart finds them there: kept) and writes
+    /// Creates its cgroups (a restart finds them there: kept, and thawed) and writes
     /// its limits, which [`agentplane::cgroups::HostCgroups::refusal`] let
     /// through.
     pub fn create(&self) -> Result<(), CgroupError> {
         for dir in self.dirs() {
-            std::fs::create_dir_all(dir).map_err(|source| CgroupError::Create {
-                dir: dir.to_owned(),
-                source,
-            })?;
+            match std::fs::create_dir(dir) {
+                Ok(()) => {}
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    // Reused by a restart: a child that joined it frozen
+                    // would stop before its exec. A new one never is.
+                    if dir == self.membership {
+                        thaw(dir);
+                    }
+                }
+                // Its parent went away: made again as at the host agent's start.
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    std::fs::create_dir_all(dir).map_err(|source| CgroupError::Create {
+                        dir: dir.to_owned(),
+                        source,
+                    })?;
+                }
+                Err(source) => {
+                    return Err(CgroupError::Create {
+                        dir: dir.to_owned(),
+                        source,
+                    })
+                }
+            }
         }
         let v2 = self.flavor == Flavor::V2;
         let l = &self.limits;
@@ -284,7 +303,7 @@ fn write(file: &Path, value: &str) -> Result<(), CgroupError> {
 }
 
 /// Thaws cgroup `dir`, if it can be frozen at all.
-pub fn thaw(dir: &Path) {
+fn thaw(dir: &Path) {
     Freezer::of(dir).set(dir, false);
 }
 

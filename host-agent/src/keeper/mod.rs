@@ -7,6 +7,7 @@
 //! supervisor starts every agent through it.
 
 pub mod client;
+mod fork;
 mod liveness;
 pub mod process;
 pub mod proto;

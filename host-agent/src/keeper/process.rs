@@ -1,6 +1,7 @@
 //! The keeper process (`host-agent __agentplane_keeper DATA_DIR GRACE_MS`):
 //! the parent and child subreaper of every agent. It starts programs
-//! (forking from its own small address space), keeps their pipes or
+//! (forking from its own small address space, answering each start once
+//! its exec is done while it goes on with the next), keeps their pipes or
 //! terminal masters, reaps every child, and keeps each agent's exit until
 //! the host agent acknowledges it. One host agent is attached at a time,
 //! over `DATA_DIR/keeper.sock`; a new one receives every kept process with
@@ -22,11 +23,11 @@ use nix::sys::socket::{
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
+use super::fork::{self, Forked};
 use super::liveness::Liveness;
 use super::proto::{self, from_keeper, to_keeper, FromKeeper, ToKeeper};
 use super::wire::{self, Socket};
 use crate::supervisor::guard::Guard;
-use crate::supervisor::spawn;
 
 /// The argument that starts `host-agent` in keeper mode.
 pub const KEEPER_ARG: &str = "__agentplane_keeper";
@@ -47,7 +48,28 @@ struct Held {
     /// stdin, stdout, stderr; or the terminal's master.
     fds: Vec<OwnedFd>,
     exit: Option<proto::Exit>,
+    /// A start whose exec has not reported yet: its request, which is
+    /// answered first (the host agent hears of an exit only after its start).
+    starting: Option<Starting>,
 }
+
+/// The request that started a process still exec'ing.
+struct Starting {
+    seq: u64,
+    /// The connection it came on ([`Conn::id`]).
+    conn: u64,
+}
+
+/// The attached host agent.
+struct Conn {
+    sock: Socket,
+    /// Which attachment this is: a start requested on an earlier one is not
+    /// answered on this one (this one heard of it in its `Kept` list).
+    id: u64,
+}
+
+/// A start's exec outcome: the pid, and `Ok` once the program runs.
+type ExecDone = (i32, std::io::Result<()>);
 
 /// Keeper mode: never returns.
 pub fn run_keeper(args: &[String]) -> ! {
@@ -119,7 +141,10 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
     let guard = Guard::start();
     let mut sigchld = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::child())?;
     let mut kept: HashMap<i32, Held> = HashMap::new();
-    let mut client: Option<Socket> = None;
+    let mut client: Option<Conn> = None;
+    let mut attached = 0u64;
+    // The starts whose exec has not reported yet.
+    let mut execs: tokio::task::JoinSet<ExecDone> = tokio::task::JoinSet::new();
     let mut liveness = Liveness::new(grace);
     // Until the first host agent is attached.
     let mut first = Some(tokio::time::Instant::now() + FIRST_CLIENT.max(grace));
@@ -136,7 +161,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
         };
         let message = async {
             match &client {
-                Some(c) => wire::recv_msg::<ToKeeper>(c).await,
+                Some(c) => wire::recv_msg::<ToKeeper>(&c.sock).await,
                 None => std::future::pending().await,
             }
         };
@@ -149,7 +174,8 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                 let Some(c) = client.as_ref() else { continue };
                 match got {
                     Ok((msg, _)) => {
-                        if let Err(e) = handle(c, msg, &mut kept, &guard, &mut liveness).await {
+                        let r = handle(c, msg, &mut kept, &guard, &mut liveness, &mut execs).await;
+                        if let Err(e) = r {
                             eprintln!("keeper: host agent connection: {e}");
                             client = None;
                         }
@@ -165,6 +191,20 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     if kept.is_empty() {
                         return Ok(());
                     }
+                    liveness.left();
+                }
+            }
+            Some(done) = execs.join_next() => {
+                let done = match done {
+                    Ok(done) => done,
+                    Err(e) => {
+                        eprintln!("keeper: a start's watch ended: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = started(client.as_ref(), done, &mut kept, &guard).await {
+                    eprintln!("keeper: host agent connection: {e}");
+                    client = None;
                     liveness.left();
                 }
             }
@@ -189,7 +229,8 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                                 let _ = wire::send_msg(&sock, &busy, &[]).await;
                             });
                         } else {
-                            client = Some(sock);
+                            attached += 1;
+                            client = Some(Conn { sock, id: attached });
                             first = None;
                             liveness.back();
                         }
@@ -202,14 +243,14 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                 for (pid, exit) in reap() {
                     let Some(h) = kept.get_mut(&pid) else { continue };
                     h.exit = Some(exit);
-                    if let Some(c) = &client {
-                        let m = FromKeeper {
-                            kind: Some(from_keeper::Kind::Exited(proto::Exited { pid, exit: Some(exit) })),
-                        };
-                        if wire::send_msg(c, &m, &[]).await.is_err() {
-                            client = None;
-                            liveness.left();
-                        }
+                    let Some(c) = &client else { continue };
+                    // Told after its start's answer (`started`).
+                    if h.starting.as_ref().is_some_and(|s| s.conn == c.id) {
+                        continue;
+                    }
+                    if send_exit(&c.sock, pid, exit).await.is_err() {
+                        client = None;
+                        liveness.left();
                     }
                 }
             }
@@ -233,12 +274,14 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
 
 /// Answers one request.
 async fn handle(
-    c: &Socket,
+    conn: &Conn,
     msg: ToKeeper,
     kept: &mut HashMap<i32, Held>,
     guard: &Guard,
     liveness: &mut Liveness,
+    execs: &mut tokio::task::JoinSet<ExecDone>,
 ) -> Result<(), wire::WireError> {
+    let c = &conn.sock;
     match msg.kind {
         Some(to_keeper::Kind::Liveness(l)) => {
             liveness.configure(l);
@@ -266,37 +309,29 @@ async fn handle(
         Some(to_keeper::Kind::Spawn(s)) => {
             let launch = s.launch.unwrap_or_default();
             match start(&launch) {
-                Ok((pid, fds)) => {
+                Ok(Forked { pid, fds, status }) => {
                     guard.add(pid, &launch.agent, launch.membership_cgroup());
-                    let started_at_ms = agentplane::time::now_ms();
-                    let reply = proto::Spawned {
-                        seq: s.seq,
-                        pid,
-                        started_at_ms,
-                    };
-                    let borrowed: Vec<_> = fds.iter().map(AsFd::as_fd).collect();
-                    let sent = send(c, from_keeper::Kind::Spawned(reply), &borrowed).await;
+                    // Kept from the fork on, so that the reaper finds it
+                    // whenever it ends.
                     kept.insert(
                         pid,
                         Held {
                             tag: s.tag,
                             agent: launch.agent,
-                            started_at_ms,
+                            started_at_ms: agentplane::time::now_ms(),
                             tty: launch.tty,
                             fds,
                             exit: None,
+                            starting: Some(Starting {
+                                seq: s.seq,
+                                conn: conn.id,
+                            }),
                         },
                     );
-                    sent
+                    execs.spawn(async move { (pid, fork::exec_outcome(status).await) });
+                    Ok(())
                 }
-                Err(e) => {
-                    let failed = proto::Failed {
-                        seq: s.seq,
-                        errno: e.raw_os_error(),
-                        message: e.to_string(),
-                    };
-                    send(c, from_keeper::Kind::Failed(failed), &[]).await
-                }
+                Err(e) => send(c, from_keeper::Kind::Failed(failed(s.seq, &e)), &[]).await,
             }
         }
         Some(to_keeper::Kind::Ack(pid)) => {
@@ -320,41 +355,86 @@ async fn send(
     wire::send_msg(c, &FromKeeper { kind: Some(kind) }, fds).await
 }
 
-/// Starts `l`: its pid and the descriptors the keeper keeps (stdin's write
-/// end, stdout's and stderr's read ends; or the terminal's master and a
-/// relay pipe's read and write ends).
-fn start(l: &proto::Launch) -> std::io::Result<(i32, Vec<OwnedFd>)> {
-    // A child that joins a frozen cgroup stops before its exec, and the
-    // spawn below waits for that exec: this whole process would hang.
-    if let Some(dir) = l.membership_cgroup() {
-        crate::cgroup::thaw(Path::new(dir));
-    }
-    let (mut cmd, pty) = spawn::command(l)?;
-    let mut child = cmd.spawn()?;
-    // The command holds the terminal's slave side: closed now, so the
-    // master reads EIO once the agent's processes let go of it.
-    drop(cmd);
-    let pid = i32::try_from(child.id()).unwrap_or(0);
-    let fds = match pty {
-        Some(master) => {
-            // The relay: the host agent moves the terminal's output through
-            // it to disk; held here too, so what is in it outlives a host
-            // agent killed between the two moves.
-            let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-            vec![master, r, w]
-        }
-        None => {
-            let (Some(i), Some(o), Some(e)) =
-                (child.stdin.take(), child.stdout.take(), child.stderr.take())
-            else {
-                return Err(std::io::Error::other("the child's pipes are missing"));
-            };
-            vec![i.into(), o.into(), e.into()]
-        }
+async fn send_exit(c: &Socket, pid: i32, exit: proto::Exit) -> Result<(), wire::WireError> {
+    let exited = proto::Exited {
+        pid,
+        exit: Some(exit),
     };
-    // Dropping a std Child neither waits for nor kills it: the reaper below does.
-    drop(child);
-    Ok((pid, fds))
+    send(c, from_keeper::Kind::Exited(exited), &[]).await
+}
+
+fn failed(seq: u64, e: &std::io::Error) -> proto::Failed {
+    proto::Failed {
+        seq,
+        errno: e.raw_os_error(),
+        message: e.to_string(),
+    }
+}
+
+/// Answers the start of `pid`, whose exec reported `outcome`, on the
+/// connection that asked for it; then its exit, if it has ended since. A
+/// start asked on an earlier connection is not answered: the current host
+/// agent got the process in its `Kept` list and hears of its exit as of any
+/// other (a failed exec exits 127).
+async fn started(
+    client: Option<&Conn>,
+    (pid, outcome): ExecDone,
+    kept: &mut HashMap<i32, Held>,
+    guard: &Guard,
+) -> Result<(), wire::WireError> {
+    let Some(h) = kept.get_mut(&pid) else {
+        return Ok(());
+    };
+    let Some(starting) = h.starting.take() else {
+        return Ok(());
+    };
+    let Some(c) = client.filter(|c| c.id == starting.conn) else {
+        return Ok(());
+    };
+    match outcome {
+        Ok(()) => {
+            h.started_at_ms = agentplane::time::now_ms();
+            let reply = proto::Spawned {
+                seq: starting.seq,
+                pid,
+                started_at_ms: h.started_at_ms,
+            };
+            let fds: Vec<_> = h.fds.iter().map(AsFd::as_fd).collect();
+            send(&c.sock, from_keeper::Kind::Spawned(reply), &fds).await?;
+            match h.exit {
+                Some(exit) => send_exit(&c.sock, pid, exit).await,
+                None => Ok(()),
+            }
+        }
+        Err(e) => {
+            // Never ran: forgotten (its zombie is reaped as a stranger's).
+            if let Some(h) = kept.remove(&pid) {
+                guard.remove(pid, &h.agent);
+            }
+            let reply = from_keeper::Kind::Failed(failed(starting.seq, &e));
+            send(&c.sock, reply, &[]).await
+        }
+    }
+}
+
+/// Forks the child that runs `l` (see [`fork`]), with the descriptors the
+/// keeper keeps: stdin's write end, stdout's and stderr's read ends; or the
+/// terminal's master and a relay pipe's read and write ends.
+fn start(l: &proto::Launch) -> std::io::Result<Forked> {
+    // No thaw here: the host agent thaws a reused cgroup when it makes the
+    // run's cgroups (`RunCgroup::create`); a new one is never frozen.
+    // The relay: the host agent moves the terminal's output through it to
+    // disk; held here too, so what is in it outlives a host agent killed
+    // between the two moves. Made first: nothing fails after the fork.
+    let relay = if l.tty {
+        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
+        vec![r, w]
+    } else {
+        Vec::new()
+    };
+    let mut forked = fork::fork_exec(l)?;
+    forked.fds.extend(relay);
+    Ok(forked)
 }
 
 /// Reaps every ended child; returns (pid, exit) of each.

@@ -14,6 +14,22 @@ use super::tree::{self, Scope};
 use super::{persist, signal, spawn, Supervisor};
 use crate::keeper::KeeperError;
 
+/// Runs a start's file-system work (its run directory, output log, state
+/// file and cgroups) on the blocking pool: a busy disk stalls a directory or
+/// file creation for tens of milliseconds now and then, and on a runtime
+/// worker thread that stall would hold up every request the thread serves,
+/// not only this start.
+pub(super) async fn off_runtime<T: Send + 'static>(
+    work: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(work).await.unwrap_or_else(|e| {
+        if e.is_panic() {
+            std::panic::resume_unwind(e.into_panic());
+        }
+        Err(std::io::Error::other("the host agent is shutting down"))
+    })
+}
+
 impl Supervisor {
     /// Starts a run of the slot's program in the keeper: its pid and its
     /// exit to come. `Ok(None)`: a stop arrived first, nothing was started. A
@@ -30,7 +46,12 @@ impl Supervisor {
         let mut launch = spawn::launch_of(&slot.id, &slot.spec);
         if let Some(cg) = &slot.cgroup {
             // Again for a restart: kept if there (an empty cgroup is reused).
-            cg.create().map_err(std::io::Error::other)?;
+            let made = slot.clone();
+            off_runtime(move || match &made.cgroup {
+                Some(cg) => cg.create().map_err(std::io::Error::other),
+                None => Ok(()),
+            })
+            .await?;
             launch.cgroup_procs = cg.procs_files();
         }
         let run = match self.keeper.spawn(&slot.tag, launch).await {

@@ -227,12 +227,14 @@ impl Supervisor {
         let tag = format!("{id}.{generation}.{}.{start}", self.incarnation);
         let dir = self.data_dir.join("agents").join(&tag);
         let (cap, _) = log_sizes(&spec);
-        let log = output::OutputLog::create(&id, &dir, cap, self.log_writers.clone()).map_err(
-            |source| SupervisorError::Output {
-                id: id.clone(),
-                source,
-            },
-        )?;
+        let (log_id, writers) = (id.clone(), self.log_writers.clone());
+        let log =
+            launch::off_runtime(move || output::OutputLog::create(&log_id, &dir, cap, writers))
+                .await
+                .map_err(|source| SupervisorError::Output {
+                    id: id.clone(),
+                    source,
+                })?;
         let cgroup = self.cgroups.run(&tag, &resources);
         let slot =
             Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log).in_cgroup(cgroup));
@@ -261,7 +263,13 @@ impl Supervisor {
             Admission::Here(here) => return Ok(here),
             Admission::EndedHere(ended) => return Ok(ended.to_proto()),
         }
-        self.persist(&slot, None);
+        let (sup, persisted) = (self.clone(), slot.clone());
+        // Logged inside when it fails.
+        let _ = launch::off_runtime(move || {
+            sup.persist(&persisted, None);
+            Ok(())
+        })
+        .await;
         if let Some(pause) = pause_before_spawn() {
             // Test builds only: widens the window in which a heartbeat can
             // fence the admitted slot before its fork (see the test).
