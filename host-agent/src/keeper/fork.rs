@@ -370,6 +370,19 @@ mod tests {
         }
     }
 
+    /// SIGKILLs the child if the test fails before it is reaped: held before
+    /// its exec, it holds a copy of the FIFO's read end and would wait forever.
+    struct KillOnDrop(Option<i32>);
+
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if let Some(pid) = self.0 {
+                let _ =
+                    nix::sys::signal::kill(Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
     fn wchan(pid: i32) -> String {
         std::fs::read_to_string(format!("/proc/{pid}/wchan")).unwrap_or_default()
     }
@@ -397,6 +410,7 @@ mod tests {
 
         let forked = fork_exec(&l).expect("fork");
         let pid = forked.pid;
+        let mut unreaped = KillOnDrop(Some(pid));
         let outcome = tokio::spawn(exec_outcome(forked.status));
         let deadline = Instant::now() + Duration::from_secs(5);
         while !wchan(pid).ends_with("pipe_write") {
@@ -421,6 +435,7 @@ mod tests {
             waitpid(Pid::from_raw(pid), None).expect("wait"),
             WaitStatus::Exited(Pid::from_raw(pid), 0)
         );
+        unreaped.0 = None;
         assert!(drained.ends_with(b"0"), "the child joined before its exec");
     }
 
