@@ -166,10 +166,26 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
             }
         };
         tokio::select! {
-            // Biased, the connection first: a host agent's queued acks and
+            // Biased. Starts whose exec is done are answered before more
+            // requests are read: under a flood of starts, the oldest finish
+            // first. Then the connection: a host agent's queued acks and
             // its hang-up are read before the next one is accepted, so a
             // restarted host agent is not refused as a second one.
             biased;
+            Some(done) = execs.join_next() => {
+                let done = match done {
+                    Ok(done) => done,
+                    Err(e) => {
+                        eprintln!("keeper: a start's watch ended: {e}");
+                        continue;
+                    }
+                };
+                if let Err(e) = started(client.as_ref(), done, &mut kept, &guard).await {
+                    eprintln!("keeper: host agent connection: {e}");
+                    client = None;
+                    liveness.left();
+                }
+            }
             got = message => {
                 let Some(c) = client.as_ref() else { continue };
                 match got {
@@ -191,20 +207,6 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     if kept.is_empty() {
                         return Ok(());
                     }
-                    liveness.left();
-                }
-            }
-            Some(done) = execs.join_next() => {
-                let done = match done {
-                    Ok(done) => done,
-                    Err(e) => {
-                        eprintln!("keeper: a start's watch ended: {e}");
-                        continue;
-                    }
-                };
-                if let Err(e) = started(client.as_ref(), done, &mut kept, &guard).await {
-                    eprintln!("keeper: host agent connection: {e}");
-                    client = None;
                     liveness.left();
                 }
             }
