@@ -77,6 +77,10 @@ fn main() -> ExitCode {
     if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::supervisor::GUARD_ARG) {
         agentplane_host_agent::supervisor::run_guard();
     }
+    if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::keeper::FORKER_ARG) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        agentplane_host_agent::keeper::run_forker(&args);
+    }
     if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::keeper::KEEPER_ARG) {
         let args: Vec<String> = std::env::args().skip(2).collect();
         agentplane_host_agent::keeper::run_keeper(&args);

@@ -11,6 +11,10 @@ fn main() -> anyhow::Result<()> {
         run_guard();
     }
     // So is the keeper, which starts a small runtime of its own.
+    if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::keeper::FORKER_ARG) {
+        let args: Vec<String> = std::env::args().skip(2).collect();
+        agentplane_host_agent::keeper::run_forker(&args);
+    }
     if std::env::args().nth(1).as_deref() == Some(agentplane_host_agent::keeper::KEEPER_ARG) {
         let args: Vec<String> = std::env::args().skip(2).collect();
         agentplane_host_agent::keeper::run_keeper(&args);

@@ -1,6 +1,6 @@
-//! The keeper as users and /proc see it: it, not the host agent, is the
-//! parent of every agent, and its death ends its agents and their records
-//! the way a host's death does.
+//! The keeper as users and /proc see it: it, not the host agent (nor its
+//! forker), is the parent of every agent, and its death ends its agents,
+//! its forker and their records the way a host's death does.
 
 use std::time::{Duration, Instant};
 
@@ -123,5 +123,39 @@ async fn a_sigkilled_keeper_leaves_no_agent_and_its_host_is_lost_within_the_ttl(
         assert_eq!((now.state(), now.pid), (AgentState::Running, a.pid));
         assert!(procfs::is_alive(a.pid));
     }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_forker_is_replaced_and_every_agent_stays_the_keepers_child() {
+    let cluster = TestCluster::builder().hosts(1).start().await;
+    let first = cluster.spawn_spec(spec(&["sleep", "1000"], None)).await;
+    let keeper = cluster.keeper_pid("h1").expect("the keeper runs");
+    let forker = procfs::forker_of(keeper).expect("the keeper started its forker");
+    assert_eq!(procfs::stat(first.pid).expect("runs").ppid, keeper);
+
+    kill(Pid::from_raw(forker), Signal::SIGKILL).expect("SIGKILL the forker");
+    eventually(Duration::from_secs(5), "the forker reaped", || async {
+        (!procfs::is_alive(forker)).then_some(())
+    })
+    .await;
+    // The next start finds it gone, starts another and goes on.
+    let second = cluster
+        .spawn_spec(AgentSpec {
+            tty: true,
+            ..spec(&["sleep", "1000"], None)
+        })
+        .await;
+    assert_eq!(procfs::stat(second.pid).expect("runs").ppid, keeper);
+    let again = procfs::forker_of(keeper).expect("a new forker");
+    assert_ne!(again, forker);
+    assert!(procfs::is_alive(first.pid), "the first agent ran on");
+
+    // The forker goes with its keeper.
+    kill(Pid::from_raw(keeper), Signal::SIGKILL).expect("SIGKILL the keeper");
+    eventually(Duration::from_secs(5), "the forker gone", || async {
+        (!procfs::is_alive(again)).then_some(())
+    })
+    .await;
     cluster.finish().await;
 }

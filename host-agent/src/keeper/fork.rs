@@ -32,15 +32,41 @@ pub struct Forked {
 /// Forks the child that runs `l`. Returns once it is forked; its exec's
 /// outcome is [`exec_outcome`] of `status`.
 pub fn fork_exec(l: &Launch) -> std::io::Result<Forked> {
+    // SAFETY: a plain fork; see `start_child`.
+    #[allow(unsafe_code)]
+    start_child(l, || unsafe { libc::fork() })
+}
+
+/// [`fork_exec`], the child made a child of this process's parent
+/// (`CLONE_PARENT`): what the keeper's forker does, so that the keeper is
+/// every agent's parent.
+pub fn clone_exec(l: &Launch) -> std::io::Result<Forked> {
+    // SAFETY: clone without CLONE_VM is a fork (the child gets a copy of
+    // the address space and resumes here on its own copy of the stack); its
+    // exit signal goes to the keeper, as a child of the keeper's own would.
+    #[allow(unsafe_code)]
+    start_child(l, || unsafe {
+        libc::syscall(
+            libc::SYS_clone,
+            libc::CLONE_PARENT | libc::SIGCHLD,
+            0usize,
+            0usize,
+            0usize,
+            0usize,
+        ) as libc::pid_t
+    })
+}
+
+/// Prepares `l`, forks with `fork` (0 in the child, the pid or -1 here)
+/// and runs the child's side there.
+fn start_child(l: &Launch, fork: impl FnOnce() -> libc::pid_t) -> std::io::Result<Forked> {
     let p = Prepared::new(l)?;
     let (status, report) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    // SAFETY: the child runs only `child`, which makes async-signal-safe
-    // system calls on memory prepared before the fork (no allocation, no
-    // lock: another thread of the keeper may have held one) and ends in an
+    // The child runs only `child`, which makes async-signal-safe system
+    // calls on memory prepared before the fork (no allocation, no lock:
+    // another thread of this process may have held one) and ends in an
     // exec or `_exit`.
-    #[allow(unsafe_code)]
-    let pid = unsafe { libc::fork() };
-    match pid {
+    match fork() {
         -1 => Err(std::io::Error::last_os_error()),
         0 => child(&p, report.as_raw_fd()),
         pid => {

@@ -8,12 +8,14 @@
 
 pub mod client;
 mod fork;
+pub mod forker;
 mod liveness;
 pub mod process;
 pub mod proto;
 pub mod wire;
 
 pub use client::{Keeper, KeeperError, KeptRun, Run};
+pub use forker::{run_forker, FORKER_ARG};
 pub use process::{run_keeper, KEEPER_ARG};
 pub use proto::Exit;
 

@@ -24,6 +24,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 use super::fork::{self, Forked};
+use super::forker::Forker;
 use super::liveness::Liveness;
 use super::proto::{self, from_keeper, to_keeper, FromKeeper, ToKeeper};
 use super::wire::{self, Socket};
@@ -145,6 +146,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
     let mut attached = 0u64;
     // The starts whose exec has not reported yet.
     let mut execs: tokio::task::JoinSet<ExecDone> = tokio::task::JoinSet::new();
+    let mut forker = Forker::default();
     let mut liveness = Liveness::new(grace);
     // Until the first host agent is attached.
     let mut first = Some(tokio::time::Instant::now() + FIRST_CLIENT.max(grace));
@@ -190,7 +192,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                 let Some(c) = client.as_ref() else { continue };
                 match got {
                     Ok((msg, _)) => {
-                        let r = handle(c, msg, &mut kept, &guard, &mut liveness, &mut execs).await;
+                        let r = handle(c, msg, &mut kept, &guard, &mut liveness, &mut execs, &mut forker).await;
                         if let Err(e) = r {
                             eprintln!("keeper: host agent connection: {e}");
                             client = None;
@@ -282,6 +284,7 @@ async fn handle(
     guard: &Guard,
     liveness: &mut Liveness,
     execs: &mut tokio::task::JoinSet<ExecDone>,
+    forker: &mut Forker,
 ) -> Result<(), wire::WireError> {
     let c = &conn.sock;
     match msg.kind {
@@ -310,7 +313,7 @@ async fn handle(
         }
         Some(to_keeper::Kind::Spawn(s)) => {
             let launch = s.launch.unwrap_or_default();
-            match start(&launch) {
+            match start(forker, &launch) {
                 Ok(Forked { pid, fds, status }) => {
                     guard.add(pid, &launch.agent, launch.membership_cgroup());
                     // Kept from the fork on, so that the reaper finds it
@@ -419,10 +422,11 @@ async fn started(
     }
 }
 
-/// Forks the child that runs `l` (see [`fork`]), with the descriptors the
+/// Has the forker fork the child that runs `l` (see [`fork`] and
+/// [`super::forker`]), with the descriptors the
 /// keeper keeps: stdin's write end, stdout's and stderr's read ends; or the
 /// terminal's master and a relay pipe's read and write ends.
-fn start(l: &proto::Launch) -> std::io::Result<Forked> {
+fn start(forker: &mut Forker, l: &proto::Launch) -> std::io::Result<Forked> {
     // No thaw here: the host agent thaws a reused cgroup when it makes the
     // run's cgroups (`RunCgroup::create`); a new one is never frozen.
     // The relay: the host agent moves the terminal's output through it to
@@ -434,7 +438,7 @@ fn start(l: &proto::Launch) -> std::io::Result<Forked> {
     } else {
         Vec::new()
     };
-    let mut forked = fork::fork_exec(l)?;
+    let mut forked = forker.fork_exec(l)?;
     forked.fds.extend(relay);
     Ok(forked)
 }
