@@ -306,12 +306,8 @@ async fn read(
                 }
             }
             Some(from_keeper::Kind::Failed(f)) => {
-                let e = match f.errno {
-                    Some(n) => std::io::Error::from_raw_os_error(n),
-                    None => std::io::Error::other(f.message),
-                };
                 if let Some(waiter) = lock(pending).remove(&f.seq) {
-                    let _ = waiter.send(Err(KeeperError::Spawn(e)));
+                    let _ = waiter.send(Err(KeeperError::Spawn(f.into_io_error())));
                 }
             }
             Some(from_keeper::Kind::Exited(x)) => {

@@ -82,13 +82,8 @@ fn start() -> std::io::Result<OwnedFd> {
 fn ask(sock: BorrowedFd<'_>, l: &Launch) -> Result<std::io::Result<Forked>, wire::WireError> {
     wire::send(sock, &l.encode_to_vec(), &[])?;
     let (bytes, mut fds) = wire::recv(sock)?;
-    let reply = FromKeeper::decode(bytes.as_slice())
-        .map_err(|_| wire::WireError::Sys {
-            step: "decode",
-            source: nix::errno::Errno::EPROTO,
-        })
-        .map(|m| m.kind)?;
-    Ok(match reply {
+    let reply: FromKeeper = wire::decode(&bytes)?;
+    Ok(match reply.kind {
         Some(from_keeper::Kind::Spawned(s)) => match fds.pop() {
             Some(status) => Ok(Forked {
                 pid: s.pid,
@@ -97,10 +92,7 @@ fn ask(sock: BorrowedFd<'_>, l: &Launch) -> Result<std::io::Result<Forked>, wire
             }),
             None => Err(std::io::Error::other("the forker sent no report pipe")),
         },
-        Some(from_keeper::Kind::Failed(f)) => Err(match f.errno {
-            Some(n) => std::io::Error::from_raw_os_error(n),
-            None => std::io::Error::other(f.message),
-        }),
+        Some(from_keeper::Kind::Failed(f)) => Err(f.into_io_error()),
         _ => Err(std::io::Error::other("the forker answered out of turn")),
     })
 }
@@ -130,8 +122,8 @@ pub fn run_forker(args: &[String]) -> ! {
         let Ok((bytes, _)) = wire::recv(sock) else {
             std::process::exit(0)
         };
-        let started = Launch::decode(bytes.as_slice())
-            .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e))
+        let started = wire::decode::<Launch>(&bytes)
+            .map_err(std::io::Error::other)
             .and_then(|l| fork::clone_exec(&l));
         let (kind, held) = match started {
             Ok(f) => {
@@ -144,14 +136,10 @@ pub fn run_forker(args: &[String]) -> ! {
                 held.push(f.status);
                 (from_keeper::Kind::Spawned(spawned), held)
             }
-            Err(e) => {
-                let failed = proto::Failed {
-                    seq: 0,
-                    errno: e.raw_os_error(),
-                    message: e.to_string(),
-                };
-                (from_keeper::Kind::Failed(failed), Vec::new())
-            }
+            Err(e) => (
+                from_keeper::Kind::Failed(proto::Failed::of(0, &e)),
+                Vec::new(),
+            ),
         };
         let reply = FromKeeper { kind: Some(kind) }.encode_to_vec();
         let fds: Vec<BorrowedFd<'_>> = held.iter().map(AsFd::as_fd).collect();

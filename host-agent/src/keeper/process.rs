@@ -336,7 +336,14 @@ async fn handle(
                     execs.spawn(async move { (pid, fork::exec_outcome(status).await) });
                     Ok(())
                 }
-                Err(e) => send(c, from_keeper::Kind::Failed(failed(s.seq, &e)), &[]).await,
+                Err(e) => {
+                    send(
+                        c,
+                        from_keeper::Kind::Failed(proto::Failed::of(s.seq, &e)),
+                        &[],
+                    )
+                    .await
+                }
             }
         }
         Some(to_keeper::Kind::Ack(pid)) => {
@@ -366,14 +373,6 @@ async fn send_exit(c: &Socket, pid: i32, exit: proto::Exit) -> Result<(), wire::
         exit: Some(exit),
     };
     send(c, from_keeper::Kind::Exited(exited), &[]).await
-}
-
-fn failed(seq: u64, e: &std::io::Error) -> proto::Failed {
-    proto::Failed {
-        seq,
-        errno: e.raw_os_error(),
-        message: e.to_string(),
-    }
 }
 
 /// Answers the start of `pid`, whose exec reported `outcome`, on the
@@ -416,7 +415,7 @@ async fn started(
             if let Some(h) = kept.remove(&pid) {
                 guard.remove(pid, &h.agent);
             }
-            let reply = from_keeper::Kind::Failed(failed(starting.seq, &e));
+            let reply = from_keeper::Kind::Failed(proto::Failed::of(starting.seq, &e));
             send(&c.sock, reply, &[]).await
         }
     }

@@ -272,6 +272,26 @@ pub struct Failed {
     pub message: String,
 }
 
+impl Failed {
+    /// The failure of request `seq` with `e`.
+    pub fn of(seq: u64, e: &std::io::Error) -> Self {
+        Self {
+            seq,
+            errno: e.raw_os_error(),
+            message: e.to_string(),
+        }
+    }
+
+    /// The error again on the receiving side: the errno's when there is one
+    /// (its kind says what failed), else the message.
+    pub fn into_io_error(self) -> std::io::Error {
+        match self.errno {
+            Some(n) => std::io::Error::from_raw_os_error(n),
+            None => std::io::Error::other(self.message),
+        }
+    }
+}
+
 /// A kept process's end.
 #[derive(Clone, PartialEq, prost::Message)]
 pub struct Exited {

@@ -225,11 +225,15 @@ pub async fn recv_msg<M: prost::Message + Default>(
     sock: &Socket,
 ) -> Result<(M, Vec<OwnedFd>), WireError> {
     let (data, fds) = sock.recv().await?;
-    let msg = M::decode(data.as_slice()).map_err(|_| WireError::Sys {
+    Ok((decode(&data)?, fds))
+}
+
+/// Decodes one received protobuf message.
+pub fn decode<M: prost::Message + Default>(data: &[u8]) -> Result<M, WireError> {
+    M::decode(data).map_err(|_| WireError::Sys {
         step: "decode",
         source: nix::errno::Errno::EBADMSG,
-    })?;
-    Ok((msg, fds))
+    })
 }
 
 #[cfg(test)]

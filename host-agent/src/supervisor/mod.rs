@@ -4,6 +4,7 @@
 //! spec's timeout), adopts the agents an earlier host agent left, and writes
 //! what it sees into the registry with compare-and-set on generation and host.
 
+mod admit;
 mod adopt;
 mod agent;
 mod capture;
@@ -35,6 +36,7 @@ use agentplane::validate::{self, ValidationError};
 use nix::sys::signal::Signal;
 use tokio_util::sync::CancellationToken;
 
+use self::admit::Admission;
 use self::agent::{AgentSlot, Requested};
 pub use self::error::SupervisorError;
 pub use self::guard::{run_guard, GUARD_ARG};
@@ -43,26 +45,12 @@ use crate::keeper::Keeper;
 
 type Result<T> = std::result::Result<T, SupervisorError>;
 
-/// What admitting a start found.
-enum Admission {
-    /// The new slot is in the map: start it.
-    New,
-    /// This generation runs here already: the start is answered with it.
-    Here(LocalAgent),
-    /// This generation ran here and ended.
-    EndedHere(Arc<AgentSlot>),
-}
-
 /// How long to wait for the group to die after SIGKILL before giving up.
 const KILL_WAIT: Duration = Duration::from_secs(5);
 /// How long a pause waits for the group to act on its SIGSTOP.
 const PAUSE_WAIT: Duration = Duration::from_secs(1);
 /// Default grace when neither the request nor the spec gives one.
 pub const DEFAULT_GRACE: Duration = Duration::from_secs(10);
-/// Ended agents kept (for inspect and logs) beyond the running ones.
-const RETAINED_ENDED: usize = 1024;
-/// Ended agents evicted beyond the cap at once: an eighth of those retained.
-const EVICT_SLACK: usize = RETAINED_ENDED / 8;
 /// Threads writing agents' output to disk: two, so that one throttled by the
 /// kernel's dirty-page limits does not hold every agent's output.
 const LOG_WRITER_THREADS: usize = 2;
@@ -328,50 +316,6 @@ impl Supervisor {
         }
     }
 
-    /// Puts a new slot in the map ([`Admission::New`]), or says why not: the
-    /// agent when this generation is here already, live or ended, or the
-    /// error. `replacing`: the ended slot of this generation that the new
-    /// one may replace (only if it is still the one in the map).
-    fn admit(
-        &self,
-        slot: &Arc<AgentSlot>,
-        replacing: Option<&Arc<AgentSlot>>,
-    ) -> Result<Admission> {
-        let mut map = self.map();
-        if self.cancel.is_cancelled() {
-            return Err(SupervisorError::ShuttingDown);
-        }
-        if let Some(existing) = map.get(&slot.id) {
-            let replaceable = replacing.is_some_and(|r| Arc::ptr_eq(r, existing));
-            if existing.generation == slot.generation && !replaceable {
-                return Ok(if existing.is_active() {
-                    Admission::Here(existing.to_proto())
-                } else {
-                    Admission::EndedHere(existing.clone())
-                });
-            }
-            if existing.is_active() {
-                return Err(SupervisorError::AlreadyExists {
-                    id: slot.id.clone(),
-                    generation: existing.generation,
-                });
-            }
-        }
-        let active = map.values().filter(|s| s.is_active()).count();
-        if active >= self.limits.max_agents as usize {
-            return Err(SupervisorError::AtCapacity {
-                host: self.host_id.clone(),
-                max: self.limits.max_agents,
-            });
-        }
-        if let Some(replaced) = map.insert(slot.id.clone(), slot.clone()) {
-            // An ended older generation: its output goes with it.
-            replaced.output.remove();
-        }
-        evict_ended(&mut map, self.limits.max_agents as usize + RETAINED_ENDED);
-        Ok(Admission::New)
-    }
-
     /// One agent as this host sees it.
     pub fn inspect(&self, id: &str) -> Result<LocalAgent> {
         Ok(self.get(id)?.to_proto())
@@ -469,35 +413,6 @@ impl Supervisor {
         }
         let all = async { while set.join_next().await.is_some() {} };
         let _ = tokio::time::timeout(limit + KILL_WAIT, all).await;
-    }
-}
-
-/// Drops the ended agents that finished longest ago, keeping at most `cap`
-/// entries. Past the cap it drops [`EVICT_SLACK`] more, so that a host with
-/// churn sorts its ended agents once per that many starts, not at every
-/// start.
-fn evict_ended(map: &mut HashMap<String, Arc<AgentSlot>>, cap: usize) {
-    if map.len() <= cap {
-        return;
-    }
-    let keep = cap.saturating_sub(EVICT_SLACK);
-    let mut ended: Vec<(i64, String)> = map
-        .values()
-        .filter(|s| !s.is_active())
-        .map(|s| {
-            let at = s
-                .snapshot()
-                .exit
-                .and_then(|e| e.finished_at)
-                .map_or(0, |t| agentplane::time::ms_from_timestamp(&t));
-            (at, s.id.clone())
-        })
-        .collect();
-    ended.sort();
-    for (_, id) in ended.into_iter().take(map.len() - keep) {
-        if let Some(slot) = map.remove(&id) {
-            slot.output.remove();
-        }
     }
 }
 
