@@ -456,6 +456,8 @@ mod tests {
             let _ = std::io::Read::read_to_end(&mut reader, &mut drained);
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
+        // The child's `0` may have gone in after the last read above.
+        let _ = std::io::Read::read_to_end(&mut reader, &mut drained);
         outcome.await.expect("join").expect("the program ran");
         assert_eq!(
             waitpid(Pid::from_raw(pid), None).expect("wait"),
