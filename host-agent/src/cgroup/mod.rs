@@ -6,7 +6,8 @@
 //! or `off`) the supervisor falls back to signals, ancestry and its marker.
 //!
 //! The host agent creates a run's cgroups and writes its limits; the keeper's
-//! child joins them before the exec (it writes `0` to each `cgroup.procs`).
+//! child joins them before the exec (it writes `0` to each `cgroup.procs`,
+//! or in v1 `tasks`: see [`RunCgroup::join_files`]).
 
 mod detect;
 mod run;

@@ -142,10 +142,23 @@ impl RunCgroup {
         &self.membership
     }
 
-    /// The `cgroup.procs` files a new process joins, membership first.
-    pub fn procs_files(&self) -> Vec<String> {
+    /// The files a new process writes `0` to, to join the run's cgroups,
+    /// membership first: `cgroup.procs`; or in v1, when `by_thread`, each
+    /// hierarchy's `tasks`. The process is then a child of one thread, so
+    /// moving that thread moves it; and the kernel moves the writer's own
+    /// thread under `cgroup_mutex` only, where a `cgroup.procs` write also
+    /// takes the global threadgroup lock for writing. That write waits for an
+    /// RCU grace period (31 ms seen here) while it holds `cgroup_mutex` and
+    /// keeps every fork on the machine waiting (`cgroup_can_fork`): during
+    /// 1,000 starts it stalled every start in flight, cgroup mkdirs and the
+    /// forker's forks with them.
+    pub fn join_files(&self, by_thread: bool) -> Vec<String> {
+        let file = match self.flavor {
+            Flavor::V1 if by_thread => "tasks",
+            _ => "cgroup.procs",
+        };
         self.dirs()
-            .map(|d| d.join("cgroup.procs").to_string_lossy().into_owned())
+            .map(|d| d.join(file).to_string_lossy().into_owned())
             .collect()
     }
 
@@ -342,4 +355,43 @@ pub fn kill_members(dir: &Path) {
         }
     }
     f.set(dir, false);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(flavor: Flavor) -> RunCgroup {
+        let others = match flavor {
+            Flavor::V1 => vec![(Limit::Memory, PathBuf::from("/cg/memory/ap/h/r"))],
+            Flavor::V2 => Vec::new(),
+        };
+        RunCgroup::new(
+            flavor,
+            PathBuf::from("/cg/freezer/ap/h/r"),
+            others,
+            Resources::default(),
+        )
+    }
+
+    #[test]
+    fn v1_runs_join_by_thread_through_tasks_and_v2_runs_through_cgroup_procs() {
+        assert_eq!(
+            run(Flavor::V1).join_files(true),
+            ["/cg/freezer/ap/h/r/tasks", "/cg/memory/ap/h/r/tasks"]
+        );
+        // An older keeper finds the membership from `cgroup.procs` only.
+        assert_eq!(
+            run(Flavor::V1).join_files(false),
+            [
+                "/cg/freezer/ap/h/r/cgroup.procs",
+                "/cg/memory/ap/h/r/cgroup.procs"
+            ]
+        );
+        // v2 has no `tasks`; `cgroup.threads` is for threaded cgroups only.
+        assert_eq!(
+            run(Flavor::V2).join_files(true),
+            ["/cg/freezer/ap/h/r/cgroup.procs"]
+        );
+    }
 }

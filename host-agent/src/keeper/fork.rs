@@ -112,7 +112,7 @@ struct Prepared {
     keep: Vec<OwnedFd>,
     limits: Vec<(Resource, u64, u64)>,
     tty: bool,
-    /// Open `cgroup.procs` files to write `0` (this process) to.
+    /// Open `cgroup.procs` (v1: `tasks`) files to write `0` (this process) to.
     cgroups: Vec<OwnedFd>,
     uid: Option<u32>,
     gid: Option<u32>,

@@ -5,14 +5,19 @@
 
 use std::collections::HashMap;
 
-/// This side's protocol version. 2 added `Launch::cgroup_procs`.
-pub const VERSION: u32 = 2;
+/// This side's protocol version. 2 added `Launch::cgroup_procs`; 3 lets
+/// them be v1 `tasks` files (see [`TASKS_VERSION`]).
+pub const VERSION: u32 = 3;
 /// The oldest keeper a host agent still works with (a keeper outlives
 /// host-agent upgrades): a keeper of protocol 1 ignores `cgroup_procs`, so
 /// the host agent gives its agents no cgroups (`cgroup::Cgroups::off`).
 pub const MIN_VERSION: u32 = 1;
 /// The first version whose keeper puts a run in its cgroups.
 pub const CGROUPS_VERSION: u32 = 2;
+/// The first version whose keeper finds a run's membership cgroup from a
+/// `tasks` file as well as from a `cgroup.procs` one
+/// ([`Launch::membership_cgroup`]): an older one is sent `cgroup.procs`.
+pub const TASKS_VERSION: u32 = 3;
 
 /// How to start one program: everything resolved by the host agent, so the
 /// keeper applies no policy of its own.
@@ -42,19 +47,22 @@ pub struct Launch {
     /// The agent id (its processes' marker, which the guard looks for).
     #[prost(string, tag = "8")]
     pub agent: String,
-    /// The `cgroup.procs` files the child joins before the exec (it writes
-    /// `0` to each), its membership cgroup first; empty: no cgroup.
+    /// The `cgroup.procs` (or, v1, `tasks`) files the child joins before
+    /// the exec (it writes `0` to each), its membership cgroup first;
+    /// empty: no cgroup.
     #[prost(string, repeated, tag = "9")]
     pub cgroup_procs: Vec<String>,
 }
 
 impl Launch {
     /// The run's membership cgroup (the directory of the first
-    /// `cgroup_procs`), if it has cgroups.
+    /// `cgroup_procs`, a `cgroup.procs` or a v1 `tasks` file), if it has
+    /// cgroups.
     pub fn membership_cgroup(&self) -> Option<&str> {
-        self.cgroup_procs
-            .first()
-            .and_then(|f| f.strip_suffix("/cgroup.procs"))
+        let first = self.cgroup_procs.first()?;
+        first
+            .strip_suffix("/cgroup.procs")
+            .or_else(|| first.strip_suffix("/tasks"))
     }
 }
 
@@ -301,4 +309,24 @@ pub struct Exited {
     /// How it ended.
     #[prost(message, optional, tag = "2")]
     pub exit: Option<Exit>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_membership_cgroup_is_the_first_join_files_directory() {
+        let mut l = Launch::default();
+        assert_eq!(l.membership_cgroup(), None);
+        for file in ["cgroup.procs", "tasks"] {
+            l.cgroup_procs = vec![
+                format!("/cg/freezer/r/{file}"),
+                format!("/cg/pids/r/{file}"),
+            ];
+            assert_eq!(l.membership_cgroup(), Some("/cg/freezer/r"));
+        }
+        l.cgroup_procs = vec!["/cg/freezer/r/other".into()];
+        assert_eq!(l.membership_cgroup(), None);
+    }
 }

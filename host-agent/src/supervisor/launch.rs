@@ -52,7 +52,8 @@ impl Supervisor {
                 None => Ok(()),
             })
             .await?;
-            launch.cgroup_procs = cg.procs_files();
+            let by_thread = self.keeper.version >= crate::keeper::proto::TASKS_VERSION;
+            launch.cgroup_procs = cg.join_files(by_thread);
         }
         let run = match self.keeper.spawn(&slot.tag, launch).await {
             Ok(run) => run,

@@ -4,7 +4,9 @@
 //! to this one: build with `scripts/build-release`), spawns
 //! N `sleep` agents through the control plane with concurrency C, and prints:
 //! spawn latency p50/p99, spawns/s, this machine's raw spawn+wait rate measured
-//! in the same run and the ratio of the two, the heartbeat duration at N agents,
+//! in the same run and the ratio of the two, the latency of `sleep` started
+//! directly with the same concurrency (the floor under a start's latency)
+//! and the ratios to it, the heartbeat duration at N agents,
 //! the host agent's RSS per agent and the keeper's. Exits 1 if the heartbeat at
 //! N takes 20 ms or more, the RSS grows by 64 KiB or more per agent (24 KiB
 //! for host agent and keeper together), or a static keeper (scripts/
@@ -51,6 +53,59 @@ fn raw_spawn_wait_rate(n: usize) -> f64 {
         assert!(status.success());
     }
     n as f64 / t.elapsed().as_secs_f64()
+}
+
+/// The floor under a start's latency: `n` `sleep` processes started
+/// directly by this process, `concurrency` at once (each start returns once
+/// its exec is done, as the keeper's answer does), then killed. The rate
+/// and the sorted start latencies.
+fn raw_start_latencies(n: usize, concurrency: usize) -> std::io::Result<(f64, Vec<Duration>)> {
+    use std::process::{Command, Stdio};
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let t = Instant::now();
+    let started: Vec<_> = std::thread::scope(|s| {
+        let spawners: Vec<_> = (0..concurrency.max(1))
+            .map(|_| {
+                s.spawn(|| {
+                    let mut mine = Vec::new();
+                    while next.fetch_add(1, Ordering::Relaxed) < n {
+                        let t = Instant::now();
+                        let child = Command::new("sleep")
+                            .arg("100000")
+                            .stdin(Stdio::null())
+                            .stdout(Stdio::null())
+                            .stderr(Stdio::null())
+                            .spawn();
+                        mine.push((t.elapsed(), child));
+                    }
+                    mine
+                })
+            })
+            .collect();
+        spawners
+            .into_iter()
+            .flat_map(|h| h.join().unwrap_or_default())
+            .collect()
+    });
+    let rate = started.len() as f64 / t.elapsed().as_secs_f64();
+    let mut latencies = Vec::with_capacity(started.len());
+    let mut failed = None;
+    for (latency, child) in started {
+        match child {
+            Ok(mut c) => {
+                let _ = c.kill();
+                let _ = c.wait();
+                latencies.push(latency);
+            }
+            Err(e) => failed = Some(e),
+        }
+    }
+    if let Some(e) = failed {
+        return Err(e);
+    }
+    latencies.sort();
+    Ok((rate, latencies))
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -145,6 +200,7 @@ async fn main() -> anyhow::Result<()> {
     let both_per_agent_kib =
         (rss_after + keeper_after).saturating_sub(rss_before + keeper_before) as f64 / n as f64;
     let raw = raw_spawn_wait_rate(n.min(500));
+    let (raw_start_rate, raw_starts) = raw_start_latencies(n, args.concurrency)?;
     let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
 
     println!(
@@ -171,6 +227,19 @@ async fn main() -> anyhow::Result<()> {
     println!("spawns/s via control plane  {spawn_rate:.0}");
     println!("raw spawn+wait/s (baseline) {raw:.0}");
     println!("ratio control plane / raw   {:.3}", spawn_rate / raw);
+    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
+    let (raw_p50, raw_p99) = (percentile(&raw_starts, 0.50), percentile(&raw_starts, 0.99));
+    println!(
+        "raw start, concurrency {:<3}  {raw_start_rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms (the floor: sleep started by fork/exec here)",
+        args.concurrency,
+        raw_p50.as_secs_f64() * 1e3,
+        raw_p99.as_secs_f64() * 1e3
+    );
+    println!(
+        "latency control plane / raw p50 {:.1}x, p99 {:.1}x",
+        p50.as_secs_f64() / raw_p50.as_secs_f64().max(1e-9),
+        p99.as_secs_f64() / raw_p99.as_secs_f64().max(1e-9)
+    );
     println!(
         "heartbeat at {:<5} agents   {heartbeat_ms:.2} ms",
         host.running
