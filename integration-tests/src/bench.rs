@@ -5,7 +5,10 @@ use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest, StopAgentRequest, StreamLogsRequest};
+use agentplane::proto::v1::agent_service_client::AgentServiceClient;
+use agentplane::proto::v1::{
+    AgentSpec, LogChunk, SpawnAgentRequest, StopAgentRequest, StreamLogsRequest,
+};
 use prost::Message;
 
 use crate::TestCluster;
@@ -44,9 +47,21 @@ pub async fn fill_other_records(
     Ok(())
 }
 
-/// Bytes per second one follower of a `yes` agent receives through the
-/// control plane (StreamLogs, follow, from the first byte) over `d`.
-pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result<f64> {
+/// Where one `yes` agent's output goes how fast, in bytes per second, each
+/// measured over the same span: the follower's path taken apart.
+#[derive(Debug, Clone, Copy)]
+pub struct FollowRates {
+    /// Written to its log with nobody reading: the capture alone.
+    pub captured: f64,
+    /// Followed from the host agent itself (ReadLogs): capture and one hop.
+    pub direct: f64,
+    /// Followed through the control plane (StreamLogs, from the first byte):
+    /// capture and two hops.
+    pub via_control_plane: f64,
+}
+
+/// [`FollowRates`] of one `yes` agent, each over `d`.
+pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result<FollowRates> {
     let mut client = cluster.client().await;
     let agent = client
         .spawn_agent(SpawnAgentRequest {
@@ -60,14 +75,61 @@ pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result
         .into_inner()
         .agent
         .unwrap_or_default();
-    let mut stream = client
+    let before = log_end(&mut client, &agent.id).await?;
+    let t = Instant::now();
+    tokio::time::sleep(d).await;
+    let captured =
+        (log_end(&mut client, &agent.id).await? - before) as f64 / t.elapsed().as_secs_f64();
+    let req = StreamLogsRequest {
+        id: agent.id.clone(),
+        follow: true,
+        ..Default::default()
+    };
+    let direct = rate_of(
+        cluster
+            .host_agent(0)
+            .read_logs(req.clone())
+            .await?
+            .into_inner(),
+        d,
+    )
+    .await?;
+    let via_control_plane = rate_of(client.stream_logs(req).await?.into_inner(), d).await?;
+    client
+        .stop_agent(StopAgentRequest {
+            id: agent.id,
+            grace: None,
+        })
+        .await?;
+    Ok(FollowRates {
+        captured,
+        direct,
+        via_control_plane,
+    })
+}
+
+/// Where agent `id`'s output ends now.
+async fn log_end(
+    client: &mut AgentServiceClient<crate::pki::Authed>,
+    id: &str,
+) -> anyhow::Result<u64> {
+    let mut tail = client
         .stream_logs(StreamLogsRequest {
-            id: agent.id.clone(),
-            follow: true,
+            id: id.to_owned(),
+            tail_lines: Some(1),
             ..Default::default()
         })
         .await?
         .into_inner();
+    let mut end = 0;
+    while let Some(c) = tail.message().await? {
+        end = end.max(c.offset + c.data.len() as u64);
+    }
+    Ok(end)
+}
+
+/// Bytes per second `stream` delivers over `d` (it is dropped after).
+async fn rate_of(mut stream: tonic::Streaming<LogChunk>, d: Duration) -> anyhow::Result<f64> {
     let t = Instant::now();
     let mut bytes = 0u64;
     while t.elapsed() < d {
@@ -78,33 +140,7 @@ pub async fn follower_rate(cluster: &TestCluster, d: Duration) -> anyhow::Result
             Err(_) => break,
         }
     }
-    let rate = bytes as f64 / t.elapsed().as_secs_f64();
-    drop(stream);
-    // What the host captured meanwhile: where its output ends now.
-    let mut tail = client
-        .stream_logs(StreamLogsRequest {
-            id: agent.id.clone(),
-            tail_lines: Some(1),
-            ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let mut end = 0;
-    while let Some(c) = tail.message().await? {
-        end = end.max(c.offset + c.data.len() as u64);
-    }
-    eprintln!(
-        "captured {:.1} MiB/s over {:?}",
-        end as f64 / t.elapsed().as_secs_f64() / f64::from(1 << 20),
-        t.elapsed()
-    );
-    client
-        .stop_agent(StopAgentRequest {
-            id: agent.id,
-            grace: None,
-        })
-        .await?;
-    Ok(rate)
+    Ok(bytes as f64 / t.elapsed().as_secs_f64())
 }
 
 /// Bytes per second this process reads from `yes` through a plain pipe over

@@ -33,7 +33,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     other_records: usize,
     /// How long one follower of a `yes` agent is measured (and a plain pipe
-    /// beside it); 0 skips it.
+    /// beside it, the capture alone, and a follower of the host agent
+    /// itself); 0 skips it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     follow_for: Duration,
 }
@@ -207,12 +208,20 @@ async fn main() -> anyhow::Result<()> {
         "agents                      {n} (concurrency {}, {} other records)",
         args.concurrency, args.other_records
     );
-    if let Some((follower, pipe)) = follow {
+    if let Some((f, pipe)) = follow {
+        let mib = |r: f64| r / f64::from(1 << 20);
         println!(
             "yes follower via control plane {:.1} MiB/s, plain pipe {:.1} MiB/s, ratio {:.3}",
-            follower / f64::from(1 << 20),
-            pipe / f64::from(1 << 20),
-            follower / pipe
+            mib(f.via_control_plane),
+            mib(pipe),
+            f.via_control_plane / pipe
+        );
+        println!(
+            "  the path: captured alone {:.1} MiB/s ({:.3}x the pipe), followed from the host agent {:.1} MiB/s ({:.3}x)",
+            mib(f.captured),
+            f.captured / pipe,
+            mib(f.direct),
+            f.direct / pipe
         );
     }
     println!("running at the last beat    {}", host.running);
