@@ -146,16 +146,51 @@ async fn rate_of(mut stream: tonic::Streaming<LogChunk>, d: Duration) -> anyhow:
 /// Bytes per second this process reads from `yes` through a plain pipe over
 /// `d` (64 KiB reads): the follower's baseline.
 pub fn pipe_rate(d: Duration) -> std::io::Result<f64> {
+    yes_into(d, |_| Ok(()))
+}
+
+/// Bytes per second this process moves from `yes` through a plain pipe
+/// into a file in `dir` over `d` (64 KiB reads and writes; the file starts
+/// again from empty at 32 MiB, as a capped log drops its older half): what
+/// this machine can write to a file at all, which every captured byte is
+/// (`the path` of [`FollowRates`]).
+pub fn pipe_to_file_rate(d: Duration, dir: &std::path::Path) -> std::io::Result<f64> {
+    use std::io::{Seek, Write};
+    let path = dir.join("bench-pipe-to-file");
+    let mut file = std::fs::File::create(&path)?;
+    let mut written = 0u64;
+    let rate = yes_into(d, |chunk| {
+        if written >= 32 << 20 {
+            file.set_len(0)?;
+            file.rewind()?;
+            written = 0;
+        }
+        file.write_all(chunk)?;
+        written += chunk.len() as u64;
+        Ok(())
+    });
+    std::fs::remove_file(&path)?;
+    rate
+}
+
+/// Bytes per second read from `yes` over `d`, each read handed to `sink`.
+fn yes_into(
+    d: Duration,
+    mut sink: impl FnMut(&[u8]) -> std::io::Result<()>,
+) -> std::io::Result<f64> {
     let mut child = Command::new("yes").stdout(Stdio::piped()).spawn()?;
     let mut out = child.stdout.take().expect("piped");
     let mut buf = vec![0u8; 64 * 1024];
     let t = Instant::now();
     let mut bytes = 0u64;
-    while t.elapsed() < d {
-        bytes += out.read(&mut buf)? as u64;
+    let mut sunk = Ok(());
+    while t.elapsed() < d && sunk.is_ok() {
+        let n = out.read(&mut buf)?;
+        sunk = sink(&buf[..n]);
+        bytes += n as u64;
     }
     let rate = bytes as f64 / t.elapsed().as_secs_f64();
     child.kill()?;
     child.wait()?;
-    Ok(rate)
+    sunk.map(|()| rate)
 }

@@ -33,8 +33,8 @@ struct Args {
     #[arg(long, default_value_t = 0)]
     other_records: usize,
     /// How long one follower of a `yes` agent is measured (and a plain pipe
-    /// beside it, the capture alone, and a follower of the host agent
-    /// itself); 0 skips it.
+    /// beside it, a plain pipe into a file, the capture alone, and a
+    /// follower of the host agent itself); 0 skips it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     follow_for: Duration,
 }
@@ -142,9 +142,13 @@ async fn main() -> anyhow::Result<()> {
         None
     } else {
         let pipe = agentplane_integration_tests::bench::pipe_rate(args.follow_for)?;
+        // Beside the agents' logs: the same filesystem.
+        let data = cluster.data_dir("h1");
+        let to_file =
+            agentplane_integration_tests::bench::pipe_to_file_rate(args.follow_for, &data)?;
         let follower =
             agentplane_integration_tests::bench::follower_rate(&cluster, args.follow_for).await?;
-        Some((follower, pipe))
+        Some((follower, pipe, to_file))
     };
     // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -208,7 +212,7 @@ async fn main() -> anyhow::Result<()> {
         "agents                      {n} (concurrency {}, {} other records)",
         args.concurrency, args.other_records
     );
-    if let Some((f, pipe)) = follow {
+    if let Some((f, pipe, to_file)) = follow {
         let mib = |r: f64| r / f64::from(1 << 20);
         println!(
             "yes follower via control plane {:.1} MiB/s, plain pipe {:.1} MiB/s, ratio {:.3}",
@@ -222,6 +226,13 @@ async fn main() -> anyhow::Result<()> {
             f.captured / pipe,
             mib(f.direct),
             f.direct / pipe
+        );
+        println!(
+            "  a plain pipe into a file there {:.1} MiB/s ({:.3}x the pipe): follower / that {:.3}, captured / that {:.3}",
+            mib(to_file),
+            to_file / pipe,
+            f.via_control_plane / to_file,
+            f.captured / to_file
         );
     }
     println!("running at the last beat    {}", host.running);
