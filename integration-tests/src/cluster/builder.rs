@@ -1,0 +1,157 @@
+//! [`Builder`]: what a [`TestCluster`] runs, and starting it.
+
+use std::time::Duration;
+
+use super::TestCluster;
+use crate::pki::ClusterPki;
+use crate::redis_server::RedisServer;
+
+/// Builds a [`TestCluster`].
+#[derive(Debug, Clone)]
+pub struct Builder {
+    pub(super) hosts: usize,
+    pub(super) control_planes: usize,
+    pub(super) max_agents: u32,
+    pub(super) heartbeat_ttl: Duration,
+    pub(super) reconcile_interval: Duration,
+    pub(super) host_labels: Vec<(usize, String)>,
+    pub(super) host_args: Vec<String>,
+    pub(super) host_args_at: Vec<(usize, String)>,
+    pub(super) control_plane_args: Vec<String>,
+    pub(super) netns: bool,
+    pub(super) tls: bool,
+    pub(super) root_agents: bool,
+}
+
+impl Builder {
+    /// Number of host agents (`h1`, `h2`, …); default 1.
+    pub fn hosts(mut self, n: usize) -> Self {
+        self.hosts = n;
+        self
+    }
+
+    /// Number of control-plane replicas; default 1.
+    pub fn control_planes(mut self, n: usize) -> Self {
+        self.control_planes = n;
+        self
+    }
+
+    /// `--max-agents` of every host.
+    pub fn max_agents(mut self, n: u32) -> Self {
+        self.max_agents = n;
+        self
+    }
+
+    /// `--heartbeat-ttl` of every host; default 3s.
+    pub fn heartbeat_ttl(mut self, ttl: Duration) -> Self {
+        self.heartbeat_ttl = ttl;
+        self
+    }
+
+    /// `--reconcile-interval` of every control plane; default 200ms.
+    pub fn reconcile_interval(mut self, d: Duration) -> Self {
+        self.reconcile_interval = d;
+        self
+    }
+
+    /// Runs every host agent in its own network namespace with its own address
+    /// (see [`crate::netns::NetLab`]); Redis and the control planes listen on
+    /// the lab's bridge. Needs root.
+    pub fn network_namespaces(mut self) -> Self {
+        self.netns = true;
+        self
+    }
+
+    /// Runs every server with TLS from a CA the cluster makes ([`ClusterPki`]),
+    /// instead of `--insecure`; the cluster's clients use it too.
+    pub fn tls(mut self) -> Self {
+        self.tls = true;
+        self
+    }
+
+    /// Host agents refuse root agents (by default the cluster passes
+    /// `--allow-root-agents` when the tests run as root, as they do here).
+    pub fn forbid_root_agents(mut self) -> Self {
+        self.root_agents = false;
+        self
+    }
+
+    /// Adds a flag (and its value, as a separate item) to every host agent.
+    pub fn host_arg(mut self, arg: &str) -> Self {
+        self.host_args.push(arg.to_owned());
+        self
+    }
+
+    /// Adds a flag (and its value, as a separate item) to every control plane.
+    pub fn control_plane_arg(mut self, arg: &str) -> Self {
+        self.control_plane_args.push(arg.to_owned());
+        self
+    }
+
+    /// Adds a flag (or its value) to host number `index` (0-based) only.
+    pub fn host_arg_at(mut self, index: usize, arg: &str) -> Self {
+        self.host_args_at.push((index, arg.to_owned()));
+        self
+    }
+
+    /// Adds `--label k=v` to host number `index` (0-based).
+    pub fn host_label(mut self, index: usize, label: &str) -> Self {
+        self.host_labels.push((index, label.to_owned()));
+        self
+    }
+
+    /// Starts Redis, the control planes and the hosts; returns once every host
+    /// is registered.
+    pub async fn start(self) -> TestCluster {
+        let dir = tempfile::Builder::new()
+            .prefix("agentplane-test-")
+            .tempdir()
+            .expect("tempdir");
+        let lab = self.netns.then(|| crate::netns::NetLab::new(self.hosts));
+        let extra: Vec<String> = lab.iter().map(|l| l.gateway()).collect();
+        let redis = RedisServer::start(dir.path(), &extra).await;
+        let mut ips = vec!["127.0.0.1".to_owned()];
+        ips.extend(extra.iter().cloned());
+        let pki = self.tls.then(|| ClusterPki::create(dir.path(), &ips));
+        let mut cluster = TestCluster {
+            pki,
+            lab,
+            redis,
+            control_planes: Vec::new(),
+            hosts: Vec::new(),
+            config: self.clone(),
+            dir,
+            host_binary: None,
+        };
+        for i in 0..self.control_planes {
+            let s = cluster.spawn_control_plane(i);
+            cluster.control_planes.push(s);
+        }
+        for i in 0..self.hosts {
+            let s = cluster.spawn_host(i, &format!("host-h{}.log", i + 1));
+            cluster.hosts.push(s);
+        }
+        cluster.wait_for_hosts(self.hosts).await;
+        cluster
+    }
+}
+
+impl Default for Builder {
+    /// One host and one control plane.
+    fn default() -> Self {
+        Self {
+            hosts: 1,
+            control_planes: 1,
+            max_agents: 1000,
+            heartbeat_ttl: Duration::from_secs(3),
+            reconcile_interval: Duration::from_millis(200),
+            host_labels: Vec::new(),
+            host_args: Vec::new(),
+            host_args_at: Vec::new(),
+            control_plane_args: Vec::new(),
+            netns: false,
+            tls: false,
+            root_agents: true,
+        }
+    }
+}
