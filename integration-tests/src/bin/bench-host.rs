@@ -86,7 +86,7 @@ fn raw_start_latencies(n: usize, concurrency: usize) -> std::io::Result<(f64, Ve
             .collect();
         spawners
             .into_iter()
-            .flat_map(|h| h.join().unwrap_or_default())
+            .flat_map(|h| h.join().expect("a spawner thread panicked"))
             .collect()
     });
     let rate = started.len() as f64 / t.elapsed().as_secs_f64();
@@ -235,19 +235,19 @@ async fn main() -> anyhow::Result<()> {
             f.captured / to_file
         );
     }
+    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
     println!("running at the last beat    {}", host.running);
     println!(
         "spawn latency p50           {:.2} ms",
-        percentile(&latencies, 0.50).as_secs_f64() * 1e3
+        p50.as_secs_f64() * 1e3
     );
     println!(
         "spawn latency p99           {:.2} ms",
-        percentile(&latencies, 0.99).as_secs_f64() * 1e3
+        p99.as_secs_f64() * 1e3
     );
     println!("spawns/s via control plane  {spawn_rate:.0}");
     println!("raw spawn+wait/s (baseline) {raw:.0}");
     println!("ratio control plane / raw   {:.3}", spawn_rate / raw);
-    let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
     let (raw_p50, raw_p99) = (percentile(&raw_starts, 0.50), percentile(&raw_starts, 0.99));
     println!(
         "raw start, concurrency {:<3}  {raw_start_rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms (the floor: sleep started by fork/exec here)",
