@@ -4,6 +4,7 @@
 
 pub mod bench;
 mod cluster;
+pub mod cpu;
 pub mod netns;
 pub mod output;
 pub mod pki;

@@ -316,17 +316,23 @@ pub fn keeper_of(data_dir: &std::path::Path) -> Option<i32> {
     })
 }
 
-/// The live forker of the keeper `keeper` (`… __agentplane_forker KEEPER`,
-/// the keeper's child), if it runs.
+/// A live forker of the keeper `keeper` (`… __agentplane_forker KEEPER`,
+/// the keeper's child), if one runs.
 pub fn forker_of(keeper: i32) -> Option<i32> {
+    forkers_of(keeper).into_iter().next()
+}
+
+/// The live forkers of the keeper `keeper`.
+pub fn forkers_of(keeper: i32) -> Vec<i32> {
     all_processes()
         .into_iter()
         .filter(|p| p.ppid == keeper && p.state != 'Z' && p.state != 'X')
         .map(|p| p.pid)
-        .find(|pid| {
+        .filter(|pid| {
             std::fs::read(format!("/proc/{pid}/cmdline"))
                 .is_ok_and(|c| c.split(|b| *b == 0).nth(1) == Some(b"__agentplane_forker"))
         })
+        .collect()
 }
 
 /// Removes `parent` (relative to this process's cgroup) and everything

@@ -155,8 +155,18 @@ async fn main() -> anyhow::Result<()> {
     let rss_before = rss_kib(host_pid);
     let keeper_before = rss_kib(keeper_pid);
 
+    // The baseline, measured both before and after the spawns and averaged:
+    // one short measurement of it varies by about 10% from run to run here.
+    let raw_before = raw_spawn_wait_rate(n.min(500));
     let client = cluster.client().await;
     let calls_before = cluster.redis.command_calls().await;
+    let cpu = agentplane_integration_tests::cpu::Split::start(&[
+        ("bench client", i32::try_from(std::process::id())?),
+        ("control plane", cluster.control_planes[0].proc.pid()),
+        ("host agent", host_pid),
+        ("keeper", keeper_pid),
+        ("redis", cluster.redis.pid().unwrap_or(0)),
+    ]);
     let started = Instant::now();
     let mut latencies = Vec::with_capacity(n);
     let sem = std::sync::Arc::new(tokio::sync::Semaphore::new(args.concurrency));
@@ -185,9 +195,18 @@ async fn main() -> anyhow::Result<()> {
         latencies.push(latency);
     }
     let total = started.elapsed();
+    let cpu = cpu.end();
     latencies.sort();
     let spawn_rate = n as f64 / total.as_secs_f64();
     let calls_after = cluster.redis.command_calls().await;
+    // Started during the span (a forker is started when a start finds the
+    // others busy): their whole lives.
+    let forkers = agentplane_integration_tests::procfs::forkers_of(keeper_pid);
+    let agents: Vec<i32> = agentplane_integration_tests::cpu::descendants(keeper_pid)
+        .into_iter()
+        .filter(|p| !forkers.contains(p))
+        .collect();
+    let cpu_split = cpu.per_unit_ms(n, &[("forkers", &forkers), ("agents", &agents)]);
 
     // Two heartbeats after the last spawn, so the published duration covers N agents.
     tokio::time::sleep(Duration::from_millis(2500)).await;
@@ -204,7 +223,8 @@ async fn main() -> anyhow::Result<()> {
     let keeper_after = rss_kib(keeper_pid);
     let both_per_agent_kib =
         (rss_after + keeper_after).saturating_sub(rss_before + keeper_before) as f64 / n as f64;
-    let raw = raw_spawn_wait_rate(n.min(500));
+    let raw_after = raw_spawn_wait_rate(n.min(500));
+    let raw = (raw_before + raw_after) / 2.0;
     let (raw_start_rate, raw_starts) = raw_start_latencies(n, args.concurrency)?;
     let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
 
@@ -246,7 +266,14 @@ async fn main() -> anyhow::Result<()> {
         p99.as_secs_f64() * 1e3
     );
     println!("spawns/s via control plane  {spawn_rate:.0}");
-    println!("raw spawn+wait/s (baseline) {raw:.0}");
+    println!(
+        "raw spawn+wait/s (baseline) {raw:.0} (before the spawns {raw_before:.0}, after {raw_after:.0})"
+    );
+    let split: Vec<String> = cpu_split
+        .iter()
+        .map(|(name, ms)| format!("{name} {ms:.3}"))
+        .collect();
+    println!("CPU ms per spawn            {}", split.join(", "));
     println!("ratio control plane / raw   {:.3}", spawn_rate / raw);
     let (raw_p50, raw_p99) = (percentile(&raw_starts, 0.50), percentile(&raw_starts, 0.99));
     println!(
