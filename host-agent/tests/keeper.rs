@@ -335,3 +335,103 @@ fn agents_start_with_no_signal_blocked_whatever_the_keeper_blocks() {
     );
     end_keeper(keeper.pid);
 }
+
+/// Processes of the keeper (its forkers' children before their exec)
+/// blocked writing to a pipe.
+fn held_in_pipe_write() -> usize {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| {
+            std::fs::read_to_string(e.path().join("wchan")).is_ok_and(|w| w.ends_with("pipe_write"))
+                && std::fs::read(e.path().join("cmdline"))
+                    .is_ok_and(|c| c.windows(12).any(|w| w == b"__agentplane"))
+        })
+        .count()
+}
+
+#[test]
+fn starts_held_before_their_exec_do_not_hold_up_the_next() {
+    use agentplane_host_agent::keeper::forker::FORKERS;
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    // The held children's "cgroup" is a full FIFO: their write of `0` holds
+    // each before its exec, and its forker with it, until the test reads.
+    let dir = tempfile::tempdir().expect("dir");
+    let fifo = dir.path().join("held.procs");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::S_IRWXU).expect("mkfifo");
+    let mut reader = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("reader");
+    let mut filler = std::fs::OpenOptions::new()
+        .write(true)
+        .custom_flags(libc::O_NONBLOCK)
+        .open(&fifo)
+        .expect("filler");
+    while filler.write(b"x").is_ok() {}
+    let (rt, got) = attach(dir.path(), Duration::from_secs(30));
+    let (keeper, _) = got.expect("connect");
+    // Ended even when an assertion fails: its held children would wait forever.
+    struct EndKeeper(i32);
+    impl Drop for EndKeeper {
+        fn drop(&mut self) {
+            end_keeper(self.0);
+        }
+    }
+    let _end = EndKeeper(keeper.pid);
+    let one_held = |held: &mut Vec<_>, n: usize| {
+        let mut l = launch_of("01held", &spec(&["true"]));
+        l.cgroup_procs = vec![fifo.to_string_lossy().into_owned()];
+        let keeper = keeper.clone();
+        held.push(rt.spawn(async move { keeper.spawn(&format!("held.{n}"), l).await }));
+        wait_until(
+            "the held child blocks before its exec",
+            Duration::from_secs(5),
+            || held_in_pipe_write() == n,
+        );
+    };
+    let mut held = Vec::new();
+    // One held: the next start takes another forker. Every forker held:
+    // the next one waits a moment for one more.
+    for n in 1..=FORKERS {
+        one_held(&mut held, n);
+        let next = rt
+            .block_on(async {
+                tokio::time::timeout(
+                    Duration::from_secs(5),
+                    keeper.spawn(
+                        &format!("next.{n}"),
+                        launch_of("01next", &spec(&["sleep", "30"])),
+                    ),
+                )
+                .await
+            })
+            .expect("the next start is answered while others are held")
+            .expect("spawn");
+        assert!(alive(next.pid));
+    }
+    assert!(
+        held.iter().all(|h| !h.is_finished()),
+        "held starts wait for their exec"
+    );
+
+    let mut drained = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    for h in held {
+        let run = rt.block_on(async {
+            let mut h = h;
+            loop {
+                assert!(Instant::now() < deadline, "a held start never ran");
+                let _ = reader.read_to_end(&mut drained);
+                if let Ok(run) = tokio::time::timeout(Duration::from_millis(20), &mut h).await {
+                    return run.expect("task").expect("the held start runs");
+                }
+            }
+        });
+        let exit = rt.block_on(run.exit).expect("exit");
+        assert_eq!((exit.code, exit.signal), (Some(0), None), "it ran `true`");
+    }
+}

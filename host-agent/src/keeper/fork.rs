@@ -1,22 +1,21 @@
-//! Starting one program without waiting for its exec: the keeper forks,
-//! the child sets itself up (its descriptors, cgroups, session, user,
-//! directory, parent-death signal, rlimits) and execs, and the exec's
-//! outcome arrives later on a close-on-exec pipe. The keeper, which starts
-//! every agent of its host one request at a time, is so held up by a start
-//! only for the fork, not for the child's setup and exec (the bulk of a
-//! start, and on a loaded machine mostly waiting for a CPU): starts
-//! overlap. The agent gets exactly three descriptors, 0, 1 and 2: nothing
-//! else the keeper holds (other agents' terminals and pipes) or inherited.
+//! Starting one program: the child sets itself up (its descriptors,
+//! cgroups, session, user, directory, parent-death signal, rlimits) and
+//! execs, and the exec's outcome arrives on a close-on-exec pipe.
+//! [`clone_exec`], what every forker does, shares the forker's memory and
+//! returns once the child has exec'd; the keeper overlaps starts by having
+//! several forkers. [`fork_exec`], the keeper's own when it has no forker,
+//! is a plain fork that returns before the child's setup and exec. The agent
+//! gets exactly three descriptors, 0, 1 and 2: nothing else the keeper
+//! holds (other agents' terminals and pipes) or inherited.
 
-use std::ffi::{CString, NulError};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::os::unix::fs::OpenOptionsExt;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use nix::fcntl::OFlag;
 use nix::sys::resource::{setrlimit, Resource};
 use nix::sys::signal::Signal;
 
-use super::proto::{Launch, Limit, LimitKind};
+use super::prepared::Prepared;
+use super::proto::Launch;
 
 /// A forked child whose exec has not reported yet.
 pub struct Forked {
@@ -37,23 +36,109 @@ pub fn fork_exec(l: &Launch) -> std::io::Result<Forked> {
     start_child(l, || unsafe { libc::fork() })
 }
 
-/// [`fork_exec`], the child made a child of this process's parent
-/// (`CLONE_PARENT`): what the keeper's forker does, so that the keeper is
-/// every agent's parent.
-pub fn clone_exec(l: &Launch) -> std::io::Result<Forked> {
-    // SAFETY: clone without CLONE_VM is a fork (the child gets a copy of
-    // the address space and resumes here on its own copy of the stack); its
-    // exit signal goes to the keeper, as a child of the keeper's own would.
+/// The stack a [`clone_exec`] child runs on until its exec: allocated once
+/// and reused, since the caller is suspended until the child is done with it.
+pub struct ChildStack {
+    /// 16-byte aligned words; the stack grows down from the end.
+    words: Vec<u128>,
+}
+
+impl ChildStack {
+    /// Room for the child's setup and `execvp` (which builds each candidate
+    /// path on its stack).
+    const BYTES: usize = 256 * 1024;
+
+    /// A stack for [`clone_exec`].
+    pub fn new() -> Self {
+        Self {
+            words: vec![0; Self::BYTES / 16],
+        }
+    }
+}
+
+impl Default for ChildStack {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// What the clone's child function gets: the prepared start and the write
+/// end of its report pipe.
+struct CloneArg<'a> {
+    p: &'a Prepared,
+    report: RawFd,
+}
+
+/// The child side of [`clone_exec`], on the [`ChildStack`].
+#[allow(unsafe_code)]
+extern "C" fn cloned_child(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the `CloneArg` on the suspended caller's stack.
+    let arg = unsafe { &*arg.cast::<CloneArg<'_>>() };
+    // The memory is the caller's: a handler of the caller's (std's for
+    // SIGSEGV and SIGBUS) must not run here. The others are default or
+    // ignored in the forker, and an exec resets handled ones anyway.
+    // SAFETY: plain signal(2) calls.
+    unsafe {
+        libc::signal(libc::SIGSEGV, libc::SIG_DFL);
+        libc::signal(libc::SIGBUS, libc::SIG_DFL);
+    }
+    child(arg.p, arg.report)
+}
+
+/// [`fork_exec`] as `posix_spawn` does it: the child shares this process's
+/// memory (`CLONE_VM`, no page table copied, nothing copied on write, nothing
+/// torn down at its exec) and this thread waits until the child has exec'd
+/// or exited (`CLONE_VFORK`). The child is made a child of this process's
+/// parent (`CLONE_PARENT`): what the keeper's forker does, so that the
+/// keeper is every agent's parent. For a single-threaded caller only: the
+/// child points `environ` at the agent's environment (restored here).
+///
+/// perf, 1,000 starts at concurrency 32: copying the forker's page tables
+/// at each fork, faulting its pages back in copy-on-write after it, and
+/// tearing the child's copy down at its exec were together about 7% of all
+/// the machine's CPU time.
+pub fn clone_exec(l: &Launch, stack: &mut ChildStack) -> std::io::Result<Forked> {
+    let p = Prepared::new(l)?;
+    let (status, report) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let mut arg = CloneArg {
+        p: &p,
+        report: report.as_raw_fd(),
+    };
+    let top = stack.words.as_mut_ptr_range().end;
+    // SAFETY: `environ` is only read and written by this thread (the
+    // forker has no other), saved before the child changes it.
     #[allow(unsafe_code)]
-    start_child(l, || unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            libc::CLONE_PARENT | libc::SIGCHLD,
-            0usize,
-            0usize,
-            0usize,
-            0usize,
-        ) as libc::pid_t
+    let saved = unsafe { environ };
+    // SAFETY: the child runs `cloned_child` on its own stack (the top of
+    // `stack`, 16-byte aligned) and only makes system calls on memory
+    // prepared before the clone (`p`, `arg`), which stays alive and
+    // untouched here because this thread is suspended until the child has
+    // exec'd or exited (CLONE_VFORK).
+    #[allow(unsafe_code)]
+    let pid = unsafe {
+        libc::clone(
+            cloned_child,
+            top.cast(),
+            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+            std::ptr::addr_of_mut!(arg).cast(),
+        )
+    };
+    let spawned = if pid == -1 {
+        Err(std::io::Error::last_os_error())
+    } else {
+        Ok(pid)
+    };
+    // SAFETY: as above; the child is past its exec or gone.
+    #[allow(unsafe_code)]
+    unsafe {
+        environ = saved;
+    }
+    drop(report);
+    let pid = spawned?;
+    Ok(Forked {
+        pid,
+        fds: p.keep,
+        status,
     })
 }
 
@@ -94,128 +179,6 @@ pub async fn exec_outcome(status: OwnedFd) -> std::io::Result<()> {
         Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => Ok(()),
         Err(e) => Err(e),
     }
-}
-
-/// Everything the child needs, built before the fork.
-struct Prepared {
-    program: CString,
-    /// Owns what `argv_ptrs` points into.
-    _argv: Vec<CString>,
-    argv_ptrs: Vec<*const libc::c_char>,
-    /// Owns what `envp_ptrs` points into.
-    _envp: Vec<CString>,
-    envp_ptrs: Vec<*const libc::c_char>,
-    /// What becomes the child's 0, 1 and 2 (each numbered 3 or above, so
-    /// that no move onto 0..2 overwrites another one).
-    stdio: [OwnedFd; 3],
-    /// The keeper's ends.
-    keep: Vec<OwnedFd>,
-    limits: Vec<(Resource, u64, u64)>,
-    tty: bool,
-    /// Open `cgroup.procs` (v1: `tasks`) files to write `0` (this process) to.
-    cgroups: Vec<OwnedFd>,
-    uid: Option<u32>,
-    gid: Option<u32>,
-    /// The directory to start in, entered as the agent's user.
-    cwd: Option<CString>,
-}
-
-impl Prepared {
-    fn new(l: &Launch) -> std::io::Result<Self> {
-        let Some(program) = l.argv.first() else {
-            return Err(invalid("empty argv"));
-        };
-        let nul = |_: NulError| invalid("an argument or variable contains a NUL byte");
-        let program = CString::new(program.as_bytes()).map_err(nul)?;
-        let argv = l
-            .argv
-            .iter()
-            .map(|a| CString::new(a.as_bytes()))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(nul)?;
-        let envp = l
-            .env
-            .iter()
-            .map(|(k, v)| CString::new(format!("{k}={v}")))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(nul)?;
-        let pointers = |v: &[CString]| {
-            v.iter()
-                .map(|c| c.as_ptr())
-                .chain(std::iter::once(std::ptr::null()))
-                .collect::<Vec<_>>()
-        };
-        let (argv_ptrs, envp_ptrs) = (pointers(&argv), pointers(&envp));
-        let (stdio, keep) = if l.tty {
-            let (master, slave) = open_pty()?;
-            let slave = above_stdio(slave)?;
-            (
-                [slave.try_clone()?, slave.try_clone()?, slave],
-                vec![master],
-            )
-        } else {
-            let (in_r, in_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-            let (out_r, out_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-            let (err_r, err_w) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-            (
-                [above_stdio(in_r)?, above_stdio(out_w)?, above_stdio(err_w)?],
-                vec![in_w, out_r, err_r],
-            )
-        };
-        // Entered after the user switch (below), as that user: a directory
-        // it may not enter fails the start.
-        let cwd = if l.cwd.is_empty() {
-            None
-        } else {
-            Some(CString::new(l.cwd.as_bytes()).map_err(|_| invalid("cwd contains a NUL byte"))?)
-        };
-        // Opened here, written by the child: it joins its cgroups itself,
-        // before the exec, so that nothing it starts is ever outside them.
-        let cgroups = l
-            .cgroup_procs
-            .iter()
-            .map(|f| {
-                std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(f)
-                    .map(OwnedFd::from)
-                    .map_err(|e| {
-                        std::io::Error::new(e.kind(), format!("cannot join cgroup {f}: {e}"))
-                    })
-            })
-            .collect::<std::io::Result<Vec<_>>>()?;
-        Ok(Self {
-            program,
-            _argv: argv,
-            argv_ptrs,
-            _envp: envp,
-            envp_ptrs,
-            stdio,
-            keep,
-            limits: rlimits(&l.limits),
-            tty: l.tty,
-            cgroups,
-            uid: l.uid,
-            gid: l.gid,
-            cwd,
-        })
-    }
-}
-
-fn invalid(what: &str) -> std::io::Error {
-    std::io::Error::new(std::io::ErrorKind::InvalidInput, what)
-}
-
-/// `fd`, or a close-on-exec copy of it numbered 3 or above when it is one
-/// of 0, 1 and 2 (a keeper started with one of them closed).
-fn above_stdio(fd: OwnedFd) -> std::io::Result<OwnedFd> {
-    if fd.as_raw_fd() > 2 {
-        return Ok(fd);
-    }
-    let raw = nix::fcntl::fcntl(&fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(3))?;
-    // SAFETY: fcntl just returned this new descriptor, owned by nobody else.
-    #[allow(unsafe_code)]
-    Ok(unsafe { OwnedFd::from_raw_fd(raw) })
 }
 
 #[allow(unsafe_code)]
@@ -333,48 +296,6 @@ fn setup(p: &Prepared) -> std::io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// A new 80x24 pseudo-terminal: (master, slave), both close-on-exec from the
-/// moment they exist (nix's `openpty` leaves them inheritable, so every agent
-/// started later held them), the master non-blocking.
-fn open_pty() -> std::io::Result<(OwnedFd, OwnedFd)> {
-    let master = nix::pty::posix_openpt(
-        OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC | OFlag::O_NONBLOCK,
-    )?;
-    nix::pty::grantpt(&master)?;
-    nix::pty::unlockpt(&master)?;
-    // std opens every file with O_CLOEXEC.
-    let slave = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_NOCTTY)
-        .open(nix::pty::ptsname_r(&master)?)?;
-    let master = OwnedFd::from(master);
-    let size = rustix::termios::Winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    rustix::termios::tcsetwinsize(&master, size)?;
-    Ok((master, slave.into()))
-}
-
-/// The (resource, soft, hard) triples to set before the exec.
-fn rlimits(limits: &[Limit]) -> Vec<(Resource, u64, u64)> {
-    limits
-        .iter()
-        .filter_map(|l| {
-            let r = match LimitKind::try_from(l.kind).ok()? {
-                LimitKind::AddressSpace => Resource::RLIMIT_AS,
-                LimitKind::OpenFiles => Resource::RLIMIT_NOFILE,
-                LimitKind::Processes => Resource::RLIMIT_NPROC,
-                LimitKind::CpuSeconds => Resource::RLIMIT_CPU,
-            };
-            Some((r, l.soft, l.hard))
-        })
-        .collect()
 }
 
 #[cfg(test)]

@@ -9,7 +9,9 @@
 pub mod client;
 mod fork;
 pub mod forker;
+mod kept;
 mod liveness;
+mod prepared;
 pub mod process;
 pub mod proto;
 pub mod wire;

@@ -1,15 +1,15 @@
 //! The keeper process (`host-agent __agentplane_keeper DATA_DIR GRACE_MS`):
 //! the parent and child subreaper of every agent. It starts programs
-//! (forking from its own small address space, answering each start once
-//! its exec is done while it goes on with the next), keeps their pipes or
-//! terminal masters, reaps every child, and keeps each agent's exit until
-//! the host agent acknowledges it. One host agent is attached at a time,
-//! over `DATA_DIR/keeper.sock`; a new one receives every kept process with
-//! its descriptors. With no host agent for `GRACE_MS`, it exits, and its
-//! agents die with it: each has the keeper's death as its parent-death
-//! signal, and the keeper's guard child kills the rest of their groups
-//! (and their marked escapees) when the keeper's end of its pipe closes,
-//! which a SIGKILL of the keeper closes too.
+//! (through its forkers, small processes that fork as its children; each
+//! start answered once its exec is done while the next ones go on), keeps
+//! their pipes or terminal masters, reaps every child, and keeps each
+//! agent's exit until the host agent acknowledges it. One host agent is
+//! attached at a time, over `DATA_DIR/keeper.sock`; a new one receives
+//! every kept process with its descriptors. With no host agent for
+//! `GRACE_MS`, it exits, and its agents die with it: each has the keeper's
+//! death as its parent-death signal, and the keeper's guard child kills the
+//! rest of their groups (and their marked escapees) when the keeper's end
+//! of its pipe closes, which a SIGKILL of the keeper closes too.
 
 use std::collections::HashMap;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -23,8 +23,10 @@ use nix::sys::socket::{
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
-use super::fork::{self, Forked};
-use super::forker::Forker;
+use super::forker::Forkers;
+use super::kept::{
+    forked, send, send_exit, started, Conn, ExecDone, Forking, Forkings, Held, Starting,
+};
 use super::liveness::Liveness;
 use super::proto::{self, from_keeper, to_keeper, FromKeeper, ToKeeper};
 use super::wire::{self, Socket};
@@ -39,38 +41,6 @@ const FIRST_CLIENT: Duration = Duration::from_secs(10);
 pub fn socket_path(data_dir: &Path) -> PathBuf {
     data_dir.join("keeper.sock")
 }
-
-/// One kept process.
-struct Held {
-    tag: String,
-    agent: String,
-    started_at_ms: i64,
-    tty: bool,
-    /// stdin, stdout, stderr; or the terminal's master.
-    fds: Vec<OwnedFd>,
-    exit: Option<proto::Exit>,
-    /// A start whose exec has not reported yet: its request, which is
-    /// answered first (the host agent hears of an exit only after its start).
-    starting: Option<Starting>,
-}
-
-/// The request that started a process still exec'ing.
-struct Starting {
-    seq: u64,
-    /// The connection it came on ([`Conn::id`]).
-    conn: u64,
-}
-
-/// The attached host agent.
-struct Conn {
-    sock: Socket,
-    /// Which attachment this is: a start requested on an earlier one is not
-    /// answered on this one (this one heard of it in its `Kept` list).
-    id: u64,
-}
-
-/// A start's exec outcome: the pid, and `Ok` once the program runs.
-type ExecDone = (i32, std::io::Result<()>);
 
 /// Keeper mode: never returns.
 pub fn run_keeper(args: &[String]) -> ! {
@@ -146,7 +116,8 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
     let mut attached = 0u64;
     // The starts whose exec has not reported yet.
     let mut execs: tokio::task::JoinSet<ExecDone> = tokio::task::JoinSet::new();
-    let mut forker = Forker::default();
+    let mut forkers = Forkers::default();
+    let mut forkings = Forkings::default();
     let mut liveness = Liveness::new(grace);
     // Until the first host agent is attached.
     let mut first = Some(tokio::time::Instant::now() + FIRST_CLIENT.max(grace));
@@ -188,11 +159,28 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     liveness.left();
                 }
             }
+            (id, outcome) = forkers.next() => {
+                let r = forked(client.as_ref(), id, outcome, &mut forkings, &mut kept, &guard, &mut execs).await;
+                if let Err(e) = r {
+                    eprintln!("keeper: host agent connection: {e}");
+                    client = None;
+                    liveness.left();
+                }
+            }
             got = message => {
                 let Some(c) = client.as_ref() else { continue };
                 match got {
                     Ok((msg, _)) => {
-                        let r = handle(c, msg, &mut kept, &guard, &mut liveness, &mut execs, &mut forker).await;
+                        if matches!(msg.kind, Some(to_keeper::Kind::Hello(_))) {
+                            // Every start forked before the list of kept
+                            // processes is sent: one forked after it would
+                            // be in no host agent's hands.
+                            while forkers.in_flight() {
+                                let (id, outcome) = forkers.next().await;
+                                let _ = forked(None, id, outcome, &mut forkings, &mut kept, &guard, &mut execs).await;
+                            }
+                        }
+                        let r = handle(c, msg, &mut kept, &guard, &mut liveness, &mut forkers, &mut forkings).await;
                         if let Err(e) = r {
                             eprintln!("keeper: host agent connection: {e}");
                             client = None;
@@ -206,7 +194,7 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
                     }
                 }
                 if client.is_none() {
-                    if kept.is_empty() {
+                    if kept.is_empty() && !forkers.in_flight() {
                         return Ok(());
                     }
                     liveness.left();
@@ -245,7 +233,13 @@ async fn serve(dir: &Path, grace: Duration) -> std::io::Result<()> {
             }
             _ = sigchld.recv() => {
                 for (pid, exit) in reap() {
-                    let Some(h) = kept.get_mut(&pid) else { continue };
+                    let Some(h) = kept.get_mut(&pid) else {
+                        if !forkings.by_id.is_empty() {
+                            // Perhaps a child whose forker has not answered yet.
+                            forkings.early_exits.insert(pid, exit);
+                        }
+                        continue;
+                    };
                     h.exit = Some(exit);
                     let Some(c) = &client else { continue };
                     // Told after its start's answer (`started`).
@@ -283,8 +277,8 @@ async fn handle(
     kept: &mut HashMap<i32, Held>,
     guard: &Guard,
     liveness: &mut Liveness,
-    execs: &mut tokio::task::JoinSet<ExecDone>,
-    forker: &mut Forker,
+    forkers: &mut Forkers,
+    forkings: &mut Forkings,
 ) -> Result<(), wire::WireError> {
     let c = &conn.sock;
     match msg.kind {
@@ -313,38 +307,43 @@ async fn handle(
         }
         Some(to_keeper::Kind::Spawn(s)) => {
             let launch = s.launch.unwrap_or_default();
-            match start(forker, &launch) {
-                Ok(Forked { pid, fds, status }) => {
-                    guard.add(pid, &launch.agent, launch.membership_cgroup());
-                    // Kept from the fork on, so that the reaper finds it
-                    // whenever it ends.
-                    kept.insert(
-                        pid,
-                        Held {
-                            tag: s.tag,
-                            agent: launch.agent,
-                            started_at_ms: agentplane::time::now_ms(),
-                            tty: launch.tty,
-                            fds,
-                            exit: None,
-                            starting: Some(Starting {
-                                seq: s.seq,
-                                conn: conn.id,
-                            }),
-                        },
-                    );
-                    execs.spawn(async move { (pid, fork::exec_outcome(status).await) });
-                    Ok(())
+            // The relay: the host agent moves the terminal's output through
+            // it to disk; held here too, so what is in it outlives a host
+            // agent killed between the two moves. Made first: nothing fails
+            // after the fork.
+            let relay = if launch.tty {
+                match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+                    Ok((r, w)) => vec![r, w],
+                    Err(e) => {
+                        let e = std::io::Error::from(e);
+                        let failed = from_keeper::Kind::Failed(proto::Failed::of(s.seq, &e));
+                        return send(c, failed, &[]).await;
+                    }
                 }
-                Err(e) => {
-                    send(
-                        c,
-                        from_keeper::Kind::Failed(proto::Failed::of(s.seq, &e)),
-                        &[],
-                    )
-                    .await
-                }
-            }
+            } else {
+                Vec::new()
+            };
+            forkings.next_id += 1;
+            let id = forkings.next_id;
+            forkings.by_id.insert(
+                id,
+                Forking {
+                    tag: s.tag,
+                    agent: launch.agent.clone(),
+                    tty: launch.tty,
+                    cgroup: launch.membership_cgroup().map(str::to_owned),
+                    relay,
+                    starting: Starting {
+                        seq: s.seq,
+                        conn: conn.id,
+                    },
+                },
+            );
+            // No thaw here: the host agent thaws a reused cgroup when it
+            // makes the run's cgroups (`RunCgroup::create`); a new one is
+            // never frozen.
+            forkers.submit(id, launch);
+            Ok(())
         }
         Some(to_keeper::Kind::Ack(pid)) => {
             if let Some(h) = kept.get(&pid) {
@@ -357,89 +356,6 @@ async fn handle(
         }
         None => Ok(()),
     }
-}
-
-async fn send(
-    c: &Socket,
-    kind: from_keeper::Kind,
-    fds: &[std::os::fd::BorrowedFd<'_>],
-) -> Result<(), wire::WireError> {
-    wire::send_msg(c, &FromKeeper { kind: Some(kind) }, fds).await
-}
-
-async fn send_exit(c: &Socket, pid: i32, exit: proto::Exit) -> Result<(), wire::WireError> {
-    let exited = proto::Exited {
-        pid,
-        exit: Some(exit),
-    };
-    send(c, from_keeper::Kind::Exited(exited), &[]).await
-}
-
-/// Answers the start of `pid`, whose exec reported `outcome`, on the
-/// connection that asked for it; then its exit, if it has ended since. A
-/// start asked on an earlier connection is not answered: the current host
-/// agent got the process in its `Kept` list and hears of its exit as of any
-/// other (a failed exec exits 127).
-async fn started(
-    client: Option<&Conn>,
-    (pid, outcome): ExecDone,
-    kept: &mut HashMap<i32, Held>,
-    guard: &Guard,
-) -> Result<(), wire::WireError> {
-    let Some(h) = kept.get_mut(&pid) else {
-        return Ok(());
-    };
-    let Some(starting) = h.starting.take() else {
-        return Ok(());
-    };
-    let Some(c) = client.filter(|c| c.id == starting.conn) else {
-        return Ok(());
-    };
-    match outcome {
-        Ok(()) => {
-            h.started_at_ms = agentplane::time::now_ms();
-            let reply = proto::Spawned {
-                seq: starting.seq,
-                pid,
-                started_at_ms: h.started_at_ms,
-            };
-            let fds: Vec<_> = h.fds.iter().map(AsFd::as_fd).collect();
-            send(&c.sock, from_keeper::Kind::Spawned(reply), &fds).await?;
-            match h.exit {
-                Some(exit) => send_exit(&c.sock, pid, exit).await,
-                None => Ok(()),
-            }
-        }
-        Err(e) => {
-            // Never ran: forgotten (its zombie is reaped as a stranger's).
-            if let Some(h) = kept.remove(&pid) {
-                guard.remove(pid, &h.agent);
-            }
-            let reply = from_keeper::Kind::Failed(proto::Failed::of(starting.seq, &e));
-            send(&c.sock, reply, &[]).await
-        }
-    }
-}
-
-/// Has the forker fork the child that runs `l` (see [`fork`] and
-/// [`super::forker`]), with the descriptors the
-/// keeper keeps: stdin's write end, stdout's and stderr's read ends; or the
-/// terminal's master and a relay pipe's read and write ends.
-fn start(forker: &mut Forker, l: &proto::Launch) -> std::io::Result<Forked> {
-    // No thaw here: the host agent thaws a reused cgroup when it makes the
-    // run's cgroups (`RunCgroup::create`); a new one is never frozen.
-    // The relay: the host agent moves the terminal's output through it to
-    // disk; held here too, so what is in it outlives a host agent killed
-    // between the two moves. Made first: nothing fails after the fork.
-    let relay = if l.tty {
-        let (r, w) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)?;
-        vec![r, w]
-    } else {
-        Vec::new()
-    };
-    let mut forked = forker.fork_exec(l)?;
-    forked.fds.extend(relay);
-    Ok(forked)
 }
 
 /// Reaps every ended child; returns (pid, exit) of each.
