@@ -11,7 +11,7 @@ use tokio::sync::oneshot;
 
 use super::agent::{AgentSlot, Requested};
 use super::tree::{self, Scope};
-use super::{persist, signal, spawn, Supervisor};
+use super::{output, persist, signal, spawn, Supervisor};
 use crate::keeper::KeeperError;
 
 /// Runs a start's file-system work (its run directory, output log, state
@@ -30,6 +30,38 @@ pub(super) async fn off_runtime<T: Send + 'static>(
     })
 }
 
+/// What a first start makes on disk and in cgroupfs, in one trip to the
+/// blocking pool ([`StartFiles::make`]).
+pub(super) struct StartFiles {
+    pub(super) id: String,
+    /// The run directory.
+    pub(super) dir: std::path::PathBuf,
+    /// The output log's cap.
+    pub(super) cap: u64,
+    pub(super) writers: output::LogWriters,
+    pub(super) cgroup: Option<crate::cgroup::RunCgroup>,
+    /// The state file's content.
+    pub(super) persisted: persist::Persisted,
+}
+
+impl StartFiles {
+    /// Creates the output log (an error fails the start), writes the state
+    /// file (a failure is logged: the agent runs, but a later host agent
+    /// will not adopt it) and makes the cgroups (a failure is the start's
+    /// failure, recorded as the agent's once it is admitted).
+    pub(super) fn make(self) -> std::io::Result<(output::OutputLog, std::io::Result<()>)> {
+        let log = output::OutputLog::create(&self.id, &self.dir, self.cap, self.writers)?;
+        if let Err(e) = persist::write(&self.dir, &self.persisted) {
+            tracing::warn!(agent = %self.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");
+        }
+        let cgroup = match &self.cgroup {
+            Some(cg) => cg.create().map_err(std::io::Error::other),
+            None => Ok(()),
+        };
+        Ok((log, cgroup))
+    }
+}
+
 impl Supervisor {
     /// Starts a run of the slot's program in the keeper: its pid and its
     /// exit to come. `Ok(None)`: a stop arrived first, nothing was started. A
@@ -45,13 +77,16 @@ impl Supervisor {
         }
         let mut launch = spawn::launch_of(&slot.id, &slot.spec);
         if let Some(cg) = &slot.cgroup {
-            // Again for a restart: kept if there (an empty cgroup is reused).
-            let made = slot.clone();
-            off_runtime(move || match &made.cgroup {
-                Some(cg) => cg.create().map_err(std::io::Error::other),
-                None => Ok(()),
-            })
-            .await?;
+            if restart {
+                // Made again (a first start's were made with its files):
+                // kept if there (an empty cgroup is reused).
+                let made = slot.clone();
+                off_runtime(move || match &made.cgroup {
+                    Some(cg) => cg.create().map_err(std::io::Error::other),
+                    None => Ok(()),
+                })
+                .await?;
+            }
             let by_thread = self.keeper.version >= crate::keeper::proto::TASKS_VERSION;
             launch.cgroup_procs = cg.join_files(by_thread);
         }

@@ -215,17 +215,38 @@ impl Supervisor {
         let tag = format!("{id}.{generation}.{}.{start}", self.incarnation);
         let dir = self.data_dir.join("agents").join(&tag);
         let (cap, _) = log_sizes(&spec);
-        let (log_id, writers) = (id.clone(), self.log_writers.clone());
-        let log =
-            launch::off_runtime(move || output::OutputLog::create(&log_id, &dir, cap, writers))
+        let cgroup = self.cgroups.run(&tag, &resources);
+        let taken_at_ms = agentplane::time::now_ms();
+        // All of the start's file-system work in one trip to the blocking
+        // pool (each trip is two thread hand-offs): its output log, its
+        // state file (for a later host agent's adoption) and its cgroups.
+        // Undone below when the start is not admitted.
+        let files = launch::StartFiles {
+            id: id.clone(),
+            dir,
+            cap,
+            writers: self.log_writers.clone(),
+            cgroup: cgroup.clone(),
+            persisted: persist::Persisted {
+                id: id.clone(),
+                generation,
+                spec: Some(spec.clone()),
+                created_at_ms: taken_at_ms,
+                ..Default::default()
+            },
+        };
+        let (log, made_cgroup) =
+            launch::off_runtime(move || files.make())
                 .await
                 .map_err(|source| SupervisorError::Output {
                     id: id.clone(),
                     source,
                 })?;
-        let cgroup = self.cgroups.run(&tag, &resources);
-        let slot =
-            Arc::new(AgentSlot::new(id.clone(), generation, spec, tag, log).in_cgroup(cgroup));
+        let slot = Arc::new(
+            AgentSlot::new(id.clone(), generation, spec, tag, log)
+                .taken_at(taken_at_ms)
+                .in_cgroup(cgroup),
+        );
         // Owned before anyone else can see the slot: operations on it wait for the start.
         let _ops = slot.ops.try_lock().expect("a new slot's lock is free");
         let mut admitted = self.admit(&slot, None);
@@ -245,19 +266,20 @@ impl Supervisor {
         if !matches!(admitted, Ok(Admission::New)) {
             // Answered without this slot: the files it made are nobody's.
             slot.output.remove();
+            if let Some(cg) = slot.cgroup.clone() {
+                self.tasks.spawn("cgroup removal", async move {
+                    let _ = cg.remove(std::time::Duration::ZERO).await;
+                });
+            }
         }
         match admitted? {
             Admission::New => {}
             Admission::Here(here) => return Ok(here),
             Admission::EndedHere(ended) => return Ok(ended.to_proto()),
         }
-        let (sup, persisted) = (self.clone(), slot.clone());
-        // Logged inside when it fails.
-        let _ = launch::off_runtime(move || {
-            sup.persist(&persisted, None);
-            Ok(())
-        })
-        .await;
+        if let Err(e) = made_cgroup {
+            return Ok(self.fail_to_start(&slot, &e).await);
+        }
         if let Some(pause) = pause_before_spawn() {
             // Test builds only: widens the window in which a heartbeat can
             // fence the admitted slot before its fork (see the test).
