@@ -31,9 +31,14 @@ pub struct Forked {
 /// Forks the child that runs `l`. Returns once it is forked; its exec's
 /// outcome is [`exec_outcome`] of `status`.
 pub fn fork_exec(l: &Launch) -> std::io::Result<Forked> {
-    // SAFETY: a plain fork; see `start_child`.
-    #[allow(unsafe_code)]
-    start_child(l, || unsafe { libc::fork() })
+    start_child(l, |p, report| {
+        // SAFETY: a plain fork; the child runs only `child` (see `start_child`).
+        #[allow(unsafe_code)]
+        match unsafe { libc::fork() } {
+            0 => child(p, report),
+            pid => pid,
+        }
+    })
 }
 
 /// The stack a [`clone_exec`] child runs on until its exec: allocated once
@@ -98,62 +103,52 @@ extern "C" fn cloned_child(arg: *mut libc::c_void) -> libc::c_int {
 /// tearing the child's copy down at its exec were together about 7% of all
 /// the machine's CPU time.
 pub fn clone_exec(l: &Launch, stack: &mut ChildStack) -> std::io::Result<Forked> {
-    let p = Prepared::new(l)?;
-    let (status, report) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let mut arg = CloneArg {
-        p: &p,
-        report: report.as_raw_fd(),
-    };
-    let top = stack.words.as_mut_ptr_range().end;
-    // SAFETY: `environ` is only read and written by this thread (the
-    // forker has no other), saved before the child changes it.
-    #[allow(unsafe_code)]
-    let saved = unsafe { environ };
-    // SAFETY: the child runs `cloned_child` on its own stack (the top of
-    // `stack`, 16-byte aligned) and only makes system calls on memory
-    // prepared before the clone (`p`, `arg`), which stays alive and
-    // untouched here because this thread is suspended until the child has
-    // exec'd or exited (CLONE_VFORK).
-    #[allow(unsafe_code)]
-    let pid = unsafe {
-        libc::clone(
-            cloned_child,
-            top.cast(),
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
-            std::ptr::addr_of_mut!(arg).cast(),
-        )
-    };
-    let spawned = if pid == -1 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(pid)
-    };
-    // SAFETY: as above; the child is past its exec or gone.
-    #[allow(unsafe_code)]
-    unsafe {
-        environ = saved;
-    }
-    drop(report);
-    let pid = spawned?;
-    Ok(Forked {
-        pid,
-        fds: p.keep,
-        status,
+    start_child(l, |p, report| {
+        let mut arg = CloneArg { p, report };
+        let top = stack.words.as_mut_ptr_range().end;
+        // SAFETY: `environ` is only read and written by this thread (the
+        // forker has no other), saved before the child changes it.
+        #[allow(unsafe_code)]
+        let saved = unsafe { environ };
+        // SAFETY: the child runs `cloned_child` on its own stack (the top of
+        // `stack`, 16-byte aligned) and only makes system calls on memory
+        // prepared before the clone (`p`, `arg`), which stays alive and
+        // untouched here because this thread is suspended until the child
+        // has exec'd or exited (CLONE_VFORK).
+        #[allow(unsafe_code)]
+        let pid = unsafe {
+            libc::clone(
+                cloned_child,
+                top.cast(),
+                libc::CLONE_VM | libc::CLONE_VFORK | libc::CLONE_PARENT | libc::SIGCHLD,
+                std::ptr::addr_of_mut!(arg).cast(),
+            )
+        };
+        // SAFETY: as above; the child is past its exec or gone. Restored
+        // after reading the clone's errno, which nothing here touches.
+        #[allow(unsafe_code)]
+        unsafe {
+            environ = saved;
+        }
+        pid
     })
 }
 
-/// Prepares `l`, forks with `fork` (0 in the child, the pid or -1 here)
-/// and runs the child's side there.
-fn start_child(l: &Launch, fork: impl FnOnce() -> libc::pid_t) -> std::io::Result<Forked> {
+/// Prepares `l` and starts its child with `spawn` (given what it
+/// prepared and the report pipe's write end; the pid or -1 here), whose
+/// child runs only [`child`].
+fn start_child(
+    l: &Launch,
+    spawn: impl FnOnce(&Prepared, RawFd) -> libc::pid_t,
+) -> std::io::Result<Forked> {
     let p = Prepared::new(l)?;
     let (status, report) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     // The child runs only `child`, which makes async-signal-safe system
     // calls on memory prepared before the fork (no allocation, no lock:
     // another thread of this process may have held one) and ends in an
     // exec or `_exit`.
-    match fork() {
+    match spawn(&p, report.as_raw_fd()) {
         -1 => Err(std::io::Error::last_os_error()),
-        0 => child(&p, report.as_raw_fd()),
         pid => {
             // The child's ends close here: the status pipe reads end of file
             // once the child's copy of `report` closes at its exec.

@@ -44,6 +44,14 @@ pub(super) struct StartFiles {
     pub(super) persisted: persist::Persisted,
 }
 
+/// Writes run directory `dir`'s state file. A failure is logged: the agent
+/// runs, but a later host agent will not adopt it.
+fn write_state(dir: &std::path::Path, p: &persist::Persisted) {
+    if let Err(e) = persist::write(dir, p) {
+        tracing::warn!(agent = %p.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");
+    }
+}
+
 impl StartFiles {
     /// Creates the output log (an error fails the start), writes the state
     /// file (a failure is logged: the agent runs, but a later host agent
@@ -51,9 +59,7 @@ impl StartFiles {
     /// failure, recorded as the agent's once it is admitted).
     pub(super) fn make(self) -> std::io::Result<(output::OutputLog, std::io::Result<()>)> {
         let log = output::OutputLog::create(&self.id, &self.dir, self.cap, self.writers)?;
-        if let Err(e) = persist::write(&self.dir, &self.persisted) {
-            tracing::warn!(agent = %self.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");
-        }
+        write_state(&self.dir, &self.persisted);
         let cgroup = match &self.cgroup {
             Some(cg) => cg.create().map_err(std::io::Error::other),
             None => Ok(()),
@@ -138,9 +144,7 @@ impl Supervisor {
             next_restart_at_ms: backoff.map(|b| b.due_ms),
             consecutive: backoff.map_or(0, |b| b.consecutive),
         };
-        if let Err(e) = persist::write(&self.agent_dir(&slot.tag), &p) {
-            tracing::warn!(agent = %slot.id, error = %e, "cannot write the agent's state file; a restarted host agent will not adopt it");
-        }
+        write_state(&self.agent_dir(&slot.tag), &p);
     }
 
     /// The directory of run tag `tag`.
