@@ -296,8 +296,8 @@ impl Drainer {
             match start_on_candidates(&self.registry, &self.hosts, placed, &target.id, &candidates)
                 .await?
             {
-                StartOutcome::Done(host) => {
-                    Outcome::Moved(host.unwrap_or_else(|| target.id.clone()))
+                StartOutcome::Done(confirmed) => {
+                    Outcome::Moved(confirmed.map_or_else(|| target.id.clone(), |c| c.host))
                 }
                 StartOutcome::Unconfirmed { error, .. } => Outcome::Moved(format!(
                     "{} (start not confirmed yet: {error}; the sweep retries it)",

@@ -82,7 +82,8 @@ pub async fn relocate(
         spec: &spec,
     };
     match start_on_candidates(registry, hosts, placed, &target.id, &candidates).await? {
-        StartOutcome::Done(host) => {
+        StartOutcome::Done(confirmed) => {
+            let host = confirmed.map(|c| c.host);
             tracing::info!(agent = %agent.id, from = %agent.host, to = ?host, generation, "agent relocated");
             Ok(Relocated::Started { host })
         }

@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use agentplane::proto::v1::{AgentSpec, AgentState, StartAgentRequest};
+use agentplane::proto::v1::{AgentSpec, AgentState, LocalAgent, StartAgentRequest};
 use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, UpdateOutcome};
 use agentplane::time::now_ms;
 
@@ -28,13 +28,22 @@ pub struct Placed<'a> {
     pub spec: &'a AgentSpec,
 }
 
+/// A host's confirmation of a start.
+#[derive(Debug)]
+pub struct Confirmed {
+    /// The host that started it.
+    pub host: String,
+    /// Its answer.
+    pub answer: LocalAgent,
+}
+
 /// What became of a start.
 #[derive(Debug)]
 pub enum StartOutcome {
-    /// A host confirmed it (`Some(host)`), or the record moved on meanwhile
+    /// A host confirmed it (`Some`), or the record moved on meanwhile
     /// (`None`: another step owns it now): either way this start has nothing
     /// left to do.
-    Done(Option<String>),
+    Done(Option<Confirmed>),
     /// No candidate confirmed it; the record stays PENDING where it points.
     Unconfirmed {
         /// The last failure.
@@ -44,12 +53,12 @@ pub enum StartOutcome {
     },
 }
 
-/// Asks `host` to start `agent`.
+/// Asks `host` to start `agent`: the host's answer.
 pub async fn start_on(
     hosts: &HostClients,
     host: &HostRecord,
     agent: Placed<'_>,
-) -> Result<(), ApiError> {
+) -> Result<LocalAgent, ApiError> {
     let msg = StartAgentRequest {
         id: agent.id.to_owned(),
         generation: agent.generation,
@@ -61,7 +70,6 @@ pub async fn start_on(
             async move { c.start_agent(request(msg, d)).await }
         })
         .await
-        .map(drop)
 }
 
 /// Starts `agent`, whose record is PENDING on `current`, on the first of
@@ -87,7 +95,12 @@ pub async fn start_on_candidates(
             current = host.id.clone();
         }
         match start_on(hosts, host, agent).await {
-            Ok(()) => return Ok(StartOutcome::Done(Some(host.id.clone()))),
+            Ok(answer) => {
+                return Ok(StartOutcome::Done(Some(Confirmed {
+                    host: host.id.clone(),
+                    answer,
+                })))
+            }
             Err(e) if retryable(&e) => {
                 tracing::warn!(agent = %agent.id, host = %host.id, error = %e, "host could not start the agent; trying the next");
                 last = Some(e);

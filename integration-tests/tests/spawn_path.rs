@@ -1,11 +1,12 @@
 //! The shape of the spawn path: what it asks Redis does not grow with the
-//! fleet (no keyspace walk), and the live-host index it reads instead of a
-//! SCAN holds only hosts that are there.
+//! fleet (no keyspace walk), the live-host index it reads instead of a
+//! SCAN holds only hosts that are there, and the record it answers with
+//! (built from the host's write, not read back) is the record in Redis.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
 
-use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest};
+use agentplane::proto::v1::{AgentSpec, AgentState, GetAgentRequest, SpawnAgentRequest};
 use agentplane_integration_tests::TestCluster;
 
 /// What a spawn costs in Redis calls must not depend on how many keys the
@@ -65,8 +66,9 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
         "40 spawns walked the keyspace; calls before {before:?}, after {after:?}"
     );
     assert_eq!(grew("keys"), 0, "KEYS reached Redis");
-    // Every spawn did reach Redis (the count above is not vacuous).
-    assert!(grew("hgetall") >= 40, "before {before:?}, after {after:?}");
+    // Every spawn did reach Redis (the count above is not vacuous): each
+    // record is created in one MULTI/EXEC.
+    assert!(grew("exec") >= 40, "before {before:?}, after {after:?}");
     // Placement reads the live-host index once per 200 ms however many
     // spawns ask (control-plane/src/live_hosts.rs), not once per spawn.
     let reads = grew("smembers");
@@ -135,5 +137,47 @@ async fn a_host_gone_with_no_agents_leaves_the_live_host_index() {
     );
     let a = cluster.spawn(&["sleep", "1000"]).await;
     assert_eq!(a.host, "h1");
+    cluster.finish().await;
+}
+
+/// A spawn answers with the record as the host's start wrote it, built
+/// from what the control plane and the host wrote rather than read back:
+/// it must be the record Redis holds, field for field (a field the host
+/// writes and the control plane forgets, or one it sets wrongly, fails
+/// here), for agents started on either of two hosts and with labels.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_answers_with_the_record_in_redis() {
+    let cluster = TestCluster::builder().hosts(2).start().await;
+    cluster.wait_for_hosts(2).await;
+    let mut client = cluster.client().await;
+    let mut hosts = BTreeSet::new();
+    for i in 0..6 {
+        let answer = client
+            .spawn_agent(SpawnAgentRequest {
+                spec: Some(AgentSpec {
+                    argv: vec!["sleep".into(), "1000".into()],
+                    labels: [("n".to_owned(), i.to_string())].into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .agent
+            .unwrap();
+        assert_eq!(answer.state(), AgentState::Running, "{answer:?}");
+        assert!(answer.pid > 0 && answer.started_at.is_some() && !answer.incarnation.is_empty());
+        let record = client
+            .get_agent(GetAgentRequest {
+                id: answer.id.clone(),
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(answer, record, "the spawn's answer is not the record");
+        hosts.insert(answer.host.clone());
+    }
+    assert_eq!(hosts.len(), 2, "placement spread the agents: {hosts:?}");
     cluster.finish().await;
 }

@@ -58,6 +58,19 @@ pub struct AgentUpdate {
     pub pending_since_ms: Option<i64>,
     /// The event a state change appends (default AGENT_STATE).
     pub event: Option<crate::proto::v1::EventType>,
+    /// Also sets the agent's location (`ap:loc:ID`, with a TTL the host's
+    /// heartbeat renews) when the update applies, in the same atomic step: a start's RUNNING
+    /// and its location cost one round trip, and a fenced start writes neither.
+    pub location: Option<Location>,
+}
+
+/// An agent's location: the host whose heartbeat keeps it alive.
+#[derive(Debug, Clone)]
+pub struct Location {
+    /// The host running it.
+    pub host: String,
+    /// How long it lives unless the host's heartbeat renews it.
+    pub ttl: Duration,
 }
 
 /// What an update found.
@@ -221,19 +234,27 @@ impl Registry {
     ) -> Result<UpdateOutcome> {
         let states = legal_sources(id, expect, update.state)?;
         let mut inv = UPDATE_AGENT.prepare_invoke();
-        inv.key(self.keys().agent(id)).key(self.keys().events());
+        inv.key(self.keys().agent(id))
+            .key(self.keys().events())
+            .key(self.keys().loc(id));
         if let (Some(to), Some(from)) = (&update.host, &expect.host) {
             if to != from {
                 inv.key(self.keys().host_agents(from))
                     .key(self.keys().host_agents(to));
             }
         }
+        let (loc_host, loc_ttl) = match &update.location {
+            Some(l) => (l.host.as_str(), ttl_ms(l.ttl)),
+            None => ("", 0),
+        };
         inv.arg(expect.generation.map(|g| g.to_string()).unwrap_or_default())
             .arg(expect.host.clone().unwrap_or_default())
             .arg(names(&states))
             .arg(crate::time::now_ms())
             .arg(super::EVENTS_MAXLEN)
-            .arg(update.event.map_or("", super::type_name));
+            .arg(update.event.map_or("", super::type_name))
+            .arg(loc_host)
+            .arg(loc_ttl);
         let mut deletes: Vec<&str> = Vec::new();
         if update.clear_exit {
             deletes.push(field::EXIT);
@@ -464,14 +485,6 @@ impl Registry {
     pub async fn release_name(&self, name: &str, agent_id: &str) -> Result<()> {
         self.release("release agent name", &self.keys().name(name), agent_id)
             .await
-    }
-
-    /// Sets the agent's location to `host` with a TTL.
-    pub async fn set_location(&self, id: &str, host: &str, ttl: Duration) -> Result<()> {
-        self.conn()
-            .pset_ex::<_, _, ()>(self.keys().loc(id), host, ttl_ms(ttl))
-            .await
-            .map_err(self.err("set agent location"))
     }
 
     /// Removes the agent's location if it still names `host` (after a

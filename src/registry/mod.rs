@@ -20,7 +20,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use agents::{AgentUpdate, Expect, UpdateOutcome};
+pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
 pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
 pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
 pub use keys::Keys;

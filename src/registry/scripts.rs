@@ -5,14 +5,16 @@ use std::sync::LazyLock;
 /// Compare-and-set on an agent record, and the event of a state change in the
 /// same atomic step (so every change is in `ap:events` exactly once).
 ///
-/// KEYS[1] the agent hash, KEYS[2] the event stream, and when the update
-/// moves the agent to another host, KEYS[3] the old host's agent set and
-/// KEYS[4] the new one's (membership moves in the same step). ARGV[1] expected
-/// generation (`""`: any), ARGV[2] expected host (`""`: any), ARGV[3]
-/// comma-separated allowed current states (`""`: any), ARGV[4] the time (ms),
-/// ARGV[5] the stream's approximate length bound, ARGV[6] the event type
-/// of a state change (`""`: AGENT_STATE), ARGV[7] the number N of fields to
-/// delete, ARGV[8..8+N] their names, then field/value pairs to set.
+/// KEYS[1] the agent hash, KEYS[2] the event stream, KEYS[3] the agent's
+/// location, and when the update moves the agent to another host, KEYS[4]
+/// the old host's agent set and KEYS[5] the new one's (membership moves in
+/// the same step). ARGV[1] expected generation (`""`: any), ARGV[2] expected
+/// host (`""`: any), ARGV[3] comma-separated allowed current states (`""`:
+/// any), ARGV[4] the time (ms), ARGV[5] the stream's approximate length
+/// bound, ARGV[6] the event type of a state change (`""`: AGENT_STATE),
+/// ARGV[7] the location's host (`""`: location untouched) and ARGV[8] its
+/// TTL in ms, ARGV[9] the number N of fields to delete, ARGV[10..10+N]
+/// their names, then field/value pairs to set.
 ///
 /// Returns `{code, state, generation, host}` as they were before: code 1 applied,
 /// 0 no such record, -1 an expectation failed (nothing written).
@@ -31,15 +33,16 @@ if ARGV[3] ~= '' then
   end
   if not ok then return {-1, state, gen, host} end
 end
-local ndel = tonumber(ARGV[7])
-for i = 8, 7 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
-local first = 8 + ndel
+local ndel = tonumber(ARGV[9])
+for i = 10, 9 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+local first = 10 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
-if #KEYS >= 4 then
-  redis.call('SREM', KEYS[3], after[1])
-  redis.call('SADD', KEYS[4], after[1])
+if #KEYS >= 5 then
+  redis.call('SREM', KEYS[4], after[1])
+  redis.call('SADD', KEYS[5], after[1])
 end
+if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8]) end
 if after[2] ~= state or after[4] ~= gen then
   local ty = ARGV[6]
   if ty == '' then ty = 'AGENT_STATE' end

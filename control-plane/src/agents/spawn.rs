@@ -4,7 +4,8 @@ use std::time::Duration;
 
 use agentplane::ids::new_agent_id;
 use agentplane::proto::v1::{
-    Agent, AgentSpec, AgentState, ExitStatus, SpawnAgentRequest, SpawnAgentResponse,
+    Agent, AgentSpec, AgentState, ExitStatus, LocalAgent, RecordedStart, SpawnAgentRequest,
+    SpawnAgentResponse,
 };
 use agentplane::registry::{AgentUpdate, Expect, HostRecord, UpdateOutcome};
 use agentplane::time::{now_ms, timestamp_from_ms};
@@ -15,7 +16,7 @@ use super::AgentApi;
 use crate::auth::Caller;
 use crate::error::ApiError;
 use crate::placement;
-use crate::start::{start_on, start_on_candidates, Placed, StartOutcome};
+use crate::start::{start_on, start_on_candidates, Confirmed, Placed, StartOutcome};
 
 /// How long a repeated request waits for the first one's agent to leave PENDING.
 const EXISTING_WAIT: Duration = Duration::from_secs(10);
@@ -202,6 +203,12 @@ impl AgentApi {
         match start_on_candidates(&self.registry, &self.hosts, placed, &first.id, &candidates)
             .await?
         {
+            StartOutcome::Done(Some(Confirmed {
+                host,
+                answer: LocalAgent {
+                    recorded: Some(r), ..
+                },
+            })) => Ok(recorded_start(agent, host, r)),
             StartOutcome::Done(_) => self.agent(&id).await,
             StartOutcome::Unconfirmed { error, .. } => {
                 // No candidate took it: the view may name hosts gone since.
@@ -212,7 +219,7 @@ impl AgentApi {
         }
     }
 
-    async fn start_on(&self, host: &HostRecord, agent: &Agent) -> Result<(), ApiError> {
+    async fn start_on(&self, host: &HostRecord, agent: &Agent) -> Result<LocalAgent, ApiError> {
         let spec = agent.spec.clone().unwrap_or_default();
         start_on(
             &self.hosts,
@@ -259,4 +266,19 @@ impl AgentApi {
             Err(e) => tracing::warn!(agent = %id, error = %e, "cannot record the failed placement"),
         }
     }
+}
+
+/// The record as the host's start left it: the PENDING record this call
+/// wrote, on the host that confirmed it, with what that host's
+/// compare-and-set wrote over it (no read back: one round trip less per
+/// spawn). A later change (an exit within the same instant) shows in the
+/// next read, as it would after a read here.
+fn recorded_start(mut agent: Agent, host: String, r: RecordedStart) -> Agent {
+    agent.state = AgentState::Running as i32;
+    agent.host = host;
+    agent.pid = r.pid;
+    agent.started_at = r.started_at;
+    agent.incarnation = r.incarnation;
+    agent.pending_since = None;
+    agent
 }

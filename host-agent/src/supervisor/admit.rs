@@ -54,8 +54,10 @@ impl Supervisor {
                 });
             }
         }
-        let active = map.values().filter(|s| s.is_active()).count();
-        if active >= self.limits.max_agents as usize {
+        // Counting the active slots locks each one: only a map with at
+        // least `max` entries (ended ones included) can hold `max` active.
+        let max = self.limits.max_agents as usize;
+        if map.len() >= max && map.values().filter(|s| s.is_active()).count() >= max {
             return Err(SupervisorError::AtCapacity {
                 host: self.host_id.clone(),
                 max: self.limits.max_agents,

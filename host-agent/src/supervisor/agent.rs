@@ -245,6 +245,7 @@ impl AgentSlot {
             pid: s.pid,
             exit: s.exit,
             restarts: s.restarts,
+            recorded: None,
         }
     }
 }

@@ -300,6 +300,8 @@ impl Supervisor {
             Err(e) => return Ok(self.fail_to_start(&slot, &e).await),
         };
         tracing::info!(agent = %id, pid, generation, argv = ?slot.spec.argv, "agent started");
+        // Read before the run loop starts: what record_running writes.
+        let started_at_ms = slot.snapshot().started_at_ms;
         let outcome = self.record_running(&slot, pid, None).await;
         // The run loop starts only after the RUNNING write, so an agent that
         // exits at once can never have its exit overwritten by RUNNING.
@@ -318,7 +320,14 @@ impl Supervisor {
             let _ = signal::to_group(pid, Signal::SIGKILL);
             return Err(err);
         }
-        Ok(slot.to_proto())
+        // What record_running wrote: the caller need not read it back.
+        let mut answer = slot.to_proto();
+        answer.recorded = Some(agentplane::proto::v1::RecordedStart {
+            pid,
+            started_at: Some(agentplane::time::timestamp_from_ms(started_at_ms)),
+            incarnation: self.incarnation.clone(),
+        });
+        Ok(answer)
     }
 
     /// Whether the record asks for `slot`'s run here: PENDING at its

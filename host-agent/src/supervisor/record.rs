@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
-use agentplane::registry::{AgentUpdate, Expect, RegistryError, UpdateOutcome};
+use agentplane::registry::{AgentUpdate, Expect, Location, RegistryError, UpdateOutcome};
 use agentplane::state;
 use agentplane::time::{now_ms, timestamp_from_ms};
 
@@ -111,7 +111,7 @@ impl Supervisor {
     }
 
     /// Writes RUNNING with the new pid (expects PENDING at this generation and
-    /// host) and the location. `restarts`: the new total after a restart.
+    /// host) and the location, in one atomic step. `restarts`: the new total after a restart.
     pub(super) async fn record_running(
         &self,
         slot: &AgentSlot,
@@ -126,6 +126,10 @@ impl Supervisor {
             next_restart_at_ms: restarts.map(|_| 0),
             incarnation: Some(self.incarnation.clone()),
             pending_since_ms: Some(0),
+            location: Some(Location {
+                host: self.host_id.clone(),
+                ttl: self.ttl,
+            }),
             ..Default::default()
         };
         let outcome = {
@@ -151,21 +155,13 @@ impl Supervisor {
             )),
             Err(e) => return Err(e.into()),
         };
-        if let Some(detail) = refused {
-            return Err(SupervisorError::Fenced {
+        match refused {
+            Some(detail) => Err(SupervisorError::Fenced {
                 id: slot.id.clone(),
                 detail,
-            });
+            }),
+            None => Ok(()),
         }
-        if let Err(e) = self
-            .registry
-            .set_location(&slot.id, &self.host_id, self.ttl)
-            .await
-        {
-            // The next heartbeat writes it again.
-            tracing::warn!(agent = %slot.id, error = %e, "cannot write location yet");
-        }
-        Ok(())
     }
 
     /// Records a restart. Fenced: the run must not go on (false). Redis

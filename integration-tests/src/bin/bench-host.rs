@@ -37,6 +37,10 @@ struct Args {
     /// follower of the host agent itself); 0 skips it.
     #[arg(long, value_parser = humantime::parse_duration, default_value = "3s")]
     follow_for: Duration,
+    /// Writes each spawn's start (ms after the first) and latency (ms), one
+    /// per line, to this file: where in the run the slow ones fall.
+    #[arg(long)]
+    latencies: Option<std::path::PathBuf>,
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -176,6 +180,7 @@ async fn main() -> anyhow::Result<()> {
         let mut c = client.clone();
         set.spawn(async move {
             let t = Instant::now();
+            let at = t - started;
             let r = c
                 .spawn_agent(SpawnAgentRequest {
                     spec: Some(AgentSpec {
@@ -186,17 +191,33 @@ async fn main() -> anyhow::Result<()> {
                 })
                 .await;
             drop(permit);
-            (t.elapsed(), r.map(|_| ()))
+            (at, t.elapsed(), r.map(|_| ()))
         });
     }
+    let mut timeline = Vec::with_capacity(n);
     while let Some(done) = set.join_next().await {
-        let (latency, result) = done?;
+        let (at, latency, result) = done?;
         result.map_err(|s| anyhow::anyhow!("spawn failed: {s}"))?;
         latencies.push(latency);
+        timeline.push((at, latency));
     }
     let total = started.elapsed();
     let cpu = cpu.end();
     latencies.sort();
+    if let Some(path) = &args.latencies {
+        timeline.sort();
+        let lines: String = timeline
+            .iter()
+            .map(|(at, l)| {
+                format!(
+                    "{:.3} {:.3}\n",
+                    at.as_secs_f64() * 1e3,
+                    l.as_secs_f64() * 1e3
+                )
+            })
+            .collect();
+        std::fs::write(path, lines)?;
+    }
     let spawn_rate = n as f64 / total.as_secs_f64();
     let calls_after = cluster.redis.command_calls().await;
     // Started during the span (a forker is started when a start finds the
