@@ -34,7 +34,7 @@ if ARGV[3] ~= '' then
   if not ok then return {-1, state, gen, host} end
 end
 local ndel = tonumber(ARGV[9])
-for i = 10, 9 + ndel do redis.call('HDEL', KEYS[1], ARGV[i]) end
+if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 10, 9 + ndel)) end
 local first = 10 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
