@@ -300,8 +300,6 @@ impl Supervisor {
             Err(e) => return Ok(self.fail_to_start(&slot, &e).await),
         };
         tracing::info!(agent = %id, pid, generation, argv = ?slot.spec.argv, "agent started");
-        // Read before the run loop starts: what record_running writes.
-        let started_at_ms = slot.snapshot().started_at_ms;
         let outcome = self.record_running(&slot, pid, None).await;
         // The run loop starts only after the RUNNING write, so an agent that
         // exits at once can never have its exit overwritten by RUNNING.
@@ -312,22 +310,21 @@ impl Supervisor {
         self.tasks.spawn("agent run loop", async move {
             sup.run_loop(looped, exit, pid, None).await;
         });
-        if let Err(err) = outcome {
-            // Nobody could find or control it: it must not run.
-            tracing::warn!(agent = %id, error = %err, "killing an agent that could not be recorded");
-            slot.disown();
-            slot.status().requested = Some(Requested::Stop);
-            let _ = signal::to_group(pid, Signal::SIGKILL);
-            return Err(err);
+        match outcome {
+            // What it wrote: the caller need not read the record back.
+            Ok(recorded) => Ok(LocalAgent {
+                recorded: Some(recorded),
+                ..slot.to_proto()
+            }),
+            Err(err) => {
+                // Nobody could find or control it: it must not run.
+                tracing::warn!(agent = %id, error = %err, "killing an agent that could not be recorded");
+                slot.disown();
+                slot.status().requested = Some(Requested::Stop);
+                let _ = signal::to_group(pid, Signal::SIGKILL);
+                Err(err)
+            }
         }
-        // What record_running wrote: the caller need not read it back.
-        let mut answer = slot.to_proto();
-        answer.recorded = Some(agentplane::proto::v1::RecordedStart {
-            pid,
-            started_at: Some(agentplane::time::timestamp_from_ms(started_at_ms)),
-            incarnation: self.incarnation.clone(),
-        });
-        Ok(answer)
     }
 
     /// Whether the record asks for `slot`'s run here: PENDING at its

@@ -7,7 +7,7 @@
 
 use std::sync::Arc;
 
-use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
+use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus, RecordedStart};
 use agentplane::registry::{AgentUpdate, Expect, Location, RegistryError, UpdateOutcome};
 use agentplane::state;
 use agentplane::time::{now_ms, timestamp_from_ms};
@@ -111,17 +111,19 @@ impl Supervisor {
     }
 
     /// Writes RUNNING with the new pid (expects PENDING at this generation and
-    /// host) and the location, in one atomic step. `restarts`: the new total after a restart.
+    /// host) and the location, in one atomic step. `restarts`: the new total
+    /// after a restart. What it wrote, for a caller that answers with it.
     pub(super) async fn record_running(
         &self,
         slot: &AgentSlot,
         pid: i32,
         restarts: Option<u32>,
-    ) -> Result<()> {
+    ) -> Result<RecordedStart> {
+        let started_at_ms = slot.snapshot().started_at_ms;
         let update = AgentUpdate {
             state: Some(AgentState::Running),
             pid: Some(pid),
-            started_at_ms: Some(slot.snapshot().started_at_ms),
+            started_at_ms: Some(started_at_ms),
             restarts,
             next_restart_at_ms: restarts.map(|_| 0),
             incarnation: Some(self.incarnation.clone()),
@@ -160,7 +162,11 @@ impl Supervisor {
                 id: slot.id.clone(),
                 detail,
             }),
-            None => Ok(()),
+            None => Ok(RecordedStart {
+                pid,
+                started_at: Some(timestamp_from_ms(started_at_ms)),
+                incarnation: self.incarnation.clone(),
+            }),
         }
     }
 
@@ -169,7 +175,7 @@ impl Supervisor {
     pub(super) async fn record_restart(&self, slot: &Arc<AgentSlot>, pid: i32) -> bool {
         let restarts = slot.snapshot().restarts;
         match self.record_running(slot, pid, Some(restarts)).await {
-            Ok(()) => true,
+            Ok(_) => true,
             Err(SupervisorError::Registry(e)) => {
                 self.keep_unrecorded(slot, &e);
                 true
