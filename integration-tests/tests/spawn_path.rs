@@ -152,20 +152,13 @@ async fn a_spawn_answers_with_the_record_in_redis() {
     let mut client = cluster.client().await;
     let mut hosts = BTreeSet::new();
     for i in 0..6 {
-        let answer = client
-            .spawn_agent(SpawnAgentRequest {
-                spec: Some(AgentSpec {
-                    argv: vec!["sleep".into(), "1000".into()],
-                    labels: [("n".to_owned(), i.to_string())].into(),
-                    ..Default::default()
-                }),
-                request_id: String::new(),
+        let answer = cluster
+            .spawn_spec(AgentSpec {
+                argv: vec!["sleep".into(), "1000".into()],
+                labels: [("n".to_owned(), i.to_string())].into(),
+                ..Default::default()
             })
-            .await
-            .unwrap()
-            .into_inner()
-            .agent
-            .unwrap();
+            .await;
         assert_eq!(answer.state(), AgentState::Running, "{answer:?}");
         assert!(answer.pid > 0 && answer.started_at.is_some() && !answer.incarnation.is_empty());
         let record = client
