@@ -20,6 +20,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         out.join("agentplane_descriptor.bin"),
         prost::Message::encode_to_vec(&fds),
     )?;
-    tonic_prost_build::configure().compile_fds(fds)?;
+    tonic_prost_build::configure()
+        // Output flows host agent -> control plane -> client: as `Bytes`, a
+        // chunk is sliced and relayed without copying it at each hop.
+        .bytes(".agentplane.v1.LogChunk.data")
+        .compile_fds(fds)?;
     Ok(())
 }

@@ -126,7 +126,8 @@ impl Access {
             format!("http://{endpoint}")
         };
         let mut e = tonic::transport::Endpoint::from_shared(url.clone())
-            .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?;
+            .with_context(|| format!("--endpoint `{endpoint}` is not a URL"))?
+            .max_frame_size(agentplane::CLIENT_MAX_FRAME_SIZE);
         let uri = e.uri().clone();
         let host = uri.host().unwrap_or_default().trim_matches(['[', ']']);
         match uri.scheme_str() {

@@ -138,6 +138,7 @@ impl HostClients {
             .tcp_nodelay(true)
             .initial_stream_window_size(HOST_STREAM_WINDOW)
             .initial_connection_window_size(HOST_CONNECTION_WINDOW)
+            .max_frame_size(agentplane::CLIENT_MAX_FRAME_SIZE)
             .connect_lazy();
         if map.len() >= MAX_CHANNELS {
             map.clear();

@@ -2,7 +2,8 @@
 //!
 //! Starts a real Redis, one control plane and one host agent (the binaries next
 //! to this one: build with `scripts/build-release`), spawns
-//! N `sleep` agents through the control plane with concurrency C, and prints:
+//! N `sleep` agents (or `--program`'s) through the control plane with
+//! concurrency C, and prints:
 //! spawn latency p50/p99, spawns/s, this machine's raw spawn+wait rate measured
 //! in the same run and the ratio of the two, the latency of `sleep` started
 //! directly with the same concurrency (the floor under a start's latency)
@@ -41,6 +42,23 @@ struct Args {
     /// per line, to this file: where in the run the slow ones fall.
     #[arg(long)]
     latencies: Option<std::path::PathBuf>,
+    /// The agents' program, run as `PROGRAM 100000` (default `sleep`): also
+    /// what the latency floor starts, and, run as `PROGRAM 0`, the raw
+    /// spawn+wait baseline (default `true`). To see how much of a start is
+    /// the program's own startup (on a VM where `cpuid` traps, glibc's
+    /// start-up alone is expensive): pass a static musl `sleep`.
+    #[arg(long)]
+    program: Option<String>,
+}
+
+impl Args {
+    /// The agents' program and the raw baseline's argv.
+    fn programs(&self) -> (String, Vec<String>) {
+        match &self.program {
+            Some(p) => (p.clone(), vec![p.clone(), "0".into()]),
+            None => ("sleep".into(), vec!["true".into()]),
+        }
+    }
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -48,13 +66,14 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[idx.min(sorted.len() - 1)]
 }
 
-/// The baseline: fork/exec + wait of `true`, sequentially, `n` times.
-fn raw_spawn_wait_rate(n: usize) -> f64 {
+/// The baseline: fork/exec + wait of `argv` (`true`), sequentially, `n` times.
+fn raw_spawn_wait_rate(n: usize, argv: &[String]) -> f64 {
     let t = Instant::now();
     for _ in 0..n {
-        let status = std::process::Command::new("true")
+        let status = std::process::Command::new(&argv[0])
+            .args(&argv[1..])
             .status()
-            .expect("run true");
+            .expect("run the baseline program");
         assert!(status.success());
     }
     n as f64 / t.elapsed().as_secs_f64()
@@ -64,7 +83,11 @@ fn raw_spawn_wait_rate(n: usize) -> f64 {
 /// directly by this process, `concurrency` at once (each start returns once
 /// its exec is done, as the keeper's answer does), then killed. The rate
 /// and the sorted start latencies.
-fn raw_start_latencies(n: usize, concurrency: usize) -> std::io::Result<(f64, Vec<Duration>)> {
+fn raw_start_latencies(
+    n: usize,
+    concurrency: usize,
+    program: &str,
+) -> std::io::Result<(f64, Vec<Duration>)> {
     use std::process::{Command, Stdio};
     use std::sync::atomic::{AtomicUsize, Ordering};
     let next = AtomicUsize::new(0);
@@ -76,7 +99,7 @@ fn raw_start_latencies(n: usize, concurrency: usize) -> std::io::Result<(f64, Ve
                     let mut mine = Vec::new();
                     while next.fetch_add(1, Ordering::Relaxed) < n {
                         let t = Instant::now();
-                        let child = Command::new("sleep")
+                        let child = Command::new(program)
                             .arg("100000")
                             .stdin(Stdio::null())
                             .stdout(Stdio::null())
@@ -117,6 +140,7 @@ fn raw_start_latencies(n: usize, concurrency: usize) -> std::io::Result<(f64, Ve
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let n = args.agents;
+    let (program, baseline) = args.programs();
     let cluster = TestCluster::builder()
         .hosts(1)
         .max_agents(u32::try_from(n + 16)?)
@@ -161,7 +185,7 @@ async fn main() -> anyhow::Result<()> {
 
     // The baseline, measured both before and after the spawns and averaged:
     // one short measurement of it varies by about 10% from run to run here.
-    let raw_before = raw_spawn_wait_rate(n.min(500));
+    let raw_before = raw_spawn_wait_rate(n.min(500), &baseline);
     let client = cluster.client().await;
     let calls_before = cluster.redis.command_calls().await;
     let cpu = agentplane_integration_tests::cpu::Split::start(&[
@@ -178,13 +202,14 @@ async fn main() -> anyhow::Result<()> {
     for _ in 0..n {
         let permit = sem.clone().acquire_owned().await?;
         let mut c = client.clone();
+        let program = program.clone();
         set.spawn(async move {
             let t = Instant::now();
             let at = t - started;
             let r = c
                 .spawn_agent(SpawnAgentRequest {
                     spec: Some(AgentSpec {
-                        argv: vec!["sleep".into(), "100000".into()],
+                        argv: vec![program, "100000".into()],
                         ..Default::default()
                     }),
                     request_id: String::new(),
@@ -244,9 +269,9 @@ async fn main() -> anyhow::Result<()> {
     let keeper_after = rss_kib(keeper_pid);
     let both_per_agent_kib =
         (rss_after + keeper_after).saturating_sub(rss_before + keeper_before) as f64 / n as f64;
-    let raw_after = raw_spawn_wait_rate(n.min(500));
+    let raw_after = raw_spawn_wait_rate(n.min(500), &baseline);
     let raw = (raw_before + raw_after) / 2.0;
-    let (raw_start_rate, raw_starts) = raw_start_latencies(n, args.concurrency)?;
+    let (raw_start_rate, raw_starts) = raw_start_latencies(n, args.concurrency, &program)?;
     let heartbeat_ms = host.heartbeat_micros as f64 / 1000.0;
 
     println!(
@@ -298,7 +323,7 @@ async fn main() -> anyhow::Result<()> {
     println!("ratio control plane / raw   {:.3}", spawn_rate / raw);
     let (raw_p50, raw_p99) = (percentile(&raw_starts, 0.50), percentile(&raw_starts, 0.99));
     println!(
-        "raw start, concurrency {:<3}  {raw_start_rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms (the floor: sleep started by fork/exec here)",
+        "raw start, concurrency {:<3}  {raw_start_rate:.0}/s, p50 {:.2} ms, p99 {:.2} ms (the floor: {program} started by fork/exec here)",
         args.concurrency,
         raw_p50.as_secs_f64() * 1e3,
         raw_p99.as_secs_f64() * 1e3

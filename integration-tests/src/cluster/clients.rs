@@ -26,7 +26,9 @@ impl TestCluster {
         let mut e = tonic::transport::Endpoint::from_shared(self.endpoint(i))
             .expect("endpoint")
             .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(30));
+            .timeout(Duration::from_secs(30))
+            // As agentctl's.
+            .max_frame_size(agentplane::CLIENT_MAX_FRAME_SIZE);
         if let Some(p) = &self.pki {
             e = e
                 .tls_config(p.client_tls(agentplane::server::tls::CONTROL_PLANE_NAME, None))

@@ -362,7 +362,7 @@ impl Disk {
                 let skip = next - off;
                 let take = (len - skip).min(budget as u64);
                 let data = records.take(skip, take)?;
-                push_merged(&mut chunks, next, stream, time_ms, &data);
+                push_merged(&mut chunks, next, stream, time_ms, data);
                 next += take;
                 budget -= usize::try_from(take).unwrap_or(budget);
                 if take < len - skip {
@@ -408,21 +408,24 @@ pub fn push_merged(
     offset: u64,
     stream: LogStream,
     time_ms: i64,
-    data: &[u8],
+    data: Vec<u8>,
 ) {
     if let Some(last) = chunks.last_mut() {
         if last.skipped == 0
             && last.stream == stream as i32
             && last.offset + last.data.len() as u64 == offset
         {
-            last.data.extend_from_slice(data);
+            // The chunk's only owner: back to its Vec without a copy.
+            let mut merged = Vec::from(std::mem::take(&mut last.data));
+            merged.extend_from_slice(&data);
+            last.data = merged.into();
             return;
         }
     }
     chunks.push(LogChunk {
         offset,
         stream: stream as i32,
-        data: data.to_vec(),
+        data: data.into(),
         skipped: 0,
         time: Some(agentplane::time::timestamp_from_ms(time_ms)),
     });
