@@ -394,3 +394,38 @@ async fn write_pty(pty: &AsyncFd<OwnedFd>, mut data: &[u8]) -> std::io::Result<(
     }
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn split_cuts_a_chunk_into_contiguous_slices_of_one_buffer() {
+        let data: Vec<u8> = (0..(2 * CHUNK + 10)).map(|i| i as u8).collect();
+        let whole = LogChunk {
+            offset: 7,
+            stream: LogStream::Stdout as i32,
+            data: data.clone().into(),
+            ..Default::default()
+        };
+        let base = whole.data.as_ptr();
+        let pieces = split(whole);
+        assert_eq!(
+            pieces.iter().map(|c| c.data.len()).collect::<Vec<_>>(),
+            [CHUNK, CHUNK, 10]
+        );
+        let offsets: Vec<u64> = pieces.iter().map(|c| c.offset).collect();
+        assert_eq!(offsets, [7, 7 + CHUNK as u64, 7 + 2 * CHUNK as u64]);
+        assert_eq!(
+            pieces
+                .iter()
+                .flat_map(|c| c.data.iter().copied())
+                .collect::<Vec<_>>(),
+            data
+        );
+        // Slices, not copies: each piece points into the original buffer.
+        for (i, c) in pieces.iter().enumerate() {
+            assert_eq!(c.data.as_ptr(), base.wrapping_add(i * CHUNK));
+        }
+    }
+}
