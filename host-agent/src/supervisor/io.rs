@@ -17,8 +17,8 @@ use super::agent::{AgentSlot, Requested};
 use super::error::SupervisorError;
 use super::Supervisor;
 
-/// Bytes per chunk sent to a reader: two fit in the control plane's window
-/// per stream to a host (128 KiB), so one travels while the other is read;
+/// Bytes per chunk sent to a reader: four fit in the control plane's window
+/// per stream to a host (256 KiB), so some travel while others are read;
 /// larger chunks mean fewer messages to frame, relay and wake for (a
 /// follower through the control plane moved 30% more than with 32 KiB).
 const CHUNK: usize = 64 * 1024;

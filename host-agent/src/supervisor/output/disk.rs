@@ -3,11 +3,10 @@
 //! writer thread writes them; readers open them by path under the metadata
 //! lock, so a rotation cannot swap a file under a reader's snapshot.
 //!
-//! File format: records of a 21-byte header (offset u64 BE, time in ms since
-//! the epoch i64 BE, stream u8, length u32 BE) followed by the bytes.
+//! File format: records (`records.rs`), each a header and its bytes.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read as _, Seek, SeekFrom};
+use std::io::{Seek, SeekFrom};
 use std::os::fd::BorrowedFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
@@ -16,7 +15,8 @@ use std::sync::{Mutex, MutexGuard};
 
 use agentplane::proto::v1::{LogChunk, LogStream};
 
-const HEADER: usize = 21;
+use super::records::{Records, HEADER};
+
 /// One index entry per this many bytes of file at least...
 const INDEX_EVERY: u64 = 64 * 1024;
 /// ...and at most this many entries per file, whatever the cap.
@@ -47,6 +47,17 @@ struct Segment {
 }
 
 impl Segment {
+    /// Where in the file the record that the index places at or before
+    /// `offset` starts.
+    fn position_of(&self, offset: u64) -> u64 {
+        let i = self.index.partition_point(|m| m.offset <= offset);
+        if i == 0 {
+            0
+        } else {
+            self.index[i - 1].pos
+        }
+    }
+
     fn empty(start: u64) -> Self {
         Self {
             start,
@@ -300,11 +311,12 @@ impl Disk {
             .map_or(meta.current.start, |p| p.start)
     }
 
-    /// The files with the segments they hold, oldest first.
-    fn files(&self) -> std::io::Result<Vec<(File, Segment)>> {
+    /// The files with the segments they hold, oldest first, from the one
+    /// that holds `from` (a follower at the end opens one file, not two).
+    fn files(&self, from: u64) -> std::io::Result<Vec<(File, Segment)>> {
         let meta = lock(&self.meta);
         let mut segs = Vec::with_capacity(2);
-        if let Some(p) = &meta.previous {
+        if let Some(p) = meta.previous.as_ref().filter(|p| from < p.end) {
             if let Ok(f) = File::open(self.dir.join("output.1")) {
                 segs.push((f, p.clone()));
             }
@@ -331,12 +343,12 @@ impl Disk {
         // Bytes of the other stream passed over: bounded too, so that one
         // filtered read never scans the whole retained output.
         let mut passed = 0u64;
-        'segments: for (file, seg) in self.files()? {
+        'segments: for (file, seg) in self.files(from)? {
             let seg_end = seg.end.min(until);
             if next >= seg_end || budget == 0 {
                 continue;
             }
-            let mut records = Records::at(file, &seg, next)?;
+            let mut records = Records::at(file, seg.position_of(next), seg.size)?;
             while budget > 0 && next < seg_end {
                 let header = records.next_header()?;
                 let Some((off, time_ms, stream, len)) = header.filter(|h| h.0 < seg_end) else {
@@ -376,7 +388,7 @@ impl Disk {
     /// The offset of the first record written at or after `time_ms`, if the
     /// disk holds one.
     pub fn first_at_or_after(&self, time_ms: i64) -> std::io::Result<Option<u64>> {
-        for (file, seg) in self.files()? {
+        for (file, seg) in self.files(0)? {
             // Start from the last index entry older than `time_ms`.
             let i = seg.index.partition_point(|m| m.time_ms < time_ms);
             let from = if i == 0 {
@@ -384,7 +396,7 @@ impl Disk {
             } else {
                 seg.index[i - 1].offset
             };
-            let mut records = Records::at(file, &seg, from)?;
+            let mut records = Records::at(file, seg.position_of(from), seg.size)?;
             while let Some((off, t, _, len)) = records.next_header()? {
                 if t >= time_ms {
                     return Ok(Some(off));
@@ -449,10 +461,8 @@ fn scan(
     index_every: u64,
 ) -> std::io::Result<(Segment, Option<(u64, u64)>)> {
     let len = file.metadata()?.len();
-    let mut records = Records {
-        file: std::io::BufReader::with_capacity(64 * 1024, file.try_clone()?),
-        left: len,
-    };
+    // A scan reads the whole file: a large read-ahead means few reads.
+    let mut records = Records::scan(file.try_clone()?, len, 64 * 1024);
     let mut seg = Segment::empty(start);
     let mut first = true;
     let mut torn = None;
@@ -460,13 +470,13 @@ fn scan(
         if !first && off < seg.end {
             break;
         }
-        if records.left < n {
+        if records.left() < n {
             // Killed during its splice: the bytes that made it are the
             // ones that left the pipe, so they are kept.
-            if records.left == 0 {
+            if records.left() == 0 {
                 break;
             }
-            n = records.left;
+            n = records.left();
             torn = Some((seg.size, n));
         }
         if first {
@@ -489,61 +499,4 @@ fn scan(
         seg.size += HEADER as u64 + n;
     }
     Ok((seg, torn))
-}
-
-/// A cursor over one segment's records.
-struct Records {
-    file: std::io::BufReader<File>,
-    /// Bytes of the segment left to read (the file may have more, written
-    /// after the snapshot).
-    left: u64,
-}
-
-impl Records {
-    /// Positioned at the record the index places at or before `offset`.
-    fn at(file: File, seg: &Segment, offset: u64) -> std::io::Result<Self> {
-        let i = seg.index.partition_point(|m| m.offset <= offset);
-        let pos = if i == 0 { 0 } else { seg.index[i - 1].pos };
-        let mut file = std::io::BufReader::with_capacity(64 * 1024, file);
-        file.seek(SeekFrom::Start(pos))?;
-        Ok(Self {
-            file,
-            left: seg.size - pos,
-        })
-    }
-
-    /// The next record's (offset, time, stream, length), or None at the end.
-    fn next_header(&mut self) -> std::io::Result<Option<(u64, i64, LogStream, u64)>> {
-        if self.left < HEADER as u64 {
-            return Ok(None);
-        }
-        let mut h = [0u8; HEADER];
-        self.file.read_exact(&mut h)?;
-        self.left -= HEADER as u64;
-        let be8 = |b: &[u8]| <[u8; 8]>::try_from(b).unwrap_or_default();
-        let off = u64::from_be_bytes(be8(&h[0..8]));
-        let time_ms = i64::from_be_bytes(be8(&h[8..16]));
-        let stream = LogStream::try_from(i32::from(h[16])).unwrap_or(LogStream::Stdout);
-        let len = u64::from(u32::from_be_bytes(
-            <[u8; 4]>::try_from(&h[17..21]).unwrap_or_default(),
-        ));
-        Ok(Some((off, time_ms, stream, len)))
-    }
-
-    fn skip(&mut self, len: u64) -> std::io::Result<()> {
-        self.file
-            .seek_relative(i64::try_from(len).unwrap_or(i64::MAX))?;
-        self.left = self.left.saturating_sub(len);
-        Ok(())
-    }
-
-    /// `take` bytes after skipping `skip` of the current record; the cursor
-    /// is left at the next record.
-    fn take(&mut self, skip: u64, take: u64) -> std::io::Result<Vec<u8>> {
-        self.skip(skip)?;
-        let mut data = vec![0u8; usize::try_from(take).unwrap_or(0)];
-        self.file.read_exact(&mut data)?;
-        self.left = self.left.saturating_sub(take);
-        Ok(data)
-    }
 }

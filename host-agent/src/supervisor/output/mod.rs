@@ -16,6 +16,7 @@
 //! and waits.
 
 mod disk;
+mod records;
 mod writer;
 
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
