@@ -153,7 +153,7 @@ pub async fn run(
         .run(cancel.clone()),
     );
     let routes = Routes::new(health_service.clone())
-        .add_service(AgentServiceServer::new(agent_api.clone()))
+        .add_service(agents::AgentRoutes::new(agent_api.clone()))
         .add_service(HostServiceServer::new(HostApi::new(
             registry.clone(),
             hosts.clone(),

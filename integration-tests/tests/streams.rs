@@ -341,3 +341,66 @@ async fn a_host_serves_at_most_its_max_log_streams_and_says_so() {
     .await;
     cluster.finish().await;
 }
+
+/// Reads `s` until it ends; the error it ended with, if any.
+async fn end_of(mut s: tonic::Streaming<agentplane::proto::v1::LogChunk>) -> Option<tonic::Status> {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match tokio::time::timeout(left, s.message()).await {
+            Ok(Ok(Some(_))) => {}
+            Ok(Ok(None)) => return None,
+            Ok(Err(status)) => return Some(status),
+            Err(_) => panic!("the follow did not end within 20 s"),
+        }
+    }
+}
+
+/// The control plane relays a follow without decoding it, so it must still
+/// end each one with a status a client can act on: UNAVAILABLE with a hint to
+/// resume from its offset when the host dies mid-stream and when the control
+/// plane shuts down; NOT_FOUND and INVALID_ARGUMENT before anything is sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_relayed_follow_ends_with_a_status_the_client_can_act_on() {
+    use nix::sys::signal::Signal;
+    let mut cluster = TestCluster::builder().start().await;
+    let a = cluster
+        .spawn(&["sh", "-c", "while :; do echo tick; sleep 0.01; done"])
+        .await;
+    let mut cp = cluster.client().await;
+
+    let missing = cp
+        .stream_logs(follow("01arz3ndektsv4rrffq69g5fav"))
+        .await
+        .unwrap_err();
+    assert_eq!(missing.code(), tonic::Code::NotFound, "{missing:?}");
+    let bad = cp.stream_logs(follow("no such id")).await.unwrap_err();
+    assert_eq!(bad.code(), tonic::Code::InvalidArgument, "{bad:?}");
+
+    // The control plane stops while a follow is open.
+    let mut s = cp.stream_logs(follow(&a.id)).await.unwrap().into_inner();
+    let first = s.message().await.unwrap().expect("a chunk");
+    assert_eq!(first.offset, 0);
+    cluster.control_planes[0].proc.signal(Signal::SIGTERM);
+    let end = end_of(s).await.expect("ended with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("shutting down"), "{end:?}");
+    assert!(
+        end.message().contains("reconnect with your offset"),
+        "{end:?}"
+    );
+
+    // The host dies while a follow is open.
+    cluster.restart_control_plane(0);
+    let mut cp = cluster.client().await;
+    let mut s = cp.stream_logs(follow(&a.id)).await.unwrap().into_inner();
+    s.message().await.unwrap().expect("a chunk");
+    cluster.hosts[0].proc.signal(Signal::SIGKILL);
+    let end = end_of(s).await.expect("ended with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains("h1"), "names the host: {end:?}");
+    assert!(
+        end.message().contains("reconnect with your offset"),
+        "{end:?}"
+    );
+}

@@ -1,11 +1,12 @@
-//! StreamLogs and SendInput: proxied to the agent's host. The proxy holds at
-//! most a few chunks: a slow client slows its own stream (gRPC flow control
-//! reaches back to the host's reader), never the agent or other clients.
+//! Attach and SendInput: proxied to the agent's host (StreamLogs is relayed
+//! without decoding, in `relay.rs`). The proxy holds at most a few chunks: a
+//! slow client slows its own stream (gRPC flow control reaches back to the
+//! host's reader), never the agent or other clients.
 
 use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
-use agentplane::proto::v1::{AttachInput, LogChunk, SendInputRequest, StreamLogsRequest};
+use agentplane::proto::v1::{AttachInput, LogChunk, SendInputRequest};
 use agentplane::validate::{self, ValidationError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -24,52 +25,6 @@ pub type LogStream = ReceiverStream<Result<LogChunk, Status>>;
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
 
 impl AgentApi {
-    /// Proxies the agent's output from its host; a follow holds `held` (its
-    /// token's place) until it ends.
-    pub(super) async fn stream_logs(
-        &self,
-        req: StreamLogsRequest,
-        held: Option<Held>,
-    ) -> Result<LogStream, ApiError> {
-        let agent = self.agent(&req.id).await?;
-        let host = self.host_of(&agent).await?;
-        let mut client = HostAgentClient::new(self.hosts.channel(&host)?);
-        let unreachable = |detail: String| ApiError::HostUnreachable {
-            host: host.id.clone(),
-            address: host.address.clone(),
-            detail,
-        };
-        // No grpc-timeout on the call: a follow may last as long as the agent.
-        // Opening is a read, so a transport hiccup (a connection the host just
-        // closed) is retried once on a fresh call.
-        let mut attempt = 0;
-        let upstream = loop {
-            attempt += 1;
-            let opened = tokio::time::timeout(OPEN_TIMEOUT, client.read_logs(req.clone()))
-                .await
-                .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
-            match opened {
-                Ok(r) => break r.into_inner(),
-                Err(s)
-                    if attempt == 1
-                        && matches!(
-                            s.code(),
-                            tonic::Code::Cancelled | tonic::Code::Unavailable
-                        ) =>
-                {
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-                Err(s) => {
-                    return Err(ApiError::HostRefused {
-                        host: host.id.clone(),
-                        status: s,
-                    })
-                }
-            }
-        };
-        Ok(self.forward(upstream, host.id.clone(), held))
-    }
-
     /// Proxies an Attach session to the agent's host. The first message
     /// names the agent, so that is where a caller limited to a selector
     /// learns it does not exist (NOT_FOUND). When the client's stream ends

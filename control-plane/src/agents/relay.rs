@@ -1,0 +1,267 @@
+//! StreamLogs relayed without decoding. The client's one request message
+//! is read and checked (caller, agent, quota) like any call's; then the same
+//! bytes go to the agent's host as a ReadLogs call, and the host's response
+//! body comes back to the client frame by frame. Both RPCs answer the same
+//! `LogChunk` messages, so nothing is decoded or encoded here: a followed
+//! byte is not copied in this process (through a decode buffer and a new
+//! frame, it was twice), and no task or queue sits between the two streams.
+//! A slow client slows its own stream (HTTP/2 flow control reaches back to
+//! the host's reader), never the agent or other clients.
+
+use std::convert::Infallible;
+use std::future::Future as _;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use agentplane::proto::v1::agent_service_server::AgentServiceServer;
+use agentplane::proto::v1::StreamLogsRequest;
+use agentplane::tasks::GaugeGuard;
+use bytes::{Buf, Bytes};
+use http_body::Frame;
+use http_body_util::BodyExt as _;
+use prost::Message as _;
+use tonic::body::Body;
+use tonic::codegen::{http, BoxFuture, Service};
+use tonic::server::NamedService;
+use tonic::Status;
+
+use super::AgentApi;
+use crate::auth::Caller;
+use crate::error::ApiError;
+use crate::quota::Held;
+
+/// The path this relay answers; every other goes to the generated service.
+const STREAM_LOGS: &str = "/agentplane.v1.AgentService/StreamLogs";
+/// The host's RPC with the same request and response messages.
+const READ_LOGS: &str = "/agentplane.v1.HostAgent/ReadLogs";
+/// How long opening the host's stream may take.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Largest request accepted (a StreamLogsRequest is tens of bytes).
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// The agent service with StreamLogs answered by the relay.
+#[derive(Clone)]
+pub struct AgentRoutes {
+    api: AgentApi,
+    generated: AgentServiceServer<AgentApi>,
+}
+
+impl AgentRoutes {
+    /// `api` behind its generated service, StreamLogs relayed.
+    pub fn new(api: AgentApi) -> Self {
+        Self {
+            generated: AgentServiceServer::new(api.clone()),
+            api,
+        }
+    }
+}
+
+impl NamedService for AgentRoutes {
+    const NAME: &'static str = <AgentServiceServer<AgentApi> as NamedService>::NAME;
+}
+
+impl Service<http::Request<Body>> for AgentRoutes {
+    type Response = http::Response<Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Infallible>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<Body>) -> Self::Future {
+        if req.uri().path() != STREAM_LOGS {
+            return self.generated.call(req);
+        }
+        let api = self.api.clone();
+        Box::pin(async move { Ok(api.relay_logs(req).await.unwrap_or_else(|s| s.into_http())) })
+    }
+}
+
+impl AgentApi {
+    /// Answers one StreamLogs call with its host's ReadLogs stream.
+    async fn relay_logs(&self, req: http::Request<Body>) -> Result<http::Response<Body>, Status> {
+        let (parts, body) = req.into_parts();
+        let caller = Caller::of(&tonic::Request::from_http(http::Request::from_parts(
+            parts,
+            (),
+        )));
+        let framed = read_request(body).await?;
+        let msg = StreamLogsRequest::decode(&framed[5..])
+            .map_err(|e| Status::invalid_argument(format!("bad StreamLogsRequest: {e}")))?;
+        self.visible(&caller, &msg.id).await?;
+        // Only a follow stays open; a read of what is there ends by itself.
+        let held = if msg.follow {
+            Some(self.quotas.follow(&caller)?)
+        } else {
+            None
+        };
+        let agent = self.agent(&msg.id).await?;
+        let host = self.host_of(&agent).await?;
+        let channel = self.hosts.channel(&host)?;
+        let unreachable = |detail: String| ApiError::HostUnreachable {
+            host: host.id.clone(),
+            address: host.address.clone(),
+            detail,
+        };
+        // No grpc-timeout on the call: a follow may last as long as the agent.
+        // Opening is a read, so a transport hiccup (a connection the host just
+        // closed) is retried once on a fresh call.
+        let mut attempt = 0;
+        let upstream = loop {
+            attempt += 1;
+            let mut ch = channel.clone();
+            let sent = framed.clone();
+            let call = async move {
+                std::future::poll_fn(|cx| ch.poll_ready(cx)).await?;
+                ch.call(host_request(sent)).await
+            };
+            let opened = tokio::time::timeout(OPEN_TIMEOUT, call)
+                .await
+                .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
+            let refused = match opened {
+                Ok(r) => match Status::from_header_map(r.headers()) {
+                    None => break r.into_body(),
+                    // Trailers only: nothing to send, or the host refused.
+                    Some(s) if s.code() == tonic::Code::Ok => return Ok(s.into_http()),
+                    Some(s) => s,
+                },
+                Err(e) => Status::unavailable(e.to_string()),
+            };
+            let retry = attempt == 1
+                && matches!(
+                    refused.code(),
+                    tonic::Code::Cancelled | tonic::Code::Unavailable
+                );
+            if !retry {
+                return Err(ApiError::HostRefused {
+                    host: host.id.clone(),
+                    status: refused,
+                }
+                .into());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let relay = Relay {
+            upstream,
+            host: host.id.clone(),
+            cancel: Box::pin(self.cancel.clone().cancelled_owned()),
+            ended: false,
+            _places: (self.log_streams.hold(), held),
+        };
+        let mut resp = http::Response::new(Body::new(relay));
+        resp.headers_mut().insert(
+            http::header::CONTENT_TYPE,
+            http::HeaderValue::from_static("application/grpc"),
+        );
+        Ok(resp)
+    }
+}
+
+/// The request body: one length-prefixed, uncompressed message (kept with
+/// its prefix, to be sent on as it came).
+async fn read_request(body: Body) -> Result<Bytes, Status> {
+    let limited = http_body_util::Limited::new(body, MAX_REQUEST + 5);
+    let mut all = limited
+        .collect()
+        .await
+        .map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?
+        .to_bytes();
+    if all.len() < 5 {
+        return Err(Status::invalid_argument("the request has no message"));
+    }
+    let framed = all.clone();
+    let compressed = all.get_u8();
+    let len = all.get_u32() as usize;
+    if compressed != 0 {
+        return Err(Status::unimplemented(
+            "compressed requests are not accepted",
+        ));
+    }
+    if len != all.len() {
+        return Err(Status::invalid_argument(
+            "the request must hold exactly one message",
+        ));
+    }
+    Ok(framed)
+}
+
+/// A ReadLogs call to a host carrying `framed`.
+fn host_request(framed: Bytes) -> http::Request<Body> {
+    let mut req = http::Request::new(Body::new(http_body_util::Full::new(framed)));
+    *req.method_mut() = http::Method::POST;
+    *req.uri_mut() = http::Uri::from_static(READ_LOGS);
+    let h = req.headers_mut();
+    h.insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    req
+}
+
+/// The trailers that end a stream with `status`.
+fn trailers(status: Status) -> Frame<Bytes> {
+    let mut h = status.into_http::<()>().into_parts().0.headers;
+    h.remove(http::header::CONTENT_TYPE);
+    Frame::trailers(h)
+}
+
+/// One relayed stream: the host's body, and the places it holds until it
+/// ends (dropped with it).
+struct Relay {
+    upstream: Body,
+    host: String,
+    cancel: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
+    ended: bool,
+    _places: (GaugeGuard, Option<Held>),
+}
+
+impl http_body::Body for Relay {
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if this.cancel.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            return Poll::Ready(Some(Ok(trailers(Status::unavailable(
+                "control plane shutting down: reconnect with your offset",
+            )))));
+        }
+        match Pin::new(&mut this.upstream).poll_frame(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(Some(Ok(f))) => {
+                this.ended = f.is_trailers();
+                Poll::Ready(Some(Ok(f)))
+            }
+            Poll::Ready(Some(Err(e))) => {
+                this.ended = true;
+                Poll::Ready(Some(Ok(trailers(Status::unavailable(format!(
+                    "stream from host {} broke: {}; reconnect with your offset",
+                    this.host,
+                    e.message()
+                ))))))
+            }
+            // Ended without a status: the host went away mid-stream.
+            Poll::Ready(None) => {
+                this.ended = true;
+                Poll::Ready(Some(Ok(trailers(Status::unavailable(format!(
+                    "stream from host {} ended without a status; reconnect with your offset",
+                    this.host
+                ))))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.ended
+    }
+}
