@@ -6,6 +6,7 @@
 mod handshake;
 mod incoming;
 mod peer;
+pub mod raw;
 mod streams;
 pub mod tls;
 

@@ -16,10 +16,10 @@ use std::time::Duration;
 
 use agentplane::proto::v1::agent_service_server::AgentServiceServer;
 use agentplane::proto::v1::StreamLogsRequest;
+use agentplane::server::raw::{self, trailers};
 use agentplane::tasks::GaugeGuard;
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use http_body::Frame;
-use http_body_util::BodyExt as _;
 use prost::Message as _;
 use tonic::body::Body;
 use tonic::codegen::{http, BoxFuture, Service};
@@ -37,8 +37,6 @@ const STREAM_LOGS: &str = "/agentplane.v1.AgentService/StreamLogs";
 const READ_LOGS: &str = "/agentplane.v1.HostAgent/ReadLogs";
 /// How long opening the host's stream may take.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
-/// Largest request accepted (a StreamLogsRequest is tens of bytes).
-const MAX_REQUEST: usize = 64 * 1024;
 
 /// The agent service with StreamLogs answered by the relay.
 #[derive(Clone)]
@@ -87,8 +85,8 @@ impl AgentApi {
             parts,
             (),
         )));
-        let framed = read_request(body).await?;
-        let msg = StreamLogsRequest::decode(&framed[5..])
+        let (framed, message) = raw::read_request(body).await?;
+        let msg = StreamLogsRequest::decode(message)
             .map_err(|e| Status::invalid_argument(format!("bad StreamLogsRequest: {e}")))?;
         self.visible(&caller, &msg.id).await?;
         // Only a follow stays open; a read of what is there ends by itself.
@@ -150,41 +148,8 @@ impl AgentApi {
             ended: false,
             _places: (self.log_streams.hold(), held),
         };
-        let mut resp = http::Response::new(Body::new(relay));
-        resp.headers_mut().insert(
-            http::header::CONTENT_TYPE,
-            http::HeaderValue::from_static("application/grpc"),
-        );
-        Ok(resp)
+        Ok(raw::response(Body::new(relay)))
     }
-}
-
-/// The request body: one length-prefixed, uncompressed message (kept with
-/// its prefix, to be sent on as it came).
-async fn read_request(body: Body) -> Result<Bytes, Status> {
-    let limited = http_body_util::Limited::new(body, MAX_REQUEST + 5);
-    let mut all = limited
-        .collect()
-        .await
-        .map_err(|e| Status::invalid_argument(format!("reading the request: {e}")))?
-        .to_bytes();
-    if all.len() < 5 {
-        return Err(Status::invalid_argument("the request has no message"));
-    }
-    let framed = all.clone();
-    let compressed = all.get_u8();
-    let len = all.get_u32() as usize;
-    if compressed != 0 {
-        return Err(Status::unimplemented(
-            "compressed requests are not accepted",
-        ));
-    }
-    if len != all.len() {
-        return Err(Status::invalid_argument(
-            "the request must hold exactly one message",
-        ));
-    }
-    Ok(framed)
 }
 
 /// A ReadLogs call to a host carrying `framed`.
@@ -199,13 +164,6 @@ fn host_request(framed: Bytes) -> http::Request<Body> {
     );
     h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
     req
-}
-
-/// The trailers that end a stream with `status`.
-fn trailers(status: Status) -> Frame<Bytes> {
-    let mut h = status.into_http::<()>().into_parts().0.headers;
-    h.remove(http::header::CONTENT_TYPE);
-    Frame::trailers(h)
 }
 
 /// One relayed stream: the host's body, and the places it holds until it
