@@ -404,3 +404,62 @@ async fn a_relayed_follow_ends_with_a_status_the_client_can_act_on() {
         "{end:?}"
     );
 }
+
+/// Followers that stop reading hold a bounded amount in each server: the
+/// control plane passes a follow's frames through and reads from the host
+/// only as the client takes them, so what one stalled follow pins there is
+/// its HTTP/2 windows and send buffer (under 1 MiB), and the host's reader
+/// at most a few chunks. A relay that buffered, or a reader that read ahead
+/// without bound, would grow by what `yes` writes: hundreds of MiB/s.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_followers_pin_a_bounded_amount_in_each_server() {
+    const STALLED: u64 = 100;
+    let cluster = TestCluster::builder().start().await;
+    let flood = cluster.spawn(&["yes"]).await;
+    let mut cp = cluster.client().await;
+    let mut host = cluster.host_agent(0);
+    // Warm the allocators up with one follow read to its end.
+    let mut warm = cp
+        .stream_logs(follow(&flood.id))
+        .await
+        .unwrap()
+        .into_inner();
+    for _ in 0..64 {
+        warm.message().await.unwrap().expect("a chunk");
+    }
+    drop(warm);
+    let (cp0, host0) = statuses(&mut cp, &mut host).await;
+    let mut stalled = Vec::new();
+    for _ in 0..STALLED {
+        let mut c = cluster.client().await;
+        stalled.push(c.stream_logs(follow(&flood.id)).await.unwrap().into_inner());
+    }
+    // Every window fills within a second at the rate `yes` writes; the
+    // figure is taken at the peak over the next three.
+    let (mut cp_peak, mut host_peak, mut open) = (0, 0, 0);
+    let until = Instant::now() + Duration::from_secs(3);
+    while Instant::now() < until {
+        let (a, b) = statuses(&mut cp, &mut host).await;
+        cp_peak = cp_peak.max(a.rss_bytes);
+        host_peak = host_peak.max(b.rss_bytes);
+        open = open.max(a.log_streams);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let per = |peak: u64, base: u64| peak.saturating_sub(base) / STALLED;
+    eprintln!(
+        "{STALLED} stalled followers: control plane +{} KiB each, host agent +{} KiB each ({open} open)",
+        per(cp_peak, cp0.rss_bytes) >> 10,
+        per(host_peak, host0.rss_bytes) >> 10,
+    );
+    assert_eq!(open, STALLED, "every stalled follow is open");
+    assert!(
+        per(cp_peak, cp0.rss_bytes) < 1 << 20,
+        "control plane under 1 MiB per stalled follow"
+    );
+    assert!(
+        per(host_peak, host0.rss_bytes) < 1 << 20,
+        "host agent under 1 MiB per stalled follow"
+    );
+    drop(stalled);
+    cluster.finish().await;
+}
