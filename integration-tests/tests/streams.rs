@@ -356,6 +356,18 @@ async fn end_of(mut s: tonic::Streaming<agentplane::proto::v1::LogChunk>) -> Opt
     }
 }
 
+/// Reads `s` to its end and checks it ended UNAVAILABLE, saying `what` and
+/// where to resume.
+async fn ends_unavailable_saying(s: tonic::Streaming<agentplane::proto::v1::LogChunk>, what: &str) {
+    let end = end_of(s).await.expect("ended with a status");
+    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
+    assert!(end.message().contains(what), "says {what:?}: {end:?}");
+    assert!(
+        end.message().contains("reconnect with your offset"),
+        "{end:?}"
+    );
+}
+
 /// The control plane relays a follow without decoding it, so it must still
 /// end each one with a status a client can act on: UNAVAILABLE with a hint to
 /// resume from its offset when the host dies mid-stream and when the control
@@ -382,13 +394,7 @@ async fn a_relayed_follow_ends_with_a_status_the_client_can_act_on() {
     let first = s.message().await.unwrap().expect("a chunk");
     assert_eq!(first.offset, 0);
     cluster.control_planes[0].proc.signal(Signal::SIGTERM);
-    let end = end_of(s).await.expect("ended with a status");
-    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
-    assert!(end.message().contains("shutting down"), "{end:?}");
-    assert!(
-        end.message().contains("reconnect with your offset"),
-        "{end:?}"
-    );
+    ends_unavailable_saying(s, "shutting down").await;
 
     // The host dies while a follow is open.
     cluster.restart_control_plane(0);
@@ -396,13 +402,7 @@ async fn a_relayed_follow_ends_with_a_status_the_client_can_act_on() {
     let mut s = cp.stream_logs(follow(&a.id)).await.unwrap().into_inner();
     s.message().await.unwrap().expect("a chunk");
     cluster.hosts[0].proc.signal(Signal::SIGKILL);
-    let end = end_of(s).await.expect("ended with a status");
-    assert_eq!(end.code(), tonic::Code::Unavailable, "{end:?}");
-    assert!(end.message().contains("h1"), "names the host: {end:?}");
-    assert!(
-        end.message().contains("reconnect with your offset"),
-        "{end:?}"
-    );
+    ends_unavailable_saying(s, "stream from host h1 broke").await;
 }
 
 /// Followers that stop reading hold a bounded amount in each server: the

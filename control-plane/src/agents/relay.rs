@@ -88,14 +88,14 @@ impl AgentApi {
         let (framed, message) = raw::read_request(body).await?;
         let msg = StreamLogsRequest::decode(message)
             .map_err(|e| Status::invalid_argument(format!("bad StreamLogsRequest: {e}")))?;
-        self.visible(&caller, &msg.id).await?;
+        // One read of the record: NOT_FOUND also for a caller outside it.
+        let agent = self.agent_for(&caller, &msg.id).await?;
         // Only a follow stays open; a read of what is there ends by itself.
         let held = if msg.follow {
             Some(self.quotas.follow(&caller)?)
         } else {
             None
         };
-        let agent = self.agent(&msg.id).await?;
         let host = self.host_of(&agent).await?;
         let channel = self.hosts.channel(&host)?;
         let unreachable = |detail: String| ApiError::HostUnreachable {
