@@ -13,6 +13,9 @@ use prost::Message;
 
 use crate::TestCluster;
 
+mod floor;
+pub use floor::follow_floor_rate;
+
 /// Writes `n` records of ended agents (EXITED, on a host that is gone) under
 /// `prefix`: a fleet's history that no pass acts on but every walk of the
 /// keyspace meets.

@@ -174,9 +174,10 @@ async fn main() -> anyhow::Result<()> {
         let data = cluster.data_dir("h1");
         let to_file =
             agentplane_integration_tests::bench::pipe_to_file_rate(args.follow_for, &data)?;
+        let floor = agentplane_integration_tests::bench::follow_floor_rate(args.follow_for, &data)?;
         let follower =
             agentplane_integration_tests::bench::follower_rate(&cluster, args.follow_for).await?;
-        Some((follower, pipe, to_file))
+        Some((follower, pipe, to_file, floor))
     };
     // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -278,7 +279,7 @@ async fn main() -> anyhow::Result<()> {
         "agents                      {n} (concurrency {}, {} other records)",
         args.concurrency, args.other_records
     );
-    if let Some((f, pipe, to_file)) = follow {
+    if let Some((f, pipe, to_file, floor)) = follow {
         let mib = |r: f64| r / f64::from(1 << 20);
         println!(
             "yes follower via control plane {:.1} MiB/s, plain pipe {:.1} MiB/s, ratio {:.3}",
@@ -299,6 +300,12 @@ async fn main() -> anyhow::Result<()> {
             to_file / pipe,
             f.via_control_plane / to_file,
             f.captured / to_file
+        );
+        println!(
+            "  the design's floor (capture, read back, two TCP hops; plain threads) {:.1} MiB/s ({:.3}x the pipe): follower / floor {:.3}",
+            mib(floor),
+            floor / pipe,
+            f.via_control_plane / floor
         );
     }
     let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));

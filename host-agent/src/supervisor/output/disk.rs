@@ -286,6 +286,19 @@ impl Disk {
             .truncate(true)
             .mode(0o600)
             .open(&next)?;
+        // Gone first, so the rename below replaces nothing: ext4 (with its
+        // default `auto_da_alloc`) writes a file renamed over another to
+        // disk at once, and every rotation of a flooding agent would write
+        // a half cap. What it held was to be dropped now anyway.
+        match std::fs::remove_file(&old) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => {
+                let _ = std::fs::remove_file(&next);
+                return Err(e);
+            }
+        }
+        meta.previous = None;
         if let Err(e) = std::fs::rename(&log, &old) {
             let _ = std::fs::remove_file(&next);
             return Err(e);

@@ -6,6 +6,7 @@
 //! pipes fill, and the flooding agents wait on them.
 
 use std::os::fd::{AsFd, OwnedFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex};
 
@@ -17,6 +18,12 @@ use super::{Drained, Shared};
 /// Bytes one turn moves for one pipe before the next pipe gets its turn, so
 /// a flooding agent cannot keep a writer to itself.
 const TURN: usize = 256 * 1024;
+/// Turns one job may take in a row while no other job waits: a flooding
+/// agent's pipe refills while its capture hands the next turn over (two
+/// thread wake-ups), and its writer would sit idle for that time; bounded,
+/// so that a capture letting go (a host agent detaching) waits at most
+/// this many turns.
+const MAX_TURNS: u32 = 8;
 
 /// One turn: move what `src` holds into `log`'s files, then answer.
 pub(super) struct Job {
@@ -33,6 +40,8 @@ pub(super) struct Job {
 #[derive(Debug, Clone)]
 pub struct LogWriters {
     queue: Sender<Job>,
+    /// Jobs queued and not yet taken by a thread.
+    waiting: Arc<AtomicUsize>,
 }
 
 impl LogWriters {
@@ -40,28 +49,32 @@ impl LogWriters {
     pub fn start(threads: usize) -> Self {
         let (queue, rx) = channel::<Job>();
         let rx = Arc::new(Mutex::new(rx));
+        let waiting = Arc::new(AtomicUsize::new(0));
         for i in 0..threads.max(1) {
             let rx = rx.clone();
+            let w = waiting.clone();
             let spawned = std::thread::Builder::new()
                 .name(format!("log-writer-{i}"))
-                .spawn(move || run(&rx));
+                .spawn(move || run(&rx, &w));
             if let Err(e) = spawned {
                 tracing::error!(error = %e, "cannot start a log writer thread");
             }
         }
-        Self { queue }
+        Self { queue, waiting }
     }
 
     /// Queues a turn. When no thread is running the job is dropped and its
     /// waiter told so.
     pub(super) fn submit(&self, job: Job) {
+        self.waiting.fetch_add(1, Ordering::Relaxed);
         if self.queue.send(job).is_err() {
+            self.waiting.fetch_sub(1, Ordering::Relaxed);
             tracing::error!("no log writer thread is running; agent output is not written to disk");
         }
     }
 }
 
-fn run(rx: &Mutex<Receiver<Job>>) {
+fn run(rx: &Mutex<Receiver<Job>>, waiting: &AtomicUsize) {
     // Used only to drop what a failing disk refuses.
     let mut scratch = Vec::new();
     loop {
@@ -70,9 +83,26 @@ fn run(rx: &Mutex<Receiver<Job>>) {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .recv();
         let Ok(job) = next else { return };
-        let done = job
+        waiting.fetch_sub(1, Ordering::Relaxed);
+        let mut done = job
             .log
             .drain(job.src.as_fd(), job.stream, TURN, &mut scratch);
+        for _ in 1..MAX_TURNS {
+            match &done {
+                Ok(d) if !d.empty && waiting.load(Ordering::Relaxed) == 0 => {}
+                _ => break,
+            }
+            let more = job
+                .log
+                .drain(job.src.as_fd(), job.stream, TURN, &mut scratch);
+            done = match (done, more) {
+                (Ok(a), Ok(b)) => Ok(Drained {
+                    moved: a.moved + b.moved,
+                    empty: b.empty,
+                }),
+                (_, e) => e,
+            };
+        }
         // The capture may be gone (its host agent detaching): nothing to tell.
         let _ = job.reply.send(done);
         scratch = Vec::new();
