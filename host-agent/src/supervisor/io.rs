@@ -22,17 +22,14 @@ use super::Supervisor;
 /// larger chunks mean fewer messages to frame, relay and wake for (a
 /// follower through the control plane moved 30% more than with 32 KiB).
 const CHUNK: usize = 64 * 1024;
+/// Chunks a reader may have queued: with the chunk size, what one slow reader
+/// can hold in this process (the chunks of one read share its buffer, so
+/// that is at most two reads' worth).
+const READER_QUEUE: usize = 2;
 /// Chunks read from disk at once: each read is a hand-off to a blocking
 /// thread and an open of the file, so a follower that is behind reads
-/// several chunks' worth per read (and sends them as slices of it). Four
-/// (256 KiB per read) moved a follower of `yes` through the control plane
-/// 7% faster than two (median of 8 interleaved runs each).
-const READ_BATCH: usize = 4;
-/// Chunks a reader may have queued: one read's worth. The next read waits
-/// for the queue to be empty, so a reader that does not keep up pins one
-/// read's buffer in this process (its chunks share it), not one queued and
-/// one in hand.
-const READER_QUEUE: usize = READ_BATCH;
+/// several chunks' worth per read (and sends them as slices of it).
+const READ_BATCH: usize = 2;
 /// Most bytes one SendInput may carry.
 pub const MAX_INPUT: usize = 64 * 1024;
 /// How long a write to stdin may wait for the agent to read.
@@ -121,31 +118,21 @@ impl Supervisor {
                 if max == 0 {
                     return;
                 }
-                let Ok(mut room) = tx.reserve_many(READER_QUEUE).await else {
-                    return;
-                };
                 let read = tokio::task::spawn_blocking(move || s.output.read(next, max, filter))
                     .await
                     .unwrap_or_else(|e| Err(std::io::Error::other(e)));
                 let r = match read {
                     Ok(r) => r,
                     Err(e) => {
-                        if let Some(p) = room.next() {
-                            p.send(unavailable(&e));
-                        }
+                        let _ = tx.send(unavailable(&e)).await;
                         return;
                     }
                 };
                 for c in r.chunks.into_iter().flat_map(split) {
-                    // More chunks than places only when a read crosses gaps
-                    // or stream changes: those are small.
-                    if let Some(p) = room.next() {
-                        p.send(Ok(c));
-                    } else if tx.send(Ok(c)).await.is_err() {
+                    if tx.send(Ok(c)).await.is_err() {
                         return;
                     }
                 }
-                drop(room);
                 next = r.next;
                 if next < until.unwrap_or_else(|| slot.output.end()) {
                     continue;
