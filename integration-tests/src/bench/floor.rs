@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use nix::fcntl::{splice, SpliceFFlags};
+use rustix::pipe::{splice, SpliceFlags};
 
 /// Bytes each stage moves at once.
 const STEP: usize = 128 * 1024;
@@ -54,15 +54,15 @@ pub fn follow_floor_rate(d: Duration, dir: &Path) -> std::io::Result<f64> {
         std::thread::spawn(move || -> std::io::Result<()> {
             let mut at = 0u64;
             loop {
-                let mut off = i64::try_from(at % WRAP).unwrap_or(0);
-                let len = usize::try_from(WRAP - at % WRAP).unwrap_or(STEP).min(STEP);
+                let mut off = at % WRAP;
+                let len = usize::try_from(WRAP - off).unwrap_or(STEP).min(STEP);
                 let n = splice(
                     &pipe,
                     None,
                     &file,
                     Some(&mut off),
                     len,
-                    SpliceFFlags::empty(),
+                    SpliceFlags::empty(),
                 )?;
                 if n == 0 {
                     return Ok(());

@@ -82,6 +82,31 @@ fn reads_from_any_offset_and_filters_streams() {
     assert_eq!(two.tail_offset(1, LogStream::Unspecified).unwrap(), 4);
 }
 
+/// A writer with nothing else to do keeps draining the same pipe past one
+/// turn, so a flooding agent's capture is not a hand-off per 256 KiB.
+#[tokio::test]
+async fn a_writer_with_no_other_job_drains_past_one_turn() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = log(dir.path(), 8 << 20);
+    let (r, w) = nix::unistd::pipe().unwrap();
+    rustix::pipe::fcntl_setpipe_size(&r, 1 << 20).unwrap();
+    let sent = 768 * 1024;
+    std::fs::File::from(w).write_all(&vec![b'y'; sent]).unwrap();
+    let d = log
+        .drain(&std::sync::Arc::new(r), LogStream::Stdout)
+        .await
+        .unwrap();
+    assert_eq!(
+        d,
+        Drained {
+            moved: sent as u64,
+            empty: true
+        },
+        "three turns' worth in one job"
+    );
+    assert_eq!(log.end(), sent as u64);
+}
+
 #[test]
 fn a_drain_takes_at_most_its_budget_and_leaves_the_rest_in_the_pipe() {
     let dir = tempfile::tempdir().unwrap();

@@ -84,25 +84,25 @@ fn run(rx: &Mutex<Receiver<Job>>, waiting: &AtomicUsize) {
             .recv();
         let Ok(job) = next else { return };
         waiting.fetch_sub(1, Ordering::Relaxed);
-        let mut done = job
-            .log
-            .drain(job.src.as_fd(), job.stream, TURN, &mut scratch);
-        for _ in 1..MAX_TURNS {
-            match &done {
-                Ok(d) if !d.empty && waiting.load(Ordering::Relaxed) == 0 => {}
-                _ => break,
-            }
-            let more = job
+        let (mut moved, mut turns) = (0, 1);
+        let done = loop {
+            match job
                 .log
-                .drain(job.src.as_fd(), job.stream, TURN, &mut scratch);
-            done = match (done, more) {
-                (Ok(a), Ok(b)) => Ok(Drained {
-                    moved: a.moved + b.moved,
-                    empty: b.empty,
-                }),
-                (_, e) => e,
-            };
-        }
+                .drain(job.src.as_fd(), job.stream, TURN, &mut scratch)
+            {
+                Ok(d) if !d.empty && turns < MAX_TURNS && waiting.load(Ordering::Relaxed) == 0 => {
+                    moved += d.moved;
+                    turns += 1;
+                }
+                Ok(d) => {
+                    break Ok(Drained {
+                        moved: moved + d.moved,
+                        empty: d.empty,
+                    })
+                }
+                Err(e) => break Err(e),
+            }
+        };
         // The capture may be gone (its host agent detaching): nothing to tell.
         let _ = job.reply.send(done);
         scratch = Vec::new();
