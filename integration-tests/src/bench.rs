@@ -14,7 +14,7 @@ use prost::Message;
 use crate::TestCluster;
 
 mod floor;
-pub use floor::follow_floor_rate;
+pub use floor::{follow_floor_rate, relay_floor_rate};
 
 /// Writes `n` records of ended agents (EXITED, on a host that is gone) under
 /// `prefix`: a fleet's history that no pass acts on but every walk of the

@@ -75,18 +75,10 @@ pub fn follow_floor_rate(d: Duration, dir: &Path) -> std::io::Result<f64> {
         })
     };
 
-    let first = TcpListener::bind("127.0.0.1:0")?;
-    let second = TcpListener::bind("127.0.0.1:0")?;
-    let mut to_relay = TcpStream::connect(first.local_addr()?)?;
-    let (mut relay_in, _) = first.accept()?;
-    let mut relay_out = TcpStream::connect(second.local_addr()?)?;
-    let (mut client, _) = second.accept()?;
-    for s in [&to_relay, &relay_in, &relay_out, &client] {
-        s.set_nodelay(true)?;
-    }
-
+    let (to_relay, client, relay) = two_hops()?;
     let reader = {
         let end = end.clone();
+        let mut to_relay = to_relay;
         std::thread::spawn(move || -> std::io::Result<()> {
             let mut buf = vec![0u8; STEP];
             let mut at = 0u64;
@@ -109,7 +101,65 @@ pub fn follow_floor_rate(d: Duration, dir: &Path) -> std::io::Result<f64> {
             Ok(())
         })
     };
+    let rate = client_rate(client, d)?;
 
+    // Unwinds every stage: the client's socket closes under the relay, the
+    // relay's under the reader, and the capture sees `yes` end.
+    end.stop.store(true, Ordering::Relaxed);
+    child.kill()?;
+    child.wait()?;
+    let _ = relay.join();
+    let _ = reader.join();
+    let _ = capture.join();
+    std::fs::remove_file(&path)?;
+    Ok(rate)
+}
+
+/// Bytes per second the client stage receives over `d` when `yes`'s pipe
+/// is read and written straight to the first socket: the two TCP hops
+/// without the capture. No path through a control plane can skip these,
+/// whatever it does with the disk, so what this reaches against a plain
+/// pipe bounds any follower on this machine.
+pub fn relay_floor_rate(d: Duration) -> std::io::Result<f64> {
+    let mut child = Command::new("yes").stdout(Stdio::piped()).spawn()?;
+    let mut pipe = child.stdout.take().expect("piped");
+    let (mut to_relay, client, relay) = two_hops()?;
+    let reader = std::thread::spawn(move || -> std::io::Result<()> {
+        let mut buf = vec![0u8; STEP];
+        loop {
+            let n = pipe.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            to_relay.write_all(&buf[..n])?;
+        }
+    });
+    let rate = client_rate(client, d)?;
+    // The client's socket closed under the relay, the relay's under the
+    // reader; `yes` ends with its pipe.
+    child.kill()?;
+    child.wait()?;
+    let _ = relay.join();
+    let _ = reader.join();
+    Ok(rate)
+}
+
+/// Two loopback TCP hops: the socket to write into, the socket the client
+/// reads from, and the relay thread between them (the control plane).
+fn two_hops() -> std::io::Result<(
+    TcpStream,
+    TcpStream,
+    std::thread::JoinHandle<std::io::Result<()>>,
+)> {
+    let first = TcpListener::bind("127.0.0.1:0")?;
+    let second = TcpListener::bind("127.0.0.1:0")?;
+    let to_relay = TcpStream::connect(first.local_addr()?)?;
+    let (mut relay_in, _) = first.accept()?;
+    let mut relay_out = TcpStream::connect(second.local_addr()?)?;
+    let (client, _) = second.accept()?;
+    for s in [&to_relay, &relay_in, &relay_out, &client] {
+        s.set_nodelay(true)?;
+    }
     let relay = std::thread::spawn(move || -> std::io::Result<()> {
         let mut buf = vec![0u8; STEP];
         loop {
@@ -120,24 +170,17 @@ pub fn follow_floor_rate(d: Duration, dir: &Path) -> std::io::Result<f64> {
             relay_out.write_all(&buf[..n])?;
         }
     });
+    Ok((to_relay, client, relay))
+}
 
+/// Bytes per second read from `client` over `d`; the socket is closed on
+/// return, which unwinds the stages behind it.
+fn client_rate(mut client: TcpStream, d: Duration) -> std::io::Result<f64> {
     let mut buf = vec![0u8; STEP];
     let t = Instant::now();
     let mut bytes = 0u64;
     while t.elapsed() < d {
         bytes += client.read(&mut buf)? as u64;
     }
-    let rate = bytes as f64 / t.elapsed().as_secs_f64();
-
-    // Unwinds every stage: the client's socket closes under the relay, the
-    // relay's under the reader, and the capture sees `yes` end.
-    end.stop.store(true, Ordering::Relaxed);
-    drop(client);
-    child.kill()?;
-    child.wait()?;
-    let _ = relay.join();
-    let _ = reader.join();
-    let _ = capture.join();
-    std::fs::remove_file(&path)?;
-    Ok(rate)
+    Ok(bytes as f64 / t.elapsed().as_secs_f64())
 }

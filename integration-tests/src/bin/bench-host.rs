@@ -175,9 +175,10 @@ async fn main() -> anyhow::Result<()> {
         let to_file =
             agentplane_integration_tests::bench::pipe_to_file_rate(args.follow_for, &data)?;
         let floor = agentplane_integration_tests::bench::follow_floor_rate(args.follow_for, &data)?;
+        let relay = agentplane_integration_tests::bench::relay_floor_rate(args.follow_for)?;
         let follower =
             agentplane_integration_tests::bench::follower_rate(&cluster, args.follow_for).await?;
-        Some((follower, pipe, to_file, floor))
+        Some((follower, pipe, to_file, floor, relay))
     };
     // Let the host agent settle (first heartbeat, guard, reaper) before measuring.
     tokio::time::sleep(Duration::from_secs(1)).await;
@@ -279,7 +280,7 @@ async fn main() -> anyhow::Result<()> {
         "agents                      {n} (concurrency {}, {} other records)",
         args.concurrency, args.other_records
     );
-    if let Some((f, pipe, to_file, floor)) = follow {
+    if let Some((f, pipe, to_file, floor, relay)) = follow {
         let mib = |r: f64| r / f64::from(1 << 20);
         println!(
             "yes follower via control plane {:.1} MiB/s, plain pipe {:.1} MiB/s, ratio {:.3}",
@@ -306,6 +307,11 @@ async fn main() -> anyhow::Result<()> {
             mib(floor),
             floor / pipe,
             f.via_control_plane / floor
+        );
+        println!(
+            "  two TCP hops alone (the pipe read and relayed, no capture; plain threads) {:.1} MiB/s ({:.3}x the pipe)",
+            mib(relay),
+            relay / pipe
         );
     }
     let (p50, p99) = (percentile(&latencies, 0.50), percentile(&latencies, 0.99));
