@@ -7,6 +7,7 @@ pub mod cgroups;
 pub mod config;
 pub mod ids;
 pub mod labels;
+pub mod metrics;
 #[cfg(feature = "pki")]
 pub mod pki;
 pub mod process;

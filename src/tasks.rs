@@ -70,20 +70,23 @@ impl Tasks {
 }
 
 /// A count of things open now (streams), decremented when a [`GaugeGuard`]
-/// drops, however the holder ends.
+/// drops, however the holder ends. It is also a Prometheus gauge
+/// ([`Gauge::metric`]), so a scrape reads the same count.
 #[derive(Debug, Clone, Default)]
-pub struct Gauge(Arc<AtomicU64>);
+pub struct Gauge(prometheus_client::metrics::gauge::Gauge);
 
 impl Gauge {
     /// One more; it is one less when the guard drops.
     pub fn hold(&self) -> GaugeGuard {
-        self.0.fetch_add(1, Ordering::Relaxed);
+        self.0.inc();
         GaugeGuard(self.0.clone())
     }
 
     /// One more unless `max` are held already.
     pub fn try_hold(&self, max: u64) -> Option<GaugeGuard> {
+        let max = i64::try_from(max).unwrap_or(i64::MAX);
         self.0
+            .inner()
             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| {
                 (n < max).then_some(n + 1)
             })
@@ -93,17 +96,22 @@ impl Gauge {
 
     /// How many are held now.
     pub fn get(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        u64::try_from(self.0.get()).unwrap_or(0)
+    }
+
+    /// The same count as a metric, to register.
+    pub fn metric(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.0.clone()
     }
 }
 
 /// Holds one unit of a [`Gauge`].
 #[derive(Debug)]
-pub struct GaugeGuard(Arc<AtomicU64>);
+pub struct GaugeGuard(prometheus_client::metrics::gauge::Gauge);
 
 impl Drop for GaugeGuard {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        self.0.dec();
     }
 }
 

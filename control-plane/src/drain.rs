@@ -26,7 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::agents::AgentApi;
 use crate::error::ApiError;
-use crate::hosts::{request, HostClients};
+use crate::hosts::{request, HostClients, HostMethod};
 use crate::placement;
 use crate::start::{start_on_candidates, Placed, StartOutcome};
 
@@ -330,10 +330,16 @@ impl Drainer {
         };
         let stopped = self
             .hosts
-            .call(&host, grace + Duration::from_secs(6), false, |mut c, d| {
-                let msg = msg.clone();
-                async move { c.stop_agent(request(msg, d)).await }
-            })
+            .call(
+                &host,
+                HostMethod::StopAgent,
+                grace + Duration::from_secs(6),
+                false,
+                |mut c, d| {
+                    let msg = msg.clone();
+                    async move { c.stop_agent(request(msg, d)).await }
+                },
+            )
             .await;
         if let Err(e) = stopped {
             tracing::warn!(agent = %agent.id, host = %agent.host, error = %e, "stop of a moved agent's old copy failed; fencing kills it at that host's next heartbeat");

@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane::proto::v1::host_agent_client::HostAgentClient;
@@ -18,6 +18,8 @@ use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
 
 use crate::error::ApiError;
+pub use crate::metrics::HostMethod;
+use crate::metrics::Metrics;
 
 /// Most cached channels; past it the cache is emptied and refilled on demand.
 const MAX_CHANNELS: usize = 1024;
@@ -94,6 +96,7 @@ pub struct HostClients {
     /// TLS to host agents (each must present `<host-id>.host.agentplane`),
     /// or plaintext under `--insecure`.
     transport: Transport,
+    metrics: Arc<Metrics>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -102,15 +105,21 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 
 impl HostClients {
     /// Clients whose calls time out after `timeout` (plus any extra per
-    /// call), over `transport`.
-    pub fn new(timeout: Duration, transport: Transport) -> Self {
+    /// call), over `transport`; each call is timed in `metrics`.
+    pub fn new(timeout: Duration, transport: Transport, metrics: Arc<Metrics>) -> Self {
         Self {
             channels: Mutex::new(HashMap::new()),
             breakers: Mutex::new(HashMap::new()),
             probes: AtomicU64::new(0),
             timeout,
             transport,
+            metrics,
         }
+    }
+
+    /// Where calls and breakers are counted.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub(crate) fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
@@ -175,6 +184,9 @@ impl HostClients {
         let mut map = lock(&self.breakers);
         let b = map.entry(address.to_owned()).or_default();
         if transport_ok {
+            if b.open_until.is_some() {
+                self.metrics.breaker(address, false);
+            }
             *b = Breaker::default();
             return;
         }
@@ -183,6 +195,7 @@ impl HostClients {
         if b.failures >= OPEN_AFTER {
             if b.open_until.is_none() {
                 tracing::warn!(%address, failures = b.failures, "host circuit opened");
+                self.metrics.breaker(address, true);
             }
             b.open_until = Some(Instant::now() + OPEN_FOR);
         }
@@ -191,9 +204,28 @@ impl HostClients {
         }
     }
 
-    /// Calls `f` on `host` with the default deadline plus `extra`. An
-    /// `idempotent` call is retried once after a transport failure.
+    /// Calls `f` (which makes the RPC `method`) on `host` with the default
+    /// deadline plus `extra`. An `idempotent` call is retried once after a
+    /// transport failure. The whole call is timed in the metrics.
     pub async fn call<T, F, Fut>(
+        &self,
+        host: &HostRecord,
+        method: HostMethod,
+        extra: Duration,
+        idempotent: bool,
+        f: F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        let t = Instant::now();
+        let r = self.call_with_retry(host, extra, idempotent, f).await;
+        self.metrics.host_call(method, &r, t.elapsed());
+        r
+    }
+
+    async fn call_with_retry<T, F, Fut>(
         &self,
         host: &HostRecord,
         extra: Duration,
@@ -280,7 +312,11 @@ mod tests {
 
     #[tokio::test]
     async fn the_circuit_opens_after_repeated_failures_and_lets_one_probe_through() {
-        let c = HostClients::new(Duration::from_secs(1), Transport::Insecure);
+        let c = HostClients::new(
+            Duration::from_secs(1),
+            Transport::Insecure,
+            Metrics::unregistered(),
+        );
         for _ in 0..OPEN_AFTER {
             c.admit("h:1").expect("closed").record(false);
         }
@@ -297,7 +333,11 @@ mod tests {
     #[tokio::test]
     async fn a_cancelled_probe_does_not_keep_the_circuit_open() {
         tokio::time::pause();
-        let c = HostClients::new(Duration::from_secs(1), Transport::Insecure);
+        let c = HostClients::new(
+            Duration::from_secs(1),
+            Transport::Insecure,
+            Metrics::unregistered(),
+        );
         let host = HostRecord {
             id: "h1".into(),
             address: "127.0.0.1:9".into(),
@@ -312,7 +352,7 @@ mod tests {
         let hang = |_client, _deadline| std::future::pending::<Result<tonic::Response<()>, _>>();
         let cancelled = tokio::time::timeout(
             Duration::from_millis(10),
-            c.call(&host, Duration::ZERO, false, hang),
+            c.call(&host, HostMethod::StopAgent, Duration::ZERO, false, hang),
         )
         .await;
         assert!(

@@ -12,6 +12,7 @@ mod error;
 mod host_service;
 pub mod hosts;
 mod live_hosts;
+pub mod metrics;
 mod placement;
 mod quota;
 mod reconciler;
@@ -63,6 +64,9 @@ pub enum ControlPlaneError {
     /// The gRPC server could not start or failed.
     #[error(transparent)]
     Server(#[from] ServerError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] agentplane::metrics::MetricsError),
 }
 
 /// Serves the control plane on `listener` until `shutdown` resolves, then
@@ -72,7 +76,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ControlPlaneError> {
-    let registry = config.registry().map_err(ControlPlaneError::Config)?;
+    let mut metric_registry = agentplane::metrics::registry("control-plane");
+    let metrics = metrics::Metrics::register(&mut metric_registry);
+    let registry = config
+        .registry()
+        .map_err(ControlPlaneError::Config)?
+        .with_metrics(metrics.redis.clone());
+    let metrics_listener = match config.serve.metrics_listen {
+        Some(addr) => Some(agentplane::metrics::bind(addr).await?),
+        None => None,
+    };
     let local = listener
         .local_addr()
         .map_err(ControlPlaneError::ListenerAddress)?;
@@ -94,12 +107,14 @@ pub async fn run(
     let hosts = Arc::new(HostClients::new(
         config.host_call_timeout,
         transport.clone(),
+        metrics.clone(),
     ));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     tasks.spawn("registry health", {
         let registry = registry.clone();
         let cancel = cancel.clone();
+        let redis = metrics.redis.clone();
         async move {
             // SERVING only while Redis answers: a load balancer then routes
             // around a replica that cannot reach the registry.
@@ -109,7 +124,9 @@ pub async fn run(
                     () = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                match registry.ping().await {
+                let answered = registry.ping().await;
+                redis.set_up(answered.is_ok());
+                match answered {
                     Ok(()) => {
                         health.set_serving::<AgentServiceServer<AgentApi>>().await;
                         health.set_serving::<HostServiceServer<HostApi>>().await;
@@ -152,6 +169,13 @@ pub async fn run(
         )
         .run(cancel.clone()),
     );
+    agent_api.register_metrics(&mut metric_registry);
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(
+            "metrics",
+            agentplane::metrics::serve(listener, Arc::new(metric_registry), cancel.clone()),
+        );
+    }
     let routes = Routes::new(health_service.clone())
         .add_service(agents::AgentRoutes::new(agent_api.clone()))
         .add_service(HostServiceServer::new(HostApi::new(

@@ -106,7 +106,13 @@ impl Reconciler {
                 _ = tick.tick() => {}
             }
             self.slow_read = false;
+            let t = Instant::now();
             let result = self.pass().await;
+            let m = self.hosts.metrics();
+            m.reconcile_passes.observe(t.elapsed().as_secs_f64());
+            if result.is_err() {
+                m.reconcile_errors.inc();
+            }
             if self.slow_read {
                 // Answered, but late: see `read_took`.
                 self.last_error = Some(Instant::now());
@@ -274,6 +280,7 @@ impl Reconciler {
     /// The agents of a host whose key expired.
     async fn lost_host(&self, host: &str) -> Result<(), RegistryError> {
         if self.registry.mark_host_lost(host).await? {
+            self.hosts.metrics().hosts_lost.inc();
             tracing::warn!(%host, "host lost: its heartbeat key expired");
         }
         self.settle_host(host, true).await
@@ -304,6 +311,7 @@ impl Reconciler {
                     if !lost {
                         continue;
                     }
+                    self.hosts.metrics().agent_lost(ExitReason::HostLost);
                     tracing::warn!(agent = %agent.id, %host, "agent LOST with its host");
                     agent.state = AgentState::Lost as i32;
                 }

@@ -100,7 +100,14 @@ pub async fn restart_lost(registry: &Registry, hosts: &Arc<HostClients>, agent: 
             return false;
         }
     }
-    match relocate(registry, hosts, agent, AgentState::Lost).await {
+    let placed = relocate(registry, hosts, agent, AgentState::Lost).await;
+    if matches!(
+        placed,
+        Ok(Relocated::Started { .. } | Relocated::Pending { .. })
+    ) {
+        hosts.metrics().agents_rescheduled.inc();
+    }
+    match placed {
         Ok(Relocated::Started { host }) => {
             tracing::info!(agent = %agent.id, to = ?host, "LOST agent placed again");
             true

@@ -12,7 +12,7 @@ use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, UpdateOutc
 use agentplane::time::now_ms;
 
 use crate::error::ApiError;
-use crate::hosts::{request, HostClients};
+use crate::hosts::{request, HostClients, HostMethod};
 
 /// How many hosts one start tries before it leaves the record PENDING.
 pub const MAX_ATTEMPTS: usize = 3;
@@ -65,10 +65,16 @@ pub async fn start_on(
         spec: Some(agent.spec.clone()),
     };
     hosts
-        .call(host, Duration::ZERO, true, |mut c, d| {
-            let msg = msg.clone();
-            async move { c.start_agent(request(msg, d)).await }
-        })
+        .call(
+            host,
+            HostMethod::StartAgent,
+            Duration::ZERO,
+            true,
+            |mut c, d| {
+                let msg = msg.clone();
+                async move { c.start_agent(request(msg, d)).await }
+            },
+        )
         .await
 }
 

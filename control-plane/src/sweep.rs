@@ -302,6 +302,7 @@ impl Sweep {
             )
             .await?;
         if lost {
+            self.hosts.metrics().agent_lost(why);
             tracing::warn!(agent = %agent.id, host = %agent.host, reason = ?why, "agent LOST: {detail}");
         }
         Ok(lost)

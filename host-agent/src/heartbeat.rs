@@ -68,6 +68,14 @@ pub async fn run(
         let result = beat(&registry, &mut conn, &host, &ids, ttl, limit).await;
         // Published with the next beat: `hosts ls` and the benchmark read it.
         host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
+        let metrics = supervisor.metrics();
+        metrics.redis.set_up(result.is_ok());
+        match &result {
+            Ok(_) => metrics.heartbeats.observe(started.elapsed().as_secs_f64()),
+            Err(_) => {
+                metrics.heartbeat_failures.inc();
+            }
+        }
         match result {
             Ok(report) => {
                 renewed = started;

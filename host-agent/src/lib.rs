@@ -8,6 +8,7 @@ pub mod config;
 mod heartbeat;
 pub mod identity;
 pub mod keeper;
+pub mod metrics;
 mod service;
 mod status;
 pub mod supervisor;
@@ -58,6 +59,9 @@ pub enum HostAgentError {
     /// The keeper could not be reached or started.
     #[error(transparent)]
     Keeper(#[from] keeper::KeeperError),
+    /// The metrics endpoint could not start.
+    #[error(transparent)]
+    Metrics(#[from] agentplane::metrics::MetricsError),
     /// The keeper died while this host agent ran; its agents died with it.
     #[error("the keeper process died, and every agent with it: the host agent ends so that its supervisor starts it again (with a new keeper)")]
     KeeperGone,
@@ -81,7 +85,16 @@ pub async fn run(
     config: Config,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), HostAgentError> {
-    let registry = config.registry().map_err(HostAgentError::Config)?;
+    let mut metric_registry = agentplane::metrics::registry("host-agent");
+    let metrics = metrics::Metrics::register(&mut metric_registry);
+    let registry = config
+        .registry()
+        .map_err(HostAgentError::Config)?
+        .with_metrics(metrics.redis.clone());
+    let metrics_listener = match config.serve.metrics_listen {
+        Some(addr) => Some(agentplane::metrics::bind(addr).await?),
+        None => None,
+    };
     // Run directories of agents the keeper still runs are adopted; the
     // others are removed once the keeper has said which (Supervisor::adopt).
     let agents_dir = config.data_dir.join("agents");
@@ -149,7 +162,19 @@ pub async fn run(
         config.data_dir.clone(),
         keeper.clone(),
         cgroups,
+        metrics,
     );
+    metrics::Metrics::register_supervisor(&mut metric_registry, &supervisor);
+    if let Some(listener) = metrics_listener {
+        tasks.spawn(
+            "metrics",
+            agentplane::metrics::serve(
+                listener,
+                std::sync::Arc::new(metric_registry),
+                cancel.clone(),
+            ),
+        );
+    }
     // Before the first heartbeat, which settles the records of every agent
     // of this host that this start does not hold.
     supervisor.adopt(kept);

@@ -5,6 +5,7 @@
 pub mod bench;
 mod cluster;
 pub mod cpu;
+pub mod metrics;
 pub mod netns;
 pub mod output;
 pub mod pki;
@@ -16,7 +17,7 @@ pub mod soak;
 use std::future::Future;
 use std::time::Duration;
 
-pub use cluster::{bin, bin_dir, Builder, TestCluster};
+pub use cluster::{bin, bin_dir, Builder, Server, TestCluster};
 pub use process::Proc;
 pub use redis_server::{free_port, RedisServer};
 

@@ -93,6 +93,8 @@ pub struct Registry {
     conn: ConnectionManager,
     keys: Keys,
     url: String,
+    /// Where failed Redis calls are counted, by step.
+    metrics: Option<std::sync::Arc<crate::metrics::RedisMetrics>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -179,7 +181,14 @@ impl Registry {
             conn,
             keys: Keys::new(prefix),
             url: shown,
+            metrics: None,
         })
+    }
+
+    /// This registry, counting every failed Redis call in `metrics`.
+    pub fn with_metrics(mut self, metrics: std::sync::Arc<crate::metrics::RedisMetrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     /// The key names in use.
@@ -194,10 +203,15 @@ impl Registry {
 
     /// Wraps a Redis error with the step that failed.
     fn err(&self, step: &'static str) -> impl FnOnce(redis::RedisError) -> RegistryError + '_ {
-        move |source| RegistryError::Redis {
-            step,
-            url: self.url.clone(),
-            source,
+        move |source| {
+            if let Some(m) = &self.metrics {
+                m.error(step);
+            }
+            RegistryError::Redis {
+                step,
+                url: self.url.clone(),
+                source,
+            }
         }
     }
 

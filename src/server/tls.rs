@@ -65,6 +65,12 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTPLANE_HEALTH_LISTEN")]
     pub health_listen: Option<std::net::SocketAddr>,
 
+    /// Serve Prometheus metrics at `http://ADDR/metrics` (plaintext, no
+    /// authentication: bind it where only the scraper reaches). Unset: no
+    /// metrics endpoint.
+    #[arg(long, env = "AGENTPLANE_METRICS_LISTEN")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
+
     /// Most client connections served at once; more are closed at once
     /// (a flood of idle or half-open connections cannot exhaust the server).
     #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -263,6 +269,7 @@ mod tests {
             tls_client_ca: None,
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
+            metrics_listen: None,
             max_connections: 4096,
             max_streams: 16384,
             insecure: false,
@@ -292,6 +299,7 @@ mod tests {
             tls_client_ca: None,
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
+            metrics_listen: None,
             max_connections: 4096,
             max_streams: 16384,
             insecure: false,

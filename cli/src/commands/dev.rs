@@ -43,6 +43,14 @@ pub struct DevArgs {
     /// new temporary directory, removed at exit).
     #[arg(long, env = "AGENTPLANE_DEV_DATA_DIR")]
     pub data_dir: Option<PathBuf>,
+    /// Serve the control plane's Prometheus metrics at this address's
+    /// `/metrics` (plaintext).
+    #[arg(long, env = "AGENTPLANE_DEV_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+    /// Serve the host agent's Prometheus metrics at this address's
+    /// `/metrics` (plaintext; each server has its own).
+    #[arg(long, env = "AGENTPLANE_DEV_HOST_METRICS_LISTEN")]
+    pub host_metrics_listen: Option<SocketAddr>,
 }
 
 /// A redis-server child that dies with us (SIGKILL included) and is stopped
@@ -233,7 +241,9 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         path(&secrets.control_plane.1),
     );
     let (host_cert, host_key) = (path(&secrets.host.0), path(&secrets.host.1));
-    let cp_config = parse_isolated::<agentplane_control_plane::Config>(&[
+    let cp_metrics = args.metrics_listen.map(|a| a.to_string());
+    let cp_addr_s = cp_addr.to_string();
+    let mut cp_args = vec![
         "control-plane",
         "--tls-cert",
         &cp_cert,
@@ -244,10 +254,14 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         "--token-file",
         &tokens,
         "--listen",
-        &cp_addr.to_string(),
+        &cp_addr_s,
         "--redis-url",
         &redis_url,
-    ])?;
+    ];
+    if let Some(m) = &cp_metrics {
+        cp_args.extend(["--metrics-listen", m]);
+    }
+    let cp_config = parse_isolated::<agentplane_control_plane::Config>(&cp_args)?;
     cp_config
         .validate()
         .map_err(|m| anyhow::anyhow!("control plane: {m}"))?;
@@ -282,6 +296,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     ];
     if root {
         host_args.push("--allow-root-agents");
+    }
+    let host_metrics = args.host_metrics_listen.map(|a| a.to_string());
+    if let Some(m) = &host_metrics {
+        host_args.extend(["--metrics-listen", m.as_str()]);
     }
     let host_config = parse_isolated::<agentplane_host_agent::Config>(&host_args)?;
     host_config

@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use super::{stop_deadline, AgentApi};
 use crate::error::ApiError;
-use crate::hosts::request;
+use crate::hosts::{request, HostMethod};
 
 /// Grace when neither the request nor the spec gives one (the host's default too).
 const DEFAULT_GRACE: Duration = Duration::from_secs(10);
@@ -37,16 +37,26 @@ impl AgentApi {
         let msg = HostAgentRef { id: id.to_owned() };
         let called = self
             .hosts
-            .call(&host, Duration::ZERO, false, |mut c, d| {
-                let msg = msg.clone();
-                async move {
-                    if pause {
-                        c.pause_agent(request(msg, d)).await
-                    } else {
-                        c.resume_agent(request(msg, d)).await
+            .call(
+                &host,
+                if pause {
+                    HostMethod::PauseAgent
+                } else {
+                    HostMethod::ResumeAgent
+                },
+                Duration::ZERO,
+                false,
+                |mut c, d| {
+                    let msg = msg.clone();
+                    async move {
+                        if pause {
+                            c.pause_agent(request(msg, d)).await
+                        } else {
+                            c.resume_agent(request(msg, d)).await
+                        }
                     }
-                }
-            })
+                },
+            )
             .await;
         self.answered(&agent, called).await?;
         self.agent(id).await
@@ -72,10 +82,16 @@ impl AgentApi {
         };
         let stopped = self
             .hosts
-            .call(&host, stop_deadline(grace), false, |mut c, d| {
-                let msg = msg.clone();
-                async move { c.stop_agent(request(msg, d)).await }
-            })
+            .call(
+                &host,
+                HostMethod::StopAgent,
+                stop_deadline(grace),
+                false,
+                |mut c, d| {
+                    let msg = msg.clone();
+                    async move { c.stop_agent(request(msg, d)).await }
+                },
+            )
             .await;
         match stopped {
             Err(e) if not_held(&e) => self.stopped_elsewhere(&agent, &e).await,
@@ -103,10 +119,16 @@ impl AgentApi {
         };
         let called = self
             .hosts
-            .call(&host, stop_deadline(Duration::ZERO), false, |mut c, d| {
-                let msg = msg.clone();
-                async move { c.signal_agent(request(msg, d)).await }
-            })
+            .call(
+                &host,
+                HostMethod::SignalAgent,
+                stop_deadline(Duration::ZERO),
+                false,
+                |mut c, d| {
+                    let msg = msg.clone();
+                    async move { c.signal_agent(request(msg, d)).await }
+                },
+            )
             .await;
         self.answered(&agent, called).await?;
         self.agent(id).await
@@ -136,6 +158,7 @@ impl AgentApi {
                     )
                     .await?
                 {
+                    self.hosts.metrics().agent_lost(ExitReason::NotOnHost);
                     tracing::warn!(agent = %agent.id, host = %agent.host, "agent LOST: its host does not hold it");
                 }
                 Err(ApiError::IllegalTransition {
@@ -222,10 +245,16 @@ impl AgentApi {
             let msg = HostAgentRef { id: id.to_owned() };
             if let Err(e) = self
                 .hosts
-                .call(&host, Duration::ZERO, true, |mut c, d| {
-                    let msg = msg.clone();
-                    async move { c.forget_agent(request(msg, d)).await }
-                })
+                .call(
+                    &host,
+                    HostMethod::ForgetAgent,
+                    Duration::ZERO,
+                    true,
+                    |mut c, d| {
+                        let msg = msg.clone();
+                        async move { c.forget_agent(request(msg, d)).await }
+                    },
+                )
                 .await
             {
                 tracing::debug!(agent = %id, error = %e, "host did not forget the agent");

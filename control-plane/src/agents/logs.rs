@@ -15,7 +15,7 @@ use tonic::Status;
 use super::AgentApi;
 use crate::auth::Caller;
 use crate::error::ApiError;
-use crate::hosts::request;
+use crate::hosts::{request, HostMethod};
 use crate::quota::Held;
 
 /// The stream type of StreamLogs.
@@ -147,10 +147,16 @@ impl AgentApi {
         let agent = self.agent(&req.id).await?;
         let host = self.host_of(&agent).await?;
         self.hosts
-            .call(&host, Duration::from_secs(6), false, |mut c, d| {
-                let msg = req.clone();
-                async move { c.write_input(request(msg, d)).await }
-            })
+            .call(
+                &host,
+                HostMethod::WriteInput,
+                Duration::from_secs(6),
+                false,
+                |mut c, d| {
+                    let msg = req.clone();
+                    async move { c.write_input(request(msg, d)).await }
+                },
+            )
             .await?;
         Ok(())
     }

@@ -46,6 +46,20 @@ pub struct AgentApi {
 }
 
 impl AgentApi {
+    /// Registers the live stream counts in `r`.
+    pub fn register_metrics(&self, r: &mut agentplane::metrics::MetricRegistry) {
+        r.register(
+            "log_streams",
+            "Log streams (StreamLogs, Attach) open now",
+            self.log_streams.metric(),
+        );
+        r.register(
+            "watch_streams",
+            "WatchAgents streams open now",
+            self.watchers.metric(),
+        );
+    }
+
     /// The API over `registry`, calling hosts through `hosts`; watch streams
     /// run as `tasks` and end on `cancel`; each token is held to `quotas`.
     pub fn new(
@@ -131,7 +145,10 @@ impl AgentService for AgentApi {
             caller.may_spawn(spec)?;
         }
         self.quotas.spawn(&caller)?;
-        let mut out = match self.spawn(r, &caller).await {
+        let t = std::time::Instant::now();
+        let spawned = self.spawn(r, &caller).await;
+        self.hosts.metrics().spawned(&spawned, t.elapsed());
+        let mut out = match spawned {
             // A name held by an agent outside the caller's selector: said
             // to be taken, but not by whom.
             Err(ApiError::NameTaken { name, owner }) if caller.restricted() => {

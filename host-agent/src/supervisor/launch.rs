@@ -96,7 +96,10 @@ impl Supervisor {
             let by_thread = self.keeper.version >= crate::keeper::proto::TASKS_VERSION;
             launch.cgroup_procs = cg.join_files(by_thread);
         }
-        let run = match self.keeper.spawn(&slot.tag, launch).await {
+        let t = std::time::Instant::now();
+        let spawned = self.keeper.spawn(&slot.tag, launch).await;
+        self.metrics.started(&spawned, t.elapsed());
+        let run = match spawned {
             Ok(run) => run,
             Err(KeeperError::Spawn(e)) => return Err(e),
             Err(e) => return Err(std::io::Error::other(e.to_string())),
@@ -115,6 +118,7 @@ impl Supervisor {
             }
             if restart {
                 st.restarts += 1;
+                self.metrics.restarts.inc();
             }
             stopped
         };

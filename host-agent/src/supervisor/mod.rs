@@ -85,6 +85,7 @@ pub struct Supervisor {
     starts: std::sync::atomic::AtomicU64,
     /// This host's cgroups (each agent gets one when there are).
     cgroups: crate::cgroup::Cgroups,
+    metrics: Arc<crate::metrics::Metrics>,
 }
 
 /// What one host agent takes on at most.
@@ -112,6 +113,7 @@ impl Supervisor {
         data_dir: std::path::PathBuf,
         keeper: Arc<Keeper>,
         cgroups: crate::cgroup::Cgroups,
+        metrics: Arc<crate::metrics::Metrics>,
     ) -> Arc<Self> {
         Arc::new(Self {
             host_id,
@@ -131,7 +133,37 @@ impl Supervisor {
             log_writers: output::LogWriters::start(LOG_WRITER_THREADS),
             starts: std::sync::atomic::AtomicU64::new(0),
             cgroups,
+            metrics,
         })
+    }
+
+    /// Where starts, exits and heartbeats are counted.
+    pub fn metrics(&self) -> &Arc<crate::metrics::Metrics> {
+        &self.metrics
+    }
+
+    /// The log writers' byte counters.
+    pub fn log_bytes(&self) -> output::LogBytes {
+        self.log_writers.bytes().clone()
+    }
+
+    /// The count of output streams open now, as a metric.
+    pub fn log_stream_gauge(&self) -> prometheus_client::metrics::gauge::Gauge {
+        self.log_streams.metric()
+    }
+
+    /// How many agents this host holds in each state (states with none
+    /// left out).
+    pub fn count_by_state(&self) -> crate::metrics::StateCounts {
+        let mut counts: crate::metrics::StateCounts = Vec::new();
+        for slot in self.map().values() {
+            let state = slot.snapshot().state;
+            match counts.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((state, 1)),
+            }
+        }
+        counts
     }
 
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AgentSlot>>> {

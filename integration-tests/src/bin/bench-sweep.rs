@@ -118,6 +118,7 @@ async fn main() -> anyhow::Result<()> {
     let hosts = Arc::new(HostClients::new(
         Duration::from_secs(5),
         agentplane::server::Transport::Insecure,
+        agentplane_control_plane::metrics::Metrics::unregistered(),
     ));
     let mut sweep = Sweep::new(registry.clone(), hosts, Duration::from_secs(11));
     let mut slices = Vec::new();

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use agentplane::proto::v1::{LogChunk, LogStream};
 use tokio::sync::{oneshot, watch};
 
-pub use writer::LogWriters;
+pub use writer::{LogBytes, LogWriters};
 
 /// Default cap of an agent's output on disk.
 pub const DEFAULT_CAP: u64 = 64 * 1024 * 1024;
@@ -50,6 +50,8 @@ pub(crate) struct Shared {
     /// A write failed (logged once per log).
     failing: AtomicBool,
     id: String,
+    /// This host agent's byte counters.
+    bytes: LogBytes,
 }
 
 /// What one drain of a pipe did.
@@ -84,16 +86,22 @@ impl Shared {
             let want = waiting.min(left).min(self.disk.max_record());
             let now = agentplane::time::now_ms();
             let n = if self.removed.load(Ordering::Relaxed) {
-                discard(src, want, scratch)?
+                let n = discard(src, want, scratch)?;
+                self.bytes.dropped.inc_by(n);
+                n
             } else {
                 match self.disk.splice_record(src, stream, want, now) {
                     Ok(0) => return Ok(Drained { moved, empty: true }),
-                    Ok(n) => n,
+                    Ok(n) => {
+                        self.bytes.written.inc_by(n);
+                        n
+                    }
                     Err(e) => {
                         if !self.failing.swap(true, Ordering::Relaxed) {
                             tracing::error!(agent = %self.id, error = %e, "cannot write agent output to disk; readers will see a gap");
                         }
                         let n = discard(src, want, scratch)?;
+                        self.bytes.dropped.inc_by(n);
                         self.disk.skip_to(self.disk.end() + n);
                         n
                     }
@@ -174,6 +182,7 @@ impl OutputLog {
                 removed: AtomicBool::new(false),
                 failing: AtomicBool::new(false),
                 id: id.to_owned(),
+                bytes: writers.bytes().clone(),
             }),
             writers,
             pipes: Mutex::new(Vec::new()),

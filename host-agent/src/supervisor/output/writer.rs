@@ -42,6 +42,18 @@ pub struct LogWriters {
     queue: Sender<Job>,
     /// Jobs queued and not yet taken by a thread.
     waiting: Arc<AtomicUsize>,
+    /// Every log's bytes, written and dropped.
+    bytes: LogBytes,
+}
+
+/// Agents' output bytes of every log of this host agent, as metrics.
+#[derive(Debug, Clone, Default)]
+pub struct LogBytes {
+    /// Written into log files.
+    pub written: prometheus_client::metrics::counter::Counter,
+    /// Read out of an agent's pipe and not written (the disk refused them,
+    /// or the log was deleted): readers see a gap.
+    pub dropped: prometheus_client::metrics::counter::Counter,
 }
 
 impl LogWriters {
@@ -60,7 +72,16 @@ impl LogWriters {
                 tracing::error!(error = %e, "cannot start a log writer thread");
             }
         }
-        Self { queue, waiting }
+        Self {
+            queue,
+            waiting,
+            bytes: LogBytes::default(),
+        }
+    }
+
+    /// The byte counters every log of these writers adds to.
+    pub fn bytes(&self) -> &LogBytes {
+        &self.bytes
     }
 
     /// Queues a turn. When no thread is running the job is dropped and its

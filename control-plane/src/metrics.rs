@@ -1,0 +1,210 @@
+//! The control plane's metrics, in its own registry: spawns end to end,
+//! calls to hosts, reconcile passes, hosts and agents lost and placed again
+//! (each counted by the one replica whose registry write won), open
+//! breakers, live streams, and Redis as this replica sees it.
+
+use std::sync::Arc;
+
+use agentplane::metrics::{self, DurationFamily, MetricRegistry, OutcomeLabels, RedisMetrics};
+use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Unit;
+
+/// A host agent RPC the control plane makes, as a label value (its gRPC
+/// method name).
+#[derive(Debug, Clone, Copy, Hash, PartialEq, Eq)]
+pub enum HostMethod {
+    /// `HostAgent/StartAgent`.
+    StartAgent,
+    /// `HostAgent/StopAgent`.
+    StopAgent,
+    /// `HostAgent/PauseAgent`.
+    PauseAgent,
+    /// `HostAgent/ResumeAgent`.
+    ResumeAgent,
+    /// `HostAgent/SignalAgent`.
+    SignalAgent,
+    /// `HostAgent/ForgetAgent`.
+    ForgetAgent,
+    /// `HostAgent/WriteInput`.
+    WriteInput,
+    /// `HostAgent/ReadLogs` (a followed or read log, opened by the relay).
+    ReadLogs,
+}
+
+impl HostMethod {
+    fn name(self) -> &'static str {
+        match self {
+            Self::StartAgent => "StartAgent",
+            Self::StopAgent => "StopAgent",
+            Self::PauseAgent => "PauseAgent",
+            Self::ResumeAgent => "ResumeAgent",
+            Self::SignalAgent => "SignalAgent",
+            Self::ForgetAgent => "ForgetAgent",
+            Self::WriteInput => "WriteInput",
+            Self::ReadLogs => "ReadLogs",
+        }
+    }
+}
+
+impl EncodeLabelValue for HostMethod {
+    fn encode(&self, e: &mut LabelValueEncoder) -> Result<(), std::fmt::Error> {
+        std::fmt::Write::write_str(e, self.name())
+    }
+}
+
+/// `{method, outcome}` of a host call.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HostCallLabels {
+    /// The RPC.
+    pub method: HostMethod,
+    /// How it ended (`error`: unreachable, refused or timed out).
+    pub outcome: metrics::Outcome,
+}
+
+/// `{reason}` an agent was declared LOST for (`EXIT_REASON_HOST_LOST`, …).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The exit reason's proto name.
+    pub reason: &'static str,
+}
+
+/// `{address}` of a host whose breaker is open.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AddressLabels {
+    /// The host agent's address.
+    pub address: String,
+}
+
+/// Every metric of one control plane.
+#[derive(Debug)]
+pub struct Metrics {
+    /// SpawnAgent, from request to answer, by outcome.
+    pub spawns: DurationFamily<OutcomeLabels>,
+    /// Calls to host agents (all attempts of one call), by method and outcome.
+    pub host_calls: DurationFamily<HostCallLabels>,
+    /// Reconcile passes.
+    pub reconcile_passes: Histogram,
+    /// Reconcile passes that failed.
+    pub reconcile_errors: Counter,
+    /// Hosts this replica declared lost.
+    pub hosts_lost: Counter,
+    /// Agents this replica declared LOST, by reason.
+    pub agents_lost: Family<ReasonLabels, Counter>,
+    /// LOST agents this replica placed again.
+    pub agents_rescheduled: Counter,
+    /// 1 for each host address whose circuit is open (no series: closed).
+    pub breakers_open: Family<AddressLabels, Gauge>,
+    /// Redis as this replica sees it.
+    pub redis: Arc<RedisMetrics>,
+}
+
+impl Metrics {
+    /// The metrics, registered in `r`.
+    pub fn register(r: &mut MetricRegistry) -> Arc<Self> {
+        let m = Self {
+            spawns: metrics::duration_family(
+                r,
+                "spawn_duration",
+                "SpawnAgent calls from request to answer, by outcome",
+            ),
+            host_calls: metrics::duration_family(
+                r,
+                "host_call_duration",
+                "Calls to host agents (with their retry), by method and outcome",
+            ),
+            reconcile_passes: metrics::duration_histogram(),
+            reconcile_errors: Counter::default(),
+            hosts_lost: Counter::default(),
+            agents_lost: Family::default(),
+            agents_rescheduled: Counter::default(),
+            breakers_open: Family::default(),
+            redis: RedisMetrics::register(r),
+        };
+        r.register_with_unit(
+            "reconcile_pass_duration",
+            "Reconcile passes of this replica",
+            Unit::Seconds,
+            m.reconcile_passes.clone(),
+        );
+        r.register(
+            "reconcile_errors",
+            "Reconcile passes that failed (the registry did not answer)",
+            m.reconcile_errors.clone(),
+        );
+        r.register(
+            "hosts_lost",
+            "Hosts declared lost (heartbeat expired); counted by the replica whose write won, so the sum over replicas counts each once",
+            m.hosts_lost.clone(),
+        );
+        r.register(
+            "agents_lost",
+            "Agents declared LOST (their host lost, their lease expired, not on their host), by reason; counted once across replicas",
+            m.agents_lost.clone(),
+        );
+        r.register(
+            "agents_rescheduled",
+            "LOST agents placed again on another host; counted once across replicas",
+            m.agents_rescheduled.clone(),
+        );
+        r.register(
+            "host_breaker_open",
+            "1 while calls to this host address fail fast (its circuit is open)",
+            m.breakers_open.clone(),
+        );
+        // Both outcomes from the start: a rate of errors reads 0, not
+        // nothing, before the first one.
+        for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
+            drop(m.spawns.get_or_create(&OutcomeLabels { outcome }));
+        }
+        Arc::new(m)
+    }
+
+    /// Metrics registered nowhere (tests).
+    pub fn unregistered() -> Arc<Self> {
+        Self::register(&mut MetricRegistry::default())
+    }
+
+    /// This replica declared an agent LOST for `why`.
+    pub fn agent_lost(&self, why: agentplane::proto::v1::ExitReason) {
+        self.agents_lost
+            .get_or_create(&ReasonLabels {
+                reason: why.as_str_name(),
+            })
+            .inc();
+    }
+
+    /// One SpawnAgent that ended as `r` after `took`.
+    pub fn spawned<T, E>(&self, r: &Result<T, E>, took: std::time::Duration) {
+        self.spawns
+            .get_or_create(&OutcomeLabels {
+                outcome: metrics::Outcome::of(r),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// One call to a host that ended as `r` after `took`.
+    pub fn host_call<T, E>(&self, method: HostMethod, r: &Result<T, E>, took: std::time::Duration) {
+        self.host_calls
+            .get_or_create(&HostCallLabels {
+                method,
+                outcome: metrics::Outcome::of(r),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// The circuit of `address` opened (`true`) or closed.
+    pub fn breaker(&self, address: &str, open: bool) {
+        let labels = AddressLabels {
+            address: address.to_owned(),
+        };
+        if open {
+            self.breakers_open.get_or_create(&labels).set(1);
+        } else {
+            self.breakers_open.remove(&labels);
+        }
+    }
+}

@@ -1,0 +1,176 @@
+//! The host agent's metrics, in its own registry: agents by state (counted
+//! from the supervisor's memory at each scrape), fork/exec through the
+//! keeper, exits by reason and restarts, heartbeats, log bytes, live log
+//! streams, and Redis as this host sees it.
+
+use std::sync::{Arc, Weak};
+
+use agentplane::metrics::{self, DurationFamily, MetricRegistry, OutcomeLabels, RedisMetrics};
+use agentplane::proto::v1::{AgentState, ExitReason};
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::metrics::MetricType;
+use prometheus_client::registry::Unit;
+
+use crate::supervisor::Supervisor;
+
+/// `{reason}` a run ended for (`COMPLETED`, `SIGNALED`, …).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    /// The exit reason's short name.
+    pub reason: &'static str,
+}
+
+/// `{state}` of an agent (`RUNNING`, …).
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct StateLabels {
+    state: &'static str,
+}
+
+/// Every metric of one host agent but those read from other owners at
+/// scrape time ([`Metrics::register_supervisor`]).
+#[derive(Debug)]
+pub struct Metrics {
+    /// Starts of a run through the keeper (fork, setup, exec), by outcome.
+    pub starts: DurationFamily<OutcomeLabels>,
+    /// Runs that ended, by reason.
+    pub exits: Family<ReasonLabels, Counter>,
+    /// Runs started again by the restart policy.
+    pub restarts: Counter,
+    /// Heartbeats that reached Redis.
+    pub heartbeats: Histogram,
+    /// Heartbeats that failed.
+    pub heartbeat_failures: Counter,
+    /// Redis as this host sees it.
+    pub redis: Arc<RedisMetrics>,
+}
+
+impl Metrics {
+    /// The metrics, registered in `r`.
+    pub fn register(r: &mut MetricRegistry) -> Arc<Self> {
+        let m = Self {
+            starts: metrics::duration_family(
+                r,
+                "agent_start_duration",
+                "Starts of an agent's run through the keeper (fork, setup, exec), by outcome",
+            ),
+            exits: Family::default(),
+            restarts: Counter::default(),
+            heartbeats: metrics::duration_histogram(),
+            heartbeat_failures: Counter::default(),
+            redis: RedisMetrics::register(r),
+        };
+        r.register(
+            "agent_exits",
+            "Agent runs that ended, by reason",
+            m.exits.clone(),
+        );
+        r.register(
+            "agent_restarts",
+            "Agent runs started again by their restart policy",
+            m.restarts.clone(),
+        );
+        r.register_with_unit(
+            "heartbeat_duration",
+            "Heartbeats that reached Redis (host key, agents' leases)",
+            Unit::Seconds,
+            m.heartbeats.clone(),
+        );
+        r.register(
+            "heartbeat_failures",
+            "Heartbeats that failed (Redis unreachable or erroring)",
+            m.heartbeat_failures.clone(),
+        );
+        // Both outcomes from the start: a rate of errors reads 0, not
+        // nothing, before the first one.
+        for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
+            drop(m.starts.get_or_create(&OutcomeLabels { outcome }));
+        }
+        Arc::new(m)
+    }
+
+    /// Metrics registered nowhere (tests).
+    pub fn unregistered() -> Arc<Self> {
+        Self::register(&mut MetricRegistry::default())
+    }
+
+    /// One start through the keeper that ended as `r` after `took`.
+    pub fn started<T, E>(&self, r: &Result<T, E>, took: std::time::Duration) {
+        self.starts
+            .get_or_create(&OutcomeLabels {
+                outcome: metrics::Outcome::of(r),
+            })
+            .observe(took.as_secs_f64());
+    }
+
+    /// A run ended for `reason`.
+    pub fn exited(&self, reason: ExitReason) {
+        self.exits
+            .get_or_create(&ReasonLabels {
+                reason: agentplane::state::reason_name(reason),
+            })
+            .inc();
+    }
+
+    /// Registers in `r` what `supervisor` owns: agents by state, log bytes
+    /// and live log streams.
+    pub fn register_supervisor(r: &mut MetricRegistry, supervisor: &Arc<Supervisor>) {
+        let bytes = supervisor.log_bytes();
+        r.register(
+            "log_written_bytes",
+            "Agents' output bytes written into their log files",
+            bytes.written.clone(),
+        );
+        r.register(
+            "log_dropped_bytes",
+            "Agents' output bytes read and not written (the disk refused them, or the log was deleted): readers see a gap",
+            bytes.dropped.clone(),
+        );
+        r.register(
+            "log_streams",
+            "Output streams (ReadLogs, Attach) open now",
+            supervisor.log_stream_gauge(),
+        );
+        r.register_collector(Box::new(AgentStates(Arc::downgrade(supervisor))));
+    }
+}
+
+/// `agentplane_agents{state}`, counted at each scrape from the supervisor's
+/// map; every state is present (0 when none), so the series never change.
+#[derive(Debug)]
+struct AgentStates(Weak<Supervisor>);
+
+impl Collector for AgentStates {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let counts = self
+            .0
+            .upgrade()
+            .map(|s| s.count_by_state())
+            .unwrap_or_default();
+        let mut family = encoder.encode_descriptor(
+            "agents",
+            "Agents this host agent holds, by state",
+            None,
+            MetricType::Gauge,
+        )?;
+        for state in agentplane::state::ALL {
+            let n = counts
+                .iter()
+                .find(|(s, _)| *s == state)
+                .map_or(0, |(_, n)| *n);
+            let labels = StateLabels {
+                state: agentplane::state::name(state),
+            };
+            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+                .encode(family.encode_family(&labels)?)?;
+        }
+        Ok(())
+    }
+}
+
+/// Agents by state, as [`Supervisor::count_by_state`] returns them.
+pub type StateCounts = Vec<(AgentState, u64)>;
