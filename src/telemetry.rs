@@ -1,22 +1,138 @@
-//! Logging set-up shared by the servers: `tracing` to stderr, filtered by
-//! `AGENTPLANE_LOG` (or `RUST_LOG`), default `info`.
+//! Logging and tracing set-up shared by the servers: `tracing` to stderr,
+//! filtered by `AGENTPLANE_LOG` (or `RUST_LOG`), default `info`; and, when
+//! an OTLP endpoint is given (`--otlp-endpoint` or the standard
+//! `OTEL_EXPORTER_OTLP_ENDPOINT` / `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`),
+//! spans exported over OTLP/gRPC with W3C trace context carried in gRPC
+//! metadata ([`propagate`]). With no endpoint there is no exporter at all.
 
-use tracing_subscriber::EnvFilter;
+pub mod propagate;
 
-/// Installs the global subscriber; `json` selects one JSON object per line.
-/// Calling it twice (tests running several servers in one process) is harmless.
-pub fn init(json: bool) {
+use std::time::Duration;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithExportConfig;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
+
+/// How long [`Telemetry::shutdown`] waits for the last spans to leave.
+const FLUSH_LIMIT: Duration = Duration::from_secs(5);
+
+/// The standard variables that turn the exporter on without the flag.
+const OTLP_ENV: [&str; 2] = [
+    "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    "OTEL_EXPORTER_OTLP_ENDPOINT",
+];
+
+/// Why tracing could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The OTLP exporter could not be built (a malformed endpoint).
+    #[error("--otlp-endpoint: cannot build the OTLP exporter: {0}")]
+    Exporter(String),
+}
+
+/// Who is tracing: the resource attributes of every span.
+#[derive(Debug, Clone)]
+pub struct Service {
+    /// `service.name`: `agentplane-control-plane`, `agentplane-host-agent`.
+    pub name: &'static str,
+    /// `service.instance.id`: unique per running instance.
+    pub instance: String,
+}
+
+/// What [`init`] started; [`Telemetry::shutdown`] flushes it.
+#[derive(Debug, Default)]
+#[must_use = "call shutdown() before exiting, or buffered spans are lost"]
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Whether spans are exported.
+    pub fn exporting(&self) -> bool {
+        self.provider.is_some()
+    }
+
+    /// Exports what is still buffered (bounded), then stops the exporter.
+    pub fn shutdown(self) {
+        if let Some(p) = self.provider {
+            if let Err(e) = p.shutdown_with_timeout(FLUSH_LIMIT) {
+                tracing::warn!(error = %e, "could not flush the last spans to the OTLP endpoint");
+            }
+        }
+    }
+}
+
+/// Installs the global subscriber (JSON lines with `json`). Calling it
+/// twice (several servers in one process) keeps the first; the second
+/// exports nothing. Must run inside a Tokio runtime when exporting: the
+/// exporter's gRPC channel lives on it.
+pub fn init(
+    json: bool,
+    service: Service,
+    otlp_endpoint: Option<&str>,
+) -> Result<Telemetry, TelemetryError> {
     let filter = std::env::var("AGENTPLANE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
         .unwrap_or_else(|| "info".to_owned());
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(EnvFilter::new(filter))
+    let fmt = tracing_subscriber::fmt::layer()
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
-    let _ = if json {
-        builder.json().try_init()
+    let fmt = if json {
+        fmt.json().boxed()
     } else {
-        builder.try_init()
+        fmt.boxed()
     };
+    let exporting =
+        otlp_endpoint.is_some() || OTLP_ENV.iter().any(|v| std::env::var_os(v).is_some());
+    let provider = if exporting {
+        Some(provider(service, otlp_endpoint)?)
+    } else {
+        None
+    };
+    // Spans go to the exporter whatever the log filter says; the filter
+    // only decides what is printed.
+    let otel = provider.as_ref().map(|p| {
+        tracing_opentelemetry::layer()
+            .with_tracer(p.tracer("agentplane"))
+            .with_filter(EnvFilter::new("info"))
+    });
+    let installed = tracing_subscriber::registry()
+        .with(fmt.with_filter(EnvFilter::new(filter)))
+        .with(otel)
+        .try_init()
+        .is_ok();
+    if installed {
+        if let Some(p) = &provider {
+            opentelemetry::global::set_tracer_provider(p.clone());
+        }
+    }
+    Ok(Telemetry {
+        provider: provider.filter(|_| installed),
+    })
+}
+
+fn provider(service: Service, endpoint: Option<&str>) -> Result<SdkTracerProvider, TelemetryError> {
+    let mut exporter = opentelemetry_otlp::SpanExporter::builder().with_tonic();
+    if let Some(e) = endpoint {
+        exporter = exporter.with_endpoint(e);
+    }
+    let exporter = exporter
+        .build()
+        .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+    let resource = opentelemetry_sdk::Resource::builder()
+        .with_service_name(service.name)
+        .with_attributes([
+            KeyValue::new("service.version", crate::VERSION),
+            KeyValue::new("service.instance.id", service.instance),
+        ])
+        .build();
+    Ok(SdkTracerProvider::builder()
+        .with_batch_exporter(exporter)
+        .with_resource(resource)
+        .build())
 }

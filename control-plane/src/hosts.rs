@@ -16,6 +16,7 @@ use agentplane::server::tls::{self, Transport};
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 use tonic::Code;
+use tracing::Instrument;
 
 use crate::error::ApiError;
 pub use crate::metrics::HostMethod;
@@ -219,8 +220,17 @@ impl HostClients {
         F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        let span = tracing::info_span!(
+            "host call",
+            otel.name = method.rpc(),
+            otel.kind = "client",
+            host = %host.id,
+        );
         let t = Instant::now();
-        let r = self.call_with_retry(host, extra, idempotent, f).await;
+        let r = self
+            .call_with_retry(host, extra, idempotent, f)
+            .instrument(span)
+            .await;
         self.metrics.host_call(method, &r, t.elapsed());
         r
     }
@@ -300,9 +310,11 @@ impl HostClients {
 }
 
 /// A request with a gRPC deadline header, so the host also knows when to give up.
+/// It carries the trace context of the host call's span too.
 pub fn request<T>(msg: T, deadline: Duration) -> tonic::Request<T> {
     let mut r = tonic::Request::new(msg);
     r.set_timeout(deadline);
+    agentplane::telemetry::propagate::inject(r.metadata_mut());
     r
 }
 

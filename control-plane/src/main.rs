@@ -25,7 +25,20 @@ async fn main() -> anyhow::Result<()> {
         println!("control-plane: configuration is valid");
         return Ok(());
     }
-    agentplane::telemetry::init(config.log_json);
+    let telemetry = match agentplane::telemetry::init(
+        config.log_json,
+        agentplane::telemetry::Service {
+            name: "agentplane-control-plane",
+            instance: agentplane::ids::new_agent_id(),
+        },
+        config.serve.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("control-plane: {e}");
+            std::process::exit(agentplane::EXIT_USAGE);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -38,6 +51,9 @@ async fn main() -> anyhow::Result<()> {
     if let Ok(addr) = listener.local_addr() {
         println!("listening on {addr}");
     }
-    run(listener, config, agentplane::shutdown::shutdown_signal()).await?;
+    let served = run(listener, config, agentplane::shutdown::shutdown_signal()).await;
+    // The last spans leave before the process does, whatever the outcome.
+    telemetry.shutdown();
+    served?;
     Ok(())
 }

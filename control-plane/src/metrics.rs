@@ -36,6 +36,21 @@ pub enum HostMethod {
 }
 
 impl HostMethod {
+    /// The full gRPC method (`agentplane.v1.HostAgent/StartAgent`): a host
+    /// call's span name, matching the host's own span.
+    pub fn rpc(self) -> &'static str {
+        match self {
+            Self::StartAgent => "agentplane.v1.HostAgent/StartAgent",
+            Self::StopAgent => "agentplane.v1.HostAgent/StopAgent",
+            Self::PauseAgent => "agentplane.v1.HostAgent/PauseAgent",
+            Self::ResumeAgent => "agentplane.v1.HostAgent/ResumeAgent",
+            Self::SignalAgent => "agentplane.v1.HostAgent/SignalAgent",
+            Self::ForgetAgent => "agentplane.v1.HostAgent/ForgetAgent",
+            Self::WriteInput => "agentplane.v1.HostAgent/WriteInput",
+            Self::ReadLogs => "agentplane.v1.HostAgent/ReadLogs",
+        }
+    }
+
     fn name(self) -> &'static str {
         match self {
             Self::StartAgent => "StartAgent",

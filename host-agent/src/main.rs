@@ -51,7 +51,20 @@ async fn serve() -> anyhow::Result<()> {
         println!("host-agent: configuration is valid");
         return Ok(());
     }
-    agentplane::telemetry::init(config.log_json);
+    let telemetry = match agentplane::telemetry::init(
+        config.log_json,
+        agentplane::telemetry::Service {
+            name: "agentplane-host-agent",
+            instance: config.host_id.clone(),
+        },
+        config.serve.otlp_endpoint.as_deref(),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("host-agent: {e}");
+            std::process::exit(agentplane::EXIT_USAGE);
+        }
+    };
     let listener = match tokio::net::TcpListener::bind(config.listen).await {
         Ok(l) => l,
         Err(e) => {
@@ -74,6 +87,9 @@ async fn serve() -> anyhow::Result<()> {
             std::process::exit(130);
         });
     };
-    run(listener, config, shutdown).await?;
+    let served = run(listener, config, shutdown).await;
+    // The last spans leave before the process does, whatever the outcome.
+    telemetry.shutdown();
+    served?;
     Ok(())
 }

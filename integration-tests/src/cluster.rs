@@ -111,6 +111,7 @@ impl TestCluster {
                 std::env::var("AGENTPLANE_TEST_LOG")
                     .unwrap_or_else(|_| "info,agentplane=debug".into()),
             )
+            .envs(self.config.envs.iter().map(|(k, v)| (k, v)))
             .stdout(Stdio::piped())
             .stdin(Stdio::null());
         let log = self.dir.path().join(log_name);

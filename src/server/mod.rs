@@ -164,22 +164,24 @@ pub fn start(
                 },
                 cancel.clone(),
             );
-            tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
-                routes.prepare(),
-                incoming,
-                stop,
-            ))
+            tokio::spawn(
+                builder
+                    .layer(crate::telemetry::propagate::RpcTrace)
+                    .layer(gate)
+                    .serve_with_incoming_shutdown(routes.prepare(), incoming, stop),
+            )
         }
         Transport::Insecure => {
             tracing::warn!(
                 "serving plaintext (--insecure): anyone who can reach this port can call it"
             );
             let incoming = incoming::capped(listener, opts.max_connections);
-            tokio::spawn(builder.layer(gate).serve_with_incoming_shutdown(
-                routes.prepare(),
-                incoming,
-                stop,
-            ))
+            tokio::spawn(
+                builder
+                    .layer(crate::telemetry::propagate::RpcTrace)
+                    .layer(gate)
+                    .serve_with_incoming_shutdown(routes.prepare(), incoming, stop),
+            )
         }
     };
     Ok(Served { task, ended: None })

@@ -71,6 +71,14 @@ pub struct ServeArgs {
     #[arg(long, env = "AGENTPLANE_METRICS_LISTEN")]
     pub metrics_listen: Option<std::net::SocketAddr>,
 
+    /// Export traces over OTLP/gRPC to this collector (`http://host:4317`).
+    /// Also on when the standard OTEL_EXPORTER_OTLP_ENDPOINT or
+    /// OTEL_EXPORTER_OTLP_TRACES_ENDPOINT is set; otherwise there is no
+    /// exporter at all. W3C trace context is read from callers' gRPC
+    /// metadata and sent on to host agents.
+    #[arg(long, env = "AGENTPLANE_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
     /// Most client connections served at once; more are closed at once
     /// (a flood of idle or half-open connections cannot exhaust the server).
     #[arg(long, env = "AGENTPLANE_MAX_CONNECTIONS", default_value_t = 4096)]
@@ -270,6 +278,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
             metrics_listen: None,
+            otlp_endpoint: None,
             max_connections: 4096,
             max_streams: 16384,
             insecure: false,
@@ -300,6 +309,7 @@ mod tests {
             tls_handshake_timeout: Duration::from_secs(10),
             health_listen: None,
             metrics_listen: None,
+            otlp_endpoint: None,
             max_connections: 4096,
             max_streams: 16384,
             insecure: false,

@@ -306,7 +306,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .validate()
         .map_err(|m| anyhow::anyhow!("host agent: {m}"))?;
 
-    agentplane::telemetry::init(false);
+    // `dev` exports no traces: its two servers share one process and logger.
+    let _ = agentplane::telemetry::init(
+        false,
+        agentplane::telemetry::Service {
+            name: "agentplane-dev",
+            instance: agentplane::ids::new_agent_id(),
+        },
+        None,
+    );
     // One token stops both servers: Ctrl-C, or either of them ending.
     let stop = CancellationToken::new();
     let host = serve(

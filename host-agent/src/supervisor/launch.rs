@@ -97,7 +97,11 @@ impl Supervisor {
             launch.cgroup_procs = cg.join_files(by_thread);
         }
         let t = std::time::Instant::now();
-        let spawned = self.keeper.spawn(&slot.tag, launch).await;
+        let spawned = {
+            use tracing::Instrument;
+            let span = tracing::info_span!("fork/exec", otel.name = "fork/exec", agent = %slot.id);
+            self.keeper.spawn(&slot.tag, launch).instrument(span).await
+        };
         self.metrics.started(&spawned, t.elapsed());
         let run = match spawned {
             Ok(run) => run,

@@ -201,9 +201,17 @@ impl Supervisor {
     ) -> Result<LocalAgent> {
         let (tx, rx) = tokio::sync::oneshot::channel();
         let sup = self.clone();
-        self.tasks.spawn("agent start", async move {
-            let _ = tx.send(sup.start(id, generation, spec).await);
-        });
+        // In the caller's span: the fork/exec is part of its trace.
+        let span = tracing::Span::current();
+        self.tasks.spawn(
+            "agent start",
+            tracing::Instrument::instrument(
+                async move {
+                    let _ = tx.send(sup.start(id, generation, spec).await);
+                },
+                span,
+            ),
+        );
         // A start that panicked is reported like a host going away.
         rx.await.unwrap_or(Err(SupervisorError::ShuttingDown))
     }

@@ -18,6 +18,7 @@ pub struct Builder {
     pub(super) host_args: Vec<String>,
     pub(super) host_args_at: Vec<(usize, String)>,
     pub(super) control_plane_args: Vec<String>,
+    pub(super) envs: Vec<(String, String)>,
     pub(super) netns: bool,
     pub(super) tls: bool,
     pub(super) root_agents: bool,
@@ -94,6 +95,12 @@ impl Builder {
         self
     }
 
+    /// Sets an environment variable of every server.
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.envs.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// Adds `--label k=v` to host number `index` (0-based).
     pub fn host_label(mut self, index: usize, label: &str) -> Self {
         self.host_labels.push((index, label.to_owned()));
@@ -149,6 +156,7 @@ impl Default for Builder {
             host_args: Vec::new(),
             host_args_at: Vec::new(),
             control_plane_args: Vec::new(),
+            envs: Vec::new(),
             netns: false,
             tls: false,
             root_agents: true,
