@@ -16,6 +16,28 @@ ensure_redis() {
   command -v redis-server >/dev/null 2>&1
 }
 
+# promtool (Prometheus' checker of rules, configs and metrics), for the
+# monitoring test: taken from Debian's prometheus package and unpacked into
+# target/tools, so nothing is installed or started system-wide.
+ensure_promtool() {
+  if command -v promtool >/dev/null 2>&1 || [ -x target/tools/promtool ]; then
+    return 0
+  fi
+  echo "promtool not found: unpacking it from Debian's prometheus package into target/tools" >&2
+  local tmp
+  tmp=$(mktemp -d)
+  if ! (cd "$tmp" && apt-get download prometheus >/dev/null 2>&1); then
+    local sudo=""
+    [ "$(id -u)" -ne 0 ] && sudo="sudo"
+    $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -qq
+    (cd "$tmp" && apt-get download prometheus >/dev/null)
+  fi
+  dpkg -x "$tmp"/prometheus_*.deb "$tmp/x"
+  mkdir -p target/tools
+  cp "$tmp/x/usr/bin/promtool" target/tools/promtool
+  rm -rf "$tmp"
+}
+
 # Installs Debian packages with apt-get (through sudo when not root), or
 # says what to install by hand.
 apt_install() {

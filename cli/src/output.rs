@@ -298,6 +298,20 @@ pub fn stream_item<T: Serialize>(fmt: Format, value: &T) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// How long ago `t` was, as kubectl prints an age: `45s`, `12m`, `5h`,
+/// `3d`; `-` when unknown.
+pub fn age(t: Option<&prost_types::Timestamp>) -> String {
+    let Some(t) = t else { return "-".into() };
+    let ms = agentplane::time::now_ms().saturating_sub(ms_from_timestamp(t));
+    let s = ms.max(0) / 1000;
+    match s {
+        s if s < 120 => format!("{s}s"),
+        s if s < 2 * 3600 => format!("{}m", s / 60),
+        s if s < 2 * 86400 => format!("{}h", s / 3600),
+        s => format!("{}d", s / 86400),
+    }
+}
+
 /// Prints rows under a header with columns padded to the widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();

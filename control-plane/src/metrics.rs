@@ -6,6 +6,7 @@
 use std::sync::Arc;
 
 use agentplane::metrics::{self, DurationFamily, MetricRegistry, OutcomeLabels, RedisMetrics};
+use agentplane::proto::v1::ExitReason;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
@@ -80,10 +81,10 @@ pub struct HostCallLabels {
     pub outcome: metrics::Outcome,
 }
 
-/// `{reason}` an agent was declared LOST for (`EXIT_REASON_HOST_LOST`, …).
+/// `{reason}` an agent was declared LOST for (`HOST_LOST`, …).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
-    /// The exit reason's proto name.
+    /// The exit reason's short name.
     pub reason: &'static str,
 }
 
@@ -175,6 +176,15 @@ impl Metrics {
         for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
             drop(m.spawns.get_or_create(&OutcomeLabels { outcome }));
         }
+        for why in [
+            ExitReason::HostLost,
+            ExitReason::LeaseExpired,
+            ExitReason::NotOnHost,
+        ] {
+            drop(m.agents_lost.get_or_create(&ReasonLabels {
+                reason: agentplane::state::reason_name(why),
+            }));
+        }
         Arc::new(m)
     }
 
@@ -184,10 +194,10 @@ impl Metrics {
     }
 
     /// This replica declared an agent LOST for `why`.
-    pub fn agent_lost(&self, why: agentplane::proto::v1::ExitReason) {
+    pub fn agent_lost(&self, why: ExitReason) {
         self.agents_lost
             .get_or_create(&ReasonLabels {
-                reason: why.as_str_name(),
+                reason: agentplane::state::reason_name(why),
             })
             .inc();
     }

@@ -18,6 +18,19 @@ use prometheus_client::registry::Unit;
 
 use crate::supervisor::Supervisor;
 
+/// How a run's process can end, as the host agent sees it (the reasons
+/// [`Metrics::exited`] is given).
+const RUN_ENDS: [ExitReason; 8] = [
+    ExitReason::Completed,
+    ExitReason::Stopped,
+    ExitReason::Killed,
+    ExitReason::Signaled,
+    ExitReason::Timeout,
+    ExitReason::Idle,
+    ExitReason::Disconnected,
+    ExitReason::OomKilled,
+];
+
 /// `{reason}` a run ended for (`COMPLETED`, `SIGNALED`, …).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ReasonLabels {
@@ -89,6 +102,11 @@ impl Metrics {
         // nothing, before the first one.
         for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
             drop(m.starts.get_or_create(&OutcomeLabels { outcome }));
+        }
+        for why in RUN_ENDS {
+            drop(m.exits.get_or_create(&ReasonLabels {
+                reason: agentplane::state::reason_name(why),
+            }));
         }
         Arc::new(m)
     }

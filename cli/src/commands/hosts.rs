@@ -85,13 +85,15 @@ fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {
                         },
                         output::host_cgroups(h),
                         format!("{:.1}ms", h.heartbeat_micros as f64 / 1000.0),
+                        output::age(h.started_at.as_ref()),
                         h.version.clone(),
                     ]
                 })
                 .collect();
             output::table(
                 &[
-                    "HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "CGROUPS", "BEAT", "VERSION",
+                    "HOST", "ADDRESS", "AGENTS", "STATUS", "LABELS", "CGROUPS", "BEAT", "AGE",
+                    "VERSION",
                 ],
                 &rows,
             );

@@ -13,6 +13,7 @@ mod health;
 mod hosts;
 mod logs;
 mod spawn;
+mod status;
 mod watch;
 
 use std::process::ExitCode;
@@ -112,6 +113,9 @@ pub enum Command {
         #[command(subcommand)]
         command: certs::CertsCommand,
     },
+    /// Each endpoint's health and counters (memory, tasks, panicked tasks,
+    /// open log and watch streams), as a table; exit 1 unless all are SERVING.
+    Status,
     /// Check a server's gRPC health (exit 0 when SERVING): for probes, e.g.
     /// against a server's plaintext `--health-listen` port.
     Health {
@@ -153,6 +157,9 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         "--endpoint: give at least one address"
     );
     let access = Access::load(&cli.access, cli.call_timeout)?;
+    if let Command::Status = cli.command {
+        return status::run(&endpoints, cli.output, &access).await;
+    }
     if let Command::Health { service } = cli.command {
         return health::run(&endpoints[0], service, &access).await;
     }
@@ -253,6 +260,7 @@ async fn dispatch(
         | Command::Attach(_)
         | Command::Completion { .. }
         | Command::Health { .. }
+        | Command::Status
         | Command::Certs { .. }
         | Command::Dev(_) => {
             anyhow::bail!("internal error: this command is run before dispatch")
