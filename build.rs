@@ -24,6 +24,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         // Output flows host agent -> control plane -> client: as `Bytes`, a
         // chunk is sliced and relayed without copying it at each hop.
         .bytes(".agentplane.v1.LogChunk.data")
+        // Set only when asked for (ListAgents with usage): boxed, so every
+        // other LocalAgent stays small.
+        .boxed(".agentplane.v1.LocalAgent.usage")
         .compile_fds(fds)?;
     Ok(())
 }

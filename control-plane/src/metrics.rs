@@ -34,6 +34,8 @@ pub enum HostMethod {
     WriteInput,
     /// `HostAgent/ReadLogs` (a followed or read log, opened by the relay).
     ReadLogs,
+    /// `HostAgent/ListAgents` (usage, for ListAgentUsage).
+    ListAgents,
 }
 
 impl HostMethod {
@@ -49,6 +51,7 @@ impl HostMethod {
             Self::ForgetAgent => "agentplane.v1.HostAgent/ForgetAgent",
             Self::WriteInput => "agentplane.v1.HostAgent/WriteInput",
             Self::ReadLogs => "agentplane.v1.HostAgent/ReadLogs",
+            Self::ListAgents => "agentplane.v1.HostAgent/ListAgents",
         }
     }
 
@@ -62,6 +65,7 @@ impl HostMethod {
             Self::ForgetAgent => "ForgetAgent",
             Self::WriteInput => "WriteInput",
             Self::ReadLogs => "ReadLogs",
+            Self::ListAgents => "ListAgents",
         }
     }
 }

@@ -80,11 +80,15 @@ impl HostAgent for HostAgentService {
 
     async fn list_agents(
         &self,
-        _req: Request<HostListAgentsRequest>,
+        req: Request<HostListAgentsRequest>,
     ) -> Result<Response<HostListAgentsResponse>, Status> {
-        Ok(Response::new(HostListAgentsResponse {
-            agents: self.supervisor.list(),
-        }))
+        let usage = req.into_inner().usage;
+        let sup = self.supervisor.clone();
+        // Sampling reads /proc for every agent: off the runtime's threads.
+        let agents = tokio::task::spawn_blocking(move || sup.list(usage))
+            .await
+            .map_err(|_| Status::unavailable("the host agent is shutting down"))?;
+        Ok(Response::new(HostListAgentsResponse { agents }))
     }
 
     async fn forget_agent(

@@ -119,7 +119,7 @@ async fn a_generation_that_ended_here_runs_again_only_when_its_record_asks() {
             let id = id.clone();
             async move {
                 let agents = h
-                    .list_agents(HostListAgentsRequest {})
+                    .list_agents(HostListAgentsRequest::default())
                     .await
                     .ok()?
                     .into_inner()

@@ -84,7 +84,7 @@ async fn a_tls_cluster_runs_agents_and_refuses_plaintext() {
         .timeout(Duration::from_secs(5))
         .connect_lazy();
     let err = HostAgentClient::new(plain)
-        .list_agents(HostListAgentsRequest {})
+        .list_agents(HostListAgentsRequest::default())
         .await
         .expect_err("plaintext to a host agent must fail");
     assert!(transport_refused(err.code()), "{err:?}");
@@ -162,7 +162,7 @@ async fn a_host_agent_runs_nothing_for_a_caller_that_is_not_the_control_plane() 
     // The control plane's certificate is admitted: the same call works.
     let marker = scratch.path().join("ran-admitted");
     to_host(&cluster, 0, Some(&pki.control_plane))
-        .list_agents(HostListAgentsRequest {})
+        .list_agents(HostListAgentsRequest::default())
         .await
         .expect("the control plane's certificate is admitted");
     assert!(!marker.exists());
@@ -221,7 +221,7 @@ async fn a_forged_host_address_fails_the_handshake_and_that_server_gets_nothing(
     // h1 (the server at that address) received no start.
     let on_h1 = cluster
         .host_agent(0)
-        .list_agents(HostListAgentsRequest {})
+        .list_agents(HostListAgentsRequest::default())
         .await
         .expect("h1 answers the control plane")
         .into_inner()
@@ -266,7 +266,7 @@ async fn the_plaintext_health_port_serves_health_and_nothing_else() {
         .timeout(Duration::from_secs(5))
         .connect_lazy();
     let err = HostAgentClient::new(plain)
-        .list_agents(HostListAgentsRequest {})
+        .list_agents(HostListAgentsRequest::default())
         .await
         .expect_err("the API is not on the health port");
     assert_eq!(err.code(), Code::Unimplemented, "{err:?}");

@@ -93,6 +93,8 @@ const METHODS: &[(&str, &str, Role)] = &[
     (AGENT, "Attach", Operator),
     // The replica's own counters: status, not agent data.
     (AGENT, "GetStatus", Viewer),
+    // Filtered to what a restricted caller may see.
+    (AGENT, "ListAgentUsage", Viewer),
     (HOST, "ListHosts", Viewer),
     (HOST, "GetHost", Viewer),
     (HOST, "CordonHost", Admin),
@@ -238,6 +240,7 @@ mod tests {
             "LocateAgent",
             "WatchAgents",
             "GetStatus",
+            "ListAgentUsage",
         ] {
             assert_eq!(a(m), Access::AtLeast(Viewer), "{m}");
         }

@@ -14,6 +14,7 @@ mod hosts;
 mod logs;
 mod spawn;
 mod status;
+mod top;
 mod watch;
 
 use std::process::ExitCode;
@@ -113,6 +114,9 @@ pub enum Command {
         #[command(subcommand)]
         command: certs::CertsCommand,
     },
+    /// A live dashboard of hosts and agents (state, restarts, CPU, memory,
+    /// output rate) in the terminal; q quits.
+    Top(top::TopArgs),
     /// Each endpoint's health and counters (memory, tasks, panicked tasks,
     /// open log and watch streams), as a table; exit 1 unless all are SERVING.
     Status,
@@ -157,6 +161,9 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         "--endpoint: give at least one address"
     );
     let access = Access::load(&cli.access, cli.call_timeout)?;
+    if let Command::Top(args) = cli.command {
+        return top::run(&endpoints[0], &access, args).await;
+    }
     if let Command::Status = cli.command {
         return status::run(&endpoints, cli.output, &access).await;
     }
@@ -261,6 +268,7 @@ async fn dispatch(
         | Command::Completion { .. }
         | Command::Health { .. }
         | Command::Status
+        | Command::Top(_)
         | Command::Certs { .. }
         | Command::Dev(_) => {
             anyhow::bail!("internal error: this command is run before dispatch")

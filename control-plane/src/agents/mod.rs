@@ -6,6 +6,7 @@ mod logs;
 mod query;
 mod relay;
 mod spawn;
+mod usage;
 mod watch;
 
 pub use relay::AgentRoutes;
@@ -256,6 +257,14 @@ impl AgentService for AgentApi {
             agents: 0,
             log_buffered_bytes: 0,
         }))
+    }
+
+    async fn list_agent_usage(
+        &self,
+        req: Request<agentplane::proto::v1::ListAgentUsageRequest>,
+    ) -> Result<Response<agentplane::proto::v1::ListAgentUsageResponse>, Status> {
+        let caller = Caller::of(&req);
+        Ok(Response::new(self.usage(req.into_inner(), &caller).await?))
     }
 
     type AttachStream = logs::LogStream;

@@ -246,6 +246,7 @@ impl AgentSlot {
             exit: s.exit,
             restarts: s.restarts,
             recorded: None,
+            usage: None,
         }
     }
 }

@@ -23,6 +23,7 @@ mod run;
 pub mod signal;
 pub mod spawn;
 mod tree;
+mod usage;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -409,9 +410,17 @@ impl Supervisor {
         }
     }
 
-    /// Every agent this host knows.
-    pub fn list(&self) -> Vec<LocalAgent> {
-        self.map().values().map(|s| s.to_proto()).collect()
+    /// Every agent this host knows; with `usage`, each sampled now (see
+    /// `usage.rs`).
+    pub fn list(&self, usage: bool) -> Vec<LocalAgent> {
+        let slots: Vec<Arc<AgentSlot>> = self.map().values().cloned().collect();
+        slots
+            .iter()
+            .map(|s| LocalAgent {
+                usage: usage.then(|| Box::new(usage::sample(s, &self.host_id))),
+                ..s.to_proto()
+            })
+            .collect()
     }
 
     /// Forgets an ended agent.
