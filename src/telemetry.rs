@@ -57,17 +57,24 @@ impl Telemetry {
     }
 
     /// Exports what is still buffered (bounded), then stops the exporter.
-    pub fn shutdown(self) {
-        if let Some(p) = self.provider {
-            if let Err(e) = p.shutdown_with_timeout(FLUSH_LIMIT) {
+    /// The flush blocks: it runs on the blocking pool, not a runtime worker.
+    pub async fn shutdown(self) {
+        let Some(p) = self.provider else { return };
+        let flushed =
+            tokio::task::spawn_blocking(move || p.shutdown_with_timeout(FLUSH_LIMIT)).await;
+        match flushed {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
                 tracing::warn!(error = %e, "could not flush the last spans to the OTLP endpoint");
             }
+            Err(e) => tracing::warn!(error = %e, "the span flush did not finish"),
         }
     }
 }
 
-/// Installs the global subscriber (JSON lines with `json`). Calling it
-/// twice (several servers in one process) keeps the first; the second
+/// Installs the global subscriber (JSON lines with `json`) and, when an
+/// endpoint is given or set in the environment, the span exporter. Calling
+/// it twice (several servers in one process) keeps the first; the second
 /// exports nothing. Must run inside a Tokio runtime when exporting: the
 /// exporter's gRPC channel lives on it.
 pub fn init(
@@ -75,6 +82,33 @@ pub fn init(
     service: Service,
     otlp_endpoint: Option<&str>,
 ) -> Result<Telemetry, TelemetryError> {
+    let exporting =
+        otlp_endpoint.is_some() || OTLP_ENV.iter().any(|v| std::env::var_os(v).is_some());
+    let provider = if exporting {
+        Some(provider(service, otlp_endpoint)?)
+    } else {
+        None
+    };
+    let installed = install(json, provider.as_ref());
+    if installed {
+        if let Some(p) = &provider {
+            opentelemetry::global::set_tracer_provider(p.clone());
+        }
+    }
+    Ok(Telemetry {
+        provider: provider.filter(|_| installed),
+    })
+}
+
+/// Logs only, whatever the environment says about OTLP (`agentctl dev`,
+/// whose two servers share one process).
+pub fn init_logs(json: bool) {
+    install(json, None);
+}
+
+/// The subscriber: logs filtered by `AGENTPLANE_LOG`, and spans to
+/// `provider` if any. False when one was installed already.
+fn install(json: bool, provider: Option<&SdkTracerProvider>) -> bool {
     let filter = std::env::var("AGENTPLANE_LOG")
         .ok()
         .or_else(|| std::env::var("RUST_LOG").ok())
@@ -87,33 +121,18 @@ pub fn init(
     } else {
         fmt.boxed()
     };
-    let exporting =
-        otlp_endpoint.is_some() || OTLP_ENV.iter().any(|v| std::env::var_os(v).is_some());
-    let provider = if exporting {
-        Some(provider(service, otlp_endpoint)?)
-    } else {
-        None
-    };
     // Spans go to the exporter whatever the log filter says; the filter
     // only decides what is printed.
-    let otel = provider.as_ref().map(|p| {
+    let otel = provider.map(|p| {
         tracing_opentelemetry::layer()
             .with_tracer(p.tracer("agentplane"))
             .with_filter(EnvFilter::new("info"))
     });
-    let installed = tracing_subscriber::registry()
+    tracing_subscriber::registry()
         .with(fmt.with_filter(EnvFilter::new(filter)))
         .with(otel)
         .try_init()
-        .is_ok();
-    if installed {
-        if let Some(p) = &provider {
-            opentelemetry::global::set_tracer_provider(p.clone());
-        }
-    }
-    Ok(Telemetry {
-        provider: provider.filter(|_| installed),
-    })
+        .is_ok()
 }
 
 fn provider(service: Service, endpoint: Option<&str>) -> Result<SdkTracerProvider, TelemetryError> {

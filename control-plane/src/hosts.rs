@@ -118,9 +118,21 @@ impl HostClients {
         }
     }
 
-    /// Where calls and breakers are counted.
+    /// Where calls are counted.
     pub fn metrics(&self) -> &Arc<Metrics> {
         &self.metrics
+    }
+
+    /// The addresses whose calls fail fast now (circuit open, its next
+    /// probe not yet due): what `agentplane_host_breaker_open` shows. A host
+    /// nobody calls any more drops out once its open period ends.
+    pub fn open_breakers(&self) -> Vec<String> {
+        let now = Instant::now();
+        lock(&self.breakers)
+            .iter()
+            .filter(|(_, b)| b.open_until.is_some_and(|until| until > now))
+            .map(|(a, _)| a.clone())
+            .collect()
     }
 
     pub(crate) fn channel(&self, host: &HostRecord) -> Result<Channel, ApiError> {
@@ -185,9 +197,6 @@ impl HostClients {
         let mut map = lock(&self.breakers);
         let b = map.entry(address.to_owned()).or_default();
         if transport_ok {
-            if b.open_until.is_some() {
-                self.metrics.breaker(address, false);
-            }
             *b = Breaker::default();
             return;
         }
@@ -196,7 +205,6 @@ impl HostClients {
         if b.failures >= OPEN_AFTER {
             if b.open_until.is_none() {
                 tracing::warn!(%address, failures = b.failures, "host circuit opened");
-                self.metrics.breaker(address, true);
             }
             b.open_until = Some(Instant::now() + OPEN_FOR);
         }
@@ -220,6 +228,39 @@ impl HostClients {
         F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
+        self.timed(
+            host,
+            method,
+            self.call_with_retry(host, self.timeout + extra, idempotent, f),
+        )
+        .await
+    }
+
+    /// Calls `f` (the RPC `method`) on `host` once, giving up after
+    /// `deadline` (for callers that must answer sooner than the default
+    /// deadline allows, such as ListAgentUsage). Timed in the metrics.
+    pub async fn call_within<T, F, Fut>(
+        &self,
+        host: &HostRecord,
+        method: HostMethod,
+        deadline: Duration,
+        f: F,
+    ) -> Result<T, ApiError>
+    where
+        F: Fn(HostAgentClient<Channel>, Duration) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.timed(host, method, self.call_once(host, deadline, &f))
+            .await
+    }
+
+    /// `call` in a client span named after `method`, timed in the metrics.
+    async fn timed<T>(
+        &self,
+        host: &HostRecord,
+        method: HostMethod,
+        call: impl Future<Output = Result<T, ApiError>>,
+    ) -> Result<T, ApiError> {
         let span = tracing::info_span!(
             "host call",
             otel.name = method.rpc(),
@@ -227,10 +268,7 @@ impl HostClients {
             host = %host.id,
         );
         let t = Instant::now();
-        let r = self
-            .call_with_retry(host, extra, idempotent, f)
-            .instrument(span)
-            .await;
+        let r = call.instrument(span).await;
         self.metrics.host_call(method, &r, t.elapsed());
         r
     }
@@ -238,7 +276,7 @@ impl HostClients {
     async fn call_with_retry<T, F, Fut>(
         &self,
         host: &HostRecord,
-        extra: Duration,
+        deadline: Duration,
         idempotent: bool,
         f: F,
     ) -> Result<T, ApiError>
@@ -252,7 +290,7 @@ impl HostClients {
             if attempt > 0 {
                 tokio::time::sleep(RETRY_AFTER).await;
             }
-            match self.call_once(host, extra, &f).await {
+            match self.call_once(host, deadline, &f).await {
                 Err(e @ ApiError::HostUnreachable { .. }) => last = Some(e),
                 other => return other,
             }
@@ -267,7 +305,7 @@ impl HostClients {
     async fn call_once<T, F, Fut>(
         &self,
         host: &HostRecord,
-        extra: Duration,
+        deadline: Duration,
         f: &F,
     ) -> Result<T, ApiError>
     where
@@ -285,7 +323,6 @@ impl HostClients {
             )));
         };
         let client = HostAgentClient::new(self.channel(host)?);
-        let deadline = self.timeout + extra;
         let result = match tokio::time::timeout(deadline, f(client, deadline)).await {
             Err(_) => Err(unreachable(format!("no answer within {deadline:?}"))),
             Ok(Ok(r)) => Ok(r.into_inner()),

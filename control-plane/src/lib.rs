@@ -170,6 +170,7 @@ pub async fn run(
         .run(cancel.clone()),
     );
     agent_api.register_metrics(&mut metric_registry);
+    metric_registry.register_collector(Box::new(metrics::Breakers(Arc::downgrade(&hosts))));
     if let Some(listener) = metrics_listener {
         tasks.spawn(
             "metrics",

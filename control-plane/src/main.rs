@@ -53,7 +53,7 @@ async fn main() -> anyhow::Result<()> {
     }
     let served = run(listener, config, agentplane::shutdown::shutdown_signal()).await;
     // The last spans leave before the process does, whatever the outcome.
-    telemetry.shutdown();
+    telemetry.shutdown().await;
     served?;
     Ok(())
 }

@@ -10,7 +10,6 @@ use agentplane::proto::v1::ExitReason;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 
@@ -94,9 +93,39 @@ pub struct ReasonLabels {
 
 /// `{address}` of a host whose breaker is open.
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct AddressLabels {
-    /// The host agent's address.
-    pub address: String,
+struct AddressLabels {
+    address: String,
+}
+
+/// `agentplane_host_breaker_open{address}`: 1 for each host address whose
+/// calls fail fast now, read from the breakers at each scrape (no series
+/// for a closed one, so a host that is gone leaves none behind).
+#[derive(Debug)]
+pub struct Breakers(pub std::sync::Weak<crate::hosts::HostClients>);
+
+impl prometheus_client::collector::Collector for Breakers {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        let open = self
+            .0
+            .upgrade()
+            .map(|h| h.open_breakers())
+            .unwrap_or_default();
+        let mut family = encoder.encode_descriptor(
+            "host_breaker_open",
+            "1 while calls to this host address fail fast (its circuit is open)",
+            None,
+            prometheus_client::metrics::MetricType::Gauge,
+        )?;
+        for address in open {
+            prometheus_client::metrics::gauge::ConstGauge::new(1i64)
+                .encode(family.encode_family(&AddressLabels { address })?)?;
+        }
+        Ok(())
+    }
 }
 
 /// Every metric of one control plane.
@@ -116,8 +145,6 @@ pub struct Metrics {
     pub agents_lost: Family<ReasonLabels, Counter>,
     /// LOST agents this replica placed again.
     pub agents_rescheduled: Counter,
-    /// 1 for each host address whose circuit is open (no series: closed).
-    pub breakers_open: Family<AddressLabels, Gauge>,
     /// Redis as this replica sees it.
     pub redis: Arc<RedisMetrics>,
 }
@@ -141,7 +168,6 @@ impl Metrics {
             hosts_lost: Counter::default(),
             agents_lost: Family::default(),
             agents_rescheduled: Counter::default(),
-            breakers_open: Family::default(),
             redis: RedisMetrics::register(r),
         };
         r.register_with_unit(
@@ -169,11 +195,6 @@ impl Metrics {
             "agents_rescheduled",
             "LOST agents placed again on another host; counted once across replicas",
             m.agents_rescheduled.clone(),
-        );
-        r.register(
-            "host_breaker_open",
-            "1 while calls to this host address fail fast (its circuit is open)",
-            m.breakers_open.clone(),
         );
         // Both outcomes from the start: a rate of errors reads 0, not
         // nothing, before the first one.
@@ -223,17 +244,5 @@ impl Metrics {
                 outcome: metrics::Outcome::of(r),
             })
             .observe(took.as_secs_f64());
-    }
-
-    /// The circuit of `address` opened (`true`) or closed.
-    pub fn breaker(&self, address: &str, open: bool) {
-        let labels = AddressLabels {
-            address: address.to_owned(),
-        };
-        if open {
-            self.breakers_open.get_or_create(&labels).set(1);
-        } else {
-            self.breakers_open.remove(&labels);
-        }
     }
 }

@@ -89,7 +89,7 @@ async fn serve() -> anyhow::Result<()> {
     };
     let served = run(listener, config, shutdown).await;
     // The last spans leave before the process does, whatever the outcome.
-    telemetry.shutdown();
+    telemetry.shutdown().await;
     served?;
     Ok(())
 }

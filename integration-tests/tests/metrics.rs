@@ -230,6 +230,14 @@ async fn a_lost_host_and_its_rescheduled_agents_are_counted_once_across_replicas
             n
         }
     };
+    // A replica counts a reschedule once its placement call returns, which
+    // can be just after the host recorded the agent RUNNING.
+    eventually(
+        Duration::from_secs(10),
+        "3 reschedules counted",
+        || async move { (total("agentplane_agents_rescheduled_total").await >= 3.0).then_some(()) },
+    )
+    .await;
     assert_eq!(total("agentplane_hosts_lost_total").await, 1.0);
     assert_eq!(total("agentplane_agents_rescheduled_total").await, 3.0);
     let lost = total("agentplane_agents_lost_total").await;

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use agentplane::proto::v1::SpawnAgentRequest;
+use agentplane::proto::v1::{ListAgentsRequest, SpawnAgentRequest, StreamLogsRequest};
 use agentplane_integration_tests::{eventually, spec, TestCluster};
 use nix::sys::signal::Signal;
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -67,6 +67,19 @@ impl TraceService for Collector {
     }
 }
 
+/// The one agent's id.
+async fn agent_id(cluster: &TestCluster) -> String {
+    let agents = cluster
+        .client()
+        .await
+        .list_agents(ListAgentsRequest::default())
+        .await
+        .expect("list")
+        .into_inner()
+        .agents;
+    agents.into_iter().next().expect("an agent").id
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_spawn_is_one_trace_from_the_caller_to_the_fork_and_spans_are_flushed_on_sigterm() {
     let collector = Collector::default();
@@ -108,6 +121,26 @@ async fn one_spawn_is_one_trace_from_the_caller_to_the_fork_and_spans_are_flushe
         .spawn_agent(req)
         .await
         .expect("spawn");
+    // A log read, relayed at the HTTP level, carries its trace on too.
+    let logs_trace = "0af7651916cd43dd8448eb211c80319c";
+    let mut req = tonic::Request::new(StreamLogsRequest {
+        id: agent_id(&cluster).await,
+        ..Default::default()
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{logs_trace}-b7ad6b7169203331-01")
+            .parse()
+            .expect("metadata"),
+    );
+    let mut logs = cluster
+        .client()
+        .await
+        .stream_logs(req)
+        .await
+        .expect("logs")
+        .into_inner();
+    while logs.message().await.expect("a chunk").is_some() {}
     assert!(
         collector.0.lock().expect("lock").is_empty(),
         "spans left before the shutdown: the batch delay did not hold them"
@@ -141,6 +174,12 @@ async fn one_spawn_is_one_trace_from_the_caller_to_the_fork_and_spans_are_flushe
             .copied()
             .unwrap_or_else(|| panic!("no {service} span {name} in the trace; got {spans:#?}"))
     };
+    assert!(
+        spans.iter().any(|s| s.trace_id == logs_trace
+            && s.service == "agentplane-host-agent"
+            && s.name == "agentplane.v1.HostAgent/ReadLogs"),
+        "the host's ReadLogs span is in the log read's trace: {spans:#?}"
+    );
     let spawn = find(
         "agentplane-control-plane",
         "agentplane.v1.AgentService/SpawnAgent",

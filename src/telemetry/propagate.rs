@@ -52,6 +52,28 @@ pub fn inject(metadata: &mut tonic::metadata::MetadataMap) {
     }
 }
 
+/// [`inject`] into a raw request's headers (calls relayed at the HTTP level).
+pub fn inject_headers(headers: &mut http::HeaderMap) {
+    let cx = tracing::Span::current().context();
+    if cx.span().span_context().is_valid() {
+        TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+    }
+}
+
+/// Writes into HTTP/2 headers.
+struct HeaderInjector<'a>(&'a mut http::HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        if let (Ok(k), Ok(v)) = (
+            http::HeaderName::from_bytes(key.as_bytes()),
+            http::HeaderValue::from_str(&value),
+        ) {
+            self.0.insert(k, v);
+        }
+    }
+}
+
 /// The trace id of the current span (32 hex digits), if it is traced.
 pub fn current_trace_id() -> Option<String> {
     let cx = tracing::Span::current().context();

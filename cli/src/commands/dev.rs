@@ -307,14 +307,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         .map_err(|m| anyhow::anyhow!("host agent: {m}"))?;
 
     // `dev` exports no traces: its two servers share one process and logger.
-    let _ = agentplane::telemetry::init(
-        false,
-        agentplane::telemetry::Service {
-            name: "agentplane-dev",
-            instance: agentplane::ids::new_agent_id(),
-        },
-        None,
-    );
+    agentplane::telemetry::init_logs(false);
     // One token stops both servers: Ctrl-C, or either of them ending.
     let stop = CancellationToken::new();
     let host = serve(

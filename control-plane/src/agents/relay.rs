@@ -29,6 +29,7 @@ use tonic::Status;
 use super::AgentApi;
 use crate::auth::Caller;
 use crate::error::ApiError;
+use crate::hosts::HostMethod;
 use crate::quota::Held;
 
 /// The path this relay answers; every other goes to the generated service.
@@ -107,39 +108,52 @@ impl AgentApi {
         // Opening is a read, so a transport hiccup (a connection the host just
         // closed) is retried once on a fresh call.
         let mut attempt = 0;
-        let upstream = loop {
-            attempt += 1;
-            let mut ch = channel.clone();
-            let sent = framed.clone();
-            let call = async move {
-                std::future::poll_fn(|cx| ch.poll_ready(cx)).await?;
-                ch.call(host_request(sent)).await
-            };
-            let opened = tokio::time::timeout(OPEN_TIMEOUT, call)
-                .await
-                .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
-            let refused = match opened {
-                Ok(r) => match Status::from_header_map(r.headers()) {
-                    None => break r.into_body(),
-                    // Trailers only: nothing to send, or the host refused.
-                    Some(s) if s.code() == tonic::Code::Ok => return Ok(s.into_http()),
-                    Some(s) => s,
-                },
-                Err(e) => Status::unavailable(e.to_string()),
-            };
-            let retry = attempt == 1
-                && matches!(
-                    refused.code(),
-                    tonic::Code::Cancelled | tonic::Code::Unavailable
-                );
-            if !retry {
-                return Err(ApiError::HostRefused {
-                    host: host.id.clone(),
-                    status: refused,
+        let opening = async {
+            let upstream = loop {
+                attempt += 1;
+                let mut ch = channel.clone();
+                let sent = framed.clone();
+                let call = async move {
+                    std::future::poll_fn(|cx| ch.poll_ready(cx)).await?;
+                    ch.call(host_request(sent)).await
+                };
+                let opened = tokio::time::timeout(OPEN_TIMEOUT, call)
+                    .await
+                    .map_err(|_| unreachable(format!("no answer within {OPEN_TIMEOUT:?}")))?;
+                let refused = match opened {
+                    Ok(r) => match Status::from_header_map(r.headers()) {
+                        None => break r.into_body(),
+                        // Trailers only: nothing to send, or the host refused.
+                        Some(s) if s.code() == tonic::Code::Ok => {
+                            return Ok(Opened::Done(s.into_http()))
+                        }
+                        Some(s) => s,
+                    },
+                    Err(e) => Status::unavailable(e.to_string()),
+                };
+                let retry = attempt == 1
+                    && matches!(
+                        refused.code(),
+                        tonic::Code::Cancelled | tonic::Code::Unavailable
+                    );
+                if !retry {
+                    return Err(ApiError::HostRefused {
+                        host: host.id.clone(),
+                        status: refused,
+                    });
                 }
-                .into());
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            };
+            Ok(Opened::Stream(upstream))
+        };
+        let t = std::time::Instant::now();
+        let opened = opening.await;
+        self.hosts
+            .metrics()
+            .host_call(HostMethod::ReadLogs, &opened, t.elapsed());
+        let upstream = match opened? {
+            Opened::Stream(body) => body,
+            Opened::Done(response) => return Ok(response),
         };
         let relay = Relay {
             upstream,
@@ -152,7 +166,15 @@ impl AgentApi {
     }
 }
 
-/// A ReadLogs call to a host carrying `framed`.
+/// How opening the host's stream ended well.
+enum Opened {
+    /// Its body, to relay.
+    Stream(Body),
+    /// A complete answer (trailers only: nothing to send).
+    Done(http::Response<Body>),
+}
+
+/// A ReadLogs call to a host carrying `framed`, in the current trace.
 fn host_request(framed: Bytes) -> http::Request<Body> {
     let mut req = http::Request::new(Body::new(http_body_util::Full::new(framed)));
     *req.method_mut() = http::Method::POST;
@@ -163,6 +185,7 @@ fn host_request(framed: Bytes) -> http::Request<Body> {
         http::HeaderValue::from_static("application/grpc"),
     );
     h.insert(http::header::TE, http::HeaderValue::from_static("trailers"));
+    agentplane::telemetry::propagate::inject_headers(h);
     req
 }
 

@@ -1,6 +1,7 @@
 //! ListAgentUsage: every live host (or one) asked at once, with a bound on
 //! the calls in flight, for its agents' usage sampled now. A host that does
-//! not answer is named, not fatal: `agentctl top` shows the rest.
+//! not answer within two seconds is named, not fatal: `agentctl top` shows
+//! the rest.
 
 use agentplane::proto::v1::{
     AgentUsage, HostListAgentsRequest, ListAgentUsageRequest, ListAgentUsageResponse,
@@ -14,6 +15,10 @@ use crate::hosts::{request, HostMethod};
 
 /// Hosts asked at once.
 const FAN_OUT: usize = 32;
+/// How long one host may take to sample its agents; past it, it is named
+/// in `unreachable_hosts`. One try: a dashboard refreshing every few seconds
+/// must not wait out a hung host twice.
+const HOST_DEADLINE: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl AgentApi {
     pub(super) async fn usage(
@@ -32,13 +37,10 @@ impl AgentApi {
                 .map(|host| async move {
                     let answer = self
                         .hosts
-                        .call(
+                        .call_within(
                             &host,
                             HostMethod::ListAgents,
-                            std::time::Duration::ZERO,
-                            // No retry: a hung host would hold the whole
-                            // answer for two deadlines.
-                            false,
+                            HOST_DEADLINE,
                             |mut c, d| async move {
                                 c.list_agents(request(HostListAgentsRequest { usage: true }, d))
                                     .await

@@ -97,11 +97,9 @@ impl Supervisor {
             launch.cgroup_procs = cg.join_files(by_thread);
         }
         let t = std::time::Instant::now();
-        let spawned = {
-            use tracing::Instrument;
-            let span = tracing::info_span!("fork/exec", otel.name = "fork/exec", agent = %slot.id);
-            self.keeper.spawn(&slot.tag, launch).instrument(span).await
-        };
+        let span = tracing::info_span!("fork/exec", otel.name = "fork/exec", agent = %slot.id);
+        let spawned =
+            tracing::Instrument::instrument(self.keeper.spawn(&slot.tag, launch), span).await;
         self.metrics.started(&spawned, t.elapsed());
         let run = match spawned {
             Ok(run) => run,

@@ -153,20 +153,6 @@ impl Supervisor {
         self.log_streams.metric()
     }
 
-    /// How many agents this host holds in each state (states with none
-    /// left out).
-    pub fn count_by_state(&self) -> crate::metrics::StateCounts {
-        let mut counts: crate::metrics::StateCounts = Vec::new();
-        for slot in self.map().values() {
-            let state = slot.snapshot().state;
-            match counts.iter_mut().find(|(s, _)| *s == state) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((state, 1)),
-            }
-        }
-        counts
-    }
-
     fn map(&self) -> std::sync::MutexGuard<'_, HashMap<String, Arc<AgentSlot>>> {
         self.agents
             .lock()
@@ -408,19 +394,6 @@ impl Supervisor {
             agents,
             log_buffered_bytes,
         }
-    }
-
-    /// Every agent this host knows; with `usage`, each sampled now (see
-    /// `usage.rs`).
-    pub fn list(&self, usage: bool) -> Vec<LocalAgent> {
-        let slots: Vec<Arc<AgentSlot>> = self.map().values().cloned().collect();
-        slots
-            .iter()
-            .map(|s| LocalAgent {
-                usage: usage.then(|| Box::new(usage::sample(s, &self.host_id))),
-                ..s.to_proto()
-            })
-            .collect()
     }
 
     /// Forgets an ended agent.

@@ -4,12 +4,44 @@
 //! includes the children it waited for) read from `/proc`, and its output
 //! so far. Sampled on request, never in the background.
 
-use agentplane::proto::v1::AgentUsage;
+use std::sync::Arc;
+
+use agentplane::proto::v1::{AgentUsage, LocalAgent};
 
 use super::agent::AgentSlot;
+use super::Supervisor;
+
+impl Supervisor {
+    /// Every agent this host knows; with `usage`, each sampled now
+    /// ([`sample`]).
+    pub fn list(&self, usage: bool) -> Vec<LocalAgent> {
+        let slots: Vec<Arc<AgentSlot>> = self.map().values().cloned().collect();
+        slots
+            .iter()
+            .map(|s| LocalAgent {
+                usage: usage.then(|| Box::new(sample(s, &self.host_id))),
+                ..s.to_proto()
+            })
+            .collect()
+    }
+
+    /// How many agents this host holds in each state (states with none
+    /// left out).
+    pub fn count_by_state(&self) -> crate::metrics::StateCounts {
+        let mut counts: crate::metrics::StateCounts = Vec::new();
+        for slot in self.map().values() {
+            let state = slot.snapshot().state;
+            match counts.iter_mut().find(|(s, _)| *s == state) {
+                Some((_, n)) => *n += 1,
+                None => counts.push((state, 1)),
+            }
+        }
+        counts
+    }
+}
 
 /// A sample of `slot` on host `host`, now.
-pub(super) fn sample(slot: &AgentSlot, host: &str) -> AgentUsage {
+fn sample(slot: &AgentSlot, host: &str) -> AgentUsage {
     let s = slot.snapshot();
     let live = s.pid > 0 && !agentplane::state::is_terminal(s.state);
     let pids = match (&slot.cgroup, live) {
