@@ -89,6 +89,37 @@ fn promtool_accepts_the_alert_rules_and_the_scrape_config() {
     assert!(out.contains("SUCCESS: 6 rules found"), "{out}");
     let config = root().join("deploy/prometheus/prometheus.yml");
     promtool_ok(&["check", "config", &config.to_string_lossy()], None);
+
+    // Every target is a compose service that serves metrics on that port.
+    let compose: serde_json::Value = serde_norway::from_str(
+        &std::fs::read_to_string(root().join("deploy/compose.yaml")).expect("compose"),
+    )
+    .expect("YAML");
+    let scrape: serde_json::Value =
+        serde_norway::from_str(&std::fs::read_to_string(&config).expect("config")).expect("YAML");
+    let mut targets = 0;
+    for job in scrape["scrape_configs"].as_array().expect("jobs") {
+        for t in job["static_configs"][0]["targets"]
+            .as_array()
+            .expect("targets")
+        {
+            let (service, port) = t.as_str().expect("host:port").split_once(':').expect(":");
+            let argv: Vec<&str> = compose["services"][service]["command"]
+                .as_array()
+                .unwrap_or_else(|| panic!("{service} is not a compose service"))
+                .iter()
+                .filter_map(serde_json::Value::as_str)
+                .collect();
+            let at = argv.iter().position(|a| *a == "--metrics-listen");
+            assert_eq!(
+                at.and_then(|i| argv.get(i + 1)),
+                Some(&format!("0.0.0.0:{port}").as_str()),
+                "{service} does not serve metrics on {port}: {argv:?}"
+            );
+            targets += 1;
+        }
+    }
+    assert_eq!(targets, 3, "a control plane and two host agents");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,3 +212,99 @@ async fn one_spawn_is_one_trace_from_the_caller_to_the_fork_and_spans_are_flushe
     }
     server.abort();
 }
+
+/// The JSON log lines of `log` (one object per line; others skipped).
+fn json_lines(log: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(log)
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_name_the_call_its_code_time_trace_request_agent_and_host() {
+    let cluster = TestCluster::builder()
+        .control_plane_arg("--log-json")
+        .host_arg("--log-json")
+        .start()
+        .await;
+    let trace_id = "5bf92f3577b34da6a3ce929d0e0e4731";
+    let mut req = tonic::Request::new(SpawnAgentRequest {
+        spec: Some(spec(&["sleep", "1000"], None)),
+        request_id: "json-logs-1".into(),
+    });
+    req.metadata_mut().insert(
+        "traceparent",
+        format!("00-{trace_id}-00f067aa0ba902b7-01")
+            .parse()
+            .expect("metadata"),
+    );
+    let agent = cluster
+        .client()
+        .await
+        .spawn_agent(req)
+        .await
+        .expect("spawn")
+        .into_inner()
+        .agent
+        .expect("agent");
+
+    let log = cluster.control_planes[0].proc.log.clone();
+    let lines = eventually(Duration::from_secs(10), "the SpawnAgent rpc line", || {
+        let lines = json_lines(&log);
+        async move {
+            lines
+                .iter()
+                .any(|l| l["fields"]["rpc"] == "agentplane.v1.AgentService/SpawnAgent")
+                .then_some(lines)
+        }
+    })
+    .await;
+    let rpc = lines
+        .iter()
+        .find(|l| l["fields"]["rpc"] == "agentplane.v1.AgentService/SpawnAgent")
+        .expect("found");
+    assert_eq!(rpc["level"], "DEBUG", "{rpc}");
+    assert_eq!(rpc["fields"]["code"], "Ok", "{rpc}");
+    assert!(
+        rpc["fields"]["elapsed_ms"]
+            .as_f64()
+            .is_some_and(|ms| ms > 0.0),
+        "{rpc}"
+    );
+    assert_eq!(rpc["fields"]["trace_id"], trace_id, "{rpc}");
+    assert_eq!(
+        lines
+            .iter()
+            .filter(|l| l["fields"]["rpc"] == "agentplane.v1.AgentService/SpawnAgent")
+            .count(),
+        1,
+        "one line per call"
+    );
+    let placed = lines
+        .iter()
+        .find(|l| l["fields"]["message"] == "agent placed")
+        .unwrap_or_else(|| panic!("no `agent placed` line: {lines:#?}"));
+    assert_eq!(placed["fields"]["agent"], agent.id.as_str(), "{placed}");
+    assert_eq!(placed["fields"]["host"], "h1", "{placed}");
+    assert_eq!(placed["fields"]["generation"], 1, "{placed}");
+    assert_eq!(placed["span"]["request_id"], "json-logs-1", "{placed}");
+
+    let host_log = cluster.hosts[0].proc.log.clone();
+    let started = eventually(
+        Duration::from_secs(10),
+        "the host's StartAgent line",
+        || {
+            let lines = json_lines(&host_log);
+            async move {
+                lines
+                    .into_iter()
+                    .find(|l| l["fields"]["rpc"] == "agentplane.v1.HostAgent/StartAgent")
+            }
+        },
+    )
+    .await;
+    assert_eq!(started["fields"]["code"], "Ok", "{started}");
+    cluster.finish().await;
+}

@@ -117,14 +117,24 @@ where
 
     fn call(&mut self, req: http::Request<B>) -> Self::Future {
         let rpc = req.uri().path().trim_start_matches('/').to_owned();
+        // `request_id` and `agent` are filled in by handlers that know them
+        // (Span::current().record), so every line of the call carries them.
         let span = tracing::info_span!(
             "rpc",
             otel.name = %rpc,
             otel.kind = "server",
             rpc.system = "grpc",
+            request_id = tracing::field::Empty,
+            agent = tracing::field::Empty,
         );
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(req.headers()));
-        if parent.span().span_context().is_valid() {
+        // The caller's trace id, logged even when nothing here is exported.
+        let callers_trace = parent
+            .span()
+            .span_context()
+            .is_valid()
+            .then(|| parent.span().span_context().trace_id().to_string());
+        if callers_trace.is_some() {
             let _ = span.set_parent(parent);
         }
         let started = Instant::now();
@@ -150,7 +160,7 @@ where
                     rpc = %rpc,
                     code = ?code,
                     elapsed_ms = started.elapsed().as_secs_f64() * 1e3,
-                    trace_id = current_trace_id().unwrap_or_default(),
+                    trace_id = current_trace_id().or(callers_trace).unwrap_or_default(),
                     "rpc"
                 );
                 r

@@ -142,6 +142,9 @@ impl AgentService for AgentApi {
     ) -> Result<Response<SpawnAgentResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
+        if !r.request_id.is_empty() {
+            tracing::Span::current().record("request_id", r.request_id.as_str());
+        }
         if let Some(spec) = &r.spec {
             caller.may_spawn(spec)?;
         }

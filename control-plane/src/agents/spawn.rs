@@ -194,7 +194,8 @@ impl AgentApi {
             ..Default::default()
         };
         self.registry.create_agent(&agent).await?;
-        tracing::info!(agent = %id, host = %first.id, "agent placed");
+        tracing::Span::current().record("agent", id.as_str());
+        tracing::info!(agent = %id, host = %first.id, generation = 1, "agent placed");
         let placed = Placed {
             id: &id,
             generation: 1,
