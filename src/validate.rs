@@ -124,6 +124,13 @@ pub fn name(field: &str, n: &str) -> Result {
             format!("name `{n}` must start and end with a letter or digit"),
         ));
     }
+    // Commands take an id or a name in one place: the id's shape is the id's.
+    if crate::ids::is_agent_id(n) {
+        return Err(ValidationError::new(
+            field,
+            format!("name `{n}` has the shape of an agent id (26 base32 characters); pick another"),
+        ));
+    }
     Ok(())
 }
 

@@ -61,8 +61,13 @@ fn civil_from_days(z: i64) -> (i64, u32, u32) {
 #[derive(Debug, Serialize)]
 pub struct AgentView {
     id: String,
-    name: String,
+    /// Null when the agent has none (never "").
+    name: Option<String>,
     state: &'static str,
+    /// Runs started again by the restart policy.
+    restarts: u32,
+    /// When the last run ended (before a restart, or for good).
+    last_exit_at: Option<String>,
     host: String,
     pid: i32,
     generation: u64,
@@ -84,8 +89,10 @@ impl From<&Agent> for AgentView {
         let exit = a.exit.as_ref();
         Self {
             id: a.id.clone(),
-            name: spec.name,
+            name: Some(spec.name).filter(|n| !n.is_empty()),
             state: state::name(a.state()),
+            restarts: a.restarts,
+            last_exit_at: rfc3339(last_end(a)),
             host: a.host.clone(),
             pid: a.pid,
             generation: a.generation,
@@ -364,6 +371,7 @@ pub fn agent_row(a: &Agent) -> Vec<String> {
         } else {
             state::name(a.state()).to_owned()
         },
+        restarts_cell(a),
         a.host.clone(),
         if a.pid == 0 {
             "-".into()
@@ -378,8 +386,27 @@ pub fn agent_row(a: &Agent) -> Vec<String> {
 
 /// The header of [`agent_row`].
 pub const AGENT_HEADER: &[&str] = &[
-    "ID", "NAME", "STATE", "HOST", "PID", "GEN", "EXIT", "COMMAND",
+    "ID", "NAME", "STATE", "RESTARTS", "HOST", "PID", "GEN", "EXIT", "COMMAND",
 ];
+
+/// When the agent's last run ended: the run before a restart (`last_exit`)
+/// or its final end.
+fn last_end(a: &Agent) -> Option<&prost_types::Timestamp> {
+    a.last_exit
+        .as_ref()
+        .or(a.exit.as_ref())
+        .and_then(|e| e.finished_at.as_ref())
+}
+
+/// kubectl's RESTARTS cell: the count, and how long ago the last run ended
+/// when the agent restarted at least once (`3 (12s ago)`).
+fn restarts_cell(a: &Agent) -> String {
+    let last = last_end(a);
+    match (a.restarts, last) {
+        (0, _) | (_, None) => a.restarts.to_string(),
+        (n, Some(t)) => format!("{n} ({} ago)", age(Some(t))),
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -395,24 +422,66 @@ mod tests {
         );
     }
 
+    /// The whole `-o json` object of an agent, key for key: the schema
+    /// README's "JSON objects" section documents. A change here is a change
+    /// of contract.
     #[test]
-    fn json_fields_are_stable() {
+    fn an_agents_json_is_this_exact_object() {
         let a = Agent {
-            id: "x".into(),
+            id: "01jxagent".into(),
+            state: agentplane::proto::v1::AgentState::Running as i32,
+            host: "h1".into(),
+            pid: 42,
+            generation: 3,
+            restarts: 2,
+            spec: Some(agentplane::proto::v1::AgentSpec {
+                argv: vec!["sleep".into(), "1".into()],
+                labels: [("team".to_owned(), "a".to_owned())].into(),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let v = serde_json::to_value(AgentView::from(&a)).unwrap();
-        for f in [
-            "id",
-            "state",
-            "host",
-            "pid",
-            "generation",
-            "exit_code",
-            "labels",
-            "created_at",
-        ] {
-            assert!(v.get(f).is_some(), "missing {f}");
-        }
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "id": "01jxagent",
+                "name": null,
+                "state": "RUNNING",
+                "restarts": 2,
+                "last_exit_at": null,
+                "host": "h1",
+                "pid": 42,
+                "generation": 3,
+                "idle": false,
+                "exit_code": null,
+                "exit_signal": null,
+                "exit_reason": null,
+                "error": null,
+                "labels": {"team": "a"},
+                "argv": ["sleep", "1"],
+                "created_at": null,
+                "started_at": null,
+                "finished_at": null,
+            })
+        );
+    }
+
+    #[test]
+    fn restarts_show_how_long_ago_the_last_run_ended() {
+        let mut a = Agent {
+            restarts: 3,
+            ..Default::default()
+        };
+        assert_eq!(restarts_cell(&a), "3");
+        a.last_exit = Some(agentplane::proto::v1::ExitStatus {
+            finished_at: Some(agentplane::time::timestamp_from_ms(
+                agentplane::time::now_ms() - 12_000,
+            )),
+            ..Default::default()
+        });
+        assert_eq!(restarts_cell(&a), "3 (12s ago)");
+        a.restarts = 0;
+        assert_eq!(restarts_cell(&a), "0");
     }
 }

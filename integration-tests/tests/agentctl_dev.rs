@@ -214,3 +214,61 @@ async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behin
     .await;
     let _ = std::fs::remove_dir_all(&dev.data_dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_readmes_quick_start_runs_line_by_line_with_names_only() {
+    let readme = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../README.md"),
+    )
+    .expect("README");
+    let block = readme
+        .split("In a second shell while `scripts/dev` runs:")
+        .nth(1)
+        .and_then(|rest| rest.split("```sh\n").nth(1))
+        .and_then(|b| b.split("```").next())
+        .expect("the README's second-shell block");
+    let commands: Vec<String> = block
+        .lines()
+        .filter(|l| l.starts_with("agentctl "))
+        // A comment starts at ` # ` (none of the commands holds one).
+        .map(|l| l.split(" # ").next().unwrap_or(l).trim().to_owned())
+        .collect();
+    assert!(commands.len() >= 8, "{commands:?}");
+    assert!(
+        commands
+            .iter()
+            .all(|c| !c.split_whitespace().any(|w| w == "ID")),
+        "the quick start must use names only: {commands:?}"
+    );
+
+    let logs = tempfile::tempdir().unwrap();
+    let dev = Dev::start(&logs.path().join("dev.log"));
+    let path = format!(
+        "{}:{}",
+        agentplane_integration_tests::bin_dir().display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    for c in &commands {
+        let out = Command::new("sh")
+            .args(["-c", c])
+            .env("PATH", &path)
+            .env("XDG_CONFIG_HOME", dev.config.path())
+            .env_remove("AGENTPLANE_ENDPOINT")
+            .env_remove("AGENTPLANE_CA")
+            .env_remove("AGENTPLANE_TOKEN")
+            .output()
+            .expect("run a README line");
+        assert!(
+            out.status.success(),
+            "README line `{c}` failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if c.starts_with("agentctl -o json get") {
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).expect("json");
+            assert_eq!(v["name"], "demo", "{v}");
+        }
+    }
+    let gone = dev.agentctl(&["get", "demo"]);
+    assert!(!gone.status.success(), "rm demo removed it");
+}

@@ -481,6 +481,14 @@ impl Registry {
             .await
     }
 
+    /// The agent that holds `name`, if one does.
+    pub async fn agent_named(&self, name: &str) -> Result<Option<String>> {
+        self.conn()
+            .get(self.keys().name(name))
+            .await
+            .map_err(self.err("read agent name"))
+    }
+
     /// Releases `name` if `agent_id` holds it.
     pub async fn release_name(&self, name: &str, agent_id: &str) -> Result<()> {
         self.release("release agent name", &self.keys().name(name), agent_id)

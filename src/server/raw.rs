@@ -3,7 +3,7 @@
 //! as they come, without decoding them): the request (one small message)
 //! read whole, a gRPC response, and the trailers that end it.
 
-use bytes::{Buf, Bytes};
+use bytes::{Buf, BufMut, Bytes};
 use http_body::Frame;
 use http_body_util::BodyExt as _;
 use tonic::body::Body;
@@ -42,6 +42,15 @@ pub async fn read_request(body: Body) -> Result<(Bytes, Bytes), Status> {
         ));
     }
     Ok((framed, rest))
+}
+
+/// `message` with its gRPC prefix (uncompressed): a request body to send on.
+pub fn frame(message: &[u8]) -> Bytes {
+    let mut out = bytes::BytesMut::with_capacity(PREFIX + message.len());
+    out.put_u8(0);
+    out.put_u32(u32::try_from(message.len()).unwrap_or(u32::MAX));
+    out.put_slice(message);
+    out.freeze()
 }
 
 /// A gRPC response (status 200) whose messages and trailers `body` gives.

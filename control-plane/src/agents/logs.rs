@@ -50,6 +50,8 @@ impl AgentApi {
                 )))
             }
         };
+        let mut first = first;
+        first.id = self.resolve(&first.id).await?;
         let agent = self.agent_for(caller, &first.id).await?;
         let host = self.host_of(&agent).await?;
         let mut client = HostAgentClient::new(self.hosts.channel(&host)?);

@@ -97,6 +97,23 @@ impl AgentApi {
             .ok_or_else(|| ApiError::AgentNotFound { id: id.to_owned() })
     }
 
+    /// The agent id that `id_or_name` names: itself when it has an id's
+    /// shape, else the id of the agent holding that name (NOT_FOUND when
+    /// none does). Every call that takes an agent resolves it here, once,
+    /// at the edge; everything below sees ids only.
+    pub(super) async fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
+        if agentplane::ids::is_agent_id(id_or_name) {
+            return Ok(id_or_name.to_owned());
+        }
+        validate::agent_id("id", id_or_name)?;
+        self.registry
+            .agent_named(id_or_name)
+            .await?
+            .ok_or_else(|| ApiError::AgentNotFound {
+                id: id_or_name.to_owned(),
+            })
+    }
+
     /// The record of `id` if `caller` may see it; NOT_FOUND otherwise, as
     /// if it did not exist.
     async fn agent_for(&self, caller: &Caller, id: &str) -> Result<Agent, ApiError> {
@@ -170,7 +187,8 @@ impl AgentService for AgentApi {
 
     async fn get_agent(&self, req: Request<GetAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let agent = self.agent_for(&caller, &req.into_inner().id).await?;
+        let id = self.resolve(&req.into_inner().id).await?;
+        let agent = self.agent_for(&caller, &id).await?;
         Ok(Response::new(caller.shown(agent)))
     }
 
@@ -179,7 +197,7 @@ impl AgentService for AgentApi {
         req: Request<LocateAgentRequest>,
     ) -> Result<Response<LocateAgentResponse>, Status> {
         let caller = Caller::of(&req);
-        let id = req.into_inner().id;
+        let id = self.resolve(&req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(self.locate(&id).await?))
     }
@@ -199,7 +217,7 @@ impl AgentService for AgentApi {
         req: Request<PauseAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let id = req.into_inner().id;
+        let id = self.resolve(&req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(
             caller.shown(self.pause_or_resume(&id, true).await?),
@@ -211,7 +229,7 @@ impl AgentService for AgentApi {
         req: Request<ResumeAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let id = req.into_inner().id;
+        let id = self.resolve(&req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(
             caller.shown(self.pause_or_resume(&id, false).await?),
@@ -221,19 +239,17 @@ impl AgentService for AgentApi {
     async fn stop_agent(&self, req: Request<StopAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.visible(&caller, &r.id).await?;
-        Ok(Response::new(
-            caller.shown(self.stop(&r.id, r.grace).await?),
-        ))
+        let id = self.resolve(&r.id).await?;
+        self.visible(&caller, &id).await?;
+        Ok(Response::new(caller.shown(self.stop(&id, r.grace).await?)))
     }
 
     async fn kill_agent(&self, req: Request<KillAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.visible(&caller, &r.id).await?;
-        Ok(Response::new(
-            caller.shown(self.kill(&r.id, r.signal).await?),
-        ))
+        let id = self.resolve(&r.id).await?;
+        self.visible(&caller, &id).await?;
+        Ok(Response::new(caller.shown(self.kill(&id, r.signal).await?)))
     }
 
     async fn delete_agent(
@@ -242,8 +258,9 @@ impl AgentService for AgentApi {
     ) -> Result<Response<DeleteAgentResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        self.visible(&caller, &r.id).await?;
-        self.delete(&r.id, r.force).await?;
+        let id = self.resolve(&r.id).await?;
+        self.visible(&caller, &id).await?;
+        self.delete(&id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
     }
 
@@ -301,7 +318,8 @@ impl AgentService for AgentApi {
         req: Request<SendInputRequest>,
     ) -> Result<Response<SendInputResponse>, Status> {
         let caller = Caller::of(&req);
-        let r = req.into_inner();
+        let mut r = req.into_inner();
+        r.id = self.resolve(&r.id).await?;
         self.visible(&caller, &r.id).await?;
         self.send_input(r).await?;
         Ok(Response::new(SendInputResponse {}))
@@ -314,8 +332,9 @@ impl AgentService for AgentApi {
         req: Request<WatchAgentsRequest>,
     ) -> Result<Response<Self::WatchAgentsStream>, Status> {
         let caller = Caller::of(&req);
-        let r = req.into_inner();
+        let mut r = req.into_inner();
         if !r.agent_id.is_empty() {
+            r.agent_id = self.resolve(&r.agent_id).await?;
             self.visible(&caller, &r.agent_id).await?;
         }
         let held = self.quotas.watch(&caller)?;

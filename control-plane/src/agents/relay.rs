@@ -86,9 +86,15 @@ impl AgentApi {
             parts,
             (),
         )));
-        let (framed, message) = raw::read_request(body).await?;
-        let msg = StreamLogsRequest::decode(message)
+        let (mut framed, message) = raw::read_request(body).await?;
+        let mut msg = StreamLogsRequest::decode(message)
             .map_err(|e| Status::invalid_argument(format!("bad StreamLogsRequest: {e}")))?;
+        // A name becomes its id here; the host knows ids only.
+        let id = self.resolve(&msg.id).await?;
+        if id != msg.id {
+            msg.id = id;
+            framed = raw::frame(&msg.encode_to_vec());
+        }
         // One read of the record: NOT_FOUND also for a caller outside it.
         let agent = self.agent_for(&caller, &msg.id).await?;
         // Only a follow stays open; a read of what is there ends by itself.
