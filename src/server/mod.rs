@@ -104,17 +104,32 @@ pub struct ServerOptions {
     pub max_streams: usize,
 }
 
-/// Reflection (v1) over the agentplane and health descriptors.
+/// The reflection builder over the agentplane and health descriptors.
+fn reflection_builder() -> tonic_reflection::server::Builder<'static> {
+    tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+}
+
+/// Reflection `grpc.reflection.v1` (grpcurl and current tools).
 fn reflection() -> Result<
     tonic_reflection::server::v1::ServerReflectionServer<
         impl tonic_reflection::server::v1::ServerReflection,
     >,
     ServerError,
 > {
-    Ok(tonic_reflection::server::Builder::configure()
-        .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
-        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
-        .build_v1()?)
+    Ok(reflection_builder().build_v1()?)
+}
+
+/// Reflection `grpc.reflection.v1alpha`: what Python's grpcio-reflection,
+/// Postman and older clients speak.
+fn reflection_v1alpha() -> Result<
+    tonic_reflection::server::v1alpha::ServerReflectionServer<
+        impl tonic_reflection::server::v1alpha::ServerReflection,
+    >,
+    ServerError,
+> {
+    Ok(reflection_builder().build_v1alpha()?)
 }
 
 /// A server running in a task of its own.
@@ -147,7 +162,9 @@ pub fn start(
         public_streams: opts.tokens.is_some().then(streams::StreamCap::public),
     };
     let stop = cancel.clone().cancelled_owned();
-    let routes = routes.add_service(reflection()?);
+    let routes = routes
+        .add_service(reflection()?)
+        .add_service(reflection_v1alpha()?);
     let task = match &opts.transport {
         Transport::Tls(m) => {
             gate.peer.clone_from(&opts.allowed_peer);
