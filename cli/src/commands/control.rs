@@ -32,91 +32,149 @@ fn longer(timeout: Duration, grace: Option<Duration>) -> Duration {
     timeout + grace.unwrap_or(Duration::from_secs(10)) + Duration::from_secs(10)
 }
 
-/// `pause`.
-pub async fn pause(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<()> {
-    print(
-        fmt,
-        &c.agents
-            .pause_agent(PauseAgentRequest { id })
-            .await?
-            .into_inner(),
-    )
+/// The agents a bulk command acts on (`ID…`, `--selector`, `--all`), and
+/// how many calls it has in flight at once.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Targets {
+    /// Agents, by id or name; several are handled concurrently.
+    #[arg(required_unless_present_any = ["selector", "all"])]
+    pub ids: Vec<String>,
+    /// Every agent whose labels match, `k=v,k2=v2` (those the command
+    /// applies to: not ended for stop, running for pause, …).
+    #[arg(long, conflicts_with_all = ["ids", "all"])]
+    pub selector: Option<String>,
+    /// Every agent the command applies to.
+    #[arg(long, conflicts_with = "ids")]
+    pub all: bool,
+    /// With several agents: how many calls are in flight at once.
+    #[arg(long, default_value_t = bulk::DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..=1024))]
+    pub parallel: u16,
 }
 
-/// `resume`.
-pub async fn resume(c: &mut Clients, fmt: Format, id: String) -> anyhow::Result<()> {
-    print(
-        fmt,
-        &c.agents
-            .resume_agent(ResumeAgentRequest { id })
-            .await?
-            .into_inner(),
-    )
+/// What a bulk command does to each agent.
+#[derive(Debug, Clone, Copy)]
+pub enum Op {
+    /// SIGSTOP the group.
+    Pause,
+    /// SIGCONT it.
+    Resume,
+    /// SIGTERM, the grace, SIGKILL.
+    Stop {
+        /// The grace (default: the agent's own).
+        grace: Option<Duration>,
+    },
+    /// Delete the record (`force`: stop it first).
+    Rm {
+        /// Stop a running agent first.
+        force: bool,
+    },
 }
 
-/// The agents a bulk command acts on.
-#[derive(Debug)]
-pub enum Which {
-    /// These ids.
-    Ids(Vec<String>),
-    /// Every agent not yet ended whose labels match (empty: every one).
-    Selector(String),
+impl Op {
+    fn verb(self) -> &'static str {
+        match self {
+            Self::Pause => "pause",
+            Self::Resume => "resume",
+            Self::Stop { .. } => "stop",
+            Self::Rm { .. } => "rm",
+        }
+    }
+
+    /// Whether a selector's match is one this applies to.
+    fn applies(self, a: &Agent) -> bool {
+        use agentplane::proto::v1::AgentState;
+        match self {
+            Self::Pause => a.state() == AgentState::Running,
+            Self::Resume => a.state() == AgentState::Paused,
+            Self::Stop { .. } => !agentplane::state::has_ended(a),
+            Self::Rm { force } => force || agentplane::state::has_ended(a),
+        }
+    }
+
+    /// One call; `None` from a delete (nothing to print but its line).
+    async fn call(
+        self,
+        mut c: Clients,
+        id: String,
+        timeout: Duration,
+    ) -> Result<Option<Agent>, tonic::Status> {
+        let agent = match self {
+            Self::Pause => c.agents.pause_agent(PauseAgentRequest { id }).await?,
+            Self::Resume => c.agents.resume_agent(ResumeAgentRequest { id }).await?,
+            Self::Stop { grace } => {
+                let mut req = tonic::Request::new(StopAgentRequest {
+                    id,
+                    grace: grace.map(duration_to_proto),
+                });
+                req.set_timeout(longer(timeout, grace));
+                c.agents.stop_agent(req).await?
+            }
+            Self::Rm { force } => {
+                let mut req = tonic::Request::new(DeleteAgentRequest { id, force });
+                req.set_timeout(longer(timeout, None));
+                c.agents.delete_agent(req).await?;
+                return Ok(None);
+            }
+        };
+        Ok(Some(agent.into_inner()))
+    }
 }
 
-/// `stop`: one agent prints its record (an error is the command's); several
-/// are stopped `parallel` at once, printed in order, with one line on stderr
-/// for each that failed (exit 1 if any did).
-pub async fn stop(
+/// `pause`, `resume`, `stop`, `rm`: one named agent prints its record (an
+/// error is the command's); several (ids, a selector, `--all`) are handled
+/// `--parallel` at once, printed in order, with one line on stderr for each
+/// that failed (exit 1 if any did). `rm` says `deleted ID` for each.
+pub async fn act(
     c: &mut Clients,
     fmt: Format,
-    which: Which,
-    grace: Option<Duration>,
+    targets: Targets,
+    op: Op,
     timeout: Duration,
-    parallel: usize,
 ) -> anyhow::Result<ExitCode> {
-    let request = move |id: String| {
-        let mut req = tonic::Request::new(StopAgentRequest {
-            id,
-            grace: grace.map(duration_to_proto),
-        });
-        req.set_timeout(longer(timeout, grace));
-        req
-    };
-    let ids = match which {
-        Which::Ids(ids) if ids.len() == 1 => {
-            let id = ids.into_iter().next().unwrap_or_default();
-            print(fmt, &c.agents.stop_agent(request(id)).await?.into_inner())?;
-            return Ok(ExitCode::SUCCESS);
-        }
-        Which::Ids(ids) => ids,
-        Which::Selector(selector) => super::agents::list_all(
+    let single = targets.ids.len() == 1 && targets.selector.is_none() && !targets.all;
+    let ids: Vec<String> = if targets.selector.is_some() || targets.all {
+        super::agents::list_all(
             c,
             ListAgentsRequest {
-                label_selector: selector,
+                label_selector: targets.selector.unwrap_or_default(),
                 ..Default::default()
             },
         )
         .await?
         .into_iter()
-        .filter(|a| !agentplane::state::has_ended(a))
+        .filter(|a| op.applies(a))
         .map(|a| a.id)
-        .collect(),
+        .collect()
+    } else {
+        targets.ids
     };
-    let results = bulk::fan_out(ids.clone(), parallel, |id| {
-        let mut c = c.clone();
-        let req = request(id);
-        async move { c.agents.stop_agent(req).await }
+    if single {
+        let id = ids.into_iter().next().unwrap_or_default();
+        match op.call(c.clone(), id.clone(), timeout).await? {
+            Some(a) => print(fmt, &a)?,
+            None => eprintln!("deleted {id}"),
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    let results = bulk::fan_out(ids.clone(), targets.parallel.into(), |id| {
+        op.call(c.clone(), id, timeout)
     })
     .await;
-    let mut stopped = Vec::with_capacity(results.len());
+    let (mut done, mut failed) = (Vec::with_capacity(results.len()), 0);
     for (id, r) in ids.iter().zip(results) {
         match r {
-            Ok(a) => stopped.push(a.into_inner()),
-            Err(s) => eprintln!("agentctl: stop {id}: {}", client::brief(&s)),
+            Ok(Some(a)) => done.push(a),
+            Ok(None) => eprintln!("deleted {id}"),
+            Err(s) => {
+                failed += 1;
+                eprintln!("agentctl: {} {id}: {}", op.verb(), client::brief(&s));
+            }
         }
     }
-    many(fmt, &stopped)?;
-    Ok(if stopped.len() == ids.len() {
+    if !matches!(op, Op::Rm { .. }) {
+        many(fmt, &done)?;
+    }
+    Ok(if failed == 0 {
         ExitCode::SUCCESS
     } else {
         ExitCode::FAILURE
@@ -168,18 +226,6 @@ pub async fn kill(c: &mut Clients, fmt: Format, id: String, signal: &str) -> any
             .await?
             .into_inner(),
     )
-}
-
-/// `rm`.
-pub async fn rm(c: &mut Clients, id: String, force: bool, timeout: Duration) -> anyhow::Result<()> {
-    let mut req = tonic::Request::new(DeleteAgentRequest {
-        id: id.clone(),
-        force,
-    });
-    req.set_timeout(longer(timeout, None));
-    c.agents.delete_agent(req).await?;
-    eprintln!("deleted {id}");
-    Ok(())
 }
 
 #[cfg(test)]

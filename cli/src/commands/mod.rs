@@ -44,33 +44,19 @@ pub enum Command {
     },
     /// List agents.
     Ls(agents::LsArgs),
-    /// Stop (SIGSTOP) every process of an agent.
-    Pause {
-        /// Agent id.
-        id: String,
-    },
-    /// Continue (SIGCONT) a paused agent.
-    Resume {
-        /// Agent id.
-        id: String,
-    },
-    /// SIGTERM an agent's process group, SIGKILL after the grace.
+    /// Stop (SIGSTOP) every process of agents (ids, names, a selector of
+    /// running ones, or --all).
+    Pause(control::Targets),
+    /// Continue (SIGCONT) paused agents.
+    Resume(control::Targets),
+    /// SIGTERM agents' process groups, SIGKILL after the grace; several are
+    /// stopped concurrently (--selector, --all: every one not yet ended).
     Stop {
-        /// Agent ids; several are stopped concurrently.
-        #[arg(required_unless_present_any = ["selector", "all"])]
-        ids: Vec<String>,
-        /// Stop every agent not yet ended whose labels match, `k=v,k2=v2`.
-        #[arg(long, conflicts_with_all = ["ids", "all"])]
-        selector: Option<String>,
-        /// Stop every agent not yet ended.
-        #[arg(long, conflicts_with = "ids")]
-        all: bool,
+        #[command(flatten)]
+        targets: control::Targets,
         /// Time between SIGTERM and SIGKILL (default: the agent's stop_grace).
         #[arg(long, value_parser = parse_duration)]
         grace: Option<Duration>,
-        /// With several agents: how many stop calls are in flight at once.
-        #[arg(long, default_value_t = bulk::DEFAULT_PARALLEL, value_parser = clap::value_parser!(u16).range(1..=1024))]
-        parallel: u16,
     },
     /// Send a signal to an agent's process group.
     Kill {
@@ -80,11 +66,12 @@ pub enum Command {
         #[arg(short = 's', long = "signal", default_value = "KILL")]
         signal: String,
     },
-    /// Delete an ended agent's record.
+    /// Delete ended agents' records (--selector, --all: every ended one).
     Rm {
-        /// Agent id.
-        id: String,
-        /// Stop a running agent first instead of refusing.
+        #[command(flatten)]
+        targets: control::Targets,
+        /// Stop running agents first instead of refusing (with --selector
+        /// or --all: take running ones too).
         #[arg(short, long)]
         force: bool,
     },
@@ -241,24 +228,19 @@ async fn dispatch(
         Command::Get { id } => agents::get(c, fmt, id).await,
         Command::Locate { id } => agents::locate(c, fmt, id).await,
         Command::Ls(args) => agents::ls(c, fmt, args).await,
-        Command::Pause { id } => control::pause(c, fmt, id).await,
-        Command::Resume { id } => control::resume(c, fmt, id).await,
-        Command::Stop {
-            ids,
-            selector,
-            all,
-            grace,
-            parallel,
-        } => {
-            let which = match (selector, all) {
-                (Some(s), _) => control::Which::Selector(s),
-                (None, true) => control::Which::Selector(String::new()),
-                (None, false) => control::Which::Ids(ids),
-            };
-            return control::stop(c, fmt, which, grace, timeout, parallel.into()).await;
+        Command::Pause(targets) => {
+            return control::act(c, fmt, targets, control::Op::Pause, timeout).await
+        }
+        Command::Resume(targets) => {
+            return control::act(c, fmt, targets, control::Op::Resume, timeout).await
+        }
+        Command::Stop { targets, grace } => {
+            return control::act(c, fmt, targets, control::Op::Stop { grace }, timeout).await
         }
         Command::Kill { id, signal } => control::kill(c, fmt, id, &signal).await,
-        Command::Rm { id, force } => control::rm(c, id, force, timeout).await,
+        Command::Rm { targets, force } => {
+            return control::act(c, fmt, targets, control::Op::Rm { force }, timeout).await
+        }
         Command::Hosts { command } => hosts::run(c, fmt, command).await,
         Command::Send(args) => logs::send(c, args).await,
         Command::Watch(_)
