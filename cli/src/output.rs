@@ -321,27 +321,39 @@ pub fn age(t: Option<&prost_types::Timestamp>) -> String {
 
 /// Prints rows under a header with columns padded to the widest cell.
 pub fn table(header: &[&str], rows: &[Vec<String>]) {
+    let widths = widths(header, rows);
+    print_row(
+        &widths,
+        &header.iter().map(|h| (*h).to_owned()).collect::<Vec<_>>(),
+    );
+    for row in rows {
+        print_row(&widths, row);
+    }
+}
+
+/// The width of each column: its widest cell, header included.
+pub fn widths(header: &[&str], rows: &[Vec<String>]) -> Vec<usize> {
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for row in rows {
         for (w, cell) in widths.iter_mut().zip(row) {
             *w = (*w).max(cell.chars().count());
         }
     }
-    let line = |cells: Vec<String>| {
-        let mut out = String::new();
-        for (i, (cell, w)) in cells.iter().zip(&widths).enumerate() {
-            if i + 1 == cells.len() {
-                out.push_str(cell);
-            } else {
-                out.push_str(&format!("{cell:<w$}  "));
-            }
+    widths
+}
+
+/// Prints one row padded to `widths` (a later row of a table printed
+/// earlier, as `ls -w` adds them).
+pub fn print_row(widths: &[usize], cells: &[String]) {
+    let mut out = String::new();
+    for (i, (cell, w)) in cells.iter().zip(widths).enumerate() {
+        if i + 1 == cells.len() {
+            out.push_str(cell);
+        } else {
+            out.push_str(&format!("{cell:<w$}  "));
         }
-        println!("{}", out.trim_end());
-    };
-    line(header.iter().map(|h| (*h).to_owned()).collect());
-    for row in rows {
-        line(row.clone());
     }
+    println!("{}", out.trim_end());
 }
 
 /// One table row of an agent.

@@ -15,6 +15,7 @@ mod logs;
 mod spawn;
 mod status;
 mod top;
+mod wait;
 mod watch;
 
 use std::process::ExitCode;
@@ -101,6 +102,9 @@ pub enum Command {
         #[command(subcommand)]
         command: certs::CertsCommand,
     },
+    /// Wait until agents reach a state (`--for state=RUNNING`) or end for
+    /// good (`--for exited`); exit 1 at the timeout, naming those that did not.
+    Wait(wait::WaitArgs),
     /// A live dashboard of hosts and agents (state, restarts, CPU, memory,
     /// output rate) in the terminal; q quits.
     Top(top::TopArgs),
@@ -180,6 +184,15 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         attach::attach(&mut c, args).await?;
         return Ok(ExitCode::SUCCESS);
     }
+    if let Command::Ls(args) = &command {
+        if args.watch {
+            agents::ls_watch(&endpoints[0], fmt, args.clone(), &access).await?;
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+    if let Command::Wait(args) = command {
+        return wait::run(&endpoints[0], args, &access).await;
+    }
     if let Command::Logs(args) = command {
         logs::run(&endpoints, args, &access).await?;
         return Ok(ExitCode::SUCCESS);
@@ -251,6 +264,7 @@ async fn dispatch(
         | Command::Health { .. }
         | Command::Status
         | Command::Top(_)
+        | Command::Wait(_)
         | Command::Certs { .. }
         | Command::Dev(_) => {
             anyhow::bail!("internal error: this command is run before dispatch")
