@@ -5,6 +5,7 @@
 mod access;
 mod client;
 mod commands;
+mod contexts;
 mod output;
 
 use std::process::ExitCode;
@@ -22,10 +23,15 @@ pub const DEFAULT_ENDPOINT: &str = "http://127.0.0.1:7700";
 #[derive(Debug, Parser)]
 #[command(name = "agentctl", version = agentplane::VERSION)]
 struct Cli {
-    /// Control-plane address(es), comma-separated [default: the running
-    /// `agentctl dev`'s, from its context file, else http://127.0.0.1:7700].
+    /// Control-plane address(es), comma-separated [default: the current
+    /// context's (`agentctl config`), else http://127.0.0.1:7700].
     #[arg(long, global = true, env = "AGENTPLANE_ENDPOINT")]
     endpoint: Option<String>,
+
+    /// Use this context of ~/.config/agentplane/config.toml instead of the
+    /// current one (flags still override its fields).
+    #[arg(long, global = true, env = "AGENTPLANE_CONTEXT")]
+    context: Option<String>,
 
     /// Output format.
     #[arg(short = 'o', long = "output", global = true, env = "AGENTPLANE_OUTPUT", value_enum, default_value_t = Format::Table)]

@@ -87,9 +87,15 @@ impl Dev {
         }
     }
 
-    /// The context file `agentctl dev` writes for plain `agentctl` calls.
+    /// The config file where `agentctl dev` adds its context `dev` for
+    /// plain `agentctl` calls.
     fn context(&self) -> std::path::PathBuf {
-        self.config.path().join("agentplane/dev-context.toml")
+        self.config.path().join("agentplane/config.toml")
+    }
+
+    /// Whether the config file holds a context `dev`.
+    fn has_dev_context(&self) -> bool {
+        std::fs::read_to_string(self.context()).is_ok_and(|t| t.contains("[contexts.dev]"))
     }
 
     /// Runs a plain `agentctl ARGS` (no endpoint, CA or token given): it
@@ -199,7 +205,7 @@ async fn agentctl_dev_runs_a_whole_stack_in_one_process_and_leaves_nothing_behin
     assert!(procfs::agent_processes(&id).is_empty(), "agent stopped");
     assert!(!procfs::is_alive(dev.redis_pid), "redis-server stopped");
     assert!(!dev.data_dir.exists(), "temporary data removed");
-    assert!(!dev.context().exists(), "the context file is removed");
+    assert!(!dev.has_dev_context(), "its context is removed");
 
     // SIGKILL: the kernel and the guard still take everything down.
     let dev = Dev::start(&log);

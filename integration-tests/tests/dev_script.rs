@@ -164,7 +164,7 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
     for f in &files {
         assert_eq!(mode(f), 0o600, "{}", f.display());
     }
-    let context = config.path().join("agentplane/dev-context.toml");
+    let context = config.path().join("agentplane/config.toml");
     assert_eq!(mode(&context), 0o600);
     // The registry: a Unix socket only this user may connect to.
     assert_eq!(mode(&run_dir.join("redis.sock")), 0o700);
@@ -194,7 +194,10 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
         },
     )
     .await;
-    assert!(!context.exists(), "the context file is removed at exit");
+    assert!(
+        !std::fs::read_to_string(&context).is_ok_and(|t| t.contains("[contexts.dev]")),
+        "its context is removed at exit"
+    );
     assert!(
         !pki.exists(),
         "the CA key and the admin token are removed at exit"

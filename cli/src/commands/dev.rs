@@ -15,8 +15,9 @@ use nix::unistd::Pid;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use super::dev_secrets::{DevContext, DevSecrets};
+use super::dev_secrets::DevSecrets;
 use crate::access::Access;
+use crate::contexts::{self, UserConfig};
 
 /// How long the private redis-server may take to accept connections.
 const REDIS_START: Duration = Duration::from_secs(10);
@@ -327,15 +328,11 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         Duration::from_secs(2),
     )?;
     let ready = host_registered(&endpoint, &access, &stop).await;
-    // A plain `agentctl` (no flags) finds the stack through this file.
-    let context = DevContext {
-        endpoint: endpoint.clone(),
-        ca: secrets.ca.clone(),
-        token_file: secrets.token_file.clone(),
-    }
-    .write();
+    // A plain `agentctl` (no flags) finds the stack through the current
+    // context: `dev`, until this exits.
+    let context = write_context(&endpoint, &secrets);
     if let Err(e) = &context {
-        eprintln!("agentctl dev: cannot write the context file ({e:#}); pass --endpoint, --ca and --token-file");
+        eprintln!("agentctl dev: cannot write the context ({e:#}); pass --endpoint, --ca and --token-file");
     }
     if !ready {
         eprintln!("agentctl dev: the host agent did not register within {READY_LIMIT:?}");
@@ -347,7 +344,10 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     println!("redis {redis_url}{private}");
     println!("data in {}", dir.display());
     if let Ok(p) = &context {
-        println!("context {} (a plain agentctl uses it)", p.display());
+        println!(
+            "context {DEV_CONTEXT} in {} (current while this runs: a plain agentctl uses it)",
+            p.display()
+        );
     }
     println!("ca {}", secrets.ca.display());
     println!("token file {}", secrets.token_file.display());
@@ -364,7 +364,7 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     // A second SIGINT/SIGTERM forces the exit; the host agent's guard then
     // SIGKILLs the agents and the kernel the private redis-server.
     let scratch = args.data_dir.is_none().then(|| dir.clone());
-    let written = context.ok();
+    let written = context.ok().map(|_| endpoint.clone());
     let forced = written.clone();
     tokio::spawn(async move {
         agentplane::shutdown::shutdown_signal().await;
@@ -372,15 +372,15 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
         if let Some(d) = scratch {
             let _ = std::fs::remove_dir_all(d);
         }
-        if let Some(c) = forced {
-            let _ = std::fs::remove_file(c);
+        if let Some(e) = forced {
+            remove_context(&e);
         }
         std::process::exit(130);
     });
     let (h, c) = tokio::join!(host, cp);
     drop(redis);
-    if let Some(c) = written {
-        let _ = std::fs::remove_file(c);
+    if let Some(e) = written {
+        remove_context(&e);
     }
     let mut failed = false;
     if let Ok(Err(e)) = h {
@@ -396,4 +396,39 @@ pub async fn run(args: DevArgs) -> anyhow::Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+/// The context `agentctl dev` adds while it runs.
+const DEV_CONTEXT: &str = "dev";
+
+/// Adds context `dev` for this stack and makes it current (the one before
+/// is remembered); returns the config file's path.
+fn write_context(endpoint: &str, secrets: &DevSecrets) -> anyhow::Result<std::path::PathBuf> {
+    let mut cfg = UserConfig::load()?;
+    cfg.set(
+        DEV_CONTEXT,
+        contexts::Context {
+            endpoints: vec![endpoint.to_owned()],
+            ca: Some(secrets.ca.clone()),
+            token_file: Some(secrets.token_file.clone()),
+            ..Default::default()
+        },
+        true,
+    );
+    cfg.save()
+}
+
+/// Removes context `dev` if it is still this stack's (a newer `dev` may
+/// have replaced it); the context before it is current again.
+fn remove_context(endpoint: &str) {
+    let removed = UserConfig::load().map(|mut cfg| {
+        if cfg.delete(DEV_CONTEXT, Some(endpoint)) {
+            cfg.save().map(|_| ())
+        } else {
+            Ok(())
+        }
+    });
+    if let Err(e) | Ok(Err(e)) = removed {
+        eprintln!("agentctl dev: cannot remove its context: {e:#}");
+    }
 }

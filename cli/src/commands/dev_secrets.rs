@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 
 use agentplane::auth::Role;
 use agentplane::pki::{self, Authority, Validity};
-use anyhow::Context;
 
 /// The dev stack's certificates outlive no dev session; a week is plenty.
 const WEEK: Validity = Validity { days: 7 };
@@ -68,45 +67,5 @@ impl DevSecrets {
             tokens,
             token_file,
         })
-    }
-}
-
-/// The context file a plain `agentctl` reads: under `$XDG_CONFIG_HOME`
-/// (default `~/.config`), `agentplane/dev-context.toml`.
-pub fn context_path() -> Option<PathBuf> {
-    let base = std::env::var_os("XDG_CONFIG_HOME")
-        .filter(|v| !v.is_empty())
-        .map(PathBuf::from)
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")))?;
-    Some(base.join("agentplane").join("dev-context.toml"))
-}
-
-/// Where a plain `agentctl` goes while `agentctl dev` runs.
-#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
-pub struct DevContext {
-    /// The control plane (`https://…`).
-    pub endpoint: String,
-    /// The CA to trust.
-    pub ca: PathBuf,
-    /// The admin token's file.
-    pub token_file: PathBuf,
-}
-
-impl DevContext {
-    /// Writes it (0600) at [`context_path`]; returns the path.
-    pub fn write(&self) -> anyhow::Result<PathBuf> {
-        let path = context_path().context("no $HOME or $XDG_CONFIG_HOME for the context file")?;
-        if let Some(dir) = path.parent() {
-            pki::create_private_dir(dir)?;
-        }
-        let text = toml::to_string(self).context("encode the context")?;
-        write_private(&path, text.as_bytes())?;
-        Ok(path)
-    }
-
-    /// The context written by a running `agentctl dev`, if any.
-    pub fn read() -> Option<Self> {
-        let text = std::fs::read_to_string(context_path()?).ok()?;
-        toml::from_str(&text).ok()
     }
 }

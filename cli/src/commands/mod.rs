@@ -6,6 +6,7 @@ mod agents;
 mod attach;
 mod bulk;
 mod certs;
+mod config;
 mod control;
 mod dev;
 pub mod dev_secrets;
@@ -111,6 +112,13 @@ pub enum Command {
     /// Each endpoint's health and counters (memory, tasks, panicked tasks,
     /// open log and watch streams), as a table; exit 1 unless all are SERVING.
     Status,
+    /// Named contexts (endpoints, CA, certificate, token file) in
+    /// ~/.config/agentplane/config.toml: `get-contexts`, `use-context NAME`,
+    /// `set-context NAME`, `delete-context NAME`, `current-context`.
+    Config {
+        #[command(subcommand)]
+        command: config::ConfigCommand,
+    },
     /// Check a server's gRPC health (exit 0 when SERVING): for probes, e.g.
     /// against a server's plaintext `--health-listen` port.
     Health {
@@ -137,10 +145,15 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     if let Command::Certs { command } = cli.command {
         return certs::run(command);
     }
-    let endpoint = match cli.endpoint.take() {
-        Some(e) => e,
-        None => from_dev_context(&mut cli.access),
-    };
+    if let Command::Config { command } = cli.command {
+        return config::run(command, cli.output);
+    }
+    let endpoint = crate::contexts::resolve(
+        cli.endpoint.take(),
+        cli.context.as_deref(),
+        &mut cli.access,
+        crate::DEFAULT_ENDPOINT,
+    )?;
     let endpoints: Vec<String> = endpoint
         .split(',')
         .map(str::trim)
@@ -215,21 +228,6 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint answered")))
 }
 
-/// With no endpoint given: a running `agentctl dev`'s, whose CA and token
-/// file fill in the flags not given; else the default endpoint.
-fn from_dev_context(access: &mut crate::access::AccessArgs) -> String {
-    let Some(ctx) = dev_secrets::DevContext::read() else {
-        return crate::DEFAULT_ENDPOINT.to_owned();
-    };
-    if access.ca.is_none() {
-        access.ca = Some(ctx.ca);
-    }
-    if access.token.is_none() && access.token_file.is_none() {
-        access.token_file = Some(ctx.token_file);
-    }
-    ctx.endpoint
-}
-
 async fn dispatch(
     c: &mut Clients,
     fmt: crate::output::Format,
@@ -266,6 +264,7 @@ async fn dispatch(
         | Command::Top(_)
         | Command::Wait(_)
         | Command::Certs { .. }
+        | Command::Config { .. }
         | Command::Dev(_) => {
             anyhow::bail!("internal error: this command is run before dispatch")
         }

@@ -1,5 +1,5 @@
 """A real stack for the tests: `agentctl dev` on free loopback ports, with
-its own CA, certificates and admin token, found through the context file it
+its own CA, certificates and admin token, found through the context `dev` it
 writes under $XDG_CONFIG_HOME.
 
 The binary comes from $AGENTPLANE_BIN_DIR (default: <repo>/target/debug);
@@ -55,12 +55,19 @@ def _log_tail(log: Path, lines: int = 40) -> str:
 
 
 def _read_context(path: Path) -> dict | None:
-    """The context file once it is whole (it may be read mid-write)."""
+    """Context `dev` of the config file once it is whole (it may be read
+    mid-write), as endpoint, ca and token_file."""
     try:
-        ctx = tomllib.loads(path.read_text())
+        cfg = tomllib.loads(path.read_text())
     except (OSError, tomllib.TOMLDecodeError):
         return None
-    if all(isinstance(ctx.get(k), str) and ctx[k] for k in ("endpoint", "ca", "token_file")):
+    dev = cfg.get("contexts", {}).get("dev", {})
+    ctx = {
+        "endpoint": (dev.get("endpoints") or [None])[0],
+        "ca": dev.get("ca"),
+        "token_file": dev.get("token-file"),
+    }
+    if cfg.get("current-context") == "dev" and all(isinstance(v, str) and v for v in ctx.values()):
         return ctx
     return None
 
@@ -108,7 +115,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             stdout=out,
             stderr=subprocess.STDOUT,
         )
-    context_file = config / "agentplane" / "dev-context.toml"
+    context_file = config / "agentplane" / "config.toml"
     try:
         deadline = time.monotonic() + START_LIMIT
         while (ctx := _read_context(context_file)) is None:
@@ -123,4 +130,5 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     finally:
         rc = _stop(proc)
     assert rc == 0, f"agentctl dev exited {rc} after SIGTERM:\n{_log_tail(log)}"
-    assert not context_file.exists(), "agentctl dev left its context file behind"
+    left = tomllib.loads(context_file.read_text()) if context_file.exists() else {}
+    assert "dev" not in left.get("contexts", {}), f"agentctl dev left its context behind: {left}"
