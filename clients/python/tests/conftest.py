@@ -33,6 +33,8 @@ class Stack:
     ca: Path
     token_file: Path
     log: Path
+    #: Its XDG_CONFIG_HOME, where context `dev` is current.
+    config_home: Path = Path()
 
     @property
     def token(self) -> str:
@@ -124,7 +126,13 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
             if time.monotonic() > deadline:
                 pytest.fail(f"agentctl dev wrote no {context_file} within {START_LIMIT} s:\n{_log_tail(log)}")
             time.sleep(0.1)
-        s = Stack(endpoint=ctx["endpoint"], ca=Path(ctx["ca"]), token_file=Path(ctx["token_file"]), log=log)
+        s = Stack(
+            endpoint=ctx["endpoint"],
+            ca=Path(ctx["ca"]),
+            token_file=Path(ctx["token_file"]),
+            log=log,
+            config_home=config,
+        )
         assert s.endpoint.startswith("https://127.0.0.1:"), s.endpoint
         yield s
     finally:

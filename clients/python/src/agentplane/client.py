@@ -6,7 +6,7 @@ import ipaddress
 import os
 from pathlib import Path
 from types import TracebackType
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Iterator, Mapping, Optional, Union
 from urllib.parse import urlsplit
 
 import grpc
@@ -91,6 +91,15 @@ def _state(state: Union[None, int, str]) -> int:
     return int(state)
 
 
+def _events(stream) -> Iterator[types.Event]:
+    try:
+        yield from stream
+    except grpc.RpcError as e:
+        raise from_rpc_error(e) from e
+    finally:
+        stream.cancel()
+
+
 class Client:
     """One channel to a control plane; every call carries the token.
 
@@ -150,6 +159,30 @@ class Client:
         self._metadata = (("authorization", f"Bearer {secret}"),) if secret is not None else ()
         self._agents = agent_grpc.AgentServiceStub(self._channel)
         self._hosts = host_grpc.HostServiceStub(self._channel)
+
+    @classmethod
+    def from_context(cls, name: Optional[str] = None, **kwargs) -> "Client":
+        """A client of context `name` (default: the current one) of
+        `$XDG_CONFIG_HOME/agentplane/config.toml`, as a plain agentctl
+        uses it: its first endpoint, CA, client certificate and token file.
+        Other keyword arguments go to the constructor."""
+        import tomllib
+
+        base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+        path = Path(base) / "agentplane" / "config.toml"
+        cfg = tomllib.loads(path.read_text())
+        name = name or cfg.get("current-context")
+        ctx = cfg.get("contexts", {}).get(name or "")
+        if not ctx:
+            raise ValueError(f"{path}: no context {name!r} (agentctl config get-contexts)")
+        return cls(
+            ctx["endpoints"][0],
+            ca=ctx.get("ca"),
+            token_file=ctx.get("token-file"),
+            cert=ctx.get("cert"),
+            key=ctx.get("key"),
+            **kwargs,
+        )
 
     def _call(self, method, request, timeout: Optional[float] = None):
         try:
@@ -227,6 +260,53 @@ class Client:
             req.grace.CopyFrom(_duration(grace))
         # The call lasts as long as the grace, and then some.
         return self._call(self._agents.StopAgent, req, timeout=self.timeout + (grace or 0.0))
+
+    def pause(self, id: str) -> types.Agent:
+        """SIGSTOP the agent's process group."""
+        return self._call(self._agents.PauseAgent, agent_pb.PauseAgentRequest(id=id))
+
+    def resume(self, id: str) -> types.Agent:
+        """SIGCONT it."""
+        return self._call(self._agents.ResumeAgent, agent_pb.ResumeAgentRequest(id=id))
+
+    def logs(
+        self,
+        id: str,
+        follow: bool = False,
+        tail_lines: Optional[int] = None,
+    ) -> Iterator[bytes]:
+        """The agent's output as it was written, chunk by chunk; with
+        `follow`, goes on as it writes more and ends when it ends. `id` may
+        be its name. Gaps (output lost to the cap) are skipped."""
+        req = agent_pb.StreamLogsRequest(id=id, follow=follow)
+        if tail_lines is not None:
+            req.tail_lines = tail_lines
+        # No deadline on a follow: it lasts as long as the agent.
+        stream = self._agents.StreamLogs(
+            req, timeout=None if follow else self.timeout, metadata=self._metadata
+        )
+        try:
+            for chunk in stream:
+                if chunk.data:
+                    yield chunk.data
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        finally:
+            stream.cancel()
+
+    def watch(self, since: Optional[str] = None, agent: Optional[str] = None) -> Iterator[types.Event]:
+        """Agent and host events as they happen (from `since`, an event's
+        token, when given; only `agent`'s, by id or name, when given). The
+        stream is open when this returns, so nothing done after the call is
+        missed (iterating it later is fine)."""
+        req = agent_pb.WatchAgentsRequest(resume_token=since or "", agent_id=agent or "")
+        stream = self._agents.WatchAgents(req, timeout=None, metadata=self._metadata)
+        # The stream is open once its first response headers came back.
+        try:
+            stream.initial_metadata()
+        except grpc.RpcError as e:
+            raise from_rpc_error(e) from e
+        return _events(stream)
 
     def rm(self, id: str, force: bool = False) -> None:
         """Deletes an ended agent's record (`force`: stop it first)."""
