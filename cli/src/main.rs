@@ -7,6 +7,7 @@ mod client;
 mod commands;
 mod contexts;
 mod output;
+mod progress;
 
 use std::process::ExitCode;
 use std::time::Duration;

@@ -12,6 +12,16 @@ use std::time::Duration;
 use agentplane::proto::v1::{AgentSpec, PauseAgentRequest};
 use agentplane_integration_tests::{eventually, TestCluster};
 
+/// A child process killed (and reaped) when the test ends, however it ends.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
     let cluster = TestCluster::builder().start().await;
@@ -31,7 +41,7 @@ async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
     };
     let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
     let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup"));
-    let mut child = cluster
+    let child = cluster
         .agentctl_all(&["top", "--interval", "300ms"])
         .env("TERM", "xterm")
         .stdin(slave(&pty.slave))
@@ -40,6 +50,8 @@ async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
         .spawn()
         .expect("start agentctl top");
     drop(pty.slave);
+    // Killed if the test fails before it quits (it would draw forever).
+    let mut child = KillOnDrop(child);
 
     let screen = Arc::new(Mutex::new(String::new()));
     let mut master = std::fs::File::from(pty.master);
@@ -90,7 +102,7 @@ async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
 
     master.write_all(b"q").expect("press q");
     let status = eventually(Duration::from_secs(10), "top exits on q", || {
-        let done = child.try_wait().expect("wait");
+        let done = child.0.try_wait().expect("wait");
         async move { done }
     })
     .await;

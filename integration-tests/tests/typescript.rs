@@ -10,7 +10,8 @@ use agentplane_integration_tests::TestCluster;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_typescript_example_spawns_reads_stops_and_deletes_an_agent() {
-    let example = Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/typescript/dist/example.js");
+    let example =
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../clients/typescript/dist/example.js");
     assert!(
         example.exists(),
         "{} is missing: run scripts/test (it runs npm ci && npm run build in clients/typescript)",
@@ -34,7 +35,11 @@ async fn the_typescript_example_spawns_reads_stops_and_deletes_an_agent() {
         "{text}"
     );
     assert!(lines.contains(&"hello from typescript"), "{text}");
-    assert_eq!(lines.last().copied(), Some("stopped: AGENT_STATE_EXITED"), "{text}");
+    assert_eq!(
+        lines.last().copied(),
+        Some("stopped: AGENT_STATE_EXITED"),
+        "{text}"
+    );
     let gone = cluster.agentctl(&["get", "ts-example"]);
     assert!(!gone.status.success(), "the example deleted its agent");
     cluster.finish().await;

@@ -141,3 +141,59 @@ async fn ls_watch_prints_each_change_of_a_matching_agent() {
     let _ = child.wait();
     cluster.finish().await;
 }
+
+/// Runs `agentctl ARGS` on an 80×24 pseudo-terminal (stdin, stdout and
+/// stderr); returns its exit status and everything it drew.
+fn on_a_terminal(mut cmd: std::process::Command) -> (std::process::ExitStatus, String) {
+    use std::io::Read;
+    let size = nix::pty::Winsize {
+        ws_row: 24,
+        ws_col: 80,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
+    let slave = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().expect("dup"));
+    let mut child = cmd
+        .env("TERM", "xterm")
+        .stdin(slave(&pty.slave))
+        .stdout(slave(&pty.slave))
+        .stderr(slave(&pty.slave))
+        .spawn()
+        .expect("start agentctl");
+    // The command keeps its copies of the terminal until dropped: the
+    // reader below sees the end only once every copy is closed.
+    drop(cmd);
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let reader = std::thread::spawn(move || {
+        let mut all = Vec::new();
+        let mut buf = [0u8; 4096];
+        // EIO once the last writer (the child) is gone.
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            all.extend_from_slice(&buf[..n]);
+        }
+        String::from_utf8_lossy(&all).into_owned()
+    });
+    let status = child.wait().expect("wait");
+    (status, reader.join().expect("reader"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spawn_wait_spins_on_a_terminal_and_never_in_json() {
+    let cluster = TestCluster::builder().start().await;
+    let (status, drawn) = on_a_terminal(cluster.agentctl_all(&[
+        "spawn", "--wait", "--name", "spinning", "--", "sh", "-c", "sleep 1",
+    ]));
+    assert!(status.success(), "{drawn}");
+    assert!(drawn.contains("waiting for spinning to end"), "{drawn}");
+    let (status, drawn) = on_a_terminal(cluster.agentctl_all(&[
+        "-o", "json", "spawn", "--wait", "--name", "quiet", "--", "sh", "-c", "sleep 1",
+    ]));
+    assert!(status.success(), "{drawn}");
+    assert!(!drawn.contains("waiting for"), "{drawn}");
+    cluster.finish().await;
+}

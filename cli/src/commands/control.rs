@@ -156,10 +156,17 @@ pub async fn act(
         }
         return Ok(ExitCode::SUCCESS);
     }
+    let p = crate::progress::bar(fmt, ids.len() as u64, op.verb());
     let results = bulk::fan_out(ids.clone(), targets.parallel.into(), |id| {
-        op.call(c.clone(), id, timeout)
+        let (call, p) = (op.call(c.clone(), id, timeout), p.clone());
+        async move {
+            let r = call.await;
+            p.inc(1);
+            r
+        }
     })
     .await;
+    p.finish_and_clear();
     let (mut done, mut failed) = (Vec::with_capacity(results.len()), 0);
     for (id, r) in ids.iter().zip(results) {
         match r {

@@ -21,17 +21,30 @@ pub async fn run(c: &mut Clients, fmt: Format, command: HostsCommand) -> anyhow:
             });
             req.set_timeout(timeout + std::time::Duration::from_secs(30));
             let mut stream = c.hosts.drain_host(req).await?.into_inner();
+            // A bar over the agents the drain started with (a terminal only).
+            let mut bar: Option<indicatif::ProgressBar> = None;
             while let Some(p) = stream.message().await? {
+                let b = bar.get_or_insert_with(|| {
+                    crate::progress::bar(
+                        fmt,
+                        u64::from(p.remaining + p.moved + p.stopped),
+                        "draining",
+                    )
+                });
+                b.set_position(u64::from(p.moved + p.stopped));
                 match fmt {
                     Format::Json | Format::Yaml => {
                         output::stream_item(fmt, &output::DrainView::from(&p))?;
                     }
-                    Format::Table => println!(
-                        "remaining {:>4}  moved {:>4}  stopped {:>4}  {}",
-                        p.remaining, p.moved, p.stopped, p.message
-                    ),
+                    Format::Table => b.suspend(|| {
+                        println!(
+                            "remaining {:>4}  moved {:>4}  stopped {:>4}  {}",
+                            p.remaining, p.moved, p.stopped, p.message
+                        );
+                    }),
                 }
                 if p.done {
+                    b.finish_and_clear();
                     return Ok(());
                 }
             }

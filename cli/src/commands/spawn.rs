@@ -237,7 +237,15 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
         .into_inner();
     let mut agent = resp.agent.unwrap_or_default();
     if wait {
-        agent = wait_ended(c, &agent.id).await?;
+        let who = agent
+            .spec
+            .as_ref()
+            .map(|s| s.name.clone())
+            .filter(|n| !n.is_empty())
+            .unwrap_or_else(|| agent.id.clone());
+        let p = crate::progress::spinner(fmt, format!("waiting for {who} to end"));
+        agent = wait_ended(c, &agent.id, &p).await?;
+        p.finish_and_clear();
     }
     match fmt {
         Format::Json | Format::Yaml => output::document(fmt, &output::AgentView::from(&agent))?,
@@ -271,11 +279,17 @@ async fn run_many(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<
             }
         })
         .collect();
+    let p = crate::progress::bar(fmt, count.into(), "spawning");
     let results = bulk::fan_out(requests, parallel, |req| {
-        let mut c = c.clone();
-        async move { c.agents.spawn_agent(req).await }
+        let (mut c, p) = (c.clone(), p.clone());
+        async move {
+            let r = c.agents.spawn_agent(req).await;
+            p.inc(1);
+            r
+        }
     })
     .await;
+    p.finish_and_clear();
     let mut made = Vec::with_capacity(results.len());
     for (i, r) in results.into_iter().enumerate() {
         match r {
@@ -298,7 +312,11 @@ async fn run_many(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<
 /// Reads the agent's record until it has ended. An unavailable or slow
 /// control plane is waited out (said once on stderr); other errors end the
 /// wait.
-pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
+pub async fn wait_ended(
+    c: &mut Clients,
+    id: &str,
+    progress: &indicatif::ProgressBar,
+) -> anyhow::Result<Agent> {
     let mut said = false;
     loop {
         match c
@@ -307,13 +325,15 @@ pub async fn wait_ended(c: &mut Clients, id: &str) -> anyhow::Result<Agent> {
             .await
         {
             Ok(a) if agentplane::state::has_ended(a.get_ref()) => return Ok(a.into_inner()),
-            Ok(_) => {}
+            Ok(a) => progress.set_prefix(agentplane::state::name(a.get_ref().state())),
             Err(s) if client::failover(&s) || s.code() == tonic::Code::DeadlineExceeded => {
                 if !said {
-                    eprintln!(
-                        "agentctl: waiting for {id}: the control plane did not answer ({}); retrying",
-                        s.message()
-                    );
+                    progress.suspend(|| {
+                        eprintln!(
+                            "agentctl: waiting for {id}: the control plane did not answer ({}); retrying",
+                            s.message()
+                        );
+                    });
                     said = true;
                 }
             }
