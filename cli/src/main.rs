@@ -5,6 +5,7 @@
 mod access;
 mod client;
 mod commands;
+mod complete;
 mod contexts;
 mod output;
 mod progress;
@@ -58,16 +59,19 @@ pub enum HostsCommand {
     /// Place no new agents on a host.
     Cordon {
         /// Host id.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::hosts))]
         id: String,
     },
     /// Place agents on a host again.
     Uncordon {
         /// Host id.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::hosts))]
         id: String,
     },
     /// Cordon a host and move its agents away; prints progress until it is empty.
     Drain {
         /// Host id.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::hosts))]
         id: String,
         /// Also stop agents that cannot move (restart never, or pinned).
         #[arg(long)]
@@ -92,6 +96,9 @@ fn main() -> ExitCode {
         let args: Vec<String> = std::env::args().skip(2).collect();
         agentplane_host_agent::keeper::run_keeper(&args);
     }
+    // `COMPLETE=bash agentctl` prints the shell's hook; the hook calls back
+    // here to complete names and host ids from the live cluster.
+    clap_complete::CompleteEnv::with_factory(<Cli as clap::CommandFactory>::command).complete();
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         // `dev` runs the servers, so it keeps their contract: bad

@@ -21,7 +21,8 @@ const DETACH: u8 = 0x1d;
 /// Arguments of `attach`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct AttachArgs {
-    /// Agent id.
+    /// Agent id or name.
+    #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
     id: String,
     /// Replay output from this offset first (default: only new output).
     #[arg(long)]

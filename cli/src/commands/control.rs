@@ -37,7 +37,10 @@ fn longer(timeout: Duration, grace: Option<Duration>) -> Duration {
 #[derive(Debug, Clone, clap::Args)]
 pub struct Targets {
     /// Agents, by id or name; several are handled concurrently.
-    #[arg(required_unless_present_any = ["selector", "all"])]
+    #[arg(
+        required_unless_present_any = ["selector", "all"],
+        add = clap_complete::ArgValueCompleter::new(crate::complete::agents)
+    )]
     pub ids: Vec<String>,
     /// Every agent whose labels match, `k=v,k2=v2` (those the command
     /// applies to: not ended for stop, running for pause, …).

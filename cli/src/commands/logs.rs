@@ -10,7 +10,8 @@ use crate::client;
 /// Arguments of `logs`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct LogsArgs {
-    /// Agent id.
+    /// Agent id or name.
+    #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
     id: String,
     /// Keep printing new output until the agent ends (reconnects, to the next
     /// endpoint, from the last byte printed).
@@ -113,7 +114,8 @@ pub async fn run(
 /// Arguments of `send`.
 #[derive(Debug, Clone, clap::Args)]
 pub struct SendArgs {
-    /// Agent id.
+    /// Agent id or name.
+    #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
     id: String,
     /// The text to write to the agent's standard input (or terminal).
     #[arg(default_value = "")]

@@ -3,6 +3,7 @@
 //! `watch`, `dev` (a local stack in one process).
 
 mod agents;
+pub use agents::list_all;
 mod attach;
 mod bulk;
 mod certs;
@@ -36,12 +37,14 @@ pub enum Command {
     Spawn(Box<spawn::SpawnArgs>),
     /// Show one agent's record.
     Get {
-        /// Agent id.
+        /// Agent id or name.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
         id: String,
     },
     /// Show where an agent runs: host, address, liveness.
     Locate {
-        /// Agent id.
+        /// Agent id or name.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
         id: String,
     },
     /// List agents.
@@ -62,7 +65,8 @@ pub enum Command {
     },
     /// Send a signal to an agent's process group.
     Kill {
-        /// Agent id.
+        /// Agent id or name.
+        #[arg(add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
         id: String,
         /// Signal name or number (KILL, SIGTERM, 15…).
         #[arg(short = 's', long = "signal", default_value = "KILL")]

@@ -17,7 +17,7 @@ use crate::client::{self, Clients};
 #[derive(Debug, Clone, clap::Args)]
 pub struct WaitArgs {
     /// Agents, by id or name.
-    #[arg(required = true)]
+    #[arg(required = true, add = clap_complete::ArgValueCompleter::new(crate::complete::agents))]
     pub ids: Vec<String>,
     /// `state=STATE` (running, paused, exited, …): the agent is in that
     /// state; `exited`: it ended for good (ended, and no restart to come).
