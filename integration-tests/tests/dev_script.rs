@@ -142,6 +142,41 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
     })
     .await;
 
+    // The Python package as a new user gets it: `pip install
+    // ./clients/python` in a fresh venv, then its example spawns, follows
+    // and stops an agent on this stack with only the current context to go
+    // by. (The wheels come from pip's cache once scripts/test has run.)
+    let venv = tempfile::tempdir().expect("venv dir");
+    let made = Command::new("python3")
+        .args(["-m", "venv"])
+        .arg(venv.path())
+        .status()
+        .expect("python3 -m venv");
+    assert!(made.success(), "python3 -m venv (scripts/test installs python3-venv)");
+    let py = venv.path().join("bin/python");
+    let installed = Command::new(&py)
+        .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
+        .arg(repo_root().join("clients/python"))
+        .output()
+        .expect("pip install");
+    assert!(
+        installed.status.success(),
+        "pip install ./clients/python: {}",
+        String::from_utf8_lossy(&installed.stderr)
+    );
+    let example = Command::new(&py)
+        .arg(repo_root().join("clients/python/examples/spawn_follow_stop.py"))
+        .env("XDG_CONFIG_HOME", config.path())
+        .output()
+        .expect("run the example");
+    let said = String::from_utf8_lossy(&example.stdout);
+    assert!(
+        example.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&example.stderr)
+    );
+    assert!(said.contains("ready") && said.trim_end().ends_with("stopped: AGENT_STATE_EXITED"), "{said}");
+
     // Plaintext to the same port is refused (what `grpcurl -plaintext` does).
     let plain = plain_agentctl(
         config.path(),
