@@ -224,6 +224,9 @@ pub struct EventView {
     #[serde(rename = "type")]
     kind: &'static str,
     agent_id: String,
+    /// The agent's name when it has one (null otherwise, and for host
+    /// events).
+    pub agent_name: Option<String>,
     state: &'static str,
     previous: &'static str,
     host: String,
@@ -237,6 +240,7 @@ impl From<&agentplane::proto::v1::Event> for EventView {
             token: e.token.clone(),
             kind: agentplane::registry::type_name(e.r#type()),
             agent_id: e.agent_id.clone(),
+            agent_name: None,
             state: state::name(e.state()),
             previous: state::name(e.previous()),
             host: e.host.clone(),
@@ -247,15 +251,18 @@ impl From<&agentplane::proto::v1::Event> for EventView {
 }
 
 /// One line of `watch` in table format.
-pub fn event_line(e: &agentplane::proto::v1::Event) -> String {
+pub fn event_line(e: &agentplane::proto::v1::Event, name: Option<&str>) -> String {
     let at = rfc3339(e.at.as_ref()).unwrap_or_default();
     let kind = agentplane::registry::type_name(e.r#type());
     if e.agent_id.is_empty() {
         format!("{at}  {kind:<13} host {}", e.host)
     } else {
+        let who = match name {
+            Some(n) => format!("{n} ({})", e.agent_id),
+            None => e.agent_id.clone(),
+        };
         format!(
-            "{at}  {kind:<13} {}  {} -> {}  host {} gen {}",
-            e.agent_id,
+            "{at}  {kind:<13} {who}  {} -> {}  host {} gen {}",
             state::name(e.previous()),
             state::name(e.state()),
             e.host,

@@ -152,7 +152,10 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
         .arg(venv.path())
         .status()
         .expect("python3 -m venv");
-    assert!(made.success(), "python3 -m venv (scripts/test installs python3-venv)");
+    assert!(
+        made.success(),
+        "python3 -m venv (scripts/test installs python3-venv)"
+    );
     let py = venv.path().join("bin/python");
     let installed = Command::new(&py)
         .args(["-m", "pip", "install", "-q", "--disable-pip-version-check"])
@@ -175,7 +178,10 @@ async fn scripts_dev_is_secure_and_a_plain_agentctl_reaches_it() {
         "{said}{}",
         String::from_utf8_lossy(&example.stderr)
     );
-    assert!(said.contains("ready") && said.trim_end().ends_with("stopped: AGENT_STATE_EXITED"), "{said}");
+    assert!(
+        said.contains("ready") && said.trim_end().ends_with("stopped: AGENT_STATE_EXITED"),
+        "{said}"
+    );
 
     // Plaintext to the same port is refused (what `grpcurl -plaintext` does).
     let plain = plain_agentctl(

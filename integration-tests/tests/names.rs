@@ -47,6 +47,26 @@ async fn every_command_takes_a_name_and_names_cannot_look_like_ids() {
     assert!(ok(&cluster.agentctl(&["pause", "demo"])).contains("PAUSED"));
     assert!(ok(&cluster.agentctl(&["resume", "demo"])).contains("RUNNING"));
     ok(&cluster.agentctl(&["send", "demo", "x"]));
+    // watch --agent takes the name, and its events show it (host events
+    // come too: the first is the host's).
+    let events = ok(&cluster.agentctl(&[
+        "-o", "json", "watch", "--since", "0", "--agent", "demo", "--count", "3",
+    ]));
+    let events: Vec<serde_json::Value> = events
+        .lines()
+        .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
+        .filter(|e| e["agent_id"] != "")
+        .collect();
+    assert_eq!(events.len(), 2, "{events:?}");
+    assert!(
+        events
+            .iter()
+            .all(|e| e["agent_id"] == id.as_str() && e["agent_name"] == "demo"),
+        "{events:?}"
+    );
+    let table =
+        ok(&cluster.agentctl(&["watch", "--since", "0", "--agent", "demo", "--count", "3"]));
+    assert!(table.contains(&format!("demo ({id})")), "{table}");
     ok(&cluster.agentctl(&["stop", "demo"]));
     ok(&cluster.agentctl(&["rm", "demo"]));
     let gone = cluster.agentctl(&["get", "demo"]);

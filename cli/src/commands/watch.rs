@@ -36,6 +36,7 @@ pub async fn run(
     a: WatchArgs,
     access: &crate::access::Access,
 ) -> anyhow::Result<()> {
+    let mut names = Names::new(&endpoints[0], access)?;
     let mut token = a.since.clone().unwrap_or_default();
     let mut printed = 0u64;
     let mut failures = 0u32;
@@ -61,11 +62,16 @@ pub async fn run(
                             if ev.r#type() == EventType::Bookmark {
                                 continue;
                             }
+                            let name = names.of(&ev.agent_id).await;
                             match fmt {
                                 Format::Json | Format::Yaml => {
-                                    output::stream_item(fmt, &output::EventView::from(&ev))?;
+                                    let mut view = output::EventView::from(&ev);
+                                    view.agent_name = name;
+                                    output::stream_item(fmt, &view)?;
                                 }
-                                Format::Table => println!("{}", output::event_line(&ev)),
+                                Format::Table => {
+                                    println!("{}", output::event_line(&ev, name.as_deref()));
+                                }
                             }
                             printed += 1;
                             if a.count.is_some_and(|n| printed >= n) {
@@ -100,5 +106,41 @@ pub async fn run(
         // The first retry goes straight to the next endpoint; later ones back off.
         let pause = Duration::from_millis(100 * u64::from(failures.min(20)));
         tokio::time::sleep(pause).await;
+    }
+}
+
+/// Agent names by id, read once per agent (events carry ids only).
+struct Names {
+    client: crate::client::Clients,
+    known: std::collections::HashMap<String, Option<String>>,
+}
+
+impl Names {
+    fn new(endpoint: &str, access: &crate::access::Access) -> anyhow::Result<Self> {
+        Ok(Self {
+            client: client::connect(endpoint, access)?,
+            known: std::collections::HashMap::new(),
+        })
+    }
+
+    /// `id`'s name, if it has one; none for a host event, or an agent that
+    /// is gone or cannot be read now (then asked again next time).
+    async fn of(&mut self, id: &str) -> Option<String> {
+        if id.is_empty() {
+            return None;
+        }
+        if let Some(n) = self.known.get(id) {
+            return n.clone();
+        }
+        let got = self
+            .client
+            .agents
+            .get_agent(agentplane::proto::v1::GetAgentRequest { id: id.to_owned() })
+            .await
+            .ok()?
+            .into_inner();
+        let name = got.spec.map(|s| s.name).filter(|n| !n.is_empty());
+        self.known.insert(id.to_owned(), name.clone());
+        name
     }
 }
