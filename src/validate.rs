@@ -124,7 +124,15 @@ pub fn name(field: &str, n: &str) -> Result {
             format!("name `{n}` must start and end with a letter or digit"),
         ));
     }
-    // Commands take an id or a name in one place: the id's shape is the id's.
+    Ok(())
+}
+
+/// A new agent's name: also never of an id's shape, since commands take an
+/// id or a name in one place. Checked where agents are made (the control
+/// plane's spawn), not on every spec, so an agent named before this rule
+/// still starts again.
+pub fn new_name(field: &str, n: &str) -> Result {
+    name(field, n)?;
     if crate::ids::is_agent_id(n) {
         return Err(ValidationError::new(
             field,

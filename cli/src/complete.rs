@@ -74,7 +74,7 @@ where
     else {
         return Vec::new();
     };
-    rt.block_on(async {
+    let found = rt.block_on(async {
         let mut args = AccessArgs {
             ca: env("AGENTPLANE_CA").map(Into::into),
             cert: env("AGENTPLANE_CERT").map(Into::into),
@@ -98,7 +98,10 @@ where
             Ok(Ok(c)) => c,
             _ => Vec::new(),
         }
-    })
+    });
+    // A DNS lookup still blocking must not hold the shell past the limit.
+    rt.shutdown_background();
+    found
 }
 
 fn env(name: &str) -> Option<String> {

@@ -17,7 +17,7 @@ use crate::access::AccessArgs;
 
 /// The file, as written.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct UserConfig {
     /// The context a plain `agentctl` uses.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -29,7 +29,7 @@ pub struct UserConfig {
 
 /// One control plane and the way in.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+#[serde(rename_all = "kebab-case")]
 pub struct Context {
     /// Its replicas, tried in order.
     pub endpoints: Vec<String>,
@@ -73,16 +73,16 @@ impl UserConfig {
         }
     }
 
-    /// Writes it whole (0600, through a temporary file, so a reader never
-    /// sees half of it); returns the path.
+    /// Writes it whole (0600); returns the path.
     pub fn save(&self) -> anyhow::Result<PathBuf> {
         let p = path().context("no $HOME or $XDG_CONFIG_HOME for the config file")?;
         if let Some(dir) = p.parent() {
             agentplane::pki::create_private_dir(dir)?;
         }
-        let tmp = p.with_extension(format!("toml.{}", std::process::id()));
-        agentplane::pki::write_private(&tmp, toml::to_string(self)?.as_bytes(), true)?;
-        std::fs::rename(&tmp, &p).with_context(|| format!("write {}", p.display()))?;
+        // Replaced whole (write_private writes a temporary file and renames
+        // it): a reader never sees half of it. Two writers at once: the last
+        // one wins (no lock).
+        agentplane::pki::write_private(&p, toml::to_string(self)?.as_bytes(), true)?;
         Ok(p)
     }
 
@@ -134,7 +134,20 @@ pub fn resolve(
     access: &mut AccessArgs,
     default: &str,
 ) -> anyhow::Result<String> {
-    let cfg = UserConfig::load()?;
+    if context.is_none() {
+        if let Some(e) = endpoint {
+            return Ok(e);
+        }
+    }
+    let cfg = match (UserConfig::load(), context) {
+        (Ok(c), _) => c,
+        (Err(e), Some(_)) => return Err(e),
+        // A broken file must not stop commands that do not need it.
+        (Err(e), None) => {
+            eprintln!("agentctl: ignoring the config file: {e:#}");
+            UserConfig::default()
+        }
+    };
     let chosen = match context {
         Some(name) => Some(cfg.contexts.get(name).cloned().with_context(|| {
             let known: Vec<&str> = cfg.contexts.keys().map(String::as_str).collect();

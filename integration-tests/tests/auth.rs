@@ -168,6 +168,17 @@ async fn tokens_gate_every_call_by_role_and_selector() {
         .expect_err("b's name");
     assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
     assert!(!e.message().contains(&b_named.id), "{e:?}");
+    // Another team's agent by name: NOT_FOUND under the name it asked
+    // for, as a name that nobody holds, so its id does not show.
+    for asked in ["b-name", "no-such-name"] {
+        let e = team_a
+            .get_agent(GetAgentRequest { id: asked.into() })
+            .await
+            .expect_err("not team a's");
+        assert_eq!(e.code(), Code::NotFound, "{e:?}");
+        assert!(e.message().contains(asked), "{e:?}");
+        assert!(!e.message().contains(&b_named.id), "{e:?}");
+    }
     // Pages are filled with what it may see: with many team=b agents and
     // pages of one, every page but the last holds its agent.
     for _ in 0..10 {

@@ -68,6 +68,7 @@ pub async fn run(endpoint: &str, args: WaitArgs, access: &Access) -> anyhow::Res
         .watch_agents(WatchAgentsRequest::default())
         .await?
         .into_inner();
+    let deadline = tokio::time::Instant::now() + args.timeout;
     // Names become ids once; events name agents by id. Shown as given.
     let mut waiting: BTreeMap<String, String> = BTreeMap::new();
     for given in &args.ids {
@@ -78,7 +79,6 @@ pub async fn run(endpoint: &str, args: WaitArgs, access: &Access) -> anyhow::Res
             waiting.insert(a.id, given.clone());
         }
     }
-    let deadline = tokio::time::Instant::now() + args.timeout;
     while !waiting.is_empty() {
         let next = tokio::time::timeout_at(deadline, events.message()).await;
         let ev = match next {
@@ -96,10 +96,13 @@ pub async fn run(endpoint: &str, args: WaitArgs, access: &Access) -> anyhow::Res
         let Some(given) = waiting.get(&ev.agent_id).cloned() else {
             continue;
         };
-        // The event says the state; whether a restart is to come, and the
-        // record as it is now, the record says.
-        let a = get(&mut c, &ev.agent_id).await?;
-        if args.condition.met(&a) {
+        // A state is the event's (one passed through quickly counts);
+        // whether an end is final (no restart to come), the record says.
+        let met = match args.condition {
+            Condition::State(s) => ev.state() == s,
+            Condition::Exited => args.condition.met(&get(&mut c, &ev.agent_id).await?),
+        };
+        if met {
             println!("agent/{given} condition met");
             waiting.remove(&ev.agent_id);
         }

@@ -51,7 +51,7 @@ impl AgentApi {
             }
         };
         let mut first = first;
-        first.id = self.resolve(&first.id).await?;
+        first.id = self.resolve(caller, &first.id).await?;
         let agent = self.agent_for(caller, &first.id).await?;
         let host = self.host_of(&agent).await?;
         let mut client = HostAgentClient::new(self.hosts.channel(&host)?);

@@ -101,17 +101,31 @@ impl AgentApi {
     /// shape, else the id of the agent holding that name (NOT_FOUND when
     /// none does). Every call that takes an agent resolves it here, once,
     /// at the edge; everything below sees ids only.
-    pub(super) async fn resolve(&self, id_or_name: &str) -> Result<String, ApiError> {
+    ///
+    /// For a caller limited to a selector, a name held by an agent outside
+    /// it is NOT_FOUND under the name it asked for, so that neither the
+    /// agent's existence nor its id shows.
+    pub(super) async fn resolve(
+        &self,
+        caller: &Caller,
+        id_or_name: &str,
+    ) -> Result<String, ApiError> {
         if agentplane::ids::is_agent_id(id_or_name) {
             return Ok(id_or_name.to_owned());
         }
         validate::agent_id("id", id_or_name)?;
-        self.registry
+        let not_found = || ApiError::AgentNotFound {
+            id: id_or_name.to_owned(),
+        };
+        let id = self
+            .registry
             .agent_named(id_or_name)
             .await?
-            .ok_or_else(|| ApiError::AgentNotFound {
-                id: id_or_name.to_owned(),
-            })
+            .ok_or_else(not_found)?;
+        if caller.restricted() && !self.agent(&id).await.is_ok_and(|a| caller.sees(&a)) {
+            return Err(not_found());
+        }
+        Ok(id)
     }
 
     /// The record of `id` if `caller` may see it; NOT_FOUND otherwise, as
@@ -187,7 +201,7 @@ impl AgentService for AgentApi {
 
     async fn get_agent(&self, req: Request<GetAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let id = self.resolve(&req.into_inner().id).await?;
+        let id = self.resolve(&caller, &req.into_inner().id).await?;
         let agent = self.agent_for(&caller, &id).await?;
         Ok(Response::new(caller.shown(agent)))
     }
@@ -197,7 +211,7 @@ impl AgentService for AgentApi {
         req: Request<LocateAgentRequest>,
     ) -> Result<Response<LocateAgentResponse>, Status> {
         let caller = Caller::of(&req);
-        let id = self.resolve(&req.into_inner().id).await?;
+        let id = self.resolve(&caller, &req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(self.locate(&id).await?))
     }
@@ -217,7 +231,7 @@ impl AgentService for AgentApi {
         req: Request<PauseAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let id = self.resolve(&req.into_inner().id).await?;
+        let id = self.resolve(&caller, &req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(
             caller.shown(self.pause_or_resume(&id, true).await?),
@@ -229,7 +243,7 @@ impl AgentService for AgentApi {
         req: Request<ResumeAgentRequest>,
     ) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
-        let id = self.resolve(&req.into_inner().id).await?;
+        let id = self.resolve(&caller, &req.into_inner().id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(
             caller.shown(self.pause_or_resume(&id, false).await?),
@@ -239,7 +253,7 @@ impl AgentService for AgentApi {
     async fn stop_agent(&self, req: Request<StopAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        let id = self.resolve(&r.id).await?;
+        let id = self.resolve(&caller, &r.id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(caller.shown(self.stop(&id, r.grace).await?)))
     }
@@ -247,7 +261,7 @@ impl AgentService for AgentApi {
     async fn kill_agent(&self, req: Request<KillAgentRequest>) -> Result<Response<Agent>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        let id = self.resolve(&r.id).await?;
+        let id = self.resolve(&caller, &r.id).await?;
         self.visible(&caller, &id).await?;
         Ok(Response::new(caller.shown(self.kill(&id, r.signal).await?)))
     }
@@ -258,7 +272,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<DeleteAgentResponse>, Status> {
         let caller = Caller::of(&req);
         let r = req.into_inner();
-        let id = self.resolve(&r.id).await?;
+        let id = self.resolve(&caller, &r.id).await?;
         self.visible(&caller, &id).await?;
         self.delete(&id, r.force).await?;
         Ok(Response::new(DeleteAgentResponse {}))
@@ -319,7 +333,7 @@ impl AgentService for AgentApi {
     ) -> Result<Response<SendInputResponse>, Status> {
         let caller = Caller::of(&req);
         let mut r = req.into_inner();
-        r.id = self.resolve(&r.id).await?;
+        r.id = self.resolve(&caller, &r.id).await?;
         self.visible(&caller, &r.id).await?;
         self.send_input(r).await?;
         Ok(Response::new(SendInputResponse {}))
@@ -334,7 +348,7 @@ impl AgentService for AgentApi {
         let caller = Caller::of(&req);
         let mut r = req.into_inner();
         if !r.agent_id.is_empty() {
-            r.agent_id = self.resolve(&r.agent_id).await?;
+            r.agent_id = self.resolve(&caller, &r.agent_id).await?;
             self.visible(&caller, &r.agent_id).await?;
         }
         let held = self.quotas.watch(&caller)?;

@@ -90,7 +90,7 @@ impl AgentApi {
         let mut msg = StreamLogsRequest::decode(message)
             .map_err(|e| Status::invalid_argument(format!("bad StreamLogsRequest: {e}")))?;
         // A name becomes its id here; the host knows ids only.
-        let id = self.resolve(&msg.id).await?;
+        let id = self.resolve(&caller, &msg.id).await?;
         if id != msg.id {
             msg.id = id;
             framed = raw::frame(&msg.encode_to_vec());

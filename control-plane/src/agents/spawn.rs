@@ -36,6 +36,9 @@ impl AgentApi {
             .spec
             .ok_or_else(|| ValidationError::new("spec", "is required"))?;
         validate::spec(&spec)?;
+        if !spec.name.is_empty() {
+            validate::new_name("spec.name", &spec.name)?;
+        }
         let id = new_agent_id();
         // Held while this call may still create the agent: a claim of ours
         // (request id, name) is never taken over while it lives, however slow

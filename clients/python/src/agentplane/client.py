@@ -166,7 +166,13 @@ class Client:
         `$XDG_CONFIG_HOME/agentplane/config.toml`, as a plain agentctl
         uses it: its first endpoint, CA, client certificate and token file.
         Other keyword arguments go to the constructor."""
-        import tomllib
+        try:
+            import tomllib
+        except ImportError:  # Python 3.10
+            try:
+                import tomli as tomllib  # type: ignore[no-redef]
+            except ImportError:
+                raise RuntimeError("from_context needs Python 3.11 (tomllib) or the tomli package") from None
 
         base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
         path = Path(base) / "agentplane" / "config.toml"
