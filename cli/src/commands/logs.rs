@@ -51,12 +51,15 @@ pub async fn run(
     let mut next: Option<u64> = a.offset;
     let mut failures = 0u32;
     let mut i = 0usize;
+    // A name becomes its id once: a follow that reconnects must go on with
+    // the same agent even if the name is taken by a new one meanwhile.
+    let id = super::resolve_once(&endpoints[0], access, &a.id).await;
     let mut out = std::io::stdout().lock();
     loop {
         let endpoint = &endpoints[i % endpoints.len()];
         let mut c = client::connect_streaming(endpoint, access)?;
         let req = StreamLogsRequest {
-            id: a.id.clone(),
+            id: id.clone(),
             offset: next.unwrap_or(0),
             tail_lines: if next.is_none() { a.tail } else { None },
             follow: a.follow,

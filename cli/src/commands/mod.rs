@@ -232,6 +232,33 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
     Err(last.unwrap_or_else(|| anyhow::anyhow!("no endpoint answered")))
 }
 
+/// The id of the agent `given` names (itself when it is an id): read once
+/// by commands that reconnect, so a name reused meanwhile cannot switch
+/// agents under them. When the lookup fails the name is used as is (the
+/// server resolves it, and says what is wrong).
+pub(crate) async fn resolve_once(
+    endpoint: &str,
+    access: &crate::access::Access,
+    given: &str,
+) -> String {
+    if agentplane::ids::is_agent_id(given) {
+        return given.to_owned();
+    }
+    let Ok(mut c) = client::connect(endpoint, access) else {
+        return given.to_owned();
+    };
+    match c
+        .agents
+        .get_agent(agentplane::proto::v1::GetAgentRequest {
+            id: given.to_owned(),
+        })
+        .await
+    {
+        Ok(a) => a.into_inner().id,
+        Err(_) => given.to_owned(),
+    }
+}
+
 async fn dispatch(
     c: &mut Clients,
     fmt: crate::output::Format,

@@ -37,6 +37,11 @@ pub async fn run(
     access: &crate::access::Access,
 ) -> anyhow::Result<()> {
     let mut names = Names::new(&endpoints[0], access)?;
+    // As `logs -f`: a name becomes its id once, for every reconnect.
+    let agent = match &a.agent {
+        Some(given) => super::resolve_once(&endpoints[0], access, given).await,
+        None => String::new(),
+    };
     let mut token = a.since.clone().unwrap_or_default();
     let mut printed = 0u64;
     let mut failures = 0u32;
@@ -48,7 +53,7 @@ pub async fn run(
             .agents
             .watch_agents(WatchAgentsRequest {
                 resume_token: token.clone(),
-                agent_id: a.agent.clone().unwrap_or_default(),
+                agent_id: agent.clone(),
             })
             .await;
         match opened {
