@@ -6,6 +6,7 @@
 //! touches Redis.
 
 mod http;
+mod kinds;
 
 use std::sync::Arc;
 
@@ -17,7 +18,8 @@ use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Unit;
 
-pub use http::{bind, serve, MetricsError};
+pub use http::{bind, serve, start, MetricsError};
+pub use kinds::{encode_gauges, OutcomeHistogram, ReasonCounter, ReasonLabels};
 pub use prometheus_client::registry::Registry as MetricRegistry;
 
 /// The one prefix of every metric name.

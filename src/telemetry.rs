@@ -51,11 +51,6 @@ pub struct Telemetry {
 }
 
 impl Telemetry {
-    /// Whether spans are exported.
-    pub fn exporting(&self) -> bool {
-        self.provider.is_some()
-    }
-
     /// Exports what is still buffered (bounded), then stops the exporter.
     /// The flush blocks: it runs on the blocking pool, not a runtime worker.
     pub async fn shutdown(self) {

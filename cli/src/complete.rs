@@ -8,7 +8,7 @@
 use std::ffi::OsStr;
 use std::time::Duration;
 
-use agentplane::proto::v1::{ListAgentsRequest, ListHostsRequest};
+use agentplane::proto::v1::ListAgentsRequest;
 use clap_complete::CompletionCandidate;
 
 use crate::access::{Access, AccessArgs};
@@ -26,13 +26,7 @@ pub fn agents(current: &OsStr) -> Vec<CompletionCandidate> {
             .into_iter()
             .map(|a| {
                 let help = format!("{} on {}", agentplane::state::name(a.state()), a.host);
-                let name = a
-                    .spec
-                    .as_ref()
-                    .map(|s| s.name.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or(a.id);
-                (name, help)
+                (crate::output::name_or_id(&a), help)
             })
             .filter(|(n, _)| n.starts_with(&prefix))
             .map(|(n, help)| CompletionCandidate::new(n).help(Some(help.into())))
@@ -44,13 +38,8 @@ pub fn agents(current: &OsStr) -> Vec<CompletionCandidate> {
 pub fn hosts(current: &OsStr) -> Vec<CompletionCandidate> {
     let prefix = current.to_string_lossy().into_owned();
     ask(move |mut c| async move {
-        let hosts = c
-            .hosts
-            .list_hosts(ListHostsRequest {})
+        Ok(crate::commands::list_hosts(&mut c)
             .await?
-            .into_inner()
-            .hosts;
-        Ok(hosts
             .into_iter()
             .filter(|h| h.id.starts_with(&prefix))
             .map(|h| {

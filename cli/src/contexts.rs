@@ -51,6 +51,15 @@ pub struct Context {
     pub previous_context: Option<String>,
 }
 
+/// The addresses of a comma-separated `--endpoint` (blanks dropped).
+pub fn split_endpoints(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|e| !e.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
 /// `$XDG_CONFIG_HOME/agentplane/config.toml` (default `~/.config/…`).
 pub fn path() -> Option<PathBuf> {
     let base = std::env::var_os("XDG_CONFIG_HOME")

@@ -408,6 +408,15 @@ pub const AGENT_HEADER: &[&str] = &[
     "ID", "NAME", "STATE", "RESTARTS", "HOST", "PID", "GEN", "EXIT", "COMMAND",
 ];
 
+/// What to call an agent: its name, or its id when it has none.
+pub fn name_or_id(a: &Agent) -> String {
+    a.spec
+        .as_ref()
+        .map(|s| s.name.clone())
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| a.id.clone())
+}
+
 /// When the agent's last run ended: the run before a restart (`last_exit`)
 /// or its final end.
 fn last_end(a: &Agent) -> Option<&prost_types::Timestamp> {

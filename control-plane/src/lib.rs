@@ -82,10 +82,7 @@ pub async fn run(
         .registry()
         .map_err(ControlPlaneError::Config)?
         .with_metrics(metrics.redis.clone());
-    let metrics_listener = match config.serve.metrics_listen {
-        Some(addr) => Some(agentplane::metrics::bind(addr).await?),
-        None => None,
-    };
+    let metrics_listener = agentplane::metrics::bind(config.serve.metrics_listen).await?;
     let local = listener
         .local_addr()
         .map_err(ControlPlaneError::ListenerAddress)?;
@@ -171,12 +168,7 @@ pub async fn run(
     );
     agent_api.register_metrics(&mut metric_registry);
     metric_registry.register_collector(Box::new(metrics::Breakers(Arc::downgrade(&hosts))));
-    if let Some(listener) = metrics_listener {
-        tasks.spawn(
-            "metrics",
-            agentplane::metrics::serve(listener, Arc::new(metric_registry), cancel.clone()),
-        );
-    }
+    agentplane::metrics::start(metrics_listener, metric_registry, &tasks, &cancel);
     let routes = Routes::new(health_service.clone())
         .add_service(agents::AgentRoutes::new(agent_api.clone()))
         .add_service(HostServiceServer::new(HostApi::new(

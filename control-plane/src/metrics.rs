@@ -5,11 +5,12 @@
 
 use std::sync::Arc;
 
-use agentplane::metrics::{self, DurationFamily, MetricRegistry, OutcomeLabels, RedisMetrics};
+use agentplane::metrics::{
+    self, DurationFamily, MetricRegistry, OutcomeHistogram, ReasonCounter, RedisMetrics,
+};
 use agentplane::proto::v1::ExitReason;
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Unit;
 
@@ -54,18 +55,10 @@ impl HostMethod {
         }
     }
 
+    /// The method alone (`StartAgent`): the label value.
     fn name(self) -> &'static str {
-        match self {
-            Self::StartAgent => "StartAgent",
-            Self::StopAgent => "StopAgent",
-            Self::PauseAgent => "PauseAgent",
-            Self::ResumeAgent => "ResumeAgent",
-            Self::SignalAgent => "SignalAgent",
-            Self::ForgetAgent => "ForgetAgent",
-            Self::WriteInput => "WriteInput",
-            Self::ReadLogs => "ReadLogs",
-            Self::ListAgents => "ListAgents",
-        }
+        let rpc = self.rpc();
+        rpc.rsplit_once('/').map_or(rpc, |(_, m)| m)
     }
 }
 
@@ -82,13 +75,6 @@ pub struct HostCallLabels {
     pub method: HostMethod,
     /// How it ended (`error`: unreachable, refused or timed out).
     pub outcome: metrics::Outcome,
-}
-
-/// `{reason}` an agent was declared LOST for (`HOST_LOST`, …).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    /// The exit reason's short name.
-    pub reason: &'static str,
 }
 
 /// `{address}` of a host whose breaker is open.
@@ -108,23 +94,18 @@ impl prometheus_client::collector::Collector for Breakers {
         &self,
         mut encoder: prometheus_client::encoding::DescriptorEncoder,
     ) -> Result<(), std::fmt::Error> {
-        use prometheus_client::encoding::EncodeMetric;
         let open = self
             .0
             .upgrade()
             .map(|h| h.open_breakers())
             .unwrap_or_default();
-        let mut family = encoder.encode_descriptor(
+        metrics::encode_gauges(
+            &mut encoder,
             "host_breaker_open",
             "1 while calls to this host address fail fast (its circuit is open)",
-            None,
-            prometheus_client::metrics::MetricType::Gauge,
-        )?;
-        for address in open {
-            prometheus_client::metrics::gauge::ConstGauge::new(1i64)
-                .encode(family.encode_family(&AddressLabels { address })?)?;
-        }
-        Ok(())
+            open.into_iter()
+                .map(|address| (AddressLabels { address }, 1)),
+        )
     }
 }
 
@@ -132,7 +113,7 @@ impl prometheus_client::collector::Collector for Breakers {
 #[derive(Debug)]
 pub struct Metrics {
     /// SpawnAgent, from request to answer, by outcome.
-    pub spawns: DurationFamily<OutcomeLabels>,
+    pub spawns: OutcomeHistogram,
     /// Calls to host agents (all attempts of one call), by method and outcome.
     pub host_calls: DurationFamily<HostCallLabels>,
     /// Reconcile passes.
@@ -142,7 +123,7 @@ pub struct Metrics {
     /// Hosts this replica declared lost.
     pub hosts_lost: Counter,
     /// Agents this replica declared LOST, by reason.
-    pub agents_lost: Family<ReasonLabels, Counter>,
+    pub agents_lost: ReasonCounter,
     /// LOST agents this replica placed again.
     pub agents_rescheduled: Counter,
     /// Redis as this replica sees it.
@@ -153,7 +134,7 @@ impl Metrics {
     /// The metrics, registered in `r`.
     pub fn register(r: &mut MetricRegistry) -> Arc<Self> {
         let m = Self {
-            spawns: metrics::duration_family(
+            spawns: OutcomeHistogram::register(
                 r,
                 "spawn_duration",
                 "SpawnAgent calls from request to answer, by outcome",
@@ -166,7 +147,16 @@ impl Metrics {
             reconcile_passes: metrics::duration_histogram(),
             reconcile_errors: Counter::default(),
             hosts_lost: Counter::default(),
-            agents_lost: Family::default(),
+            agents_lost: ReasonCounter::register(
+                r,
+                "agents_lost",
+                "Agents declared LOST (their host lost, their lease expired, not on their host), by reason; counted once across replicas",
+                &[
+                    ExitReason::HostLost,
+                    ExitReason::LeaseExpired,
+                    ExitReason::NotOnHost,
+                ],
+            ),
             agents_rescheduled: Counter::default(),
             redis: RedisMetrics::register(r),
         };
@@ -187,53 +177,16 @@ impl Metrics {
             m.hosts_lost.clone(),
         );
         r.register(
-            "agents_lost",
-            "Agents declared LOST (their host lost, their lease expired, not on their host), by reason; counted once across replicas",
-            m.agents_lost.clone(),
-        );
-        r.register(
             "agents_rescheduled",
             "LOST agents placed again on another host; counted once across replicas",
             m.agents_rescheduled.clone(),
         );
-        // Both outcomes from the start: a rate of errors reads 0, not
-        // nothing, before the first one.
-        for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
-            drop(m.spawns.get_or_create(&OutcomeLabels { outcome }));
-        }
-        for why in [
-            ExitReason::HostLost,
-            ExitReason::LeaseExpired,
-            ExitReason::NotOnHost,
-        ] {
-            drop(m.agents_lost.get_or_create(&ReasonLabels {
-                reason: agentplane::state::reason_name(why),
-            }));
-        }
         Arc::new(m)
     }
 
     /// Metrics registered nowhere (tests).
     pub fn unregistered() -> Arc<Self> {
         Self::register(&mut MetricRegistry::default())
-    }
-
-    /// This replica declared an agent LOST for `why`.
-    pub fn agent_lost(&self, why: ExitReason) {
-        self.agents_lost
-            .get_or_create(&ReasonLabels {
-                reason: agentplane::state::reason_name(why),
-            })
-            .inc();
-    }
-
-    /// One SpawnAgent that ended as `r` after `took`.
-    pub fn spawned<T, E>(&self, r: &Result<T, E>, took: std::time::Duration) {
-        self.spawns
-            .get_or_create(&OutcomeLabels {
-                outcome: metrics::Outcome::of(r),
-            })
-            .observe(took.as_secs_f64());
     }
 
     /// One call to a host that ended as `r` after `took`.

@@ -311,7 +311,7 @@ impl Reconciler {
                     if !lost {
                         continue;
                     }
-                    self.hosts.metrics().agent_lost(ExitReason::HostLost);
+                    self.hosts.metrics().agents_lost.inc(ExitReason::HostLost);
                     tracing::warn!(agent = %agent.id, %host, "agent LOST with its host");
                     agent.state = AgentState::Lost as i32;
                 }

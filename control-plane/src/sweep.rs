@@ -302,7 +302,7 @@ impl Sweep {
             )
             .await?;
         if lost {
-            self.hosts.metrics().agent_lost(why);
+            self.hosts.metrics().agents_lost.inc(why);
             tracing::warn!(agent = %agent.id, host = %agent.host, reason = ?why, "agent LOST: {detail}");
         }
         Ok(lost)

@@ -91,10 +91,7 @@ pub async fn run(
         .registry()
         .map_err(HostAgentError::Config)?
         .with_metrics(metrics.redis.clone());
-    let metrics_listener = match config.serve.metrics_listen {
-        Some(addr) => Some(agentplane::metrics::bind(addr).await?),
-        None => None,
-    };
+    let metrics_listener = agentplane::metrics::bind(config.serve.metrics_listen).await?;
     // Run directories of agents the keeper still runs are adopted; the
     // others are removed once the keeper has said which (Supervisor::adopt).
     let agents_dir = config.data_dir.join("agents");
@@ -165,16 +162,7 @@ pub async fn run(
         metrics,
     );
     metrics::Metrics::register_supervisor(&mut metric_registry, &supervisor);
-    if let Some(listener) = metrics_listener {
-        tasks.spawn(
-            "metrics",
-            agentplane::metrics::serve(
-                listener,
-                std::sync::Arc::new(metric_registry),
-                cancel.clone(),
-            ),
-        );
-    }
+    agentplane::metrics::start(metrics_listener, metric_registry, &tasks, &cancel);
     // Before the first heartbeat, which settles the records of every agent
     // of this host that this start does not hold.
     supervisor.adopt(kept);

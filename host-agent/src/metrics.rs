@@ -5,21 +5,18 @@
 
 use std::sync::{Arc, Weak};
 
-use agentplane::metrics::{self, DurationFamily, MetricRegistry, OutcomeLabels, RedisMetrics};
-use agentplane::proto::v1::{AgentState, ExitReason};
+use agentplane::metrics::{self, MetricRegistry, OutcomeHistogram, ReasonCounter, RedisMetrics};
+use agentplane::proto::v1::ExitReason;
 use prometheus_client::collector::Collector;
-use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet};
 use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Unit;
 
 use crate::supervisor::Supervisor;
 
-/// How a run's process can end, as the host agent sees it (the reasons
-/// [`Metrics::exited`] is given).
+/// How a run's process can end, as the host agent sees it (what `exits`
+/// counts).
 const RUN_ENDS: [ExitReason; 8] = [
     ExitReason::Completed,
     ExitReason::Stopped,
@@ -30,13 +27,6 @@ const RUN_ENDS: [ExitReason; 8] = [
     ExitReason::Disconnected,
     ExitReason::OomKilled,
 ];
-
-/// `{reason}` a run ended for (`COMPLETED`, `SIGNALED`, …).
-#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct ReasonLabels {
-    /// The exit reason's short name.
-    pub reason: &'static str,
-}
 
 /// `{state}` of an agent (`RUNNING`, …).
 #[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -49,9 +39,9 @@ struct StateLabels {
 #[derive(Debug)]
 pub struct Metrics {
     /// Starts of a run through the keeper (fork, setup, exec), by outcome.
-    pub starts: DurationFamily<OutcomeLabels>,
+    pub starts: OutcomeHistogram,
     /// Runs that ended, by reason.
-    pub exits: Family<ReasonLabels, Counter>,
+    pub exits: ReasonCounter,
     /// Runs started again by the restart policy.
     pub restarts: Counter,
     /// Heartbeats that reached Redis.
@@ -66,22 +56,22 @@ impl Metrics {
     /// The metrics, registered in `r`.
     pub fn register(r: &mut MetricRegistry) -> Arc<Self> {
         let m = Self {
-            starts: metrics::duration_family(
+            starts: OutcomeHistogram::register(
                 r,
                 "agent_start_duration",
                 "Starts of an agent's run through the keeper (fork, setup, exec), by outcome",
             ),
-            exits: Family::default(),
+            exits: ReasonCounter::register(
+                r,
+                "agent_exits",
+                "Agent runs that ended, by reason",
+                &RUN_ENDS,
+            ),
             restarts: Counter::default(),
             heartbeats: metrics::duration_histogram(),
             heartbeat_failures: Counter::default(),
             redis: RedisMetrics::register(r),
         };
-        r.register(
-            "agent_exits",
-            "Agent runs that ended, by reason",
-            m.exits.clone(),
-        );
         r.register(
             "agent_restarts",
             "Agent runs started again by their restart policy",
@@ -98,40 +88,12 @@ impl Metrics {
             "Heartbeats that failed (Redis unreachable or erroring)",
             m.heartbeat_failures.clone(),
         );
-        // Both outcomes from the start: a rate of errors reads 0, not
-        // nothing, before the first one.
-        for outcome in [metrics::Outcome::Ok, metrics::Outcome::Error] {
-            drop(m.starts.get_or_create(&OutcomeLabels { outcome }));
-        }
-        for why in RUN_ENDS {
-            drop(m.exits.get_or_create(&ReasonLabels {
-                reason: agentplane::state::reason_name(why),
-            }));
-        }
         Arc::new(m)
     }
 
     /// Metrics registered nowhere (tests).
     pub fn unregistered() -> Arc<Self> {
         Self::register(&mut MetricRegistry::default())
-    }
-
-    /// One start through the keeper that ended as `r` after `took`.
-    pub fn started<T, E>(&self, r: &Result<T, E>, took: std::time::Duration) {
-        self.starts
-            .get_or_create(&OutcomeLabels {
-                outcome: metrics::Outcome::of(r),
-            })
-            .observe(took.as_secs_f64());
-    }
-
-    /// A run ended for `reason`.
-    pub fn exited(&self, reason: ExitReason) {
-        self.exits
-            .get_or_create(&ReasonLabels {
-                reason: agentplane::state::reason_name(reason),
-            })
-            .inc();
     }
 
     /// Registers in `r` what `supervisor` owns: agents by state, log bytes
@@ -167,28 +129,17 @@ impl Collector for AgentStates {
         let counts = self
             .0
             .upgrade()
-            .map(|s| s.count_by_state())
-            .unwrap_or_default();
-        let mut family = encoder.encode_descriptor(
+            .map_or_else(Supervisor::no_agents, |s| s.count_by_state());
+        metrics::encode_gauges(
+            &mut encoder,
             "agents",
             "Agents this host agent holds, by state",
-            None,
-            MetricType::Gauge,
-        )?;
-        for state in agentplane::state::ALL {
-            let n = counts
-                .iter()
-                .find(|(s, _)| *s == state)
-                .map_or(0, |(_, n)| *n);
-            let labels = StateLabels {
-                state: agentplane::state::name(state),
-            };
-            ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
-                .encode(family.encode_family(&labels)?)?;
-        }
-        Ok(())
+            counts.into_iter().map(|(state, n)| {
+                let labels = StateLabels {
+                    state: agentplane::state::name(state),
+                };
+                (labels, i64::try_from(n).unwrap_or(i64::MAX))
+            }),
+        )
     }
 }
-
-/// Agents by state, as [`Supervisor::count_by_state`] returns them.
-pub type StateCounts = Vec<(AgentState, u64)>;

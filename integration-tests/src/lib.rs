@@ -11,6 +11,7 @@ pub mod output;
 pub mod pki;
 mod process;
 pub mod procfs;
+pub mod pty;
 mod redis_server;
 pub mod soak;
 

@@ -4,23 +4,11 @@
 //! terminal's alternate screen on the way out.
 
 use std::io::{Read, Write};
-use std::os::fd::OwnedFd;
-use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane::proto::v1::{AgentSpec, PauseAgentRequest};
 use agentplane_integration_tests::{eventually, TestCluster};
-
-/// A child process killed (and reaped) when the test ends, however it ends.
-struct KillOnDrop(std::process::Child);
-
-impl Drop for KillOnDrop {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
@@ -33,29 +21,15 @@ async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
         })
         .await;
 
-    let size = nix::pty::Winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
-    let slave = |fd: &OwnedFd| Stdio::from(fd.try_clone().expect("dup"));
-    let child = cluster
-        .agentctl_all(&["top", "--interval", "300ms"])
-        .env("TERM", "xterm")
-        .stdin(slave(&pty.slave))
-        .stdout(slave(&pty.slave))
-        .stderr(slave(&pty.slave))
-        .spawn()
-        .expect("start agentctl top");
-    drop(pty.slave);
     // Killed if the test fails before it quits (it would draw forever).
-    let mut child = KillOnDrop(child);
+    let mut top = agentplane_integration_tests::pty::spawn(cluster.agentctl_all(&[
+        "top",
+        "--interval",
+        "300ms",
+    ]));
 
     let screen = Arc::new(Mutex::new(String::new()));
-    let mut master = std::fs::File::from(pty.master);
-    let mut reader = master.try_clone().expect("dup master");
+    let mut reader = top.master.try_clone().expect("dup master");
     let seen = screen.clone();
     std::thread::spawn(move || {
         let mut buf = [0u8; 4096];
@@ -100,15 +74,15 @@ async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
     )
     .await;
 
-    master.write_all(b"q").expect("press q");
+    top.master.write_all(b"q").expect("press q");
     let status = eventually(Duration::from_secs(10), "top exits on q", || {
-        let done = child.0.try_wait().expect("wait");
+        let done = top.child.try_wait().expect("wait");
         async move { done }
     })
     .await;
     assert!(status.success(), "top exited with {status}");
     // Raw mode is off again: the terminal echoes and reads lines.
-    let modes = nix::sys::termios::tcgetattr(&master).expect("tcgetattr");
+    let modes = nix::sys::termios::tcgetattr(&top.master).expect("tcgetattr");
     let local = modes.local_flags;
     assert!(
         local.contains(nix::sys::termios::LocalFlags::ICANON)

@@ -144,28 +144,10 @@ async fn ls_watch_prints_each_change_of_a_matching_agent() {
 
 /// Runs `agentctl ARGS` on an 80×24 pseudo-terminal (stdin, stdout and
 /// stderr); returns its exit status and everything it drew.
-fn on_a_terminal(mut cmd: std::process::Command) -> (std::process::ExitStatus, String) {
+fn on_a_terminal(cmd: std::process::Command) -> (std::process::ExitStatus, String) {
     use std::io::Read;
-    let size = nix::pty::Winsize {
-        ws_row: 24,
-        ws_col: 80,
-        ws_xpixel: 0,
-        ws_ypixel: 0,
-    };
-    let pty = nix::pty::openpty(Some(&size), None).expect("openpty");
-    let slave = |fd: &std::os::fd::OwnedFd| Stdio::from(fd.try_clone().expect("dup"));
-    let mut child = cmd
-        .env("TERM", "xterm")
-        .stdin(slave(&pty.slave))
-        .stdout(slave(&pty.slave))
-        .stderr(slave(&pty.slave))
-        .spawn()
-        .expect("start agentctl");
-    // The command keeps its copies of the terminal until dropped: the
-    // reader below sees the end only once every copy is closed.
-    drop(cmd);
-    drop(pty.slave);
-    let mut master = std::fs::File::from(pty.master);
+    let mut run = agentplane_integration_tests::pty::spawn(cmd);
+    let mut master = run.master.try_clone().expect("dup master");
     let reader = std::thread::spawn(move || {
         let mut all = Vec::new();
         let mut buf = [0u8; 4096];
@@ -178,7 +160,9 @@ fn on_a_terminal(mut cmd: std::process::Command) -> (std::process::ExitStatus, S
         }
         String::from_utf8_lossy(&all).into_owned()
     });
-    let status = child.wait().expect("wait");
+    let status = run.child.wait().expect("wait");
+    // Our copy of the terminal's side closes too, so the reader sees the end.
+    drop(run);
     (status, reader.join().expect("reader"))
 }
 

@@ -35,15 +35,29 @@ pub enum MetricsError {
     },
 }
 
-/// Binds `addr` (before anything else starts, so a taken port fails the
-/// start); logs where it listens.
-pub async fn bind(addr: SocketAddr) -> Result<TcpListener, MetricsError> {
+/// Binds `--metrics-listen` when given (before anything else starts, so a
+/// taken port fails the start); logs where it listens.
+pub async fn bind(addr: Option<SocketAddr>) -> Result<Option<TcpListener>, MetricsError> {
+    let Some(addr) = addr else { return Ok(None) };
     let listener = TcpListener::bind(addr)
         .await
         .map_err(|source| MetricsError::Listen { addr, source })?;
     let at = listener.local_addr().unwrap_or(addr);
     tracing::info!(addr = %at, "metrics (plaintext HTTP) serving at /metrics");
-    Ok(listener)
+    Ok(Some(listener))
+}
+
+/// Serves `registry` on `listener` (if bound) as a task of `tasks` until
+/// `cancel`; what both servers do once their metrics are registered.
+pub fn start(
+    listener: Option<TcpListener>,
+    registry: MetricRegistry,
+    tasks: &crate::tasks::Tasks,
+    cancel: &CancellationToken,
+) {
+    if let Some(l) = listener {
+        tasks.spawn("metrics", serve(l, Arc::new(registry), cancel.clone()));
+    }
 }
 
 /// Answers `GET /metrics` on `listener` with `registry` in Prometheus' text

@@ -113,12 +113,7 @@ pub fn run(command: ConfigCommand, fmt: Format) -> anyhow::Result<ExitCode> {
             token_file,
             make_current,
         } => {
-            let endpoints: Vec<String> = endpoint
-                .split(',')
-                .map(str::trim)
-                .filter(|e| !e.is_empty())
-                .map(str::to_owned)
-                .collect();
+            let endpoints = crate::contexts::split_endpoints(&endpoint);
             if endpoints.is_empty() {
                 bail!("--endpoint: give at least one address");
             }

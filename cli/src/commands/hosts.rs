@@ -62,15 +62,18 @@ async fn cordon(c: &mut Clients, fmt: Format, id: String, cordoned: bool) -> any
     print_hosts(fmt, &[h])
 }
 
-/// Prints every live host.
-async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
-    let hosts = c
-        .hosts
+/// Every live host.
+pub async fn list(c: &mut Clients) -> Result<Vec<Host>, tonic::Status> {
+    Ok(c.hosts
         .list_hosts(ListHostsRequest {})
         .await?
         .into_inner()
-        .hosts;
-    print_hosts(fmt, &hosts)
+        .hosts)
+}
+
+/// Prints every live host.
+async fn ls(c: &mut Clients, fmt: Format) -> anyhow::Result<()> {
+    print_hosts(fmt, &list(c).await?)
 }
 
 fn print_hosts(fmt: Format, hosts: &[Host]) -> anyhow::Result<()> {

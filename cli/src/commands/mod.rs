@@ -4,6 +4,7 @@
 
 mod agents;
 pub use agents::list_all;
+pub use hosts::list as list_hosts;
 mod attach;
 mod bulk;
 mod certs;
@@ -158,12 +159,7 @@ pub async fn run(mut cli: Cli) -> anyhow::Result<ExitCode> {
         &mut cli.access,
         crate::DEFAULT_ENDPOINT,
     )?;
-    let endpoints: Vec<String> = endpoint
-        .split(',')
-        .map(str::trim)
-        .filter(|e| !e.is_empty())
-        .map(str::to_owned)
-        .collect();
+    let endpoints = crate::contexts::split_endpoints(&endpoint);
     anyhow::ensure!(
         !endpoints.is_empty(),
         "--endpoint: give at least one address"

@@ -237,12 +237,7 @@ pub async fn run(c: &mut Clients, fmt: Format, a: SpawnArgs) -> anyhow::Result<E
         .into_inner();
     let mut agent = resp.agent.unwrap_or_default();
     if wait {
-        let who = agent
-            .spec
-            .as_ref()
-            .map(|s| s.name.clone())
-            .filter(|n| !n.is_empty())
-            .unwrap_or_else(|| agent.id.clone());
+        let who = output::name_or_id(&agent);
         let p = crate::progress::spinner(fmt, format!("waiting for {who} to end"));
         agent = wait_ended(c, &agent.id, &p).await?;
         p.finish_and_clear();

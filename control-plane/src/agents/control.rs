@@ -158,7 +158,7 @@ impl AgentApi {
                     )
                     .await?
                 {
-                    self.hosts.metrics().agent_lost(ExitReason::NotOnHost);
+                    self.hosts.metrics().agents_lost.inc(ExitReason::NotOnHost);
                     tracing::warn!(agent = %agent.id, host = %agent.host, "agent LOST: its host does not hold it");
                 }
                 Err(ApiError::IllegalTransition {

@@ -182,7 +182,7 @@ impl AgentService for AgentApi {
         self.quotas.spawn(&caller)?;
         let t = std::time::Instant::now();
         let spawned = self.spawn(r, &caller).await;
-        self.hosts.metrics().spawned(&spawned, t.elapsed());
+        self.hosts.metrics().spawns.observe(&spawned, t.elapsed());
         let mut out = match spawned {
             // A name held by an agent outside the caller's selector: said
             // to be taken, but not by whom.

@@ -100,7 +100,7 @@ impl Supervisor {
         let span = tracing::info_span!("fork/exec", otel.name = "fork/exec", agent = %slot.id);
         let spawned =
             tracing::Instrument::instrument(self.keeper.spawn(&slot.tag, launch), span).await;
-        self.metrics.started(&spawned, t.elapsed());
+        self.metrics.starts.observe(&spawned, t.elapsed());
         let run = match spawned {
             Ok(run) => run,
             Err(KeeperError::Spawn(e)) => return Err(e),

@@ -60,7 +60,7 @@ impl Supervisor {
                 }
             }
             tracing::info!(agent = %slot.id, pid, code = ?exit.code, signal = ?exit.signal, reason = %exit.reason, "agent process ended");
-            self.metrics.exited(exit.reason());
+            self.metrics.exits.inc(exit.reason());
             let decision = restart::decide(
                 slot.spec.restart.as_ref(),
                 &exit,

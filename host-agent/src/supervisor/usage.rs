@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use agentplane::proto::v1::{AgentUsage, LocalAgent};
+use agentplane::proto::v1::{AgentState, AgentUsage, LocalAgent};
 
 use super::agent::AgentSlot;
 use super::Supervisor;
@@ -25,18 +25,22 @@ impl Supervisor {
             .collect()
     }
 
-    /// How many agents this host holds in each state (states with none
-    /// left out).
-    pub fn count_by_state(&self) -> crate::metrics::StateCounts {
-        let mut counts: crate::metrics::StateCounts = Vec::new();
+    /// How many agents this host holds in each state, every state listed
+    /// (`agentplane::state::ALL`'s order).
+    pub fn count_by_state(&self) -> [(AgentState, u64); 7] {
+        let mut counts = Self::no_agents();
         for slot in self.map().values() {
             let state = slot.snapshot().state;
-            match counts.iter_mut().find(|(s, _)| *s == state) {
-                Some((_, n)) => *n += 1,
-                None => counts.push((state, 1)),
+            if let Some((_, n)) = counts.iter_mut().find(|(s, _)| *s == state) {
+                *n += 1;
             }
         }
         counts
+    }
+
+    /// Every state with no agent in it.
+    pub fn no_agents() -> [(AgentState, u64); 7] {
+        agentplane::state::ALL.map(|s| (s, 0))
     }
 }
 

@@ -12,9 +12,7 @@ use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use agentplane::proto::v1::{
-    ListAgentUsageRequest, ListAgentsRequest, ListHostsRequest, WatchAgentsRequest,
-};
+use agentplane::proto::v1::{ListAgentUsageRequest, ListAgentsRequest, WatchAgentsRequest};
 use crossterm::event::{Event as Input, EventStream, KeyCode, KeyEventKind, KeyModifiers};
 use tokio_stream::StreamExt;
 
@@ -139,12 +137,7 @@ pub async fn run(endpoint: &str, access: &Access, args: TopArgs) -> anyhow::Resu
 
 /// Reads hosts and usage, and with `agents` every agent record.
 async fn fetch(mut c: Clients, agents: bool) -> anyhow::Result<Refreshed> {
-    let hosts = c
-        .hosts
-        .list_hosts(ListHostsRequest {})
-        .await?
-        .into_inner()
-        .hosts;
+    let hosts = super::hosts::list(&mut c).await?;
     let agents = if agents {
         Some(super::agents::list_all(&mut c, ListAgentsRequest::default()).await?)
     } else {

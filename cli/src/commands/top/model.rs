@@ -134,14 +134,8 @@ impl Model {
             .values()
             .map(|a| {
                 let s = self.usage.get(&a.id);
-                let name = a
-                    .spec
-                    .as_ref()
-                    .map(|s| s.name.clone())
-                    .filter(|n| !n.is_empty())
-                    .unwrap_or_else(|| a.id.clone());
                 AgentRow {
-                    name,
+                    name: crate::output::name_or_id(a),
                     state: agentplane::state::name(a.state()),
                     host: a.host.clone(),
                     restarts: a.restarts,
