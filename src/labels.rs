@@ -36,6 +36,11 @@ impl Selector {
             .all(|(k, v)| labels.get(k).is_some_and(|have| have == v))
     }
 
+    /// The `key=value` terms, as written.
+    pub fn terms(&self) -> &[(String, String)] {
+        &self.terms
+    }
+
     /// True when the selector has no terms.
     pub fn is_empty(&self) -> bool {
         self.terms.is_empty()

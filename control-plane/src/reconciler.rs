@@ -61,6 +61,8 @@ pub struct Reconciler {
     incarnations: HashMap<String, String>,
     /// The hosts restarting at the previous pass.
     restarting: HashSet<String>,
+    /// True once the agent indexes are known to be built for this dataset.
+    indexed: bool,
     /// Finishes drains whose replica died.
     drainer: Drainer,
     tasks: Tasks,
@@ -92,6 +94,7 @@ impl Reconciler {
             ttl_now: DEFAULT_TTL,
             incarnations: HashMap::new(),
             restarting: HashSet::new(),
+            indexed: false,
         }
     }
 
@@ -154,6 +157,10 @@ impl Reconciler {
     }
 
     async fn pass(&mut self) -> Result<(), RegistryError> {
+        if !self.indexed {
+            self.registry.build_indexes().await?;
+            self.indexed = true;
+        }
         let asked = Instant::now();
         let live: HashMap<String, HostRecord> = self
             .registry
@@ -170,34 +177,30 @@ impl Reconciler {
             self.max_ttl = self.max_ttl.max(ttl);
             self.ttl_now = ttl;
         }
-        let mut cursor = 0;
         let mut restarting = HashSet::new();
-        let mut judged = HashSet::new();
-        loop {
-            let asked = Instant::now();
-            let (next, hosts) = self.registry.scan_host_sets(cursor, 200).await?;
-            let down: Vec<String> = hosts
-                .into_iter()
-                .filter(|h| !live.contains_key(h) && judged.insert(h.clone()))
-                .collect();
-            self.judge_down(&down, asked, &mut restarting).await?;
-            if next == 0 {
-                break;
-            }
-            cursor = next;
-        }
-        // Known hosts that went away with no agent set: declared lost too,
-        // so the `hosts-known` index (what placement reads) holds live and
-        // restarting hosts only and stays as small as the fleet.
+        // Known hosts that went away: restarting (a keeper holds their
+        // agents) or lost. `hosts-known` holds live and restarting hosts
+        // only, so this reads as much as the fleet, not the keyspace.
         let asked = Instant::now();
         let down: Vec<String> = self
             .registry
             .known_hosts()
             .await?
             .into_iter()
-            .filter(|h| !live.contains_key(h) && !judged.contains(h))
+            .filter(|h| !live.contains_key(h))
             .collect();
         self.judge_down(&down, asked, &mut restarting).await?;
+        // Hosts declared lost whose agents were not all settled (a pass
+        // that failed half-way, a replica that died): settled again.
+        for host in self.registry.lost_hosts().await? {
+            if live.contains_key(&host) {
+                // Back: its host agent fences what moved on.
+                self.registry.host_settled(&host).await?;
+            } else if self.may_lose() && !down.contains(&host) {
+                self.settle_host(&host, true).await?;
+                self.registry.host_settled(&host).await?;
+            }
+        }
         for host in restarting.difference(&self.restarting) {
             tracing::info!(%host, "host restarting: its host agent is away and its keeper holds its agents");
         }
@@ -283,7 +286,8 @@ impl Reconciler {
             self.hosts.metrics().hosts_lost.inc();
             tracing::warn!(%host, "host lost: its heartbeat key expired");
         }
-        self.settle_host(host, true).await
+        self.settle_host(host, true).await?;
+        self.registry.host_settled(host).await
     }
 
     /// Visits the agents of `host`'s set: with `lose`, each live one goes

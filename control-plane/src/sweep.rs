@@ -1,6 +1,7 @@
-//! The record sweep: every agent record, a slice per reconciler pass, is
-//! checked against the leases that back it, so a record never stays wrong
-//! whatever fault made it so.
+//! The record sweep: every agent record that a pass could act on (live or
+//! LOST, walked through the state indexes; an ended record never needs it),
+//! a slice per reconciler pass, is checked against the leases that back it,
+//! so a record never stays wrong whatever fault made it so.
 //!
 //! * A running record (RUNNING, PAUSED, STOPPING) whose host is alive but
 //!   whose location key (the lease the host renews with each heartbeat) has
@@ -17,8 +18,8 @@
 //!   idempotent by generation), then the next candidates; a refusal that no
 //!   retry can mend ends it FAILED with the host's answer.
 //!
-//! Cost: one pipelined round trip per slice, reading each record once (its
-//! hash and whether its lease exists), plus one read of each suspect whose
+//! Cost: one index page and one pipelined round trip per slice, reading each
+//! live or LOST record once (its hash and whether its lease exists), plus one read of each suspect whose
 //! TTL has passed. Writes happen only for records that are wrong. A pass
 //! reads slices until its time budget (a quarter of the reconcile interval)
 //! is spent, so a round over 100k records takes a bounded number of passes
@@ -29,7 +30,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
-use agentplane::registry::{AgentUpdate, Expect, HostRecord, Registry, RegistryError};
+use agentplane::registry::{AgentIndex, AgentUpdate, Expect, HostRecord, Registry, RegistryError};
 use agentplane::state;
 use agentplane::time::{ms_from_timestamp, now_ms, timestamp_from_ms};
 use tokio::time::Instant;
@@ -40,7 +41,7 @@ use crate::placement;
 use crate::relocate::restart_lost;
 use crate::start::{start_on_candidates, Placed, StartOutcome};
 
-/// Records read per pass (one `SCAN` slice).
+/// Records read per slice (one page of the agent index).
 pub const SLICE: usize = 1000;
 
 /// What one record needs, judged from the record, its lease and its host.
@@ -103,13 +104,28 @@ struct Suspect {
     seen: Instant,
 }
 
-/// The sweep of one replica: where its scan is, and its suspects.
+/// The states whose records the sweep reads, each from its state index: a
+/// record in any other (EXITED, FAILED) is never acted on, so a fleet's
+/// history costs the sweep nothing.
+const SWEPT: [AgentState; 5] = [
+    AgentState::Pending,
+    AgentState::Running,
+    AgentState::Paused,
+    AgentState::Stopping,
+    AgentState::Lost,
+];
+
+/// The sweep of one replica: where its walk of the state indexes is, and
+/// its suspects.
 #[derive(Debug)]
 pub struct Sweep {
     registry: Registry,
     hosts: Arc<HostClients>,
     confirm_within: Duration,
-    cursor: u64,
+    /// The state of [`SWEPT`] whose index the walk is in.
+    at: usize,
+    /// The last id read there (`""`: from its first).
+    cursor: String,
     suspects: HashMap<String, Suspect>,
 }
 
@@ -131,7 +147,8 @@ impl Sweep {
             registry,
             hosts,
             confirm_within,
-            cursor: 0,
+            at: 0,
+            cursor: String::new(),
             suspects: HashMap::new(),
         }
     }
@@ -171,7 +188,21 @@ impl Sweep {
         restarting: &HashSet<String>,
         may_lose: bool,
     ) -> Result<PassStats, RegistryError> {
-        let (next, mut ids) = self.registry.scan_agent_ids(self.cursor, SLICE).await?;
+        let swept = SWEPT[self.at % SWEPT.len()];
+        let index = AgentIndex::State(swept);
+        let mut ids = self
+            .registry
+            .page_agent_ids(&index, &self.cursor, SLICE)
+            .await?;
+        // A short slice ends this state's index; the last state's ends the
+        // round, and the next slice starts it again.
+        let short = ids.len() < SLICE;
+        let next = if short {
+            String::new()
+        } else {
+            ids.last().cloned().unwrap_or_default()
+        };
+        let slice_len = ids.len();
         let in_slice: HashSet<String> = ids.iter().cloned().collect();
         let ttl = self.ttl_floor(live);
         ids.extend(
@@ -183,16 +214,27 @@ impl Sweep {
         let records = self.registry.get_agents_with_leases(&ids).await?;
         let mut stats = PassStats {
             read: records.len(),
-            wrapped: next == 0,
+            wrapped: short && self.at % SWEPT.len() == SWEPT.len() - 1,
             ..Default::default()
         };
-        // Suspects whose record is gone need no more watching.
-        let found: HashSet<&str> = records.iter().map(|(a, _)| a.id.as_str()).collect();
-        for id in &ids {
-            if !found.contains(id.as_str()) {
+        // Suspects whose record is gone need no more watching, and index
+        // entries without a record (or whose record left the state) are
+        // dropped (the script checks again before it drops one).
+        let found: HashMap<&str, AgentState> = records
+            .iter()
+            .map(|(a, _)| (a.id.as_str(), a.state()))
+            .collect();
+        let mut stale = Vec::new();
+        for (i, id) in ids.iter().enumerate() {
+            let state = found.get(id.as_str());
+            if state.is_none() {
                 self.suspects.remove(id);
             }
+            if i < slice_len && state != Some(&swept) {
+                stale.push(id.clone());
+            }
         }
+        self.registry.drop_stale(&index, &stale).await?;
         for (agent, leased) in &records {
             let host = live.get(&agent.host);
             let verdict = judge(agent, *leased, host, now_ms(), self.confirm_within);
@@ -227,6 +269,9 @@ impl Sweep {
             stats.acted += usize::from(acted);
         }
         self.cursor = next;
+        if short {
+            self.at = (self.at + 1) % SWEPT.len();
+        }
         Ok(stats)
     }
 

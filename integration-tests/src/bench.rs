@@ -17,8 +17,8 @@ mod floor;
 pub use floor::{follow_floor_rate, relay_floor_rate};
 
 /// Writes `n` records of ended agents (EXITED, on a host that is gone) under
-/// `prefix`: a fleet's history that no pass acts on but every walk of the
-/// keyspace meets.
+/// `prefix`, with their index entries: a fleet's history that no pass acts
+/// on but every walk of the records meets.
 pub async fn fill_other_records(
     conn: &mut redis::aio::MultiplexedConnection,
     prefix: &str,
@@ -43,6 +43,10 @@ pub async fn fill_other_records(
                 ("created_at", b"1700000000000".to_vec()),
             ];
             pipe.hset_multiple(format!("{prefix}:agent:{id}"), &fields)
+                .ignore()
+                .zadd(format!("{prefix}:agents"), &id, 0)
+                .ignore()
+                .zadd(format!("{prefix}:state:EXITED"), &id, 0)
                 .ignore();
         }
         pipe.query_async::<()>(conn).await?;

@@ -43,6 +43,10 @@ async fn plant(
         .ignore()
         .sadd(format!("ap:host-agents:{host}"), &id)
         .ignore()
+        .zadd("ap:agents", &id, 0)
+        .ignore()
+        .zadd(format!("ap:state:{state}"), &id, 0)
+        .ignore()
         .query_async::<()>(&mut conn)
         .await
         .expect("plant a record");

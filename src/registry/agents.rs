@@ -92,8 +92,8 @@ pub enum UpdateOutcome {
 }
 
 impl Registry {
-    /// Writes a new agent record, adds it to its host's set and appends the
-    /// AGENT_CREATED event, atomically.
+    /// Writes a new agent record, adds it to its host's set and the indexes
+    /// and appends the AGENT_CREATED event, atomically.
     pub async fn create_agent(&self, agent: &Agent) -> Result<()> {
         let k = self.keys();
         let fields = codec::encode_agent(agent);
@@ -103,6 +103,7 @@ impl Registry {
             .ignore()
             .sadd(k.host_agents(&agent.host), &agent.id)
             .ignore();
+        self.index_adds(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_CREATED", agent);
         pipe.query_async::<()>(&mut self.conn())
             .await
@@ -193,18 +194,6 @@ impl Registry {
         Ok(out)
     }
 
-    /// One `SCAN` batch of agent ids from `cursor`.
-    pub async fn scan_agent_ids(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
-        let (next, keys) = self
-            .scan("scan agents", cursor, &self.keys().agent_pattern(), count)
-            .await?;
-        let ids = keys
-            .iter()
-            .filter_map(|k| self.keys().agent_id_of(k).map(str::to_owned))
-            .collect();
-        Ok((next, ids))
-    }
-
     /// One `SSCAN` batch of the ids placed on `host`, from `cursor`.
     pub async fn scan_host_agent_ids(
         &self,
@@ -237,11 +226,15 @@ impl Registry {
         inv.key(self.keys().agent(id))
             .key(self.keys().events())
             .key(self.keys().loc(id));
-        if let (Some(to), Some(from)) = (&update.host, &expect.host) {
-            if to != from {
-                inv.key(self.keys().host_agents(from))
-                    .key(self.keys().host_agents(to));
-            }
+        // Both sets are named either way; the script moves the id only
+        // when they differ (a new host).
+        let from = expect.host.as_deref().unwrap_or_default();
+        inv.key(self.keys().host_agents(from)).key(
+            self.keys()
+                .host_agents(update.host.as_deref().unwrap_or(from)),
+        );
+        for key in self.state_index_keys() {
+            inv.key(key);
         }
         let (loc_host, loc_ttl) = match &update.location {
             Some(l) => (l.host.as_str(), ttl_ms(l.ttl)),
@@ -364,8 +357,8 @@ impl Registry {
         Ok(true)
     }
 
-    /// Removes the record, its location and its membership of its host's set,
-    /// and appends AGENT_DELETED, atomically.
+    /// Removes the record, its location, its membership of its host's set
+    /// and of the indexes, and appends AGENT_DELETED, atomically.
     pub async fn delete_agent(&self, agent: &Agent) -> Result<()> {
         let k = self.keys();
         let mut pipe = redis::pipe();
@@ -376,6 +369,7 @@ impl Registry {
             .ignore()
             .srem(k.host_agents(&agent.host), &agent.id)
             .ignore();
+        self.index_removes(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_DELETED", agent);
         pipe.query_async::<()>(&mut self.conn())
             .await

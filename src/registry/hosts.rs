@@ -332,13 +332,15 @@ impl Registry {
     }
 
     /// Declares `id` lost if its key is gone, once: true for the one caller
-    /// that appended HOST_LOST.
+    /// that appended HOST_LOST. The host joins the lost hosts to settle in
+    /// the same step ([`Registry::host_settled`] takes it out).
     pub async fn mark_host_lost(&self, id: &str) -> Result<bool> {
         let k = self.keys();
         super::scripts::MARK_HOST_LOST
             .key(k.host(id))
             .key(k.hosts_known())
             .key(k.events())
+            .key(k.hosts_lost())
             .arg(id)
             .arg(crate::time::now_ms())
             .arg(super::EVENTS_MAXLEN)
@@ -346,23 +348,6 @@ impl Registry {
             .await
             .map(|n| n == 1)
             .map_err(self.err("mark host lost"))
-    }
-
-    /// One `SCAN` batch of the hosts that have an agent set.
-    pub async fn scan_host_sets(&self, cursor: u64, count: usize) -> Result<(u64, Vec<String>)> {
-        let (next, keys) = self
-            .scan(
-                "scan host agent sets",
-                cursor,
-                &self.keys().host_agents_pattern(),
-                count,
-            )
-            .await?;
-        let ids = keys
-            .iter()
-            .filter_map(|k| self.keys().host_agents_id_of(k).map(str::to_owned))
-            .collect();
-        Ok((next, ids))
     }
 
     /// Deletes the host key at once (graceful host-agent shutdown), so the

@@ -91,15 +91,34 @@ impl Keys {
         format!("{}:hosts-known", self.prefix)
     }
 
-    /// The `SCAN` pattern of every per-host agent set.
-    pub fn host_agents_pattern(&self) -> String {
-        format!("{}:host-agents:*", self.prefix)
+    /// `ap:hosts-lost`: hosts declared lost whose agents have not all been
+    /// settled yet (a pass that failed half-way is retried from here).
+    pub fn hosts_lost(&self) -> String {
+        format!("{}:hosts-lost", self.prefix)
     }
 
-    /// The host id of a per-host agent set key.
-    pub fn host_agents_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
-        key.strip_prefix(&self.prefix)?
-            .strip_prefix(":host-agents:")
+    /// `ap:agents`: every agent id (a sorted set, all scores 0, read in id
+    /// order with `ZRANGE … BYLEX`).
+    pub fn agents_index(&self) -> String {
+        format!("{}:agents", self.prefix)
+    }
+
+    /// `ap:state:{STATE}`: the ids of the agents in that state (short state
+    /// name, as the record stores it).
+    pub fn state_index(&self, state: &str) -> String {
+        format!("{}:state:{state}", self.prefix)
+    }
+
+    /// `ap:label:{key}={value}`: the ids of the agents with that label
+    /// (keys cannot hold `=`, so the split is unambiguous).
+    pub fn label_index(&self, key: &str, value: &str) -> String {
+        format!("{}:label:{key}={value}", self.prefix)
+    }
+
+    /// `ap:index-version`: the version of the indexes the dataset holds;
+    /// missing or older means they are built from the records once.
+    pub fn index_version(&self) -> String {
+        format!("{}:index-version", self.prefix)
     }
 
     /// `ap:epoch`: a random id created once per Redis dataset. When it changes
@@ -133,5 +152,9 @@ mod tests {
         assert_eq!(k.drain_lease("h1"), "ap:drain:h1");
         assert_eq!(k.keeper("h1"), "ap:keeper:h1");
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));
+        assert_eq!(k.agents_index(), "ap:agents");
+        assert_eq!(k.state_index("RUNNING"), "ap:state:RUNNING");
+        assert_eq!(k.label_index("team", "a"), "ap:label:team=a");
+        assert_eq!(k.hosts_lost(), "ap:hosts-lost");
     }
 }

@@ -1,7 +1,8 @@
 //! The Redis registry: the whole schema of DESIGN.md ("Redis schema") in one
 //! module. Hosts register with a TTL heartbeat, agents have a hash record and a
-//! TTL'd location key, discovery uses `SCAN` (never `KEYS`), and every write
-//! that can race is a Lua compare-and-set on the record's generation.
+//! TTL'd location key, lists and passes read maintained indexes (no keyspace
+//! walk, never `KEYS`), and every write that can race is a Lua
+//! compare-and-set on the record's generation.
 //!
 //! A Redis failure is always an error ([`RegistryError::Redis`], gRPC
 //! UNAVAILABLE naming the registry), never an empty answer.
@@ -10,6 +11,7 @@ mod agents;
 mod codec;
 mod events;
 mod hosts;
+mod index;
 mod keys;
 mod options;
 mod restarting;
@@ -23,6 +25,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
 pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
 pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
+pub use index::AgentIndex;
 pub use keys::Keys;
 pub use options::{RedisOptions, RedisTlsArgs};
 pub use restarting::Restarting;

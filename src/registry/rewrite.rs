@@ -11,7 +11,7 @@ use super::{Registry, Result};
 use crate::proto::v1::Agent;
 
 impl Registry {
-    /// Writes `agent` (record, host set, location and name) unless the
+    /// Writes `agent` (record, host set, indexes, location and name) unless the
     /// record there has its generation or a newer one. True when written.
     pub async fn rewrite_agent(&self, agent: &Agent, ttl: Duration) -> Result<bool> {
         let k = self.keys();
@@ -33,7 +33,15 @@ impl Registry {
             } else {
                 &named
             }))
-            .arg(agent.generation)
+            .key(k.agents_index());
+        for key in self
+            .state_index_keys()
+            .into_iter()
+            .chain(self.label_index_keys(agent))
+        {
+            inv.key(key);
+        }
+        inv.arg(agent.generation)
             .arg(&named)
             .arg(&agent.id)
             .arg(&agent.host)

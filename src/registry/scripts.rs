@@ -6,9 +6,10 @@ use std::sync::LazyLock;
 /// same atomic step (so every change is in `ap:events` exactly once).
 ///
 /// KEYS[1] the agent hash, KEYS[2] the event stream, KEYS[3] the agent's
-/// location, and when the update moves the agent to another host, KEYS[4]
-/// the old host's agent set and KEYS[5] the new one's (membership moves in
-/// the same step). ARGV[1] expected generation (`""`: any), ARGV[2] expected
+/// location, KEYS[4] the old host's agent set and KEYS[5] the new one's
+/// (when they differ, membership moves in the same step), KEYS[6..] the
+/// state indexes of every state (a state change moves the id from the old
+/// state's index to the new one's, in the same step). ARGV[1] expected generation (`""`: any), ARGV[2] expected
 /// host (`""`: any), ARGV[3] comma-separated allowed current states (`""`:
 /// any), ARGV[4] the time (ms), ARGV[5] the stream's approximate length
 /// bound, ARGV[6] the event type of a state change (`""`: AGENT_STATE),
@@ -38,9 +39,16 @@ if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 10, 9 + ndel)) end
 local first = 10 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
-if #KEYS >= 5 then
+if KEYS[4] ~= KEYS[5] then
   redis.call('SREM', KEYS[4], after[1])
   redis.call('SADD', KEYS[5], after[1])
+end
+if after[2] ~= state then
+  local old, new = ':' .. state, ':' .. (after[2] or '')
+  for i = 6, #KEYS do
+    if string.sub(KEYS[i], -#old) == old then redis.call('ZREM', KEYS[i], after[1]) end
+    if string.sub(KEYS[i], -#new) == new then redis.call('ZADD', KEYS[i], 0, after[1]) end
+  end
 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8]) end
 if after[2] ~= state or after[4] ~= gen then
@@ -56,13 +64,16 @@ return {1, state, gen, host}
 });
 
 /// Emits HOST_LOST once per disappearance: KEYS[1] the host key, KEYS[2] the
-/// set of hosts known alive, KEYS[3] the stream; ARGV[1] host id, ARGV[2] time,
-/// ARGV[3] stream bound. Returns 1 if this call declared the loss.
+/// set of hosts known alive, KEYS[3] the stream, KEYS[4] the set of lost
+/// hosts still to settle (the host joins it in the same step); ARGV[1] host
+/// id, ARGV[2] time, ARGV[3] stream bound. Returns 1 if this call declared
+/// the loss.
 pub(super) static MARK_HOST_LOST: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('EXISTS', KEYS[1]) == 1 then return 0 end
 if redis.call('SREM', KEYS[2], ARGV[1]) == 0 then return 0 end
+redis.call('SADD', KEYS[4], ARGV[1])
 redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[3], '*',
   'type', 'HOST_LOST', 'host', ARGV[1], 'at', ARGV[2])
 return 1
@@ -158,7 +169,8 @@ return {tostring(f['length']), f['last-generated-id'], f['max-deleted-entry-id']
 ///
 /// KEYS[1] the agent hash, KEYS[2] the new host's agent set, KEYS[3] the
 /// location key, KEYS[4] the set of the host the record named when read
-/// (may be KEYS[2]). ARGV[1] the generation, ARGV[2] the host the record
+/// (may be KEYS[2]), KEYS[5] the index of all agents, KEYS[6..12] the state
+/// indexes of every state, KEYS[13..] the agent's label indexes. ARGV[1] the generation, ARGV[2] the host the record
 /// named when read (`""`: none), ARGV[3] the agent id, ARGV[4] the host,
 /// ARGV[5] the lease TTL (ms), then field/value pairs.
 ///
@@ -175,7 +187,35 @@ redis.call('HSET', KEYS[1], unpack(ARGV, 6, #ARGV))
 if ARGV[2] ~= '' then redis.call('SREM', KEYS[4], ARGV[3]) end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
+redis.call('ZADD', KEYS[5], 0, ARGV[3])
+local new = ':' .. (redis.call('HGET', KEYS[1], 'state') or '')
+for i = 6, 12 do
+  redis.call('ZREM', KEYS[i], ARGV[3])
+  if string.sub(KEYS[i], -#new) == new then redis.call('ZADD', KEYS[i], 0, ARGV[3]) end
+end
+for i = 13, #KEYS do redis.call('ZADD', KEYS[i], 0, ARGV[3]) end
 return 1
+",
+    )
+});
+
+/// Drops stale index entries: KEYS[1] an index, then pairs of (agent hash
+/// key in KEYS[2i], its id in ARGV[2i-1]); ARGV[2i] the state the index
+/// stands for (`""`: any). An entry goes only if its record is gone or (for
+/// a state index) is in another state now, checked in the same step as
+/// the removal. Returns how many went.
+pub(super) static DROP_STALE: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local n = 0
+for i = 2, #KEYS do
+  local id, want = ARGV[2 * (i - 1) - 1], ARGV[2 * (i - 1)]
+  local st = redis.call('HGET', KEYS[i], 'state')
+  if (not st) or (want ~= '' and st ~= want) then
+    n = n + redis.call('ZREM', KEYS[1], id)
+  end
+end
+return n
 ",
     )
 });

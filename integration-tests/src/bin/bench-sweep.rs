@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, AgentState};
-use agentplane::registry::Registry;
+use agentplane::registry::{AgentIndex, Registry};
 use agentplane_control_plane::hosts::HostClients;
 use agentplane_control_plane::sweep::{Sweep, SLICE};
 use agentplane_integration_tests::RedisServer;
@@ -72,6 +72,10 @@ async fn main() -> anyhow::Result<()> {
                 .ignore()
                 .sadd("ap:host-agents:h1", &id)
                 .ignore()
+                .zadd("ap:agents", &id, 0)
+                .ignore()
+                .zadd("ap:state:RUNNING", &id, 0)
+                .ignore()
                 .pset_ex(format!("ap:loc:{id}"), "h1", 3_600_000)
                 .ignore();
         }
@@ -83,29 +87,33 @@ async fn main() -> anyhow::Result<()> {
         filled.elapsed()
     );
 
-    // Baseline: one bare SCAN round over the agent keys, same COUNT.
+    // Baseline: one bare round over the agent index, same slice.
     let t = Instant::now();
-    let mut cursor = 0u64;
+    let mut after = String::new();
     let mut scanned = 0usize;
     loop {
-        let (next, keys) = registry.scan_agent_ids(cursor, SLICE).await?;
-        scanned += keys.len();
-        if next == 0 {
-            break;
+        let ids = registry
+            .page_agent_ids(&AgentIndex::All, &after, SLICE)
+            .await?;
+        scanned += ids.len();
+        match ids.last() {
+            Some(last) if ids.len() == SLICE => after.clone_from(last),
+            _ => break,
         }
-        cursor = next;
     }
     let scan_round = t.elapsed();
-    // Second baseline: SCAN plus the one pipelined read of each slice.
+    // Second baseline: the index plus the one pipelined read of each slice.
     let t = Instant::now();
-    let mut cursor = 0u64;
+    let mut after = String::new();
     loop {
-        let (next, ids) = registry.scan_agent_ids(cursor, SLICE).await?;
+        let ids = registry
+            .page_agent_ids(&AgentIndex::All, &after, SLICE)
+            .await?;
         registry.get_agents_with_leases(&ids).await?;
-        if next == 0 {
-            break;
+        match ids.last() {
+            Some(last) if ids.len() == SLICE => after.clone_from(last),
+            _ => break,
         }
-        cursor = next;
     }
     let read_round = t.elapsed();
 
@@ -155,8 +163,8 @@ async fn main() -> anyhow::Result<()> {
         sweep_round.as_secs_f64() * 1e6 / args.records.max(1) as f64,
     );
     println!(
-        "baselines: bare SCAN round {:.2?} over {scanned} keys; SCAN + record reads {:.2?}; \
-         sweep/scan = {:.1}, sweep/(scan+read) = {:.2}",
+        "baselines: bare index round {:.2?} over {scanned} ids; index + record reads {:.2?}; \
+         sweep/index = {:.1}, sweep/(index+read) = {:.2}",
         scan_round,
         read_round,
         sweep_round.as_secs_f64() / scan_round.as_secs_f64().max(1e-9),
