@@ -23,7 +23,10 @@
 //! TTL has passed. Writes happen only for records that are wrong. A pass
 //! reads slices until its time budget (a quarter of the reconcile interval)
 //! is spent, so a round over 100k records takes a bounded number of passes
-//! (`bench-sweep` measures it) and a pass never delays the next one.
+//! (`bench-sweep` measures it) and a pass never delays the next one. A round
+//! starts at most once per heartbeat TTL (the smallest of the live hosts'):
+//! a lie is judged over two sightings a TTL apart anyway, and a fleet at
+//! rest then costs Redis about two reads per live record per TTL.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -126,6 +129,11 @@ pub struct Sweep {
     at: usize,
     /// The last id read there (`""`: from its first).
     cursor: String,
+    /// When the current round began.
+    round_started: Option<Instant>,
+    /// The least time from one round's start to the next's (`None`: the
+    /// live hosts' smallest heartbeat TTL).
+    min_round: Option<Duration>,
     suspects: HashMap<String, Suspect>,
 }
 
@@ -149,12 +157,22 @@ impl Sweep {
             confirm_within,
             at: 0,
             cursor: String::new(),
+            round_started: None,
+            min_round: None,
             suspects: HashMap::new(),
         }
     }
 
+    /// This sweep, starting rounds at most every `every` (`Duration::ZERO`:
+    /// back to back, as `bench-sweep` measures one).
+    pub fn with_min_round(mut self, every: Duration) -> Self {
+        self.min_round = Some(every);
+        self
+    }
+
     /// Slices of the records (at least one, more while `budget` lasts and
-    /// the round is not done), each with the suspects that are due. `live`
+    /// the round is not done; none while the next round is not due), each
+    /// with the suspects that are due. `live`
     /// maps live host ids to their records, `restarting` names the hosts a
     /// keeper holds; with `may_lose` false (just after
     /// a registry outage) nothing is declared LOST.
@@ -168,7 +186,23 @@ impl Sweep {
         let started = Instant::now();
         let mut total = PassStats::default();
         loop {
-            let s = self.slice(live, restarting, may_lose).await?;
+            // A round starts at most once per heartbeat TTL: a record's
+            // lie is judged over two sightings a TTL apart anyway (suspects
+            // are read on their own clock), so sweeping more often would
+            // only load Redis. Between rounds, only due suspects are read.
+            let walk = !(self.at == 0 && self.cursor.is_empty())
+                || self.round_started.is_none_or(|t| {
+                    t.elapsed() >= self.min_round.unwrap_or_else(|| self.ttl_floor(live))
+                });
+            if walk && self.at == 0 && self.cursor.is_empty() {
+                self.round_started = Some(Instant::now());
+            }
+            let s = self.slice(walk, live, restarting, may_lose).await?;
+            if !walk {
+                total.read += s.read;
+                total.acted += s.acted;
+                return Ok(total);
+            }
             total.read += s.read;
             total.acted += s.acted;
             if s.wrapped {
@@ -181,22 +215,27 @@ impl Sweep {
         }
     }
 
-    /// One slice of the records, plus the suspects that are due.
+    /// One slice of the records (none unless `walk`), plus the suspects
+    /// that are due.
     async fn slice(
         &mut self,
+        walk: bool,
         live: &HashMap<String, HostRecord>,
         restarting: &HashSet<String>,
         may_lose: bool,
     ) -> Result<PassStats, RegistryError> {
         let swept = SWEPT[self.at % SWEPT.len()];
         let index = AgentIndex::State(swept);
-        let mut ids = self
-            .registry
-            .page_agent_ids(&index, &self.cursor, SLICE)
-            .await?;
+        let mut ids = if walk {
+            self.registry
+                .page_agent_ids(&index, &self.cursor, SLICE)
+                .await?
+        } else {
+            Vec::new()
+        };
         // A short slice ends this state's index; the last state's ends the
         // round, and the next slice starts it again.
-        let short = ids.len() < SLICE;
+        let short = walk && ids.len() < SLICE;
         let next = if short {
             String::new()
         } else {
@@ -268,7 +307,9 @@ impl Sweep {
             };
             stats.acted += usize::from(acted);
         }
-        self.cursor = next;
+        if walk {
+            self.cursor = next;
+        }
         if short {
             self.at = (self.at + 1) % SWEPT.len();
         }

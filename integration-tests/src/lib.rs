@@ -5,6 +5,7 @@
 pub mod bench;
 mod cluster;
 pub mod cpu;
+pub mod fleet;
 pub mod metrics;
 pub mod netns;
 pub mod output;

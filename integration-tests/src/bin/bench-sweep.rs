@@ -128,7 +128,8 @@ async fn main() -> anyhow::Result<()> {
         agentplane::server::Transport::Insecure,
         agentplane_control_plane::metrics::Metrics::unregistered(),
     ));
-    let mut sweep = Sweep::new(registry.clone(), hosts, Duration::from_secs(11));
+    let mut sweep =
+        Sweep::new(registry.clone(), hosts, Duration::from_secs(11)).with_min_round(Duration::ZERO);
     let mut slices = Vec::new();
     let mut read = 0usize;
     let mut acted = 0usize;

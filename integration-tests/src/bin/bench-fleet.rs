@@ -1,0 +1,344 @@
+//! bench-fleet: how the control plane and Redis hold up as the fleet grows.
+//!
+//! For each size (`--hosts 100,1000` × `--agents-per-host 100`): a fresh
+//! real Redis and a real control plane (the binary next to this one: build
+//! with `scripts/build-release`), and simulated hosts in this process
+//! (`agentplane_integration_tests::fleet`: they register, heartbeat and
+//! write records as host agents do, but fork nothing). The fleet is spawned
+//! through the control plane, then measured at rest and under a probe of
+//! further spawns. Prints, per size and as the ratio of the last size to
+//! the first: spawn rate (the fill and the probe at full size), locate
+//! p50/p99, one `ls` page p50/p99, the reconcile pass (mean and largest),
+//! a heartbeat per host p50/p99, Redis commands/s at rest and Redis memory
+//! per agent.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, LocateAgentRequest, SpawnAgentRequest};
+use agentplane::registry::Registry;
+use agentplane_integration_tests::fleet::{Beats, SimHost};
+use agentplane_integration_tests::{metrics, TestCluster};
+use clap::Parser;
+use futures::StreamExt;
+use rand::{Rng, SeedableRng};
+use tokio_util::sync::CancellationToken;
+
+/// Benchmark a simulated fleet.
+#[derive(Debug, Parser)]
+struct Args {
+    /// Fleet sizes, as numbers of simulated hosts (comma-separated).
+    #[arg(long, value_delimiter = ',', default_value = "100,1000")]
+    hosts: Vec<usize>,
+    /// Agents spawned per host.
+    #[arg(long, default_value_t = 100)]
+    agents_per_host: usize,
+    /// Spawns in flight at once.
+    #[arg(long, default_value_t = 32)]
+    concurrency: usize,
+    /// Spawns measured once the fleet is full.
+    #[arg(long, default_value_t = 2000)]
+    probe: usize,
+    /// Locate calls and ls pages measured (one at a time).
+    #[arg(long, default_value_t = 2000)]
+    calls: usize,
+    /// The simulated hosts' heartbeat TTL (they beat every third of it).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    ttl: Duration,
+    /// How long the fleet is watched at rest (commands/s, passes, beats).
+    #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+    rest: Duration,
+    /// Seed of the random ids located (printed; a run can be repeated).
+    #[arg(long)]
+    seed: Option<u64>,
+}
+
+/// What one size measured.
+#[derive(Debug, Default, Clone)]
+struct Figures {
+    agents: usize,
+    hosts: usize,
+    fill_rate: f64,
+    probe_rate: f64,
+    locate_p50: Duration,
+    locate_p99: Duration,
+    ls_p50: Duration,
+    ls_p99: Duration,
+    pass_mean: Duration,
+    pass_max_bucket: f64,
+    beat_p50: Duration,
+    beat_p99: Duration,
+    ops_at_rest: f64,
+    bytes_per_agent: f64,
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[idx.min(sorted.len() - 1)]
+}
+
+async fn info_field(
+    conn: &mut redis::aio::MultiplexedConnection,
+    section: &str,
+    field: &str,
+) -> f64 {
+    let info: String = redis::cmd("INFO")
+        .arg(section)
+        .query_async(conn)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// Spawns `n` agents, `concurrency` at once; the rate and the ids.
+async fn spawn_many(
+    cluster: &TestCluster,
+    n: usize,
+    concurrency: usize,
+) -> anyhow::Result<(f64, Vec<String>)> {
+    let client = cluster.client().await;
+    let t = Instant::now();
+    let results: Vec<_> = futures::stream::iter(0..n)
+        .map(|i| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .spawn_agent(SpawnAgentRequest {
+                        spec: Some(AgentSpec {
+                            argv: vec!["sleep".into(), "100000".into()],
+                            labels: [("team".to_owned(), format!("t{}", i % 10))].into(),
+                            ..Default::default()
+                        }),
+                        request_id: String::new(),
+                    })
+                    .await
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await;
+    let rate = n as f64 / t.elapsed().as_secs_f64();
+    let mut ids = Vec::with_capacity(n);
+    for r in results {
+        ids.push(r?.into_inner().agent.unwrap_or_default().id);
+    }
+    Ok((rate, ids))
+}
+
+async fn measure(
+    args: &Args,
+    hosts: usize,
+    rng: &mut rand::rngs::StdRng,
+) -> anyhow::Result<Figures> {
+    let agents = hosts * args.agents_per_host;
+    let cluster = TestCluster::builder()
+        .hosts(0)
+        .reconcile_interval(Duration::from_secs(1))
+        .control_plane_arg("--metrics-listen=127.0.0.1:0")
+        .start()
+        .await;
+    let metrics_addr = metrics::addr(&cluster.control_planes[0]).await;
+    let registry = Registry::new(&cluster.redis.url(), "ap")?;
+    let mut conn = cluster.redis.conn().await;
+    let cancel = CancellationToken::new();
+    let beats = Arc::new(Beats::default());
+    // A handful of connections shared by the hosts' beats (Redis's work is
+    // the same; the simulator needs no thousand sockets).
+    let mut conns = Vec::new();
+    for _ in 0..8 {
+        conns.push(
+            registry
+                .dedicated_connection(Duration::from_secs(10))
+                .await?,
+        );
+    }
+    let capacity = u32::try_from(args.agents_per_host * 2 + args.probe)?;
+    let mut sims = Vec::with_capacity(hosts);
+    for i in 0..hosts {
+        sims.push(
+            SimHost::start(
+                format!("sim{i:04}"),
+                capacity,
+                registry.clone(),
+                conns[i % conns.len()].clone(),
+                args.ttl,
+                beats.clone(),
+                cancel.clone(),
+            )
+            .await?,
+        );
+    }
+    cluster.wait_for_hosts(hosts).await;
+    let memory_before = info_field(&mut conn, "memory", "used_memory").await;
+
+    let (fill_rate, ids) = spawn_many(&cluster, agents, args.concurrency).await?;
+    eprintln!("{hosts} hosts: filled {agents} agents at {fill_rate:.0}/s");
+    // One beat of every host with its full set before memory is read.
+    tokio::time::sleep(args.ttl / 3 + Duration::from_millis(500)).await;
+    let memory_after = info_field(&mut conn, "memory", "used_memory").await;
+
+    // At rest: Redis commands, reconcile passes, heartbeats.
+    let scrape = |addr: String| async move { metrics::scrape(&addr).await };
+    let before = scrape(metrics_addr.clone()).await;
+    let cmds0 = info_field(&mut conn, "stats", "total_commands_processed").await;
+    let calls0 = cluster.redis.command_calls().await;
+    beats.take();
+    let t = Instant::now();
+    tokio::time::sleep(args.rest).await;
+    let cmds1 = info_field(&mut conn, "stats", "total_commands_processed").await;
+    let rest = t.elapsed();
+    let calls1 = cluster.redis.command_calls().await;
+    let mut busiest: Vec<(String, u64)> = calls1
+        .iter()
+        .map(|(c, n)| (c.clone(), n - calls0.get(c).copied().unwrap_or(0)))
+        .collect();
+    busiest.sort_by_key(|(_, n)| std::cmp::Reverse(*n));
+    let busiest: Vec<String> = busiest
+        .iter()
+        .take(6)
+        .map(|(c, n)| format!("{c} {:.0}/s", *n as f64 / rest.as_secs_f64()))
+        .collect();
+    eprintln!("{hosts} hosts at rest: {}", busiest.join(", "));
+    let after = scrape(metrics_addr.clone()).await;
+    let mut beat_times = beats.take();
+    beat_times.sort();
+    let pass = |text: &str, s: &str| {
+        metrics::value(
+            text,
+            &format!("agentplane_reconcile_pass_duration_seconds_{s}"),
+        )
+        .unwrap_or(0.0)
+    };
+    let passes = pass(&after, "count") - pass(&before, "count");
+    let pass_mean =
+        Duration::from_secs_f64((pass(&after, "sum") - pass(&before, "sum")) / passes.max(1.0));
+    // The smallest bucket bound that holds every pass of the window.
+    let pass_max_bucket = buckets(&after)
+        .into_iter()
+        .zip(buckets(&before))
+        .find(|((_, now), (_, was))| now - was >= passes)
+        .map_or(f64::NAN, |((le, _), _)| le);
+
+    // Locate random agents, one at a time.
+    let mut client = cluster.client().await;
+    let mut locates = Vec::with_capacity(args.calls);
+    for _ in 0..args.calls {
+        let id = ids[rng.random_range(0..ids.len())].clone();
+        let t = Instant::now();
+        client.locate_agent(LocateAgentRequest { id }).await?;
+        locates.push(t.elapsed());
+    }
+    locates.sort();
+    // ls pages of 100, walking the fleet from the start.
+    let mut pages = Vec::with_capacity(args.calls.min(agents / 100));
+    let mut token = String::new();
+    for _ in 0..args.calls.min(agents / 100) {
+        let t = Instant::now();
+        let page = client
+            .list_agents(ListAgentsRequest {
+                page_size: 100,
+                page_token: token.clone(),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        pages.push(t.elapsed());
+        anyhow::ensure!(page.agents.len() == 100, "a short page inside the fleet");
+        token = page.next_page_token;
+    }
+    pages.sort();
+
+    // Spawns once the fleet is full.
+    let (probe_rate, _) = spawn_many(&cluster, args.probe, args.concurrency).await?;
+    cancel.cancel();
+    drop(sims);
+    Ok(Figures {
+        agents,
+        hosts,
+        fill_rate,
+        probe_rate,
+        locate_p50: percentile(&locates, 0.5),
+        locate_p99: percentile(&locates, 0.99),
+        ls_p50: percentile(&pages, 0.5),
+        ls_p99: percentile(&pages, 0.99),
+        pass_mean,
+        pass_max_bucket,
+        beat_p50: percentile(&beat_times, 0.5),
+        beat_p99: percentile(&beat_times, 0.99),
+        ops_at_rest: (cmds1 - cmds0) / rest.as_secs_f64(),
+        bytes_per_agent: (memory_after - memory_before) / agents as f64,
+    })
+}
+
+/// The reconcile pass histogram's buckets: (upper bound, count), in order.
+fn buckets(text: &str) -> Vec<(f64, f64)> {
+    text.lines()
+        .filter_map(|l| l.strip_prefix("agentplane_reconcile_pass_duration_seconds_bucket{le=\""))
+        .filter_map(|l| {
+            let (le, n) = l.split_once("\"} ")?;
+            let le = if le == "+Inf" {
+                f64::INFINITY
+            } else {
+                le.parse().ok()?
+            };
+            Some((le, n.trim().parse().ok()?))
+        })
+        .collect()
+}
+
+/// One line of the table: its name and how it is read from a size's figures.
+type Row = (&'static str, fn(&Figures) -> f64);
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let seed = args.seed.unwrap_or_else(rand::random);
+    println!("bench-fleet seed {seed} (repeat with --seed {seed})");
+    let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
+    let mut all = Vec::new();
+    for &hosts in &args.hosts {
+        all.push(measure(&args, hosts, &mut rng).await?);
+    }
+    let rows: Vec<Row> = vec![
+        ("hosts", |f| f.hosts as f64),
+        ("agents", |f| f.agents as f64),
+        ("spawn rate, fill (/s)", |f| f.fill_rate),
+        ("spawn rate, probe at full (/s)", |f| f.probe_rate),
+        ("locate p50 (ms)", |f| ms(f.locate_p50)),
+        ("locate p99 (ms)", |f| ms(f.locate_p99)),
+        ("ls page of 100 p50 (ms)", |f| ms(f.ls_p50)),
+        ("ls page of 100 p99 (ms)", |f| ms(f.ls_p99)),
+        ("reconcile pass mean (ms)", |f| ms(f.pass_mean)),
+        ("reconcile pass max, bucket (s)", |f| f.pass_max_bucket),
+        ("heartbeat per host p50 (ms)", |f| ms(f.beat_p50)),
+        ("heartbeat per host p99 (ms)", |f| ms(f.beat_p99)),
+        ("redis commands/s at rest", |f| f.ops_at_rest),
+        ("redis bytes per agent", |f| f.bytes_per_agent),
+    ];
+    print!("{:<34}", "");
+    for f in &all {
+        print!("{:>14}", format!("{}k", f.agents / 1000));
+    }
+    println!("{:>10}", "ratio");
+    for (name, get) in &rows {
+        print!("{name:<34}");
+        for f in &all {
+            print!("{:>14.3}", get(f));
+        }
+        match (all.first(), all.last()) {
+            (Some(a), Some(b)) if all.len() > 1 => println!("{:>10.3}", get(b) / get(a)),
+            _ => println!(),
+        }
+    }
+    Ok(())
+}
