@@ -255,7 +255,7 @@ impl Drainer {
     async fn move_agent(&self, agent: &Agent, live: Vec<HostRecord>) -> Result<Outcome, ApiError> {
         let spec = agent.spec.clone().unwrap_or_default();
         let rr = self.registry.next_round_robin().await?;
-        let candidates = match placement::candidates(&spec, live, rr) {
+        let candidates = match placement::candidates(&spec, &live, rr) {
             Ok(c) => c,
             Err(e) => return Ok(Outcome::NoRoom(e.to_string())),
         };

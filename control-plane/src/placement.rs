@@ -9,12 +9,16 @@ use agentplane::validate::ValidationError;
 
 use crate::error::ApiError;
 
-/// The hosts to try for `spec`, best first: those its placement allows,
-/// whose cgroups can enforce its `resources`, with room. `hosts` are the
-/// live hosts sorted by id; `rr` is the next round-robin counter value.
+/// The hosts to try for `spec`, best first (at most
+/// [`MAX_ATTEMPTS`](crate::start::MAX_ATTEMPTS), the only ones a start
+/// tries): those its placement allows, whose cgroups can enforce its
+/// `resources`, with room. `hosts` are the live hosts sorted by id; `rr` is
+/// the next round-robin counter value. Only the hosts returned are copied:
+/// a fleet of a thousand hosts costs a spawn a walk of references, not a
+/// thousand host records.
 pub fn candidates(
     spec: &AgentSpec,
-    hosts: Vec<HostRecord>,
+    hosts: &[HostRecord],
     rr: u64,
 ) -> Result<Vec<HostRecord>, ApiError> {
     let resources = Resources::from_proto(spec.resources.as_ref())?;
@@ -52,8 +56,8 @@ pub fn candidates(
         return Ok(vec![h.clone()]);
     }
     let selector = Selector::parse("spec.placement.label_selector", &p.label_selector)?;
-    let matching: Vec<HostRecord> = hosts
-        .into_iter()
+    let matching: Vec<&HostRecord> = hosts
+        .iter()
         .filter(|h| selector.matches(&h.labels))
         .collect();
     if matching.is_empty() {
@@ -64,7 +68,7 @@ pub fn candidates(
             ),
         });
     }
-    let (able, unable): (Vec<HostRecord>, Vec<HostRecord>) = matching
+    let (able, unable): (Vec<&HostRecord>, Vec<&HostRecord>) = matching
         .into_iter()
         .partition(|h| h.cgroups.refusal(&resources).is_none());
     if able.is_empty() {
@@ -77,7 +81,7 @@ pub fn candidates(
         });
     }
     let matching = able;
-    let fitting: Vec<HostRecord> = matching.iter().filter(|h| h.has_room()).cloned().collect();
+    let fitting: Vec<&HostRecord> = matching.iter().copied().filter(|h| h.has_room()).collect();
     if fitting.is_empty() {
         let why: Vec<String> = matching
             .iter()
@@ -88,9 +92,13 @@ pub fn candidates(
         });
     }
     let start = usize::try_from(rr % fitting.len() as u64).unwrap_or(0);
-    let mut ordered = fitting;
-    ordered.rotate_left(start);
-    Ok(ordered)
+    Ok(fitting
+        .iter()
+        .cycle()
+        .skip(start)
+        .take(crate::start::MAX_ATTEMPTS.min(fitting.len()))
+        .map(|h| (*h).clone())
+        .collect())
 }
 
 fn why_not(h: &HostRecord) -> String {
@@ -118,18 +126,26 @@ mod tests {
     #[test]
     fn round_robin_rotates_over_fitting_hosts() {
         let hosts = vec![host("a", 0), host("b", 2), host("c", 0)];
-        let order: Vec<String> = candidates(&AgentSpec::default(), hosts.clone(), 1)
+        let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 1)
             .unwrap()
             .into_iter()
             .map(|h| h.id)
             .collect();
         assert_eq!(order, ["c", "a"]);
-        let order: Vec<String> = candidates(&AgentSpec::default(), hosts, 2)
+        let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 2)
             .unwrap()
             .into_iter()
             .map(|h| h.id)
             .collect();
         assert_eq!(order, ["a", "c"]);
+        // Of many, only as many as a start tries, from the rotation's place.
+        let many: Vec<HostRecord> = (0..10).map(|i| host(&format!("h{i}"), 0)).collect();
+        let order: Vec<String> = candidates(&AgentSpec::default(), &many, 8)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(order, ["h8", "h9", "h0"]);
     }
 
     #[test]
@@ -142,7 +158,7 @@ mod tests {
             placement: Some(p),
             ..Default::default()
         };
-        match candidates(&spec, vec![host("a", 0)], 0) {
+        match candidates(&spec, &[host("a", 0)], 0) {
             Err(ApiError::Validate(v)) => assert_eq!(v.field, "spec.placement.host"),
             other => panic!("unexpected {other:?}"),
         }
@@ -169,13 +185,13 @@ mod tests {
             }),
             ..Default::default()
         };
-        let order: Vec<String> = candidates(&spec, vec![off.clone(), v1], 0)
+        let order: Vec<String> = candidates(&spec, &[off.clone(), v1], 0)
             .unwrap()
             .into_iter()
             .map(|h| h.id)
             .collect();
         assert_eq!(order, ["b"]);
-        match candidates(&spec, vec![off], 0) {
+        match candidates(&spec, &[off], 0) {
             Err(ApiError::Unenforceable { detail }) => assert_eq!(
                 detail,
                 "a cannot enforce a memory limit (cgroups none: --cgroups off)"
@@ -187,11 +203,11 @@ mod tests {
     #[test]
     fn no_hosts_and_full_hosts_are_no_capacity() {
         assert!(matches!(
-            candidates(&AgentSpec::default(), vec![], 0),
+            candidates(&AgentSpec::default(), &[], 0),
             Err(ApiError::NoCapacity { .. })
         ));
         assert!(matches!(
-            candidates(&AgentSpec::default(), vec![host("a", 2)], 0),
+            candidates(&AgentSpec::default(), &[host("a", 2)], 0),
             Err(ApiError::NoCapacity { .. })
         ));
     }

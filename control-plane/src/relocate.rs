@@ -49,7 +49,7 @@ pub async fn relocate(
     let spec = agent.spec.clone().unwrap_or_default();
     let live = registry.list_hosts().await?;
     let rr = registry.next_round_robin().await?;
-    let candidates = placement::candidates(&spec, live, rr)?;
+    let candidates = placement::candidates(&spec, &live, rr)?;
     let target = &candidates[0];
     let generation = agent.generation + 1;
     let moved = registry

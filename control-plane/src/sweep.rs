@@ -426,7 +426,7 @@ impl Sweep {
         let mut candidates: Vec<HostRecord> = live.get(&agent.host).cloned().into_iter().collect();
         let rr = self.registry.next_round_robin().await?;
         let hosts: Vec<HostRecord> = live.values().cloned().collect();
-        if let Ok(more) = placement::candidates(&spec, sorted(hosts), rr) {
+        if let Ok(more) = placement::candidates(&spec, &sorted(hosts), rr) {
             candidates.extend(more.into_iter().filter(|h| h.id != agent.host));
         }
         tracing::info!(agent = %agent.id, host = %agent.host, generation = agent.generation, "retrying a start that no host confirmed");

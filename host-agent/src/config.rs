@@ -242,6 +242,12 @@ impl Config {
             cert,
             key,
             password: options.password,
+            sentinels: options
+                .sentinel
+                .as_ref()
+                .map(|s| s.sentinels.clone())
+                .unwrap_or_default(),
+            master_name: options.sentinel.map(|s| s.master_name).unwrap_or_default(),
         })
     }
 

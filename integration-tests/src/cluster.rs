@@ -78,9 +78,89 @@ pub struct TestCluster {
     /// The host-agent binary started from now on (an upgrade), instead of
     /// the build's.
     host_binary: Option<PathBuf>,
+    /// With [`Builder::sentinel`]: the master's replica.
+    pub replica: Option<RedisServer>,
+    /// With [`Builder::sentinel`]: the sentinels.
+    pub sentinels: Option<crate::sentinel::Sentinels>,
+    /// The address Redis and its sentinels are reached at.
+    redis_ip: String,
+}
+
+/// Waits until `master` has its replica online (fully synced, streaming).
+pub(crate) async fn wait_replica_online(master: &RedisServer) {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let info: String = redis::cmd("INFO")
+            .arg("replication")
+            .query_async(&mut master.conn().await)
+            .await
+            .expect("INFO replication");
+        if info
+            .lines()
+            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+        {
+            return;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the replica never came online:\n{info}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
 
 impl TestCluster {
+    /// The flags that make a server find Redis through the sentinels.
+    fn sentinel_args(&self) -> Vec<String> {
+        self.sentinels.as_ref().map_or_else(Vec::new, |s| {
+            vec![
+                "--redis-sentinel".into(),
+                s.arg(),
+                "--redis-master-name".into(),
+                crate::sentinel::MASTER_NAME.into(),
+            ]
+        })
+    }
+
+    /// Kills the Redis master (SIGKILL) and waits until the sentinels name
+    /// the replica master; the old master comes back empty as the new one's
+    /// replica, so a later failover can go back. `self.redis` is the master
+    /// after. How long until the sentinels named the new master.
+    pub async fn fail_over_redis(&mut self) -> Duration {
+        let old = self.redis.port();
+        let t = std::time::Instant::now();
+        self.redis.stop();
+        let new = loop {
+            let named = self
+                .sentinels
+                .as_ref()
+                .expect("a cluster built with .sentinel()")
+                .master()
+                .await;
+            if let Some((_, port)) = named.filter(|(_, p)| *p != old) {
+                break port;
+            }
+            assert!(
+                t.elapsed() < Duration::from_secs(30),
+                "the sentinels never promoted the replica"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        let elapsed = t.elapsed();
+        let mut replica = self.replica.take().expect("a replica");
+        assert_eq!(
+            replica.port(),
+            new,
+            "the sentinels promoted an unknown server"
+        );
+        replica.promoted();
+        let mut was = std::mem::replace(&mut self.redis, replica);
+        was.restart_as_replica_of(&self.redis_ip, new).await;
+        wait_replica_online(&self.redis).await;
+        self.replica = Some(was);
+        elapsed
+    }
+
     /// A builder with one host and one control plane.
     pub fn builder() -> Builder {
         Builder::default()
@@ -179,6 +259,7 @@ impl TestCluster {
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
         ]);
+        args.extend(self.sentinel_args());
         args.extend(self.config.control_plane_args.iter().cloned());
         let (proc, addr) = self.start_server("control-plane", log_name, &args, None);
         Server {
@@ -240,6 +321,7 @@ impl TestCluster {
         if self.config.root_agents && nix::unistd::geteuid().is_root() {
             args.push("--allow-root-agents".into());
         }
+        args.extend(self.sentinel_args());
         args.extend(self.config.host_args.iter().cloned());
         for (idx, arg) in &self.config.host_args_at {
             if *idx == i {

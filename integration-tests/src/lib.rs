@@ -14,6 +14,7 @@ mod process;
 pub mod procfs;
 pub mod pty;
 mod redis_server;
+pub mod sentinel;
 pub mod soak;
 
 use std::future::Future;

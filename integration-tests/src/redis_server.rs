@@ -13,10 +13,12 @@ pub struct RedisServer {
     port: u16,
     dir: PathBuf,
     bind: Vec<String>,
+    /// The master this one replicates (`--replicaof`), if a replica.
+    replica_of: Option<(String, u16)>,
 }
 
 /// The redis-server binary, or a panic that says how to get one.
-fn binary() -> PathBuf {
+pub(crate) fn binary() -> PathBuf {
     let found = std::env::var_os("PATH").and_then(|paths| {
         std::env::split_paths(&paths)
             .map(|p| p.join("redis-server"))
@@ -48,9 +50,44 @@ impl RedisServer {
             port: free_port(),
             dir: dir.to_owned(),
             bind,
+            replica_of: None,
         };
         s.restart().await;
         s
+    }
+
+    /// Starts a replica of the master at `host:port`, in `dir` (its own),
+    /// on 127.0.0.1 and the `extra` addresses; returns once it answers PING
+    /// (it syncs in the background).
+    pub async fn start_replica(dir: &Path, extra: &[String], host: &str, port: u16) -> Self {
+        let mut bind = vec!["127.0.0.1".to_owned()];
+        bind.extend(extra.iter().cloned());
+        let mut s = Self {
+            proc: None,
+            port: free_port(),
+            dir: dir.to_owned(),
+            bind,
+            replica_of: Some((host.to_owned(), port)),
+        };
+        s.restart().await;
+        s
+    }
+
+    /// Starts it again, empty, as a replica of `host:port` (a master that a
+    /// failover replaced, come back).
+    pub async fn restart_as_replica_of(&mut self, host: &str, port: u16) {
+        self.replica_of = Some((host.to_owned(), port));
+        self.restart().await;
+    }
+
+    /// Whether it is a replica (as started).
+    pub fn is_replica(&self) -> bool {
+        self.replica_of.is_some()
+    }
+
+    /// This one is the master now (a failover promoted it).
+    pub fn promoted(&mut self) {
+        self.replica_of = None;
     }
 
     /// `redis://127.0.0.1:PORT`.
@@ -127,6 +164,15 @@ impl RedisServer {
             .arg("--bind")
             .args(&self.bind)
             .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+            .args(self.replica_of.iter().flat_map(|(h, p)| {
+                [
+                    "--replicaof".to_owned(),
+                    h.clone(),
+                    p.to_string(),
+                    "--replica-announce-ip".to_owned(),
+                    h.clone(),
+                ]
+            }))
             .arg("--dir")
             .arg(&self.dir)
             .stdout(Stdio::null());

@@ -115,6 +115,27 @@ impl Fault {
     }
 }
 
+/// What does not hold now between the records and /proc: the checks (a),
+/// (b), (d), (f) and (g) above, and (c) for the `restartable` agents (none
+/// stopped by a user). For a cluster whose hosts run in network namespaces
+/// (so other tests' agents are not counted).
+pub async fn violations(cluster: &TestCluster, restartable: &[String]) -> Vec<String> {
+    let known: HashMap<String, Tracked> = restartable
+        .iter()
+        .map(|id| {
+            (
+                id.clone(),
+                Tracked {
+                    restartable: true,
+                    stopped: false,
+                    exits_with: None,
+                },
+            )
+        })
+        .collect();
+    check(cluster, &known).await
+}
+
 /// Runs the soak; returns what it saw (violations included, never panics on one).
 pub async fn run(cfg: &SoakConfig) -> SoakReport {
     let mut rng = StdRng::seed_from_u64(cfg.seed);

@@ -17,6 +17,7 @@ mod options;
 mod restarting;
 mod rewrite;
 mod scripts;
+mod sentinel;
 
 use std::time::Duration;
 
@@ -29,6 +30,7 @@ pub use index::AgentIndex;
 pub use keys::Keys;
 pub use options::{RedisOptions, RedisTlsArgs};
 pub use restarting::Restarting;
+pub use sentinel::SentinelTarget;
 
 /// A connection of a caller's own (see [`Registry::dedicated_connection`]).
 pub type Connection = redis::aio::MultiplexedConnection;
@@ -93,7 +95,10 @@ pub type Result<T> = std::result::Result<T, RegistryError>;
 #[derive(Clone)]
 pub struct Registry {
     client: redis::Client,
-    conn: ConnectionManager,
+    conn: sentinel::Conn,
+    /// With Sentinel: how long a fencing write waits for a replica's
+    /// acknowledgement (`WAIT 1`).
+    replica_ack: Option<Duration>,
     keys: Keys,
     url: String,
     /// Where failed Redis calls are counted, by step.
@@ -131,12 +136,38 @@ impl Registry {
     }
 
     fn client(url: &str, options: &RedisOptions) -> Result<redis::Client> {
+        Self::client_at(url, None, options)
+    }
+
+    /// The client of `url`, or of the server at `at` with `url`'s settings
+    /// (the master a sentinel named).
+    fn client_at(
+        url: &str,
+        at: Option<(&str, u16)>,
+        options: &RedisOptions,
+    ) -> Result<redis::Client> {
         let shown = redact_url(url);
         let invalid = |source| RegistryError::InvalidUrl {
             url: shown.clone(),
             source,
         };
         let mut info = redis::IntoConnectionInfo::into_connection_info(url).map_err(invalid)?;
+        if let Some((host, port)) = at {
+            let addr = match info.addr().clone() {
+                redis::ConnectionAddr::TcpTls {
+                    insecure,
+                    tls_params,
+                    ..
+                } => redis::ConnectionAddr::TcpTls {
+                    host: host.to_owned(),
+                    port,
+                    insecure,
+                    tls_params,
+                },
+                _ => redis::ConnectionAddr::Tcp(host.to_owned(), port),
+            };
+            info = info.set_addr(addr);
+        }
         if let Some(pw) = &options.password {
             let settings = info.redis_settings().clone().set_password(pw);
             info = info.set_redis_settings(settings);
@@ -172,16 +203,35 @@ impl Registry {
             .set_number_of_retries(1)
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
-        let conn =
-            ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(|source| {
-                RegistryError::InvalidUrl {
-                    url: shown.clone(),
-                    source,
-                }
-            })?;
+        let conn = match &options.sentinel {
+            None => sentinel::Conn::Direct(
+                ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(
+                    |source| RegistryError::InvalidUrl {
+                        url: shown.clone(),
+                        source,
+                    },
+                )?,
+            ),
+            Some(target) => {
+                let (url, options) = (url.to_owned(), options.clone());
+                let make: sentinel::MakeClient = Box::new(move |host, port| {
+                    Self::client_at(&url, Some((host, port)), &options).map_err(|e| e.to_string())
+                });
+                sentinel::Conn::Followed(std::sync::Arc::new(sentinel::Follower::new(
+                    target.clone(),
+                    make,
+                    config,
+                )))
+            }
+        };
         Ok(Self {
             client,
             conn,
+            replica_ack: options
+                .sentinel
+                .as_ref()
+                .map(|_| options.replica_ack)
+                .filter(|d| !d.is_zero()),
             keys: Keys::new(prefix),
             url: shown,
             metrics: None,
@@ -200,8 +250,29 @@ impl Registry {
     }
 
     /// A connection handle for one call (clones share one multiplexed socket).
-    fn conn(&self) -> ConnectionManager {
+    fn conn(&self) -> sentinel::Conn {
         self.conn.clone()
+    }
+
+    /// With Sentinel, after a write that fencing depends on (made on
+    /// `conn`): waits up to `--redis-replica-ack` for one replica to have
+    /// it, so that a failover right after does not roll it back. A write no
+    /// replica acknowledged in time stands (it is on the master); it is
+    /// logged, and a loss is caught by the host agents' record checks.
+    async fn replica_acked(&self, conn: &mut sentinel::Conn) -> Result<()> {
+        let Some(wait) = self.replica_ack else {
+            return Ok(());
+        };
+        let acked: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
+            .query_async(conn)
+            .await
+            .map_err(self.err("wait for a replica"))?;
+        if acked < 1 {
+            sentinel::warn_unacked(wait);
+        }
+        Ok(())
     }
 
     /// Wraps a Redis error with the step that failed.
@@ -227,7 +298,11 @@ impl Registry {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
-        self.client
+        let client = match &self.conn {
+            sentinel::Conn::Direct(_) => self.client.clone(),
+            sentinel::Conn::Followed(f) => f.master().await.map_err(self.err("connect"))?.1,
+        };
+        client
             .get_multiplexed_async_connection_with_config(&config)
             .await
             .map_err(self.err("connect"))

@@ -25,6 +25,34 @@ pub struct RedisTlsArgs {
     /// neither the URL nor the process list.
     #[arg(long, env = "AGENTPLANE_REDIS_PASSWORD_FILE")]
     pub redis_password_file: Option<PathBuf>,
+
+    /// Redis Sentinel addresses (`host:port`, comma-separated): the master
+    /// of `--redis-master-name` is asked of them and followed through a
+    /// failover. `--redis-url` then gives only the scheme, password and
+    /// database; its address is not used.
+    #[arg(
+        long,
+        env = "AGENTPLANE_REDIS_SENTINEL",
+        value_delimiter = ',',
+        requires = "redis_master_name"
+    )]
+    pub redis_sentinel: Vec<String>,
+
+    /// The name the sentinels monitor the master under (`sentinel monitor
+    /// NAME …` in sentinel.conf).
+    #[arg(
+        long,
+        env = "AGENTPLANE_REDIS_MASTER_NAME",
+        requires = "redis_sentinel"
+    )]
+    pub redis_master_name: Option<String>,
+
+    /// With Sentinel: how long a write that fencing depends on (a new
+    /// generation, a move to another host, a lease) waits for one replica
+    /// to acknowledge it (`WAIT 1`); `0s` does not wait.
+    #[arg(long, env = "AGENTPLANE_REDIS_REPLICA_ACK", default_value = "100ms",
+        value_parser = crate::config::parse_duration)]
+    pub redis_replica_ack: std::time::Duration,
 }
 
 /// What the flags name, read.
@@ -36,6 +64,10 @@ pub struct RedisOptions {
     pub identity: Option<(Vec<u8>, Vec<u8>)>,
     /// The password.
     pub password: Option<String>,
+    /// Where Sentinel names the master, with `--redis-sentinel`.
+    pub sentinel: Option<super::SentinelTarget>,
+    /// How long a fencing write waits for a replica (with Sentinel).
+    pub replica_ack: std::time::Duration,
 }
 
 impl std::fmt::Display for RedisOptions {
@@ -46,7 +78,17 @@ impl std::fmt::Display for RedisOptions {
             self.ca.is_some(),
             self.identity.is_some(),
             self.password.is_some()
-        )
+        )?;
+        if let Some(s) = &self.sentinel {
+            write!(
+                f,
+                ", sentinels: {} (master {}), replica ack: {:?}",
+                s.sentinels.join(","),
+                s.master_name,
+                self.replica_ack
+            )?;
+        }
+        Ok(())
     }
 }
 
@@ -89,10 +131,33 @@ impl RedisTlsArgs {
             }
             None => None,
         };
+        let sentinel = match &self.redis_master_name {
+            None => None,
+            Some(name) => {
+                if name.trim().is_empty() {
+                    return Err("--redis-master-name: is empty".into());
+                }
+                for addr in &self.redis_sentinel {
+                    let port = addr.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+                    if !matches!(port, Some(Ok(p)) if p > 0) {
+                        return Err(format!("--redis-sentinel: `{addr}` is not host:port"));
+                    }
+                }
+                if self.redis_sentinel.is_empty() {
+                    return Err("--redis-sentinel: at least one sentinel address".into());
+                }
+                Some(super::SentinelTarget {
+                    sentinels: self.redis_sentinel.clone(),
+                    master_name: name.clone(),
+                })
+            }
+        };
         Ok(RedisOptions {
             ca,
             identity,
             password,
+            sentinel,
+            replica_ack: self.redis_replica_ack,
         })
     }
 }
@@ -124,6 +189,39 @@ mod tests {
             .unwrap_err()
             .contains("--redis-key"));
         assert!(RedisTlsArgs::default().load("redis://h:1").is_ok());
+    }
+
+    #[test]
+    fn sentinel_addresses_are_host_port_and_name_the_master() {
+        let args = |sentinels: &[&str], name: &str| RedisTlsArgs {
+            redis_sentinel: sentinels.iter().map(|s| (*s).to_owned()).collect(),
+            redis_master_name: Some(name.to_owned()),
+            redis_replica_ack: std::time::Duration::from_millis(100),
+            ..Default::default()
+        };
+        let o = args(&["10.0.0.1:26379", "s2:26379"], "main")
+            .load("redis://h:1")
+            .unwrap();
+        let target = o.sentinel.clone().expect("sentinel");
+        assert_eq!(target.sentinels, ["10.0.0.1:26379", "s2:26379"]);
+        assert_eq!(target.master_name, "main");
+        assert!(o
+            .to_string()
+            .contains("sentinels: 10.0.0.1:26379,s2:26379 (master main)"));
+        assert!(args(&["nohost"], "m")
+            .load("redis://h:1")
+            .unwrap_err()
+            .contains("--redis-sentinel: `nohost` is not host:port"));
+        assert!(args(&["h:0"], "m").load("redis://h:1").is_err());
+        assert!(args(&["h:1"], " ")
+            .load("redis://h:1")
+            .unwrap_err()
+            .contains("--redis-master-name"));
+        assert!(RedisTlsArgs::default()
+            .load("redis://h:1")
+            .unwrap()
+            .sentinel
+            .is_none());
     }
 
     #[test]

@@ -178,11 +178,11 @@ impl AgentApi {
     async fn place_and_start_named(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
         let rr = self.live_hosts.next_round_robin();
         let hosts = self.live_hosts.get(false).await?;
-        let candidates = match placement::candidates(&spec, hosts.to_vec(), rr) {
+        let candidates = match placement::candidates(&spec, &hosts, rr) {
             Ok(c) => c,
             // The view may be older than a host that registered or made
             // room since: one fresh read before refusing.
-            Err(_) => placement::candidates(&spec, self.live_hosts.get(true).await?.to_vec(), rr)?,
+            Err(_) => placement::candidates(&spec, &self.live_hosts.get(true).await?, rr)?,
         };
         let first = &candidates[0];
         let now = now_ms();

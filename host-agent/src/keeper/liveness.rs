@@ -60,6 +60,12 @@ impl Liveness {
             ca: l.ca,
             identity: l.cert.zip(l.key),
             password: l.password,
+            sentinel: (!l.sentinels.is_empty()).then_some(agentplane::registry::SentinelTarget {
+                sentinels: l.sentinels,
+                master_name: l.master_name,
+            }),
+            // The keeper's key is renewed, not fenced on: no wait.
+            replica_ack: Duration::ZERO,
         };
         match Registry::connect(&l.redis_url, &l.prefix, &options) {
             Ok(registry) => {

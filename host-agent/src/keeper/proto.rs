@@ -168,6 +168,13 @@ pub struct Liveness {
     /// The Redis password.
     #[prost(string, optional, tag = "9")]
     pub password: Option<String>,
+    /// Sentinel addresses (`--redis-sentinel`); empty: `redis_url` is the
+    /// server. A keeper older than this field ignores it.
+    #[prost(string, repeated, tag = "10")]
+    pub sentinels: Vec<String>,
+    /// The master's name the sentinels know (`--redis-master-name`).
+    #[prost(string, tag = "11")]
+    pub master_name: String,
 }
 
 /// A start request.

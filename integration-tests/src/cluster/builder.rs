@@ -22,6 +22,7 @@ pub struct Builder {
     pub(super) netns: bool,
     pub(super) tls: bool,
     pub(super) root_agents: bool,
+    pub(super) sentinel: bool,
 }
 
 impl Builder {
@@ -67,6 +68,14 @@ impl Builder {
     /// instead of `--insecure`; the cluster's clients use it too.
     pub fn tls(mut self) -> Self {
         self.tls = true;
+        self
+    }
+
+    /// Redis with a replica and three sentinels; every server finds the
+    /// master through them (`--redis-sentinel`), and
+    /// [`TestCluster::fail_over_redis`] kills it.
+    pub fn sentinel(mut self) -> Self {
+        self.sentinel = true;
         self
     }
 
@@ -117,6 +126,19 @@ impl Builder {
         let lab = self.netns.then(|| crate::netns::NetLab::new(self.hosts));
         let extra: Vec<String> = lab.iter().map(|l| l.gateway()).collect();
         let redis = RedisServer::start(dir.path(), &extra).await;
+        let redis_ip = extra.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
+        let (replica, sentinels) = if self.sentinel {
+            let replica_dir = dir.path().join("replica");
+            std::fs::create_dir_all(&replica_dir).expect("replica dir");
+            let replica =
+                RedisServer::start_replica(&replica_dir, &extra, &redis_ip, redis.port()).await;
+            crate::cluster::wait_replica_online(&redis).await;
+            let sentinels =
+                crate::sentinel::Sentinels::start(dir.path(), &redis_ip, redis.port()).await;
+            (Some(replica), Some(sentinels))
+        } else {
+            (None, None)
+        };
         let mut ips = vec!["127.0.0.1".to_owned()];
         ips.extend(extra.iter().cloned());
         let pki = self.tls.then(|| ClusterPki::create(dir.path(), &ips));
@@ -129,6 +151,9 @@ impl Builder {
             config: self.clone(),
             dir,
             host_binary: None,
+            replica,
+            sentinels,
+            redis_ip,
         };
         for i in 0..self.control_planes {
             let s = cluster.spawn_control_plane(i);
@@ -160,6 +185,7 @@ impl Default for Builder {
             netns: false,
             tls: false,
             root_agents: true,
+            sentinel: false,
         }
     }
 }
