@@ -27,7 +27,9 @@
 //! Faults: SIGKILL of a host agent (its host restarting meanwhile; started
 //! again after 0-2 TTL), SIGKILL of a host agent and its keeper (a dead
 //! machine; started again after 0-2 TTL), SIGKILL of a
-//! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty, a
+//! control plane, SIGSTOP of Redis for 0-2 TTL, Redis restarted empty (with
+//! Sentinel instead of those two: SIGKILL of the Redis master, a replica
+//! promoted, the old master back as its replica), a
 //! host's link cut for 0-3 TTL (hosts run in network namespaces: root), a
 //! drain of a host (then uncordoned), a restart of a host agent (SIGTERM,
 //! started again at once: its agents are adopted).
@@ -60,6 +62,11 @@ pub struct SoakConfig {
     pub agents: usize,
     /// The hosts' heartbeat TTL.
     pub ttl: Duration,
+    /// Redis with a replica and sentinels, and "fail over Redis" (SIGKILL of
+    /// the master) as a fault in place of freezing Redis and restarting it
+    /// empty (a freeze past the sentinels' patience would fail over behind
+    /// the soak's back).
+    pub sentinel: bool,
 }
 
 /// What a soak saw.
@@ -98,6 +105,7 @@ enum Fault {
     Partition { host: usize, for_: Duration },
     Drain { host: usize },
     RestartHost { host: usize },
+    FailOverRedis,
 }
 
 impl Fault {
@@ -111,6 +119,7 @@ impl Fault {
             Fault::Partition { .. } => "partition a host",
             Fault::Drain { .. } => "drain a host",
             Fault::RestartHost { .. } => "restart host agent",
+            Fault::FailOverRedis => "fail over redis",
         }
     }
 }
@@ -139,13 +148,15 @@ pub async fn violations(cluster: &TestCluster, restartable: &[String]) -> Vec<St
 /// Runs the soak; returns what it saw (violations included, never panics on one).
 pub async fn run(cfg: &SoakConfig) -> SoakReport {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
-    let mut cluster = TestCluster::builder()
+    let mut builder = TestCluster::builder()
         .hosts(3)
         .control_planes(2)
         .heartbeat_ttl(cfg.ttl)
-        .network_namespaces()
-        .start()
-        .await;
+        .network_namespaces();
+    if cfg.sentinel {
+        builder = builder.sentinel();
+    }
+    let mut cluster = builder.start().await;
     let mut report = SoakReport::default();
     let mut known: HashMap<String, Tracked> = HashMap::new();
     let mut requests = 0u64;
@@ -157,7 +168,12 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             let op = client_op(&cluster, &mut rng, &mut known, &mut requests, cfg).await;
             *report.ops.entry(op).or_default() += 1;
         }
-        let fault = pick_fault(&mut rng, cfg.ttl);
+        let fault = match pick_fault(&mut rng, cfg.ttl) {
+            Fault::FreezeRedis { .. } | Fault::RestartRedisEmpty if cfg.sentinel => {
+                Fault::FailOverRedis
+            }
+            f => f,
+        };
         *report.faults.entry(fault.kind()).or_default() += 1;
         let before = match fault {
             // A SIGKILLed host agent's host is restarting until the next
@@ -306,6 +322,9 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
         Fault::RestartRedisEmpty => {
             cluster.redis.stop();
             cluster.redis.restart().await;
+        }
+        Fault::FailOverRedis => {
+            cluster.fail_over_redis().await;
         }
         Fault::Partition { host, for_ } => {
             let lab = cluster

@@ -21,6 +21,9 @@ struct Args {
     /// The hosts' heartbeat TTL.
     #[arg(long, default_value = "1500ms", value_parser = humantime::parse_duration)]
     ttl: Duration,
+    /// Redis behind Sentinel, with "fail over Redis" among the faults.
+    #[arg(long)]
+    sentinel: bool,
 }
 
 #[tokio::main(flavor = "multi_thread")]
@@ -36,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         duration: a.duration,
         agents: a.agents,
         ttl: a.ttl,
+        sentinel: a.sentinel,
     })
     .await;
     println!("rounds: {}", report.rounds);
