@@ -12,10 +12,10 @@ use crate::error::ApiError;
 /// The hosts to try for `spec`, best first (at most
 /// [`MAX_ATTEMPTS`](crate::start::MAX_ATTEMPTS), the only ones a start
 /// tries): those its placement allows, whose cgroups can enforce its
-/// `resources`, with room. `hosts` are the live hosts sorted by id; `rr` is
-/// the next round-robin counter value. Only the hosts returned are copied:
-/// a fleet of a thousand hosts costs a spawn a walk of references, not a
-/// thousand host records.
+/// `resources`, with room, in the order of the live hosts (sorted by id)
+/// from the round-robin position `rr` on (the next counter value; a host
+/// after full ones is met a little more often). Only the hosts returned are
+/// checked and copied when enough of them take it.
 pub fn candidates(
     spec: &AgentSpec,
     hosts: &[HostRecord],
@@ -56,6 +56,23 @@ pub fn candidates(
         return Ok(vec![h.clone()]);
     }
     let selector = Selector::parse("spec.placement.label_selector", &p.label_selector)?;
+    // The usual case: walk on from the round-robin position and stop at the
+    // first hosts that take it, so a spawn checks a few hosts, not every
+    // host of the fleet. Only a spawn that no host takes walks them all,
+    // to say why.
+    let start = usize::try_from(rr % total as u64).unwrap_or(0);
+    let picked: Vec<HostRecord> = hosts[start..]
+        .iter()
+        .chain(&hosts[..start])
+        .filter(|h| {
+            h.has_room() && selector.matches(&h.labels) && h.cgroups.refusal(&resources).is_none()
+        })
+        .take(crate::start::MAX_ATTEMPTS)
+        .cloned()
+        .collect();
+    if !picked.is_empty() {
+        return Ok(picked);
+    }
     let matching: Vec<&HostRecord> = hosts
         .iter()
         .filter(|h| selector.matches(&h.labels))
@@ -80,25 +97,13 @@ pub fn candidates(
             detail: why.join("; "),
         });
     }
-    let matching = able;
-    let fitting: Vec<&HostRecord> = matching.iter().copied().filter(|h| h.has_room()).collect();
-    if fitting.is_empty() {
-        let why: Vec<String> = matching
-            .iter()
-            .map(|h| format!("{} is {}", h.id, why_not(h)))
-            .collect();
-        return Err(ApiError::NoCapacity {
-            detail: why.join("; "),
-        });
-    }
-    let start = usize::try_from(rr % fitting.len() as u64).unwrap_or(0);
-    Ok(fitting
+    let why: Vec<String> = able
         .iter()
-        .cycle()
-        .skip(start)
-        .take(crate::start::MAX_ATTEMPTS.min(fitting.len()))
-        .map(|h| (*h).clone())
-        .collect())
+        .map(|h| format!("{} is {}", h.id, why_not(h)))
+        .collect();
+    Err(ApiError::NoCapacity {
+        detail: why.join("; "),
+    })
 }
 
 fn why_not(h: &HostRecord) -> String {
@@ -133,6 +138,12 @@ mod tests {
             .collect();
         assert_eq!(order, ["c", "a"]);
         let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 2)
+            .unwrap()
+            .into_iter()
+            .map(|h| h.id)
+            .collect();
+        assert_eq!(order, ["c", "a"]);
+        let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 3)
             .unwrap()
             .into_iter()
             .map(|h| h.id)

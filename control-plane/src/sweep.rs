@@ -45,7 +45,7 @@ use crate::relocate::restart_lost;
 use crate::start::{start_on_candidates, Placed, StartOutcome};
 
 /// Records read per slice (one page of the agent index).
-pub const SLICE: usize = 1000;
+pub const SLICE: usize = 250;
 
 /// What one record needs, judged from the record, its lease and its host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

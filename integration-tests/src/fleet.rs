@@ -31,14 +31,24 @@ pub struct SimHost {
     next_pid: AtomicI32,
 }
 
-/// Durations of heartbeats, shared by every simulated host.
+/// Durations of heartbeats, shared by every simulated host, and a switch
+/// that holds every beat (to measure a call without the fleet's load).
 #[derive(Debug, Default)]
-pub struct Beats(Mutex<Vec<Duration>>);
+pub struct Beats {
+    took: Mutex<Vec<Duration>>,
+    held: std::sync::atomic::AtomicBool,
+}
 
 impl Beats {
     /// Takes the durations recorded so far.
     pub fn take(&self) -> Vec<Duration> {
-        std::mem::take(&mut *self.0.lock().expect("beats lock"))
+        std::mem::take(&mut *self.took.lock().expect("beats lock"))
+    }
+
+    /// Holds (`true`) or lets go (`false`) every host's beats. Hold for
+    /// less than a TTL, or the hosts are declared lost.
+    pub fn hold(&self, held: bool) {
+        self.held.store(held, Ordering::Relaxed);
     }
 }
 
@@ -97,9 +107,12 @@ impl SimHost {
                     () = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
+                if beats.held.load(Ordering::Relaxed) {
+                    continue;
+                }
                 let t = Instant::now();
                 match beating.beat(&mut conn).await {
-                    Ok(()) => beats.0.lock().expect("beats lock").push(t.elapsed()),
+                    Ok(()) => beats.took.lock().expect("beats lock").push(t.elapsed()),
                     Err(e) => eprintln!("heartbeat of {} failed: {e}", beating.record.id),
                 }
             }

@@ -219,3 +219,21 @@ return n
 ",
     )
 });
+
+/// LocateAgent's read: KEYS[1] the agent hash, KEYS[2] its location key;
+/// ARGV[1] the host key prefix (`ap:host:`), to which the record's host is
+/// appended (a key the script derives: with Redis Cluster this read must
+/// become two). Returns `{HGETALL of the record, the lease's host or false,
+/// the host's address or false}`.
+pub(super) static LOCATE_AGENT: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local rec = redis.call('HGETALL', KEYS[1])
+local lease = redis.call('GET', KEYS[2])
+local host = redis.call('HGET', KEYS[1], 'host')
+local addr = false
+if host and host ~= '' then addr = redis.call('HGET', ARGV[1] .. host, 'address') end
+return {rec, lease, addr}
+",
+    )
+});

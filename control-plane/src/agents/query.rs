@@ -64,15 +64,15 @@ fn invalid_token() -> ValidationError {
 
 impl AgentApi {
     pub(super) async fn locate(&self, id: &str) -> Result<LocateAgentResponse, ApiError> {
-        let agent = self.agent(id).await?;
-        let (host, loc) = tokio::try_join!(
-            self.registry.get_host(&agent.host),
-            self.registry.location(id)
-        )?;
+        validate::agent_id("id", id)?;
+        let Some(found) = self.registry.locate(id).await? else {
+            return Err(ApiError::AgentNotFound { id: id.to_owned() });
+        };
+        let agent = found.agent;
         Ok(LocateAgentResponse {
             id: agent.id.clone(),
-            address: host.map(|h| h.address).unwrap_or_default(),
-            live: loc.as_deref() == Some(agent.host.as_str()),
+            address: found.address.unwrap_or_default(),
+            live: found.lease.as_deref() == Some(agent.host.as_str()),
             state: agent.state,
             pid: agent.pid,
             generation: agent.generation,

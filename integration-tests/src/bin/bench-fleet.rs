@@ -10,15 +10,17 @@
 //! the first: spawn rate (the fill and the probe at full size), locate
 //! p50/p99, one `ls` page p50/p99, the reconcile pass (mean and largest),
 //! a heartbeat per host p50/p99, Redis commands/s at rest and Redis memory
-//! per agent.
+//! per agent; and where the CPU goes: cores busy at rest (control plane,
+//! Redis, the simulated hosts) and CPU per spawn beyond that rest load.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use agentplane::proto::v1::agent_service_client::AgentServiceClient;
 use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, LocateAgentRequest, SpawnAgentRequest};
 use agentplane::registry::Registry;
 use agentplane_integration_tests::fleet::{Beats, SimHost};
-use agentplane_integration_tests::{metrics, TestCluster};
+use agentplane_integration_tests::{cpu, metrics, TestCluster};
 use clap::Parser;
 use futures::StreamExt;
 use rand::{Rng, SeedableRng};
@@ -60,8 +62,10 @@ struct Figures {
     hosts: usize,
     fill_rate: f64,
     probe_rate: f64,
+    held_probe_rate: f64,
     locate_p50: Duration,
     locate_p99: Duration,
+    quiet_locate_p99: Duration,
     ls_p50: Duration,
     ls_p99: Duration,
     pass_mean: Duration,
@@ -70,6 +74,13 @@ struct Figures {
     beat_p99: Duration,
     ops_at_rest: f64,
     bytes_per_agent: f64,
+    /// CPU cores busy at rest: control plane, Redis, this process (the
+    /// simulated hosts and the client).
+    rest_cores: [f64; 3],
+    /// Cores the whole machine was busy during the probe.
+    probe_machine_cores: f64,
+    /// CPU ms per probe spawn, net of the rest load: the same three.
+    spawn_cpu_ms: [f64; 3],
 }
 
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
@@ -186,6 +197,12 @@ async fn measure(
     // At rest: Redis commands, reconcile passes, heartbeats.
     let scrape = |addr: String| async move { metrics::scrape(&addr).await };
     let before = scrape(metrics_addr.clone()).await;
+    let pids = [
+        ("control plane", cluster.control_planes[0].proc.pid()),
+        ("redis", cluster.redis.pid().unwrap_or(0)),
+        ("simulator", i32::try_from(std::process::id())?),
+    ];
+    let cpu = cpu::Split::start(&pids);
     let cmds0 = info_field(&mut conn, "stats", "total_commands_processed").await;
     let calls0 = cluster.redis.command_calls().await;
     beats.take();
@@ -193,6 +210,7 @@ async fn measure(
     tokio::time::sleep(args.rest).await;
     let cmds1 = info_field(&mut conn, "stats", "total_commands_processed").await;
     let rest = t.elapsed();
+    let rest_ms = cpu.end().per_unit_ms(1, &[]);
     let calls1 = cluster.redis.command_calls().await;
     let mut busiest: Vec<(String, u64)> = calls1
         .iter()
@@ -225,37 +243,52 @@ async fn measure(
         .find(|((_, now), (_, was))| now - was >= passes)
         .map_or(f64::NAN, |((le, _), _)| le);
 
-    // Locate random agents, one at a time.
-    let mut client = cluster.client().await;
-    let mut locates = Vec::with_capacity(args.calls);
-    for _ in 0..args.calls {
-        let id = ids[rng.random_range(0..ids.len())].clone();
-        let t = Instant::now();
-        client.locate_agent(LocateAgentRequest { id }).await?;
-        locates.push(t.elapsed());
-    }
-    locates.sort();
-    // ls pages of 100, walking the fleet from the start.
-    let mut pages = Vec::with_capacity(args.calls.min(agents / 100));
-    let mut token = String::new();
-    for _ in 0..args.calls.min(agents / 100) {
-        let t = Instant::now();
-        let page = client
-            .list_agents(ListAgentsRequest {
-                page_size: 100,
-                page_token: token.clone(),
-                ..Default::default()
-            })
-            .await?
-            .into_inner();
-        pages.push(t.elapsed());
-        anyhow::ensure!(page.agents.len() == 100, "a short page inside the fleet");
-        token = page.next_page_token;
-    }
-    pages.sort();
+    // Locate random agents and read ls pages, one at a time, from a thread
+    // and runtime of their own: the simulated hosts' work on this process's
+    // runtime must not delay the client's polling.
+    let picks: Vec<String> = (0..args.calls)
+        .map(|_| ids[rng.random_range(0..ids.len())].clone())
+        .collect();
+    let (locates, pages) = latencies(
+        cluster.endpoint(0),
+        picks.clone(),
+        args.calls.min(agents / 100),
+    )?;
+    // Again with every heartbeat held (under a third of the TTL): what the
+    // fleet's steady load adds to the tail.
+    beats.hold(true);
+    let held = Instant::now();
+    let (quiet, _) = latencies(
+        cluster.endpoint(0),
+        picks[..picks.len().min(1000)].to_vec(),
+        0,
+    )?;
+    beats.hold(false);
+    anyhow::ensure!(held.elapsed() < args.ttl / 3, "beats held too long");
 
-    // Spawns once the fleet is full.
+    // Spawns once the fleet is full, and their CPU beyond the rest load.
+    let cpu = cpu::Split::start(&pids);
+    let t = Instant::now();
     let (probe_rate, _) = spawn_many(&cluster, args.probe, args.concurrency).await?;
+    let probe_secs = t.elapsed().as_secs_f64();
+    let probe_ms = cpu.end().per_unit_ms(1, &[]);
+    let probe_machine_cores = probe_ms
+        .iter()
+        .find(|(n, _)| n == "machine")
+        .map_or(0.0, |(_, ms)| ms / 1e3 / probe_secs);
+    let rest_cores: [f64; 3] =
+        std::array::from_fn(|i| rest_ms[i].1 / 1e3 / rest.as_secs_f64());
+    let spawn_cpu_ms: [f64; 3] = std::array::from_fn(|i| {
+        (probe_ms[i].1 - rest_cores[i] * probe_secs * 1e3) / args.probe as f64
+    });
+    // Spawns with every heartbeat held (a few thousand, well under a third
+    // of the TTL): the spawn path alone at this fleet size.
+    beats.hold(true);
+    let held = Instant::now();
+    let (held_probe_rate, _) =
+        spawn_many(&cluster, args.probe.min(3000), args.concurrency).await?;
+    beats.hold(false);
+    anyhow::ensure!(held.elapsed() < args.ttl / 3, "beats held too long");
     cancel.cancel();
     drop(sims);
     Ok(Figures {
@@ -263,8 +296,10 @@ async fn measure(
         hosts,
         fill_rate,
         probe_rate,
+        held_probe_rate,
         locate_p50: percentile(&locates, 0.5),
         locate_p99: percentile(&locates, 0.99),
+        quiet_locate_p99: percentile(&quiet, 0.99),
         ls_p50: percentile(&pages, 0.5),
         ls_p99: percentile(&pages, 0.99),
         pass_mean,
@@ -273,7 +308,56 @@ async fn measure(
         beat_p99: percentile(&beat_times, 0.99),
         ops_at_rest: (cmds1 - cmds0) / rest.as_secs_f64(),
         bytes_per_agent: (memory_after - memory_before) / agents as f64,
+        rest_cores,
+        probe_machine_cores,
+        spawn_cpu_ms,
     })
+}
+
+/// Sorted latencies of a LocateAgent of each of `ids`, then of `pages`
+/// ListAgents pages of 100 walking the fleet, one call at a time, on a
+/// thread and runtime of their own.
+fn latencies(
+    endpoint: String,
+    ids: Vec<String>,
+    pages: usize,
+) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let mut client = AgentServiceClient::connect(endpoint).await?;
+            let mut locates = Vec::with_capacity(ids.len());
+            for id in ids {
+                let t = Instant::now();
+                client.locate_agent(LocateAgentRequest { id }).await?;
+                locates.push(t.elapsed());
+            }
+            locates.sort();
+            let mut took = Vec::with_capacity(pages);
+            let mut token = String::new();
+            for _ in 0..pages {
+                let t = Instant::now();
+                let page = client
+                    .list_agents(ListAgentsRequest {
+                        page_size: 100,
+                        page_token: token.clone(),
+                        ..Default::default()
+                    })
+                    .await?
+                    .into_inner();
+                took.push(t.elapsed());
+                anyhow::ensure!(page.agents.len() == 100, "a short page inside the fleet");
+                token = page.next_page_token;
+            }
+            took.sort();
+            Ok((locates, took))
+        })
+    });
+    worker
+        .join()
+        .map_err(|_| anyhow::anyhow!("the latency thread panicked"))?
 }
 
 /// The reconcile pass histogram's buckets: (upper bound, count), in order.
@@ -314,8 +398,10 @@ async fn main() -> anyhow::Result<()> {
         ("agents", |f| f.agents as f64),
         ("spawn rate, fill (/s)", |f| f.fill_rate),
         ("spawn rate, probe at full (/s)", |f| f.probe_rate),
+        ("spawn rate, probe, beats held (/s)", |f| f.held_probe_rate),
         ("locate p50 (ms)", |f| ms(f.locate_p50)),
         ("locate p99 (ms)", |f| ms(f.locate_p99)),
+        ("locate p99, beats held (ms)", |f| ms(f.quiet_locate_p99)),
         ("ls page of 100 p50 (ms)", |f| ms(f.ls_p50)),
         ("ls page of 100 p99 (ms)", |f| ms(f.ls_p99)),
         ("reconcile pass mean (ms)", |f| ms(f.pass_mean)),
@@ -324,6 +410,13 @@ async fn main() -> anyhow::Result<()> {
         ("heartbeat per host p99 (ms)", |f| ms(f.beat_p99)),
         ("redis commands/s at rest", |f| f.ops_at_rest),
         ("redis bytes per agent", |f| f.bytes_per_agent),
+        ("cores at rest: control plane", |f| f.rest_cores[0]),
+        ("cores at rest: redis", |f| f.rest_cores[1]),
+        ("cores at rest: simulated hosts", |f| f.rest_cores[2]),
+        ("machine cores busy in the probe", |f| f.probe_machine_cores),
+        ("cpu ms per spawn: control plane", |f| f.spawn_cpu_ms[0]),
+        ("cpu ms per spawn: redis", |f| f.spawn_cpu_ms[1]),
+        ("cpu ms per spawn: sim + client", |f| f.spawn_cpu_ms[2]),
     ];
     print!("{:<34}", "");
     for f in &all {

@@ -1,0 +1,45 @@
+//! Where an agent is, in one round trip: its record, its lease and its
+//! host's address read by one script (LocateAgent's whole read), so a
+//! locate waits behind other Redis work once, not twice.
+
+use std::collections::HashMap;
+
+use super::codec;
+use super::scripts::LOCATE_AGENT;
+use super::{Registry, Result};
+use crate::proto::v1::Agent;
+
+/// An agent's record with what says where it runs.
+#[derive(Debug, Clone)]
+pub struct Located {
+    /// The record.
+    pub agent: Agent,
+    /// The host its lease names (`ap:loc:{id}`), if the lease lives.
+    pub lease: Option<String>,
+    /// The address of the host the record names, if that host is live.
+    pub address: Option<String>,
+}
+
+impl Registry {
+    /// The record of `id`, its lease and its host's address, read in one
+    /// step; `None` without a record.
+    pub async fn locate(&self, id: &str) -> Result<Option<Located>> {
+        let key = self.keys().agent(id);
+        let (fields, lease, address): (HashMap<String, Vec<u8>>, Option<String>, Option<String>) =
+            LOCATE_AGENT
+                .key(&key)
+                .key(self.keys().loc(id))
+                .arg(self.keys().host(""))
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(self.err("locate agent"))?;
+        let Some(agent) = codec::decode_agent(&key, &fields)? else {
+            return Ok(None);
+        };
+        Ok(Some(Located {
+            agent,
+            lease,
+            address,
+        }))
+    }
+}
