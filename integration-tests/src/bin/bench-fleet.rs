@@ -39,7 +39,7 @@ struct Args {
     #[arg(long, default_value_t = 32)]
     concurrency: usize,
     /// Spawns measured once the fleet is full.
-    #[arg(long, default_value_t = 2000)]
+    #[arg(long, default_value_t = 10000)]
     probe: usize,
     /// Locate calls and ls pages measured (one at a time).
     #[arg(long, default_value_t = 2000)]
@@ -276,8 +276,7 @@ async fn measure(
         .iter()
         .find(|(n, _)| n == "machine")
         .map_or(0.0, |(_, ms)| ms / 1e3 / probe_secs);
-    let rest_cores: [f64; 3] =
-        std::array::from_fn(|i| rest_ms[i].1 / 1e3 / rest.as_secs_f64());
+    let rest_cores: [f64; 3] = std::array::from_fn(|i| rest_ms[i].1 / 1e3 / rest.as_secs_f64());
     let spawn_cpu_ms: [f64; 3] = std::array::from_fn(|i| {
         (probe_ms[i].1 - rest_cores[i] * probe_secs * 1e3) / args.probe as f64
     });
@@ -285,12 +284,13 @@ async fn measure(
     // of the TTL): the spawn path alone at this fleet size.
     beats.hold(true);
     let held = Instant::now();
-    let (held_probe_rate, _) =
-        spawn_many(&cluster, args.probe.min(3000), args.concurrency).await?;
+    let (held_probe_rate, _) = spawn_many(&cluster, args.probe.min(3000), args.concurrency).await?;
     beats.hold(false);
     anyhow::ensure!(held.elapsed() < args.ttl / 3, "beats held too long");
     cancel.cancel();
     drop(sims);
+    // Beats in flight finish before Redis goes with the cluster.
+    tokio::time::sleep(Duration::from_millis(200)).await;
     Ok(Figures {
         agents,
         hosts,
