@@ -194,8 +194,9 @@ impl Reconciler {
         // that failed half-way, a replica that died): settled again.
         for host in self.registry.lost_hosts().await? {
             if live.contains_key(&host) {
-                // Back: its host agent fences what moved on.
-                self.registry.host_settled(&host).await?;
+                // Back (if its key still exists: `live` may be older than
+                // its loss): its host agent fences what moved on.
+                self.registry.host_back(&host).await?;
             } else if self.may_lose() && !down.contains(&host) {
                 self.settle_host(&host, true).await?;
                 self.registry.host_settled(&host).await?;

@@ -86,24 +86,26 @@ pub struct TestCluster {
     redis_ip: String,
 }
 
-/// Waits until `master` has its replica online (fully synced, streaming).
+/// Whether `master` has its replica online (fully synced, streaming).
+async fn replica_online(master: &RedisServer) -> bool {
+    let Ok(info) = redis::cmd("INFO")
+        .arg("replication")
+        .query_async::<String>(&mut master.conn().await)
+        .await
+    else {
+        return false;
+    };
+    info.lines()
+        .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
+}
+
+/// Waits until `master` has its replica online.
 pub(crate) async fn wait_replica_online(master: &RedisServer) {
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let info: String = redis::cmd("INFO")
-            .arg("replication")
-            .query_async(&mut master.conn().await)
-            .await
-            .expect("INFO replication");
-        if info
-            .lines()
-            .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
-        {
-            return;
-        }
+    while !replica_online(master).await {
         assert!(
             std::time::Instant::now() < deadline,
-            "the replica never came online:\n{info}"
+            "the replica never came online"
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -125,19 +127,15 @@ impl TestCluster {
     /// Kills the Redis master (SIGKILL) and waits until the sentinels name
     /// the replica master; the old master comes back empty as the new one's
     /// replica, so a later failover can go back. `self.redis` is the master
-    /// after. How long until the sentinels named the new master.
+    /// after (the one the sentinels name: on a loaded machine they may fail
+    /// over again meanwhile). How long until the sentinels named the new
+    /// master.
     pub async fn fail_over_redis(&mut self) -> Duration {
         let old = self.redis.port();
         let t = std::time::Instant::now();
         self.redis.stop();
         let new = loop {
-            let named = self
-                .sentinels
-                .as_ref()
-                .expect("a cluster built with .sentinel()")
-                .master()
-                .await;
-            if let Some((_, port)) = named.filter(|(_, p)| *p != old) {
+            if let Some(port) = self.sentinel_master().await.filter(|p| *p != old) {
                 break port;
             }
             assert!(
@@ -156,9 +154,46 @@ impl TestCluster {
         replica.promoted();
         let mut was = std::mem::replace(&mut self.redis, replica);
         was.restart_as_replica_of(&self.redis_ip, new).await;
-        wait_replica_online(&self.redis).await;
         self.replica = Some(was);
+        self.settle_redis().await;
         elapsed
+    }
+
+    /// The master's port as the sentinels name it.
+    async fn sentinel_master(&self) -> Option<u16> {
+        self.sentinels
+            .as_ref()
+            .expect("a cluster built with .sentinel()")
+            .master()
+            .await
+            .map(|(_, port)| port)
+    }
+
+    /// Waits until the sentinels name a master that has its replica online,
+    /// and makes `self.redis` that master.
+    async fn settle_redis(&mut self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            let named = self.sentinel_master().await;
+            let replica = self.replica.as_mut().expect("a replica");
+            if named == Some(replica.port()) {
+                std::mem::swap(&mut self.redis, replica);
+                self.redis.promoted();
+                let (ip, port) = (self.redis_ip.clone(), self.redis.port());
+                self.replica
+                    .as_mut()
+                    .expect("a replica")
+                    .demoted_to(&ip, port);
+            }
+            if named == Some(self.redis.port()) && replica_online(&self.redis).await {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "Redis never settled after the failover (master named: {named:?})"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// A builder with one host and one control plane.

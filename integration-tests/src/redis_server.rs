@@ -90,6 +90,11 @@ impl RedisServer {
         self.replica_of = None;
     }
 
+    /// This one replicates `host:port` now (the sentinels made it so).
+    pub fn demoted_to(&mut self, host: &str, port: u16) {
+        self.replica_of = Some((host.to_owned(), port));
+    }
+
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)

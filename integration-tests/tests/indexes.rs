@@ -214,7 +214,31 @@ async fn indexes_are_built_once_from_records_without_them_and_stale_entries_go()
             .await
             .expect("plant");
     }
+    // Host sets the previous version would have found by its walk: one of
+    // a host neither live nor known (to settle), one of a known host.
+    redis::pipe()
+        .sadd("ap:host-agents:gone", "b9")
+        .sadd("ap:host-agents:away", "b8")
+        .sadd("ap:hosts-known", "away")
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("plant host sets");
     assert!(registry.build_indexes().await.expect("build"));
+    let lost: Vec<String> = redis::cmd("SMEMBERS")
+        .arg("ap:hosts-lost")
+        .query_async(&mut conn)
+        .await
+        .expect("SMEMBERS");
+    assert_eq!(lost, ["gone"], "only the unknown dead host is to settle");
+    // A lost host leaves the set as back only while its key exists.
+    assert!(!registry.host_back("gone").await.expect("back"));
+    let _: () = redis::cmd("SET")
+        .arg("ap:host:gone")
+        .arg("x")
+        .query_async(&mut conn)
+        .await
+        .expect("SET");
+    assert!(registry.host_back("gone").await.expect("back"));
     assert_eq!(
         indexes_of(&mut conn, "b1").await,
         ["ap:agents", "ap:label:team=x", "ap:state:RUNNING"]

@@ -105,11 +105,12 @@ impl Registry {
             .ignore();
         self.index_adds(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_CREATED", agent);
-        let mut conn = self.conn();
+        let mut conn = self.fencing_conn().await?;
         pipe.query_async::<()>(&mut conn)
             .await
             .map_err(self.err("create agent record"))?;
-        self.replica_acked(&mut conn).await
+        self.replica_acked(&mut conn).await;
+        Ok(())
     }
 
     fn push_agent_event(&self, pipe: &mut redis::Pipeline, ty: &str, agent: &Agent) {
@@ -302,15 +303,19 @@ impl Registry {
         if let Some(inc) = &update.incarnation {
             inv.arg(field::INCARNATION).arg(inc);
         }
-        let mut conn = self.conn();
+        let fencing =
+            update.generation.is_some() || update.host.is_some() || update.location.is_some();
+        let mut conn = if fencing {
+            self.fencing_conn().await?
+        } else {
+            self.conn()
+        };
         let (code, st, generation, host): (i64, String, String, String) = inv
             .invoke_async(&mut conn)
             .await
             .map_err(self.err("update agent record"))?;
-        let fencing =
-            update.generation.is_some() || update.host.is_some() || update.location.is_some();
         if code == 1 && fencing {
-            self.replica_acked(&mut conn).await?;
+            self.replica_acked(&mut conn).await;
         }
         Ok(match code {
             1 => UpdateOutcome::Applied,

@@ -188,6 +188,7 @@ impl Registry {
             }
             cursor = next;
         }
+        self.seed_lost_hosts().await?;
         let _: () = self
             .conn()
             .set(self.keys().index_version(), INDEX_VERSION)
@@ -197,12 +198,61 @@ impl Registry {
         Ok(true)
     }
 
+    /// Hosts that have an agent set but are neither live nor known (a
+    /// version before `ap:hosts-lost` found them by a walk of every set at
+    /// each pass) join the lost hosts, so that a pass settles them.
+    async fn seed_lost_hosts(&self) -> Result<()> {
+        let known: std::collections::HashSet<String> =
+            self.known_hosts().await?.into_iter().collect();
+        let mut cursor = 0;
+        loop {
+            let (next, keys) = self
+                .scan(
+                    "scan host agent sets",
+                    cursor,
+                    &self.keys().host_agents_pattern(),
+                    1000,
+                )
+                .await?;
+            for host in keys
+                .iter()
+                .filter_map(|k| self.keys().host_agents_id_of(k))
+                .filter(|h| !known.contains(*h))
+            {
+                if self.get_host(host).await?.is_none() {
+                    let _: i64 = self
+                        .conn()
+                        .sadd(self.keys().hosts_lost(), host)
+                        .await
+                        .map_err(self.err("seed lost hosts"))?;
+                }
+            }
+            if next == 0 {
+                return Ok(());
+            }
+            cursor = next;
+        }
+    }
+
     /// Hosts declared lost whose agents are not all settled yet.
     pub async fn lost_hosts(&self) -> Result<Vec<String>> {
         self.conn()
             .smembers(self.keys().hosts_lost())
             .await
             .map_err(self.err("read the lost hosts"))
+    }
+
+    /// `host`, declared lost, heartbeats again: it leaves the lost hosts if
+    /// its key exists now (checked in the same step).
+    pub async fn host_back(&self, host: &str) -> Result<bool> {
+        super::scripts::SETTLED_IF_BACK
+            .key(self.keys().host(host))
+            .key(self.keys().hosts_lost())
+            .arg(host)
+            .invoke_async::<i64>(&mut self.conn())
+            .await
+            .map(|n| n == 1)
+            .map_err(self.err("settle lost host"))
     }
 
     /// `host`'s agents are settled: it leaves the lost hosts.

@@ -91,6 +91,18 @@ impl Keys {
         format!("{}:hosts-known", self.prefix)
     }
 
+    /// The `SCAN` pattern of every per-host agent set (only the one-time
+    /// index build walks them).
+    pub fn host_agents_pattern(&self) -> String {
+        format!("{}:host-agents:*", self.prefix)
+    }
+
+    /// The host id of a per-host agent set key.
+    pub fn host_agents_id_of<'a>(&self, key: &'a str) -> Option<&'a str> {
+        key.strip_prefix(&self.prefix)?
+            .strip_prefix(":host-agents:")
+    }
+
     /// `ap:hosts-lost`: hosts declared lost whose agents have not all been
     /// settled yet (a pass that failed half-way is retried from here).
     pub fn hosts_lost(&self) -> String {

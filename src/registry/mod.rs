@@ -256,25 +256,41 @@ impl Registry {
         self.conn.clone()
     }
 
-    /// With Sentinel, after a write that fencing depends on (made on
-    /// `conn`): waits up to `--redis-replica-ack` for one replica to have
-    /// it, so that a failover right after does not roll it back. A write no
-    /// replica acknowledged in time stands (it is on the master); it is
-    /// logged, and a loss is caught by the host agents' record checks.
-    async fn replica_acked(&self, conn: &mut sentinel::Conn) -> Result<()> {
+    /// The connection for a write that fencing depends on: with Sentinel,
+    /// the master's fencing connection, pinned, so that the write and its
+    /// [`Registry::replica_acked`] go over the same one; else the shared one.
+    async fn fencing_conn(&self) -> Result<sentinel::Conn> {
+        if self.replica_ack.is_some() {
+            if let Some(c) = self
+                .conn
+                .pinned_for_fencing()
+                .await
+                .map_err(self.err("connect"))?
+            {
+                return Ok(c);
+            }
+        }
+        Ok(self.conn())
+    }
+
+    /// With Sentinel, after a write that fencing depends on (made on `conn`,
+    /// from [`Registry::fencing_conn`]): waits up to `--redis-replica-ack`
+    /// for one replica to have it, so that a failover right after does not
+    /// roll it back. The write is made whatever this finds: a write no
+    /// replica took in time (or a failed wait) is logged, and a loss is
+    /// caught by the host agents' record checks.
+    async fn replica_acked(&self, conn: &mut sentinel::Conn) {
         let Some(wait) = self.replica_ack else {
-            return Ok(());
+            return;
         };
-        let acked: i64 = redis::cmd("WAIT")
+        let acked: redis::RedisResult<i64> = redis::cmd("WAIT")
             .arg(1)
             .arg(u64::try_from(wait.as_millis()).unwrap_or(u64::MAX).max(1))
             .query_async(conn)
-            .await
-            .map_err(self.err("wait for a replica"))?;
-        if acked < 1 {
+            .await;
+        if !matches!(acked, Ok(n) if n >= 1) {
             sentinel::warn_unacked(wait);
         }
-        Ok(())
     }
 
     /// Wraps a Redis error with the step that failed.
@@ -301,8 +317,10 @@ impl Registry {
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
         let client = match &self.conn {
+            sentinel::Conn::Followed(f) | sentinel::Conn::Pinned(_, f) => {
+                f.master().await.map_err(self.err("connect"))?.client
+            }
             sentinel::Conn::Direct(_) => self.client.clone(),
-            sentinel::Conn::Followed(f) => f.master().await.map_err(self.err("connect"))?.1,
         };
         client
             .get_multiplexed_async_connection_with_config(&config)

@@ -237,3 +237,16 @@ return {rec, lease, addr}
 ",
     )
 });
+
+/// A lost host that is back: KEYS[1] its host key, KEYS[2] the lost hosts;
+/// ARGV[1] its id. Leaves the lost hosts only if its key exists now (a
+/// view of it read before it expired must not take it out while another
+/// replica settles it). Returns 1 when it left.
+pub(super) static SETTLED_IF_BACK: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+return redis.call('SREM', KEYS[2], ARGV[1])
+",
+    )
+});

@@ -41,8 +41,32 @@ struct Current {
     addr: (String, u16),
     client: redis::Client,
     conn: ConnectionManager,
+    /// A second connection for fencing writes and their `WAIT` (Redis
+    /// blocks the client that waits: on the shared one, every call would).
+    fence: ConnectionManager,
     /// When the sentinels last named it (`None`: ask before the next call).
     checked: Option<Instant>,
+}
+
+/// The master in use, as handed to a call.
+#[derive(Clone)]
+pub(super) struct Master {
+    /// The shared connection.
+    pub(super) conn: ConnectionManager,
+    /// The fencing writes' connection.
+    pub(super) fence: ConnectionManager,
+    /// Its client (for dedicated connections).
+    pub(super) client: redis::Client,
+}
+
+impl Current {
+    fn master(&self) -> Master {
+        Master {
+            conn: self.conn.clone(),
+            fence: self.fence.clone(),
+            client: self.client.clone(),
+        }
+    }
 }
 
 /// A connection that follows the master the sentinels name.
@@ -73,19 +97,19 @@ impl Follower {
         }
     }
 
-    fn fresh(&self) -> Option<(ConnectionManager, redis::Client)> {
+    fn fresh(&self) -> Option<Master> {
         let cur = self
             .current
             .read()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         cur.as_ref()
             .filter(|c| c.checked.is_some_and(|t| t.elapsed() < CHECK_EVERY))
-            .map(|c| (c.conn.clone(), c.client.clone()))
+            .map(Current::master)
     }
 
-    /// The master's connection and client: the one in use while it was
-    /// checked recently, else whatever the sentinels name now.
-    pub(super) async fn master(&self) -> RedisResult<(ConnectionManager, redis::Client)> {
+    /// The master's connections and client: the ones in use while the
+    /// master was checked recently, else whatever the sentinels name now.
+    pub(super) async fn master(&self) -> RedisResult<Master> {
         if let Some(c) = self.fresh() {
             return Ok(c);
         }
@@ -114,6 +138,10 @@ impl Follower {
                         client.clone(),
                         self.config.clone(),
                     )?;
+                    let fence = ConnectionManager::new_lazy_with_config(
+                        client.clone(),
+                        self.config.clone(),
+                    )?;
                     if let Some(old) = cur.as_ref() {
                         tracing::warn!(
                             master = %self.target.master_name,
@@ -126,15 +154,18 @@ impl Follower {
                         addr,
                         client,
                         conn,
+                        fence,
                         checked: Some(Instant::now()),
                     });
                 }
             }
             // No sentinel answers: go on with the master in use (it may
-            // well still be the master), asking again next time.
-            Err(e) => match cur.as_ref() {
-                Some(_) => {
-                    tracing::warn!(error = %e, "no sentinel answered; keeping the redis master in use")
+            // well still be the master) and ask again a check period later,
+            // so that calls do not queue behind the sentinels' timeouts.
+            Err(e) => match cur.as_mut() {
+                Some(c) => {
+                    tracing::warn!(error = %e, "no sentinel answered; keeping the redis master in use");
+                    c.checked = Some(Instant::now());
                 }
                 None => return Err(e),
             },
@@ -142,7 +173,7 @@ impl Follower {
         let c = cur
             .as_ref()
             .ok_or_else(|| RedisError::from((redis::ErrorKind::Io, "no redis master known")))?;
-        Ok((c.conn.clone(), c.client.clone()))
+        Ok(c.master())
     }
 
     /// Forgets when the master was last checked: the next call asks.
@@ -222,6 +253,21 @@ pub(super) enum Conn {
     Direct(ConnectionManager),
     /// Whichever Redis the sentinels name master.
     Followed(Arc<Follower>),
+    /// One connection to the master as it was when taken (a fencing write
+    /// and its `WAIT` must go over the same one), still telling the
+    /// follower when a call fails as a failover would.
+    Pinned(ConnectionManager, Arc<Follower>),
+}
+
+impl Conn {
+    /// For a fencing write and its `WAIT`: the master's fencing
+    /// connection, pinned; `None` without Sentinel.
+    pub(super) async fn pinned_for_fencing(&self) -> RedisResult<Option<Self>> {
+        match self {
+            Self::Followed(f) => Ok(Some(Self::Pinned(f.master().await?.fence, f.clone()))),
+            _ => Ok(None),
+        }
+    }
 }
 
 impl ConnectionLike for Conn {
@@ -229,7 +275,14 @@ impl ConnectionLike for Conn {
         match self {
             Self::Direct(c) => c.req_packed_command(cmd),
             Self::Followed(f) => Box::pin(async move {
-                let (mut c, _) = f.master().await?;
+                let mut c = f.master().await?.conn;
+                let r = c.req_packed_command(cmd).await;
+                if r.as_ref().is_err_and(master_may_have_moved) {
+                    f.recheck();
+                }
+                r
+            }),
+            Self::Pinned(c, f) => Box::pin(async move {
                 let r = c.req_packed_command(cmd).await;
                 if r.as_ref().is_err_and(master_may_have_moved) {
                     f.recheck();
@@ -248,7 +301,14 @@ impl ConnectionLike for Conn {
         match self {
             Self::Direct(c) => c.req_packed_commands(pipeline, offset, count),
             Self::Followed(f) => Box::pin(async move {
-                let (mut c, _) = f.master().await?;
+                let mut c = f.master().await?.conn;
+                let r = c.req_packed_commands(pipeline, offset, count).await;
+                if r.as_ref().is_err_and(master_may_have_moved) {
+                    f.recheck();
+                }
+                r
+            }),
+            Self::Pinned(c, f) => Box::pin(async move {
                 let r = c.req_packed_commands(pipeline, offset, count).await;
                 if r.as_ref().is_err_and(master_may_have_moved) {
                     f.recheck();
@@ -260,7 +320,7 @@ impl ConnectionLike for Conn {
 
     fn get_db(&self) -> i64 {
         match self {
-            Self::Direct(c) => c.get_db(),
+            Self::Direct(c) | Self::Pinned(c, _) => c.get_db(),
             Self::Followed(_) => 0,
         }
     }
