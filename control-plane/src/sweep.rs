@@ -19,7 +19,8 @@
 //!   retry can mend ends it FAILED with the host's answer.
 //!
 //! Cost: one index page and one pipelined round trip per slice, reading each
-//! live or LOST record once (its hash and whether its lease exists), plus one read of each suspect whose
+//! live or LOST record's head once (state, host, generation, times, and
+//! whether its lease exists; a LOST or suspect record is then read whole), plus one read of each suspect whose
 //! TTL has passed. Writes happen only for records that are wrong. A pass
 //! reads slices until its time budget (a quarter of the reconcile interval)
 //! is spent, so a round over 100k records takes a bounded number of passes
@@ -250,16 +251,18 @@ impl Sweep {
                 .filter(|(id, s)| s.seen.elapsed() >= ttl && !in_slice.contains(*id))
                 .map(|(id, _)| id.clone()),
         );
-        let records = self.registry.get_agents_with_leases(&ids).await?;
+        // Heads first (state, host, generation, times, lease): a record
+        // that is fine by them (nearly all) costs no full read.
+        let heads = self.registry.get_heads_with_leases(&ids).await?;
         let mut stats = PassStats {
-            read: records.len(),
+            read: heads.len(),
             wrapped: short && self.at % SWEPT.len() == SWEPT.len() - 1,
             ..Default::default()
         };
         // Suspects whose record is gone need no more watching, and index
         // entries without a record (or whose record left the state) are
         // dropped (the script checks again before it drops one).
-        let found: HashMap<&str, AgentState> = records
+        let found: HashMap<&str, AgentState> = heads
             .iter()
             .map(|(a, _)| (a.id.as_str(), a.state()))
             .collect();
@@ -274,6 +277,25 @@ impl Sweep {
             }
         }
         self.registry.drop_stale(&index, &stale).await?;
+        // LOST heads are read whole (whether to restart is in the spec);
+        // so is every head that is not fine.
+        let mut whole = Vec::new();
+        for (head, leased) in &heads {
+            let fine = head.state() != AgentState::Lost
+                && judge(
+                    head,
+                    *leased,
+                    live.get(&head.host),
+                    now_ms(),
+                    self.confirm_within,
+                ) == Verdict::Fine;
+            if fine {
+                self.suspects.remove(&head.id);
+            } else {
+                whole.push(head.id.clone());
+            }
+        }
+        let records = self.registry.get_agents_with_leases(&whole).await?;
         for (agent, leased) in &records {
             let host = live.get(&agent.host);
             let verdict = judge(agent, *leased, host, now_ms(), self.confirm_within);

@@ -162,9 +162,76 @@ pub(super) fn decode_agent(
     }))
 }
 
+/// The fields a [`decode_head`] reads: what the sweep judges a record by.
+pub(super) const HEAD_FIELDS: [&str; 6] = [
+    field::ID,
+    field::STATE,
+    field::HOST,
+    field::GENERATION,
+    field::CREATED_AT,
+    field::PENDING_SINCE,
+];
+
+/// A record's head: id, state, host, generation, created_at and
+/// pending_since from `h` (the [`HEAD_FIELDS`]), no spec; `None` when the
+/// record does not exist.
+pub(super) fn decode_head(
+    key: &str,
+    h: &HashMap<String, Vec<u8>>,
+) -> Result<Option<Agent>, RegistryError> {
+    if h.get(field::STATE).is_none() {
+        return Ok(None);
+    }
+    let st = text(key, h, field::STATE)?;
+    let state = state::parse(st).ok_or_else(|| corrupt(key, format!("unknown state `{st}`")))?;
+    let ms = |f: &str| -> Result<Option<prost_types::Timestamp>, RegistryError> {
+        let v: i64 = number(key, h, f)?;
+        Ok((v > 0).then(|| timestamp_from_ms(v)))
+    };
+    Ok(Some(Agent {
+        id: text(key, h, field::ID)?.to_owned(),
+        state: state as i32,
+        host: text(key, h, field::HOST)?.to_owned(),
+        generation: number(key, h, field::GENERATION)?,
+        created_at: ms(field::CREATED_AT)?,
+        pending_since: ms(field::PENDING_SINCE)?,
+        ..Default::default()
+    }))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_head_is_the_records_judged_fields() {
+        let a = Agent {
+            id: "01abc".into(),
+            spec: Some(AgentSpec::default()),
+            state: AgentState::Pending as i32,
+            host: "h1".into(),
+            generation: 4,
+            created_at: Some(timestamp_from_ms(1_700_000_000_000)),
+            pending_since: Some(timestamp_from_ms(1_700_000_000_500)),
+            pid: 9,
+            ..Default::default()
+        };
+        let h: HashMap<String, Vec<u8>> = encode_agent(&a)
+            .into_iter()
+            .filter(|(f, _)| HEAD_FIELDS.contains(f))
+            .map(|(f, v)| (f.to_owned(), v))
+            .collect();
+        let head = decode_head("k", &h).unwrap().unwrap();
+        assert_eq!(
+            head,
+            Agent {
+                spec: None,
+                pid: 0,
+                ..a
+            }
+        );
+        assert_eq!(decode_head("k", &HashMap::new()).unwrap(), None);
+    }
 
     #[test]
     fn agent_round_trips() {

@@ -10,6 +10,7 @@
 mod agents;
 mod codec;
 mod events;
+mod heads;
 mod hosts;
 mod index;
 mod keys;
