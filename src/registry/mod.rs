@@ -8,6 +8,7 @@
 //! UNAVAILABLE naming the registry), never an empty answer.
 
 mod agents;
+mod claims;
 mod codec;
 mod events;
 mod heads;

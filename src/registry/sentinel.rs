@@ -10,6 +10,7 @@
 //! failover fail (UNAVAILABLE, as for any outage); the first call after the
 //! sentinels name the new master goes there.
 
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
@@ -78,6 +79,10 @@ pub(super) struct Follower {
     /// One question to the sentinels at a time (the others use what is
     /// there meanwhile); the connections to the sentinels, kept.
     asking: tokio::sync::Mutex<Vec<Option<MultiplexedConnection>>>,
+    /// The master in use answered READONLY (it was demoted) since the
+    /// sentinels last named it: a sentinel that still names it is behind,
+    /// and the next one is asked.
+    refused_writes: std::sync::atomic::AtomicBool,
 }
 
 impl Follower {
@@ -94,6 +99,7 @@ impl Follower {
             config,
             current: RwLock::new(None),
             asking: tokio::sync::Mutex::new(vec![None; n]),
+            refused_writes: std::sync::atomic::AtomicBool::new(false),
         }
     }
 
@@ -117,7 +123,21 @@ impl Follower {
         if let Some(c) = self.fresh() {
             return Ok(c);
         }
-        let asked = self.ask(&mut conns).await;
+        let demoted = if self.refused_writes.load(Ordering::Relaxed) {
+            self.current
+                .read()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .as_ref()
+                .map(|c| c.addr.clone())
+        } else {
+            None
+        };
+        let asked = self.ask(&mut conns, demoted.as_ref()).await;
+        // Every sentinel insisting on the master that refused writes: take
+        // their word next time.
+        if asked.is_err() {
+            self.refused_writes.store(false, Ordering::Relaxed);
+        }
         let mut cur = self
             .current
             .write()
@@ -157,6 +177,7 @@ impl Follower {
                         fence,
                         checked: Some(Instant::now()),
                     });
+                    self.refused_writes.store(false, Ordering::Relaxed);
                 }
             }
             // No sentinel answers: go on with the master in use (it may
@@ -176,6 +197,16 @@ impl Follower {
         Ok(c.master())
     }
 
+    /// A call failed with `e`, which a failover may explain: the next call
+    /// asks the sentinels (past any that still names a master that refused
+    /// a write).
+    fn failed(&self, e: &RedisError) {
+        if refused_write(e) {
+            self.refused_writes.store(true, Ordering::Relaxed);
+        }
+        self.recheck();
+    }
+
     /// Forgets when the master was last checked: the next call asks.
     pub(super) fn recheck(&self) {
         let mut cur = self
@@ -187,11 +218,23 @@ impl Follower {
         }
     }
 
-    /// The master's address, from the first sentinel that names one.
-    async fn ask(&self, conns: &mut [Option<MultiplexedConnection>]) -> RedisResult<(String, u16)> {
+    /// The master's address, from the first sentinel that names one other
+    /// than `demoted` (a master that refused writes since it was named).
+    async fn ask(
+        &self,
+        conns: &mut [Option<MultiplexedConnection>],
+        demoted: Option<&(String, u16)>,
+    ) -> RedisResult<(String, u16)> {
         let mut last = None;
         for (addr, slot) in self.target.sentinels.iter().zip(conns.iter_mut()) {
             match self.ask_one(addr, slot).await {
+                Ok(Some(master)) if Some(&master) == demoted => {
+                    last = Some(RedisError::from((
+                        redis::ErrorKind::Io,
+                        "sentinel names a master that refused writes",
+                        format!("{addr} names {}:{}", master.0, master.1),
+                    )));
+                }
                 Ok(Some(master)) => return Ok(master),
                 Ok(None) => {
                     last = Some(RedisError::from((
@@ -243,7 +286,14 @@ fn master_may_have_moved(e: &RedisError) -> bool {
         || e.is_connection_refusal()
         || e.is_connection_dropped()
         || e.is_timeout()
-        || e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || refused_write(e)
+}
+
+/// Whether the server refused a write as a replica: READONLY, also inside
+/// an aborted MULTI (which reports each command's error in its message).
+fn refused_write(e: &RedisError) -> bool {
+    e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
+        || e.to_string().contains("read only replica")
 }
 
 /// The registry's shared connection.
@@ -277,15 +327,19 @@ impl ConnectionLike for Conn {
             Self::Followed(f) => Box::pin(async move {
                 let mut c = f.master().await?.conn;
                 let r = c.req_packed_command(cmd).await;
-                if r.as_ref().is_err_and(master_may_have_moved) {
-                    f.recheck();
+                if let Err(e) = &r {
+                    if master_may_have_moved(e) {
+                        f.failed(e);
+                    }
                 }
                 r
             }),
             Self::Pinned(c, f) => Box::pin(async move {
                 let r = c.req_packed_command(cmd).await;
-                if r.as_ref().is_err_and(master_may_have_moved) {
-                    f.recheck();
+                if let Err(e) = &r {
+                    if master_may_have_moved(e) {
+                        f.failed(e);
+                    }
                 }
                 r
             }),
@@ -303,15 +357,19 @@ impl ConnectionLike for Conn {
             Self::Followed(f) => Box::pin(async move {
                 let mut c = f.master().await?.conn;
                 let r = c.req_packed_commands(pipeline, offset, count).await;
-                if r.as_ref().is_err_and(master_may_have_moved) {
-                    f.recheck();
+                if let Err(e) = &r {
+                    if master_may_have_moved(e) {
+                        f.failed(e);
+                    }
                 }
                 r
             }),
             Self::Pinned(c, f) => Box::pin(async move {
                 let r = c.req_packed_commands(pipeline, offset, count).await;
-                if r.as_ref().is_err_and(master_may_have_moved) {
-                    f.recheck();
+                if let Err(e) = &r {
+                    if master_may_have_moved(e) {
+                        f.failed(e);
+                    }
                 }
                 r
             }),
