@@ -13,6 +13,7 @@ pub mod pki;
 mod process;
 pub mod procfs;
 pub mod pty;
+pub mod redis_cluster;
 mod redis_server;
 pub mod sentinel;
 pub mod soak;

@@ -182,6 +182,7 @@ impl RedisServer {
             .arg(&self.dir)
             .stdout(Stdio::null());
         let log = self.dir.join(format!("redis-{}.log", self.port));
+        cmd.arg("--logfile").arg(&log);
         self.proc = Some(Proc::spawn(cmd, &log).expect("start redis-server"));
         let url = self.url();
         crate::eventually(Duration::from_secs(10), "redis-server answers PING", || {

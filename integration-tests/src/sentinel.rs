@@ -30,25 +30,26 @@ impl Sentinels {
         for i in 0..3 {
             let port = free_port();
             let conf = dir.join(format!("sentinel-{i}.conf"));
+            let log = dir.join(format!("sentinel-{i}.log"));
             let bind = if ip == "127.0.0.1" {
                 ip.to_owned()
             } else {
                 format!("{ip} 127.0.0.1")
             };
             let text = format!(
-                "port {port}\nbind {bind}\nprotected-mode no\ndir {dir}\n\
+                "port {port}\nbind {bind}\nprotected-mode no\ndir {dir}\nlogfile {log}\n\
                  sentinel announce-ip {ip}\n\
                  sentinel monitor {MASTER_NAME} {ip} {master_port} 2\n\
                  sentinel down-after-milliseconds {MASTER_NAME} {down}\n\
                  sentinel failover-timeout {MASTER_NAME} 4000\n\
                  sentinel parallel-syncs {MASTER_NAME} 1\n",
                 dir = dir.display(),
+                log = log.display(),
                 down = DOWN_AFTER.as_millis(),
             );
             std::fs::write(&conf, text).expect("write sentinel.conf");
             let mut cmd = Command::new(binary());
             cmd.arg(&conf).arg("--sentinel").stdout(Stdio::null());
-            let log = dir.join(format!("sentinel-{i}.log"));
             procs.push(Proc::spawn(cmd, &log).expect("start redis sentinel"));
             addrs.push(format!("{ip}:{port}"));
         }

@@ -145,6 +145,16 @@ pub async fn violations(cluster: &TestCluster, restartable: &[String]) -> Vec<St
     check(cluster, &known).await
 }
 
+/// The dataset's epoch (`ap:epoch`; it changes when Redis loses its data).
+async fn redis_epoch(cluster: &TestCluster) -> Option<String> {
+    redis::cmd("GET")
+        .arg("ap:epoch")
+        .query_async(&mut cluster.redis.conn().await)
+        .await
+        .ok()
+        .flatten()
+}
+
 /// Runs the soak; returns what it saw (violations included, never panics on one).
 pub async fn run(cfg: &SoakConfig) -> SoakReport {
     let mut rng = StdRng::seed_from_u64(cfg.seed);
@@ -187,6 +197,7 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
             "soak round {round} at {:.1} s: {fault:?}",
             started.elapsed().as_secs_f64()
         );
+        let epoch = redis_epoch(&cluster).await;
         inject(&mut cluster, fault).await;
         let deadline = Instant::now() + 4 * cfg.ttl + Duration::from_secs(10);
         loop {
@@ -213,11 +224,14 @@ pub async fn run(cfg: &SoakConfig) -> SoakReport {
         }
         // Records go only with a delete (whose answer may have been lost:
         // then the agent is marked stopped) or with Redis's data (restart
-        // empty, for agents no host held). Those are dropped from the model,
-        // so the clients spawn others; any other vanished record is a violation.
+        // empty, or a failover onto a replica that had not synced yet, which
+        // sentinels flapping on a loaded machine can do: for agents no host
+        // held). Those are dropped from the model, so the clients spawn
+        // others; any other vanished record is a violation.
         if let Some(records) = list_all(&cluster).await {
             let present: HashSet<&str> = records.iter().map(|a| a.id.as_str()).collect();
-            let emptied = matches!(fault, Fault::RestartRedisEmpty);
+            let emptied =
+                matches!(fault, Fault::RestartRedisEmpty) || redis_epoch(&cluster).await != epoch;
             let gone: Vec<(String, bool)> = known
                 .iter()
                 .filter(|(id, _)| !present.contains(id.as_str()))

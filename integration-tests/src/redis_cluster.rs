@@ -1,0 +1,115 @@
+//! A local Redis Cluster that a test makes: three masters
+//! (`redis-server --cluster-enabled yes`, no replicas) joined by
+//! `redis-cli --cluster create`, on free loopback ports.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::process::Proc;
+use crate::redis_server::{binary, free_port};
+
+/// Running cluster nodes.
+#[derive(Debug)]
+pub struct RedisCluster {
+    procs: Vec<Proc>,
+    ports: Vec<u16>,
+}
+
+impl RedisCluster {
+    /// Starts three masters in `dir` and joins them; returns once every node
+    /// says `cluster_state:ok`.
+    pub async fn start(dir: &Path) -> Self {
+        let mut procs = Vec::new();
+        let mut ports = Vec::new();
+        for _ in 0..3 {
+            let port = free_port();
+            let node_dir = dir.join(format!("node-{port}"));
+            std::fs::create_dir_all(&node_dir).expect("node dir");
+            let mut cmd = Command::new(binary());
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+                .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
+                .arg("--dir")
+                .arg(&node_dir)
+                .stdout(Stdio::null());
+            let log = dir.join(format!("redis-cluster-{port}.log"));
+            procs.push(Proc::spawn(cmd, &log).expect("start a cluster node"));
+            ports.push(port);
+        }
+        let cluster = Self { procs, ports };
+        for url in cluster.urls() {
+            crate::eventually(
+                Duration::from_secs(10),
+                "a cluster node answers PING",
+                || {
+                    let url = url.clone();
+                    async move {
+                        let client = redis::Client::open(url).ok()?;
+                        let mut c = client.get_multiplexed_async_connection().await.ok()?;
+                        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+                    }
+                },
+            )
+            .await;
+        }
+        let cli = binary().with_file_name("redis-cli");
+        let out = Command::new(if cli.is_file() {
+            cli
+        } else {
+            "redis-cli".into()
+        })
+        .arg("--cluster")
+        .arg("create")
+        .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .arg("--cluster-yes")
+        .output()
+        .expect("run redis-cli --cluster create");
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(20);
+        for url in cluster.urls() {
+            loop {
+                let client = redis::Client::open(url.clone()).expect("url");
+                let ok = match client.get_multiplexed_async_connection().await {
+                    Ok(mut c) => redis::cmd("CLUSTER")
+                        .arg("INFO")
+                        .query_async::<String>(&mut c)
+                        .await
+                        .is_ok_and(|i| i.contains("cluster_state:ok")),
+                    Err(_) => false,
+                };
+                if ok {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "{url} never said cluster_state:ok"
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        cluster
+    }
+
+    /// `redis://127.0.0.1:PORT` of every node.
+    pub fn urls(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("redis://127.0.0.1:{p}"))
+            .collect()
+    }
+
+    /// How many node processes run.
+    pub fn running(&mut self) -> usize {
+        self.procs
+            .iter_mut()
+            .map(Proc::is_running)
+            .filter(|r| *r)
+            .count()
+    }
+}
