@@ -33,73 +33,22 @@ use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use agentplane::proto::v1::{Agent, AgentState, ExitReason, ExitStatus};
-use agentplane::registry::{AgentIndex, AgentUpdate, Expect, HostRecord, Registry, RegistryError};
+use agentplane::proto::v1::{Agent, AgentState, ExitReason};
+use agentplane::registry::{AgentIndex, HostRecord, Registry, RegistryError};
 use agentplane::state;
-use agentplane::time::{ms_from_timestamp, now_ms, timestamp_from_ms};
+use agentplane::time::now_ms;
 use tokio::time::Instant;
 
-use crate::error::ApiError;
 use crate::hosts::HostClients;
-use crate::placement;
 use crate::relocate::restart_lost;
-use crate::start::{start_on_candidates, Placed, StartOutcome};
+
+mod retry;
+mod verdict;
+
+pub use verdict::{judge, Verdict};
 
 /// Records read per slice (one page of the agent index).
 pub const SLICE: usize = 250;
-
-/// What one record needs, judged from the record, its lease and its host.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Verdict {
-    /// Nothing to do.
-    Fine,
-    /// Running on a live host, but its lease is missing: a suspect.
-    LeaseMissing,
-    /// Live, but its host is not heartbeating.
-    HostDown,
-    /// LOST, and its restart policy says to run it again.
-    Restart,
-    /// PENDING, unheld, and its start was not confirmed within the bound.
-    StalePending,
-}
-
-/// Judges one record. `host` is its live host record, if the host is live;
-/// `confirm_within` bounds how long a placed start may take.
-pub fn judge(
-    agent: &Agent,
-    leased: bool,
-    host: Option<&HostRecord>,
-    now_ms: i64,
-    confirm_within: Duration,
-) -> Verdict {
-    let st = agent.state();
-    if state::awaits_restart(agent) {
-        return Verdict::Restart;
-    }
-    if !state::LIVE.contains(&st) {
-        return Verdict::Fine;
-    }
-    if host.is_none() {
-        return Verdict::HostDown;
-    }
-    if leased {
-        return Verdict::Fine;
-    }
-    if st != AgentState::Pending {
-        return Verdict::LeaseMissing;
-    }
-    let since = agent
-        .pending_since
-        .as_ref()
-        .or(agent.created_at.as_ref())
-        .map_or(0, ms_from_timestamp);
-    let bound = i64::try_from(confirm_within.as_millis()).unwrap_or(i64::MAX);
-    if now_ms.saturating_sub(since) > bound {
-        Verdict::StalePending
-    } else {
-        Verdict::Fine
-    }
-}
 
 /// A record first seen without its lease.
 #[derive(Debug, Clone)]
@@ -419,195 +368,5 @@ impl Sweep {
     /// Places a LOST agent again; failures are logged and retried next time.
     async fn restart(&self, agent: &Agent) -> bool {
         restart_lost(&self.registry, &self.hosts, agent).await
-    }
-
-    /// Starts an unconfirmed PENDING record again: its own host first (if
-    /// live), then the other candidates.
-    async fn retry_start(
-        &self,
-        agent: &Agent,
-        live: &HashMap<String, HostRecord>,
-    ) -> Result<bool, RegistryError> {
-        let spec = agent.spec.clone().unwrap_or_default();
-        // Claimed by moving pending_since: other replicas (and this one's next
-        // slices) wait another bound before trying again.
-        let claimed = self
-            .registry
-            .update_agent(
-                &agent.id,
-                &pending_at(agent),
-                &AgentUpdate {
-                    pending_since_ms: Some(now_ms()),
-                    ..Default::default()
-                },
-            )
-            .await?;
-        if claimed != agentplane::registry::UpdateOutcome::Applied {
-            return Ok(false);
-        }
-        let mut candidates: Vec<HostRecord> = live.get(&agent.host).cloned().into_iter().collect();
-        let rr = self.registry.next_round_robin().await?;
-        let hosts: Vec<HostRecord> = live.values().cloned().collect();
-        if let Ok(more) = placement::candidates(&spec, &sorted(hosts), rr) {
-            candidates.extend(more.into_iter().filter(|h| h.id != agent.host));
-        }
-        tracing::info!(agent = %agent.id, host = %agent.host, generation = agent.generation, "retrying a start that no host confirmed");
-        let placed = Placed {
-            id: &agent.id,
-            generation: agent.generation,
-            spec: &spec,
-        };
-        let outcome = start_on_candidates(
-            &self.registry,
-            &self.hosts,
-            placed,
-            &agent.host,
-            &candidates,
-        )
-        .await;
-        match outcome {
-            Ok(StartOutcome::Done(_)) => Ok(true),
-            Ok(StartOutcome::Unconfirmed {
-                error,
-                retryable: true,
-            }) => {
-                tracing::warn!(agent = %agent.id, error = %error, "start still unconfirmed; retrying later");
-                Ok(true)
-            }
-            Ok(StartOutcome::Unconfirmed {
-                error,
-                retryable: false,
-            }) => {
-                self.fail(agent, &error).await?;
-                Ok(true)
-            }
-            Err(ApiError::Registry(e)) => Err(e),
-            Err(e) => {
-                tracing::warn!(agent = %agent.id, error = %e, "start retry failed; retrying later");
-                Ok(true)
-            }
-        }
-    }
-
-    /// Ends an unconfirmed start FAILED with the refusal that no retry mends.
-    async fn fail(&self, agent: &Agent, error: &ApiError) -> Result<(), RegistryError> {
-        let current = self.registry.get_agent(&agent.id).await?;
-        let Some(current) = current.filter(|a| a.state() == AgentState::Pending) else {
-            return Ok(());
-        };
-        let update = AgentUpdate {
-            state: Some(AgentState::Failed),
-            exit: Some(ExitStatus {
-                reason: ExitReason::HostError as i32,
-                error: format!("no host started it: {error}"),
-                finished_at: Some(timestamp_from_ms(now_ms())),
-                ..Default::default()
-            }),
-            pending_since_ms: Some(0),
-            ..Default::default()
-        };
-        self.registry
-            .update_agent(&agent.id, &pending_at(&current), &update)
-            .await?;
-        tracing::warn!(agent = %agent.id, error = %error, "agent FAILED: no host started it");
-        Ok(())
-    }
-}
-
-/// The expectation of a PENDING record as read.
-fn pending_at(agent: &Agent) -> Expect {
-    Expect {
-        generation: Some(agent.generation),
-        host: Some(agent.host.clone()),
-        states: vec![AgentState::Pending],
-    }
-}
-
-fn sorted(mut hosts: Vec<HostRecord>) -> Vec<HostRecord> {
-    hosts.sort_by(|a, b| a.id.cmp(&b.id));
-    hosts
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::relocate::not_before;
-    use agentplane::proto::v1::restart_policy::Mode;
-    use agentplane::proto::v1::{AgentSpec, RestartPolicy};
-
-    fn agent(state: AgentState, mode: Mode, pending_since_ms: Option<i64>) -> Agent {
-        Agent {
-            id: "a".into(),
-            host: "h1".into(),
-            generation: 1,
-            state: state as i32,
-            spec: Some(AgentSpec {
-                argv: vec!["true".into()],
-                restart: Some(RestartPolicy {
-                    mode: mode as i32,
-                    ..Default::default()
-                }),
-                ..Default::default()
-            }),
-            pending_since: pending_since_ms.map(timestamp_from_ms),
-            ..Default::default()
-        }
-    }
-
-    #[test]
-    fn a_replacement_waits_for_the_disconnect_limit_and_grace() {
-        let mut a = agent(AgentState::Lost, Mode::Always, None);
-        assert_eq!(not_before(&a), None, "no limit: availability first");
-        let spec = a.spec.as_mut().expect("spec");
-        spec.stop_after_disconnect =
-            Some(agentplane::time::duration_to_proto(Duration::from_secs(5)));
-        spec.stop_grace = Some(agentplane::time::duration_to_proto(Duration::from_secs(2)));
-        a.exit = Some(ExitStatus {
-            reason: ExitReason::LeaseExpired as i32,
-            finished_at: Some(timestamp_from_ms(1_000_000)),
-            ..Default::default()
-        });
-        assert_eq!(not_before(&a), Some(1_007_000));
-        a.exit.as_mut().expect("exit").reason = ExitReason::HostRestarted as i32;
-        assert_eq!(not_before(&a), None, "its host said nothing runs there");
-    }
-
-    #[test]
-    fn verdicts() {
-        let h = HostRecord {
-            id: "h1".into(),
-            ttl_ms: 3000,
-            ..Default::default()
-        };
-        let bound = Duration::from_secs(10);
-        let now = 1_000_000;
-        let run = agent(AgentState::Running, Mode::Never, None);
-        assert_eq!(judge(&run, true, Some(&h), now, bound), Verdict::Fine);
-        assert_eq!(
-            judge(&run, false, Some(&h), now, bound),
-            Verdict::LeaseMissing
-        );
-        assert_eq!(judge(&run, true, None, now, bound), Verdict::HostDown);
-        let paused = agent(AgentState::Paused, Mode::Never, None);
-        assert_eq!(
-            judge(&paused, false, Some(&h), now, bound),
-            Verdict::LeaseMissing
-        );
-        let lost = agent(AgentState::Lost, Mode::Always, None);
-        assert_eq!(judge(&lost, false, None, now, bound), Verdict::Restart);
-        let lost_never = agent(AgentState::Lost, Mode::Never, None);
-        assert_eq!(judge(&lost_never, false, None, now, bound), Verdict::Fine);
-        let ended = agent(AgentState::Exited, Mode::Always, None);
-        assert_eq!(judge(&ended, false, Some(&h), now, bound), Verdict::Fine);
-        let fresh = agent(AgentState::Pending, Mode::Never, Some(now - 5_000));
-        assert_eq!(judge(&fresh, false, Some(&h), now, bound), Verdict::Fine);
-        let stale = agent(AgentState::Pending, Mode::Never, Some(now - 11_000));
-        assert_eq!(
-            judge(&stale, false, Some(&h), now, bound),
-            Verdict::StalePending
-        );
-        // A PENDING record its host holds (a restart backoff) is fine however old.
-        assert_eq!(judge(&stale, true, Some(&h), now, bound), Verdict::Fine);
-        assert_eq!(judge(&stale, false, None, now, bound), Verdict::HostDown);
     }
 }

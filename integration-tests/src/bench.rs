@@ -54,6 +54,30 @@ pub async fn fill_other_records(
     Ok(())
 }
 
+/// Sends the `n` spawns `request(i)` makes, `concurrency` at once; their
+/// answers in the order they came.
+pub async fn spawn_concurrently(
+    client: &AgentServiceClient<crate::pki::Authed>,
+    n: usize,
+    concurrency: usize,
+    request: impl Fn(usize) -> SpawnAgentRequest,
+) -> Vec<Result<agentplane::proto::v1::SpawnAgentResponse, tonic::Status>> {
+    use futures::StreamExt;
+    futures::stream::iter((0..n).map(request))
+        .map(|req| {
+            let mut client = client.clone();
+            async move {
+                client
+                    .spawn_agent(req)
+                    .await
+                    .map(tonic::Response::into_inner)
+            }
+        })
+        .buffer_unordered(concurrency)
+        .collect()
+        .await
+}
+
 /// Where one `yes` agent's output goes how fast, in bytes per second, each
 /// measured over the same span: the follower's path taken apart.
 #[derive(Debug, Clone, Copy)]

@@ -43,23 +43,17 @@ impl RedisServer {
     /// Starts one in `dir`, on 127.0.0.1 and the `extra` addresses, and waits
     /// until it answers PING.
     pub async fn start(dir: &Path, extra: &[String]) -> Self {
-        let mut bind = vec!["127.0.0.1".to_owned()];
-        bind.extend(extra.iter().cloned());
-        let mut s = Self {
-            proc: None,
-            port: free_port(),
-            dir: dir.to_owned(),
-            bind,
-            replica_of: None,
-        };
-        s.restart().await;
-        s
+        Self::start_as(dir, extra, None).await
     }
 
     /// Starts a replica of the master at `host:port`, in `dir` (its own),
     /// on 127.0.0.1 and the `extra` addresses; returns once it answers PING
     /// (it syncs in the background).
     pub async fn start_replica(dir: &Path, extra: &[String], host: &str, port: u16) -> Self {
+        Self::start_as(dir, extra, Some((host.to_owned(), port))).await
+    }
+
+    async fn start_as(dir: &Path, extra: &[String], replica_of: Option<(String, u16)>) -> Self {
         let mut bind = vec!["127.0.0.1".to_owned()];
         bind.extend(extra.iter().cloned());
         let mut s = Self {
@@ -67,7 +61,7 @@ impl RedisServer {
             port: free_port(),
             dir: dir.to_owned(),
             bind,
-            replica_of: Some((host.to_owned(), port)),
+            replica_of,
         };
         s.restart().await;
         s
@@ -78,11 +72,6 @@ impl RedisServer {
     pub async fn restart_as_replica_of(&mut self, host: &str, port: u16) {
         self.replica_of = Some((host.to_owned(), port));
         self.restart().await;
-    }
-
-    /// Whether it is a replica (as started).
-    pub fn is_replica(&self) -> bool {
-        self.replica_of.is_some()
     }
 
     /// This one is the master now (a failover promoted it).

@@ -17,7 +17,8 @@ pub const DOWN_AFTER: Duration = Duration::from_millis(1000);
 /// Running sentinels.
 #[derive(Debug)]
 pub struct Sentinels {
-    procs: Vec<Proc>,
+    /// Held so that they end with this value (a `Proc` kills on drop).
+    _procs: Vec<Proc>,
     addrs: Vec<String>,
 }
 
@@ -53,7 +54,10 @@ impl Sentinels {
             procs.push(Proc::spawn(cmd, &log).expect("start redis sentinel"));
             addrs.push(format!("{ip}:{port}"));
         }
-        let s = Self { procs, addrs };
+        let s = Self {
+            _procs: procs,
+            addrs,
+        };
         let deadline = Instant::now() + Duration::from_secs(10);
         for addr in &s.addrs {
             while Self::ask(addr).await.is_none() {
@@ -92,14 +96,5 @@ impl Sentinels {
             .await
             .ok()
             .flatten()
-    }
-
-    /// How many processes run (all three unless one died).
-    pub fn running(&mut self) -> usize {
-        self.procs
-            .iter_mut()
-            .map(Proc::is_running)
-            .filter(|r| *r)
-            .count()
     }
 }

@@ -8,7 +8,6 @@ use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, AgentState, ListAgentsRequest, SpawnAgentRequest};
 use agentplane_integration_tests::TestCluster;
-use futures::StreamExt;
 
 const SPAWNS: usize = 1000;
 
@@ -56,24 +55,17 @@ async fn calls_with_fleet(fleet: usize) -> BTreeMap<String, u64> {
         .expect("RESETSTAT");
 
     let client = cluster.client().await;
-    let spawned: Vec<_> = futures::stream::iter(0..SPAWNS)
-        .map(|i| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .spawn_agent(SpawnAgentRequest {
-                        spec: Some(AgentSpec {
-                            argv: vec!["sleep".into(), "1000".into()],
-                            labels: [("batch".to_owned(), (i % 10).to_string())].into(),
-                            ..Default::default()
-                        }),
-                        request_id: format!("spawn-{i}"),
-                    })
-                    .await
+    let spawned =
+        agentplane_integration_tests::bench::spawn_concurrently(&client, SPAWNS, 16, |i| {
+            SpawnAgentRequest {
+                spec: Some(AgentSpec {
+                    argv: vec!["sleep".into(), "1000".into()],
+                    labels: [("batch".to_owned(), (i % 10).to_string())].into(),
+                    ..Default::default()
+                }),
+                request_id: format!("spawn-{i}"),
             }
         })
-        .buffer_unordered(16)
-        .collect()
         .await;
     for r in &spawned {
         assert!(r.is_ok(), "spawn failed: {r:?}");

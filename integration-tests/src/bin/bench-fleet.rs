@@ -22,7 +22,6 @@ use agentplane::registry::Registry;
 use agentplane_integration_tests::fleet::{Beats, SimHost};
 use agentplane_integration_tests::{cpu, metrics, TestCluster};
 use clap::Parser;
-use futures::StreamExt;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
@@ -115,29 +114,22 @@ async fn spawn_many(
 ) -> anyhow::Result<(f64, Vec<String>)> {
     let client = cluster.client().await;
     let t = Instant::now();
-    let results: Vec<_> = futures::stream::iter(0..n)
-        .map(|i| {
-            let mut client = client.clone();
-            async move {
-                client
-                    .spawn_agent(SpawnAgentRequest {
-                        spec: Some(AgentSpec {
-                            argv: vec!["sleep".into(), "100000".into()],
-                            labels: [("team".to_owned(), format!("t{}", i % 10))].into(),
-                            ..Default::default()
-                        }),
-                        request_id: String::new(),
-                    })
-                    .await
+    let results =
+        agentplane_integration_tests::bench::spawn_concurrently(&client, n, concurrency, |i| {
+            SpawnAgentRequest {
+                spec: Some(AgentSpec {
+                    argv: vec!["sleep".into(), "100000".into()],
+                    labels: [("team".to_owned(), format!("t{}", i % 10))].into(),
+                    ..Default::default()
+                }),
+                request_id: String::new(),
             }
         })
-        .buffer_unordered(concurrency)
-        .collect()
         .await;
     let rate = n as f64 / t.elapsed().as_secs_f64();
     let mut ids = Vec::with_capacity(n);
     for r in results {
-        ids.push(r?.into_inner().agent.unwrap_or_default().id);
+        ids.push(r?.agent.unwrap_or_default().id);
     }
     Ok((rate, ids))
 }
