@@ -164,13 +164,16 @@ async fn reconcile(
     // after whatever the writes below wait for.
     let mut rewrite = Vec::new();
     let mut restore = Vec::new();
+    let mut missing = Vec::new();
     for (id, head) in ids.iter().zip(report.records) {
         let Some(local_gen) = supervisor.generation_of(id) else {
             continue;
         };
         match head {
             None if reset => rewrite.push(id),
-            None => supervisor.fence(id, "its record was deleted"),
+            // Missing without a delete: a write a Redis failover lost (the
+            // record was not replicated in time); this copy is the truth.
+            None => missing.push(id),
             // Only a data loss or a rollback makes a record older than a
             // copy that runs: this newer copy is the truth, written back
             // (the newest generation wins; an older copy elsewhere is then
@@ -188,6 +191,14 @@ async fn reconcile(
             ),
             Some(h) if h.state == Some(AgentState::Lost) => restore.push(id),
             Some(_) => {}
+        }
+    }
+    for id in missing {
+        if registry.was_deleted(id).await? {
+            supervisor.fence(id, "its record was deleted");
+        } else {
+            tracing::warn!(agent = %id, "the record is missing but was never deleted (a write lost in a Redis failover); writing it back");
+            rewrite.push(id);
         }
     }
     if reset {

@@ -511,3 +511,25 @@ async fn a_start_fenced_between_admission_and_fork_is_refused_without_a_panic() 
     assert!(!log.contains("panicked"), "{log}");
     cluster.finish().await;
 }
+
+/// A running agent's record that vanished without a delete (a write a Redis
+/// failover lost) is written back by its host, and the agent runs on; a
+/// delete leaves a tombstone, so a deleted record's copy is still fenced
+/// (tests of `rm`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_record_lost_without_a_delete_is_written_back_and_its_agent_runs_on() {
+    let cluster = TestCluster::builder()
+        .heartbeat_ttl(Duration::from_millis(1500))
+        .start()
+        .await;
+    let a = cluster.spawn(&["sleep", "1000"]).await;
+    let mut conn = cluster.redis.conn().await;
+    let _: () = conn.del(format!("ap:agent:{}", a.id)).await.expect("DEL");
+    let back = cluster
+        .wait_agent(&a.id, "is written back", Duration::from_secs(10), |b| {
+            b.state() == AgentState::Running && b.pid == a.pid
+        })
+        .await;
+    runs_once(&back);
+    cluster.finish().await;
+}

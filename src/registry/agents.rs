@@ -371,7 +371,8 @@ impl Registry {
     }
 
     /// Removes the record, its location, its membership of its host's set
-    /// and of the indexes, and appends AGENT_DELETED, atomically.
+    /// and of the indexes, leaves its tombstone (`ap:deleted:{id}`) and
+    /// appends AGENT_DELETED, atomically.
     pub async fn delete_agent(&self, agent: &Agent) -> Result<()> {
         let k = self.keys();
         let mut pipe = redis::pipe();
@@ -381,6 +382,8 @@ impl Registry {
             .del(k.loc(&agent.id))
             .ignore()
             .srem(k.host_agents(&agent.host), &agent.id)
+            .ignore()
+            .pset_ex(k.deleted(&agent.id), 1, ttl_ms(super::IDEMPOTENCY_TTL))
             .ignore();
         self.index_removes(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_DELETED", agent);
@@ -394,6 +397,15 @@ impl Registry {
     pub async fn clear_location(&self, id: &str, host: &str) -> Result<()> {
         self.release("clear agent location", &self.keys().loc(id), host)
             .await
+    }
+
+    /// Whether the agent's record was deleted (its tombstone lives): a
+    /// missing record without one was lost with a write, not deleted.
+    pub async fn was_deleted(&self, id: &str) -> Result<bool> {
+        self.conn()
+            .exists(self.keys().deleted(id))
+            .await
+            .map_err(self.err("read agent tombstone"))
     }
 
     /// The host whose heartbeat keeps the agent's location alive, if any.

@@ -72,6 +72,13 @@ impl Keys {
         format!("{}:claim:{agent_id}", self.prefix)
     }
 
+    /// `ap:deleted:{agent_id}`: the agent's record was deleted (24 h), so a
+    /// host that finds it missing knows a delete from a write a Redis
+    /// failover lost.
+    pub fn deleted(&self, agent_id: &str) -> String {
+        format!("{}:deleted:{agent_id}", self.prefix)
+    }
+
     /// `ap:drain:{host}`: the replica leading the host's drain, with a
     /// short TTL it renews; a draining host without it is taken over.
     pub fn drain_lease(&self, host: &str) -> String {
