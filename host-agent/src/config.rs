@@ -248,6 +248,7 @@ impl Config {
                 .map(|s| s.sentinels.clone())
                 .unwrap_or_default(),
             master_name: options.sentinel.map(|s| s.master_name).unwrap_or_default(),
+            cluster: options.cluster,
         })
     }
 

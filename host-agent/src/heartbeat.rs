@@ -62,10 +62,17 @@ pub async fn run(
             () = cancel.cancelled() => return,
             () = wait => {}
         }
-        let ids = supervisor.active_ids();
+        let running: Vec<(String, u64)> = supervisor
+            .active_ids()
+            .into_iter()
+            .filter_map(|id| {
+                let generation = supervisor.generation_of(&id)?;
+                Some((id, generation))
+            })
+            .collect();
         let started = tokio::time::Instant::now();
         last_attempt = started;
-        let result = beat(&registry, &mut conn, &host, &ids, ttl, limit).await;
+        let result = beat(&registry, &mut conn, &host, &running, ttl, limit).await;
         // Published with the next beat: `hosts ls` and the benchmark read it.
         host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let metrics = supervisor.metrics();
@@ -83,7 +90,7 @@ pub async fn run(
                     tracing::info!(down_for = ?since.elapsed(), "registry reachable again; heartbeat restored");
                 }
                 if let Err(e) =
-                    reconcile(&registry, &supervisor, &host, ttl, &ids, report, &mut mem).await
+                    reconcile(&registry, &supervisor, &host, ttl, report, &mut mem).await
                 {
                     tracing::warn!(error = %e, "post-heartbeat reconciliation failed; retrying next beat");
                 }
@@ -136,7 +143,7 @@ async fn beat(
     registry: &Registry,
     conn: &mut Option<agentplane::registry::Connection>,
     host: &HostRecord,
-    ids: &[String],
+    running: &[(String, u64)],
     ttl: Duration,
     limit: Duration,
 ) -> Result<HeartbeatReport, agentplane::registry::RegistryError> {
@@ -144,7 +151,7 @@ async fn beat(
         Some(c) => c,
         None => registry.dedicated_connection(limit).await?,
     };
-    let report = registry.heartbeat(&mut c, host, ids, ttl).await?;
+    let report = registry.heartbeat(&mut c, host, running, ttl).await?;
     *conn = Some(c);
     Ok(report)
 }
@@ -154,7 +161,6 @@ async fn reconcile(
     supervisor: &Supervisor,
     host: &HostRecord,
     ttl: Duration,
-    ids: &[String],
     report: HeartbeatReport,
     mem: &mut Memory,
 ) -> Result<(), agentplane::registry::RegistryError> {
@@ -165,7 +171,8 @@ async fn reconcile(
     let mut rewrite = Vec::new();
     let mut restore = Vec::new();
     let mut missing = Vec::new();
-    for (id, head) in ids.iter().zip(report.records) {
+    // Only the agents whose record does not name this run come back.
+    for (id, head) in &report.differing {
         let Some(local_gen) = supervisor.generation_of(id) else {
             continue;
         };

@@ -12,8 +12,10 @@ use agentplane::proto::v1::{
 mod builder;
 mod clients;
 mod keepers;
+mod redis;
 
 pub use builder::Builder;
+pub use redis::redis_cluster_requested;
 
 use crate::pki::ClusterPki;
 use crate::process::Proc;
@@ -84,118 +86,12 @@ pub struct TestCluster {
     pub sentinels: Option<crate::sentinel::Sentinels>,
     /// The address Redis and its sentinels are reached at.
     redis_ip: String,
-}
-
-/// Whether `master` has its replica online (fully synced, streaming).
-async fn replica_online(master: &RedisServer) -> bool {
-    let Ok(info) = redis::cmd("INFO")
-        .arg("replication")
-        .query_async::<String>(&mut master.conn().await)
-        .await
-    else {
-        return false;
-    };
-    info.lines()
-        .any(|l| l.starts_with("slave0:") && l.contains("state=online"))
-}
-
-/// Waits until `master` has its replica online.
-pub(crate) async fn wait_replica_online(master: &RedisServer) {
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    while !replica_online(master).await {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the replica never came online"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    /// With `AGENTPLANE_TEST_REDIS=cluster`: the Redis Cluster the servers
+    /// use (`redis` then runs unused).
+    pub redis_cluster: Option<crate::redis_cluster::RedisCluster>,
 }
 
 impl TestCluster {
-    /// The flags that make a server find Redis through the sentinels.
-    fn sentinel_args(&self) -> Vec<String> {
-        self.sentinels.as_ref().map_or_else(Vec::new, |s| {
-            vec![
-                "--redis-sentinel".into(),
-                s.arg(),
-                "--redis-master-name".into(),
-                crate::sentinel::MASTER_NAME.into(),
-            ]
-        })
-    }
-
-    /// Kills the Redis master (SIGKILL) and waits until the sentinels name
-    /// the replica master; the old master comes back empty as the new one's
-    /// replica, so a later failover can go back. `self.redis` is the master
-    /// after (the one the sentinels name: on a loaded machine they may fail
-    /// over again meanwhile). How long until the sentinels named the new
-    /// master.
-    pub async fn fail_over_redis(&mut self) -> Duration {
-        let old = self.redis.port();
-        let t = std::time::Instant::now();
-        self.redis.stop();
-        let new = loop {
-            if let Some(port) = self.sentinel_master().await.filter(|p| *p != old) {
-                break port;
-            }
-            assert!(
-                t.elapsed() < Duration::from_secs(30),
-                "the sentinels never promoted the replica"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        };
-        let elapsed = t.elapsed();
-        let mut replica = self.replica.take().expect("a replica");
-        assert_eq!(
-            replica.port(),
-            new,
-            "the sentinels promoted an unknown server"
-        );
-        replica.promoted();
-        let mut was = std::mem::replace(&mut self.redis, replica);
-        was.restart_as_replica_of(&self.redis_ip, new).await;
-        self.replica = Some(was);
-        self.settle_redis().await;
-        elapsed
-    }
-
-    /// The master's port as the sentinels name it.
-    async fn sentinel_master(&self) -> Option<u16> {
-        self.sentinels
-            .as_ref()
-            .expect("a cluster built with .sentinel()")
-            .master()
-            .await
-            .map(|(_, port)| port)
-    }
-
-    /// Waits until the sentinels name a master that has its replica online,
-    /// and makes `self.redis` that master.
-    async fn settle_redis(&mut self) {
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        loop {
-            let named = self.sentinel_master().await;
-            let replica = self.replica.as_mut().expect("a replica");
-            if named == Some(replica.port()) {
-                std::mem::swap(&mut self.redis, replica);
-                self.redis.promoted();
-                let (ip, port) = (self.redis_ip.clone(), self.redis.port());
-                self.replica
-                    .as_mut()
-                    .expect("a replica")
-                    .demoted_to(&ip, port);
-            }
-            if named == Some(self.redis.port()) && replica_online(&self.redis).await {
-                return;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "Redis never settled after the failover (master named: {named:?})"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-    }
-
     /// A builder with one host and one control plane.
     pub fn builder() -> Builder {
         Builder::default()
@@ -285,8 +181,6 @@ impl TestCluster {
         args.extend([
             "--listen".into(),
             listen,
-            "--redis-url".into(),
-            self.redis.url(),
             "--host-call-timeout".into(),
             "5s".into(),
             "--shutdown-timeout".into(),
@@ -294,7 +188,7 @@ impl TestCluster {
             "--reconcile-interval".into(),
             format!("{}ms", self.config.reconcile_interval.as_millis()),
         ]);
-        args.extend(self.sentinel_args());
+        args.extend(self.redis_args(None));
         args.extend(self.config.control_plane_args.iter().cloned());
         let (proc, addr) = self.start_server("control-plane", log_name, &args, None);
         Server {
@@ -306,13 +200,13 @@ impl TestCluster {
 
     fn spawn_host(&self, i: usize, log_name: &str) -> Server {
         let host_id = format!("h{}", i + 1);
-        let (listen, redis, ns) = match &self.lab {
+        let (listen, gateway, ns) = match &self.lab {
             Some(lab) => (
                 format!("{}:0", lab.host_ip(i)),
-                self.redis.url_at(&lab.gateway()),
+                Some(lab.gateway()),
                 Some(lab.namespace(i)),
             ),
-            None => ("127.0.0.1:0".to_owned(), self.redis.url(), None),
+            None => ("127.0.0.1:0".to_owned(), None, None),
         };
         let mut args = match &self.pki {
             Some(p) => {
@@ -327,8 +221,6 @@ impl TestCluster {
         args.extend([
             "--listen".into(),
             listen,
-            "--redis-url".into(),
-            redis,
             "--host-id".into(),
             host_id.clone(),
             "--max-agents".into(),
@@ -356,7 +248,7 @@ impl TestCluster {
         if self.config.root_agents && nix::unistd::geteuid().is_root() {
             args.push("--allow-root-agents".into());
         }
-        args.extend(self.sentinel_args());
+        args.extend(self.redis_args(gateway.as_deref()));
         args.extend(self.config.host_args.iter().cloned());
         for (idx, arg) in &self.config.host_args_at {
             if *idx == i {
@@ -530,7 +422,7 @@ impl TestCluster {
     /// Asserts what every test must leave true (no `KEYS` ever reached Redis),
     /// then tears the cluster down. Call it at the end of every test.
     pub async fn finish(self) {
-        let stats = self.redis.commandstats().await;
+        let stats = self.all_commandstats().await;
         assert!(
             !stats.contains("cmdstat_keys:"),
             "Redis saw KEYS calls (use SCAN):\n{stats}"

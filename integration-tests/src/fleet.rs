@@ -122,18 +122,18 @@ impl SimHost {
         Ok(host)
     }
 
-    /// One heartbeat, as the host agent's: the host hash, every location
-    /// key and every record's head in one pipelined round trip.
+    /// One heartbeat, as the host agent's: the host hash and every lease,
+    /// with the records that differ read back, in one round trip.
     async fn beat(&self, conn: &mut agentplane::registry::Connection) -> anyhow::Result<()> {
-        let ids: Vec<String> = self
+        let running: Vec<(String, u64)> = self
             .running
             .lock()
             .expect("running lock")
-            .keys()
-            .cloned()
+            .iter()
+            .map(|(id, generation)| (id.clone(), *generation))
             .collect();
         self.registry
-            .heartbeat(conn, &self.record, &ids, self.ttl)
+            .heartbeat(conn, &self.record, &running, self.ttl)
             .await?;
         Ok(())
     }

@@ -23,7 +23,7 @@ use std::time::Duration;
 
 pub use cluster::{bin, bin_dir, Builder, Server, TestCluster};
 pub use process::Proc;
-pub use redis_server::{free_port, RedisServer};
+pub use redis_server::{free_port, parse_command_calls, RedisServer};
 
 /// A spec running `argv` with an optional restart mode (defaults elsewhere).
 pub fn spec(

@@ -14,12 +14,20 @@ use crate::redis_server::{binary, free_port};
 pub struct RedisCluster {
     procs: Vec<Proc>,
     ports: Vec<u16>,
+    /// The address the nodes announce (and clients dial).
+    ip: String,
 }
 
 impl RedisCluster {
     /// Starts three masters in `dir` and joins them; returns once every node
     /// says `cluster_state:ok`.
     pub async fn start(dir: &Path) -> Self {
+        Self::start_on(dir, None).await
+    }
+
+    /// [`RedisCluster::start`], the nodes also listening on `ip` and
+    /// announcing it (so that hosts in network namespaces reach them).
+    pub async fn start_on(dir: &Path, ip: Option<&str>) -> Self {
         let mut procs = Vec::new();
         let mut ports = Vec::new();
         for _ in 0..3 {
@@ -27,8 +35,11 @@ impl RedisCluster {
             let node_dir = dir.join(format!("node-{port}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             let mut cmd = Command::new(binary());
-            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
+            cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"]);
+            if let Some(ip) = ip {
+                cmd.arg(ip).args(["--cluster-announce-ip", ip]);
+            }
+            cmd.args(["--cluster-enabled", "yes", "--cluster-node-timeout", "2000"])
                 .args(["--save", "", "--appendonly", "no", "--protected-mode", "no"])
                 .arg("--dir")
                 .arg(&node_dir)
@@ -37,7 +48,11 @@ impl RedisCluster {
             procs.push(Proc::spawn(cmd, &log).expect("start a cluster node"));
             ports.push(port);
         }
-        let cluster = Self { procs, ports };
+        let cluster = Self {
+            procs,
+            ports,
+            ip: ip.unwrap_or("127.0.0.1").to_owned(),
+        };
         for url in cluster.urls() {
             crate::eventually(
                 Duration::from_secs(10),
@@ -61,7 +76,7 @@ impl RedisCluster {
         })
         .arg("--cluster")
         .arg("create")
-        .args(cluster.ports.iter().map(|p| format!("127.0.0.1:{p}")))
+        .args(cluster.addrs())
         .arg("--cluster-yes")
         .output()
         .expect("run redis-cli --cluster create");
@@ -102,6 +117,61 @@ impl RedisCluster {
             .iter()
             .map(|p| format!("redis://127.0.0.1:{p}"))
             .collect()
+    }
+
+    /// The nodes' ports.
+    pub fn ports(&self) -> &[u16] {
+        &self.ports
+    }
+
+    /// `IP:PORT` of every node, at the announced address.
+    pub fn addrs(&self) -> Vec<String> {
+        self.ports
+            .iter()
+            .map(|p| format!("{}:{p}", self.ip))
+            .collect()
+    }
+
+    /// A cluster connection (each key goes to its node).
+    pub async fn conn(&self) -> redis::cluster_async::ClusterConnection {
+        redis::cluster::ClusterClient::new(self.urls())
+            .expect("cluster client")
+            .get_async_connection()
+            .await
+            .expect("connect to the redis cluster")
+    }
+
+    /// `INFO commandstats` of every node, one after the other.
+    pub async fn commandstats(&self) -> String {
+        let mut out = String::new();
+        for url in self.urls() {
+            let client = redis::Client::open(url).expect("url");
+            let mut c = client
+                .get_multiplexed_async_connection()
+                .await
+                .expect("connect to a cluster node");
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await
+                .expect("INFO commandstats");
+            out.push_str(&stats);
+        }
+        out
+    }
+
+    /// SIGSTOP to every node (a frozen cluster; TTLs run on).
+    pub fn freeze(&self) {
+        for p in &self.procs {
+            p.signal(nix::sys::signal::Signal::SIGSTOP);
+        }
+    }
+
+    /// SIGCONT after [`RedisCluster::freeze`].
+    pub fn thaw(&self) {
+        for p in &self.procs {
+            p.signal(nix::sys::signal::Signal::SIGCONT);
+        }
     }
 
     /// How many node processes run.

@@ -15,6 +15,8 @@ pub struct RedisServer {
     bind: Vec<String>,
     /// The master this one replicates (`--replicaof`), if a replica.
     replica_of: Option<(String, u16)>,
+    /// A stand-in that never ran (the cluster uses a Redis Cluster).
+    absent: bool,
 }
 
 /// The redis-server binary, or a panic that says how to get one.
@@ -62,9 +64,33 @@ impl RedisServer {
             dir: dir.to_owned(),
             bind,
             replica_of,
+            absent: false,
         };
         s.restart().await;
         s
+    }
+
+    /// A stand-in for a cluster whose servers use a Redis Cluster: any use
+    /// panics, so a test of one server cannot pass by acting on nothing.
+    pub fn absent(dir: &Path) -> Self {
+        Self {
+            proc: None,
+            port: 0,
+            dir: dir.to_owned(),
+            bind: Vec::new(),
+            replica_of: None,
+            absent: true,
+        }
+    }
+
+    /// Panics on the stand-in ([`RedisServer::absent`]).
+    fn used(&self) {
+        assert!(
+            !self.absent,
+            "this test acts on one Redis server, but the suite runs against a Redis \
+             Cluster (AGENTPLANE_TEST_REDIS=cluster): read Redis through \
+             TestCluster::redis_conn/keys, or build the cluster with .single_redis()"
+        );
     }
 
     /// Starts it again, empty, as a replica of `host:port` (a master that a
@@ -86,26 +112,31 @@ impl RedisServer {
 
     /// `redis://127.0.0.1:PORT`.
     pub fn url(&self) -> String {
+        self.used();
         format!("redis://127.0.0.1:{}", self.port)
     }
 
     /// The server's pid while it runs.
     pub fn pid(&self) -> Option<i32> {
+        self.used();
         self.proc.as_ref().map(Proc::pid)
     }
 
     /// The port.
     pub fn port(&self) -> u16 {
+        self.used();
         self.port
     }
 
     /// `redis://ADDR:PORT` for another address it listens on.
     pub fn url_at(&self, addr: &str) -> String {
+        self.used();
         format!("redis://{addr}:{}", self.port)
     }
 
     /// A client connection for assertions.
     pub async fn conn(&self) -> redis::aio::MultiplexedConnection {
+        self.used();
         redis::Client::open(self.url())
             .expect("redis url")
             .get_multiplexed_async_connection()
@@ -115,11 +146,13 @@ impl RedisServer {
 
     /// Kills it (SIGKILL): all data is lost, as with a crash without persistence.
     pub fn stop(&mut self) {
+        self.used();
         self.proc = None;
     }
 
     /// Starts it again on the same port, empty.
     pub async fn restart(&mut self) {
+        self.used();
         let _ = std::fs::remove_file(self.dir.join("dump.rdb"));
         self.start_again().await;
     }
@@ -127,6 +160,7 @@ impl RedisServer {
     /// `SHUTDOWN SAVE`: Redis writes its data to disk and exits, as in a
     /// clean restart; returns once the process is gone.
     pub async fn shutdown_saving(&mut self) {
+        self.used();
         let _ = redis::cmd("SHUTDOWN")
             .arg("SAVE")
             .query_async::<()>(&mut self.conn().await)
@@ -187,6 +221,7 @@ impl RedisServer {
 
     /// SIGSTOP: Redis freezes (its clock, and so its TTLs, run on).
     pub fn freeze(&self) {
+        self.used();
         if let Some(p) = &self.proc {
             p.signal(nix::sys::signal::Signal::SIGSTOP);
         }
@@ -194,6 +229,7 @@ impl RedisServer {
 
     /// SIGCONT after [`RedisServer::freeze`].
     pub fn thaw(&self) {
+        self.used();
         if let Some(p) = &self.proc {
             p.signal(nix::sys::signal::Signal::SIGCONT);
         }
@@ -201,6 +237,7 @@ impl RedisServer {
 
     /// `INFO commandstats`, raw.
     pub async fn commandstats(&self) -> String {
+        self.used();
         redis::cmd("INFO")
             .arg("commandstats")
             .query_async(&mut self.conn().await)
@@ -217,6 +254,16 @@ impl RedisServer {
 
 /// `cmdstat_scan:calls=3,usec=…` lines to `{"scan": 3}`.
 pub fn parse_command_calls(stats: &str) -> std::collections::BTreeMap<String, u64> {
+    let mut calls = std::collections::BTreeMap::new();
+    for (cmd, n) in parse_lines(stats) {
+        *calls.entry(cmd).or_insert(0) += n;
+    }
+    calls
+}
+
+/// The `(command, calls)` of each `cmdstat_` line (several servers' stats
+/// may be one after the other).
+fn parse_lines(stats: &str) -> Vec<(String, u64)> {
     stats
         .lines()
         .filter_map(|l| {

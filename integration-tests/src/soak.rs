@@ -148,8 +148,8 @@ pub async fn violations(cluster: &TestCluster, restartable: &[String]) -> Vec<St
 /// The dataset's epoch (`ap:epoch`; it changes when Redis loses its data).
 async fn redis_epoch(cluster: &TestCluster) -> Option<String> {
     redis::cmd("GET")
-        .arg("ap:epoch")
-        .query_async(&mut cluster.redis.conn().await)
+        .arg(cluster.keys().epoch())
+        .query_async(&mut cluster.redis_conn().await)
         .await
         .ok()
         .flatten()
@@ -328,10 +328,23 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
             cluster.control_planes[index].proc.signal(Signal::SIGKILL);
             cluster.restart_control_plane(index);
         }
-        Fault::FreezeRedis { for_ } => {
-            cluster.redis.freeze();
-            tokio::time::sleep(for_).await;
-            cluster.redis.thaw();
+        // On a Redis Cluster: every node frozen; its data flushed.
+        Fault::FreezeRedis { for_ } => match &cluster.redis_cluster {
+            Some(nodes) => {
+                nodes.freeze();
+                tokio::time::sleep(for_).await;
+                nodes.thaw();
+            }
+            None => {
+                cluster.redis.freeze();
+                tokio::time::sleep(for_).await;
+                cluster.redis.thaw();
+            }
+        },
+        Fault::RestartRedisEmpty if cluster.on_redis_cluster() => {
+            let _: redis::RedisResult<()> = redis::cmd("FLUSHALL")
+                .query_async(&mut cluster.redis_conn().await)
+                .await;
         }
         Fault::RestartRedisEmpty => {
             cluster.redis.stop();

@@ -427,17 +427,12 @@ async fn an_agent_idle_before_a_restart_is_not_announced_idle_again_and_its_idle
         .expect("get")
         .into_inner();
     assert!(idle.idle, "still marked idle at its end");
-    let mut conn = cluster.redis.conn().await;
-    let events: redis::streams::StreamRangeReply =
-        redis::AsyncCommands::xrange_all(&mut conn, "ap:events")
-            .await
-            .expect("read the event stream");
-    let announced = events
-        .ids
+    let announced = cluster
+        .events()
+        .await
         .iter()
         .filter(|e| {
-            e.get::<String>("type").as_deref() == Some("AGENT_IDLE")
-                && e.get::<String>("agent").as_deref() == Some(a.id.as_str())
+            e.get("type").map(String::as_str) == Some("AGENT_IDLE") && e.get("agent") == Some(&a.id)
         })
         .count();
     assert_eq!(announced, 1, "AGENT_IDLE once, not again after the restart");

@@ -307,14 +307,14 @@ async fn a_drain_whose_replica_dies_is_finished_by_another() {
         .stderr(std::process::Stdio::null())
         .spawn()
         .expect("start agentctl hosts drain");
-    let conn = cluster.redis.conn().await;
+    let conn = cluster.redis_conn().await;
+    let h1 = cluster.keys().host("h1");
     agentplane_integration_tests::eventually(Duration::from_secs(10), "h1 marked draining", || {
-        let mut conn = conn.clone();
+        let (mut conn, h1) = (conn.clone(), h1.clone());
         async move {
-            let mark: Option<String> =
-                redis::AsyncCommands::hget(&mut conn, "ap:host:h1", "draining")
-                    .await
-                    .ok()?;
+            let mark: Option<String> = redis::AsyncCommands::hget(&mut conn, &h1, "draining")
+                .await
+                .ok()?;
             mark
         }
     })
@@ -345,12 +345,11 @@ async fn a_drain_whose_replica_dies_is_finished_by_another() {
         Duration::from_secs(10),
         "the draining mark cleared",
         || {
-            let mut conn = conn.clone();
+            let (mut conn, h1) = (conn.clone(), h1.clone());
             async move {
-                let mark: Option<String> =
-                    redis::AsyncCommands::hget(&mut conn, "ap:host:h1", "draining")
-                        .await
-                        .ok()?;
+                let mark: Option<String> = redis::AsyncCommands::hget(&mut conn, &h1, "draining")
+                    .await
+                    .ok()?;
                 mark.is_none().then_some(())
             }
         },

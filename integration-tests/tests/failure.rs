@@ -9,7 +9,6 @@ use agentplane::proto::v1::{
     Agent, AgentSpec, AgentState, GetAgentRequest, ListAgentsRequest, LocateAgentRequest,
 };
 use agentplane_integration_tests::{eventually, procfs, spec, TestCluster};
-use redis::AsyncCommands;
 use tonic::Code;
 
 async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
@@ -23,16 +22,12 @@ async fn all_agents(cluster: &TestCluster) -> Vec<Agent> {
 
 /// Event types of the stream, as (type, agent, state) for assertions.
 async fn events(cluster: &TestCluster) -> Vec<(String, String, String)> {
-    let mut conn = cluster.redis.conn().await;
-    let reply: redis::streams::StreamRangeReply = conn
-        .xrange_all("ap:events")
+    cluster
+        .events()
         .await
-        .expect("read the event stream");
-    reply
-        .ids
         .iter()
         .map(|e| {
-            let get = |k: &str| e.get::<String>(k).unwrap_or_default();
+            let get = |k: &str| e.get(k).cloned().unwrap_or_default();
             (get("type"), get("agent"), get("state"))
         })
         .collect()
@@ -160,7 +155,7 @@ async fn flushall_with_fifty_agents_running_loses_nothing_within_two_heartbeats(
         s.name = format!("worker-{i}");
         agents.push(cluster.spawn_spec(s).await);
     }
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     redis::cmd("FLUSHALL")
         .query_async::<()>(&mut conn)
         .await
@@ -266,7 +261,9 @@ const TTL: Duration = Duration::from_millis(1500);
 /// Two hosts (TTL 1.5 s) running six agents, half restart-always, and
 /// their records.
 async fn two_hosts_with_six_agents() -> (TestCluster, Vec<Agent>) {
+    // Faults of one server (frozen, restarted empty).
     let cluster = TestCluster::builder()
+        .single_redis()
         .hosts(2)
         .heartbeat_ttl(TTL)
         .start()

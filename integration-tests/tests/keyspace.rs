@@ -14,7 +14,9 @@ const SPAWNS: usize = 1000;
 /// What Redis was asked during the spawns, by command, beside `fleet`
 /// other records.
 async fn calls_with_fleet(fleet: usize) -> BTreeMap<String, u64> {
+    // One server's command counts, beside records of the flat layout.
     let cluster = TestCluster::builder()
+        .single_redis()
         .max_agents(u32::try_from(SPAWNS).expect("fits") + 10)
         .reconcile_interval(Duration::from_millis(200))
         .start()
@@ -132,7 +134,8 @@ async fn a_host_left_half_settled_in_the_lost_hosts_is_settled_by_the_next_pass(
         .reconcile_interval(Duration::from_millis(200))
         .start()
         .await;
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
+    let k = cluster.keys();
     // A record left RUNNING on host `gone`, which a replica declared lost
     // (no longer known, in the lost hosts) before it died.
     let id = agentplane::ids::new_agent_id();
@@ -148,18 +151,23 @@ async fn a_host_left_half_settled_in_the_lost_hosts_is_settled_by_the_next_pass(
         ("pid", b"4242".to_vec()),
         ("generation", b"1".to_vec()),
     ];
+    let shard = k.shard_of(&id);
     redis::pipe()
         .atomic()
-        .hset_multiple(format!("ap:agent:{id}"), &fields)
+        .hset_multiple(k.agent(&id), &fields)
         .ignore()
-        .sadd("ap:host-agents:gone", &id)
+        .sadd(k.host_agents(shard, "gone"), &id)
         .ignore()
-        .zadd("ap:agents", &id, 0)
+        .zadd(k.agents_index(shard), &id, 0)
         .ignore()
-        .zadd("ap:state:RUNNING", &id, 0)
+        .zadd(k.state_index(shard, "RUNNING"), &id, 0)
         .ignore()
-        .sadd("ap:hosts-lost", "gone")
-        .ignore()
+        .query_async::<()>(&mut conn)
+        .await
+        .expect("plant");
+    redis::cmd("SADD")
+        .arg(k.hosts_lost())
+        .arg("gone")
         .query_async::<()>(&mut conn)
         .await
         .expect("plant");
@@ -178,7 +186,7 @@ async fn a_host_left_half_settled_in_the_lost_hosts_is_settled_by_the_next_pass(
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let left: bool = redis::cmd("SISMEMBER")
-            .arg("ap:hosts-lost")
+            .arg(k.hosts_lost())
             .arg("gone")
             .query_async(&mut conn)
             .await

@@ -16,7 +16,9 @@ const LISTEN: &str = "127.0.0.1:0";
 
 /// A cluster whose servers all serve `/metrics`.
 fn builder() -> agentplane_integration_tests::Builder {
+    // One Redis server: a test stops it.
     TestCluster::builder()
+        .single_redis()
         .control_plane_arg("--metrics-listen")
         .control_plane_arg(LISTEN)
         .host_arg("--metrics-listen")

@@ -124,7 +124,9 @@ fn promtool_accepts_the_alert_rules_and_the_scrape_config() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn what_the_servers_serve_passes_promtool_and_covers_every_queried_metric() {
+    // One Redis server: the test stops it.
     let mut cluster = TestCluster::builder()
+        .single_redis()
         .control_plane_arg("--metrics-listen")
         .control_plane_arg("127.0.0.1:0")
         .host_arg("--metrics-listen")

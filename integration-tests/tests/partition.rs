@@ -102,7 +102,7 @@ async fn a_cut_link_loses_and_reschedules_and_a_healed_link_fences_the_stale_cop
     lab.restore(0);
     // When the kernel passes traffic again (bringing a bridge port back up
     // takes a few hundred ms here), measured from a separate probe.
-    let (gw, port) = (lab.gateway(), cluster.redis.port());
+    let (gw, port) = (lab.gateway(), cluster.redis_port());
     // `None` if the link carried nothing within 10 s.
     let probe = {
         let (ns, gw) = (lab.namespace(0), gw.clone());

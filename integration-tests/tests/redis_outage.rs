@@ -21,7 +21,9 @@ fn spawn_req() -> SpawnAgentRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_down_is_unavailable_naming_the_registry_and_recovery_needs_no_restart() {
+    // One Redis server, stopped and restarted.
     let mut cluster = TestCluster::builder()
+        .single_redis()
         .hosts(1)
         .heartbeat_ttl(Duration::from_millis(1500))
         .start()

@@ -51,7 +51,7 @@ async fn record(cluster: &TestCluster, id: &str) -> Agent {
 }
 
 async fn exists(cluster: &TestCluster, key: &str) -> bool {
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     redis::AsyncCommands::exists(&mut conn, key)
         .await
         .expect("redis")
@@ -84,9 +84,9 @@ async fn a_sigkilled_host_agents_host_is_restarting_and_its_agents_stay_running_
                 a.id
             );
         }
-        if seen_restarting.is_none() && !exists(&cluster, "ap:host:h1").await {
+        if seen_restarting.is_none() && !exists(&cluster, &cluster.keys().host("h1")).await {
             assert!(
-                exists(&cluster, "ap:keeper:h1").await,
+                exists(&cluster, &cluster.keys().keeper("h1")).await,
                 "the keeper says the machine is alive"
             );
             let listed = hosts
@@ -173,7 +173,7 @@ async fn a_dead_machine_is_lost_within_the_ttl_whatever_its_keeper_said() {
     let keeper = cluster.keeper_pid("h1").expect("a keeper");
     kill_host_agent(&mut cluster).await;
     let deadline = Instant::now() + Duration::from_secs(5);
-    while !exists(&cluster, "ap:keeper:h1").await {
+    while !exists(&cluster, &cluster.keys().keeper("h1")).await {
         assert!(Instant::now() < deadline, "the keeper never wrote its key");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -209,7 +209,7 @@ async fn a_grace_longer_than_the_ttl_holds_the_agents_then_ends_them_and_the_hos
         assert!(!procfs::is_alive(a.pid), "{} outlived the grace", a.id);
     }
     assert!(
-        !exists(&cluster, "ap:keeper:h1").await,
+        !exists(&cluster, &cluster.keys().keeper("h1")).await,
         "the keeper deleted its key"
     );
     eprintln!("orphan grace {grace:?} (TTL {TTL:?}): agents held, then ended and LOST {lost:?} after the host agent's SIGKILL");

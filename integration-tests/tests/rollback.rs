@@ -17,9 +17,9 @@ use agentplane_integration_tests::{procfs, spec, TestCluster};
 
 /// Sets fields of agent `id`'s record as a rollback would.
 async fn roll_back(cluster: &TestCluster, id: &str, fields: &[(&str, String)]) {
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     let mut cmd = redis::cmd("HSET");
-    cmd.arg(format!("ap:agent:{id}"));
+    cmd.arg(cluster.keys().agent(id));
     for (f, v) in fields {
         cmd.arg(*f).arg(v);
     }

@@ -51,8 +51,9 @@ async fn with_stop_agents_on_exit_sigterm_removes_the_host_key_at_once_and_stops
         },
     )
     .await;
-    let mut redis = cluster.redis.conn().await;
-    assert!(redis.exists::<_, bool>("ap:host:h1").await.unwrap());
+    let mut redis = cluster.redis_conn().await;
+    let h1 = cluster.keys().host("h1");
+    assert!(redis.exists::<_, bool>(&h1).await.unwrap());
 
     let t = Instant::now();
     cluster.hosts[0].proc.signal(Signal::SIGTERM);
@@ -61,9 +62,9 @@ async fn with_stop_agents_on_exit_sigterm_removes_the_host_key_at_once_and_stops
         grace,
         "the host key removed while the host agent stops its agents",
         || {
-            let mut redis = redis.clone();
+            let (mut redis, h1) = (redis.clone(), h1.clone());
             async move {
-                let exists = redis.exists::<_, bool>("ap:host:h1").await.unwrap();
+                let exists = redis.exists::<_, bool>(&h1).await.unwrap();
                 // Looked at after the key: a key seen gone was gone while
                 // both were still there.
                 let host_alive = procfs::is_alive(host_pid);
@@ -98,7 +99,7 @@ async fn with_stop_agents_on_exit_sigterm_removes_the_host_key_at_once_and_stops
     );
     assert!(took < Duration::from_secs(10), "shutdown took {took:?}");
     assert!(
-        !redis.exists::<_, bool>("ap:host:h1").await.unwrap(),
+        !redis.exists::<_, bool>(&h1).await.unwrap(),
         "host key still removed"
     );
     for pgid in groups {

@@ -23,15 +23,20 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
         .start()
         .await;
     cluster.wait_for_hosts(1).await;
-    let mut conn = cluster.redis.conn().await;
-    let mut fill = redis::pipe();
+    let mut conn = cluster.redis_conn().await;
+    // One by one: on a Redis Cluster the keys are in many slots.
     for i in 0..5000 {
-        fill.set_ex(format!("ap:idem:filler-{i}"), "x", 3600)
-            .ignore();
+        redis::cmd("SET")
+            .arg(cluster.keys().idem(&format!("filler-{i}")))
+            .arg("x")
+            .arg("EX")
+            .arg(3600)
+            .query_async::<()>(&mut conn)
+            .await
+            .unwrap();
     }
-    fill.query_async::<()>(&mut conn).await.unwrap();
 
-    let before = cluster.redis.command_calls().await;
+    let before = cluster.command_calls().await;
     let started = Instant::now();
     let client = cluster.client().await;
     let spawns = (0..40).map(|i| {
@@ -56,7 +61,7 @@ async fn spawns_walk_no_keyspace_whatever_it_holds() {
     });
     futures::future::join_all(spawns).await;
     let took = started.elapsed();
-    let after = cluster.redis.command_calls().await;
+    let after = cluster.command_calls().await;
 
     let grew =
         |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
@@ -91,12 +96,13 @@ async fn a_host_gone_with_no_agents_leaves_the_live_host_index() {
         .start()
         .await;
     cluster.wait_for_hosts(2).await;
-    let mut conn = cluster.redis.conn().await;
-    let members = |conn: &mut redis::aio::MultiplexedConnection| {
-        let mut c = conn.clone();
+    let mut conn = cluster.redis_conn().await;
+    let known = cluster.keys().hosts_known();
+    let members = |conn: &mut agentplane::registry::Connection| {
+        let (mut c, known) = (conn.clone(), known.clone());
         async move {
             redis::cmd("SMEMBERS")
-                .arg("ap:hosts-known")
+                .arg(known)
                 .query_async::<BTreeSet<String>>(&mut c)
                 .await
                 .unwrap()
@@ -121,17 +127,11 @@ async fn a_host_gone_with_no_agents_leaves_the_live_host_index() {
         );
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let events: Vec<(String, Vec<String>)> = redis::cmd("XRANGE")
-        .arg("ap:events")
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
+    let events = cluster.events().await;
     assert!(
-        events.iter().any(|(_, fields)| {
-            fields.windows(2).any(|w| w == ["type", "HOST_LOST"])
-                && fields.windows(2).any(|w| w == ["host", "h2"])
+        events.iter().any(|e| {
+            e.get("type").map(String::as_str) == Some("HOST_LOST")
+                && e.get("host").map(String::as_str) == Some("h2")
         }),
         "no HOST_LOST event for h2: {events:?}"
     );

@@ -180,9 +180,9 @@ async fn a_forged_host_address_fails_the_handshake_and_that_server_gets_nothing(
     // h2 stops heartbeating (its key lives on for the TTL) and its record is
     // pointed at h1's address: a forged or stale entry in Redis.
     cluster.hosts[1].proc.signal(Signal::SIGSTOP);
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     let _: i64 = redis::cmd("HSET")
-        .arg("ap:host:h2")
+        .arg(cluster.keys().host("h2"))
         .arg("address")
         .arg(&cluster.hosts[0].addr)
         .query_async(&mut conn)

@@ -36,16 +36,18 @@ async fn plant(
     if let Some(ms) = pending_since_ms {
         fields.push(("pending_since", ms.to_string().into_bytes()));
     }
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
+    let k = cluster.keys();
+    let shard = k.shard_of(&id);
     redis::pipe()
         .atomic()
-        .hset_multiple(format!("ap:agent:{id}"), &fields)
+        .hset_multiple(k.agent(&id), &fields)
         .ignore()
-        .sadd(format!("ap:host-agents:{host}"), &id)
+        .sadd(k.host_agents(shard, host), &id)
         .ignore()
-        .zadd("ap:agents", &id, 0)
+        .zadd(k.agents_index(shard), &id, 0)
         .ignore()
-        .zadd(format!("ap:state:{state}"), &id, 0)
+        .zadd(k.state_index(shard, state), &id, 0)
         .ignore()
         .query_async::<()>(&mut conn)
         .await
@@ -296,7 +298,8 @@ async fn a_relocation_whose_target_fails_moves_on_to_the_next_host() {
     }
     assert!(on_h1.len() >= 2, "{on_h1:?}");
     cluster.kill_machine("h1");
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
+    let k = cluster.keys();
     for id in &on_h1 {
         let a = cluster
             .wait_agent(id, "runs on h3", ttl * 4 + Duration::from_secs(10), |a| {
@@ -306,7 +309,7 @@ async fn a_relocation_whose_target_fails_moves_on_to_the_next_host() {
         runs_once(&a);
         for (host, member) in [("h1", false), ("h2", false), ("h3", true)] {
             let is: bool = conn
-                .sismember(format!("ap:host-agents:{host}"), id)
+                .sismember(k.host_agents(k.shard_of(id), host), id)
                 .await
                 .expect("SISMEMBER");
             assert_eq!(is, member, "{id} in {host}'s set");
@@ -322,7 +325,8 @@ async fn a_relocation_whose_target_fails_moves_on_to_the_next_host() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ends_and_restarts_during_a_redis_outage_are_recorded_when_it_returns() {
-    let mut cluster = TestCluster::builder().start().await;
+    // One Redis server, shut down and brought back with its data.
+    let mut cluster = TestCluster::builder().single_redis().start().await;
     let dir = tempfile::tempdir().expect("tempdir");
     let go = dir.path().join("go");
     let ran = dir.path().join("ran");
@@ -391,23 +395,24 @@ async fn ends_and_restarts_during_a_redis_outage_are_recorded_when_it_returns() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_of_dead_callers_are_free_and_claims_of_slow_ones_are_not_taken() {
     let cluster = TestCluster::builder().start().await;
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
+    let k = cluster.keys();
     let dead = agentplane::ids::new_agent_id();
     let slow = agentplane::ids::new_agent_id();
     // A name claimed by a replica that died before writing the record.
-    let _: () = conn.set("ap:name:solo", &dead).await.expect("SET");
+    let _: () = conn.set(k.name("solo"), &dead).await.expect("SET");
     // A name and a request id claimed by a call that is alive but slow.
-    let _: () = conn.set("ap:name:busy", &slow).await.expect("SET");
-    let _: () = conn.set("ap:idem:req-slow", &slow).await.expect("SET");
+    let _: () = conn.set(k.name("busy"), &slow).await.expect("SET");
+    let _: () = conn.set(k.idem("req-slow"), &slow).await.expect("SET");
     let _: () = conn
-        .pset_ex(format!("ap:claim:{slow}"), 1, 2000)
+        .pset_ex(k.claim_lease(&slow), 1, 2000)
         .await
         .expect("PSETEX");
 
     let mut named = spec(&["sleep", "1000"], None);
     named.name = "solo".into();
     let a = cluster.spawn_spec(named).await;
-    let owner: String = conn.get("ap:name:solo").await.expect("GET");
+    let owner: String = conn.get(k.name("solo")).await.expect("GET");
     assert_eq!(owner, a.id, "the abandoned name was taken over");
 
     named = spec(&["sleep", "1000"], None);
@@ -437,10 +442,10 @@ async fn claims_of_dead_callers_are_free_and_claims_of_slow_ones_are_not_taken()
     let renewing = Instant::now();
     while renewing.elapsed() < Duration::from_secs(5) {
         let _: () = conn
-            .pset_ex(format!("ap:claim:{slow}"), 1, 1000)
+            .pset_ex(k.claim_lease(&slow), 1, 1000)
             .await
             .expect("PSETEX");
-        let holder: String = conn.get("ap:idem:req-slow").await.expect("GET");
+        let holder: String = conn.get(k.idem("req-slow")).await.expect("GET");
         assert_eq!(
             holder,
             slow,
@@ -457,7 +462,7 @@ async fn claims_of_dead_callers_are_free_and_claims_of_slow_ones_are_not_taken()
         .into_inner();
     let agent = created.agent.expect("agent");
     assert!(!created.existing);
-    let holder: String = conn.get("ap:idem:req-slow").await.expect("GET");
+    let holder: String = conn.get(k.idem("req-slow")).await.expect("GET");
     assert_eq!(holder, agent.id);
     cluster.finish().await;
 }
@@ -475,9 +480,9 @@ async fn a_start_fenced_between_admission_and_fork_is_refused_without_a_panic() 
     let id = plant(&cluster, "RUNNING", "h1", &s, None).await;
     // The record is at generation 2: a start of generation 1 is stale, and
     // the heartbeat fences it while it waits at the failpoint.
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     let _: () = conn
-        .hset(format!("ap:agent:{id}"), "generation", 2)
+        .hset(cluster.keys().agent(&id), "generation", 2)
         .await
         .expect("HSET");
     let answer = cluster
@@ -523,8 +528,8 @@ async fn a_record_lost_without_a_delete_is_written_back_and_its_agent_runs_on() 
         .start()
         .await;
     let a = cluster.spawn(&["sleep", "1000"]).await;
-    let mut conn = cluster.redis.conn().await;
-    let _: () = conn.del(format!("ap:agent:{}", a.id)).await.expect("DEL");
+    let mut conn = cluster.redis_conn().await;
+    let _: () = conn.del(cluster.keys().agent(&a.id)).await.expect("DEL");
     let back = cluster
         .wait_agent(&a.id, "is written back", Duration::from_secs(10), |b| {
             b.state() == AgentState::Running && b.pid == a.pid

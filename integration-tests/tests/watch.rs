@@ -2,23 +2,24 @@
 //! events were trimmed is refused with OUT_OF_RANGE (through the API and by
 //! `agentctl watch`, which exits 1), a current token and "0" still work, and a
 //! watcher that falls behind the trim ends with OUT_OF_RANGE instead of
-//! skipping the gap. The test trims `ap:events` itself with `XTRIM`.
+//! skipping the gap. The test trims the host events' stream (`ap:events`;
+//! `ap:{hosts}:events` on a Redis Cluster, where a token holds one position
+//! per stream) itself with `XTRIM`.
 
 use std::time::Duration;
 
 use agentplane::proto::v1::{Event, EventType, WatchAgentsRequest};
+use agentplane::registry::{Connection, SHARDS};
 use agentplane_integration_tests::TestCluster;
-use redis::aio::MultiplexedConnection;
 use tonic::Code;
 
-const EVENTS: &str = "ap:events";
-
-/// Appends `n` host events naming `host`; returns their ids in order.
-async fn add_events(conn: &mut MultiplexedConnection, n: usize, host: &str) -> Vec<String> {
+/// Appends `n` host events naming `host` to `stream`; returns their ids in
+/// order.
+async fn add_events(conn: &mut Connection, stream: &str, n: usize, host: &str) -> Vec<String> {
     let mut pipe = redis::pipe();
     for _ in 0..n {
         pipe.cmd("XADD")
-            .arg(EVENTS)
+            .arg(stream)
             .arg("*")
             .arg("type")
             .arg("HOST_UP")
@@ -30,15 +31,33 @@ async fn add_events(conn: &mut MultiplexedConnection, n: usize, host: &str) -> V
     pipe.query_async(conn).await.expect("XADD")
 }
 
-/// `XTRIM ap:events MAXLEN n` (exact).
-async fn trim_to(conn: &mut MultiplexedConnection, n: usize) {
+/// `XTRIM stream MAXLEN n` (exact).
+async fn trim_to(conn: &mut Connection, stream: &str, n: usize) {
     let _: u64 = redis::cmd("XTRIM")
-        .arg(EVENTS)
+        .arg(stream)
         .arg("MAXLEN")
         .arg(n)
         .query_async(conn)
         .await
         .expect("XTRIM");
+}
+
+/// The token at host event `id` (on a Cluster, at the start of every
+/// shard's stream too).
+fn token_at(cluster: &TestCluster, id: &str) -> String {
+    if cluster.on_redis_cluster() {
+        std::iter::once(id)
+            .chain(std::iter::repeat_n("0-0", usize::from(SHARDS)))
+            .collect::<Vec<_>>()
+            .join(",")
+    } else {
+        id.to_owned()
+    }
+}
+
+/// The host events' position in `token`.
+fn host_position(token: &str) -> String {
+    token.split(',').next().unwrap_or_default().to_owned()
 }
 
 fn watch(token: &str) -> WatchAgentsRequest {
@@ -58,15 +77,17 @@ async fn next(s: &mut tonic::Streaming<Event>) -> Result<Option<Event>, tonic::S
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_whose_events_were_trimmed_is_out_of_range_and_a_current_one_still_works() {
     let cluster = TestCluster::builder().start().await;
-    let mut conn = cluster.redis.conn().await;
-    let old = add_events(&mut conn, 10, "filler").await;
-    let kept = add_events(&mut conn, 5, "kept").await;
-    trim_to(&mut conn, 5).await;
+    let mut conn = cluster.redis_conn().await;
+    let stream = cluster.keys().host_events();
+    let old = add_events(&mut conn, &stream, 10, "filler").await;
+    let kept = add_events(&mut conn, &stream, 5, "kept").await;
+    trim_to(&mut conn, &stream, 5).await;
     let mut c = cluster.client().await;
+    let old0 = token_at(&cluster, &old[0]);
 
     // The events after old[0] (old[1..]) are gone.
     let refused = c
-        .watch_agents(watch(&old[0]))
+        .watch_agents(watch(&old0))
         .await
         .expect_err("a token older than the stream keeps is refused");
     assert_eq!(refused.code(), Code::OutOfRange, "{refused:?}");
@@ -81,7 +102,7 @@ async fn a_token_whose_events_were_trimmed_is_out_of_range_and_a_current_one_sti
 
     // agentctl says so and exits 1 (without the check it would print the
     // oldest retained event and exit 0: `--count 1` keeps it from hanging).
-    let out = cluster.agentctl(&["watch", "--since", &old[0], "--count", "1"]);
+    let out = cluster.agentctl(&["watch", "--since", &old0, "--count", "1"]);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "stderr: {stderr}");
     assert!(
@@ -91,12 +112,14 @@ async fn a_token_whose_events_were_trimmed_is_out_of_range_and_a_current_one_sti
     assert!(out.stdout.is_empty(), "no event printed");
 
     // A retained token continues right after it.
-    let mut s = c.watch_agents(watch(&kept[2])).await.unwrap().into_inner();
+    let kept2 = token_at(&cluster, &kept[2]);
+    let mut s = c.watch_agents(watch(&kept2)).await.unwrap().into_inner();
     let bookmark = next(&mut s).await.unwrap().expect("bookmark");
     assert_eq!(bookmark.r#type(), EventType::Bookmark);
-    assert_eq!(bookmark.token, kept[2]);
+    assert_eq!(bookmark.token, kept2);
     for want in &kept[3..] {
-        assert_eq!(&next(&mut s).await.unwrap().expect("event").token, want);
+        let ev = next(&mut s).await.unwrap().expect("event");
+        assert_eq!(&host_position(&ev.token), want);
     }
     // "0" is the oldest retained event, whatever was trimmed.
     let mut s = c.watch_agents(watch("0")).await.unwrap().into_inner();
@@ -104,8 +127,15 @@ async fn a_token_whose_events_were_trimmed_is_out_of_range_and_a_current_one_sti
         next(&mut s).await.unwrap().expect("bookmark").r#type(),
         EventType::Bookmark
     );
-    assert_eq!(next(&mut s).await.unwrap().expect("event").token, kept[0]);
-    let out = cluster.agentctl(&["watch", "--since", &kept[3], "--count", "1"]);
+    let first = next(&mut s).await.unwrap().expect("event");
+    assert_eq!(host_position(&first.token), kept[0]);
+    let out = cluster.agentctl(&[
+        "watch",
+        "--since",
+        &token_at(&cluster, &kept[3]),
+        "--count",
+        "1",
+    ]);
     assert!(
         out.status.success(),
         "{}",
@@ -118,7 +148,8 @@ async fn a_token_whose_events_were_trimmed_is_out_of_range_and_a_current_one_sti
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_watcher_that_falls_behind_the_trim_ends_with_out_of_range_not_a_gap() {
     let cluster = TestCluster::builder().start().await;
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
+    let stream = cluster.keys().host_events();
     let mut c = cluster.client().await;
     // Big events (a 1 KB host name), so the buffers between the replica's
     // reader and this client (channel, HTTP/2 windows and send buffers) hold
@@ -126,15 +157,15 @@ async fn a_watcher_that_falls_behind_the_trim_ends_with_out_of_range_not_a_gap()
     let host = "x".repeat(1000);
     let mut s = c.watch_agents(watch("")).await.unwrap().into_inner();
     let bookmark = next(&mut s).await.unwrap().expect("bookmark");
-    let added = add_events(&mut conn, 5000, &host).await;
-    trim_to(&mut conn, 1000).await;
+    let added = add_events(&mut conn, &stream, 5000, &host).await;
+    trim_to(&mut conn, &stream, 1000).await;
 
     // Only now does the client read: what it gets is a gapless prefix of
     // what was added, then OUT_OF_RANGE.
     let mut got = Vec::new();
     let end = loop {
         match tokio::time::timeout(Duration::from_secs(5), s.message()).await {
-            Ok(Ok(Some(ev))) if ev.host == host => got.push(ev.token),
+            Ok(Ok(Some(ev))) if ev.host == host => got.push(host_position(&ev.token)),
             Ok(Ok(Some(_))) => {}
             Ok(Ok(None)) => break "the stream ended".to_owned(),
             Ok(Err(status)) => break format!("{:?}: {}", status.code(), status.message()),

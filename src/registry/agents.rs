@@ -7,6 +7,8 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::codec::{self, field};
+use super::conn::Spread;
+use super::keys::Shard;
 use super::scripts::UPDATE_AGENT;
 use super::{Registry, Result};
 use crate::proto::v1::{Agent, AgentState, ExitStatus};
@@ -101,7 +103,7 @@ impl Registry {
         pipe.atomic()
             .hset_multiple(k.agent(&agent.id), &fields)
             .ignore()
-            .sadd(k.host_agents(&agent.host), &agent.id)
+            .sadd(k.host_agents(k.shard_of(&agent.id), &agent.host), &agent.id)
             .ignore();
         self.index_adds(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_CREATED", agent);
@@ -114,13 +116,17 @@ impl Registry {
     }
 
     fn push_agent_event(&self, pipe: &mut redis::Pipeline, ty: &str, agent: &Agent) {
-        pipe.add_command(self.event_cmd(&[
-            ("type", ty.to_owned()),
-            ("agent", agent.id.clone()),
-            ("state", state::name(agent.state()).to_owned()),
-            ("host", agent.host.clone()),
-            ("generation", agent.generation.to_string()),
-        ]))
+        let stream = self.keys().events(self.keys().shard_of(&agent.id));
+        pipe.add_command(self.event_cmd(
+            stream,
+            &[
+                ("type", ty.to_owned()),
+                ("agent", agent.id.clone()),
+                ("state", state::name(agent.state()).to_owned()),
+                ("host", agent.host.clone()),
+                ("generation", agent.generation.to_string()),
+            ],
+        ))
         .ignore();
     }
 
@@ -140,17 +146,21 @@ impl Registry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = Spread::default();
         for id in ids {
-            pipe.hgetall(self.keys().agent(id));
+            let key = self.keys().agent(id);
+            batch.add(key.clone(), redis::cmd("HGETALL").arg(key).clone());
         }
-        let hashes: Vec<HashMap<String, Vec<u8>>> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("read agent records"))?;
+        let values = self.spread("read agent records", batch).await?;
         let mut out = Vec::with_capacity(ids.len());
-        for (id, h) in ids.iter().zip(hashes) {
-            if let Some(a) = codec::decode_agent(&self.keys().agent(id), &h)? {
+        for (id, h) in ids.iter().zip(values) {
+            let key = self.keys().agent(id);
+            let h: HashMap<String, Vec<u8>> =
+                redis::from_redis_value(h).map_err(|e| super::RegistryError::Corrupt {
+                    key: key.clone(),
+                    detail: e.to_string(),
+                })?;
+            if let Some(a) = codec::decode_agent(&key, &h)? {
                 out.push(a);
             }
         }
@@ -164,15 +174,13 @@ impl Registry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = Spread::default();
         for id in ids {
-            pipe.hgetall(self.keys().agent(id));
-            pipe.exists(self.keys().loc(id));
+            let (key, loc) = (self.keys().agent(id), self.keys().loc(id));
+            batch.add(key.clone(), redis::cmd("HGETALL").arg(key).clone());
+            batch.add(loc.clone(), redis::cmd("EXISTS").arg(loc).clone());
         }
-        let values: Vec<redis::Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("read agent records and leases"))?;
+        let values = self.spread("read agent records and leases", batch).await?;
         let mut out = Vec::with_capacity(ids.len());
         let mut it = values.into_iter();
         for id in ids {
@@ -197,21 +205,40 @@ impl Registry {
         Ok(out)
     }
 
-    /// One `SSCAN` batch of the ids placed on `host`, from `cursor`.
+    /// One `SSCAN` batch of the ids placed on `host`, from `cursor` (`0`:
+    /// the start; returns `0` when done). In the Cluster layout the host's
+    /// ids are in one set per shard, walked in turn: the shard is the
+    /// cursor's top 16 bits (a set's own cursor stays below 2^48: it is
+    /// under the set's table size).
     pub async fn scan_host_agent_ids(
         &self,
         host: &str,
         cursor: u64,
         count: usize,
     ) -> Result<(u64, Vec<String>)> {
-        redis::cmd("SSCAN")
-            .arg(self.keys().host_agents(host))
-            .arg(cursor)
-            .arg("COUNT")
-            .arg(count)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("scan host agents"))
+        let shards = self.keys().shards().count() as u64;
+        let (mut shard, mut inner) = (cursor >> 48, cursor & ((1 << 48) - 1));
+        loop {
+            let (next, ids): (u64, Vec<String>) = redis::cmd("SSCAN")
+                .arg(self.keys().host_agents(Shard(shard as u16), host))
+                .arg(inner)
+                .arg("COUNT")
+                .arg(count)
+                .query_async(&mut self.conn())
+                .await
+                .map_err(self.err("scan host agents"))?;
+            if next != 0 {
+                return Ok(((shard << 48) | next, ids));
+            }
+            shard += 1;
+            inner = 0;
+            if shard >= shards {
+                return Ok((0, ids));
+            }
+            if !ids.is_empty() {
+                return Ok((shard << 48, ids));
+            }
+        }
     }
 
     /// Atomically checks `expect` and writes `update` (a Lua compare-and-set).
@@ -225,18 +252,16 @@ impl Registry {
         update: &AgentUpdate,
     ) -> Result<UpdateOutcome> {
         let states = legal_sources(id, expect, update.state)?;
+        let k = self.keys();
+        let shard = k.shard_of(id);
         let mut inv = UPDATE_AGENT.prepare_invoke();
-        inv.key(self.keys().agent(id))
-            .key(self.keys().events())
-            .key(self.keys().loc(id));
+        inv.key(k.agent(id)).key(k.events(shard)).key(k.loc(id));
         // Both sets are named either way; the script moves the id only
         // when they differ (a new host).
         let from = expect.host.as_deref().unwrap_or_default();
-        inv.key(self.keys().host_agents(from)).key(
-            self.keys()
-                .host_agents(update.host.as_deref().unwrap_or(from)),
-        );
-        for key in self.state_index_keys() {
+        inv.key(k.host_agents(shard, from))
+            .key(k.host_agents(shard, update.host.as_deref().unwrap_or(from)));
+        for key in self.state_index_keys(shard) {
             inv.key(key);
         }
         let (loc_host, loc_ttl) = match &update.location {
@@ -381,7 +406,7 @@ impl Registry {
             .ignore()
             .del(k.loc(&agent.id))
             .ignore()
-            .srem(k.host_agents(&agent.host), &agent.id)
+            .srem(k.host_agents(k.shard_of(&agent.id), &agent.host), &agent.id)
             .ignore()
             .pset_ex(k.deleted(&agent.id), 1, ttl_ms(super::IDEMPOTENCY_TTL))
             .ignore();

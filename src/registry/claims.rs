@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::agents::ttl_ms;
-use super::scripts::{DELETE_IF_EQUAL, TAKE_OVER_CLAIM};
+use super::scripts::{DELETE_IF_EQUAL, SWAP_IF_EQUAL, TAKE_OVER_CLAIM};
 use super::{Registry, Result};
 
 impl Registry {
@@ -38,17 +38,7 @@ impl Registry {
             let owner: Option<String> = self.conn().get(key).await.map_err(self.err(step))?;
             match owner {
                 Some(o) if o != value => {
-                    let taken: i64 = TAKE_OVER_CLAIM
-                        .key(key)
-                        .key(self.keys().agent(&o))
-                        .key(self.keys().claim_lease(&o))
-                        .arg(&o)
-                        .arg(value)
-                        .arg(ttl.map_or(0, ttl_ms))
-                        .invoke_async(&mut self.conn())
-                        .await
-                        .map_err(self.err(step))?;
-                    if taken == 1 {
+                    if self.take_over(step, key, &o, value, ttl).await? {
                         tracing::info!(%key, abandoned_by = %o, "took over an abandoned claim");
                         return Ok(None);
                     }
@@ -59,6 +49,53 @@ impl Registry {
                 None => {}
             }
         }
+    }
+
+    /// Sets claim `key` from `owner` to `value` if `owner` has neither a
+    /// record nor a claim lease: one script on one Redis; on a Cluster
+    /// (the claim and the owner's keys are in different slots) the owner's
+    /// keys are read first and the claim swapped if it still names it, a
+    /// round trip later than the one script would.
+    async fn take_over(
+        &self,
+        step: &'static str,
+        key: &str,
+        owner: &str,
+        value: &str,
+        ttl: Option<Duration>,
+    ) -> Result<bool> {
+        let ttl = ttl.map_or(0, ttl_ms);
+        let taken: i64 = if self.keys().is_sharded() {
+            let (record, lease): (bool, bool) = redis::pipe()
+                .exists(self.keys().agent(owner))
+                .exists(self.keys().claim_lease(owner))
+                .query_async(&mut self.conn())
+                .await
+                .map_err(self.err(step))?;
+            if record || lease {
+                return Ok(false);
+            }
+            SWAP_IF_EQUAL
+                .key(key)
+                .arg(owner)
+                .arg(value)
+                .arg(ttl)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(self.err(step))?
+        } else {
+            TAKE_OVER_CLAIM
+                .key(key)
+                .key(self.keys().agent(owner))
+                .key(self.keys().claim_lease(owner))
+                .arg(owner)
+                .arg(value)
+                .arg(ttl)
+                .invoke_async(&mut self.conn())
+                .await
+                .map_err(self.err(step))?
+        };
+        Ok(taken == 1)
     }
 
     /// Holds (or renews) the claim lease of the spawn call creating

@@ -2,11 +2,9 @@
 //! writing host events, and reading events after a token. Agent state events
 //! are written by the record scripts themselves, atomically with the change.
 //! [`StreamBounds`] tells whether events after a resume token were trimmed.
+//! Reading is in `event_reader.rs`.
 
 use std::collections::HashMap;
-use std::time::Duration;
-
-use redis::aio::MultiplexedConnection;
 
 use super::{scripts, Registry, Result};
 use crate::proto::v1::{Event, EventType};
@@ -21,78 +19,6 @@ pub fn type_name(t: EventType) -> &'static str {
     t.as_str_name()
         .strip_prefix("EVENT_TYPE_")
         .unwrap_or("UNSPECIFIED")
-}
-
-/// A dedicated connection for blocking stream reads (a blocking `XREAD` must
-/// not hold up the shared multiplexed connection).
-pub struct EventReader {
-    conn: MultiplexedConnection,
-    key: String,
-}
-
-impl EventReader {
-    /// Events after `after` (a stream id; `$` means "from now"), waiting up to
-    /// `block` for the first; at most `count`.
-    pub async fn read(
-        &mut self,
-        after: &str,
-        count: usize,
-        block: Duration,
-    ) -> std::result::Result<Vec<Event>, redis::RedisError> {
-        let reply: Option<redis::streams::StreamReadReply> = redis::cmd("XREAD")
-            .arg("COUNT")
-            .arg(count)
-            .arg("BLOCK")
-            .arg(u64::try_from(block.as_millis()).unwrap_or(1000))
-            .arg("STREAMS")
-            .arg(&self.key)
-            .arg(after)
-            .query_async(&mut self.conn)
-            .await?;
-        let mut out = Vec::new();
-        for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                let fields: HashMap<String, String> = entry
-                    .map
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        Some((
-                            k.clone(),
-                            redis::from_redis_value::<String>(v.clone()).ok()?,
-                        ))
-                    })
-                    .collect();
-                out.push(decode(entry.id, &fields));
-            }
-        }
-        Ok(out)
-    }
-
-    /// The id of the newest event ever appended (even if trimmed since), or
-    /// `0-0` when the stream does not exist: a starting point for "from now
-    /// on" that survives a reconnect.
-    pub async fn last_id(&mut self) -> std::result::Result<String, redis::RedisError> {
-        Ok(self.bounds().await?.last_generated)
-    }
-
-    /// What the stream still holds, to tell whether a resume token is still
-    /// good ([`StreamBounds::gap_after`]).
-    pub async fn bounds(&mut self) -> std::result::Result<StreamBounds, redis::RedisError> {
-        let reply: Option<(String, String, String, String, String)> = scripts::STREAM_BOUNDS
-            .key(&self.key)
-            .invoke_async(&mut self.conn)
-            .await?;
-        let Some((length, last, max_deleted, added, first)) = reply else {
-            return Ok(StreamBounds::default());
-        };
-        let length: u64 = length.parse().unwrap_or(0);
-        Ok(StreamBounds {
-            first: (!first.is_empty()).then_some(first),
-            last_generated: last,
-            max_deleted: (!max_deleted.is_empty()).then_some(max_deleted),
-            removed: added.parse::<u64>().ok().map(|a| a.saturating_sub(length)),
-        })
-    }
 }
 
 /// What the event stream holds now, from `XINFO STREAM`.
@@ -120,8 +46,28 @@ impl Default for StreamBounds {
     }
 }
 
+/// What stream `key` holds now (`XINFO STREAM`, by a script so that a
+/// missing stream is an answer).
+pub(super) async fn stream_bounds(
+    conn: &mut super::Connection,
+    key: &str,
+) -> std::result::Result<StreamBounds, redis::RedisError> {
+    let reply: Option<(String, String, String, String, String)> =
+        scripts::STREAM_BOUNDS.key(key).invoke_async(conn).await?;
+    let Some((length, last, max_deleted, added, first)) = reply else {
+        return Ok(StreamBounds::default());
+    };
+    let length: u64 = length.parse().unwrap_or(0);
+    Ok(StreamBounds {
+        first: (!first.is_empty()).then_some(first),
+        last_generated: last,
+        max_deleted: (!max_deleted.is_empty()).then_some(max_deleted),
+        removed: added.parse::<u64>().ok().map(|a| a.saturating_sub(length)),
+    })
+}
+
 /// A stream id (`ms-seq`, or `ms`, or `0`) as a comparable pair.
-fn parse_id(id: &str) -> Option<(u64, u64)> {
+pub(super) fn parse_id(id: &str) -> Option<(u64, u64)> {
     match id.split_once('-') {
         Some((ms, seq)) => Some((ms.parse().ok()?, seq.parse().ok()?)),
         None => Some((id.parse().ok()?, 0)),
@@ -167,7 +113,7 @@ impl StreamBounds {
     }
 }
 
-fn decode(id: String, f: &HashMap<String, String>) -> Event {
+pub(super) fn decode(id: String, f: &HashMap<String, String>) -> Event {
     let get = |k: &str| f.get(k).cloned().unwrap_or_default();
     let ty = EventType::from_str_name(&format!("EVENT_TYPE_{}", get("type")))
         .unwrap_or(EventType::Unspecified);
@@ -184,20 +130,10 @@ fn decode(id: String, f: &HashMap<String, String>) -> Event {
 }
 
 impl Registry {
-    /// Opens a dedicated connection for reading events. Its response timeout
-    /// is longer than any `BLOCK` the caller uses.
-    pub async fn event_reader(&self) -> Result<EventReader> {
-        let conn = self.dedicated_connection(Duration::from_secs(5)).await?;
-        Ok(EventReader {
-            conn,
-            key: self.keys().events(),
-        })
-    }
-
     /// The `XADD` of one event: `fields` after the stream bound and the time.
-    pub(super) fn event_cmd(&self, fields: &[(&str, String)]) -> redis::Cmd {
+    pub(super) fn event_cmd(&self, stream: String, fields: &[(&str, String)]) -> redis::Cmd {
         let mut cmd = redis::cmd("XADD");
-        cmd.arg(self.keys().events())
+        cmd.arg(stream)
             .arg("MAXLEN")
             .arg("~")
             .arg(EVENTS_MAXLEN)
@@ -211,10 +147,13 @@ impl Registry {
 
     /// Appends a host event.
     pub async fn emit_host_event(&self, ty: EventType, host: &str) -> Result<()> {
-        self.event_cmd(&[
-            ("type", type_name(ty).to_owned()),
-            ("host", host.to_owned()),
-        ])
+        self.event_cmd(
+            self.keys().host_events(),
+            &[
+                ("type", type_name(ty).to_owned()),
+                ("host", host.to_owned()),
+            ],
+        )
         .query_async::<String>(&mut self.conn())
         .await
         .map(drop)
@@ -229,12 +168,15 @@ impl Registry {
         host: &str,
         generation: u64,
     ) -> Result<()> {
-        self.event_cmd(&[
-            ("type", type_name(ty).to_owned()),
-            ("agent", agent.to_owned()),
-            ("host", host.to_owned()),
-            ("generation", generation.to_string()),
-        ])
+        self.event_cmd(
+            self.keys().events(self.keys().shard_of(agent)),
+            &[
+                ("type", type_name(ty).to_owned()),
+                ("agent", agent.to_owned()),
+                ("host", host.to_owned()),
+                ("generation", generation.to_string()),
+            ],
+        )
         .query_async::<String>(&mut self.conn())
         .await
         .map(drop)

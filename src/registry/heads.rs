@@ -6,6 +6,7 @@
 use std::collections::HashMap;
 
 use super::codec::{self, HEAD_FIELDS};
+use super::conn::Spread;
 use super::{Registry, RegistryError, Result};
 use crate::proto::v1::Agent;
 
@@ -17,17 +18,16 @@ impl Registry {
         if ids.is_empty() {
             return Ok(Vec::new());
         }
-        let mut pipe = redis::pipe();
+        let mut batch = Spread::default();
         for id in ids {
-            pipe.cmd("HMGET")
-                .arg(self.keys().agent(id))
-                .arg(&HEAD_FIELDS);
-            pipe.exists(self.keys().loc(id));
+            let (key, loc) = (self.keys().agent(id), self.keys().loc(id));
+            batch.add(
+                key.clone(),
+                redis::cmd("HMGET").arg(key).arg(&HEAD_FIELDS).clone(),
+            );
+            batch.add(loc.clone(), redis::cmd("EXISTS").arg(loc).clone());
         }
-        let values: Vec<redis::Value> = pipe
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("read agent heads and leases"))?;
+        let values = self.spread("read agent heads and leases", batch).await?;
         let mut out = Vec::with_capacity(ids.len());
         let mut it = values.into_iter();
         for id in ids {

@@ -1,5 +1,6 @@
-//! Host records (`ap:host:*`): registration, the one-round-trip heartbeat,
-//! discovery through the `hosts-known` index, and the round-robin counter.
+//! Host records (`ap:host:*`): registration (the heartbeat is in
+//! `heartbeat.rs`), discovery through the `hosts-known` index, and the
+//! round-robin counter.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -70,30 +71,6 @@ impl Draining {
             until_ms: until.parse().ok()?,
         })
     }
-}
-
-/// The head of an agent record, read back by a heartbeat for fencing.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct RecordHead {
-    /// The record's generation.
-    pub generation: u64,
-    /// The host it names.
-    pub host: String,
-    /// Its state.
-    pub state: Option<crate::proto::v1::AgentState>,
-}
-
-/// What a heartbeat read back in the same round trip.
-#[derive(Debug, Clone, Default)]
-pub struct HeartbeatReport {
-    /// The dataset's epoch (`ap:epoch`); `None` when Redis has none.
-    pub epoch: Option<String>,
-    /// Whether the host key existed before this beat.
-    pub existed: bool,
-    /// Whether an operator cordoned the host.
-    pub cordoned: bool,
-    /// The head of each agent's record, in the order given; `None`: no record.
-    pub records: Vec<Option<RecordHead>>,
 }
 
 impl HostRecord {
@@ -169,101 +146,6 @@ impl HostRecord {
 }
 
 impl Registry {
-    /// One heartbeat, in ONE pipelined round trip whatever the number of agents:
-    /// writes the host hash and (re)sets its TTL, (re)writes the location key of
-    /// every agent in `running` with the same TTL, and reads back what fencing
-    /// needs: the dataset epoch, whether the host key existed, the cordon flag,
-    /// and the head (generation, host, state) of every agent's record.
-    /// Rewriting (rather than only extending) the locations repairs a Redis that
-    /// lost its data; `cordoned` is never written here: it is the operator's.
-    ///
-    /// It runs on `conn`, a connection the caller owns (see
-    /// [`Registry::dedicated_connection`]): after a failure the caller drops it
-    /// and the next beat dials afresh, so a healed partition is seen at the next
-    /// beat instead of after TCP's retransmission backoff on a stalled socket.
-    pub async fn heartbeat(
-        &self,
-        conn: &mut redis::aio::MultiplexedConnection,
-        host: &HostRecord,
-        running: &[String],
-        ttl: Duration,
-    ) -> Result<HeartbeatReport> {
-        let k = self.keys();
-        let key = k.host(&host.id);
-        let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
-        let ms = ttl_ms(ttl);
-        let fields: [(&str, String); 12] = [
-            ("id", host.id.clone()),
-            ("address", host.address.clone()),
-            ("labels", labels),
-            ("capacity", host.capacity.to_string()),
-            ("running", running.len().to_string()),
-            ("version", host.version.clone()),
-            ("started_at", host.started_at_ms.to_string()),
-            ("heartbeat_micros", host.heartbeat_micros.to_string()),
-            ("ttl_ms", ms.to_string()),
-            ("incarnation", host.incarnation.clone()),
-            ("cgroups", host.cgroups.encode()),
-            ("heartbeat_at", crate::time::now_ms().to_string()),
-        ];
-        let mut pipe = redis::pipe();
-        // The index first: whenever the host key exists its id is in
-        // `hosts-known` (MARK_HOST_LOST removes it only once the key is
-        // gone), which is what `list_hosts` reads instead of a SCAN.
-        pipe.get(k.epoch())
-            .exists(&key)
-            .sadd(k.hosts_known(), &host.id)
-            .ignore()
-            .hset_multiple(&key, &fields)
-            .ignore()
-            .pexpire(&key, i64::try_from(ms).unwrap_or(i64::MAX))
-            .ignore()
-            .hget(&key, "cordoned");
-        for id in running {
-            pipe.pset_ex(k.loc(id), &host.id, ms).ignore();
-            pipe.cmd("HMGET")
-                .arg(k.agent(id))
-                .arg("generation")
-                .arg("host")
-                .arg("state");
-        }
-        let values: Vec<redis::Value> = pipe
-            .query_async(conn)
-            .await
-            .map_err(self.err("heartbeat"))?;
-        let corrupt = |detail: &str| RegistryError::Corrupt {
-            key: key.clone(),
-            detail: format!("heartbeat reply: {detail}"),
-        };
-        let mut it = values.into_iter();
-        let mut next = || it.next().ok_or_else(|| corrupt("too short"));
-        let epoch: Option<String> =
-            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-        let existed: bool =
-            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-        let cordoned: Option<String> =
-            redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-        let mut records = Vec::with_capacity(running.len());
-        for _ in running {
-            let head: Vec<Option<String>> =
-                redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-            records.push(match head.as_slice() {
-                [Some(g), Some(h), s] => Some(RecordHead {
-                    generation: g.parse().unwrap_or(0),
-                    host: h.clone(),
-                    state: s.as_deref().and_then(crate::state::parse),
-                }),
-                _ => None,
-            });
-        }
-        Ok(HeartbeatReport {
-            epoch,
-            existed,
-            cordoned: cordoned.as_deref() == Some("1"),
-            records,
-        })
-    }
-
     /// The dataset epoch, created if missing (`SET NX`, so every writer agrees).
     pub async fn ensure_epoch(&self) -> Result<String> {
         let fresh = crate::ids::new_agent_id();
@@ -339,7 +221,7 @@ impl Registry {
         super::scripts::MARK_HOST_LOST
             .key(k.host(id))
             .key(k.hosts_known())
-            .key(k.events())
+            .key(k.host_events())
             .key(k.hosts_lost())
             .arg(id)
             .arg(crate::time::now_ms())
@@ -361,9 +243,10 @@ impl Registry {
             .ignore()
             .srem(k.hosts_known(), id)
             .ignore()
-            .add_command(
-                self.event_cmd(&[("type", "HOST_DOWN".to_owned()), ("host", id.to_owned())]),
-            )
+            .add_command(self.event_cmd(
+                k.host_events(),
+                &[("type", "HOST_DOWN".to_owned()), ("host", id.to_owned())],
+            ))
             .ignore()
             .query_async::<()>(&mut self.conn())
             .await

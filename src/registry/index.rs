@@ -13,6 +13,8 @@
 
 use redis::AsyncCommands;
 
+use super::conn::Spread;
+use super::keys::Shard;
 use super::{Registry, Result};
 use crate::proto::v1::{Agent, AgentState};
 use crate::state;
@@ -32,31 +34,32 @@ pub enum AgentIndex {
 const INDEX_VERSION: u32 = 1;
 
 impl Registry {
-    /// The key of `index`.
-    pub(super) fn index_key(&self, index: &AgentIndex) -> String {
+    /// The key of `index` in `shard`.
+    pub(super) fn index_key(&self, shard: Shard, index: &AgentIndex) -> String {
         let k = self.keys();
         match index {
-            AgentIndex::All => k.agents_index(),
-            AgentIndex::State(s) => k.state_index(state::name(*s)),
-            AgentIndex::Label(key, value) => k.label_index(key, value),
+            AgentIndex::All => k.agents_index(shard),
+            AgentIndex::State(s) => k.state_index(shard, state::name(*s)),
+            AgentIndex::Label(key, value) => k.label_index(shard, key, value),
         }
     }
 
-    /// The state index of every state, in [`state::ALL`]'s order (the
-    /// scripts find the one they need by its suffix).
-    pub(super) fn state_index_keys(&self) -> Vec<String> {
+    /// The state index of every state in `shard`, in [`state::ALL`]'s
+    /// order (the scripts find the one they need by its suffix).
+    pub(super) fn state_index_keys(&self, shard: Shard) -> Vec<String> {
         state::ALL
             .iter()
-            .map(|s| self.keys().state_index(state::name(*s)))
+            .map(|s| self.keys().state_index(shard, state::name(*s)))
             .collect()
     }
 
     /// The label indexes that hold `agent`.
     pub(super) fn label_index_keys(&self, agent: &Agent) -> Vec<String> {
+        let shard = self.keys().shard_of(&agent.id);
         agent.spec.as_ref().map_or_else(Vec::new, |s| {
             s.labels
                 .iter()
-                .map(|(k, v)| self.keys().label_index(k, v))
+                .map(|(k, v)| self.keys().label_index(shard, k, v))
                 .collect()
         })
     }
@@ -65,9 +68,14 @@ impl Registry {
     /// MULTI).
     pub(super) fn index_adds(&self, pipe: &mut redis::Pipeline, agent: &Agent) {
         let k = self.keys();
-        pipe.zadd(k.agents_index(), &agent.id, 0)
+        let shard = k.shard_of(&agent.id);
+        pipe.zadd(k.agents_index(shard), &agent.id, 0)
             .ignore()
-            .zadd(k.state_index(state::name(agent.state())), &agent.id, 0)
+            .zadd(
+                k.state_index(shard, state::name(agent.state())),
+                &agent.id,
+                0,
+            )
             .ignore();
         for key in self.label_index_keys(agent) {
             pipe.zadd(key, &agent.id, 0).ignore();
@@ -77,9 +85,11 @@ impl Registry {
     /// Removes `agent` from every index (part of the caller's MULTI); from
     /// every state's, whatever state it was read in.
     pub(super) fn index_removes(&self, pipe: &mut redis::Pipeline, agent: &Agent) {
-        pipe.zrem(self.keys().agents_index(), &agent.id).ignore();
+        let shard = self.keys().shard_of(&agent.id);
+        pipe.zrem(self.keys().agents_index(shard), &agent.id)
+            .ignore();
         for key in self
-            .state_index_keys()
+            .state_index_keys(shard)
             .into_iter()
             .chain(self.label_index_keys(agent))
         {
@@ -88,7 +98,8 @@ impl Registry {
     }
 
     /// Up to `count` ids of `index` after `after` in id order (`""`: from
-    /// the first).
+    /// the first). In the Cluster layout: the first `count` of every
+    /// shard's, merged (one round trip per shard, concurrently).
     pub async fn page_agent_ids(
         &self,
         index: &AgentIndex,
@@ -100,28 +111,52 @@ impl Registry {
         } else {
             format!("({after}")
         };
-        redis::cmd("ZRANGE")
-            .arg(self.index_key(index))
-            .arg(from)
-            .arg("+")
-            .arg("BYLEX")
-            .arg("LIMIT")
-            .arg(0)
-            .arg(count)
-            .query_async(&mut self.conn())
-            .await
-            .map_err(self.err("read agent index"))
+        let mut batch = Spread::default();
+        for shard in self.keys().shards() {
+            let key = self.index_key(shard, index);
+            let mut cmd = redis::cmd("ZRANGE");
+            cmd.arg(&key)
+                .arg(&from)
+                .arg("+")
+                .arg("BYLEX")
+                .arg("LIMIT")
+                .arg(0)
+                .arg(count);
+            batch.add(key, cmd);
+        }
+        let mut ids = Vec::new();
+        for v in self.spread("read agent index", batch).await? {
+            let part: Vec<String> = Self::reply("read agent index", v)?;
+            ids.extend(part);
+        }
+        if self.keys().is_sharded() {
+            ids.sort_unstable();
+            ids.truncate(count);
+        }
+        Ok(ids)
     }
 
-    /// How many ids each of `indexes` holds (one round trip).
+    /// How many ids each of `indexes` holds (one round trip; summed over
+    /// the shards).
     pub async fn index_sizes(&self, indexes: &[AgentIndex]) -> Result<Vec<u64>> {
-        let mut pipe = redis::pipe();
+        let mut batch = Spread::default();
         for i in indexes {
-            pipe.zcard(self.index_key(i));
+            for shard in self.keys().shards() {
+                let key = self.index_key(shard, i);
+                batch.add(key.clone(), redis::cmd("ZCARD").arg(key).clone());
+            }
         }
-        pipe.query_async(&mut self.conn())
-            .await
-            .map_err(self.err("count agent index"))
+        let values = self.spread("count agent index", batch).await?;
+        let per = self.keys().shards().count();
+        let mut sizes = Vec::with_capacity(indexes.len());
+        for chunk in values.chunks(per) {
+            let mut n = 0u64;
+            for v in chunk {
+                n += Self::reply::<u64>("count agent index", v.clone())?;
+            }
+            sizes.push(n);
+        }
+        Ok(sizes)
     }
 
     /// Drops the entries of `ids` from `index` whose record is gone or, for
@@ -135,17 +170,31 @@ impl Registry {
             AgentIndex::State(s) => state::name(*s),
             _ => "",
         };
-        let mut inv = super::scripts::DROP_STALE.prepare_invoke();
-        inv.key(self.index_key(index));
+        let mut by_shard: std::collections::BTreeMap<Shard, Vec<&String>> = Default::default();
         for id in ids {
-            inv.key(self.keys().agent(id)).arg(id).arg(want);
+            by_shard
+                .entry(self.keys().shard_of(id))
+                .or_default()
+                .push(id);
         }
-        let n: u64 = inv
-            .invoke_async(&mut self.conn())
-            .await
-            .map_err(self.err("drop stale index entries"))?;
+        let mut n = 0;
+        for (shard, ids) in by_shard {
+            let mut inv = super::scripts::DROP_STALE.prepare_invoke();
+            inv.key(self.index_key(shard, index));
+            for id in ids {
+                inv.key(self.keys().agent(id)).arg(id).arg(want);
+            }
+            n += inv
+                .invoke_async::<u64>(&mut self.conn())
+                .await
+                .map_err(self.err("drop stale index entries"))?;
+        }
         if n > 0 {
-            tracing::info!(index = %self.index_key(index), dropped = n, "dropped index entries that outlived their record");
+            tracing::info!(
+                ?index,
+                dropped = n,
+                "dropped index entries that outlived their record"
+            );
         }
         Ok(n)
     }
@@ -162,6 +211,13 @@ impl Registry {
             .map_err(self.err("read index version"))?;
         if version.is_some_and(|v| v >= INDEX_VERSION) {
             return Ok(false);
+        }
+        if self.keys().is_sharded() {
+            // The Cluster layout has no dataset from before the indexes,
+            // and records written back after a data loss carry theirs
+            // (REWRITE_AGENT), so there is nothing to walk (a SCAN would
+            // have to visit every node).
+            return self.mark_indexed(0).await;
         }
         let (mut cursor, mut indexed) = (0, 0usize);
         loop {
@@ -189,6 +245,11 @@ impl Registry {
             cursor = next;
         }
         self.seed_lost_hosts().await?;
+        self.mark_indexed(indexed).await
+    }
+
+    /// Records that the dataset's indexes are built (`indexed` records).
+    async fn mark_indexed(&self, indexed: usize) -> Result<bool> {
         let _: () = self
             .conn()
             .set(self.keys().index_version(), INDEX_VERSION)

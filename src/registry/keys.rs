@@ -1,16 +1,57 @@
 //! Redis key names (a contract: see DESIGN.md). Nothing else builds keys.
+//!
+//! Two layouts. On one Redis (or Sentinel) the names are flat
+//! (`ap:agent:ID`, `ap:events`). On a Redis Cluster every script and MULTI
+//! must touch one hash slot, so agents go to [`SHARDS`] fixed shards (a
+//! hash of the id) and each shard's keys share a hash tag: an agent's
+//! record, location, claim lease and tombstone, and its shard's indexes,
+//! per-host sets and event stream are all `ap:{sN}:…`; host keys, the
+//! known and lost hosts, keeper and drain leases and the host events share
+//! `ap:{hosts}:…`. Single keys (`ap:rr`, `ap:epoch`, request ids, names)
+//! need no tag.
+
+/// Shards of the Cluster layout. Fixed: changing it moves every agent.
+pub const SHARDS: u16 = 16;
+
+/// One shard of the agent keys (always 0 in the flat layout).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Shard(pub u16);
 
 /// Key names under one prefix (`ap` by default).
 #[derive(Debug, Clone)]
 pub struct Keys {
     prefix: String,
+    /// 0: the flat layout; else the number of shards.
+    shards: u16,
+}
+
+/// The part of `key` Redis Cluster hashes: the text between the first `{`
+/// and the next `}` when it is not empty, else the whole key.
+pub fn hash_tag(key: &str) -> &str {
+    if let Some(open) = key.find('{') {
+        if let Some(len) = key[open + 1..].find('}') {
+            if len > 0 {
+                return &key[open + 1..open + 1 + len];
+            }
+        }
+    }
+    key
 }
 
 impl Keys {
-    /// Keys under `prefix`.
+    /// Keys under `prefix`, in the flat layout (one Redis).
     pub fn new(prefix: &str) -> Self {
         Self {
             prefix: prefix.to_owned(),
+            shards: 0,
+        }
+    }
+
+    /// Keys under `prefix`, in the Cluster layout ([`SHARDS`] shards).
+    pub fn sharded(prefix: &str) -> Self {
+        Self {
+            prefix: prefix.to_owned(),
+            shards: SHARDS,
         }
     }
 
@@ -19,19 +60,67 @@ impl Keys {
         &self.prefix
     }
 
-    /// `ap:host:{id}`: the live host's hash, with the heartbeat TTL.
-    pub fn host(&self, id: &str) -> String {
-        format!("{}:host:{id}", self.prefix)
+    /// Whether keys are spread over hash-tagged shards (Cluster layout).
+    pub fn is_sharded(&self) -> bool {
+        self.shards > 0
     }
 
-    /// `ap:host-agents:{id}`: the set of agent ids placed on the host.
-    pub fn host_agents(&self, id: &str) -> String {
-        format!("{}:host-agents:{id}", self.prefix)
+    /// Every shard, in order (one in the flat layout).
+    pub fn shards(&self) -> impl Iterator<Item = Shard> {
+        (0..self.shards.max(1)).map(Shard)
+    }
+
+    /// The shard of agent `id`: FNV-1a of the id, so every server agrees
+    /// without asking.
+    pub fn shard_of(&self, id: &str) -> Shard {
+        if self.shards == 0 {
+            return Shard(0);
+        }
+        let mut h: u32 = 0x811c_9dc5;
+        for b in id.bytes() {
+            h ^= u32::from(b);
+            h = h.wrapping_mul(0x0100_0193);
+        }
+        Shard(u16::try_from(h % u32::from(self.shards)).unwrap_or(0))
+    }
+
+    /// `ap` or `ap:{sN}`: what a shard's keys start with.
+    fn at(&self, shard: Shard) -> String {
+        if self.shards == 0 {
+            self.prefix.clone()
+        } else {
+            format!("{}:{{s{}}}", self.prefix, shard.0)
+        }
+    }
+
+    /// The start of agent `id`'s own keys.
+    fn of(&self, id: &str) -> String {
+        self.at(self.shard_of(id))
+    }
+
+    /// `ap` or `ap:{hosts}`: what the hosts' keys start with.
+    fn hosts_at(&self) -> String {
+        if self.shards == 0 {
+            self.prefix.clone()
+        } else {
+            format!("{}:{{hosts}}", self.prefix)
+        }
+    }
+
+    /// `ap:host:{id}`: the live host's hash, with the heartbeat TTL.
+    pub fn host(&self, id: &str) -> String {
+        format!("{}:host:{id}", self.hosts_at())
+    }
+
+    /// `ap:host-agents:{id}`: the set of agent ids of `shard` placed on
+    /// the host (one set per shard in the Cluster layout).
+    pub fn host_agents(&self, shard: Shard, id: &str) -> String {
+        format!("{}:host-agents:{id}", self.at(shard))
     }
 
     /// `ap:agent:{id}`: the agent record hash.
     pub fn agent(&self, id: &str) -> String {
-        format!("{}:agent:{id}", self.prefix)
+        format!("{}:agent:{id}", self.of(id))
     }
 
     /// The `SCAN` pattern of every agent record.
@@ -46,7 +135,7 @@ impl Keys {
 
     /// `ap:loc:{id}`: the host id running the agent, with the heartbeat TTL.
     pub fn loc(&self, id: &str) -> String {
-        format!("{}:loc:{id}", self.prefix)
+        format!("{}:loc:{id}", self.of(id))
     }
 
     /// `ap:rr`: the round-robin placement counter.
@@ -69,33 +158,33 @@ impl Keys {
     /// agent `agent_id`, renewed while the call runs. A request-id or name
     /// claim whose agent has neither a record nor this lease is abandoned.
     pub fn claim_lease(&self, agent_id: &str) -> String {
-        format!("{}:claim:{agent_id}", self.prefix)
+        format!("{}:claim:{agent_id}", self.of(agent_id))
     }
 
     /// `ap:deleted:{agent_id}`: the agent's record was deleted (24 h), so a
     /// host that finds it missing knows a delete from a write a Redis
     /// failover lost.
     pub fn deleted(&self, agent_id: &str) -> String {
-        format!("{}:deleted:{agent_id}", self.prefix)
+        format!("{}:deleted:{agent_id}", self.of(agent_id))
     }
 
     /// `ap:drain:{host}`: the replica leading the host's drain, with a
     /// short TTL it renews; a draining host without it is taken over.
     pub fn drain_lease(&self, host: &str) -> String {
-        format!("{}:drain:{host}", self.prefix)
+        format!("{}:drain:{host}", self.hosts_at())
     }
 
     /// `ap:keeper:{host}`: written by the host's keeper while no host agent
     /// is attached, with the heartbeat TTL, renewed: the machine is alive
     /// and its agents are held (the host is restarting, not lost).
     pub fn keeper(&self, host: &str) -> String {
-        format!("{}:keeper:{host}", self.prefix)
+        format!("{}:keeper:{host}", self.hosts_at())
     }
 
     /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
     /// since (so HOST_LOST is emitted once per disappearance).
     pub fn hosts_known(&self) -> String {
-        format!("{}:hosts-known", self.prefix)
+        format!("{}:hosts-known", self.hosts_at())
     }
 
     /// The `SCAN` pattern of every per-host agent set (only the one-time
@@ -113,25 +202,25 @@ impl Keys {
     /// `ap:hosts-lost`: hosts declared lost whose agents have not all been
     /// settled yet (a pass that failed half-way is retried from here).
     pub fn hosts_lost(&self) -> String {
-        format!("{}:hosts-lost", self.prefix)
+        format!("{}:hosts-lost", self.hosts_at())
     }
 
     /// `ap:agents`: every agent id (a sorted set, all scores 0, read in id
     /// order with `ZRANGE … BYLEX`).
-    pub fn agents_index(&self) -> String {
-        format!("{}:agents", self.prefix)
+    pub fn agents_index(&self, shard: Shard) -> String {
+        format!("{}:agents", self.at(shard))
     }
 
     /// `ap:state:{STATE}`: the ids of the agents in that state (short state
     /// name, as the record stores it).
-    pub fn state_index(&self, state: &str) -> String {
-        format!("{}:state:{state}", self.prefix)
+    pub fn state_index(&self, shard: Shard, state: &str) -> String {
+        format!("{}:state:{state}", self.at(shard))
     }
 
     /// `ap:label:{key}={value}`: the ids of the agents with that label
     /// (keys cannot hold `=`, so the split is unambiguous).
-    pub fn label_index(&self, key: &str, value: &str) -> String {
-        format!("{}:label:{key}={value}", self.prefix)
+    pub fn label_index(&self, shard: Shard, key: &str, value: &str) -> String {
+        format!("{}:label:{key}={value}", self.at(shard))
     }
 
     /// `ap:index-version`: the version of the indexes the dataset holds;
@@ -146,9 +235,27 @@ impl Keys {
         format!("{}:epoch", self.prefix)
     }
 
-    /// `ap:events`: the event stream.
-    pub fn events(&self) -> String {
-        format!("{}:events", self.prefix)
+    /// `ap:events`: the event stream of `shard`'s agents.
+    pub fn events(&self, shard: Shard) -> String {
+        format!("{}:events", self.at(shard))
+    }
+
+    /// The stream host events go to (`ap:events`; `ap:{hosts}:events` in
+    /// the Cluster layout).
+    pub fn host_events(&self) -> String {
+        format!("{}:events", self.hosts_at())
+    }
+
+    /// Every event stream, in a fixed order (a watch's token has one
+    /// position per stream): host events first, then the shards'. One in
+    /// the flat layout.
+    pub fn event_streams(&self) -> Vec<String> {
+        if self.shards == 0 {
+            return vec![self.host_events()];
+        }
+        std::iter::once(self.host_events())
+            .chain(self.shards().map(|s| self.events(s)))
+            .collect()
     }
 }
 
@@ -159,21 +266,68 @@ mod tests {
     #[test]
     fn contract_key_names() {
         let k = Keys::new("ap");
+        let s = Shard(0);
         assert_eq!(k.host("h1"), "ap:host:h1");
-        assert_eq!(k.host_agents("h1"), "ap:host-agents:h1");
+        assert_eq!(k.host_agents(s, "h1"), "ap:host-agents:h1");
         assert_eq!(k.agent("a1"), "ap:agent:a1");
         assert_eq!(k.loc("a1"), "ap:loc:a1");
         assert_eq!(k.rr(), "ap:rr");
         assert_eq!(k.idem("r"), "ap:idem:r");
-        assert_eq!(k.events(), "ap:events");
+        assert_eq!(k.events(s), "ap:events");
+        assert_eq!(k.event_streams(), ["ap:events"]);
         assert_eq!(k.name("web"), "ap:name:web");
         assert_eq!(k.claim_lease("a1"), "ap:claim:a1");
         assert_eq!(k.drain_lease("h1"), "ap:drain:h1");
         assert_eq!(k.keeper("h1"), "ap:keeper:h1");
         assert_eq!(k.agent_id_of("ap:agent:a1"), Some("a1"));
-        assert_eq!(k.agents_index(), "ap:agents");
-        assert_eq!(k.state_index("RUNNING"), "ap:state:RUNNING");
-        assert_eq!(k.label_index("team", "a"), "ap:label:team=a");
+        assert_eq!(k.agents_index(s), "ap:agents");
+        assert_eq!(k.state_index(s, "RUNNING"), "ap:state:RUNNING");
+        assert_eq!(k.label_index(s, "team", "a"), "ap:label:team=a");
         assert_eq!(k.hosts_lost(), "ap:hosts-lost");
+        assert_eq!(k.shards().count(), 1);
+    }
+
+    #[test]
+    fn cluster_layout_puts_an_agent_and_its_shard_under_one_tag() {
+        let k = Keys::sharded("ap");
+        let s = k.shard_of("a1");
+        let tag = hash_tag(&k.agent("a1")).to_owned();
+        assert_eq!(tag, format!("s{}", s.0));
+        for key in [
+            k.loc("a1"),
+            k.claim_lease("a1"),
+            k.deleted("a1"),
+            k.events(s),
+            k.agents_index(s),
+            k.state_index(s, "RUNNING"),
+            k.label_index(s, "team", "a"),
+            k.host_agents(s, "h1"),
+        ] {
+            assert_eq!(hash_tag(&key), tag, "{key}");
+        }
+        for key in [
+            k.host("h1"),
+            k.hosts_known(),
+            k.hosts_lost(),
+            k.keeper("h1"),
+            k.drain_lease("h1"),
+            k.host_events(),
+        ] {
+            assert_eq!(hash_tag(&key), "hosts", "{key}");
+        }
+        assert_eq!(k.event_streams().len(), usize::from(SHARDS) + 1);
+        assert_eq!(k.agent("a1"), format!("ap:{{s{}}}:agent:a1", s.0));
+    }
+
+    #[test]
+    fn ids_spread_over_every_shard() {
+        let k = Keys::sharded("ap");
+        let mut seen = std::collections::HashSet::new();
+        for i in 0..1000 {
+            seen.insert(k.shard_of(&format!("01agent{i}")));
+        }
+        assert_eq!(seen.len(), usize::from(SHARDS));
+        assert_eq!(hash_tag("a{}b"), "a{}b");
+        assert_eq!(hash_tag("a{x}b{y}"), "x");
     }
 }

@@ -25,14 +25,17 @@ impl Registry {
     /// step; `None` without a record.
     pub async fn locate(&self, id: &str) -> Result<Option<Located>> {
         let key = self.keys().agent(id);
-        let (fields, lease, address): (HashMap<String, Vec<u8>>, Option<String>, Option<String>) =
+        let (fields, lease, address) = if self.keys().is_sharded() {
+            self.locate_in_two(id).await?
+        } else {
             LOCATE_AGENT
                 .key(&key)
                 .key(self.keys().loc(id))
                 .arg(self.keys().host(""))
                 .invoke_async(&mut self.conn())
                 .await
-                .map_err(self.err("locate agent"))?;
+                .map_err(self.err("locate agent"))?
+        };
         let Some(agent) = codec::decode_agent(&key, &fields)? else {
             return Ok(None);
         };
@@ -42,4 +45,32 @@ impl Registry {
             address,
         }))
     }
+
+    /// The Cluster layout's locate: the record and lease (one slot) in one
+    /// round trip, then the host's address (the hosts' slot) in a second.
+    async fn locate_in_two(&self, id: &str) -> Result<Found> {
+        let (fields, lease): (HashMap<String, Vec<u8>>, Option<String>) = redis::pipe()
+            .hgetall(self.keys().agent(id))
+            .get(self.keys().loc(id))
+            .query_async(&mut self.conn())
+            .await
+            .map_err(self.err("locate agent"))?;
+        let host = fields
+            .get(codec::field::HOST)
+            .and_then(|h| std::str::from_utf8(h).ok())
+            .filter(|h| !h.is_empty());
+        let address = match host {
+            Some(h) => redis::cmd("HGET")
+                .arg(self.keys().host(h))
+                .arg("address")
+                .query_async(&mut self.conn())
+                .await
+                .map_err(self.err("locate agent's host"))?,
+            None => None,
+        };
+        Ok((fields, lease, address))
+    }
 }
+
+/// A record's fields, its lease's host and its host's address.
+type Found = (HashMap<String, Vec<u8>>, Option<String>, Option<String>);

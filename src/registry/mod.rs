@@ -10,8 +10,11 @@
 mod agents;
 mod claims;
 mod codec;
+mod conn;
+mod event_reader;
 mod events;
 mod heads;
+mod heartbeat;
 mod hosts;
 mod index;
 mod keys;
@@ -27,17 +30,18 @@ use std::time::Duration;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
 pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
-pub use events::{type_name, EventReader, StreamBounds, EVENTS_MAXLEN};
-pub use hosts::{Draining, HeartbeatReport, HostRecord, RecordHead};
+pub use event_reader::{EventReader, ReadError};
+pub use events::{type_name, StreamBounds, EVENTS_MAXLEN};
+pub use heartbeat::{HeartbeatReport, RecordHead};
+pub use hosts::{Draining, HostRecord};
 pub use index::AgentIndex;
-pub use keys::Keys;
+pub use keys::{Keys, Shard, SHARDS};
 pub use locate::Located;
 pub use options::{RedisOptions, RedisTlsArgs};
 pub use restarting::Restarting;
 pub use sentinel::SentinelTarget;
 
-/// A connection of a caller's own (see [`Registry::dedicated_connection`]).
-pub type Connection = redis::aio::MultiplexedConnection;
+pub use conn::Connection;
 
 /// Default key prefix (`--redis-prefix`).
 pub const DEFAULT_PREFIX: &str = "ap";
@@ -99,7 +103,7 @@ pub type Result<T> = std::result::Result<T, RegistryError>;
 #[derive(Clone)]
 pub struct Registry {
     client: redis::Client,
-    conn: sentinel::Conn,
+    conn: conn::Conn,
     /// With Sentinel: how long a fencing write waits for a replica's
     /// acknowledgement (`WAIT 1`).
     replica_ack: Option<Duration>,
@@ -208,7 +212,10 @@ impl Registry {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
         let conn = match &options.sentinel {
-            None => sentinel::Conn::Direct(
+            None if !options.cluster.is_empty() => {
+                conn::Conn::Cluster(std::sync::Arc::new(Self::cluster(url, options)?))
+            }
+            None => conn::Conn::Direct(
                 ConnectionManager::new_lazy_with_config(client.clone(), config).map_err(
                     |source| RegistryError::InvalidUrl {
                         url: shown.clone(),
@@ -221,7 +228,7 @@ impl Registry {
                 let make: sentinel::MakeClient = Box::new(move |host, port| {
                     Self::client_at(&url, Some((host, port)), &options).map_err(|e| e.to_string())
                 });
-                sentinel::Conn::Followed(std::sync::Arc::new(sentinel::Follower::new(
+                conn::Conn::Followed(std::sync::Arc::new(sentinel::Follower::new(
                     target.clone(),
                     make,
                     config,
@@ -236,10 +243,53 @@ impl Registry {
                 .as_ref()
                 .map(|_| options.replica_ack)
                 .filter(|d| !d.is_zero()),
-            keys: Keys::new(prefix),
+            keys: if options.cluster.is_empty() {
+                Keys::new(prefix)
+            } else {
+                Keys::sharded(prefix)
+            },
             url: shown,
             metrics: None,
         })
+    }
+
+    /// The Redis Cluster client of `options.cluster`'s nodes, with `url`'s
+    /// scheme and password and `options`' TLS material.
+    fn cluster(url: &str, options: &RedisOptions) -> Result<conn::Cluster> {
+        let invalid = |source| RegistryError::InvalidUrl {
+            url: redact_url(url),
+            source,
+        };
+        let mut nodes = Vec::with_capacity(options.cluster.len());
+        for addr in &options.cluster {
+            let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "6379"));
+            let port = port.parse().unwrap_or(6379);
+            nodes.push(
+                Self::client_at(url, Some((host, port)), options)?
+                    .get_connection_info()
+                    .clone(),
+            );
+        }
+        let mut builder = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(Duration::from_secs(1))
+            .response_timeout(Duration::from_secs(2))
+            .retries(2);
+        if let Some(pw) = &options.password {
+            builder = builder.password(pw.clone());
+        }
+        if options.ca.is_some() || options.identity.is_some() {
+            builder = builder.certs(redis::TlsCertificates {
+                client_tls: options
+                    .identity
+                    .clone()
+                    .map(|(cert, key)| redis::ClientTlsConfig {
+                        client_cert: cert,
+                        client_key: key,
+                    }),
+                root_cert: options.ca.clone(),
+            });
+        }
+        Ok(conn::Cluster::new(builder.build().map_err(invalid)?))
     }
 
     /// This registry, counting every failed Redis call in `metrics`.
@@ -254,14 +304,14 @@ impl Registry {
     }
 
     /// A connection handle for one call (clones share one multiplexed socket).
-    fn conn(&self) -> sentinel::Conn {
+    fn conn(&self) -> conn::Conn {
         self.conn.clone()
     }
 
     /// The connection for a write that fencing depends on: with Sentinel,
     /// the master's fencing connection, pinned, so that the write and its
     /// [`Registry::replica_acked`] go over the same one; else the shared one.
-    async fn fencing_conn(&self) -> Result<sentinel::Conn> {
+    async fn fencing_conn(&self) -> Result<conn::Conn> {
         if self.replica_ack.is_some() {
             if let Some(c) = self
                 .conn
@@ -281,7 +331,7 @@ impl Registry {
     /// roll it back. The write is made whatever this finds: a write no
     /// replica took in time (or a failed wait) is logged, and a loss is
     /// caught by the host agents' record checks.
-    async fn replica_acked(&self, conn: &mut sentinel::Conn) {
+    async fn replica_acked(&self, conn: &mut conn::Conn) {
         let Some(wait) = self.replica_ack else {
             return;
         };
@@ -311,23 +361,46 @@ impl Registry {
 
     /// A new connection of the caller's own, dialled within `timeout`, whose
     /// commands time out after `timeout` too (heartbeats and stream readers).
-    pub async fn dedicated_connection(
-        &self,
-        timeout: Duration,
-    ) -> Result<redis::aio::MultiplexedConnection> {
+    pub async fn dedicated_connection(&self, timeout: Duration) -> Result<Connection> {
         let config = redis::AsyncConnectionConfig::new()
             .set_connection_timeout(Some(timeout))
             .set_response_timeout(Some(timeout));
         let client = match &self.conn {
-            sentinel::Conn::Followed(f) | sentinel::Conn::Pinned(_, f) => {
+            conn::Conn::Followed(f) | conn::Conn::Pinned(_, f) => {
                 f.master().await.map_err(self.err("connect"))?.client
             }
-            sentinel::Conn::Direct(_) => self.client.clone(),
+            conn::Conn::Direct(_) => self.client.clone(),
+            conn::Conn::Cluster(c) => {
+                return c
+                    .dedicated(timeout)
+                    .await
+                    .map(Connection::Cluster)
+                    .map_err(self.err("connect"));
+            }
         };
         client
             .get_multiplexed_async_connection_with_config(&config)
             .await
+            .map(Connection::Plain)
             .map_err(self.err("connect"))
+    }
+
+    /// Runs `batch` (independent commands) in as few round trips as the
+    /// layout allows (see [`conn::Spread`]).
+    async fn spread(&self, step: &'static str, batch: conn::Spread) -> Result<Vec<redis::Value>> {
+        batch
+            .query(&self.conn(), self.keys.is_sharded())
+            .await
+            .map_err(self.err(step))
+    }
+
+    /// One reply of a [`Registry::spread`] batch as `T`; a reply of the
+    /// wrong shape is a corrupt answer to `step`.
+    fn reply<T: redis::FromRedisValue>(step: &'static str, v: redis::Value) -> Result<T> {
+        redis::from_redis_value(v).map_err(|e| RegistryError::Corrupt {
+            key: step.to_owned(),
+            detail: e.to_string(),
+        })
     }
 
     /// `PING`: used by health checks.

@@ -47,6 +47,18 @@ pub struct RedisTlsArgs {
     )]
     pub redis_master_name: Option<String>,
 
+    /// Redis Cluster nodes (`host:port`, comma-separated; any few of the
+    /// cluster's nodes: the rest are found from them). Keys then use the
+    /// Cluster layout (hash-tagged shards). `--redis-url` gives only the
+    /// scheme and password; its address is not used.
+    #[arg(
+        long,
+        env = "AGENTPLANE_REDIS_CLUSTER",
+        value_delimiter = ',',
+        conflicts_with = "redis_sentinel"
+    )]
+    pub redis_cluster: Vec<String>,
+
     /// With Sentinel: how long a write that fencing depends on (a new
     /// generation, a move to another host, a lease) waits for one replica
     /// to acknowledge it (`WAIT 1`); `0s` does not wait.
@@ -68,6 +80,8 @@ pub struct RedisOptions {
     pub sentinel: Option<super::SentinelTarget>,
     /// How long a fencing write waits for a replica (with Sentinel).
     pub replica_ack: std::time::Duration,
+    /// Redis Cluster nodes (`host:port`), with `--redis-cluster`.
+    pub cluster: Vec<String>,
 }
 
 impl std::fmt::Display for RedisOptions {
@@ -88,8 +102,22 @@ impl std::fmt::Display for RedisOptions {
                 self.replica_ack
             )?;
         }
+        if !self.cluster.is_empty() {
+            write!(f, ", cluster nodes: {}", self.cluster.join(","))?;
+        }
         Ok(())
     }
+}
+
+/// Checks `host:port` addresses given to `flag`.
+fn host_ports(flag: &str, addrs: &[String]) -> Result<(), String> {
+    for addr in addrs {
+        let port = addr.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
+        if !matches!(port, Some(Ok(p)) if p > 0) {
+            return Err(format!("{flag}: `{addr}` is not host:port"));
+        }
+    }
+    Ok(())
 }
 
 impl RedisTlsArgs {
@@ -137,12 +165,7 @@ impl RedisTlsArgs {
                 if name.trim().is_empty() {
                     return Err("--redis-master-name: is empty".into());
                 }
-                for addr in &self.redis_sentinel {
-                    let port = addr.rsplit_once(':').map(|(_, p)| p.parse::<u16>());
-                    if !matches!(port, Some(Ok(p)) if p > 0) {
-                        return Err(format!("--redis-sentinel: `{addr}` is not host:port"));
-                    }
-                }
+                host_ports("--redis-sentinel", &self.redis_sentinel)?;
                 if self.redis_sentinel.is_empty() {
                     return Err("--redis-sentinel: at least one sentinel address".into());
                 }
@@ -152,12 +175,14 @@ impl RedisTlsArgs {
                 })
             }
         };
+        host_ports("--redis-cluster", &self.redis_cluster)?;
         Ok(RedisOptions {
             ca,
             identity,
             password,
             sentinel,
             replica_ack: self.redis_replica_ack,
+            cluster: self.redis_cluster.clone(),
         })
     }
 }

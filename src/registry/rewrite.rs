@@ -24,18 +24,22 @@ impl Registry {
             .await
             .map_err(self.err("read agent host"))?;
         let named = named.unwrap_or_default();
+        let shard = k.shard_of(&agent.id);
         let mut inv = REWRITE_AGENT.prepare_invoke();
         inv.key(k.agent(&agent.id))
-            .key(k.host_agents(&agent.host))
+            .key(k.host_agents(shard, &agent.host))
             .key(k.loc(&agent.id))
-            .key(k.host_agents(if named.is_empty() {
-                &agent.host
-            } else {
-                &named
-            }))
-            .key(k.agents_index());
+            .key(k.host_agents(
+                shard,
+                if named.is_empty() {
+                    &agent.host
+                } else {
+                    &named
+                },
+            ))
+            .key(k.agents_index(shard));
         for key in self
-            .state_index_keys()
+            .state_index_keys(shard)
             .into_iter()
             .chain(self.label_index_keys(agent))
         {

@@ -63,6 +63,33 @@ return {1, state, gen, host}
     )
 });
 
+/// A heartbeat's leases, one step per shard: renews the location of every
+/// agent whose record names this host at the generation it runs, and
+/// reports only the others, so a beat at rest sends back nothing.
+///
+/// KEYS[2i-1] agent i's location key, KEYS[2i] its record; ARGV[1] the
+/// host, ARGV[2] the TTL in ms, ARGV[2+i] the generation agent i runs at.
+/// Returns `{i, generation, host, state}` (`''` for a missing field) for
+/// each agent whose record is missing, names another host or generation,
+/// or is LOST; the lease of a LOST record that names this run is renewed
+/// too (the host restores it), the others' are left alone.
+pub(super) static RENEW_LEASES: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+local out = {}
+for i = 1, #KEYS / 2 do
+  local h = redis.call('HMGET', KEYS[2 * i], 'generation', 'host', 'state')
+  local mine = h[1] == ARGV[2 + i] and h[2] == ARGV[1]
+  if mine then redis.call('SET', KEYS[2 * i - 1], ARGV[1], 'PX', ARGV[2]) end
+  if not mine or h[3] == 'LOST' then
+    out[#out + 1] = {i, h[1] or '', h[2] or '', h[3] or ''}
+  end
+end
+return out
+",
+    )
+});
+
 /// Emits HOST_LOST once per disappearance: KEYS[1] the host key, KEYS[2] the
 /// set of hosts known alive, KEYS[3] the stream, KEYS[4] the set of lost
 /// hosts still to settle (the host joins it in the same step); ARGV[1] host
@@ -133,6 +160,24 @@ pub(super) static TAKE_OVER_CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
+if ARGV[3] == '0' then
+  redis.call('SET', KEYS[1], ARGV[2])
+else
+  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+end
+return 1
+",
+    )
+});
+
+/// TAKE_OVER_CLAIM's last step alone, for the Cluster layout (where the
+/// owner's record and lease are in another slot and are checked just
+/// before): KEYS[1] the claim; ARGV[1] the owner read, ARGV[2] the new
+/// owner, ARGV[3] the TTL in ms (`0`: none). Returns 1 when swapped.
+pub(super) static SWAP_IF_EQUAL: LazyLock<redis::Script> = LazyLock::new(|| {
+    redis::Script::new(
+        r"
+if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])
 else

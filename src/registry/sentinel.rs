@@ -1,7 +1,7 @@
 //! Following the Redis master through Sentinel failovers
 //! (`--redis-sentinel`, `--redis-master-name`).
 //!
-//! The registry's shared connection ([`Conn`]) is either one Redis's
+//! The registry's shared connection (`conn::Conn`) is either one Redis's
 //! connection manager or a [`Follower`]: it asks the sentinels which server
 //! is the master (`SENTINEL get-master-addr-by-name`), keeps a connection
 //! manager to it, and asks again at most every [`CHECK_EVERY`] and at once
@@ -11,13 +11,11 @@
 //! sentinels name the new master goes there.
 
 use std::sync::atomic::Ordering;
-use std::sync::{Arc, RwLock};
+use std::sync::RwLock;
 use std::time::Duration;
 
-use redis::aio::{
-    ConnectionLike, ConnectionManager, ConnectionManagerConfig, MultiplexedConnection,
-};
-use redis::{Cmd, RedisError, RedisFuture, RedisResult, Value};
+use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
+use redis::{RedisError, RedisResult};
 use tokio::time::Instant;
 
 /// How often the master's address is asked again while calls succeed (a
@@ -200,7 +198,7 @@ impl Follower {
     /// A call failed with `e`, which a failover may explain: the next call
     /// asks the sentinels (past any that still names a master that refused
     /// a write).
-    fn failed(&self, e: &RedisError) {
+    pub(super) fn failed(&self, e: &RedisError) {
         if refused_write(e) {
             self.refused_writes.store(true, Ordering::Relaxed);
         }
@@ -281,7 +279,7 @@ impl Follower {
 }
 
 /// Whether `e` may mean the master moved: it is gone, or it was demoted.
-fn master_may_have_moved(e: &RedisError) -> bool {
+pub(super) fn master_may_have_moved(e: &RedisError) -> bool {
     e.is_io_error()
         || e.is_connection_refusal()
         || e.is_connection_dropped()
@@ -294,94 +292,6 @@ fn master_may_have_moved(e: &RedisError) -> bool {
 fn refused_write(e: &RedisError) -> bool {
     e.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::ReadOnly)
         || e.to_string().contains("read only replica")
-}
-
-/// The registry's shared connection.
-#[derive(Clone)]
-pub(super) enum Conn {
-    /// One Redis, reconnected by the manager.
-    Direct(ConnectionManager),
-    /// Whichever Redis the sentinels name master.
-    Followed(Arc<Follower>),
-    /// One connection to the master as it was when taken (a fencing write
-    /// and its `WAIT` must go over the same one), still telling the
-    /// follower when a call fails as a failover would.
-    Pinned(ConnectionManager, Arc<Follower>),
-}
-
-impl Conn {
-    /// For a fencing write and its `WAIT`: the master's fencing
-    /// connection, pinned; `None` without Sentinel.
-    pub(super) async fn pinned_for_fencing(&self) -> RedisResult<Option<Self>> {
-        match self {
-            Self::Followed(f) => Ok(Some(Self::Pinned(f.master().await?.fence, f.clone()))),
-            _ => Ok(None),
-        }
-    }
-}
-
-impl ConnectionLike for Conn {
-    fn req_packed_command<'a>(&'a mut self, cmd: &'a Cmd) -> RedisFuture<'a, Value> {
-        match self {
-            Self::Direct(c) => c.req_packed_command(cmd),
-            Self::Followed(f) => Box::pin(async move {
-                let mut c = f.master().await?.conn;
-                let r = c.req_packed_command(cmd).await;
-                if let Err(e) = &r {
-                    if master_may_have_moved(e) {
-                        f.failed(e);
-                    }
-                }
-                r
-            }),
-            Self::Pinned(c, f) => Box::pin(async move {
-                let r = c.req_packed_command(cmd).await;
-                if let Err(e) = &r {
-                    if master_may_have_moved(e) {
-                        f.failed(e);
-                    }
-                }
-                r
-            }),
-        }
-    }
-
-    fn req_packed_commands<'a>(
-        &'a mut self,
-        pipeline: &'a redis::Pipeline,
-        offset: usize,
-        count: usize,
-    ) -> RedisFuture<'a, Vec<Value>> {
-        match self {
-            Self::Direct(c) => c.req_packed_commands(pipeline, offset, count),
-            Self::Followed(f) => Box::pin(async move {
-                let mut c = f.master().await?.conn;
-                let r = c.req_packed_commands(pipeline, offset, count).await;
-                if let Err(e) = &r {
-                    if master_may_have_moved(e) {
-                        f.failed(e);
-                    }
-                }
-                r
-            }),
-            Self::Pinned(c, f) => Box::pin(async move {
-                let r = c.req_packed_commands(pipeline, offset, count).await;
-                if let Err(e) = &r {
-                    if master_may_have_moved(e) {
-                        f.failed(e);
-                    }
-                }
-                r
-            }),
-        }
-    }
-
-    fn get_db(&self) -> i64 {
-        match self {
-            Self::Direct(c) | Self::Pinned(c, _) => c.get_db(),
-            Self::Followed(_) => 0,
-        }
-    }
 }
 
 /// Logs that a write reached no replica in time, at most every 10 s.

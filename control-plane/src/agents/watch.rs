@@ -4,9 +4,8 @@
 //! (when the watch opens, and when a reader that fell behind finds the gap),
 //! never resumed silently at the oldest retained event.
 
-use std::time::Duration;
-
 use agentplane::proto::v1::{Event, EventType, WatchAgentsRequest};
+use agentplane::registry::ReadError;
 use agentplane::validate::{self, ValidationError};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -22,17 +21,24 @@ pub const MAX_WATCHERS: u64 = 1024;
 const BUFFER: usize = 256;
 /// Events per stream read. Far below the stream's bound, so a read that
 /// crosses a trimmed gap always comes back full (every retained event is
-/// after the gap): only full reads need the trim check.
+/// after the gap): only full reads need the trim check (the reader's).
 const BATCH: usize = 256;
 
 /// The stream type of WatchAgents.
 pub type WatchStream = ReceiverStream<Result<Event, Status>>;
 
-/// Checks a resume token: a Redis stream id (`ms-seq`), or `0`.
+/// Checks a resume token's form: a Redis stream id (`ms-seq`), several
+/// comma-separated (one per stream, with Redis Cluster), or `0`. Whether
+/// the count fits the registry's streams is the reader's to say.
 fn token(t: &str) -> Result<(), ValidationError> {
-    let ok = t == "0"
-        || t.split_once('-')
-            .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok());
+    // A position of `0`: that stream from its oldest retained event (a
+    // watch from "0" that has seen nothing of it yet).
+    let id = |p: &str| {
+        p == "0"
+            || p.split_once('-')
+                .is_some_and(|(a, b)| a.parse::<u64>().is_ok() && b.parse::<u64>().is_ok())
+    };
+    let ok = t == "0" || (t.len() <= 4096 && t.split(',').all(id));
     if ok {
         Ok(())
     } else {
@@ -67,30 +73,40 @@ impl AgentApi {
                 detail: format!("this replica already serves {MAX_WATCHERS} watch streams"),
             })?;
         let mut reader = self.registry.event_reader().await?;
-        let mut after = if req.resume_token.is_empty() {
+        let after = if req.resume_token.is_empty() {
             reader
-                .last_id()
+                .last_token()
                 .await
                 .map_err(|e| self.registry.event_error(e))?
         } else {
+            reader.positions(&req.resume_token).map_err(|reason| {
+                ValidationError::new(
+                    "resume_token",
+                    format!(
+                        "`{}` is not an event token: {reason}",
+                        validate::quote(&req.resume_token)
+                    ),
+                )
+            })?;
             req.resume_token.clone()
         };
-        // "0" asks for the oldest retained event, so no gap can matter.
+        // "0" asks for the oldest retained events, so no gap can matter.
         if after != "0" {
-            let bounds = reader
-                .bounds()
+            if let Some(before) = reader
+                .gap_after(&after)
                 .await
-                .map_err(|e| self.registry.event_error(e))?;
-            if let Some(before) = bounds.gap_after(&after) {
+                .map_err(|e| self.registry.event_error(e))?
+            {
                 return Err(ApiError::EventsTrimmed {
                     token: after,
                     before,
                 });
             }
         }
+        reader.start(&after, BATCH);
         let (tx, rx) = mpsc::channel(BUFFER);
         let bookmark = Event {
-            token: after.clone(),
+            token: after,
             r#type: EventType::Bookmark as i32,
             ..Default::default()
         };
@@ -110,30 +126,17 @@ impl AgentApi {
                         ))).await;
                         return;
                     }
-                    r = reader.read(&after, BATCH, Duration::from_secs(1)) => r,
+                    r = reader.next() => r,
                 };
-                // A full read may have jumped a trimmed gap: if events after
-                // `after` are gone, say so instead of sending what follows.
-                let read: Result<Vec<Event>, ApiError> = match read {
-                    Ok(events) if events.len() >= BATCH && after != "0" => {
-                        match reader.bounds().await {
-                            Ok(b) => match b.gap_after(&after) {
-                                Some(before) => Err(ApiError::EventsTrimmed {
-                                    token: after.clone(),
-                                    before,
-                                }),
-                                None => Ok(events),
-                            },
-                            Err(e) => Err(registry.event_error(e).into()),
-                        }
+                let read: Result<Vec<Event>, ApiError> = read.map_err(|e| match e {
+                    ReadError::Redis(e) => registry.event_error(e).into(),
+                    ReadError::Trimmed { token, before } => {
+                        ApiError::EventsTrimmed { token, before }
                     }
-                    Ok(events) => Ok(events),
-                    Err(e) => Err(registry.event_error(e).into()),
-                };
+                });
                 match read {
                     Ok(events) => {
                         for ev in events {
-                            after.clone_from(&ev.token);
                             let host_event = !matches!(
                                 ev.r#type(),
                                 EventType::AgentCreated
@@ -225,6 +228,8 @@ mod tests {
         assert!(token("1700000000000-3").is_ok());
         assert_eq!(token("abc").unwrap_err().field, "resume_token");
         assert!(token("1-x").is_err());
+        assert!(token("1-0,0,2-3").is_ok());
+        assert!(token("1-0,,2-3").is_err());
     }
 
     mod props {

@@ -66,6 +66,7 @@ impl Liveness {
             }),
             // The keeper's key is renewed, not fenced on: no wait.
             replica_ack: Duration::ZERO,
+            cluster: l.cluster,
         };
         match Registry::connect(&l.redis_url, &l.prefix, &options) {
             Ok(registry) => {

@@ -175,6 +175,12 @@ pub struct Liveness {
     /// The master's name the sentinels know (`--redis-master-name`).
     #[prost(string, tag = "11")]
     pub master_name: String,
+    /// Redis Cluster nodes (`--redis-cluster`); the keys are then in the
+    /// Cluster layout. A keeper older than this field would renew the flat
+    /// layout's key, which a Cluster control plane does not read: upgrade
+    /// keepers before moving to a Cluster.
+    #[prost(string, repeated, tag = "12")]
+    pub cluster: Vec<String>,
 }
 
 /// A start request.

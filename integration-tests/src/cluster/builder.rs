@@ -23,6 +23,7 @@ pub struct Builder {
     pub(super) tls: bool,
     pub(super) root_agents: bool,
     pub(super) sentinel: bool,
+    pub(super) redis_cluster: bool,
 }
 
 impl Builder {
@@ -76,6 +77,23 @@ impl Builder {
     /// [`TestCluster::fail_over_redis`] kills it.
     pub fn sentinel(mut self) -> Self {
         self.sentinel = true;
+        self.redis_cluster = false;
+        self
+    }
+
+    /// A local 3-master Redis Cluster whatever `AGENTPLANE_TEST_REDIS`
+    /// says (the servers get `--redis-cluster`).
+    pub fn redis_cluster(mut self) -> Self {
+        self.redis_cluster = true;
+        self.sentinel = false;
+        self
+    }
+
+    /// One Redis server even when the suite runs against a Redis Cluster
+    /// (`AGENTPLANE_TEST_REDIS=cluster`): for tests of one server's faults
+    /// (stopped, frozen, restarted empty) or of its command counts.
+    pub fn single_redis(mut self) -> Self {
+        self.redis_cluster = false;
         self
     }
 
@@ -125,19 +143,34 @@ impl Builder {
             .expect("tempdir");
         let lab = self.netns.then(|| crate::netns::NetLab::new(self.hosts));
         let extra: Vec<String> = lab.iter().map(|l| l.gateway()).collect();
-        let redis = RedisServer::start(dir.path(), &extra).await;
+        let redis = if self.redis_cluster {
+            RedisServer::absent(dir.path())
+        } else {
+            RedisServer::start(dir.path(), &extra).await
+        };
         let redis_ip = extra.first().cloned().unwrap_or_else(|| "127.0.0.1".into());
         let (replica, sentinels) = if self.sentinel {
             let replica_dir = dir.path().join("replica");
             std::fs::create_dir_all(&replica_dir).expect("replica dir");
             let replica =
                 RedisServer::start_replica(&replica_dir, &extra, &redis_ip, redis.port()).await;
-            crate::cluster::wait_replica_online(&redis).await;
+            super::redis::wait_replica_online(&redis).await;
             let sentinels =
                 crate::sentinel::Sentinels::start(dir.path(), &redis_ip, redis.port()).await;
             (Some(replica), Some(sentinels))
         } else {
             (None, None)
+        };
+        let redis_cluster = if self.redis_cluster {
+            Some(
+                crate::redis_cluster::RedisCluster::start_on(
+                    dir.path(),
+                    extra.first().map(String::as_str),
+                )
+                .await,
+            )
+        } else {
+            None
         };
         let mut ips = vec!["127.0.0.1".to_owned()];
         ips.extend(extra.iter().cloned());
@@ -154,6 +187,7 @@ impl Builder {
             replica,
             sentinels,
             redis_ip,
+            redis_cluster,
         };
         for i in 0..self.control_planes {
             let s = cluster.spawn_control_plane(i);
@@ -186,6 +220,7 @@ impl Default for Builder {
             tls: false,
             root_agents: true,
             sentinel: false,
+            redis_cluster: super::redis_cluster_requested(),
         }
     }
 }

@@ -122,11 +122,11 @@ pub(super) async fn check(cluster: &TestCluster, known: &HashMap<String, Tracked
     // A host whose heartbeat is about to lapse (a partition just healed,
     // its connection still retrying) has not settled: the next fault must
     // not start from a host that the reconciler is about to find lost.
-    let mut conn = cluster.redis.conn().await;
+    let mut conn = cluster.redis_conn().await;
     let half = i64::try_from(cluster.heartbeat_ttl().as_millis() / 2).unwrap_or(i64::MAX);
     for h in &cluster.hosts {
         let left: redis::RedisResult<i64> = redis::cmd("PTTL")
-            .arg(format!("ap:host:{}", h.host_id))
+            .arg(cluster.keys().host(&h.host_id))
             .query_async(&mut conn)
             .await;
         match left {
