@@ -177,9 +177,10 @@ async fn reconcile(
             continue;
         };
         match head {
-            None if reset => rewrite.push(id),
-            // Missing without a delete: a write a Redis failover lost (the
-            // record was not replicated in time); this copy is the truth.
+            // Missing: deleted (its tombstone says so), or lost with Redis's
+            // data or a failover's write; the tombstone is asked even after
+            // a reset, since on a Redis Cluster one master can lose the
+            // epoch while the tombstones on the others live.
             None => missing.push(id),
             // Only a data loss or a rollback makes a record older than a
             // copy that runs: this newer copy is the truth, written back
@@ -200,11 +201,14 @@ async fn reconcile(
             Some(_) => {}
         }
     }
-    for id in missing {
-        if registry.was_deleted(id).await? {
+    let deleted = registry.were_deleted(&missing).await?;
+    for (id, deleted) in missing.into_iter().zip(deleted) {
+        if deleted {
             supervisor.fence(id, "its record was deleted");
         } else {
-            tracing::warn!(agent = %id, "the record is missing but was never deleted (a write lost in a Redis failover); writing it back");
+            if !reset {
+                tracing::warn!(agent = %id, "the record is missing but was never deleted (a write lost in a Redis failover); writing it back");
+            }
             rewrite.push(id);
         }
     }

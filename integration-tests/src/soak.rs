@@ -342,9 +342,17 @@ async fn inject(cluster: &mut TestCluster, fault: Fault) {
             }
         },
         Fault::RestartRedisEmpty if cluster.on_redis_cluster() => {
-            let _: redis::RedisResult<()> = redis::cmd("FLUSHALL")
-                .query_async(&mut cluster.redis_conn().await)
-                .await;
+            // What a restart loses: the data and the scripts.
+            let mut conn = cluster.redis_conn().await;
+            redis::cmd("FLUSHALL")
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("FLUSHALL the cluster");
+            redis::cmd("SCRIPT")
+                .arg("FLUSH")
+                .query_async::<()>(&mut conn)
+                .await
+                .expect("SCRIPT FLUSH the cluster");
         }
         Fault::RestartRedisEmpty => {
             cluster.redis.stop();

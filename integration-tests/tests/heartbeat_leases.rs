@@ -124,6 +124,7 @@ async fn leases_follow_the_records(registry: &Registry) {
         .await
         .expect("a beat after SCRIPT FLUSH");
     assert_eq!(after.differing.len(), 40);
+    assert!(after.existed, "only the script calls were retried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -184,6 +184,7 @@ async fn agents_on_a_redis_cluster_spread_over_every_master_and_the_api_sees_eac
             created.push(ev.agent_id);
         }
     }
+    let created_first = created[0].clone();
     created.sort();
     assert_eq!(created, ids);
     let mut resumed = c
@@ -202,6 +203,7 @@ async fn agents_on_a_redis_cluster_spread_over_every_master_and_the_api_sees_eac
             .expect("watch")
             .expect("open");
         if ev.r#type() == EventType::AgentCreated {
+            assert_ne!(ev.agent_id, created_first, "the resumed event again");
             assert!(again.insert(ev.agent_id.clone()), "{} twice", ev.agent_id);
         }
     }
@@ -233,4 +235,48 @@ async fn agents_on_a_redis_cluster_spread_over_every_master_and_the_api_sees_eac
     assert_eq!(left.agents.len(), 39);
     assert!(left.agents.iter().all(|a| a.id != gone));
     cluster.finish().await;
+}
+
+/// `ls --host` on a Redis Cluster walks the host's set in every shard in
+/// turn, the shard in the cursor's top bits: 3000 ids (sets big enough
+/// that SSCAN pages within a shard) come back once each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hosts_agents_are_walked_shard_by_shard_each_once() {
+    use agentplane::registry::{RedisOptions, Registry};
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let nodes = RedisCluster::start(dir.path()).await;
+    let options = RedisOptions {
+        cluster: nodes.addrs(),
+        ..Default::default()
+    };
+    let registry = Registry::connect(&nodes.urls()[0], "ap", &options).expect("registry");
+    let keys = registry.keys().clone();
+    let mut conn = nodes.conn().await;
+    let mut ids: Vec<String> = (0..3000).map(|i| format!("agent-{i:05}")).collect();
+    for id in &ids {
+        redis::cmd("SADD")
+            .arg(keys.host_agents(keys.shard_of(id), "h1"))
+            .arg(id)
+            .query_async::<()>(&mut conn)
+            .await
+            .expect("SADD");
+    }
+    let (mut seen, mut cursor, mut paged_within_a_shard) = (Vec::new(), 0u64, false);
+    loop {
+        let (next, batch) = registry
+            .scan_host_agent_ids("h1", cursor, 100)
+            .await
+            .expect("scan");
+        seen.extend(batch);
+        if next == 0 {
+            break;
+        }
+        paged_within_a_shard |= next >> 48 > 0 && next & ((1 << 48) - 1) != 0;
+        cursor = next;
+    }
+    seen.sort();
+    ids.sort();
+    assert_eq!(seen, ids, "every id once");
+    assert!(paged_within_a_shard, "a cursor inside a later shard's set");
 }

@@ -424,13 +424,23 @@ impl Registry {
             .await
     }
 
-    /// Whether the agent's record was deleted (its tombstone lives): a
-    /// missing record without one was lost with a write, not deleted.
-    pub async fn was_deleted(&self, id: &str) -> Result<bool> {
-        self.conn()
-            .exists(self.keys().deleted(id))
-            .await
-            .map_err(self.err("read agent tombstone"))
+    /// Whether each agent's record was deleted (its tombstone lives), in
+    /// one round trip: a missing record without one was lost with a
+    /// write, not deleted.
+    pub async fn were_deleted(&self, ids: &[&String]) -> Result<Vec<bool>> {
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Spread::default();
+        for id in ids {
+            let key = self.keys().deleted(id);
+            batch.add(key.clone(), redis::cmd("EXISTS").arg(key).clone());
+        }
+        self.spread("read agent tombstones", batch)
+            .await?
+            .into_iter()
+            .map(|v| Self::reply("read agent tombstones", v))
+            .collect()
     }
 
     /// The host whose heartbeat keeps the agent's location alive, if any.

@@ -55,12 +55,15 @@ impl Registry {
     /// response timeout is longer than any `BLOCK` it uses.
     pub async fn event_reader(&self) -> Result<EventReader> {
         let keys = self.keys().event_streams();
-        let mut conns = Vec::with_capacity(keys.len());
-        for _ in &keys {
-            conns.push(Some(
-                self.dedicated_connection(Duration::from_secs(5)).await?,
-            ));
-        }
+        // Dialled together: on a Cluster each one learns the slot map.
+        let conns = futures::future::try_join_all(
+            keys.iter()
+                .map(|_| self.dedicated_connection(Duration::from_secs(5))),
+        )
+        .await?
+        .into_iter()
+        .map(Some)
+        .collect();
         Ok(EventReader {
             positions: vec!["0".to_owned(); keys.len()],
             keys,

@@ -3,7 +3,8 @@
 //! slot, concurrently, on a Cluster). The leases go through RENEW_LEASES,
 //! which renews the lease of each record that names this host at the
 //! generation it runs and sends back only the records that do not, so a
-//! beat at rest costs one script call per shard and an empty reply.
+//! beat at rest costs one script call per shard and an empty reply. After
+//! Redis lost its scripts (a restart) only the script calls are retried.
 
 use super::agents::ttl_ms;
 use super::conn::Spread;
@@ -37,6 +38,27 @@ pub struct HeartbeatReport {
     pub differing: Vec<(String, Option<RecordHead>)>,
 }
 
+/// The RENEW_LEASES call of one shard's `agents` (EVALSHA: a pipeline
+/// cannot load a script; a missing one is loaded and the call retried),
+/// with the key it is routed by.
+fn renew_leases(
+    k: &super::Keys,
+    host: &str,
+    ttl_ms: u64,
+    agents: &[&(String, u64)],
+) -> (String, redis::Cmd) {
+    let mut cmd = redis::cmd("EVALSHA");
+    cmd.arg(RENEW_LEASES.get_hash()).arg(agents.len() * 2);
+    for (id, _) in agents {
+        cmd.arg(k.loc(id)).arg(k.agent(id));
+    }
+    cmd.arg(host).arg(ttl_ms);
+    for (_, generation) in agents {
+        cmd.arg(*generation);
+    }
+    (k.loc(&agents[0].0), cmd)
+}
+
 impl Registry {
     /// One heartbeat: writes the host hash and (re)sets its TTL, renews the
     /// lease (location key, same TTL) of every agent in `running` (id and
@@ -52,34 +74,6 @@ impl Registry {
     /// and the next beat dials afresh, so a healed partition is seen at the next
     /// beat instead of after TCP's retransmission backoff on a stalled socket.
     pub async fn heartbeat(
-        &self,
-        conn: &mut super::Connection,
-        host: &HostRecord,
-        running: &[(String, u64)],
-        ttl: std::time::Duration,
-    ) -> Result<HeartbeatReport> {
-        match self.beat_once(conn, host, running, ttl).await {
-            // Redis restarted (or flushed its scripts): load it and beat
-            // again. The failed beat wrote the host key already, so the
-            // second cannot tell whether it existed: it says it did not (at
-            // worst one HOST_UP too many after a bare SCRIPT FLUSH).
-            Err(RegistryError::Redis { source, .. })
-                if source.kind() == redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) =>
-            {
-                RENEW_LEASES
-                    .prepare_invoke()
-                    .load_async(conn)
-                    .await
-                    .map_err(self.err("heartbeat"))?;
-                let mut report = self.beat_once(conn, host, running, ttl).await?;
-                report.existed = false;
-                Ok(report)
-            }
-            other => other,
-        }
-    }
-
-    async fn beat_once(
         &self,
         conn: &mut super::Connection,
         host: &HostRecord,
@@ -106,7 +100,7 @@ impl Registry {
         ];
         // Replies by position: 0 epoch, 1 existed, 5 cordoned, then one
         // per shard that has agents here.
-        let mut batch = Spread::default();
+        let mut batch = Spread::keeping_errors();
         batch.add(k.epoch(), redis::cmd("GET").arg(k.epoch()).clone());
         batch.add(key.clone(), redis::cmd("EXISTS").arg(&key).clone());
         // The index first: whenever the host key exists its id is in
@@ -139,22 +133,49 @@ impl Registry {
                 .push(agent);
         }
         let groups: Vec<Vec<&(String, u64)>> = by_shard.into_values().collect();
-        for agents in &groups {
-            let mut cmd = redis::cmd("EVALSHA");
-            cmd.arg(RENEW_LEASES.get_hash()).arg(agents.len() * 2);
-            for (id, _) in agents {
-                cmd.arg(k.loc(id)).arg(k.agent(id));
-            }
-            cmd.arg(&host.id).arg(ms);
-            for (_, generation) in agents {
-                cmd.arg(*generation);
-            }
-            batch.add(k.loc(&agents[0].0), cmd);
+        let renewals: Vec<(String, redis::Cmd)> = groups
+            .iter()
+            .map(|agents| renew_leases(k, &host.id, ms, agents))
+            .collect();
+        for (key, cmd) in &renewals {
+            batch.add(key.clone(), cmd.clone());
         }
-        let values = batch
+        let mut values = batch
             .query(conn, k.is_sharded())
             .await
             .map_err(self.err("heartbeat"))?;
+        for v in &values {
+            if let redis::Value::ServerError(e) = v {
+                let e = redis::RedisError::from(e.clone());
+                if e.kind() != redis::ErrorKind::Server(redis::ServerErrorKind::NoScript) {
+                    return Err(self.err("heartbeat")(e));
+                }
+            }
+        }
+        // Redis restarted or flushed its scripts: load it, and renew the
+        // shards that missed it (the rest of the beat went through).
+        let first = values.len() - renewals.len();
+        let missed: Vec<usize> = (0..renewals.len())
+            .filter(|i| matches!(values[first + i], redis::Value::ServerError(_)))
+            .collect();
+        if !missed.is_empty() {
+            RENEW_LEASES
+                .prepare_invoke()
+                .load_async(conn)
+                .await
+                .map_err(self.err("heartbeat"))?;
+            let mut again = Spread::default();
+            for i in &missed {
+                again.add(renewals[*i].0.clone(), renewals[*i].1.clone());
+            }
+            let renewed = again
+                .query(conn, k.is_sharded())
+                .await
+                .map_err(self.err("heartbeat"))?;
+            for (i, v) in missed.into_iter().zip(renewed) {
+                values[first + i] = v;
+            }
+        }
         let corrupt = |detail: &str| RegistryError::Corrupt {
             key: key.clone(),
             detail: format!("heartbeat reply: {detail}"),
@@ -172,18 +193,19 @@ impl Registry {
             redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
         let mut differing = Vec::new();
         for agents in &groups {
-            let found: Vec<(usize, String, String, String)> =
+            let found: Vec<(usize, u8, String, String, String)> =
                 redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-            for (i, generation, record_host, state) in found {
+            for (i, exists, generation, record_host, state) in found {
                 let Some((id, _)) = i.checked_sub(1).and_then(|i| agents.get(i)) else {
                     return Err(corrupt("an agent index out of range"));
                 };
-                let head =
-                    (!generation.is_empty() && !record_host.is_empty()).then(|| RecordHead {
-                        generation: generation.parse().unwrap_or(0),
-                        host: record_host,
-                        state: crate::state::parse(&state),
-                    });
+                // A record with a field missing still exists (and is
+                // fenced on, as one naming no host); only none is missing.
+                let head = (exists == 1).then(|| RecordHead {
+                    generation: generation.parse().unwrap_or(0),
+                    host: record_host,
+                    state: crate::state::parse(&state),
+                });
                 differing.push((id.clone(), head));
             }
         }
