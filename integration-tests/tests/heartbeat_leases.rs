@@ -1,9 +1,8 @@
-//! A heartbeat's leases (`Registry::heartbeat`, the RENEW_LEASES script),
-//! against a real redis-server and a real 3-master Redis Cluster: it renews
-//! the lease of each agent whose record names this host at the generation
-//! it runs, leaves every other lease alone, and sends back exactly the
-//! records that say otherwise (another host, another generation, LOST,
-//! missing); after Redis dropped its scripts the beat loads it again.
+//! A heartbeat's leases and fencing read-back (`Registry::heartbeat`),
+//! against a real redis-server and a real 3-master Redis Cluster: it sets
+//! the lease of every agent it runs and sends back exactly the records
+//! that do not name this host at the generation it runs (another host,
+//! another generation, LOST, missing), the fencing's input.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -91,20 +90,12 @@ async fn leases_follow_the_records(registry: &Registry) {
     assert!(!report.existed, "the first beat finds no host key");
     let got: BTreeMap<String, Option<RecordHead>> = report.differing.into_iter().collect();
     assert_eq!(got, want, "exactly the records that do not name this run");
-    for (ok, other, newer, lost, gone) in &mine {
-        let loc = |id: &str| {
-            let id = id.to_owned();
-            async move { registry.location(&id).await.expect("lease") }
-        };
-        assert_eq!(loc(ok).await.as_deref(), Some("h1"), "{ok} renewed");
+    for (ok, ..) in &mine {
         assert_eq!(
-            loc(lost).await.as_deref(),
+            registry.location(ok).await.expect("lease").as_deref(),
             Some("h1"),
-            "{lost}: restored here"
+            "{ok} renewed"
         );
-        assert_eq!(loc(other).await, None, "{other}: h2's, not taken");
-        assert_eq!(loc(newer).await, None, "{newer}: a newer run's");
-        assert_eq!(loc(gone).await, None, "{gone}: no record");
     }
     let again = registry
         .heartbeat(&mut conn, &host, &running, ttl)
@@ -112,23 +103,10 @@ async fn leases_follow_the_records(registry: &Registry) {
         .expect("beat");
     assert!(again.existed);
     assert_eq!(again.differing.len(), 40);
-
-    // Redis forgot its scripts (a restart does that): the beat loads it.
-    redis::cmd("SCRIPT")
-        .arg("FLUSH")
-        .query_async::<()>(&mut conn)
-        .await
-        .expect("SCRIPT FLUSH");
-    let after = registry
-        .heartbeat(&mut conn, &host, &running, ttl)
-        .await
-        .expect("a beat after SCRIPT FLUSH");
-    assert_eq!(after.differing.len(), 40);
-    assert!(after.existed, "only the script calls were retried");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_beat_renews_only_the_leases_its_records_grant_on_one_redis() {
+async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_one_redis() {
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(dir.path(), &[]).await;
     let registry = Registry::new(&redis.url(), "ap").expect("registry");
@@ -136,7 +114,7 @@ async fn a_beat_renews_only_the_leases_its_records_grant_on_one_redis() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_beat_renews_only_the_leases_its_records_grant_on_a_redis_cluster() {
+async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_a_redis_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = RedisCluster::start(dir.path()).await;
     let options = RedisOptions {

@@ -181,21 +181,9 @@ impl ConnectionLike for Connection {
 #[derive(Default)]
 pub(super) struct Spread {
     cmds: Vec<(String, Cmd)>,
-    /// A command's error reply is its reply (`Value::ServerError`), not
-    /// the whole batch's failure.
-    keep_errors: bool,
 }
 
 impl Spread {
-    /// A batch whose commands' error replies come back as replies
-    /// (`Value::ServerError`), so the caller can retry only those.
-    pub(super) fn keeping_errors() -> Self {
-        Self {
-            cmds: Vec::new(),
-            keep_errors: true,
-        }
-    }
-
     /// Adds `cmd`, which touches `key`.
     pub(super) fn add(&mut self, key: String, cmd: Cmd) -> &mut Self {
         self.cmds.push((key, cmd));
@@ -207,12 +195,8 @@ impl Spread {
     where
         C: ConnectionLike + Clone + Send,
     {
-        let keep_errors = self.keep_errors;
         if !sharded {
             let mut pipe = redis::pipe();
-            if keep_errors {
-                pipe.ignore_errors();
-            }
             for (_, cmd) in self.cmds {
                 pipe.add_command(cmd);
             }
@@ -221,13 +205,9 @@ impl Spread {
         let n = self.cmds.len();
         let mut groups: BTreeMap<String, (redis::Pipeline, Vec<usize>)> = BTreeMap::new();
         for (i, (key, cmd)) in self.cmds.into_iter().enumerate() {
-            let g = groups.entry(hash_tag(&key).to_owned()).or_insert_with(|| {
-                let mut pipe = redis::pipe();
-                if keep_errors {
-                    pipe.ignore_errors();
-                }
-                (pipe, Vec::new())
-            });
+            let g = groups
+                .entry(hash_tag(&key).to_owned())
+                .or_insert_with(|| (redis::pipe(), Vec::new()));
             g.0.add_command(cmd);
             g.1.push(i);
         }

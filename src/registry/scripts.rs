@@ -63,36 +63,6 @@ return {1, state, gen, host}
     )
 });
 
-/// A heartbeat's leases, one step per shard: renews the location of every
-/// agent whose record names this host at the generation it runs, and
-/// reports only the others, so a beat at rest sends back nothing.
-///
-/// KEYS[2i-1] agent i's location key, KEYS[2i] its record; ARGV[1] the
-/// host, ARGV[2] the TTL in ms, ARGV[2+i] the generation agent i runs at.
-/// Returns `{i, exists, generation, host, state}` (exists 1 or 0; `''`
-/// for a missing field) for each agent whose record is missing, names
-/// another host or generation, or is LOST; the lease of a LOST record that
-/// names this run is renewed too (the host restores it), the others' are
-/// left alone.
-pub(super) static RENEW_LEASES: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-local out = {}
-for i = 1, #KEYS / 2 do
-  local h = redis.call('HMGET', KEYS[2 * i], 'generation', 'host', 'state')
-  local mine = h[1] == ARGV[2 + i] and h[2] == ARGV[1]
-  if mine then redis.call('SET', KEYS[2 * i - 1], ARGV[1], 'PX', ARGV[2]) end
-  if not mine or h[3] == 'LOST' then
-    local exists = 0
-    if h[1] or h[2] or h[3] then exists = 1 end
-    out[#out + 1] = {i, exists, h[1] or '', h[2] or '', h[3] or ''}
-  end
-end
-return out
-",
-    )
-});
-
 /// Emits HOST_LOST once per disappearance: KEYS[1] the host key, KEYS[2] the
 /// set of hosts known alive, KEYS[3] the stream, KEYS[4] the set of lost
 /// hosts still to settle (the host joins it in the same step); ARGV[1] host
