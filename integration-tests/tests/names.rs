@@ -48,7 +48,8 @@ async fn every_command_takes_a_name_and_names_cannot_look_like_ids() {
     assert!(ok(&cluster.agentctl(&["resume", "demo"])).contains("RUNNING"));
     ok(&cluster.agentctl(&["send", "demo", "x"]));
     // watch --agent takes the name, and its events show it (host events
-    // come too: the first is the host's).
+    // come too: the first is the host's; on a Redis Cluster the host
+    // events are another stream, read beside the agent's, so it may not be).
     let events = ok(&cluster.agentctl(&[
         "-o", "json", "watch", "--since", "0", "--agent", "demo", "--count", "3",
     ]));
@@ -57,7 +58,11 @@ async fn every_command_takes_a_name_and_names_cannot_look_like_ids() {
         .map(|l| serde_json::from_str::<serde_json::Value>(l).expect("a JSON line"))
         .filter(|e| e["agent_id"] != "")
         .collect();
-    assert_eq!(events.len(), 2, "{events:?}");
+    if cluster.on_redis_cluster() {
+        assert!(events.len() >= 2, "{events:?}");
+    } else {
+        assert_eq!(events.len(), 2, "{events:?}");
+    }
     assert!(
         events
             .iter()
