@@ -230,8 +230,12 @@ async fn twenty_yes_agents_with_slow_readers_stay_bounded_and_a_fast_follower_ke
         largest >> 10,
         cap >> 10
     );
-    assert!(peak.0 < 64 << 20, "control plane RSS under 64 MiB");
-    assert!(peak.1 < 64 << 20, "host agent RSS under 64 MiB");
+    // Bounded, not tight: 60 s at ~60 MB/s would be GiBs if output were
+    // buffered. This debug build's peaks on the 2-core machine: host agent
+    // 57-62 MiB alone, 64 under the full suite (glibc keeping freed read
+    // buffers in its per-thread arenas), control plane 40-46.
+    assert!(peak.0 < 80 << 20, "control plane RSS under 80 MiB");
+    assert!(peak.1 < 80 << 20, "host agent RSS under 80 MiB");
     assert!(largest <= cap + 128 * 1024, "every log within its cap");
     assert!(
         peak_buffered > 0 && peak_buffered <= 20 * 128 * 1024,
