@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use crate::process::Proc;
-use crate::redis_server::{binary, free_port};
+use crate::redis_server::{answers_ping, binary, free_port};
 
 /// Running cluster nodes.
 #[derive(Debug)]
@@ -54,19 +54,7 @@ impl RedisCluster {
             ip: ip.unwrap_or("127.0.0.1").to_owned(),
         };
         for url in cluster.urls() {
-            crate::eventually(
-                Duration::from_secs(10),
-                "a cluster node answers PING",
-                || {
-                    let url = url.clone();
-                    async move {
-                        let client = redis::Client::open(url).ok()?;
-                        let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                        redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-                    }
-                },
-            )
-            .await;
+            answers_ping(&url).await;
         }
         let cli = binary().with_file_name("redis-cli");
         let out = Command::new(if cli.is_file() {
@@ -130,6 +118,16 @@ impl RedisCluster {
             .iter()
             .map(|p| format!("{}:{p}", self.ip))
             .collect()
+    }
+
+    /// A registry on this cluster (`--redis-cluster` with every node).
+    pub fn registry(&self) -> agentplane::registry::Registry {
+        let options = agentplane::registry::RedisOptions {
+            cluster: self.addrs(),
+            ..Default::default()
+        };
+        agentplane::registry::Registry::connect(&self.urls()[0], "ap", &options)
+            .expect("a registry on the cluster")
     }
 
     /// A cluster connection (each key goes to its node).

@@ -35,6 +35,19 @@ pub(crate) fn binary() -> PathBuf {
     })
 }
 
+/// Waits (10 s at most) until the redis-server at `url` answers PING.
+pub(crate) async fn answers_ping(url: &str) {
+    crate::eventually(Duration::from_secs(10), "redis-server answers PING", || {
+        let url = url.to_owned();
+        async move {
+            let client = redis::Client::open(url).ok()?;
+            let mut c = client.get_multiplexed_async_connection().await.ok()?;
+            redis::cmd("PING").query_async::<String>(&mut c).await.ok()
+        }
+    })
+    .await;
+}
+
 /// A free TCP port on 127.0.0.1 (bound, read, released).
 pub fn free_port() -> u16 {
     let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind 127.0.0.1:0");
@@ -207,16 +220,7 @@ impl RedisServer {
         let log = self.dir.join(format!("redis-{}.log", self.port));
         cmd.arg("--logfile").arg(&log);
         self.proc = Some(Proc::spawn(cmd, &log).expect("start redis-server"));
-        let url = self.url();
-        crate::eventually(Duration::from_secs(10), "redis-server answers PING", || {
-            let url = url.clone();
-            async move {
-                let client = redis::Client::open(url).ok()?;
-                let mut c = client.get_multiplexed_async_connection().await.ok()?;
-                redis::cmd("PING").query_async::<String>(&mut c).await.ok()
-            }
-        })
-        .await;
+        answers_ping(&self.url()).await;
     }
 
     /// SIGSTOP: Redis freezes (its clock, and so its TTLs, run on).

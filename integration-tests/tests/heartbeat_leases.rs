@@ -8,7 +8,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use agentplane::proto::v1::{Agent, AgentSpec, AgentState};
-use agentplane::registry::{HostRecord, RecordHead, RedisOptions, Registry};
+use agentplane::registry::{HostRecord, RecordHead, Registry};
 use agentplane_integration_tests::redis_cluster::RedisCluster;
 use agentplane_integration_tests::RedisServer;
 
@@ -117,11 +117,6 @@ async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_one_redi
 async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_a_redis_cluster() {
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = RedisCluster::start(dir.path()).await;
-    let options = RedisOptions {
-        cluster: nodes.addrs(),
-        ..Default::default()
-    };
-    let registry =
-        Registry::connect(&nodes.urls()[0], "ap", &options).expect("registry on the cluster");
+    let registry = nodes.registry();
     leases_follow_the_records(&registry).await;
 }

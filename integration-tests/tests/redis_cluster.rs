@@ -242,15 +242,9 @@ async fn agents_on_a_redis_cluster_spread_over_every_master_and_the_api_sees_eac
 /// that SSCAN pages within a shard) come back once each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hosts_agents_are_walked_shard_by_shard_each_once() {
-    use agentplane::registry::{RedisOptions, Registry};
-
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = RedisCluster::start(dir.path()).await;
-    let options = RedisOptions {
-        cluster: nodes.addrs(),
-        ..Default::default()
-    };
-    let registry = Registry::connect(&nodes.urls()[0], "ap", &options).expect("registry");
+    let registry = nodes.registry();
     let keys = registry.keys().clone();
     let mut conn = nodes.conn().await;
     let mut ids: Vec<String> = (0..3000).map(|i| format!("agent-{i:05}")).collect();

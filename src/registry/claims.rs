@@ -7,7 +7,7 @@ use std::time::Duration;
 use redis::AsyncCommands;
 
 use super::agents::ttl_ms;
-use super::scripts::{DELETE_IF_EQUAL, SWAP_IF_EQUAL, TAKE_OVER_CLAIM};
+use super::scripts::{DELETE_IF_EQUAL, TAKE_OVER_CLAIM};
 use super::{Registry, Result};
 
 impl Registry {
@@ -54,8 +54,8 @@ impl Registry {
     /// Sets claim `key` from `owner` to `value` if `owner` has neither a
     /// record nor a claim lease: one script on one Redis; on a Cluster
     /// (the claim and the owner's keys are in different slots) the owner's
-    /// keys are read first and the claim swapped if it still names it, a
-    /// round trip later than the one script would.
+    /// keys are read first and the same script then checks only the claim,
+    /// a round trip later.
     async fn take_over(
         &self,
         step: &'static str,
@@ -64,37 +64,29 @@ impl Registry {
         value: &str,
         ttl: Option<Duration>,
     ) -> Result<bool> {
-        let ttl = ttl.map_or(0, ttl_ms);
-        let taken: i64 = if self.keys().is_sharded() {
+        let (record, lease) = (self.keys().agent(owner), self.keys().claim_lease(owner));
+        let mut inv = TAKE_OVER_CLAIM.prepare_invoke();
+        inv.key(key);
+        if self.keys().is_sharded() {
             let (record, lease): (bool, bool) = redis::pipe()
-                .exists(self.keys().agent(owner))
-                .exists(self.keys().claim_lease(owner))
+                .exists(&record)
+                .exists(&lease)
                 .query_async(&mut self.conn())
                 .await
                 .map_err(self.err(step))?;
             if record || lease {
                 return Ok(false);
             }
-            SWAP_IF_EQUAL
-                .key(key)
-                .arg(owner)
-                .arg(value)
-                .arg(ttl)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(self.err(step))?
         } else {
-            TAKE_OVER_CLAIM
-                .key(key)
-                .key(self.keys().agent(owner))
-                .key(self.keys().claim_lease(owner))
-                .arg(owner)
-                .arg(value)
-                .arg(ttl)
-                .invoke_async(&mut self.conn())
-                .await
-                .map_err(self.err(step))?
-        };
+            inv.key(&record).key(&lease);
+        }
+        let taken: i64 = inv
+            .arg(owner)
+            .arg(value)
+            .arg(ttl.map_or(0, ttl_ms))
+            .invoke_async(&mut self.conn())
+            .await
+            .map_err(self.err(step))?;
         Ok(taken == 1)
     }
 

@@ -123,34 +123,19 @@ return 0
 });
 
 /// Takes over a claim whose owner is gone: KEYS[1] the claim (a request id
-/// or a name), KEYS[2] the owner's agent record, KEYS[3] the owner's claim
-/// lease; ARGV[1] the owner read, ARGV[2] the new owner, ARGV[3] the claim's
-/// TTL in ms (`0`: none). Sets the claim to the new owner only if it still
-/// names the old one, whose record does not exist and whose lease expired.
-/// Returns 1 when taken over.
+/// or a name), KEYS[2..] keys that must not exist (the owner's agent record
+/// and claim lease, on one Redis; none on a Cluster, where they are in
+/// another slot and the caller checked them just before); ARGV[1] the owner
+/// read, ARGV[2] the new owner, ARGV[3] the claim's TTL in ms (`0`: none).
+/// Sets the claim to the new owner only if it still names the old one and
+/// none of those keys exists. Returns 1 when taken over.
 pub(super) static TAKE_OVER_CLAIM: LazyLock<redis::Script> = LazyLock::new(|| {
     redis::Script::new(
         r"
 if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
-if redis.call('EXISTS', KEYS[2]) == 1 or redis.call('EXISTS', KEYS[3]) == 1 then return 0 end
-if ARGV[3] == '0' then
-  redis.call('SET', KEYS[1], ARGV[2])
-else
-  redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
+for i = 2, #KEYS do
+  if redis.call('EXISTS', KEYS[i]) == 1 then return 0 end
 end
-return 1
-",
-    )
-});
-
-/// TAKE_OVER_CLAIM's last step alone, for the Cluster layout (where the
-/// owner's record and lease are in another slot and are checked just
-/// before): KEYS[1] the claim; ARGV[1] the owner read, ARGV[2] the new
-/// owner, ARGV[3] the TTL in ms (`0`: none). Returns 1 when swapped.
-pub(super) static SWAP_IF_EQUAL: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
-        r"
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then return 0 end
 if ARGV[3] == '0' then
   redis.call('SET', KEYS[1], ARGV[2])
 else

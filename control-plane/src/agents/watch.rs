@@ -90,8 +90,9 @@ impl AgentApi {
             })?;
             req.resume_token.clone()
         };
-        // "0" asks for the oldest retained events, so no gap can matter.
-        if after != "0" {
+        // "0" asks for the oldest retained events, and "from now" was just
+        // read from the streams' ends: no gap can matter to either.
+        if !req.resume_token.is_empty() && after != "0" {
             if let Some(before) = reader
                 .gap_after(&after)
                 .await
