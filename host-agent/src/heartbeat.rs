@@ -3,7 +3,8 @@
 //! `Supervisor::settle_earlier_records`): a fast restart cannot hide a loss.
 //! Then every TTL/3, one pipelined round trip refreshes the host key
 //! and the location key of every agent this host runs, and reads back what
-//! fencing needs. Then, per agent: a record that names another host or a newer
+//! fencing needs (record heads only where a write may have changed them:
+//! `FencingMemory`). Then, per agent: a record that names another host or a newer
 //! generation (or was deleted) means this copy is stale and is killed; a record
 //! marked LOST while the agent kept running here is restored; and when Redis
 //! lost its data (the epoch changed), missing records are written back.
@@ -12,7 +13,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::{AgentState, EventType};
-use agentplane::registry::{HeartbeatReport, HostRecord, Registry};
+use agentplane::registry::{FencingMemory, HeartbeatReport, HostRecord, Registry};
 use tokio_util::sync::CancellationToken;
 
 use crate::supervisor::Supervisor;
@@ -43,6 +44,7 @@ pub async fn run(
         return;
     }
     let mut conn = None;
+    let mut fencing = FencingMemory::default();
     let mut last_attempt = tokio::time::Instant::now();
     // When the leases were last renewed (a beat succeeded).
     let mut renewed = tokio::time::Instant::now();
@@ -72,7 +74,16 @@ pub async fn run(
             .collect();
         let started = tokio::time::Instant::now();
         last_attempt = started;
-        let result = beat(&registry, &mut conn, &host, &running, ttl, limit).await;
+        let result = beat(
+            &registry,
+            &mut conn,
+            &mut fencing,
+            &host,
+            &running,
+            ttl,
+            limit,
+        )
+        .await;
         // Published with the next beat: `hosts ls` and the benchmark read it.
         host.heartbeat_micros = u64::try_from(started.elapsed().as_micros()).unwrap_or(u64::MAX);
         let metrics = supervisor.metrics();
@@ -142,6 +153,7 @@ async fn settle(supervisor: &Supervisor, retry: Duration, cancel: &CancellationT
 async fn beat(
     registry: &Registry,
     conn: &mut Option<agentplane::registry::Connection>,
+    fencing: &mut FencingMemory,
     host: &HostRecord,
     running: &[(String, u64)],
     ttl: Duration,
@@ -151,7 +163,9 @@ async fn beat(
         Some(c) => c,
         None => registry.dedicated_connection(limit).await?,
     };
-    let report = registry.heartbeat(&mut c, host, running, ttl).await?;
+    let report = registry
+        .heartbeat(&mut c, host, running, ttl, fencing)
+        .await?;
     *conn = Some(c);
     Ok(report)
 }

@@ -91,7 +91,8 @@ impl SimHost {
                 eprintln!("simulated host server failed: {e}");
             }
         });
-        host.beat(&mut conn).await?;
+        let mut fencing = agentplane::registry::FencingMemory::default();
+        host.beat(&mut conn, &mut fencing).await?;
         let beating = host.clone();
         tokio::spawn(async move {
             // Hosts start at spread-out phases, as a real fleet's do.
@@ -111,7 +112,7 @@ impl SimHost {
                     continue;
                 }
                 let t = Instant::now();
-                match beating.beat(&mut conn).await {
+                match beating.beat(&mut conn, &mut fencing).await {
                     Ok(()) => beats.took.lock().expect("beats lock").push(t.elapsed()),
                     // A beat cut short by the end of the run is no news.
                     Err(_) if cancel.is_cancelled() => return,
@@ -123,8 +124,12 @@ impl SimHost {
     }
 
     /// One heartbeat, as the host agent's: the host hash and every lease,
-    /// with the records that differ read back, in one round trip.
-    async fn beat(&self, conn: &mut agentplane::registry::Connection) -> anyhow::Result<()> {
+    /// with the records that may differ read back, in one round trip.
+    async fn beat(
+        &self,
+        conn: &mut agentplane::registry::Connection,
+        fencing: &mut agentplane::registry::FencingMemory,
+    ) -> anyhow::Result<()> {
         let running: Vec<(String, u64)> = self
             .running
             .lock()
@@ -133,7 +138,7 @@ impl SimHost {
             .map(|(id, generation)| (id.clone(), *generation))
             .collect();
         self.registry
-            .heartbeat(conn, &self.record, &running, self.ttl)
+            .heartbeat(conn, &self.record, &running, self.ttl, fencing)
             .await?;
         Ok(())
     }

@@ -2,13 +2,19 @@
 //! against a real redis-server and a real 3-master Redis Cluster: it sets
 //! the lease of every agent it runs and sends back exactly the records
 //! that do not name this host at the generation it runs (another host,
-//! another generation, LOST, missing), the fencing's input.
+//! another generation, LOST, missing), the fencing's input; heads are read
+//! again only after a write that can change them (the host revision) or
+//! every `FULL_READ_EVERY` beats.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use agentplane::proto::v1::{Agent, AgentSpec, AgentState};
-use agentplane::registry::{HostRecord, RecordHead, Registry};
+use agentplane::proto::v1::{Agent, AgentSpec, AgentState, ExitReason};
+use agentplane::registry::{
+    AgentUpdate, Expect, FencingMemory, HostRecord, RecordHead, Registry, UpdateOutcome,
+    FULL_READ_EVERY,
+};
+use agentplane_integration_tests::parse_command_calls;
 use agentplane_integration_tests::redis_cluster::RedisCluster;
 use agentplane_integration_tests::RedisServer;
 
@@ -26,8 +32,53 @@ fn record(id: &str, host: &str, generation: u64, state: AgentState) -> Agent {
     }
 }
 
-/// The scenario, on `registry`; `conn` is a dedicated connection to it.
-async fn leases_follow_the_records(registry: &Registry) {
+/// The Redis a scenario runs on, for its command counts.
+enum Backend<'a> {
+    One(&'a RedisServer),
+    Cluster(&'a RedisCluster),
+}
+
+impl Backend<'_> {
+    /// `HMGET` calls so far (every node's, on a Cluster): the head reads.
+    async fn head_reads(&self) -> u64 {
+        let stats = match self {
+            Backend::One(r) => r.commandstats().await,
+            Backend::Cluster(c) => c.commandstats().await,
+        };
+        parse_command_calls(&stats)
+            .get("hmget")
+            .copied()
+            .unwrap_or(0)
+    }
+}
+
+/// One host's beats, for the scenario.
+struct Beat<'a> {
+    registry: &'a Registry,
+    conn: &'a mut agentplane::registry::Connection,
+    host: &'a HostRecord,
+    ttl: Duration,
+}
+
+impl Beat<'_> {
+    /// A beat of `running`: the records it reports as differing.
+    async fn run(
+        &mut self,
+        memory: &mut FencingMemory,
+        running: &[(String, u64)],
+    ) -> BTreeMap<String, Option<RecordHead>> {
+        self.registry
+            .heartbeat(self.conn, self.host, running, self.ttl, memory)
+            .await
+            .expect("beat")
+            .differing
+            .into_iter()
+            .collect()
+    }
+}
+
+/// The scenario, on `registry`, served by `backend`.
+async fn leases_follow_the_records(registry: &Registry, backend: Backend<'_>) {
     let ttl = Duration::from_secs(30);
     // Ids over many shards (on a Cluster): 10 of each kind.
     let mut running = Vec::new();
@@ -83,8 +134,12 @@ async fn leases_follow_the_records(registry: &Registry) {
         .dedicated_connection(Duration::from_secs(5))
         .await
         .expect("connect");
+    // As a host agent does on a Redis without one (a beat that reads no
+    // epoch reads every head).
+    registry.ensure_epoch().await.expect("epoch");
+    let mut memory = FencingMemory::default();
     let report = registry
-        .heartbeat(&mut conn, &host, &running, ttl)
+        .heartbeat(&mut conn, &host, &running, ttl, &mut memory)
         .await
         .expect("beat");
     assert!(!report.existed, "the first beat finds no host key");
@@ -98,11 +153,100 @@ async fn leases_follow_the_records(registry: &Registry) {
         );
     }
     let again = registry
-        .heartbeat(&mut conn, &host, &running, ttl)
+        .heartbeat(&mut conn, &host, &running, ttl, &mut memory)
         .await
         .expect("beat");
     assert!(again.existed);
-    assert_eq!(again.differing.len(), 40);
+    assert_eq!(
+        again.differing.len(),
+        40,
+        "differing records are read every beat"
+    );
+    assert_eq!(memory.verified(), 10);
+
+    // From here the host runs only the agents whose records name it (the
+    // others were fenced): while no record changes, no head is read.
+    let ok: Vec<(String, u64)> = mine.iter().map(|(ok, ..)| (ok.clone(), 1)).collect();
+    let mut beat = Beat {
+        registry,
+        conn: &mut conn,
+        host: &host,
+        ttl,
+    };
+    let before = backend.head_reads().await;
+    assert!(beat.run(&mut memory, &ok).await.is_empty());
+    assert_eq!(
+        backend.head_reads().await - before,
+        0,
+        "a beat after an unchanged one reads no head"
+    );
+
+    // A relocation, a LOST mark and a delete, each seen at the next beat,
+    // none of them a full read (beats 4, 5 and 6; the 7th is).
+    let head = |host: &str, generation, state| {
+        Some(RecordHead {
+            generation,
+            host: host.into(),
+            state: Some(state),
+        })
+    };
+    let (moved, lost, deleted) = (&ok[0].0, &ok[1].0, &ok[2].0);
+    let outcome = registry
+        .update_agent(
+            moved,
+            &Expect {
+                generation: Some(1),
+                host: Some("h1".into()),
+                states: Vec::new(),
+            },
+            &AgentUpdate {
+                host: Some("h2".into()),
+                generation: Some(2),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("relocate");
+    assert_eq!(outcome, UpdateOutcome::Applied);
+    let got = beat.run(&mut memory, &ok).await;
+    let want = BTreeMap::from([(moved.clone(), head("h2", 2, AgentState::Running))]);
+    assert_eq!(got, want, "a relocation is seen at the next beat");
+    let ok = &ok[1..];
+    assert!(registry
+        .mark_lost(
+            lost,
+            1,
+            "h1",
+            &[AgentState::Running],
+            ExitReason::LeaseExpired,
+            "test".into()
+        )
+        .await
+        .expect("mark lost"));
+    let got = beat.run(&mut memory, ok).await;
+    let want = BTreeMap::from([(lost.clone(), head("h1", 1, AgentState::Lost))]);
+    assert_eq!(got, want, "a LOST mark is seen at the next beat");
+    let ok = &ok[1..];
+    registry
+        .delete_agent(&record(deleted, "h1", 1, AgentState::Running))
+        .await
+        .expect("delete");
+    let got = beat.run(&mut memory, ok).await;
+    let want = BTreeMap::from([(deleted.clone(), None)]);
+    assert_eq!(got, want, "a delete is seen at the next beat");
+
+    // The rest stay verified; every FULL_READ_EVERY beats all heads are
+    // read once whatever the revisions say.
+    let rest: Vec<(String, u64)> = ok[1..].to_vec();
+    let before = backend.head_reads().await;
+    for _ in 0..FULL_READ_EVERY {
+        assert!(beat.run(&mut memory, &rest).await.is_empty());
+    }
+    assert_eq!(
+        backend.head_reads().await - before,
+        rest.len() as u64,
+        "one full read in {FULL_READ_EVERY} beats"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -110,7 +254,7 @@ async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_one_redi
     let dir = tempfile::tempdir().expect("tempdir");
     let redis = RedisServer::start(dir.path(), &[]).await;
     let registry = Registry::new(&redis.url(), "ap").expect("registry");
-    leases_follow_the_records(&registry).await;
+    leases_follow_the_records(&registry, Backend::One(&redis)).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -118,5 +262,5 @@ async fn a_beat_reports_exactly_the_records_that_do_not_name_its_run_on_a_redis_
     let dir = tempfile::tempdir().expect("tempdir");
     let nodes = RedisCluster::start(dir.path()).await;
     let registry = nodes.registry();
-    leases_follow_the_records(&registry).await;
+    leases_follow_the_records(&registry, Backend::Cluster(&nodes)).await;
 }

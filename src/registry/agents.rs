@@ -275,7 +275,9 @@ impl Registry {
             .arg(super::EVENTS_MAXLEN)
             .arg(update.event.map_or("", super::type_name))
             .arg(loc_host)
-            .arg(loc_ttl);
+            .arg(loc_ttl)
+            .arg(k.host_revision_prefix(shard))
+            .arg(crate::ids::new_agent_id());
         let mut deletes: Vec<&str> = Vec::new();
         if update.clear_exit {
             deletes.push(field::EXIT);
@@ -410,6 +412,15 @@ impl Registry {
             .ignore()
             .pset_ex(k.deleted(&agent.id), 1, ttl_ms(super::IDEMPOTENCY_TTL))
             .ignore();
+        if !agent.host.is_empty() {
+            // The copy on that host (if any) is no longer the record's.
+            pipe.pset_ex(
+                k.host_revision(k.shard_of(&agent.id), &agent.host),
+                crate::ids::new_agent_id(),
+                ttl_ms(super::scripts::REVISION_TTL),
+            )
+            .ignore();
+        }
         self.index_removes(&mut pipe, agent);
         self.push_agent_event(&mut pipe, "AGENT_DELETED", agent);
         pipe.query_async::<()>(&mut self.conn())

@@ -5,11 +5,61 @@
 //! sent back only the others cost Redis about 40 % more CPU at rest
 //! (bench-fleet, 100k agents: 0.28-0.31 cores against 0.21), and Redis is
 //! the one shared server; the comparison is done here instead.
+//!
+//! Fencing reads a record's head only when it may have changed: every
+//! write that makes a record stop naming its host at its generation (a
+//! relocation, a new generation, LOST, a delete) also sets that host's
+//! revision key in the record's shard to a fresh token, in the same atomic
+//! step. A beat reads each shard's revision; where it is what the host
+//! saw last, the records it verified then still name it and their heads
+//! are not read (a second round trip reads the others in the shards that
+//! changed). An agent new to the beat, a changed epoch or host key, and
+//! every [`FULL_READ_EVERY`]th beat read every head: a write that a
+//! failover rolled back takes its revision with it, and a revision is a
+//! token, never a counter, so a rolled-back one cannot come back equal.
+
+use std::collections::{BTreeMap, HashMap};
 
 use super::agents::ttl_ms;
 use super::conn::Spread;
+use super::keys::Shard;
 use super::{HostRecord, Registry, RegistryError, Result};
 use crate::proto::v1::AgentState;
+
+/// Every how many beats a host reads every head whatever the revisions
+/// say (the first beat is one): a bound on how long a write path that
+/// forgot its revision could go unseen.
+pub const FULL_READ_EVERY: u64 = 6;
+
+/// What a host's heartbeats remember between beats to skip the heads that
+/// cannot have changed. Owned by the beating task; a failed beat forgets
+/// it (the next reads every head).
+#[derive(Debug, Default)]
+pub struct FencingMemory {
+    /// The epoch the last beat read.
+    epoch: Option<String>,
+    /// Per shard, the revision the last beat read (`None`: no key).
+    revisions: HashMap<Shard, Option<String>>,
+    /// The agents whose record named this host at this generation when
+    /// their shard had that revision.
+    verified: HashMap<String, u64>,
+    /// Beats since the memory was last forgotten.
+    beats: u64,
+}
+
+impl FencingMemory {
+    /// How many agents the memory holds as verified (for tests and logs).
+    pub fn verified(&self) -> usize {
+        self.verified.len()
+    }
+}
+
+/// What one reply of a beat's pipeline is.
+enum Reply {
+    Revision(Shard),
+    Lease,
+    Head(usize),
+}
 
 /// The head of an agent record, read back by a heartbeat for fencing.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,7 +97,8 @@ impl Registry {
     /// the leases repairs a Redis that lost them; a copy whose record
     /// names another host holds that agent's lease until its fencing,
     /// within this beat. `cordoned` is never written here: it is the
-    /// operator's.
+    /// operator's. Heads are read only where `memory` (the previous beats')
+    /// cannot vouch for them (see the module's comment).
     ///
     /// It runs on `conn`, a connection the caller owns (see
     /// [`Registry::dedicated_connection`]): after a failure the caller drops it
@@ -59,72 +110,60 @@ impl Registry {
         host: &HostRecord,
         running: &[(String, u64)],
         ttl: std::time::Duration,
+        memory: &mut FencingMemory,
+    ) -> Result<HeartbeatReport> {
+        let result = self.beat(conn, host, running, ttl, memory).await;
+        if result.is_err() {
+            *memory = FencingMemory::default();
+        }
+        result
+    }
+
+    async fn beat(
+        &self,
+        conn: &mut super::Connection,
+        host: &HostRecord,
+        running: &[(String, u64)],
+        ttl: std::time::Duration,
+        memory: &mut FencingMemory,
     ) -> Result<HeartbeatReport> {
         let k = self.keys();
         let key = k.host(&host.id);
-        let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
         let ms = ttl_ms(ttl);
-        let fields: [(&str, String); 12] = [
-            ("id", host.id.clone()),
-            ("address", host.address.clone()),
-            ("labels", labels),
-            ("capacity", host.capacity.to_string()),
-            ("running", running.len().to_string()),
-            ("version", host.version.clone()),
-            ("started_at", host.started_at_ms.to_string()),
-            ("heartbeat_micros", host.heartbeat_micros.to_string()),
-            ("ttl_ms", ms.to_string()),
-            ("incarnation", host.incarnation.clone()),
-            ("cgroups", host.cgroups.encode()),
-            ("heartbeat_at", crate::time::now_ms().to_string()),
-        ];
-        // Replies by position: 0 epoch, 1 existed, 5 cordoned, then per
-        // agent its lease's (skipped) and its record's head.
-        let mut batch = Spread::default();
-        batch.add(k.epoch(), redis::cmd("GET").arg(k.epoch()).clone());
-        batch.add(key.clone(), redis::cmd("EXISTS").arg(&key).clone());
-        // The index first: whenever the host key exists its id is in
-        // `hosts-known` (MARK_HOST_LOST removes it only once the key is
-        // gone), which is what `list_hosts` reads instead of a SCAN.
-        batch.add(
-            key.clone(),
-            redis::cmd("SADD")
-                .arg(k.hosts_known())
-                .arg(&host.id)
-                .clone(),
-        );
-        let mut hset = redis::cmd("HSET");
-        hset.arg(&key);
-        for (f, v) in &fields {
-            hset.arg(*f).arg(v);
+        let full = memory.beats.is_multiple_of(FULL_READ_EVERY);
+        memory.beats = memory.beats.wrapping_add(1);
+        // Replies by position: 0 epoch, 1 existed, 5 cordoned, then the
+        // plan's.
+        let mut batch = host_commands(self, host, running.len(), ms);
+        let mut by_shard: BTreeMap<Shard, Vec<usize>> = BTreeMap::new();
+        for (i, (id, _)) in running.iter().enumerate() {
+            by_shard.entry(k.shard_of(id)).or_default().push(i);
         }
-        batch.add(key.clone(), hset);
-        batch.add(key.clone(), redis::cmd("PEXPIRE").arg(&key).arg(ms).clone());
-        batch.add(
-            key.clone(),
-            redis::cmd("HGET").arg(&key).arg("cordoned").clone(),
-        );
-        for (id, _) in running {
-            let loc = k.loc(id);
-            batch.add(
-                loc.clone(),
-                redis::cmd("SET")
-                    .arg(&loc)
-                    .arg(&host.id)
-                    .arg("PX")
-                    .arg(ms)
-                    .clone(),
-            );
-            let rec = k.agent(id);
-            batch.add(
-                rec.clone(),
-                redis::cmd("HMGET")
-                    .arg(&rec)
-                    .arg("generation")
-                    .arg("host")
-                    .arg("state")
-                    .clone(),
-            );
+        let mut plan = Vec::with_capacity(running.len() * 2 + by_shard.len());
+        for (shard, at) in &by_shard {
+            // The revision before the heads: a write between the two is
+            // then seen by the heads or by the next beat's revision.
+            let rev = k.host_revision(*shard, &host.id);
+            batch.add(rev.clone(), redis::cmd("GET").arg(&rev).clone());
+            plan.push(Reply::Revision(*shard));
+            for &i in at {
+                let (id, generation) = &running[i];
+                let loc = k.loc(id);
+                batch.add(
+                    loc.clone(),
+                    redis::cmd("SET")
+                        .arg(&loc)
+                        .arg(&host.id)
+                        .arg("PX")
+                        .arg(ms)
+                        .clone(),
+                );
+                plan.push(Reply::Lease);
+                if full || memory.verified.get(id) != Some(generation) {
+                    batch.add(k.agent(id), head_command(&k.agent(id)));
+                    plan.push(Reply::Head(i));
+                }
+            }
         }
         let values = batch
             .query(conn, k.is_sharded())
@@ -145,30 +184,70 @@ impl Registry {
         }
         let cordoned: Option<String> =
             redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-        let mut differing = Vec::new();
-        for (id, generation) in running {
-            next()?;
-            let head: Vec<Option<String>> =
-                redis::from_redis_value(next()?).map_err(|e| corrupt(&e.to_string()))?;
-            // A record with a field missing still exists (and is fenced
-            // on, as one naming no host); only none at all is missing.
-            let head = (head.iter().any(Option::is_some)).then(|| {
-                let field = |i: usize| head.get(i).cloned().flatten().unwrap_or_default();
-                RecordHead {
-                    generation: field(0).parse().unwrap_or(0),
-                    host: field(1),
-                    state: crate::state::parse(&field(2)),
+        // Everything may have changed when the dataset did.
+        let all_changed = epoch.is_none() || epoch != memory.epoch || !existed;
+        let mut revisions = HashMap::with_capacity(by_shard.len());
+        let mut heads: Vec<Option<Option<RecordHead>>> = vec![None; running.len()];
+        for reply in plan {
+            let value = next()?;
+            match reply {
+                Reply::Revision(shard) => {
+                    let rev: Option<String> =
+                        redis::from_redis_value(value).map_err(|e| corrupt(&e.to_string()))?;
+                    revisions.insert(shard, rev);
                 }
-            });
+                Reply::Lease => {}
+                Reply::Head(i) => heads[i] = Some(parse_head(value).map_err(|e| corrupt(&e))?),
+            }
+        }
+        // The heads skipped in shards whose revision moved: read now.
+        let changed =
+            |shard: &Shard| all_changed || memory.revisions.get(shard) != revisions.get(shard);
+        let unread: Vec<usize> = by_shard
+            .iter()
+            .filter(|(shard, _)| changed(shard))
+            .flat_map(|(_, at)| at.iter().copied())
+            .filter(|&i| heads[i].is_none())
+            .collect();
+        if !unread.is_empty() {
+            let mut again = Spread::default();
+            for &i in &unread {
+                let rec = k.agent(&running[i].0);
+                again.add(rec.clone(), head_command(&rec));
+            }
+            let values = again
+                .query(conn, k.is_sharded())
+                .await
+                .map_err(self.err("heartbeat heads"))?;
+            if values.len() != unread.len() {
+                return Err(corrupt("heads: too short"));
+            }
+            for (i, value) in unread.into_iter().zip(values) {
+                heads[i] = Some(parse_head(value).map_err(|e| corrupt(&e))?);
+            }
+        }
+        let mut differing = Vec::new();
+        let mut verified = HashMap::with_capacity(running.len());
+        for ((id, generation), head) in running.iter().zip(heads) {
+            let Some(head) = head else {
+                // Skipped: its shard did not change since it was verified.
+                verified.insert(id.clone(), *generation);
+                continue;
+            };
             let mine = head.as_ref().is_some_and(|h| {
                 h.generation == *generation
                     && h.host == host.id
                     && h.state != Some(AgentState::Lost)
             });
-            if !mine {
+            if mine {
+                verified.insert(id.clone(), *generation);
+            } else {
                 differing.push((id.clone(), head));
             }
         }
+        memory.epoch.clone_from(&epoch);
+        memory.revisions = revisions;
+        memory.verified = verified;
         Ok(HeartbeatReport {
             epoch,
             existed,
@@ -176,4 +255,76 @@ impl Registry {
             differing,
         })
     }
+}
+
+/// The host's own commands of a beat: epoch, existed, known-hosts index,
+/// host hash, its TTL and the cordon flag (replies in that order).
+fn host_commands(registry: &Registry, host: &HostRecord, running: usize, ms: u64) -> Spread {
+    let k = registry.keys();
+    let key = k.host(&host.id);
+    let labels = serde_json::to_string(&host.labels).unwrap_or_else(|_| "{}".to_owned());
+    let fields: [(&str, String); 12] = [
+        ("id", host.id.clone()),
+        ("address", host.address.clone()),
+        ("labels", labels),
+        ("capacity", host.capacity.to_string()),
+        ("running", running.to_string()),
+        ("version", host.version.clone()),
+        ("started_at", host.started_at_ms.to_string()),
+        ("heartbeat_micros", host.heartbeat_micros.to_string()),
+        ("ttl_ms", ms.to_string()),
+        ("incarnation", host.incarnation.clone()),
+        ("cgroups", host.cgroups.encode()),
+        ("heartbeat_at", crate::time::now_ms().to_string()),
+    ];
+    let mut batch = Spread::default();
+    batch.add(k.epoch(), redis::cmd("GET").arg(k.epoch()).clone());
+    batch.add(key.clone(), redis::cmd("EXISTS").arg(&key).clone());
+    // The index first: whenever the host key exists its id is in
+    // `hosts-known` (MARK_HOST_LOST removes it only once the key is
+    // gone), which is what `list_hosts` reads instead of a SCAN.
+    batch.add(
+        key.clone(),
+        redis::cmd("SADD")
+            .arg(k.hosts_known())
+            .arg(&host.id)
+            .clone(),
+    );
+    let mut hset = redis::cmd("HSET");
+    hset.arg(&key);
+    for (f, v) in &fields {
+        hset.arg(*f).arg(v);
+    }
+    batch.add(key.clone(), hset);
+    batch.add(key.clone(), redis::cmd("PEXPIRE").arg(&key).arg(ms).clone());
+    batch.add(
+        key.clone(),
+        redis::cmd("HGET").arg(&key).arg("cordoned").clone(),
+    );
+    batch
+}
+
+/// The read of a record's head.
+fn head_command(record: &str) -> redis::Cmd {
+    redis::cmd("HMGET")
+        .arg(record)
+        .arg("generation")
+        .arg("host")
+        .arg("state")
+        .clone()
+}
+
+/// A head from its `HMGET` reply; `None` when the record is missing. A
+/// record with a field missing still exists (and is fenced on, as one
+/// naming no host); only none at all is missing.
+fn parse_head(value: redis::Value) -> std::result::Result<Option<RecordHead>, String> {
+    let head: Vec<Option<String>> = redis::from_redis_value(value).map_err(|e| e.to_string())?;
+    Ok(head.iter().any(Option::is_some).then(|| {
+        let field = |i: usize| head.get(i).cloned().flatten().unwrap_or_default();
+        RecordHead {
+            generation: field(0).parse().unwrap_or(0),
+            host: field(1),
+            state: crate::state::parse(&field(2)),
+        }
+    }))
 }

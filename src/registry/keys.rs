@@ -118,6 +118,21 @@ impl Keys {
         format!("{}:host-agents:{id}", self.at(shard))
     }
 
+    /// `ap:host-rev:{id}`: the fencing revision of the host's agents in
+    /// `shard`, a token every write that makes one of them stop naming
+    /// the host at its generation (another host, another generation,
+    /// LOST, deleted) replaces; heartbeats read record heads only where
+    /// it changed.
+    pub fn host_revision(&self, shard: Shard, id: &str) -> String {
+        format!("{}{id}", self.host_revision_prefix(shard))
+    }
+
+    /// What [`Keys::host_revision`] appends the host id to (scripts
+    /// derive the key of the host a record names).
+    pub fn host_revision_prefix(&self, shard: Shard) -> String {
+        format!("{}:host-rev:", self.at(shard))
+    }
+
     /// `ap:agent:{id}`: the agent record hash.
     pub fn agent(&self, id: &str) -> String {
         format!("{}:agent:{id}", self.of(id))
@@ -269,6 +284,7 @@ mod tests {
         let s = Shard(0);
         assert_eq!(k.host("h1"), "ap:host:h1");
         assert_eq!(k.host_agents(s, "h1"), "ap:host-agents:h1");
+        assert_eq!(k.host_revision(s, "h1"), "ap:host-rev:h1");
         assert_eq!(k.agent("a1"), "ap:agent:a1");
         assert_eq!(k.loc("a1"), "ap:loc:a1");
         assert_eq!(k.rr(), "ap:rr");
@@ -302,6 +318,7 @@ mod tests {
             k.state_index(s, "RUNNING"),
             k.label_index(s, "team", "a"),
             k.host_agents(s, "h1"),
+            k.host_revision(s, "h1"),
         ] {
             assert_eq!(hash_tag(&key), tag, "{key}");
         }

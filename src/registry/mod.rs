@@ -32,7 +32,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
 pub use event_reader::{EventReader, ReadError};
 pub use events::{type_name, StreamBounds, EVENTS_MAXLEN};
-pub use heartbeat::{HeartbeatReport, RecordHead};
+pub use heartbeat::{FencingMemory, HeartbeatReport, RecordHead, FULL_READ_EVERY};
 pub use hosts::{Draining, HostRecord};
 pub use index::AgentIndex;
 pub use keys::{Keys, Shard, SHARDS};

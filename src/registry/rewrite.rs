@@ -49,7 +49,9 @@ impl Registry {
             .arg(&named)
             .arg(&agent.id)
             .arg(&agent.host)
-            .arg(ttl_ms(ttl));
+            .arg(ttl_ms(ttl))
+            .arg(k.host_revision_prefix(shard))
+            .arg(crate::ids::new_agent_id());
         for (f, v) in codec::encode_agent(agent) {
             inv.arg(f).arg(v);
         }

@@ -1,6 +1,18 @@
 //! Lua scripts: the atomic read-modify-writes of the registry.
 
 use std::sync::LazyLock;
+use std::time::Duration;
+
+/// How long a host's revision key lives after its last change: a host
+/// whose revision expired reads its records' heads once more, so no key
+/// outlives its host by more than this.
+pub(super) const REVISION_TTL: Duration = Duration::from_secs(24 * 3600);
+
+/// A script that sets host revision keys (`REVISION_TTL_MS` in its text
+/// is their TTL).
+fn revision_script(text: &str) -> redis::Script {
+    redis::Script::new(&text.replace("REVISION_TTL_MS", &REVISION_TTL.as_millis().to_string()))
+}
 
 /// Compare-and-set on an agent record, and the event of a state change in the
 /// same atomic step (so every change is in `ap:events` exactly once).
@@ -14,13 +26,17 @@ use std::sync::LazyLock;
 /// any), ARGV[4] the time (ms), ARGV[5] the stream's approximate length
 /// bound, ARGV[6] the event type of a state change (`""`: AGENT_STATE),
 /// ARGV[7] the location's host (`""`: location untouched) and ARGV[8] its
-/// TTL in ms, ARGV[9] the number N of fields to delete, ARGV[10..10+N]
-/// their names, then field/value pairs to set.
+/// TTL in ms, ARGV[9] the prefix of the shard's host revision keys and
+/// ARGV[10] a fresh token: a write that makes the record stop naming its
+/// host at its generation (another host or generation, or LOST) sets that
+/// host's revision to the token (see [`super::keys::Keys::host_revision`]).
+/// ARGV[11] the number N of fields to delete, ARGV[12..12+N] their names,
+/// then field/value pairs to set.
 ///
 /// Returns `{code, state, generation, host}` as they were before: code 1 applied,
 /// 0 no such record, -1 an expectation failed (nothing written).
 pub(super) static UPDATE_AGENT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    revision_script(
         r"
 local cur = redis.call('HMGET', KEYS[1], 'state', 'generation', 'host')
 if not cur[1] then return {0, '', '', ''} end
@@ -34,9 +50,9 @@ if ARGV[3] ~= '' then
   end
   if not ok then return {-1, state, gen, host} end
 end
-local ndel = tonumber(ARGV[9])
-if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 10, 9 + ndel)) end
-local first = 10 + ndel
+local ndel = tonumber(ARGV[11])
+if ndel > 0 then redis.call('HDEL', KEYS[1], unpack(ARGV, 12, 11 + ndel)) end
+local first = 12 + ndel
 if first <= #ARGV then redis.call('HSET', KEYS[1], unpack(ARGV, first, #ARGV)) end
 local after = redis.call('HMGET', KEYS[1], 'id', 'state', 'host', 'generation')
 if KEYS[4] ~= KEYS[5] then
@@ -51,6 +67,10 @@ if after[2] ~= state then
   end
 end
 if ARGV[7] ~= '' then redis.call('SET', KEYS[3], ARGV[7], 'PX', ARGV[8]) end
+if host ~= '' and ((after[3] or '') ~= host or (after[4] or '') ~= gen
+    or (after[2] == 'LOST' and state ~= 'LOST')) then
+  redis.call('SET', ARGV[9] .. host, ARGV[10], 'PX', REVISION_TTL_MS)
+end
 if after[2] ~= state or after[4] ~= gen then
   local ty = ARGV[6]
   if ty == '' then ty = 'AGENT_STATE' end
@@ -175,19 +195,24 @@ return {tostring(f['length']), f['last-generated-id'], f['max-deleted-entry-id']
 /// (may be KEYS[2]), KEYS[5] the index of all agents, KEYS[6..12] the state
 /// indexes of every state, KEYS[13..] the agent's label indexes. ARGV[1] the generation, ARGV[2] the host the record
 /// named when read (`""`: none), ARGV[3] the agent id, ARGV[4] the host,
-/// ARGV[5] the lease TTL (ms), then field/value pairs.
+/// ARGV[5] the lease TTL (ms), ARGV[6] the prefix of the shard's host
+/// revision keys and ARGV[7] a fresh token (the host named before gets
+/// it: its copy is no longer the record's), then field/value pairs.
 ///
 /// Returns 1 written, 0 not (a record of this generation or newer is there,
 /// or it changed hands since it was read: read again).
 pub(super) static REWRITE_AGENT: LazyLock<redis::Script> = LazyLock::new(|| {
-    redis::Script::new(
+    revision_script(
         r"
 local cur = redis.call('HMGET', KEYS[1], 'generation', 'host')
 if cur[1] and tonumber(cur[1]) >= tonumber(ARGV[1]) then return 0 end
 if (cur[2] or '') ~= ARGV[2] then return 0 end
 redis.call('DEL', KEYS[1])
-redis.call('HSET', KEYS[1], unpack(ARGV, 6, #ARGV))
-if ARGV[2] ~= '' then redis.call('SREM', KEYS[4], ARGV[3]) end
+redis.call('HSET', KEYS[1], unpack(ARGV, 8, #ARGV))
+if ARGV[2] ~= '' then
+  redis.call('SREM', KEYS[4], ARGV[3])
+  redis.call('SET', ARGV[6] .. ARGV[2], ARGV[7], 'PX', REVISION_TTL_MS)
+end
 redis.call('SADD', KEYS[2], ARGV[3])
 redis.call('SET', KEYS[3], ARGV[4], 'PX', ARGV[5])
 redis.call('ZADD', KEYS[5], 0, ARGV[3])
