@@ -44,7 +44,7 @@ pub async fn run(
         return;
     }
     let mut conn = None;
-    let mut fencing = FencingMemory::default();
+    let mut fencing = FencingMemory::with_phase(rand::random());
     let mut last_attempt = tokio::time::Instant::now();
     // When the leases were last renewed (a beat succeeded).
     let mut renewed = tokio::time::Instant::now();

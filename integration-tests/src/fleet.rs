@@ -91,7 +91,10 @@ impl SimHost {
                 eprintln!("simulated host server failed: {e}");
             }
         });
-        let mut fencing = agentplane::registry::FencingMemory::default();
+        let mut fencing = agentplane::registry::FencingMemory::with_phase(rand::random());
+        // As a host agent's first beat does on a Redis without an epoch
+        // (a beat that reads none reads every head).
+        host.registry.ensure_epoch().await?;
         host.beat(&mut conn, &mut fencing).await?;
         let beating = host.clone();
         tokio::spawn(async move {

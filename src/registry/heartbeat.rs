@@ -33,7 +33,7 @@ pub const FULL_READ_EVERY: u64 = 6;
 
 /// What a host's heartbeats remember between beats to skip the heads that
 /// cannot have changed. Owned by the beating task; a failed beat forgets
-/// it (the next reads every head).
+/// it (the next beat reads every head).
 #[derive(Debug, Default)]
 pub struct FencingMemory {
     /// The epoch the last beat read.
@@ -43,11 +43,23 @@ pub struct FencingMemory {
     /// The agents whose record named this host at this generation when
     /// their shard had that revision.
     verified: HashMap<String, u64>,
-    /// Beats since the memory was last forgotten.
+    /// Beats so far (plus the phase): every [`FULL_READ_EVERY`]th reads
+    /// every head.
     beats: u64,
 }
 
 impl FencingMemory {
+    /// A memory whose beat count starts at `phase`: hosts started together
+    /// (a fleet's boot, a simulator) then do their full reads at different
+    /// beats instead of all in the same one. The first beat reads every
+    /// head anyway (nothing is verified yet).
+    pub fn with_phase(phase: u64) -> Self {
+        Self {
+            beats: phase % FULL_READ_EVERY,
+            ..Self::default()
+        }
+    }
+
     /// How many agents the memory holds as verified (for tests and logs).
     pub fn verified(&self) -> usize {
         self.verified.len()
@@ -114,7 +126,12 @@ impl Registry {
     ) -> Result<HeartbeatReport> {
         let result = self.beat(conn, host, running, ttl, memory).await;
         if result.is_err() {
-            *memory = FencingMemory::default();
+            // Everything is read again, at this host's own phase (so an
+            // outage does not line every host's full reads up).
+            *memory = FencingMemory {
+                beats: memory.beats,
+                ..FencingMemory::default()
+            };
         }
         result
     }

@@ -4,7 +4,9 @@
 //! real Redis and a real control plane (the binary next to this one: build
 //! with `scripts/build-release`), and simulated hosts in this process
 //! (`agentplane_integration_tests::fleet`: they register, heartbeat and
-//! write records as host agents do, but fork nothing). The fleet is spawned
+//! write records as host agents do, but fork nothing) on a runtime of
+//! their own whose threads run at nice 10 (`--sim-nice`): they stand in
+//! for other machines, so they take what CPU the servers leave. The fleet is spawned
 //! through the control plane, then measured at rest and under a probe of
 //! further spawns. Prints, per size and as the ratio of the last size to
 //! the first: spawn rate (the fill and the probe at full size), locate
@@ -18,7 +20,7 @@ use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::agent_service_client::AgentServiceClient;
 use agentplane::proto::v1::{AgentSpec, ListAgentsRequest, LocateAgentRequest, SpawnAgentRequest};
-use agentplane::registry::Registry;
+use agentplane::registry::{Keys, Registry};
 use agentplane_integration_tests::fleet::{Beats, SimHost};
 use agentplane_integration_tests::{cpu, metrics, TestCluster};
 use clap::Parser;
@@ -52,6 +54,18 @@ struct Args {
     /// Seed of the random ids located (printed; a run can be repeated).
     #[arg(long)]
     seed: Option<u64>,
+    /// Nice value of the simulated hosts' threads (0-19). They stand in
+    /// for a thousand other machines: at a higher nice value they take the
+    /// CPU the servers and the client leave instead of delaying them (the
+    /// heartbeats' Redis work still counts in full). 0: share alike.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(i32).range(0..=19))]
+    sim_nice: i32,
+    /// Redis connections the simulated hosts' heartbeats share (0: one per
+    /// host, as host agents have). Redis serves each connection's queued
+    /// commands in a batch, so a few shared connections turn the same
+    /// beats into longer bursts that every other call waits behind.
+    #[arg(long, default_value_t = 0)]
+    beat_connections: usize,
 }
 
 /// What one size measured.
@@ -65,6 +79,8 @@ struct Figures {
     locate_p50: Duration,
     locate_p99: Duration,
     quiet_locate_p99: Duration,
+    get_p99: Duration,
+    quiet_get_p99: Duration,
     ls_p50: Duration,
     ls_p99: Duration,
     pass_mean: Duration,
@@ -134,8 +150,51 @@ async fn spawn_many(
     Ok((rate, ids))
 }
 
+/// Starts `hosts` simulated hosts (on the runtime this runs on, which their
+/// servers and heartbeats then use).
+async fn start_sims(
+    hosts: usize,
+    beat_connections: usize,
+    capacity: u32,
+    registry: Registry,
+    ttl: Duration,
+    beats: Arc<Beats>,
+    cancel: CancellationToken,
+) -> anyhow::Result<Vec<Arc<SimHost>>> {
+    let mut conns = Vec::new();
+    let n = if beat_connections == 0 {
+        hosts
+    } else {
+        beat_connections
+    };
+    for _ in 0..n {
+        conns.push(
+            registry
+                .dedicated_connection(Duration::from_secs(10))
+                .await?,
+        );
+    }
+    let mut sims = Vec::with_capacity(hosts);
+    for i in 0..hosts {
+        sims.push(
+            SimHost::start(
+                format!("sim{i:04}"),
+                capacity,
+                registry.clone(),
+                conns[i % conns.len()].clone(),
+                ttl,
+                beats.clone(),
+                cancel.clone(),
+            )
+            .await?,
+        );
+    }
+    Ok(sims)
+}
+
 async fn measure(
     args: &Args,
+    sim_runtime: &tokio::runtime::Handle,
     hosts: usize,
     rng: &mut rand::rngs::StdRng,
 ) -> anyhow::Result<Figures> {
@@ -151,32 +210,18 @@ async fn measure(
     let mut conn = cluster.redis.conn().await;
     let cancel = CancellationToken::new();
     let beats = Arc::new(Beats::default());
-    // A handful of connections shared by the hosts' beats (Redis's work is
-    // the same; the simulator needs no thousand sockets).
-    let mut conns = Vec::new();
-    for _ in 0..8 {
-        conns.push(
-            registry
-                .dedicated_connection(Duration::from_secs(10))
-                .await?,
-        );
-    }
     let capacity = u32::try_from(args.agents_per_host * 2 + args.probe)?;
-    let mut sims = Vec::with_capacity(hosts);
-    for i in 0..hosts {
-        sims.push(
-            SimHost::start(
-                format!("sim{i:04}"),
-                capacity,
-                registry.clone(),
-                conns[i % conns.len()].clone(),
-                args.ttl,
-                beats.clone(),
-                cancel.clone(),
-            )
-            .await?,
-        );
-    }
+    let sims = sim_runtime
+        .spawn(start_sims(
+            hosts,
+            args.beat_connections,
+            capacity,
+            registry.clone(),
+            args.ttl,
+            beats.clone(),
+            cancel.clone(),
+        ))
+        .await??;
     cluster.wait_for_hosts(hosts).await;
     let memory_before = info_field(&mut conn, "memory", "used_memory").await;
 
@@ -241,8 +286,9 @@ async fn measure(
     let picks: Vec<String> = (0..args.calls)
         .map(|_| ids[rng.random_range(0..ids.len())].clone())
         .collect();
-    let (locates, pages) = latencies(
+    let busy = latencies(
         cluster.endpoint(0),
+        cluster.redis.url(),
         picks.clone(),
         args.calls.min(agents / 100),
     )?;
@@ -250,8 +296,9 @@ async fn measure(
     // fleet's steady load adds to the tail.
     beats.hold(true);
     let held = Instant::now();
-    let (quiet, _) = latencies(
+    let quiet = latencies(
         cluster.endpoint(0),
+        cluster.redis.url(),
         picks[..picks.len().min(1000)].to_vec(),
         0,
     )?;
@@ -289,11 +336,13 @@ async fn measure(
         fill_rate,
         probe_rate,
         held_probe_rate,
-        locate_p50: percentile(&locates, 0.5),
-        locate_p99: percentile(&locates, 0.99),
-        quiet_locate_p99: percentile(&quiet, 0.99),
-        ls_p50: percentile(&pages, 0.5),
-        ls_p99: percentile(&pages, 0.99),
+        locate_p50: percentile(&busy.locates, 0.5),
+        locate_p99: percentile(&busy.locates, 0.99),
+        quiet_locate_p99: percentile(&quiet.locates, 0.99),
+        get_p99: percentile(&busy.gets, 0.99),
+        quiet_get_p99: percentile(&quiet.gets, 0.99),
+        ls_p50: percentile(&busy.pages, 0.5),
+        ls_p99: percentile(&busy.pages, 0.99),
         pass_mean,
         pass_max_bucket,
         beat_p50: percentile(&beat_times, 0.5),
@@ -306,27 +355,50 @@ async fn measure(
     })
 }
 
+/// Sorted latencies measured by [`latencies`].
+struct Latencies {
+    locates: Vec<Duration>,
+    /// A plain Redis GET of each located agent's lease, beside its locate.
+    gets: Vec<Duration>,
+    pages: Vec<Duration>,
+}
+
 /// Sorted latencies of a LocateAgent of each of `ids`, then of `pages`
 /// ListAgents pages of 100 walking the fleet, one call at a time, on a
 /// thread and runtime of their own.
 fn latencies(
     endpoint: String,
+    redis_url: String,
     ids: Vec<String>,
     pages: usize,
-) -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
-    let worker = std::thread::spawn(move || -> anyhow::Result<(Vec<Duration>, Vec<Duration>)> {
+) -> anyhow::Result<Latencies> {
+    let worker = std::thread::spawn(move || -> anyhow::Result<Latencies> {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?;
         rt.block_on(async move {
             let mut client = AgentServiceClient::connect(endpoint).await?;
+            let mut redis = redis::Client::open(redis_url)?
+                .get_multiplexed_async_connection()
+                .await?;
+            let keys = Keys::new("ap");
             let mut locates = Vec::with_capacity(ids.len());
+            let mut gets = Vec::with_capacity(ids.len());
             for id in ids {
+                // The same agent's lease straight from Redis: Redis's own
+                // share of the locate's time, seen by the same client.
+                let t = Instant::now();
+                let _: Option<String> = redis::cmd("GET")
+                    .arg(keys.loc(&id))
+                    .query_async(&mut redis)
+                    .await?;
+                gets.push(t.elapsed());
                 let t = Instant::now();
                 client.locate_agent(LocateAgentRequest { id }).await?;
                 locates.push(t.elapsed());
             }
             locates.sort();
+            gets.sort();
             let mut took = Vec::with_capacity(pages);
             let mut token = String::new();
             for _ in 0..pages {
@@ -344,7 +416,11 @@ fn latencies(
                 token = page.next_page_token;
             }
             took.sort();
-            Ok((locates, took))
+            Ok(Latencies {
+                locates,
+                gets,
+                pages: took,
+            })
         })
     });
     worker
@@ -382,9 +458,23 @@ async fn main() -> anyhow::Result<()> {
     println!("bench-fleet seed {seed} (repeat with --seed {seed})");
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut all = Vec::new();
+    // The simulated hosts' own runtime, its threads at `--sim-nice`.
+    let nice = args.sim_nice;
+    let sim_runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .thread_name("sim-host")
+        .on_thread_start(move || {
+            // Per thread on Linux (NPTL): only the simulator's threads.
+            if let Err(e) = rustix::process::setpriority_process(None, nice) {
+                eprintln!("cannot set the simulated hosts' nice value: {e}");
+            }
+        })
+        .enable_all()
+        .build()?;
     for &hosts in &args.hosts {
-        all.push(measure(&args, hosts, &mut rng).await?);
+        all.push(measure(&args, sim_runtime.handle(), hosts, &mut rng).await?);
     }
+    sim_runtime.shutdown_background();
     let rows: Vec<Row> = vec![
         ("hosts", |f| f.hosts as f64),
         ("agents", |f| f.agents as f64),
@@ -394,6 +484,8 @@ async fn main() -> anyhow::Result<()> {
         ("locate p50 (ms)", |f| ms(f.locate_p50)),
         ("locate p99 (ms)", |f| ms(f.locate_p99)),
         ("locate p99, beats held (ms)", |f| ms(f.quiet_locate_p99)),
+        ("redis GET p99, same client (ms)", |f| ms(f.get_p99)),
+        ("redis GET p99, beats held (ms)", |f| ms(f.quiet_get_p99)),
         ("ls page of 100 p50 (ms)", |f| ms(f.ls_p50)),
         ("ls page of 100 p99 (ms)", |f| ms(f.ls_p99)),
         ("reconcile pass mean (ms)", |f| ms(f.pass_mean)),
