@@ -145,11 +145,16 @@ async fn leases_follow_the_records(registry: &Registry, backend: Backend<'_>) {
     assert!(!report.existed, "the first beat finds no host key");
     let got: BTreeMap<String, Option<RecordHead>> = report.differing.into_iter().collect();
     assert_eq!(got, want, "exactly the records that do not name this run");
-    for (ok, ..) in &mine {
+    for (ok, other, ..) in &mine {
         assert_eq!(
             registry.location(ok).await.expect("lease").as_deref(),
             Some("h1"),
             "{ok} renewed"
+        );
+        assert_eq!(
+            registry.location(other).await.expect("lease"),
+            None,
+            "a copy that is not its record's never writes {other}'s lease"
         );
     }
     let again = registry
@@ -234,6 +239,19 @@ async fn leases_follow_the_records(registry: &Registry, backend: Backend<'_>) {
     let got = beat.run(&mut memory, ok).await;
     let want = BTreeMap::from([(deleted.clone(), None)]);
     assert_eq!(got, want, "a delete is seen at the next beat");
+
+    // A lease that lapsed under a verified agent is set again.
+    let relet = &ok[1].0;
+    registry
+        .clear_location(relet, "h1")
+        .await
+        .expect("drop lease");
+    assert!(beat.run(&mut memory, &ok[1..]).await.is_empty());
+    assert_eq!(
+        registry.location(relet).await.expect("lease").as_deref(),
+        Some("h1"),
+        "a lapsed lease is set again"
+    );
 
     // The rest stay verified; every FULL_READ_EVERY beats all heads are
     // read once whatever the revisions say.

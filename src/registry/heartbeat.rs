@@ -69,7 +69,8 @@ impl FencingMemory {
 /// What one reply of a beat's pipeline is.
 enum Reply {
     Revision(Shard),
-    Lease,
+    /// A lease extended (`PEXPIRE`) of the agent at this index.
+    Extended(usize),
     Head(usize),
 }
 
@@ -100,17 +101,19 @@ pub struct HeartbeatReport {
 }
 
 impl Registry {
-    /// One heartbeat: writes the host hash and (re)sets its TTL, (re)sets
-    /// the lease (location key, same TTL) of every agent in `running` (id
-    /// and the generation it runs at), and reads back what fencing needs:
-    /// the dataset epoch, whether the host key existed, the cordon flag and
-    /// the agents whose record does not name this host at that generation
-    /// (or is LOST, or is missing). Setting (rather than only extending)
-    /// the leases repairs a Redis that lost them; a copy whose record
-    /// names another host holds that agent's lease until its fencing,
-    /// within this beat. `cordoned` is never written here: it is the
-    /// operator's. Heads are read only where `memory` (the previous beats')
-    /// cannot vouch for them (see the module's comment).
+    /// One heartbeat: writes the host hash and (re)sets its TTL, keeps the
+    /// lease (location key, same TTL) of every agent in `running` (id and
+    /// the generation it runs at) whose record names this run, and reads
+    /// back what fencing needs: the dataset epoch, whether the host key
+    /// existed, the cordon flag and the agents whose record does not name
+    /// this host at that generation (or is LOST, or is missing). A lease
+    /// verified at an earlier beat is extended (and set again, unless
+    /// someone set it meanwhile, when it had lapsed: a Redis that lost it);
+    /// any other is set only once this beat has read its record naming
+    /// this run, so a copy that is not its record's never writes the
+    /// lease. `cordoned` is never written here: it is the operator's.
+    /// Heads are read only where `memory` (the previous beats') cannot
+    /// vouch for them (see the module's comment).
     ///
     /// It runs on `conn`, a connection the caller owns (see
     /// [`Registry::dedicated_connection`]): after a failure the caller drops it
@@ -166,17 +169,17 @@ impl Registry {
             for &i in at {
                 let (id, generation) = &running[i];
                 let loc = k.loc(id);
-                batch.add(
-                    loc.clone(),
-                    redis::cmd("SET")
-                        .arg(&loc)
-                        .arg(&host.id)
-                        .arg("PX")
-                        .arg(ms)
-                        .clone(),
-                );
-                plan.push(Reply::Lease);
-                if full || memory.verified.get(id) != Some(generation) {
+                let verified = memory.verified.get(id) == Some(generation);
+                if verified {
+                    // Extending is cheaper for Redis than rewriting (a SET
+                    // drops and re-adds the TTL); a lease found missing is
+                    // set below. An agent not verified gets its lease once
+                    // its record is read and names this run: a copy that
+                    // is not the record's never writes the lease.
+                    batch.add(loc.clone(), redis::cmd("PEXPIRE").arg(&loc).arg(ms).clone());
+                    plan.push(Reply::Extended(i));
+                }
+                if full || !verified {
                     batch.add(k.agent(id), head_command(&k.agent(id)));
                     plan.push(Reply::Head(i));
                 }
@@ -205,6 +208,8 @@ impl Registry {
         let all_changed = epoch.is_none() || epoch != memory.epoch || !existed;
         let mut revisions = HashMap::with_capacity(by_shard.len());
         let mut heads: Vec<Option<Option<RecordHead>>> = vec![None; running.len()];
+        // Verified agents whose lease was not there to extend.
+        let mut lapsed = Vec::new();
         for reply in plan {
             let value = next()?;
             match reply {
@@ -213,7 +218,13 @@ impl Registry {
                         redis::from_redis_value(value).map_err(|e| corrupt(&e.to_string()))?;
                     revisions.insert(shard, rev);
                 }
-                Reply::Lease => {}
+                Reply::Extended(i) => {
+                    let extended: bool =
+                        redis::from_redis_value(value).map_err(|e| corrupt(&e.to_string()))?;
+                    if !extended {
+                        lapsed.push(i);
+                    }
+                }
                 Reply::Head(i) => heads[i] = Some(parse_head(value).map_err(|e| corrupt(&e))?),
             }
         }
@@ -245,7 +256,9 @@ impl Registry {
         }
         let mut differing = Vec::new();
         let mut verified = HashMap::with_capacity(running.len());
-        for ((id, generation), head) in running.iter().zip(heads) {
+        // Agents that were not verified before this beat and are now.
+        let mut fresh = Vec::new();
+        for (i, ((id, generation), head)) in running.iter().zip(heads).enumerate() {
             let Some(head) = head else {
                 // Skipped: its shard did not change since it was verified.
                 verified.insert(id.clone(), *generation);
@@ -257,10 +270,35 @@ impl Registry {
                     && h.state != Some(AgentState::Lost)
             });
             if mine {
+                if memory.verified.get(id) != Some(generation) {
+                    fresh.push(i);
+                }
                 verified.insert(id.clone(), *generation);
             } else {
                 differing.push((id.clone(), head));
             }
+        }
+        // Leases to set: those of agents just verified (whatever was
+        // there: the record names this run), and the lapsed ones of agents
+        // still verified, only if nobody set them meanwhile (the record's
+        // next owner, say).
+        let mut relet: Vec<(usize, bool)> = fresh.into_iter().map(|i| (i, false)).collect();
+        relet.extend(
+            lapsed
+                .into_iter()
+                .filter(|&i| verified.contains_key(&running[i].0))
+                .map(|i| (i, true)),
+        );
+        if !relet.is_empty() {
+            let mut again = Spread::default();
+            for &(i, only_missing) in &relet {
+                let loc = k.loc(&running[i].0);
+                again.add(loc.clone(), set_lease(&loc, &host.id, ms, only_missing));
+            }
+            again
+                .query(conn, k.is_sharded())
+                .await
+                .map_err(self.err("heartbeat leases"))?;
         }
         memory.epoch.clone_from(&epoch);
         memory.revisions = revisions;
@@ -319,6 +357,16 @@ fn host_commands(registry: &Registry, host: &HostRecord, running: usize, ms: u64
         redis::cmd("HGET").arg(&key).arg("cordoned").clone(),
     );
     batch
+}
+
+/// The lease of an agent (`only_missing`: unless someone set it).
+fn set_lease(loc: &str, host: &str, ms: u64, only_missing: bool) -> redis::Cmd {
+    let mut cmd = redis::cmd("SET");
+    cmd.arg(loc).arg(host).arg("PX").arg(ms);
+    if only_missing {
+        cmd.arg("NX");
+    }
+    cmd
 }
 
 /// The read of a record's head.
