@@ -82,6 +82,15 @@ pub async fn run(
         .registry()
         .map_err(ControlPlaneError::Config)?
         .with_metrics(metrics.redis.clone());
+    // The reconciler's passes and placement's reads of every live host are
+    // pipelines of hundreds of commands: on a connection of their own, a
+    // caller's locate or spawn is not queued behind them (Redis serves
+    // each connection's commands in order, and the client reads each
+    // connection's replies in order).
+    let bulk = config
+        .registry()
+        .map_err(ControlPlaneError::Config)?
+        .with_metrics(metrics.redis.clone());
     let metrics_listener = agentplane::metrics::bind(config.serve.metrics_listen).await?;
     let local = listener
         .local_addr()
@@ -147,6 +156,7 @@ pub async fn run(
     });
     let agent_api = AgentApi::new(
         registry.clone(),
+        bulk.clone(),
         hosts.clone(),
         tasks.clone(),
         cancel.clone(),
@@ -155,13 +165,13 @@ pub async fn run(
     tasks.spawn(
         "reconciler",
         reconciler::Reconciler::new(
-            registry.clone(),
+            bulk.clone(),
             hosts.clone(),
             config.reconcile_interval,
             // A placing replica waits at most two host calls (one retry) for
             // a start's answer; past that, nobody is going to confirm it.
             2 * config.host_call_timeout + Duration::from_secs(1),
-            drain::Drainer::new(registry.clone(), hosts.clone(), agent_api.clone()),
+            drain::Drainer::new(bulk, hosts.clone(), agent_api.clone()),
             tasks.clone(),
         )
         .run(cancel.clone()),

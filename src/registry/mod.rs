@@ -33,7 +33,7 @@ pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
 pub use event_reader::{EventReader, ReadError};
 pub use events::{type_name, StreamBounds, EVENTS_MAXLEN};
 pub use heartbeat::{FencingMemory, HeartbeatReport, RecordHead, FULL_READ_EVERY};
-pub use hosts::{Draining, HostRecord};
+pub use hosts::{Draining, HostRecord, HOSTS_PER_READ};
 pub use index::AgentIndex;
 pub use keys::{Keys, Shard, SHARDS};
 pub use locate::Located;

@@ -65,13 +65,14 @@ impl AgentApi {
     /// run as `tasks` and end on `cancel`; each token is held to `quotas`.
     pub fn new(
         registry: Registry,
+        bulk: Registry,
         hosts: Arc<HostClients>,
         tasks: Tasks,
         cancel: CancellationToken,
         quotas: Arc<Quotas>,
     ) -> Self {
         Self {
-            live_hosts: Arc::new(crate::live_hosts::LiveHosts::new(registry.clone())),
+            live_hosts: Arc::new(crate::live_hosts::LiveHosts::new(bulk)),
             registry,
             hosts,
             tasks,

@@ -197,3 +197,57 @@ async fn a_write_back_never_replaces_a_newer_generation() {
     assert!(on_h1.is_empty(), "{on_h1:?}");
     assert_eq!(on_h2, ["a1"]);
 }
+
+/// `list_hosts` reads host records in pipelines of `HOSTS_PER_READ`: every
+/// live host comes back once, sorted, across the reads' boundaries, and a
+/// host whose key is gone is skipped.
+#[tokio::test]
+async fn listing_more_hosts_than_one_read_holds_returns_each_live_host_once_in_order() {
+    use agentplane::registry::{FencingMemory, HostRecord, HOSTS_PER_READ};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let redis = RedisServer::start(dir.path(), &[]).await;
+    let registry = Registry::new(&redis.url(), "ap").expect("registry");
+    let mut conn = registry
+        .dedicated_connection(std::time::Duration::from_secs(5))
+        .await
+        .expect("connection");
+    let n = 2 * HOSTS_PER_READ + 50;
+    // Registered in reverse order: the listing sorts.
+    for i in (0..n).rev() {
+        let host = HostRecord {
+            id: format!("h{i:04}"),
+            address: format!("127.0.0.1:{}", 10_000 + i),
+            capacity: 4,
+            ..Default::default()
+        };
+        registry
+            .heartbeat(
+                &mut conn,
+                &host,
+                &[],
+                std::time::Duration::from_secs(60),
+                &mut FencingMemory::default(),
+            )
+            .await
+            .expect("heartbeat");
+    }
+    let mut redis_conn = redis.conn().await;
+    let gone = format!("h{:04}", HOSTS_PER_READ);
+    let _: () = redis::cmd("DEL")
+        .arg(registry.keys().host(&gone))
+        .query_async(&mut redis_conn)
+        .await
+        .expect("DEL");
+    let listed: Vec<String> = registry
+        .list_hosts()
+        .await
+        .expect("list hosts")
+        .into_iter()
+        .map(|h| h.id)
+        .collect();
+    let expected: Vec<String> = (0..n)
+        .map(|i| format!("h{i:04}"))
+        .filter(|id| *id != gone)
+        .collect();
+    assert_eq!(listed, expected);
+}
