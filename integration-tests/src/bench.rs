@@ -13,8 +13,14 @@ use prost::Message;
 
 use crate::TestCluster;
 
+mod client;
+mod figures;
 mod floor;
+mod ping;
+pub use client::{latencies, Latencies};
+pub use figures::{info_field, pass_buckets, percentile};
 pub use floor::{follow_floor_rate, relay_floor_rate};
+pub use ping::{ping_stalls, PingStalls};
 
 /// Writes `n` records of ended agents (EXITED, on a host that is gone) under
 /// `prefix`, with their index entries: a fleet's history that no pass acts

@@ -16,6 +16,7 @@
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, ListHostsRequest, SpawnAgentRequest};
+use agentplane_integration_tests::bench::percentile;
 use agentplane_integration_tests::procfs::{rss_by_file, rss_kib, smaps_kib, status_kib};
 use agentplane_integration_tests::TestCluster;
 use clap::Parser;
@@ -59,11 +60,6 @@ impl Args {
             None => ("sleep".into(), vec!["true".into()]),
         }
     }
-}
-
-fn percentile(sorted: &[Duration], p: f64) -> Duration {
-    let idx = ((sorted.len() as f64 - 1.0) * p).round() as usize;
-    sorted[idx.min(sorted.len() - 1)]
 }
 
 /// The baseline: fork/exec + wait of `argv` (`true`), sequentially, `n` times.
