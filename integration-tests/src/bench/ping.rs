@@ -9,8 +9,6 @@ use std::time::{Duration, Instant};
 /// How the `PING`s of one window were answered.
 #[derive(Debug, Default, Clone, Copy)]
 pub struct PingStalls {
-    /// `PING`s sent.
-    pub samples: usize,
     /// Share answered in more than 0.5 ms, in percent.
     pub over_half_ms: f64,
     /// Share answered in more than 1 ms, in percent.
@@ -44,7 +42,6 @@ pub fn ping_stalls(port: u16, window: Duration) -> std::io::Result<PingStalls> {
     }
     let pct = |k: usize| 100.0 * k as f64 / n.max(1) as f64;
     Ok(PingStalls {
-        samples: n,
         over_half_ms: pct(half),
         over_1ms: pct(one),
         max,

@@ -18,6 +18,7 @@ mod supervisord;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use agentplane_integration_tests::bench::percentile;
 use clap::Parser;
 
 /// Run the peer benchmark.
@@ -94,8 +95,9 @@ pub fn p50_p99(took: &mut [Duration]) -> (Option<f64>, Option<f64>) {
     if took.is_empty() {
         return (None, None);
     }
+    took.sort_unstable();
     let ms = |d: Duration| Some(d.as_secs_f64() * 1e3);
-    (ms(os::quantile(took, 0.5)), ms(os::quantile(took, 0.99)))
+    (ms(percentile(took, 0.5)), ms(percentile(took, 0.99)))
 }
 
 /// p50 and p99 of each agent's start (from /proc) after `t0` (boot clock).

@@ -123,21 +123,6 @@ pub fn lines_in(path: &Path) -> usize {
     std::fs::read(path).map_or(0, |b| b.iter().filter(|c| **c == b'\n').count())
 }
 
-/// The `p` quantile (0..=1) of `samples`, nearest rank; zero when empty.
-pub fn quantile(samples: &mut [Duration], p: f64) -> Duration {
-    if samples.is_empty() {
-        return Duration::ZERO;
-    }
-    samples.sort_unstable();
-    #[allow(
-        clippy::cast_possible_truncation,
-        clippy::cast_sign_loss,
-        clippy::cast_precision_loss
-    )]
-    let i = ((samples.len() - 1) as f64 * p).round() as usize;
-    samples[i.min(samples.len() - 1)]
-}
-
 /// The first `n` lines of a command's output, on one line.
 pub fn head(output: &[u8], n: usize) -> String {
     String::from_utf8_lossy(output)
