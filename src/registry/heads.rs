@@ -1,7 +1,8 @@
 //! Record heads for the sweep: the few fields it judges a record by and
 //! whether its lease lives, without the spec and exit statuses a full read
 //! decodes (at 100k agents the full reads were most of a control plane's
-//! CPU at rest).
+//! CPU at rest); and the lease holders alone, which vouch for most records
+//! without their heads.
 
 use std::collections::HashMap;
 
@@ -52,5 +53,29 @@ impl Registry {
             }
         }
         Ok(out)
+    }
+
+    /// The host each of `ids`' lease names (`None`: no lease), in order, in
+    /// one round trip: one `GET` per record where a head read costs an
+    /// `HMGET` and an `EXISTS`, and a short string to decode instead of a
+    /// head.
+    pub async fn lease_holders(&self, ids: &[String]) -> Result<Vec<Option<String>>> {
+        const STEP: &str = "read agent leases";
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut batch = Spread::default();
+        for id in ids {
+            let loc = self.keys().loc(id);
+            batch.add(loc.clone(), redis::cmd("GET").arg(loc).clone());
+        }
+        let values = self.spread(STEP, batch).await?;
+        if values.len() != ids.len() {
+            return Err(RegistryError::Corrupt {
+                key: STEP.to_owned(),
+                detail: format!("{} replies to {} reads", values.len(), ids.len()),
+            });
+        }
+        values.into_iter().map(|v| Self::reply(STEP, v)).collect()
     }
 }

@@ -305,7 +305,9 @@ async fn measure(
     beats.hold(false);
     anyhow::ensure!(held.elapsed() < args.ttl / 3, "beats held too long");
 
-    // Spawns once the fleet is full, and their CPU beyond the rest load.
+    // Spawns once the fleet is full, and their CPU beyond the rest load
+    // (the line marks the start for a profiler).
+    eprintln!("{hosts} hosts: probe of {} spawns", args.probe);
     let cpu = cpu::Split::start(&pids);
     let t = Instant::now();
     let (probe_rate, _) = spawn_many(&cluster, args.probe, args.concurrency).await?;

@@ -46,6 +46,7 @@ mod spawn_path;
 mod status;
 mod streams;
 mod supervision;
+mod sweep_leases;
 mod tls;
 mod top;
 mod traces;
