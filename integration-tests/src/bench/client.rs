@@ -17,6 +17,10 @@ pub struct Latencies {
     pub gets: Vec<Duration>,
     /// ListAgents pages of 100.
     pub pages: Vec<Duration>,
+    /// Of the locates over 1 ms, how many had their GET (just before,
+    /// same client) over 0.5 ms too: a tail that Redis or the machine
+    /// shares, rather than the control plane's own.
+    pub slow_locates: (usize, usize),
 }
 
 /// Sorted latencies of a LocateAgent of each of `ids`, then of `pages`
@@ -53,6 +57,13 @@ pub fn latencies(
                 client.locate_agent(LocateAgentRequest { id }).await?;
                 locates.push(t.elapsed());
             }
+            let slow = locates
+                .iter()
+                .zip(&gets)
+                .filter(|(l, _)| **l > Duration::from_millis(1));
+            let slow_locates = slow.clone().fold((0, 0), |(n, shared), (_, g)| {
+                (n + 1, shared + usize::from(*g > Duration::from_micros(500)))
+            });
             locates.sort();
             gets.sort();
             let mut took = Vec::with_capacity(pages);
@@ -76,6 +87,7 @@ pub fn latencies(
                 locates,
                 gets,
                 pages: took,
+                slow_locates,
             })
         })
     });

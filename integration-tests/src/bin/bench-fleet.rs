@@ -95,6 +95,8 @@ struct Figures {
     locate_p50: Duration,
     locate_p99: Duration,
     quiet_locate_p99: Duration,
+    /// Locates over 1 ms, and how many of them had a slow GET beside.
+    slow_locates: (usize, usize),
     get_p99: Duration,
     quiet_get_p99: Duration,
     /// Redis answering a PING of its own at rest (see `ping_stalls`).
@@ -341,6 +343,7 @@ async fn measure(
         locate_p50: percentile(&busy.locates, 0.5),
         locate_p99: percentile(&busy.locates, 0.99),
         quiet_locate_p99: percentile(&quiet.locates, 0.99),
+        slow_locates: busy.slow_locates,
         get_p99: percentile(&busy.gets, 0.99),
         quiet_get_p99: percentile(&quiet.gets, 0.99),
         pings,
@@ -419,6 +422,10 @@ async fn main() -> anyhow::Result<()> {
         ("locate p50 (ms)", |f| ms(f.locate_p50)),
         ("locate p99 (ms)", |f| ms(f.locate_p99)),
         ("locate p99, beats held (ms)", |f| ms(f.quiet_locate_p99)),
+        ("locates over 1 ms (count)", |f| f.slow_locates.0 as f64),
+        ("  of them with the GET before > 0.5 ms", |f| {
+            f.slow_locates.1 as f64
+        }),
         ("redis GET p99, same client (ms)", |f| ms(f.get_p99)),
         ("redis GET p99, beats held (ms)", |f| ms(f.quiet_get_p99)),
         ("redis PING > 0.5 ms at rest (%)", |f| f.pings.over_half_ms),
