@@ -17,6 +17,7 @@ pub mod redis_cluster;
 mod redis_server;
 pub mod sentinel;
 pub mod soak;
+pub mod sweep_harness;
 
 use std::future::Future;
 use std::time::Duration;

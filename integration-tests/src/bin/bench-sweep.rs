@@ -7,14 +7,12 @@
 //! Baseline, measured in the same run: a bare `SCAN` round over the same
 //! keys (no reads), so the ratio says what reading and judging each record adds.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use agentplane::proto::v1::{AgentSpec, AgentState};
 use agentplane::registry::{AgentIndex, Registry};
-use agentplane_control_plane::hosts::HostClients;
-use agentplane_control_plane::sweep::{Sweep, SLICE};
+use agentplane_control_plane::sweep::SLICE;
+use agentplane_integration_tests::sweep_harness::bare_host_sweep;
 use agentplane_integration_tests::RedisServer;
 use clap::Parser;
 use prost::Message;
@@ -35,20 +33,9 @@ async fn main() -> anyhow::Result<()> {
     let redis = RedisServer::start(dir.path(), &[]).await;
     let registry = Registry::new(&redis.url(), "ap")?;
     let mut conn = redis.conn().await;
-    let host_fields = [
-        ("id", "h1".to_owned()),
-        ("address", "127.0.0.1:1".to_owned()),
-        ("capacity", "1000000".to_owned()),
-        ("ttl_ms", "10000".to_owned()),
-        ("incarnation", "bench".to_owned()),
-    ];
-    redis::pipe()
-        .hset_multiple("ap:host:h1", &host_fields)
-        .ignore()
-        .pexpire("ap:host:h1", 3_600_000)
-        .ignore()
-        .query_async::<()>(&mut conn)
-        .await?;
+    // Synthetic records on one host; the sweep's live hosts are that host.
+    let (live, mut sweep) =
+        bare_host_sweep(&registry, &mut conn, "h1", Duration::from_secs(11)).await?;
     let spec = AgentSpec {
         argv: vec!["sleep".into(), "1000".into()],
         ..Default::default()
@@ -117,22 +104,6 @@ async fn main() -> anyhow::Result<()> {
     }
     let read_round = t.elapsed();
 
-    // The host key was written bare (no live-hosts index entry), so it is
-    // read by id: the sweep's leases then vouch for its records as they do
-    // in a fleet at rest.
-    let live: HashMap<_, _> = registry
-        .get_host("h1")
-        .await?
-        .into_iter()
-        .map(|h| (h.id.clone(), h))
-        .collect();
-    let hosts = Arc::new(HostClients::new(
-        Duration::from_secs(5),
-        agentplane::server::Transport::Insecure,
-        agentplane_control_plane::metrics::Metrics::unregistered(),
-    ));
-    let mut sweep =
-        Sweep::new(registry.clone(), hosts, Duration::from_secs(11)).with_min_round(Duration::ZERO);
     let mut slices = Vec::new();
     let mut read = 0usize;
     let mut acted = 0usize;

@@ -6,14 +6,12 @@
 //! names a dead host while its lease names a live one) are still found
 //! within `FULL_READ_EVERY` rounds.
 
-use std::collections::HashMap;
-use std::sync::Arc;
 use std::time::Duration;
 
 use agentplane::proto::v1::{Agent, AgentSpec, AgentState, ExitReason};
 use agentplane::registry::Registry;
-use agentplane_control_plane::hosts::HostClients;
-use agentplane_control_plane::sweep::{Sweep, FULL_READ_EVERY};
+use agentplane_control_plane::sweep::FULL_READ_EVERY;
+use agentplane_integration_tests::sweep_harness::bare_host_sweep;
 use agentplane_integration_tests::RedisServer;
 use redis::AsyncCommands;
 
@@ -39,21 +37,9 @@ async fn leases_vouch_for_most_records_and_the_lies_they_hide_are_found_within_f
     let redis = RedisServer::start(dir.path(), &[]).await;
     let registry = Registry::new(&redis.url(), "ap").expect("registry");
     let mut conn = redis.conn().await;
-    let host_fields = [
-        ("id", "h1"),
-        ("address", "127.0.0.1:1"),
-        ("capacity", "100000"),
-        ("ttl_ms", "10000"),
-        ("incarnation", "test"),
-    ];
-    redis::pipe()
-        .hset_multiple("ap:host:h1", &host_fields)
-        .ignore()
-        .pexpire("ap:host:h1", 3_600_000)
-        .ignore()
-        .query_async::<()>(&mut conn)
+    let (live, mut sweep) = bare_host_sweep(&registry, &mut conn, "h1", Duration::from_secs(60))
         .await
-        .expect("host key");
+        .expect("host and sweep");
     let lease = |id: &str| format!("ap:loc:{id}");
     for i in 0..RECORDS {
         let id = format!("a{i:04}");
@@ -85,21 +71,6 @@ async fn leases_vouch_for_most_records_and_the_lies_they_hide_are_found_within_f
             .await
             .expect("lease");
     }
-    let live: HashMap<_, _> = registry
-        .get_host("h1")
-        .await
-        .expect("host")
-        .into_iter()
-        .map(|h| (h.id.clone(), h))
-        .collect();
-    assert_eq!(live.len(), 1, "h1 is live");
-    let hosts = Arc::new(HostClients::new(
-        Duration::from_secs(5),
-        agentplane::server::Transport::Insecure,
-        agentplane_control_plane::metrics::Metrics::unregistered(),
-    ));
-    let mut sweep =
-        Sweep::new(registry.clone(), hosts, Duration::from_secs(60)).with_min_round(Duration::ZERO);
 
     let mut heads_per_round = Vec::new();
     let mut acted = 0;
