@@ -168,19 +168,23 @@ impl Registry {
             plan.push(Reply::Revision(*shard));
             for &i in at {
                 let (id, generation) = &running[i];
-                let loc = k.loc(id);
                 let verified = memory.verified.get(id) == Some(generation);
                 if verified {
+                    let loc = k.loc(id);
                     // Extending is cheaper for Redis than rewriting (a SET
                     // drops and re-adds the TTL); a lease found missing is
                     // set below. An agent not verified gets its lease once
                     // its record is read and names this run: a copy that
                     // is not the record's never writes the lease.
-                    batch.add(loc.clone(), redis::cmd("PEXPIRE").arg(&loc).arg(ms).clone());
+                    let mut extend = redis::cmd("PEXPIRE");
+                    extend.arg(&loc).arg(ms);
+                    batch.add(loc, extend);
                     plan.push(Reply::Extended(i));
                 }
                 if full || !verified {
-                    batch.add(k.agent(id), head_command(&k.agent(id)));
+                    let rec = k.agent(id);
+                    let read = head_command(&rec);
+                    batch.add(rec, read);
                     plan.push(Reply::Head(i));
                 }
             }
@@ -255,13 +259,21 @@ impl Registry {
             }
         }
         let mut differing = Vec::new();
+        // The last beat's map gives up its keys to this one's: an agent
+        // verified before costs no new id string (a failed beat forgets
+        // the memory anyway).
+        let mut before = std::mem::take(&mut memory.verified);
         let mut verified = HashMap::with_capacity(running.len());
         // Agents that were not verified before this beat and are now.
         let mut fresh = Vec::new();
         for (i, ((id, generation), head)) in running.iter().zip(heads).enumerate() {
+            let (key, was) = match before.remove_entry(id) {
+                Some((key, was)) => (key, Some(was)),
+                None => (id.clone(), None),
+            };
             let Some(head) = head else {
                 // Skipped: its shard did not change since it was verified.
-                verified.insert(id.clone(), *generation);
+                verified.insert(key, *generation);
                 continue;
             };
             let mine = head.as_ref().is_some_and(|h| {
@@ -270,12 +282,12 @@ impl Registry {
                     && h.state != Some(AgentState::Lost)
             });
             if mine {
-                if memory.verified.get(id) != Some(generation) {
+                if was != Some(*generation) {
                     fresh.push(i);
                 }
-                verified.insert(id.clone(), *generation);
+                verified.insert(key, *generation);
             } else {
-                differing.push((id.clone(), head));
+                differing.push((key, head));
             }
         }
         // Leases to set: those of agents just verified (whatever was
@@ -293,7 +305,8 @@ impl Registry {
             let mut again = Spread::default();
             for &(i, only_missing) in &relet {
                 let loc = k.loc(&running[i].0);
-                again.add(loc.clone(), set_lease(&loc, &host.id, ms, only_missing));
+                let set = set_lease(&loc, &host.id, ms, only_missing);
+                again.add(loc, set);
             }
             again
                 .query(conn, k.is_sharded())
@@ -371,12 +384,9 @@ fn set_lease(loc: &str, host: &str, ms: u64, only_missing: bool) -> redis::Cmd {
 
 /// The read of a record's head.
 fn head_command(record: &str) -> redis::Cmd {
-    redis::cmd("HMGET")
-        .arg(record)
-        .arg("generation")
-        .arg("host")
-        .arg("state")
-        .clone()
+    let mut cmd = redis::cmd("HMGET");
+    cmd.arg(record).arg("generation").arg("host").arg("state");
+    cmd
 }
 
 /// A head from its `HMGET` reply; `None` when the record is missing. A
