@@ -162,13 +162,9 @@ impl Reconciler {
             self.indexed = true;
         }
         let asked = Instant::now();
-        let live: HashMap<String, HostRecord> = self
-            .registry
-            .list_hosts()
-            .await?
-            .into_iter()
-            .map(|h| (h.id.clone(), h))
-            .collect();
+        let (hosts, known) = self.registry.list_hosts_and_known().await?;
+        let live: HashMap<String, HostRecord> =
+            hosts.into_iter().map(|h| (h.id.clone(), h)).collect();
         // Judged by the TTLs of the last pass that saw hosts (a read that
         // took long may come back with every host key expired).
         self.read_took(asked);
@@ -180,12 +176,11 @@ impl Reconciler {
         let mut restarting = HashSet::new();
         // Known hosts that went away: restarting (a keeper holds their
         // agents) or lost. `hosts-known` holds live and restarting hosts
-        // only, so this reads as much as the fleet, not the keyspace.
+        // only, so this reads as much as the fleet, not the keyspace; it
+        // was read just before the live records (a host that registered
+        // since is in neither).
         let asked = Instant::now();
-        let down: Vec<String> = self
-            .registry
-            .known_hosts()
-            .await?
+        let down: Vec<String> = known
             .into_iter()
             .filter(|h| !live.contains_key(h))
             .collect();

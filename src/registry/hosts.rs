@@ -264,11 +264,19 @@ impl Registry {
     /// whose key expired is skipped, and the reconciler removes it). No
     /// SCAN: this runs on every reconcile pass and spawn burst.
     pub async fn list_hosts(&self) -> Result<Vec<HostRecord>> {
+        Ok(self.list_hosts_and_known().await?.0)
+    }
+
+    /// [`Registry::list_hosts`], and the `hosts-known` members it read them
+    /// by (sorted): the reconciler's known hosts without a second read. A
+    /// member without a live record is a host that went away (or is
+    /// restarting); a host that registers meanwhile is in neither.
+    pub async fn list_hosts_and_known(&self) -> Result<(Vec<HostRecord>, Vec<String>)> {
         let mut ids = self.known_hosts().await?;
         ids.sort();
         let mut out = Vec::with_capacity(ids.len());
-        for ids in ids.chunks(HOSTS_PER_READ) {
-            let keys: Vec<String> = ids.iter().map(|id| self.keys().host(id)).collect();
+        for chunk in ids.chunks(HOSTS_PER_READ) {
+            let keys: Vec<String> = chunk.iter().map(|id| self.keys().host(id)).collect();
             let mut pipe = redis::pipe();
             for key in &keys {
                 pipe.hgetall(key);
@@ -277,13 +285,13 @@ impl Registry {
                 .query_async(&mut self.conn())
                 .await
                 .map_err(self.err("list hosts"))?;
-            for ((key, id), h) in keys.iter().zip(ids).zip(hashes) {
+            for ((key, id), h) in keys.iter().zip(chunk).zip(hashes) {
                 if let Some(rec) = HostRecord::decode(key, id, &h)? {
                     out.push(rec);
                 }
             }
         }
-        Ok(out)
+        Ok((out, ids))
     }
 
     /// One live host.
