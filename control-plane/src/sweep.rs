@@ -19,12 +19,12 @@
 //!   retry can mend ends it FAILED with the host's answer.
 //!
 //! Cost: one index page and two pipelined round trips per slice. The first
-//! reads each live record's lease (`GET`: the host it names); a lease that
-//! names a live host vouches for its record, which is not read further.
-//! The second reads the head (state, host, generation, times, and whether
-//! its lease exists) of every other record, of every LOST one (they hold
-//! no lease) and of a quarter of the vouched ones each round
-//! ([`FULL_READ_EVERY`]: the lies a lease cannot show, such as a stale
+//! reads each record's lease (`GET`: the host it names); in a live state's
+//! index a lease that names a live host vouches for its record, which is
+//! not read further. The second reads the head (state, host, generation,
+//! times) of every other record, of every LOST one (they hold no lease)
+//! and of a quarter of the vouched ones each round
+//! ([`VOUCHED_READ_EVERY`]: the lies a lease cannot show, such as a stale
 //! index entry, are still found within four rounds); a LOST or suspect
 //! record is then read whole. Plus one read of each suspect whose TTL has
 //! passed. Writes happen only for records that are wrong. A pass
@@ -33,7 +33,7 @@
 //! (`bench-sweep` measures it) and a pass never delays the next one. A round
 //! starts at most once per heartbeat TTL (the smallest of the live hosts'):
 //! a lie is judged over two sightings a TTL apart anyway, and a fleet at
-//! rest then costs Redis about 1.5 commands per live record per TTL (two
+//! rest then costs Redis about 1.25 commands per live record per TTL (two
 //! before leases vouched).
 
 use std::collections::{HashMap, HashSet};
@@ -99,12 +99,12 @@ pub struct Sweep {
 
 /// Every how many rounds a record's head is read even when its lease
 /// vouches for it.
-pub const FULL_READ_EVERY: u64 = 4;
+pub const VOUCHED_READ_EVERY: u64 = 4;
 
 /// Whether round `round` reads `id`'s head whatever its lease says: a
 /// quarter of the records each round (by a hash of the id, so the extra
 /// reads are spread over the round instead of a whole round of them every
-/// fourth), each record once every [`FULL_READ_EVERY`] rounds. That bounds
+/// fourth), each record once every [`VOUCHED_READ_EVERY`] rounds. That bounds
 /// how long a lie that a lease cannot show goes unseen: an index entry
 /// whose record left its state or is gone, or a record naming another host
 /// than its lease (a write a failover rolled back; the old holder's beats
@@ -115,7 +115,7 @@ fn full_read(id: &str, round: u64) -> bool {
     id.hash(&mut h);
     h.finish()
         .wrapping_add(round)
-        .is_multiple_of(FULL_READ_EVERY)
+        .is_multiple_of(VOUCHED_READ_EVERY)
 }
 
 /// What one pass did (for logs and the benchmark).
@@ -218,32 +218,13 @@ impl Sweep {
         // A short slice ends this state's index; the last state's ends the
         // round, and the next slice starts it again.
         let short = walk && ids.len() < SLICE;
-        let mut vouched_n = 0;
         let next = if short {
             String::new()
         } else {
             ids.last().cloned().unwrap_or_default()
         };
+        let page_len = ids.len();
         let in_slice: HashSet<String> = ids.iter().cloned().collect();
-        // Leases first: a live record whose lease names a live host is
-        // vouched for without its head (most of a fleet at rest).
-        if walk && swept != AgentState::Lost {
-            let holders = self.registry.lease_holders(&ids).await?;
-            let round = self.rounds;
-            let mut kept = Vec::with_capacity(ids.len());
-            for (id, holder) in ids.into_iter().zip(holders) {
-                let vouched =
-                    holder.is_some_and(|h| live.contains_key(&h)) && !full_read(&id, round);
-                if vouched {
-                    self.suspects.remove(&id);
-                    vouched_n += 1;
-                } else {
-                    kept.push(id);
-                }
-            }
-            ids = kept;
-        }
-        let slice_len = ids.len();
         let ttl = self.ttl_floor(live);
         ids.extend(
             self.suspects
@@ -251,11 +232,45 @@ impl Sweep {
                 .filter(|(id, s)| s.seen.elapsed() >= ttl && !in_slice.contains(*id))
                 .map(|(id, _)| id.clone()),
         );
-        // Heads first (state, host, generation, times, lease): a record
-        // that is fine by them (nearly all) costs no full read.
-        let heads = self.registry.get_heads_with_leases(&ids).await?;
+        // Leases first, of the page and the due suspects. In a live state's
+        // page a lease naming a live host vouches for its record, whose head
+        // is then not read (most of a fleet at rest); of the others, whether
+        // the lease lives is what their heads are judged with.
+        let holders = self.registry.lease_holders(&ids).await?;
+        let vouching = walk && swept != AgentState::Lost;
+        let round = self.rounds;
+        let (mut vouched, mut slice_len) = (0, 0);
+        let mut kept = Vec::with_capacity(ids.len());
+        let mut leased = Vec::with_capacity(ids.len());
+        for (i, (id, holder)) in ids.into_iter().zip(holders).enumerate() {
+            let in_page = i < page_len;
+            if in_page
+                && vouching
+                && holder.as_ref().is_some_and(|h| live.contains_key(h))
+                && !full_read(&id, round)
+            {
+                self.suspects.remove(&id);
+                vouched += 1;
+                continue;
+            }
+            // Page entries come first, so the kept ones do too.
+            slice_len += usize::from(in_page);
+            leased.push(holder.is_some());
+            kept.push(id);
+        }
+        let ids = kept;
+        // Heads (state, host, generation, times): a record that is fine by
+        // them and its lease (nearly all) costs no full read.
+        let heads: Vec<(Agent, bool)> = self
+            .registry
+            .get_heads(&ids)
+            .await?
+            .into_iter()
+            .zip(leased)
+            .filter_map(|(head, leased)| Some((head?, leased)))
+            .collect();
         let mut stats = PassStats {
-            read: vouched_n + heads.len(),
+            read: vouched + heads.len(),
             wrapped: short && self.at % SWEPT.len() == SWEPT.len() - 1,
             ..Default::default()
         };
