@@ -196,7 +196,7 @@ impl HostAgent for SimHost {
                     pending_since_ms: Some(0),
                     location: Some(Location {
                         host: self.record.id.clone(),
-                        ttl: self.ttl,
+                        host_ttl: self.ttl,
                     }),
                     ..Default::default()
                 },

@@ -20,7 +20,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::agents::ttl_ms;
+use super::agents::{lease_ttl, ttl_ms, LEASE_RENEW_EVERY};
 use super::conn::Spread;
 use super::keys::Shard;
 use super::{HostRecord, Registry, RegistryError, Result};
@@ -102,7 +102,8 @@ pub struct HeartbeatReport {
 
 impl Registry {
     /// One heartbeat: writes the host hash and (re)sets its TTL, keeps the
-    /// lease (location key, same TTL) of every agent in `running` (id and
+    /// lease (location key, living [`lease_ttl`] of the TTL, extended every
+    /// [`LEASE_RENEW_EVERY`]th beat) of every agent in `running` (id and
     /// the generation it runs at) whose record names this run, and reads
     /// back what fencing needs: the dataset epoch, whether the host key
     /// existed, the cordon flag and the agents whose record does not name
@@ -150,7 +151,9 @@ impl Registry {
         let k = self.keys();
         let key = k.host(&host.id);
         let ms = ttl_ms(ttl);
-        let full = memory.beats.is_multiple_of(FULL_READ_EVERY);
+        let lease_ms = ttl_ms(lease_ttl(ttl));
+        let beat_no = memory.beats;
+        let full = beat_no.is_multiple_of(FULL_READ_EVERY);
         memory.beats = memory.beats.wrapping_add(1);
         // Replies by position: 0 epoch, 1 existed, 5 cordoned, then the
         // plan's.
@@ -169,7 +172,7 @@ impl Registry {
             for &i in at {
                 let (id, generation) = &running[i];
                 let verified = memory.verified.get(id) == Some(generation);
-                if verified {
+                if verified && renews_at(id, beat_no) {
                     let loc = k.loc(id);
                     // Extending is cheaper for Redis than rewriting (a SET
                     // drops and re-adds the TTL); a lease found missing is
@@ -177,7 +180,7 @@ impl Registry {
                     // its record is read and names this run: a copy that
                     // is not the record's never writes the lease.
                     let mut extend = redis::cmd("PEXPIRE");
-                    extend.arg(&loc).arg(ms);
+                    extend.arg(&loc).arg(lease_ms);
                     batch.add(loc, extend);
                     plan.push(Reply::Extended(i));
                 }
@@ -305,7 +308,7 @@ impl Registry {
             let mut again = Spread::default();
             for &(i, only_missing) in &relet {
                 let loc = k.loc(&running[i].0);
-                let set = set_lease(&loc, &host.id, ms, only_missing);
+                let set = set_lease(&loc, &host.id, lease_ms, only_missing);
                 again.add(loc, set);
             }
             again
@@ -323,6 +326,19 @@ impl Registry {
             differing,
         })
     }
+}
+
+/// Whether beat `beat_no` extends `id`'s lease: every
+/// [`LEASE_RENEW_EVERY`]th beat, at a phase taken from the id's bytes so
+/// that each beat extends an even share of a host's leases (the same
+/// agents at every such beat, however `running` is ordered).
+fn renews_at(id: &str, beat_no: u64) -> bool {
+    let phase = id
+        .bytes()
+        .fold(0u64, |sum, b| sum.wrapping_add(u64::from(b)));
+    beat_no
+        .wrapping_add(phase)
+        .is_multiple_of(u64::from(LEASE_RENEW_EVERY))
 }
 
 /// The host's own commands of a beat: epoch, existed, known-hosts index,

@@ -29,7 +29,7 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use agents::{AgentUpdate, Expect, Location, UpdateOutcome};
+pub use agents::{lease_ttl, AgentUpdate, Expect, Location, UpdateOutcome, LEASE_RENEW_EVERY};
 pub use event_reader::{EventReader, ReadError};
 pub use events::{type_name, StreamBounds, EVENTS_MAXLEN};
 pub use heartbeat::{FencingMemory, HeartbeatReport, RecordHead, FULL_READ_EVERY};

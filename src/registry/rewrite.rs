@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use super::agents::ttl_ms;
+use super::agents::{lease_ttl, ttl_ms};
 use super::codec;
 use super::scripts::REWRITE_AGENT;
 use super::{Registry, Result};
@@ -13,7 +13,9 @@ use crate::proto::v1::Agent;
 impl Registry {
     /// Writes `agent` (record, host set, indexes, location and name) unless the
     /// record there has its generation or a newer one. True when written.
-    pub async fn rewrite_agent(&self, agent: &Agent, ttl: Duration) -> Result<bool> {
+    /// `host_ttl` is the host's heartbeat TTL (the lease lives
+    /// [`super::lease_ttl`] of it).
+    pub async fn rewrite_agent(&self, agent: &Agent, host_ttl: Duration) -> Result<bool> {
         let k = self.keys();
         // The host the record names now, so that its set loses the agent in
         // the same step (the script checks it has not changed since).
@@ -49,7 +51,7 @@ impl Registry {
             .arg(&named)
             .arg(&agent.id)
             .arg(&agent.host)
-            .arg(ttl_ms(ttl))
+            .arg(ttl_ms(lease_ttl(host_ttl)))
             .arg(k.host_revision_prefix(shard))
             .arg(crate::ids::new_agent_id());
         for (f, v) in codec::encode_agent(agent) {

@@ -130,7 +130,7 @@ impl Supervisor {
             pending_since_ms: Some(0),
             location: Some(Location {
                 host: self.host_id.clone(),
-                ttl: self.ttl,
+                host_ttl: self.ttl,
             }),
             ..Default::default()
         };

@@ -362,3 +362,77 @@ async fn a_redis_restarted_empty_kills_reschedules_and_loses_nothing() {
     assert_untouched(&cluster, &before).await;
     cluster.finish().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn locate_is_not_live_once_the_host_key_lapses_though_the_lease_outlives_it() {
+    let ttl = Duration::from_millis(1500);
+    // No reconciler pass within the test: nothing marks the agent LOST or
+    // releases its lease, so only LocateAgent's own reading decides `live`.
+    let mut cluster = TestCluster::builder()
+        .heartbeat_ttl(ttl)
+        .reconcile_interval(Duration::from_secs(3600))
+        .start()
+        .await;
+    let a = cluster.spawn(&["sleep", "1000"]).await;
+    let c = cluster.client().await;
+    let locate = || {
+        let mut c = c.clone();
+        let id = a.id.clone();
+        async move {
+            c.locate_agent(LocateAgentRequest { id })
+                .await
+                .expect("locate")
+                .into_inner()
+        }
+    };
+    assert!(locate().await.live, "live while its host beats");
+
+    cluster
+        .host(&a.host)
+        .proc
+        .signal(nix::sys::signal::Signal::SIGSTOP);
+    let stopped = Instant::now();
+    let k = cluster.keys();
+    let mut conn = cluster.redis_conn().await;
+    eventually(2 * ttl, "the host key lapses", || {
+        let mut conn = conn.clone();
+        let key = k.host(&a.host);
+        async move {
+            let exists: bool = redis::cmd("EXISTS")
+                .arg(key)
+                .query_async(&mut conn)
+                .await
+                .ok()?;
+            (!exists).then_some(())
+        }
+    })
+    .await;
+    let loc = locate().await;
+    let lease_pttl: i64 = redis::cmd("PTTL")
+        .arg(k.loc(&a.id))
+        .query_async(&mut conn)
+        .await
+        .expect("PTTL");
+    eprintln!(
+        "host key gone {:?} after SIGSTOP; the lease lives {lease_pttl} ms more",
+        stopped.elapsed()
+    );
+    assert!(lease_pttl > 0, "the lease (two TTLs) outlives the host key");
+    assert!(!loc.live, "not live once its host stopped beating: {loc:?}");
+    assert!(loc.address.is_empty(), "{loc:?}");
+    assert_eq!(
+        (loc.host.as_str(), loc.state()),
+        (a.host.as_str(), AgentState::Running)
+    );
+
+    cluster
+        .host(&a.host)
+        .proc
+        .signal(nix::sys::signal::Signal::SIGCONT);
+    eventually(ttl, "live again once its host beats", || {
+        let loc = locate();
+        async move { loc.await.live.then_some(()) }
+    })
+    .await;
+    cluster.finish().await;
+}

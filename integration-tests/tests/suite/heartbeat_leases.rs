@@ -4,7 +4,8 @@
 //! that do not name this host at the generation it runs (another host,
 //! another generation, LOST, missing), the fencing's input; heads are read
 //! again only after a write that can change them (the host revision) or
-//! every `FULL_READ_EVERY` beats.
+//! every `FULL_READ_EVERY` beats; each lease is extended every
+//! `LEASE_RENEW_EVERY`th beat and lives as many host TTLs.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -12,7 +13,7 @@ use std::time::Duration;
 use agentplane::proto::v1::{Agent, AgentSpec, AgentState, ExitReason};
 use agentplane::registry::{
     AgentUpdate, Expect, FencingMemory, HostRecord, RecordHead, Registry, UpdateOutcome,
-    FULL_READ_EVERY,
+    FULL_READ_EVERY, LEASE_RENEW_EVERY,
 };
 use agentplane_integration_tests::parse_command_calls;
 use agentplane_integration_tests::redis_cluster::RedisCluster;
@@ -41,14 +42,34 @@ enum Backend<'a> {
 impl Backend<'_> {
     /// `HMGET` calls so far (every node's, on a Cluster): the head reads.
     async fn head_reads(&self) -> u64 {
+        self.calls("hmget").await
+    }
+
+    /// `PEXPIRE` calls so far: the lease extensions and host key TTLs.
+    async fn extends(&self) -> u64 {
+        self.calls("pexpire").await
+    }
+
+    /// Calls of `command` so far (every node's, on a Cluster).
+    async fn calls(&self, command: &str) -> u64 {
         let stats = match self {
             Backend::One(r) => r.commandstats().await,
             Backend::Cluster(c) => c.commandstats().await,
         };
         parse_command_calls(&stats)
-            .get("hmget")
+            .get(command)
             .copied()
             .unwrap_or(0)
+    }
+
+    /// A key's time to live, ms (`PTTL`).
+    async fn pttl(&self, key: &str) -> i64 {
+        let pttl = redis::cmd("PTTL").arg(key).clone();
+        match self {
+            Backend::One(r) => pttl.query_async(&mut r.conn().await).await,
+            Backend::Cluster(c) => pttl.query_async(&mut c.conn().await).await,
+        }
+        .expect("PTTL")
     }
 }
 
@@ -240,13 +261,16 @@ async fn leases_follow_the_records(registry: &Registry, backend: Backend<'_>) {
     let want = BTreeMap::from([(deleted.clone(), None)]);
     assert_eq!(got, want, "a delete is seen at the next beat");
 
-    // A lease that lapsed under a verified agent is set again.
+    // A lease that lapsed under a verified agent is set again, at the
+    // next beat that extends it.
     let relet = &ok[1].0;
     registry
         .clear_location(relet, "h1")
         .await
         .expect("drop lease");
-    assert!(beat.run(&mut memory, &ok[1..]).await.is_empty());
+    for _ in 0..LEASE_RENEW_EVERY {
+        assert!(beat.run(&mut memory, &ok[1..]).await.is_empty());
+    }
     assert_eq!(
         registry.location(relet).await.expect("lease").as_deref(),
         Some("h1"),
@@ -255,16 +279,40 @@ async fn leases_follow_the_records(registry: &Registry, backend: Backend<'_>) {
 
     // The rest stay verified; every FULL_READ_EVERY beats all heads are
     // read once whatever the revisions say.
+    // Each beat extends the leases of about half the agents, each agent's
+    // every other beat (the host key's TTL is set at every beat), and a
+    // lease lives two host TTLs.
     let rest: Vec<(String, u64)> = ok[1..].to_vec();
-    let before = backend.head_reads().await;
-    for _ in 0..FULL_READ_EVERY {
+    let (before, extends_before) = (backend.head_reads().await, backend.extends().await);
+    let beats = FULL_READ_EVERY.max(u64::from(LEASE_RENEW_EVERY));
+    let mut per_beat = Vec::new();
+    for _ in 0..beats {
+        let at = backend.extends().await;
         assert!(beat.run(&mut memory, &rest).await.is_empty());
+        per_beat.push(backend.extends().await - at - 1);
     }
+    eprintln!(
+        "leases extended per beat of {} agents: {per_beat:?}",
+        rest.len()
+    );
     assert_eq!(
         backend.head_reads().await - before,
         rest.len() as u64,
         "one full read in {FULL_READ_EVERY} beats"
     );
+    assert_eq!(
+        backend.extends().await - extends_before,
+        beats + rest.len() as u64 * beats / u64::from(LEASE_RENEW_EVERY),
+        "each lease extended once every {LEASE_RENEW_EVERY} beats: {per_beat:?}"
+    );
+    for (id, _) in &rest {
+        let pttl = backend.pttl(&registry.keys().loc(id)).await;
+        let host_ttl = i64::try_from(ttl.as_millis()).expect("ms");
+        assert!(
+            pttl > host_ttl && pttl <= 2 * host_ttl,
+            "{id}'s lease lives two host TTLs: PTTL {pttl} ms"
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
