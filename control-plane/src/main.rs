@@ -4,8 +4,7 @@
 use agentplane_control_plane::{run, Config};
 use clap::Parser;
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+fn main() -> anyhow::Result<()> {
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -25,6 +24,13 @@ async fn main() -> anyhow::Result<()> {
         println!("control-plane: configuration is valid");
         return Ok(());
     }
+    agentplane::server::runtime_builder(&config.serve)
+        .build()?
+        .block_on(serve(config))
+}
+
+/// Everything after the configuration, on the runtime.
+async fn serve(config: Config) -> anyhow::Result<()> {
     let telemetry = match agentplane::telemetry::init(
         config.log_json,
         agentplane::telemetry::Service {

@@ -19,8 +19,8 @@ fn main() -> anyhow::Result<()> {
         let args: Vec<String> = std::env::args().skip(2).collect();
         agentplane_host_agent::keeper::run_keeper(&args);
     }
-    tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
+    let config = config();
+    agentplane::server::runtime_builder(&config.serve)
         // The blocking work here is short file-system work (a start's
         // files and cgroups, log reads): a few threads keep up with a flood
         // of starts, where tokio's default bound (512) let 1,000 starts at
@@ -28,10 +28,12 @@ fn main() -> anyhow::Result<()> {
         // stack and malloc arena (about 2 KiB more RSS per agent).
         .max_blocking_threads(16)
         .build()?
-        .block_on(serve())
+        .block_on(serve(config))
 }
 
-async fn serve() -> anyhow::Result<()> {
+/// The configuration, parsed and validated before any runtime starts;
+/// exits 64 when it is bad (0 after `--check-config` or `--help`).
+fn config() -> Config {
     let config = match Config::try_parse() {
         Ok(c) => c,
         Err(e) if e.use_stderr() => {
@@ -49,8 +51,13 @@ async fn serve() -> anyhow::Result<()> {
     }
     if config.check_config {
         println!("host-agent: configuration is valid");
-        return Ok(());
+        std::process::exit(0);
     }
+    config
+}
+
+/// Everything after the configuration, on the runtime.
+async fn serve(config: Config) -> anyhow::Result<()> {
     let telemetry = match agentplane::telemetry::init(
         config.log_json,
         agentplane::telemetry::Service {

@@ -21,6 +21,18 @@ use tonic::service::Routes;
 pub use self::peer::{Gate, RequirePeerName, Tokens};
 pub use self::tls::{ServeArgs, TlsMaterial, Transport};
 
+/// The multi-threaded runtime a server runs on, with `serve`'s
+/// `--worker-threads` (tokio's default, one per core, when unset); the
+/// caller adds its own settings and builds it.
+pub fn runtime_builder(serve: &ServeArgs) -> tokio::runtime::Builder {
+    let mut builder = tokio::runtime::Builder::new_multi_thread();
+    builder.enable_all();
+    if let Some(n) = serve.worker_threads {
+        builder.worker_threads(usize::from(n));
+    }
+    builder
+}
+
 /// Connections the plaintext health port (`--health-listen`) serves at once.
 const HEALTH_CONNECTIONS: usize = 64;
 /// Streams per connection on the health port.
