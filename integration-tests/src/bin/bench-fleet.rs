@@ -76,6 +76,12 @@ struct Args {
     /// than the 100k one.
     #[arg(long, default_value_t = false, action = clap::ArgAction::Set)]
     sim_idle: bool,
+    /// The control plane's `--worker-threads` (0: one per core). One by
+    /// default: on 2 cores shared with Redis, the client and the simulated
+    /// hosts, a second worker cost it about a third more CPU per spawn
+    /// (wakeups across threads) and lowered both sizes' rates.
+    #[arg(long, default_value_t = 1)]
+    cp_worker_threads: u16,
     /// Redis connections the simulated hosts' heartbeats share (0: one per
     /// host, as host agents have). Redis serves each connection's queued
     /// commands in a batch, so a few shared connections turn the same
@@ -195,12 +201,15 @@ async fn measure(
     rng: &mut rand::rngs::StdRng,
 ) -> anyhow::Result<Figures> {
     let agents = hosts * args.agents_per_host;
-    let cluster = TestCluster::builder()
+    let mut builder = TestCluster::builder()
         .hosts(0)
         .reconcile_interval(args.reconcile_interval)
-        .control_plane_arg("--metrics-listen=127.0.0.1:0")
-        .start()
-        .await;
+        .control_plane_arg("--metrics-listen=127.0.0.1:0");
+    if args.cp_worker_threads > 0 {
+        let workers = format!("--worker-threads={}", args.cp_worker_threads);
+        builder = builder.control_plane_arg(&workers);
+    }
+    let cluster = builder.start().await;
     let metrics_addr = metrics::addr(&cluster.control_planes[0]).await;
     let registry = Registry::new(&cluster.redis.url(), "ap")?;
     let mut conn = cluster.redis.conn().await;
