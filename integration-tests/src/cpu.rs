@@ -18,6 +18,35 @@ pub fn ns(pid: i32) -> u64 {
         .sum()
 }
 
+/// How fast this machine runs a fixed piece of work now: millions of
+/// rounds of an integer loop per second of this thread's own CPU time
+/// (`CLOCK_THREAD_CPUTIME_ID`), the median of five samples of about 20 ms.
+/// Other processes' load does not count (the loop's own time is
+/// measured), so what moves it is the core's own speed: a VM's slower
+/// stretches (time the hypervisor takes is charged to the running thread
+/// when, as here, no steal time is reported) or a frequency change.
+pub fn speed() -> f64 {
+    const ROUNDS: u64 = 10_000_000;
+    let own_ns = || {
+        let t = rustix::time::clock_gettime(rustix::time::ClockId::ThreadCPUTime);
+        u64::try_from(t.tv_sec).unwrap_or(0) * 1_000_000_000 + u64::try_from(t.tv_nsec).unwrap_or(0)
+    };
+    let mut samples: Vec<f64> = (0..5)
+        .map(|_| {
+            let before = own_ns();
+            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+            for i in 0..ROUNDS {
+                x = std::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x2545_F491_4F6C_DD1D);
+            }
+            std::hint::black_box(x);
+            let took = own_ns().saturating_sub(before).max(1);
+            ROUNDS as f64 / took as f64 * 1e3
+        })
+        .collect();
+    samples.sort_by(f64::total_cmp);
+    samples[samples.len() / 2]
+}
+
 /// Busy time of the whole machine (every CPU) in nanoseconds: all but idle
 /// and iowait, from the tick counts of `/proc/stat` (sampled, but over
 /// every CPU and a whole span, close).

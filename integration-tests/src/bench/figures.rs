@@ -46,6 +46,27 @@ pub fn pass_buckets(text: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// Prints `rows` as a table: a column per size (headed by `label`), and
+/// the ratio of the last size's figure to the first's when there are two
+/// or more.
+pub fn print_table<F>(sizes: &[F], label: impl Fn(&F) -> String, rows: &[(&str, fn(&F) -> f64)]) {
+    print!("{:<34}", "");
+    for f in sizes {
+        print!("{:>14}", label(f));
+    }
+    println!("{:>10}", "ratio");
+    for (name, get) in rows {
+        print!("{name:<34}");
+        for f in sizes {
+            print!("{:>14.3}", get(f));
+        }
+        match (sizes.first(), sizes.last()) {
+            (Some(a), Some(b)) if sizes.len() > 1 => println!("{:>10.3}", get(b) / get(a)),
+            _ => println!(),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

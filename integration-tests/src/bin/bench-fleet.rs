@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest};
 use agentplane::registry::Registry;
 use agentplane_integration_tests::bench::{
-    info_field, latencies, pass_buckets, percentile, ping_stalls, PingStalls,
+    info_field, latencies, pass_buckets, percentile, ping_stalls, print_table, PingStalls,
 };
 use agentplane_integration_tests::fleet::{Beats, SimHost};
 use agentplane_integration_tests::{cpu, metrics, TestCluster};
@@ -98,6 +98,8 @@ struct Figures {
     fill_rate: f64,
     probe_rate: f64,
     held_probe_rate: f64,
+    /// The machine's speed just before the probe ([`cpu::speed`]).
+    speed: f64,
     locate_p50: Duration,
     locate_p99: Duration,
     quiet_locate_p99: Duration,
@@ -318,6 +320,7 @@ async fn measure(
 
     // Spawns once the fleet is full, and their CPU beyond the rest load
     // (the line marks the start for a profiler).
+    let speed = tokio::task::block_in_place(cpu::speed);
     eprintln!("{hosts} hosts: probe of {} spawns", args.probe);
     let cpu = cpu::Split::start(&pids);
     let t = Instant::now();
@@ -349,6 +352,7 @@ async fn measure(
         fill_rate,
         probe_rate,
         held_probe_rate,
+        speed,
         locate_p50: percentile(&busy.locates, 0.5),
         locate_p99: percentile(&busy.locates, 0.99),
         quiet_locate_p99: percentile(&quiet.locates, 0.99),
@@ -461,21 +465,10 @@ async fn main() -> anyhow::Result<()> {
         ("spawns/s per core free of rest load", |f| {
             f.probe_rate / (f.probe_machine_cores - f.rest_cores.iter().sum::<f64>())
         }),
+        // A fixed loop's rate on this thread's own CPU time: the VM's
+        // speed at each size, beside the ratios above.
+        ("machine speed before the probe (M/s)", |f| f.speed),
     ];
-    print!("{:<34}", "");
-    for f in &all {
-        print!("{:>14}", format!("{}k", f.agents / 1000));
-    }
-    println!("{:>10}", "ratio");
-    for (name, get) in &rows {
-        print!("{name:<34}");
-        for f in &all {
-            print!("{:>14.3}", get(f));
-        }
-        match (all.first(), all.last()) {
-            (Some(a), Some(b)) if all.len() > 1 => println!("{:>10.3}", get(b) / get(a)),
-            _ => println!(),
-        }
-    }
+    print_table(&all, |f| format!("{}k", f.agents / 1000), &rows);
     Ok(())
 }
