@@ -18,7 +18,7 @@ mod figures;
 mod floor;
 mod ping;
 pub use client::{latencies, Latencies};
-pub use figures::{info_field, pass_buckets, percentile, print_table};
+pub use figures::{info_field, pass_buckets, percentile, print_table, Row};
 pub use floor::{follow_floor_rate, relay_floor_rate};
 pub use ping::{ping_stalls, PingStalls};
 

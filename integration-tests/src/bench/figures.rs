@@ -46,10 +46,13 @@ pub fn pass_buckets(text: &str) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// A row of a benchmark's table: its name and how to read its figure.
+pub type Row<F> = (&'static str, fn(&F) -> f64);
+
 /// Prints `rows` as a table: a column per size (headed by `label`), and
 /// the ratio of the last size's figure to the first's when there are two
 /// or more.
-pub fn print_table<F>(sizes: &[F], label: impl Fn(&F) -> String, rows: &[(&str, fn(&F) -> f64)]) {
+pub fn print_table<F>(sizes: &[F], label: impl Fn(&F) -> String, rows: &[Row<F>]) {
     print!("{:<34}", "");
     for f in sizes {
         print!("{:>14}", label(f));

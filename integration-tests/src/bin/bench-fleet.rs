@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 use agentplane::proto::v1::{AgentSpec, SpawnAgentRequest};
 use agentplane::registry::Registry;
 use agentplane_integration_tests::bench::{
-    info_field, latencies, pass_buckets, percentile, ping_stalls, print_table, PingStalls,
+    info_field, latencies, pass_buckets, percentile, ping_stalls, print_table, PingStalls, Row,
 };
 use agentplane_integration_tests::fleet::{Beats, SimHost};
 use agentplane_integration_tests::{cpu, metrics, TestCluster};
@@ -98,8 +98,9 @@ struct Figures {
     fill_rate: f64,
     probe_rate: f64,
     held_probe_rate: f64,
-    /// The machine's speed just before the probe ([`cpu::speed`]).
-    speed: f64,
+    /// The machine's speed just before the probe ([`cpu::speed`],
+    /// [`cpu::memory_latency_ns`]).
+    speed: (f64, f64),
     locate_p50: Duration,
     locate_p99: Duration,
     quiet_locate_p99: Duration,
@@ -320,7 +321,7 @@ async fn measure(
 
     // Spawns once the fleet is full, and their CPU beyond the rest load
     // (the line marks the start for a profiler).
-    let speed = tokio::task::block_in_place(cpu::speed);
+    let speed = tokio::task::block_in_place(|| (cpu::speed(), cpu::memory_latency_ns()));
     eprintln!("{hosts} hosts: probe of {} spawns", args.probe);
     let cpu = cpu::Split::start(&pids);
     let t = Instant::now();
@@ -390,9 +391,6 @@ fn sched_idle() -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One line of the table: its name and how it is read from a size's figures.
-type Row = (&'static str, fn(&Figures) -> f64);
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -426,7 +424,7 @@ async fn main() -> anyhow::Result<()> {
         all.push(measure(&args, sim_runtime.handle(), hosts, &mut rng).await?);
     }
     sim_runtime.shutdown_background();
-    let rows: Vec<Row> = vec![
+    let rows: Vec<Row<Figures>> = vec![
         ("hosts", |f| f.hosts as f64),
         ("agents", |f| f.agents as f64),
         ("spawn rate, fill (/s)", |f| f.fill_rate),
@@ -467,7 +465,8 @@ async fn main() -> anyhow::Result<()> {
         }),
         // A fixed loop's rate on this thread's own CPU time: the VM's
         // speed at each size, beside the ratios above.
-        ("machine speed before the probe (M/s)", |f| f.speed),
+        ("machine speed before the probe (M/s)", |f| f.speed.0),
+        ("memory latency before the probe (ns)", |f| f.speed.1),
     ];
     print_table(&all, |f| format!("{}k", f.agents / 1000), &rows);
     Ok(())
