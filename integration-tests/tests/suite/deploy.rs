@@ -168,32 +168,6 @@ fn check_config_validates_without_binding_or_connecting() {
         .expect("run host-agent");
     assert_eq!(bad.status.code(), Some(64));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("--host-id"));
-    // The runtime's size is configuration too: checked before any start.
-    ok(
-        "host-agent",
-        &with(&[
-            "--host-id",
-            "h1",
-            "--redis-url",
-            "redis://127.0.0.1:1",
-            "--worker-threads",
-            "1",
-        ]),
-    );
-    for (name, id) in [("control-plane", None), ("host-agent", Some("h1"))] {
-        let mut cmd = Command::new(bin(name));
-        cmd.args(["--check-config", "--insecure", "--listen", &addr]);
-        if let Some(id) = id {
-            cmd.args(["--host-id", id]);
-        }
-        let out = cmd
-            .env("AGENTPLANE_WORKER_THREADS", "0")
-            .output()
-            .expect("run server");
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(64), "{name}: {stderr}");
-        assert!(stderr.contains("--worker-threads"), "{name}: {stderr}");
-    }
 }
 
 #[test]

@@ -40,6 +40,7 @@ mod restarts;
 mod rollback;
 mod sentinel;
 mod sentinel_follow;
+mod server_flags;
 mod shutdown;
 mod soak;
 mod spawn_path;
