@@ -18,6 +18,19 @@ pub struct RedisCluster {
     ip: String,
 }
 
+/// A free loopback port a cluster node can take: its cluster bus listens
+/// 10,000 above it, so the port must be at most 55535 (redis-server refuses
+/// to start otherwise: about a fifth of the kernel's free ports here) and
+/// the bus port must be free too.
+fn free_node_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port <= 55535 && std::net::TcpListener::bind(("127.0.0.1", port + 10000)).is_ok() {
+            return port;
+        }
+    }
+}
+
 impl RedisCluster {
     /// Starts three masters in `dir` and joins them; returns once every node
     /// says `cluster_state:ok`.
@@ -31,7 +44,7 @@ impl RedisCluster {
         let mut procs = Vec::new();
         let mut ports = Vec::new();
         for _ in 0..3 {
-            let port = free_port();
+            let port = free_node_port();
             let node_dir = dir.join(format!("node-{port}"));
             std::fs::create_dir_all(&node_dir).expect("node dir");
             let mut cmd = Command::new(binary());
