@@ -27,21 +27,14 @@ pub fn ns(pid: i32) -> u64 {
 /// when, as here, no steal time is reported) or a frequency change.
 pub fn speed() -> f64 {
     const ROUNDS: u64 = 10_000_000;
-    let own_ns = thread_cpu_ns;
-    let mut samples: Vec<f64> = (0..5)
-        .map(|_| {
-            let before = own_ns();
-            let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
-            for i in 0..ROUNDS {
-                x = std::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x2545_F491_4F6C_DD1D);
-            }
-            std::hint::black_box(x);
-            let took = own_ns().saturating_sub(before).max(1);
-            ROUNDS as f64 / took as f64 * 1e3
-        })
-        .collect();
-    samples.sort_by(f64::total_cmp);
-    samples[samples.len() / 2]
+    let ns = median_of_five_ns(|| {
+        let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+        for i in 0..ROUNDS {
+            x = std::hint::black_box(x.rotate_left(7) ^ i).wrapping_mul(0x2545_F491_4F6C_DD1D);
+        }
+        std::hint::black_box(x);
+    });
+    ROUNDS as f64 / ns.max(1.0) * 1e3
 }
 
 /// How long a dependent read from memory takes now, in nanoseconds of this
@@ -65,15 +58,24 @@ pub fn memory_latency_ns() -> f64 {
         next[order[SLOTS - 1] as usize] = order[0];
         next
     });
+    let ns = median_of_five_ns(|| {
+        let mut at = 0u32;
+        for _ in 0..STEPS {
+            at = next[at as usize];
+        }
+        std::hint::black_box(at);
+    });
+    ns / STEPS as f64
+}
+
+/// The median of five runs of `work`, in nanoseconds of this thread's CPU
+/// time.
+fn median_of_five_ns(mut work: impl FnMut()) -> f64 {
     let mut samples: Vec<f64> = (0..5)
         .map(|_| {
             let before = thread_cpu_ns();
-            let mut at = 0u32;
-            for _ in 0..STEPS {
-                at = next[at as usize];
-            }
-            std::hint::black_box(at);
-            thread_cpu_ns().saturating_sub(before) as f64 / STEPS as f64
+            work();
+            thread_cpu_ns().saturating_sub(before) as f64
         })
         .collect();
     samples.sort_by(f64::total_cmp);

@@ -68,11 +68,8 @@ impl AgentApi {
         let Some(found) = self.registry.locate(id).await? else {
             return Err(ApiError::AgentNotFound { id: id.to_owned() });
         };
+        let live = found.live();
         let agent = found.agent;
-        // The lease outlives its host's key by up to a TTL (it is renewed
-        // every other beat and lives two TTLs): live also needs the host,
-        // so liveness stays bounded by the host's TTL.
-        let live = found.address.is_some() && found.lease.as_deref() == Some(agent.host.as_str());
         Ok(LocateAgentResponse {
             id: agent.id.clone(),
             address: found.address.unwrap_or_default(),
