@@ -69,6 +69,16 @@ pub struct Config {
     pub check_config: bool,
 }
 
+impl agentplane::server::StartupConfig for Config {
+    fn check(&self) -> Result<(), String> {
+        self.validate()
+    }
+
+    fn check_only(&self) -> bool {
+        self.check_config
+    }
+}
+
 impl Config {
     /// Checks what clap's types cannot; the message names the flag.
     pub fn validate(&self) -> Result<(), String> {

@@ -119,18 +119,23 @@ pub async fn run(
     let (health, health_service) = tonic_health::server::health_reporter();
     tasks.spawn("registry health", {
         let registry = registry.clone();
+        let bulk = bulk.clone();
         let cancel = cancel.clone();
         let redis = metrics.redis.clone();
         async move {
-            // SERVING only while Redis answers: a load balancer then routes
-            // around a replica that cannot reach the registry.
+            // SERVING only while Redis answers on both connections (the
+            // callers' and the passes'): a load balancer then routes around
+            // a replica that cannot reach the registry.
             let mut tick = tokio::time::interval(HEALTH_PERIOD);
             loop {
                 tokio::select! {
                     () = cancel.cancelled() => return,
                     _ = tick.tick() => {}
                 }
-                let answered = registry.ping().await;
+                let answered = match registry.ping().await {
+                    Ok(()) => bulk.ping().await,
+                    Err(e) => Err(e),
+                };
                 redis.set_up(answered.is_ok());
                 match answered {
                     Ok(()) => {

@@ -2,28 +2,9 @@
 //! it is bad), binds the listener, and serves until SIGINT/SIGTERM.
 
 use agentplane_control_plane::{run, Config};
-use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
-    let config = match Config::try_parse() {
-        Ok(c) => c,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            std::process::exit(agentplane::EXIT_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            std::process::exit(0);
-        }
-    };
-    if let Err(msg) = config.validate() {
-        eprintln!("control-plane: invalid configuration: {msg}");
-        std::process::exit(agentplane::EXIT_USAGE);
-    }
-    if config.check_config {
-        println!("control-plane: configuration is valid");
-        return Ok(());
-    }
+    let config: Config = agentplane::server::config_or_exit("control-plane");
     agentplane::server::runtime_builder(&config.serve)
         .build()?
         .block_on(serve(config))

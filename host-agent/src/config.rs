@@ -145,6 +145,16 @@ pub const DEFAULT_ORPHAN_GRACE: Duration = Duration::from_secs(600);
 /// The longest `--orphan-grace`.
 pub const MAX_ORPHAN_GRACE: Duration = Duration::from_secs(24 * 3600);
 
+impl agentplane::server::StartupConfig for Config {
+    fn check(&self) -> Result<(), String> {
+        self.validate()
+    }
+
+    fn check_only(&self) -> bool {
+        self.check_config
+    }
+}
+
 impl Config {
     /// `--orphan-grace`, its default resolved.
     pub fn orphan_grace(&self) -> Duration {

@@ -3,7 +3,6 @@
 
 use agentplane_host_agent::supervisor::{run_guard, GUARD_ARG};
 use agentplane_host_agent::{run, Config};
-use clap::Parser;
 
 fn main() -> anyhow::Result<()> {
     // The guard is this binary re-executed; it must not start a runtime.
@@ -19,7 +18,7 @@ fn main() -> anyhow::Result<()> {
         let args: Vec<String> = std::env::args().skip(2).collect();
         agentplane_host_agent::keeper::run_keeper(&args);
     }
-    let config = config();
+    let config: Config = agentplane::server::config_or_exit("host-agent");
     agentplane::server::runtime_builder(&config.serve)
         // The blocking work here is short file-system work (a start's
         // files and cgroups, log reads): a few threads keep up with a flood
@@ -29,31 +28,6 @@ fn main() -> anyhow::Result<()> {
         .max_blocking_threads(16)
         .build()?
         .block_on(serve(config))
-}
-
-/// The configuration, parsed and validated before any runtime starts;
-/// exits 64 when it is bad (0 after `--check-config` or `--help`).
-fn config() -> Config {
-    let config = match Config::try_parse() {
-        Ok(c) => c,
-        Err(e) if e.use_stderr() => {
-            let _ = e.print();
-            std::process::exit(agentplane::EXIT_USAGE);
-        }
-        Err(e) => {
-            let _ = e.print();
-            std::process::exit(0);
-        }
-    };
-    if let Err(msg) = config.validate() {
-        eprintln!("host-agent: invalid configuration: {msg}");
-        std::process::exit(agentplane::EXIT_USAGE);
-    }
-    if config.check_config {
-        println!("host-agent: configuration is valid");
-        std::process::exit(0);
-    }
-    config
 }
 
 /// Everything after the configuration, on the runtime.

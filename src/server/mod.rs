@@ -7,6 +7,7 @@ mod handshake;
 mod incoming;
 mod peer;
 pub mod raw;
+mod startup;
 mod streams;
 pub mod tls;
 
@@ -19,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use tonic::service::Routes;
 
 pub use self::peer::{Gate, RequirePeerName, Tokens};
+pub use self::startup::{config_or_exit, StartupConfig};
 pub use self::tls::{ServeArgs, TlsMaterial, Transport};
 
 /// The multi-threaded runtime a server runs on, with `serve`'s
