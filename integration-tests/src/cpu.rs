@@ -197,3 +197,19 @@ pub fn descendants(ancestor: i32) -> Vec<i32> {
         .map(|p| p.pid)
         .collect()
 }
+
+/// Puts the calling thread under SCHED_IDLE with `chrt` (no safe
+/// binding of sched_setscheduler is at hand).
+pub fn sched_idle() -> anyhow::Result<()> {
+    // "PID/task/TID": this thread's id.
+    let link = std::fs::read_link("/proc/thread-self")?;
+    let tid = link
+        .file_name()
+        .ok_or_else(|| anyhow::anyhow!("no thread id in {}", link.display()))?;
+    let status = std::process::Command::new("chrt")
+        .args(["--idle", "-p", "0"])
+        .arg(tid)
+        .status()?;
+    anyhow::ensure!(status.success(), "chrt --idle -p 0 {tid:?}: {status}");
+    Ok(())
+}

@@ -29,11 +29,9 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc, as the control plane: this one process holds the state of a
-/// thousand simulated hosts (a host agent holds its own hundred agents'),
-/// and under glibc's malloc its CPU per spawn grew with that heap (1.17-1.28x
-/// from 10k to 100k agents, against 0.84-1.10x here), a cost of simulating
-/// on one machine that took CPU from the servers measured.
+/// mimalloc, as the control plane: this one heap holds a thousand simulated
+/// hosts' state (a host agent, its own agents'), and on glibc's malloc its
+/// CPU per spawn grew with it (1.17-1.28x from 10k to 100k, here 0.84-1.10x).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
@@ -383,22 +381,6 @@ async fn measure(
     })
 }
 
-/// Puts the calling thread under SCHED_IDLE with `chrt` (no safe
-/// binding of sched_setscheduler is at hand).
-fn sched_idle() -> anyhow::Result<()> {
-    // "PID/task/TID": this thread's id.
-    let link = std::fs::read_link("/proc/thread-self")?;
-    let tid = link
-        .file_name()
-        .ok_or_else(|| anyhow::anyhow!("no thread id in {}", link.display()))?;
-    let status = std::process::Command::new("chrt")
-        .args(["--idle", "-p", "0"])
-        .arg(tid)
-        .status()?;
-    anyhow::ensure!(status.success(), "chrt --idle -p 0 {tid:?}: {status}");
-    Ok(())
-}
-
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -419,7 +401,7 @@ async fn main() -> anyhow::Result<()> {
         .on_thread_start(move || {
             // Per thread on Linux (NPTL): only the simulator's threads.
             if idle {
-                if let Err(e) = sched_idle() {
+                if let Err(e) = cpu::sched_idle() {
                     eprintln!("cannot run the simulated hosts under SCHED_IDLE: {e}");
                 }
             } else if let Err(e) = rustix::process::setpriority_process(None, nice) {
