@@ -3,12 +3,6 @@
 
 use agentplane_control_plane::{run, Config};
 
-/// mimalloc instead of glibc malloc: at 1000 hosts glibc's malloc, free
-/// and consolidation were about a quarter of the control plane's CPU at
-/// rest (a profile of bench-fleet's run), its bins growing with the heap.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> anyhow::Result<()> {
     let config: Config = agentplane::server::config_or_exit("control-plane");
     agentplane::server::runtime_builder(&config.serve)

@@ -29,9 +29,9 @@ use clap::Parser;
 use rand::{Rng, SeedableRng};
 use tokio_util::sync::CancellationToken;
 
-/// mimalloc, as the control plane: this one heap holds a thousand simulated
-/// hosts' state (a host agent, its own agents'), and on glibc's malloc its
-/// CPU per spawn grew with it (1.17-1.28x from 10k to 100k, here 0.84-1.10x).
+/// mimalloc: this one heap holds a thousand simulated hosts' state (a host
+/// agent, its own agents'), and on glibc's malloc its CPU per spawn grew
+/// with it (1.17-1.28x from 10k to 100k, here 0.84-1.10x).
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
