@@ -1,5 +1,6 @@
 //! Where a benchmark's CPU time went: the run time of named processes and
-//! the busy time of the whole machine between two snapshots, from `/proc`.
+//! the busy time of the whole machine between two snapshots, from `/proc`;
+//! how fast this machine runs now; and SCHED_IDLE for a bench's own threads.
 
 use crate::procfs;
 
