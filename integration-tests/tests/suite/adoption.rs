@@ -407,6 +407,20 @@ async fn an_agent_idle_before_a_restart_is_not_announced_idle_again_and_its_idle
         }
     })
     .await;
+    // The record flag is written first, then AGENT_IDLE, then the run's
+    // `idle` marker on disk: a host agent killed before the marker
+    // announces again (at least once, never lost). Killed after it, as here,
+    // the next one must not.
+    let agents = cluster.data_dir("h1").join("agents");
+    eventually(Duration::from_secs(10), "the idle marker on disk", || {
+        let marked = std::fs::read_dir(&agents)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| e.path().join("idle").exists());
+        async move { marked.then_some(()) }
+    })
+    .await;
     cluster.end_host_agent("h1", Signal::SIGKILL).await;
     cluster.restart_host("h1");
     // The adopting host agent goes on from idle: its idle timeout (counted
