@@ -23,8 +23,8 @@ pub struct Located {
 impl Located {
     /// Whether the agent is live where its record says: its lease names the
     /// record's host and that host's key exists (the address was read). A
-    /// lease outlives its host's key by up to a TTL (it lives two and is
-    /// extended every other beat: [`super::lease_ttl`]), so the lease alone
+    /// lease outlives its host's key by up to two TTLs (it lives three and
+    /// is extended every third beat: [`super::lease_ttl`]), so the lease alone
     /// would say live a TTL too long after the host stopped beating.
     pub fn live(&self) -> bool {
         self.address.is_some() && self.lease.as_deref() == Some(self.agent.host.as_str())

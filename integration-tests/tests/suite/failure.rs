@@ -417,7 +417,10 @@ async fn locate_is_not_live_once_the_host_key_lapses_though_the_lease_outlives_i
         "host key gone {:?} after SIGSTOP; the lease lives {lease_pttl} ms more",
         stopped.elapsed()
     );
-    assert!(lease_pttl > 0, "the lease (two TTLs) outlives the host key");
+    assert!(
+        lease_pttl > 0,
+        "the lease (three TTLs) outlives the host key"
+    );
     assert!(!loc.live, "not live once its host stopped beating: {loc:?}");
     assert!(loc.address.is_empty(), "{loc:?}");
     assert_eq!(
