@@ -15,12 +15,12 @@ use crate::error::ApiError;
 /// `resources`, with room, in the order of the live hosts (sorted by id)
 /// from the round-robin position `rr` on (the next counter value; a host
 /// after full ones is met a little more often). Only the hosts returned are
-/// checked and copied when enough of them take it.
-pub fn candidates(
+/// checked when enough of them take it; they are borrowed, not copied.
+pub fn candidates<'h>(
     spec: &AgentSpec,
-    hosts: &[HostRecord],
+    hosts: &'h [HostRecord],
     rr: u64,
-) -> Result<Vec<HostRecord>, ApiError> {
+) -> Result<Vec<&'h HostRecord>, ApiError> {
     let resources = Resources::from_proto(spec.resources.as_ref())?;
     let default = Placement::default();
     let p = spec.placement.as_ref().unwrap_or(&default);
@@ -53,7 +53,7 @@ pub fn candidates(
                 detail: format!("host {} is {}", h.id, why_not(h)),
             });
         }
-        return Ok(vec![h.clone()]);
+        return Ok(vec![h]);
     }
     let selector = Selector::parse("spec.placement.label_selector", &p.label_selector)?;
     // The usual case: walk on from the round-robin position and stop at the
@@ -61,14 +61,13 @@ pub fn candidates(
     // host of the fleet. Only a spawn that no host takes walks them all,
     // to say why.
     let start = usize::try_from(rr % total as u64).unwrap_or(0);
-    let picked: Vec<HostRecord> = hosts[start..]
+    let picked: Vec<&HostRecord> = hosts[start..]
         .iter()
         .chain(&hosts[..start])
         .filter(|h| {
             h.has_room() && selector.matches(&h.labels) && h.cgroups.refusal(&resources).is_none()
         })
         .take(crate::start::MAX_ATTEMPTS)
-        .cloned()
         .collect();
     if !picked.is_empty() {
         return Ok(picked);
@@ -134,19 +133,19 @@ mod tests {
         let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 1)
             .unwrap()
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.clone())
             .collect();
         assert_eq!(order, ["c", "a"]);
         let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 2)
             .unwrap()
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.clone())
             .collect();
         assert_eq!(order, ["c", "a"]);
         let order: Vec<String> = candidates(&AgentSpec::default(), &hosts, 3)
             .unwrap()
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.clone())
             .collect();
         assert_eq!(order, ["a", "c"]);
         // Of many, only as many as a start tries, from the rotation's place.
@@ -154,7 +153,7 @@ mod tests {
         let order: Vec<String> = candidates(&AgentSpec::default(), &many, 8)
             .unwrap()
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.clone())
             .collect();
         assert_eq!(order, ["h8", "h9", "h0"]);
     }
@@ -199,7 +198,7 @@ mod tests {
         let order: Vec<String> = candidates(&spec, &[off.clone(), v1], 0)
             .unwrap()
             .into_iter()
-            .map(|h| h.id)
+            .map(|h| h.id.clone())
             .collect();
         assert_eq!(order, ["b"]);
         match candidates(&spec, &[off], 0) {

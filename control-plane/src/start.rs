@@ -87,7 +87,7 @@ pub async fn start_on_candidates(
     hosts: &HostClients,
     agent: Placed<'_>,
     current: &str,
-    candidates: &[HostRecord],
+    candidates: &[&HostRecord],
 ) -> Result<StartOutcome, ApiError> {
     let mut current = current.to_owned();
     let mut last = None;

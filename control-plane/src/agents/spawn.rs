@@ -178,17 +178,21 @@ impl AgentApi {
     async fn place_and_start_named(&self, id: String, spec: AgentSpec) -> Result<Agent, ApiError> {
         let rr = self.live_hosts.next_round_robin();
         let hosts = self.live_hosts.get(false).await?;
+        let fresh;
         let candidates = match placement::candidates(&spec, &hosts, rr) {
             Ok(c) => c,
             // The view may be older than a host that registered or made
             // room since: one fresh read before refusing.
-            Err(_) => placement::candidates(&spec, &self.live_hosts.get(true).await?, rr)?,
+            Err(_) => {
+                fresh = self.live_hosts.get(true).await?;
+                placement::candidates(&spec, &fresh, rr)?
+            }
         };
-        let first = &candidates[0];
+        let first = candidates[0];
         let now = now_ms();
         let agent = Agent {
             id: id.clone(),
-            spec: Some(spec.clone()),
+            spec: Some(spec),
             state: AgentState::Pending as i32,
             host: first.id.clone(),
             generation: 1,
@@ -199,10 +203,12 @@ impl AgentApi {
         self.registry.create_agent(&agent).await?;
         tracing::Span::current().record("agent", id.as_str());
         tracing::info!(agent = %id, host = %first.id, generation = 1, "agent placed");
+        // The spec moved into the record (no copy); it is always there.
+        let no_spec = AgentSpec::default();
         let placed = Placed {
             id: &id,
             generation: 1,
-            spec: &spec,
+            spec: agent.spec.as_ref().unwrap_or(&no_spec),
         };
         match start_on_candidates(&self.registry, &self.hosts, placed, &first.id, &candidates)
             .await?

@@ -37,10 +37,10 @@ impl Sweep {
         if claimed != agentplane::registry::UpdateOutcome::Applied {
             return Ok(false);
         }
-        let mut candidates: Vec<HostRecord> = live.get(&agent.host).cloned().into_iter().collect();
+        let mut candidates: Vec<&HostRecord> = live.get(&agent.host).into_iter().collect();
         let rr = self.registry.next_round_robin().await?;
-        let hosts: Vec<HostRecord> = live.values().cloned().collect();
-        if let Ok(more) = placement::candidates(&spec, &sorted(hosts), rr) {
+        let hosts = sorted(live.values().cloned().collect());
+        if let Ok(more) = placement::candidates(&spec, &hosts, rr) {
             candidates.extend(more.into_iter().filter(|h| h.id != agent.host));
         }
         tracing::info!(agent = %agent.id, host = %agent.host, generation = agent.generation, "retrying a start that no host confirmed");
