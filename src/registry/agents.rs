@@ -1,14 +1,15 @@
-//! Agent records (`ap:agent:*`), their location keys (`ap:loc:*`) and the
-//! per-host sets (`ap:host-agents:*`); claims are in `claims.rs`.
+//! Agent records (`ap:agent:*`) and the per-host sets
+//! (`ap:host-agents:*`); their leases (`ap:loc:*`) are in `lease.rs`, claims
+//! in `claims.rs`.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use redis::AsyncCommands;
 
 use super::codec::{self, field};
 use super::conn::Spread;
 use super::keys::Shard;
+use super::lease::{lease_ttl, ttl_ms, Location};
 use super::scripts::UPDATE_AGENT;
 use super::{Registry, Result};
 use crate::proto::v1::{Agent, AgentState, ExitStatus};
@@ -64,16 +65,6 @@ pub struct AgentUpdate {
     /// heartbeat renews) when the update applies, in the same atomic step: a start's RUNNING
     /// and its location cost one round trip, and a fenced start writes neither.
     pub location: Option<Location>,
-}
-
-/// An agent's location: the host whose heartbeat keeps it alive.
-#[derive(Debug, Clone)]
-pub struct Location {
-    /// The host running it.
-    pub host: String,
-    /// The host's heartbeat TTL: the lease lives [`lease_ttl`] of it
-    /// unless the host's heartbeat renews it.
-    pub host_ttl: Duration,
 }
 
 /// What an update found.
@@ -429,13 +420,6 @@ impl Registry {
             .map_err(self.err("delete agent record"))
     }
 
-    /// Removes the agent's location if it still names `host` (after a
-    /// reschedule it names the new host, which must keep it).
-    pub async fn clear_location(&self, id: &str, host: &str) -> Result<()> {
-        self.release("clear agent location", &self.keys().loc(id), host)
-            .await
-    }
-
     /// Whether each agent's record was deleted (its tombstone lives), in
     /// one round trip: a missing record without one was lost with a
     /// write, not deleted.
@@ -454,41 +438,6 @@ impl Registry {
             .map(|v| Self::reply("read agent tombstones", v))
             .collect()
     }
-
-    /// The host whose heartbeat keeps the agent's location alive, if any.
-    pub async fn location(&self, id: &str) -> Result<Option<String>> {
-        self.conn()
-            .get(self.keys().loc(id))
-            .await
-            .map_err(self.err("read agent location"))
-    }
-}
-
-/// Every how many heartbeats a host extends an agent's lease: each beat
-/// extends the leases of a third of its agents (by the sum of the id's
-/// bytes), so Redis serves a third of the renewals it would at every beat.
-/// At 100k agents the extends were 30k commands a second at every beat
-/// (43 % of Redis's rest samples were their key lookups), 15k at every
-/// other, and were still its costliest command (2.4 µs each, 0.036 cores).
-/// The lease lives as many host TTLs (see [`lease_ttl`]), so it still
-/// outlives two missed renewals, as it did when every beat renewed a lease
-/// that lived one TTL; a host that stops renewing one lease is found out a
-/// TTL later than with two (the lease lapses three TTLs after its last
-/// renewal).
-pub const LEASE_RENEW_EVERY: u32 = 3;
-
-/// How long an agent's lease (`ap:loc:{id}`) lives unless renewed, for a
-/// host whose heartbeat TTL is `host_ttl` (the host beats every third of
-/// it). Liveness stays bounded by the host's TTL: LocateAgent's `live`
-/// also needs the host key, and the failover releases the leases of a lost
-/// host's agents (`mark_lost`) instead of waiting for them to lapse.
-pub fn lease_ttl(host_ttl: Duration) -> Duration {
-    host_ttl.saturating_mul(LEASE_RENEW_EVERY)
-}
-
-/// A TTL in whole milliseconds, at least 1.
-pub(super) fn ttl_ms(ttl: Duration) -> u64 {
-    u64::try_from(ttl.as_millis()).unwrap_or(u64::MAX).max(1)
 }
 
 /// The states `update` may be written over: those the caller expects (any,

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use super::agents::ttl_ms;
+use super::lease::ttl_ms;
 use super::scripts::{DELETE_IF_EQUAL, TAKE_OVER_CLAIM};
 use super::{Registry, Result};
 

@@ -21,9 +21,9 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::agents::{lease_ttl, ttl_ms, LEASE_RENEW_EVERY};
 use super::conn::Spread;
 use super::keys::Shard;
+use super::lease::{lease_ttl, ttl_ms, LEASE_RENEW_EVERY};
 use super::{HostRecord, Registry, RegistryError, Result};
 use crate::proto::v1::AgentState;
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use redis::AsyncCommands;
 
-use super::agents::ttl_ms;
+use super::lease::ttl_ms;
 use super::{Registry, RegistryError, Result};
 use crate::proto::v1::Host;
 use crate::time::timestamp_from_ms;

@@ -18,6 +18,7 @@ mod heartbeat;
 mod hosts;
 mod index;
 mod keys;
+mod lease;
 mod locate;
 mod options;
 mod restarting;
@@ -29,13 +30,14 @@ use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 
-pub use agents::{lease_ttl, AgentUpdate, Expect, Location, UpdateOutcome, LEASE_RENEW_EVERY};
+pub use agents::{AgentUpdate, Expect, UpdateOutcome};
 pub use event_reader::{EventReader, ReadError};
 pub use events::{type_name, StreamBounds, EVENTS_MAXLEN};
 pub use heartbeat::{FencingMemory, HeartbeatReport, RecordHead, FULL_READ_EVERY};
 pub use hosts::{Draining, HostRecord, HOSTS_PER_READ};
 pub use index::AgentIndex;
 pub use keys::{Keys, Shard, SHARDS};
+pub use lease::{lease_ttl, Location, LEASE_RENEW_EVERY};
 pub use locate::Located;
 pub use options::{RedisOptions, RedisTlsArgs};
 pub use restarting::Restarting;

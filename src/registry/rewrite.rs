@@ -4,8 +4,8 @@
 
 use std::time::Duration;
 
-use super::agents::{lease_ttl, ttl_ms};
 use super::codec;
+use super::lease::{lease_ttl, ttl_ms};
 use super::scripts::REWRITE_AGENT;
 use super::{Registry, Result};
 use crate::proto::v1::Agent;
