@@ -10,6 +10,8 @@
 //! `ap:{hosts}:…`. Single keys (`ap:rr`, `ap:epoch`, request ids, names)
 //! need no tag.
 
+use std::fmt::Write as _;
+
 /// Shards of the Cluster layout. Fixed: changing it moves every agent.
 pub const SHARDS: u16 = 16;
 
@@ -84,38 +86,46 @@ impl Keys {
         Shard(u16::try_from(h % u32::from(self.shards)).unwrap_or(0))
     }
 
-    /// `ap` or `ap:{sN}`: what a shard's keys start with.
-    fn at(&self, shard: Shard) -> String {
-        if self.shards == 0 {
-            self.prefix.clone()
-        } else {
-            format!("{}:{{s{}}}", self.prefix, shard.0)
+    /// `ap` or `ap:{sN}` (what a shard's keys start with) followed by
+    /// `tail`, in one allocation: a key is built per command on the hot
+    /// paths (a beat's leases and heads, a sweep slice, a spawn's indexes).
+    fn key_at(&self, shard: Shard, tail: std::fmt::Arguments<'_>) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 64);
+        key.push_str(&self.prefix);
+        // Writing to a String cannot fail.
+        if self.shards != 0 {
+            let _ = write!(key, ":{{s{}}}", shard.0);
         }
+        let _ = key.write_fmt(tail);
+        key
     }
 
-    /// The start of agent `id`'s own keys.
-    fn of(&self, id: &str) -> String {
-        self.at(self.shard_of(id))
+    /// Agent `id`'s shard's start followed by `tail` (see [`Keys::key_at`]).
+    fn key_of(&self, id: &str, tail: std::fmt::Arguments<'_>) -> String {
+        self.key_at(self.shard_of(id), tail)
     }
 
-    /// `ap` or `ap:{hosts}`: what the hosts' keys start with.
-    fn hosts_at(&self) -> String {
-        if self.shards == 0 {
-            self.prefix.clone()
-        } else {
-            format!("{}:{{hosts}}", self.prefix)
+    /// `ap` or `ap:{hosts}` (what the hosts' keys start with) followed by
+    /// `tail`, in one allocation.
+    fn hosts_key(&self, tail: std::fmt::Arguments<'_>) -> String {
+        let mut key = String::with_capacity(self.prefix.len() + 64);
+        key.push_str(&self.prefix);
+        if self.shards != 0 {
+            key.push_str(":{hosts}");
         }
+        let _ = key.write_fmt(tail);
+        key
     }
 
     /// `ap:host:{id}`: the live host's hash, with the heartbeat TTL.
     pub fn host(&self, id: &str) -> String {
-        format!("{}:host:{id}", self.hosts_at())
+        self.hosts_key(format_args!(":host:{id}"))
     }
 
     /// `ap:host-agents:{id}`: the set of agent ids of `shard` placed on
     /// the host (one set per shard in the Cluster layout).
     pub fn host_agents(&self, shard: Shard, id: &str) -> String {
-        format!("{}:host-agents:{id}", self.at(shard))
+        self.key_at(shard, format_args!(":host-agents:{id}"))
     }
 
     /// `ap:host-rev:{id}`: the fencing revision of the host's agents in
@@ -124,18 +134,18 @@ impl Keys {
     /// LOST, deleted) replaces; heartbeats read record heads only where
     /// it changed.
     pub fn host_revision(&self, shard: Shard, id: &str) -> String {
-        format!("{}{id}", self.host_revision_prefix(shard))
+        self.key_at(shard, format_args!(":host-rev:{id}"))
     }
 
     /// What [`Keys::host_revision`] appends the host id to (scripts
     /// derive the key of the host a record names).
     pub fn host_revision_prefix(&self, shard: Shard) -> String {
-        format!("{}:host-rev:", self.at(shard))
+        self.key_at(shard, format_args!(":host-rev:"))
     }
 
     /// `ap:agent:{id}`: the agent record hash.
     pub fn agent(&self, id: &str) -> String {
-        format!("{}:agent:{id}", self.of(id))
+        self.key_of(id, format_args!(":agent:{id}"))
     }
 
     /// The `SCAN` pattern of every agent record.
@@ -150,7 +160,7 @@ impl Keys {
 
     /// `ap:loc:{id}`: the host id running the agent, with the heartbeat TTL.
     pub fn loc(&self, id: &str) -> String {
-        format!("{}:loc:{id}", self.of(id))
+        self.key_of(id, format_args!(":loc:{id}"))
     }
 
     /// `ap:rr`: the round-robin placement counter.
@@ -173,33 +183,33 @@ impl Keys {
     /// agent `agent_id`, renewed while the call runs. A request-id or name
     /// claim whose agent has neither a record nor this lease is abandoned.
     pub fn claim_lease(&self, agent_id: &str) -> String {
-        format!("{}:claim:{agent_id}", self.of(agent_id))
+        self.key_of(agent_id, format_args!(":claim:{agent_id}"))
     }
 
     /// `ap:deleted:{agent_id}`: the agent's record was deleted (24 h), so a
     /// host that finds it missing knows a delete from a write a Redis
     /// failover lost.
     pub fn deleted(&self, agent_id: &str) -> String {
-        format!("{}:deleted:{agent_id}", self.of(agent_id))
+        self.key_of(agent_id, format_args!(":deleted:{agent_id}"))
     }
 
     /// `ap:drain:{host}`: the replica leading the host's drain, with a
     /// short TTL it renews; a draining host without it is taken over.
     pub fn drain_lease(&self, host: &str) -> String {
-        format!("{}:drain:{host}", self.hosts_at())
+        self.hosts_key(format_args!(":drain:{host}"))
     }
 
     /// `ap:keeper:{host}`: written by the host's keeper while no host agent
     /// is attached, with the heartbeat TTL, renewed: the machine is alive
     /// and its agents are held (the host is restarting, not lost).
     pub fn keeper(&self, host: &str) -> String {
-        format!("{}:keeper:{host}", self.hosts_at())
+        self.hosts_key(format_args!(":keeper:{host}"))
     }
 
     /// `ap:hosts-known`: hosts that heartbeated and were not declared lost
     /// since (so HOST_LOST is emitted once per disappearance).
     pub fn hosts_known(&self) -> String {
-        format!("{}:hosts-known", self.hosts_at())
+        self.hosts_key(format_args!(":hosts-known"))
     }
 
     /// The `SCAN` pattern of every per-host agent set (only the one-time
@@ -217,25 +227,25 @@ impl Keys {
     /// `ap:hosts-lost`: hosts declared lost whose agents have not all been
     /// settled yet (a pass that failed half-way is retried from here).
     pub fn hosts_lost(&self) -> String {
-        format!("{}:hosts-lost", self.hosts_at())
+        self.hosts_key(format_args!(":hosts-lost"))
     }
 
     /// `ap:agents`: every agent id (a sorted set, all scores 0, read in id
     /// order with `ZRANGE … BYLEX`).
     pub fn agents_index(&self, shard: Shard) -> String {
-        format!("{}:agents", self.at(shard))
+        self.key_at(shard, format_args!(":agents"))
     }
 
     /// `ap:state:{STATE}`: the ids of the agents in that state (short state
     /// name, as the record stores it).
     pub fn state_index(&self, shard: Shard, state: &str) -> String {
-        format!("{}:state:{state}", self.at(shard))
+        self.key_at(shard, format_args!(":state:{state}"))
     }
 
     /// `ap:label:{key}={value}`: the ids of the agents with that label
     /// (keys cannot hold `=`, so the split is unambiguous).
     pub fn label_index(&self, shard: Shard, key: &str, value: &str) -> String {
-        format!("{}:label:{key}={value}", self.at(shard))
+        self.key_at(shard, format_args!(":label:{key}={value}"))
     }
 
     /// `ap:index-version`: the version of the indexes the dataset holds;
@@ -252,13 +262,13 @@ impl Keys {
 
     /// `ap:events`: the event stream of `shard`'s agents.
     pub fn events(&self, shard: Shard) -> String {
-        format!("{}:events", self.at(shard))
+        self.key_at(shard, format_args!(":events"))
     }
 
     /// The stream host events go to (`ap:events`; `ap:{hosts}:events` in
     /// the Cluster layout).
     pub fn host_events(&self) -> String {
-        format!("{}:events", self.hosts_at())
+        self.hosts_key(format_args!(":events"))
     }
 
     /// Every event stream, in a fixed order (a watch's token has one

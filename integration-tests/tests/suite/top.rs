@@ -168,6 +168,25 @@ async fn list_agent_usage_reports_what_proc_shows_and_names_a_silent_host() {
     let silent = if spin.host == "h1" { "h2" } else { "h1" };
     let pid = nix::unistd::Pid::from_raw(cluster.host(silent).proc.pid());
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGSTOP).expect("stop");
+    // A stop takes effect as each thread next runs: asked before every
+    // thread of it shows stopped in /proc, the host could still answer
+    // (the fresh-clone CI of 6bc1ae8 once saw it do so).
+    let tasks = format!("/proc/{pid}/task");
+    eventually(Duration::from_secs(5), "every thread of it stopped", || {
+        let stopped = std::fs::read_dir(&tasks).is_ok_and(|d| {
+            d.flatten().all(|t| {
+                std::fs::read_to_string(t.path().join("stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(')')
+                            .map(|(_, r)| r.trim_start().starts_with('T'))
+                    })
+                    .unwrap_or(false)
+            })
+        });
+        async move { stopped.then_some(()) }
+    })
+    .await;
     let r = usage(&cluster).await;
     nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGCONT).expect("continue");
     assert_eq!(r.unreachable_hosts, vec![silent.to_owned()], "{r:?}");
