@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use redis::AsyncCommands;
 
 use super::codec::{self, field};
-use super::conn::Spread;
+use super::conn::{keyed, Spread};
 use super::keys::Shard;
 use super::lease::{lease_ttl, ttl_ms, Location};
 use super::scripts::UPDATE_AGENT;
@@ -141,7 +141,8 @@ impl Registry {
         let mut batch = Spread::default();
         for id in ids {
             let key = self.keys().agent(id);
-            batch.add(key.clone(), redis::cmd("HGETALL").arg(key).clone());
+            let read = keyed("HGETALL", &key, 0, 0);
+            batch.add(key, read);
         }
         let values = self.spread("read agent records", batch).await?;
         let mut out = Vec::with_capacity(ids.len());
@@ -169,8 +170,9 @@ impl Registry {
         let mut batch = Spread::default();
         for id in ids {
             let (key, loc) = (self.keys().agent(id), self.keys().loc(id));
-            batch.add(key.clone(), redis::cmd("HGETALL").arg(key).clone());
-            batch.add(loc.clone(), redis::cmd("EXISTS").arg(loc).clone());
+            let (read, exists) = (keyed("HGETALL", &key, 0, 0), keyed("EXISTS", &loc, 0, 0));
+            batch.add(key, read);
+            batch.add(loc, exists);
         }
         let values = self.spread("read agent records and leases", batch).await?;
         let mut out = Vec::with_capacity(ids.len());

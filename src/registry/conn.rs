@@ -175,6 +175,17 @@ impl ConnectionLike for Connection {
     }
 }
 
+/// Command `name` on `key`, with room for `extra` more arguments of `more`
+/// bytes in all: its buffers are sized once. On the hot paths (a beat's
+/// leases and heads, a sweep slice, a listing, a spawn's index writes) a
+/// command per record grew them argument by argument, and was often
+/// copied out of its builder besides.
+pub(super) fn keyed(name: &str, key: &str, extra: usize, more: usize) -> Cmd {
+    let mut cmd = Cmd::with_capacity(2 + extra, name.len() + key.len() + more);
+    cmd.arg(name).arg(key);
+    cmd
+}
+
 /// Independent commands (no MULTI), each with the key it touches: one
 /// pipeline on one Redis; on a Cluster one pipeline per hash tag, sent
 /// concurrently. Replies come back in the order the commands were added.

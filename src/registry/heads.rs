@@ -7,7 +7,7 @@
 use std::collections::HashMap;
 
 use super::codec::{self, HEAD_FIELDS};
-use super::conn::Spread;
+use super::conn::{keyed, Spread};
 use super::{Registry, RegistryError, Result};
 use crate::proto::v1::Agent;
 
@@ -22,8 +22,9 @@ impl Registry {
         let mut batch = Spread::default();
         for id in ids {
             let key = self.keys().agent(id);
-            let mut read = redis::cmd("HMGET");
-            read.arg(&key).arg(&HEAD_FIELDS);
+            let fields = HEAD_FIELDS.iter().map(|f| f.len()).sum();
+            let mut read = keyed("HMGET", &key, HEAD_FIELDS.len(), fields);
+            read.arg(&HEAD_FIELDS);
             batch.add(key, read);
         }
         let values = self.spread("read agent heads", batch).await?;
@@ -62,7 +63,8 @@ impl Registry {
         let mut batch = Spread::default();
         for id in ids {
             let loc = self.keys().loc(id);
-            batch.add(loc.clone(), redis::cmd("GET").arg(loc).clone());
+            let get = keyed("GET", &loc, 0, 0);
+            batch.add(loc, get);
         }
         let values = self.spread(STEP, batch).await?;
         if values.len() != ids.len() {

@@ -21,7 +21,7 @@
 
 use std::collections::{BTreeMap, HashMap};
 
-use super::conn::Spread;
+use super::conn::{keyed, Spread};
 use super::keys::Shard;
 use super::lease::{lease_ttl, ttl_ms, LEASE_RENEW_EVERY};
 use super::{HostRecord, Registry, RegistryError, Result};
@@ -167,7 +167,8 @@ impl Registry {
             // The revision before the heads: a write between the two is
             // then seen by the heads or by the next beat's revision.
             let rev = k.host_revision(*shard, &host.id);
-            batch.add(rev.clone(), redis::cmd("GET").arg(&rev).clone());
+            let get = keyed("GET", &rev, 0, 0);
+            batch.add(rev, get);
             plan.push(Reply::Revision(*shard));
             for &i in at {
                 let (id, generation) = &running[i];
@@ -179,8 +180,8 @@ impl Registry {
                     // set below. An agent not verified gets its lease once
                     // its record is read and names this run: a copy that
                     // is not the record's never writes the lease.
-                    let mut extend = redis::cmd("PEXPIRE");
-                    extend.arg(&loc).arg(lease_ms);
+                    let mut extend = keyed("PEXPIRE", &loc, 1, 20);
+                    extend.arg(lease_ms);
                     batch.add(loc, extend);
                     plan.push(Reply::Extended(i));
                 }
@@ -415,8 +416,8 @@ fn set_lease(loc: &str, host: &str, ms: u64, only_missing: bool) -> redis::Cmd {
 
 /// The read of a record's head.
 fn head_command(record: &str) -> redis::Cmd {
-    let mut cmd = redis::cmd("HMGET");
-    cmd.arg(record).arg("generation").arg("host").arg("state");
+    let mut cmd = keyed("HMGET", record, 3, "generationhoststate".len());
+    cmd.arg("generation").arg("host").arg("state");
     cmd
 }
 

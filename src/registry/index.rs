@@ -13,7 +13,7 @@
 
 use redis::AsyncCommands;
 
-use super::conn::Spread;
+use super::conn::{keyed, Spread};
 use super::keys::Shard;
 use super::{Registry, Result};
 use crate::proto::v1::{Agent, AgentState};
@@ -69,16 +69,18 @@ impl Registry {
     pub(super) fn index_adds(&self, pipe: &mut redis::Pipeline, agent: &Agent) {
         let k = self.keys();
         let shard = k.shard_of(&agent.id);
-        pipe.zadd(k.agents_index(shard), &agent.id, 0)
+        // `ZADD key 0 id`, each built with its buffers sized once.
+        let zadd = |key: String| {
+            let mut cmd = keyed("ZADD", &key, 2, 1 + agent.id.len());
+            cmd.arg(0).arg(&agent.id);
+            cmd
+        };
+        pipe.add_command(zadd(k.agents_index(shard)))
             .ignore()
-            .zadd(
-                k.state_index(shard, state::name(agent.state())),
-                &agent.id,
-                0,
-            )
+            .add_command(zadd(k.state_index(shard, state::name(agent.state()))))
             .ignore();
         for key in self.label_index_keys(agent) {
-            pipe.zadd(key, &agent.id, 0).ignore();
+            pipe.add_command(zadd(key)).ignore();
         }
     }
 
