@@ -59,11 +59,6 @@ pub async fn start_on(
     host: &HostRecord,
     agent: Placed<'_>,
 ) -> Result<LocalAgent, ApiError> {
-    let msg = StartAgentRequest {
-        id: agent.id.to_owned(),
-        generation: agent.generation,
-        spec: Some(agent.spec.clone()),
-    };
     hosts
         .call(
             host,
@@ -71,7 +66,13 @@ pub async fn start_on(
             Duration::ZERO,
             true,
             |mut c, d| {
-                let msg = msg.clone();
+                // Built per attempt (usually one) from the borrowed spec:
+                // one copy of it, not a template and a copy of that.
+                let msg = StartAgentRequest {
+                    id: agent.id.to_owned(),
+                    generation: agent.generation,
+                    spec: Some(agent.spec.clone()),
+                };
                 async move { c.start_agent(request(msg, d)).await }
             },
         )
