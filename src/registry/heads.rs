@@ -20,9 +20,9 @@ impl Registry {
             return Ok(Vec::new());
         }
         let mut batch = Spread::default();
+        let fields = HEAD_FIELDS.iter().map(|f| f.len()).sum();
         for id in ids {
             let key = self.keys().agent(id);
-            let fields = HEAD_FIELDS.iter().map(|f| f.len()).sum();
             let mut read = keyed("HMGET", &key, HEAD_FIELDS.len(), fields);
             read.arg(&HEAD_FIELDS);
             batch.add(key, read);

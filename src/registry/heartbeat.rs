@@ -180,6 +180,7 @@ impl Registry {
                     // set below. An agent not verified gets its lease once
                     // its record is read and names this run: a copy that
                     // is not the record's never writes the lease.
+                    // A u64 in decimal: at most 20 bytes.
                     let mut extend = keyed("PEXPIRE", &loc, 1, 20);
                     extend.arg(lease_ms);
                     batch.add(loc, extend);

@@ -12,6 +12,10 @@
 
 use std::fmt::Write as _;
 
+/// What a host revision key's name has between its shard's start and the
+/// host id (one literal for [`Keys::host_revision`] and its prefix).
+const HOST_REV: &str = ":host-rev:";
+
 /// Shards of the Cluster layout. Fixed: changing it moves every agent.
 pub const SHARDS: u16 = 16;
 
@@ -86,18 +90,24 @@ impl Keys {
         Shard(u16::try_from(h % u32::from(self.shards)).unwrap_or(0))
     }
 
-    /// `ap` or `ap:{sN}` (what a shard's keys start with) followed by
-    /// `tail`, in one allocation: a key is built per command on the hot
-    /// paths (a beat's leases and heads, a sweep slice, a spawn's indexes).
-    fn key_at(&self, shard: Shard, tail: std::fmt::Arguments<'_>) -> String {
+    /// The prefix, then `tag` in the Cluster layout only, then `tail`, in
+    /// one allocation: a key is built per command on the hot paths (a
+    /// beat's leases and heads, a sweep slice, a spawn's indexes).
+    fn key(&self, tag: std::fmt::Arguments<'_>, tail: std::fmt::Arguments<'_>) -> String {
         let mut key = String::with_capacity(self.prefix.len() + 64);
         key.push_str(&self.prefix);
         // Writing to a String cannot fail.
         if self.shards != 0 {
-            let _ = write!(key, ":{{s{}}}", shard.0);
+            let _ = key.write_fmt(tag);
         }
         let _ = key.write_fmt(tail);
         key
+    }
+
+    /// `ap` or `ap:{sN}` (what a shard's keys start with) followed by
+    /// `tail`.
+    fn key_at(&self, shard: Shard, tail: std::fmt::Arguments<'_>) -> String {
+        self.key(format_args!(":{{s{}}}", shard.0), tail)
     }
 
     /// Agent `id`'s shard's start followed by `tail` (see [`Keys::key_at`]).
@@ -106,15 +116,9 @@ impl Keys {
     }
 
     /// `ap` or `ap:{hosts}` (what the hosts' keys start with) followed by
-    /// `tail`, in one allocation.
+    /// `tail`.
     fn hosts_key(&self, tail: std::fmt::Arguments<'_>) -> String {
-        let mut key = String::with_capacity(self.prefix.len() + 64);
-        key.push_str(&self.prefix);
-        if self.shards != 0 {
-            key.push_str(":{hosts}");
-        }
-        let _ = key.write_fmt(tail);
-        key
+        self.key(format_args!(":{{hosts}}"), tail)
     }
 
     /// `ap:host:{id}`: the live host's hash, with the heartbeat TTL.
@@ -134,13 +138,13 @@ impl Keys {
     /// LOST, deleted) replaces; heartbeats read record heads only where
     /// it changed.
     pub fn host_revision(&self, shard: Shard, id: &str) -> String {
-        self.key_at(shard, format_args!(":host-rev:{id}"))
+        self.key_at(shard, format_args!("{HOST_REV}{id}"))
     }
 
     /// What [`Keys::host_revision`] appends the host id to (scripts
     /// derive the key of the host a record names).
     pub fn host_revision_prefix(&self, shard: Shard) -> String {
-        self.key_at(shard, format_args!(":host-rev:"))
+        self.key_at(shard, format_args!("{HOST_REV}"))
     }
 
     /// `ap:agent:{id}`: the agent record hash.
