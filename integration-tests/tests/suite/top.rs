@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use agentplane::proto::v1::{AgentSpec, PauseAgentRequest};
-use agentplane_integration_tests::{eventually, TestCluster};
+use agentplane_integration_tests::{eventually, procfs, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn top_draws_the_fleet_in_80_by_24_follows_the_watch_and_quits_on_q() {
@@ -173,15 +173,14 @@ async fn list_agent_usage_reports_what_proc_shows_and_names_a_silent_host() {
     // (the fresh-clone CI of 6bc1ae8 once saw it do so).
     let tasks = format!("/proc/{pid}/task");
     eventually(Duration::from_secs(5), "every thread of it stopped", || {
+        // /proc/TID/stat is each thread's own (`procfs::stat` reads it).
         let stopped = std::fs::read_dir(&tasks).is_ok_and(|d| {
             d.flatten().all(|t| {
-                std::fs::read_to_string(t.path().join("stat"))
-                    .ok()
-                    .and_then(|s| {
-                        s.rsplit_once(')')
-                            .map(|(_, r)| r.trim_start().starts_with('T'))
-                    })
-                    .unwrap_or(false)
+                t.file_name()
+                    .to_str()
+                    .and_then(|tid| tid.parse().ok())
+                    .and_then(procfs::stat)
+                    .is_some_and(|p| p.state == 'T')
             })
         });
         async move { stopped.then_some(()) }
